@@ -1,0 +1,52 @@
+# pretrain-operator: the project's interface. Every target does its own set-up (virtualenv in
+# .venv, Python packages, Go-built binaries cached under ~/.cache/pretrain-operator) and is
+# idempotent.
+#
+#   make demo          start the local cluster and show it working (the README's main command)
+#   make test          the whole test suite, against the real local cluster
+#   make cluster-up    start the local cluster (state in .local-cluster/, kubeconfig inside)
+#   make cluster-down  stop it and remove its state
+#   make bench         benchmarks (bench/), printed as ratios against a baseline of the same run
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= operator,cluster,test
+# The stamp names the extras and pyproject's hash, so changing either reinstalls.
+STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')-$(shell sha1sum pyproject.toml | cut -c1-10)
+PYTEST_ARGS ?=
+
+.PHONY: venv binaries demo test cluster-up cluster-down cluster-status bench help
+
+help:
+	@sed -n '1,12p' Makefile
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+binaries:
+	hack/build-binaries
+
+cluster-up: venv binaries
+	hack/local-cluster up
+
+cluster-down: venv
+	hack/local-cluster down
+
+cluster-status: venv
+	hack/local-cluster status
+
+demo: venv binaries
+	hack/demo
+
+test: venv binaries
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv binaries
+	$(PY) bench/run.py

@@ -1,0 +1,109 @@
+"""Starting and stopping the local cluster's processes, by pid, and nothing else.
+
+Each process runs in its own session (so a Ctrl-C in the shell that ran `up` does not reach it),
+logs to `<state>/logs/<name>.log`, and is recorded in `<state>/pids/<name>.pid` together with a
+marker (the state folder path) that must appear in `/proc/<pid>/cmdline` or environ before we ever
+signal that pid: a recycled pid never gets killed by mistake.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (zombies count as dead; our own children are reaped here)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _owned(pid: int, marker: str) -> bool:
+    for name in ("cmdline", "environ"):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+class ProcessTable:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.pid_dir = state_dir / "pids"
+        self.log_dir = state_dir / "logs"
+        self.marker = str(state_dir)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> int:
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        full_env = dict(os.environ if env is None else env)
+        full_env["LOCAL_CLUSTER_OWNER"] = self.marker  # the ownership marker, see _owned()
+        with open(self.log_dir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=full_env,
+                cwd=str(cwd) if cwd else None,
+                start_new_session=True,
+            )
+        (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
+        return proc.pid
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        if self.pid_dir.is_dir():
+            for p in sorted(self.pid_dir.glob("*.pid")):
+                try:
+                    out[p.stem] = int(p.read_text().strip())
+                except ValueError:
+                    continue
+        return out
+
+    def running(self) -> dict[str, bool]:
+        return {n: alive(pid) and _owned(pid, self.marker) for n, pid in self.pids().items()}
+
+    def stop(self, name: str, grace_s: float = 10.0) -> None:
+        pid_file = self.pid_dir / f"{name}.pid"
+        pid = self.pids().get(name)
+        if pid is not None and alive(pid) and _owned(pid, self.marker):
+            # The whole session: a component's children (if any) go with it.
+            _signal_group(pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if alive(pid):
+                _signal_group(pid, signal.SIGKILL)
+                while alive(pid):
+                    time.sleep(0.05)
+        pid_file.unlink(missing_ok=True)
+
+    def stop_all(self, order: list[str] | None = None, grace_s: float = 10.0) -> None:
+        names = list(self.pids())
+        ordered = [n for n in (order or []) if n in names] + [n for n in names if n not in (order or [])]
+        for n in ordered:
+            self.stop(n, grace_s)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # start_new_session made pid the group leader
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,86 @@
+"""`hack/local-cluster up|down` on a second, throwaway cluster: up twice is harmless, a port in
+use is worked around, a stale state folder from a killed run is recovered, and `down` leaves no
+process, no state folder and no bridge behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pretrain_localcluster import network
+from pretrain_localcluster.config import REPO_ROOT
+from pretrain_localcluster.procs import alive
+
+pytestmark = pytest.mark.cluster
+
+CLI = str(REPO_ROOT / "hack" / "local-cluster")
+
+
+def _cli(state: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, "--state-dir", str(state), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _bridge_exists(name: str) -> bool:
+    return network.ip("link", "show", name, check=False).returncode == 0
+
+
+@pytest.fixture
+def second_cluster(tmp_path, cluster):
+    # `cluster` first: the session's cluster already holds the default ports and pod CIDR.
+    state = tmp_path / "lc"
+    yield state
+    _cli(state, "down")
+
+
+def test_up_twice_down_leaves_no_process_no_state_and_no_bridge(second_cluster):
+    state = second_cluster
+    # Hold one of the preferred ports so `up` has to pick another.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        up = _cli(state, "up")
+        assert up.returncode == 0, up.stderr + up.stdout
+    st = json.loads((state / "cluster.json").read_text())
+    assert "local cluster ready" in up.stdout
+    assert (state / "kubeconfig").exists()
+    # Another cluster (the session's) holds the defaults: this one got its own ports and network.
+    assert "in use" in up.stdout
+    pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns"}
+    assert all(alive(p) for p in pids.values())
+
+    again = _cli(state, "up")
+    assert again.returncode == 0 and "already running" in again.stdout
+    assert {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")} == pids
+
+    status = _cli(state, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["running"] is True
+
+    down = _cli(state, "down")
+    assert down.returncode == 0, down.stderr
+    assert not any(alive(p) for p in pids.values())
+    assert not state.exists()
+    if st.get("bridge"):
+        assert not _bridge_exists(st["bridge"])
+    status = _cli(state, "status")
+    assert status.returncode == 3 and "no local cluster" in status.stdout
+
+
+def test_up_recovers_a_stale_state_folder_from_a_killed_run(second_cluster):
+    state = second_cluster
+    assert _cli(state, "up").returncode == 0
+    pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
+    # A crash: the apiserver dies hard, the rest is left as it was.
+    os.kill(pids["kube-apiserver"], signal.SIGKILL)
+    again = _cli(state, "up")
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "stale state" in again.stdout
+    new = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
+    assert not any(alive(p) for p in pids.values()), "the old processes must all be stopped"
+    assert all(alive(p) for p in new.values())
