@@ -40,7 +40,8 @@ class Ports(BaseModel):
     coredns: int = 10053
     # CoreDNS also answers on port 53 of the pod network's gateway (resolv.conf has no port).
     coredns_pod: int = 53
-    node_agent_first_kubelet: int = 10250
+    # The node agent's kubelet endpoint (logs), shared by all process nodes, on the gateway.
+    kubelet: int = 10250
 
 
 class NetworkConfig(BaseModel):
@@ -57,8 +58,21 @@ class NetworkConfig(BaseModel):
     enabled: bool = True
 
 
+class NodesConfig(BaseModel):
+    """Process nodes started with the cluster (`up --nodes N --spot M`)."""
+
+    count: int = 4
+    spot: int = 2
+    cpu: str = "8"
+    memory: str = "16Gi"
+    gpus: int = 0
+    # Taints put on spot nodes at registration, e.g. ["cloud.google.com/gke-spot=true:NoSchedule"].
+    spot_taints: list[str] = Field(default_factory=list)
+
+
 class ClusterConfig(BaseModel):
     state_dir: Path = REPO_ROOT / ".local-cluster"
+    nodes: NodesConfig = NodesConfig()
     ports: Ports = Ports()
     network: NetworkConfig = NetworkConfig()
     node_monitor_grace_period: str = "8s"

@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import binaries, network
+from . import binaries, network, nodes
 from .config import ClusterConfig
 from .pki import PKI
 from .procs import ProcessTable
@@ -80,11 +80,8 @@ def pick_ports(cfg: ClusterConfig, host: str, pod_host: str | None) -> tuple[dic
     notes = []
     used: set[int] = set()
     for name, port in cfg.ports.model_dump().items():
-        bind_host = pod_host if name in ("apiserver", "coredns_pod") and pod_host else host
-        if name == "coredns_pod" and not pod_host:
-            continue
-        if name == "node_agent_first_kubelet":
-            chosen[name] = port
+        bind_host = pod_host if name in ("apiserver", "coredns_pod", "kubelet") and pod_host else host
+        if name in ("coredns_pod", "kubelet") and not pod_host:
             continue
         if port in used or not _port_free(bind_host, port):
             new = _free_port(bind_host)
@@ -156,7 +153,8 @@ class LocalCluster:
 
     def is_running(self) -> bool:
         running = self.procs.running()
-        return bool(running) and all(running.get(c) for c in COMPONENTS) and all(self.health().values())
+        wanted = COMPONENTS + (["node-agent"] if (self.state() or {}).get("bridge") else [])
+        return bool(running) and all(running.get(c) for c in wanted) and all(self.health().values())
 
     # ---- up ------------------------------------------------------------------------------
     def up(self, log=print) -> dict:
@@ -193,6 +191,7 @@ class LocalCluster:
         state["ports"] = ports
         state["server"] = f"https://{api_host}:{ports['apiserver']}"
         state["coredns_ready_port"] = _free_port(host)
+        state["cluster_domain"] = net.cluster_domain
         self._write_state(state)
 
         self._make_pki(state)
@@ -210,6 +209,8 @@ class LocalCluster:
             self.procs.start("coredns", argv["coredns"], cwd=self.state_dir)
             for name in COMPONENTS:
                 self._wait_component(name)
+            if use_net:
+                nodes.start_agent(self, state, log)
         except Exception:
             self.down(log=lambda *_: None, keep_logs=True)
             raise
@@ -388,12 +389,12 @@ class LocalCluster:
         running = self.procs.running()
         health = self.health()
         return {
-            "running": all(running.get(c) for c in COMPONENTS) and all(health.values()),
+            "running": self.is_running(),
             "state_dir": str(self.state_dir),
             "server": st.get("server"),
             "kubeconfig": str(self.cfg.kubeconfig),
             "components": {n: {"pid": self.procs.pids().get(n), "running": running.get(n, False),
-                               "healthy": health.get(n)} for n in COMPONENTS},
+                               "healthy": health.get(n)} for n in COMPONENTS + (["node-agent"] if st.get("bridge") else [])},
             "ports": st.get("ports"),
             "pod_network": {k: st.get(k) for k in ("bridge", "cluster_cidr", "gateway")},
         }

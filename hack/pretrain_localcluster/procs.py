@@ -29,7 +29,13 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _owned(pid: int, marker: str) -> bool:
+def owned(pid: int, marker: str) -> bool:
+    try:
+        # A container process: chrooted into a root under the state folder.
+        if marker in os.readlink(f"/proc/{pid}/root"):
+            return True
+    except OSError:
+        pass
     for name in ("cmdline", "environ"):
         try:
             if marker.encode() in Path(f"/proc/{pid}/{name}").read_bytes():
@@ -75,12 +81,12 @@ class ProcessTable:
         return out
 
     def running(self) -> dict[str, bool]:
-        return {n: alive(pid) and _owned(pid, self.marker) for n, pid in self.pids().items()}
+        return {n: alive(pid) and owned(pid, self.marker) for n, pid in self.pids().items()}
 
     def stop(self, name: str, grace_s: float = 10.0) -> None:
         pid_file = self.pid_dir / f"{name}.pid"
         pid = self.pids().get(name)
-        if pid is not None and alive(pid) and _owned(pid, self.marker):
+        if pid is not None and alive(pid) and owned(pid, self.marker):
             # The whole session: a component's children (if any) go with it.
             _signal_group(pid, signal.SIGTERM)
             deadline = time.monotonic() + grace_s

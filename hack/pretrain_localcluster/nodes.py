@@ -1,0 +1,178 @@
+"""Process nodes and spot drills: which nodes exist (`<state>/nodes.json`), starting the node
+agent, and taking capacity away the way clouds do.
+
+    hack/local-cluster up --nodes 4 --spot 2
+    hack/local-cluster preempt spot-0 --notice 5 [--notice-taint aws|gke|karpenter]
+    hack/local-cluster fail-node ondemand-1      # no notice: heartbeats stop, processes die
+    hack/local-cluster add-node [--spot]
+
+The same functions are the pytest helpers (`tests/` import them)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .kube import Kube, KubeError
+
+# Termination-notice taints, as the real handlers put them on a node about to be reclaimed.
+NOTICE_TAINTS = {
+    "aws": {"key": "aws-node-termination-handler/spot-itn", "value": "spot-itn", "effect": "NoSchedule"},
+    "gke": {"key": "cloud.google.com/impending-node-termination", "value": "true", "effect": "NoSchedule"},
+    "karpenter": {"key": "karpenter.sh/disrupted", "value": "", "effect": "NoSchedule"},
+}
+
+
+class DrillError(RuntimeError):
+    pass
+
+
+def parse_taint(s: str) -> dict:
+    """`key=value:Effect` or `key:Effect`."""
+    kv, _, effect = s.rpartition(":")
+    if not kv or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+        raise DrillError(f"bad taint {s!r}: want key=value:NoSchedule|PreferNoSchedule|NoExecute")
+    key, _, value = kv.partition("=")
+    return {"key": key, "value": value, "effect": effect}
+
+
+def initial_nodes(count: int, spot: int, cpu: str, memory: str, gpus: int, spot_taints: list[str]) -> list[dict]:
+    if spot > count:
+        raise DrillError(f"--spot {spot} is more than --nodes {count}")
+    out = []
+    for i in range(count - spot):
+        out.append({"name": f"ondemand-{i}", "spot": False, "cpu": cpu, "memory": memory, "gpus": gpus, "status": "active"})
+    for i in range(spot):
+        out.append({"name": f"spot-{i}", "spot": True, "cpu": cpu, "memory": memory, "gpus": gpus, "status": "active",
+                    "taints": [parse_taint(t) for t in spot_taints]})
+    return out
+
+
+@contextmanager
+def _locked_nodes(state_dir: Path):
+    """Read-modify-write of nodes.json under a lock; written atomically; the agent is told (SIGHUP)."""
+    path = state_dir / "nodes.json"
+    with open(state_dir / "nodes.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        nodes = json.loads(path.read_text()) if path.exists() else []
+        yield nodes
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(nodes, indent=2))
+        os.replace(tmp, path)
+    pid_file = state_dir / "pids" / "node-agent.pid"
+    if pid_file.exists():
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGHUP)
+        except ProcessLookupError:
+            pass
+
+
+def admin_kube(state_dir: Path) -> Kube:
+    st = json.loads((state_dir / "cluster.json").read_text())
+    pki = state_dir / "pki"
+    return Kube(st["server"], str(pki / "ca.crt"), str(pki / "admin.crt"), str(pki / "admin.key"))
+
+
+def wait_nodes_ready(kube: Kube, names: list[str], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(names)
+    while pending and time.monotonic() < deadline:
+        for n in list(pending):
+            obj = kube.get_or_none(f"/api/v1/nodes/{n}")
+            if obj and obj["spec"].get("podCIDR") and any(
+                    c["type"] == "Ready" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions", [])):
+                pending.discard(n)
+        time.sleep(0.1)
+    if pending:
+        raise DrillError(f"nodes not Ready after {timeout:.0f} s: {sorted(pending)}")
+
+
+def start_agent(cluster, state: dict, log=print) -> None:
+    """Write nodes.json from the config and start the node agent; wait until the nodes are Ready."""
+    n = cluster.cfg.nodes
+    nodes = initial_nodes(n.count, n.spot, n.cpu, n.memory, n.gpus, n.spot_taints)
+    (cluster.state_dir / "nodes.json").write_text(json.dumps(nodes, indent=2))
+    cluster.procs.start("node-agent", [sys.executable, "-m", "pretrain_localcluster.agent", str(cluster.state_dir)])
+    deadline = time.monotonic() + 30
+    while not (cluster.state_dir / "agent.ready").exists():
+        if not cluster.procs.running().get("node-agent"):
+            raise DrillError(f"the node agent exited during start-up:\n{cluster.log_tail('node-agent')}")
+        if time.monotonic() > deadline:
+            raise DrillError(f"the node agent did not start in 30 s:\n{cluster.log_tail('node-agent')}")
+        time.sleep(0.05)
+    wait_nodes_ready(admin_kube(cluster.state_dir), [x["name"] for x in nodes])
+    log(f"{len(nodes)} process node(s) Ready: " + ", ".join(
+        f"{x['name']} ({'spot' if x['spot'] else 'on-demand'})" for x in nodes))
+
+
+def add_node(state_dir: Path, spot: bool = False, taints: list[str] | None = None, wait: bool = True) -> str:
+    with _locked_nodes(state_dir) as nodes:
+        prefix = "spot" if spot else "ondemand"
+        used = {n["name"] for n in nodes}
+        i = 0
+        while f"{prefix}-{i}" in used:
+            i += 1
+        template = next((n for n in nodes if n.get("spot") == spot), nodes[0] if nodes else {})
+        name = f"{prefix}-{i}"
+        nodes.append({"name": name, "spot": spot, "cpu": template.get("cpu", "8"), "memory": template.get("memory", "16Gi"),
+                      "gpus": template.get("gpus", 0), "status": "active",
+                      "taints": [parse_taint(t) for t in taints or []]})
+    if wait:
+        wait_nodes_ready(admin_kube(state_dir), [name])
+    return name
+
+
+def _set_status(state_dir: Path, node: str, status: str) -> None:
+    with _locked_nodes(state_dir) as nodes:
+        entry = next((n for n in nodes if n["name"] == node), None)
+        if entry is None:
+            raise DrillError(f"no process node named {node} (have: {', '.join(n['name'] for n in nodes)})")
+        entry["status"] = status
+
+
+def fail_node(state_dir: Path, node: str) -> None:
+    """No notice: heartbeats stop and every process of the node's pods dies. The node-lifecycle
+    controller marks the Node NotReady after --node-monitor-grace-period (8 s here)."""
+    _set_status(state_dir, node, "failed")
+
+
+def pods_on(kube: Kube, node: str) -> list[dict]:
+    return kube.get("/api/v1/pods", fieldSelector=f"spec.nodeName={node}")["items"]
+
+
+def preempt(state_dir: Path, node: str, notice_s: float = 5.0, taint: str = "aws", drain_timeout_s: float = 5.0,
+            log=print) -> list[str]:
+    """A spot reclaim: notice taint, wait the notice, evict the pods (DisruptionTarget), kill what
+    is left, delete the Node. Returns the names of the pods that were on the node."""
+    kube = admin_kube(state_dir)
+    obj = kube.get_or_none(f"/api/v1/nodes/{node}")
+    if obj is None:
+        raise DrillError(f"no Node {node}")
+    taints = [t for t in obj["spec"].get("taints") or [] if t["key"] != NOTICE_TAINTS[taint]["key"]]
+    kube.patch(f"/api/v1/nodes/{node}", {"spec": {"taints": taints + [NOTICE_TAINTS[taint]]}}, strategic=False)
+    log(f"{node}: termination notice ({NOTICE_TAINTS[taint]['key']}), reclaimed in {notice_s:g} s")
+    time.sleep(notice_s)
+    pods = pods_on(kube, node)
+    for p in pods:
+        ns, name = p["metadata"]["namespace"], p["metadata"]["name"]
+        try:
+            kube.create(f"/api/v1/namespaces/{ns}/pods/{name}/eviction", {
+                "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": ns}})
+        except KubeError as e:
+            # 429: a PodDisruptionBudget refuses; the cloud does not wait for it.
+            if e.status not in (404, 429):
+                raise
+    deadline = time.monotonic() + drain_timeout_s
+    while pods_on(kube, node) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _set_status(state_dir, node, "terminated")
+    time.sleep(0.3)  # let the agent kill what is left before the Node object goes
+    kube.delete(f"/api/v1/nodes/{node}")
+    log(f"{node}: reclaimed; evicted {len(pods)} pod(s), Node deleted")
+    return [p["metadata"]["name"] for p in pods]

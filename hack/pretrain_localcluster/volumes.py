@@ -1,0 +1,170 @@
+"""Pod volumes materialized as folders under the pod's folder, then bind-mounted by the shim.
+
+emptyDir, hostPath, configMap, secret, downwardAPI (refreshed by the agent when labels or
+annotations change, as the kubelet does), projected (serviceAccountToken through the TokenRequest
+API, configMap, secret, downwardAPI) and persistentVolumeClaim (the bound PV's local folder).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+from . import podspec
+
+
+class VolumeNotReady(RuntimeError):
+    """A volume cannot be set up yet (a PVC not bound, a ConfigMap missing): retry later."""
+
+
+def _write_files(dst: Path, files: dict[str, bytes], mode: int = 0o644) -> None:
+    """Atomic swap of the whole folder's content, like the kubelet's ..data symlink dance."""
+    dst.mkdir(parents=True, exist_ok=True)
+    staging = dst / f"..data_tmp_{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    for rel, data in files.items():
+        p = staging / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+        p.chmod(mode)
+    staging.chmod(0o755)
+    old = dst / "..data"
+    target_name = f"..{os.urandom(4).hex()}"
+    os.rename(staging, dst / target_name)
+    tmp_link = dst / "..data_tmp"
+    if tmp_link.is_symlink():
+        tmp_link.unlink()
+    os.symlink(target_name, tmp_link)
+    prev = os.readlink(old) if old.is_symlink() else None
+    os.replace(tmp_link, old)
+    for rel in files:
+        top = rel.split("/", 1)[0]
+        link = dst / top
+        if not link.is_symlink() and not link.exists():
+            os.symlink(f"..data/{top}", link)
+    if prev:
+        shutil.rmtree(dst / prev, ignore_errors=True)
+
+
+def _items(data: dict[str, bytes], items: list | None) -> dict[str, bytes]:
+    if not items:
+        return dict(data)
+    return {it["path"]: data[it["key"]] for it in items if it["key"] in data}
+
+
+class VolumeBuilder:
+    """Builds a pod's volumes. `kube` is the node's client; `admin` reads PVs (cluster-scoped)."""
+
+    def __init__(self, kube, admin, pod: dict, pod_dir: Path, pod_ip_fn, host_ip: str, ca_pem: bytes):
+        self.kube, self.admin, self.pod, self.pod_dir = kube, admin, pod, pod_dir
+        self.pod_ip_fn, self.host_ip, self.ca_pem = pod_ip_fn, host_ip, ca_pem
+        self.ns = pod["metadata"]["namespace"]
+
+    def _cm_or_secret(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
+        path = f"/api/v1/namespaces/{self.ns}/{'configmaps' if kind == 'configMap' else 'secrets'}/{name}"
+        obj = self.kube.get_or_none(path)
+        if obj is None:
+            if optional:
+                return None
+            raise VolumeNotReady(f"{kind} {self.ns}/{name} not found")
+        if kind == "secret":
+            return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+        out = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+        out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        return out
+
+    def downward_files(self, items: list) -> dict[str, bytes]:
+        out = {}
+        for it in items or []:
+            if "fieldRef" in it:
+                v = podspec.field_ref(self.pod, it["fieldRef"]["fieldPath"], self.pod_ip_fn(), self.host_ip)
+            else:
+                ref = it["resourceFieldRef"]
+                c = next(x for x in self.pod["spec"]["containers"] if x["name"] == ref.get("containerName", x["name"]))
+                v = podspec.resource_ref(c, ref["resource"], ref.get("divisor"), {})
+            out[it["path"]] = v.encode()
+        return out
+
+    def _token(self, src: dict) -> bytes:
+        sa = self.pod["spec"].get("serviceAccountName") or "default"
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                "spec": {"audiences": [src["audience"]] if src.get("audience") else None,
+                         "expirationSeconds": src.get("expirationSeconds", 3607),
+                         "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": self.pod["metadata"]["name"],
+                                            "uid": self.pod["metadata"]["uid"]}}}
+        if body["spec"]["audiences"] is None:
+            del body["spec"]["audiences"]
+        tr = self.kube.create(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", body)
+        return tr["status"]["token"].encode()
+
+    def build(self, vol: dict) -> str:
+        """Make the volume's folder (or find its host path); returns the path to bind-mount."""
+        name = vol["name"]
+        base = self.pod_dir / "volumes" / name
+        mode = lambda v: v.get("defaultMode", 0o644)  # noqa: E731
+        if "emptyDir" in vol:
+            base.mkdir(parents=True, exist_ok=True)
+            self._fs_group(base)
+            return str(base)
+        if "hostPath" in vol:
+            hp = vol["hostPath"]
+            p = Path(hp["path"])
+            if hp.get("type") in ("DirectoryOrCreate",) or (not hp.get("type") and not p.exists()):
+                p.mkdir(parents=True, exist_ok=True)
+            elif hp.get("type") == "FileOrCreate" and not p.exists():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.touch()
+            if not p.exists():
+                raise VolumeNotReady(f"hostPath {p} does not exist")
+            return str(p)
+        if "configMap" in vol or "secret" in vol:
+            kind = "configMap" if "configMap" in vol else "secret"
+            src = vol[kind]
+            data = self._cm_or_secret(kind, src.get("name") or src.get("secretName"), src.get("optional", False))
+            _write_files(base, _items(data or {}, src.get("items")), mode(src))
+            return str(base)
+        if "downwardAPI" in vol:
+            _write_files(base, self.downward_files(vol["downwardAPI"].get("items")), mode(vol["downwardAPI"]))
+            return str(base)
+        if "projected" in vol:
+            files: dict[str, bytes] = {}
+            for s in vol["projected"].get("sources") or []:
+                if "serviceAccountToken" in s:
+                    files[s["serviceAccountToken"]["path"]] = self._token(s["serviceAccountToken"])
+                elif "configMap" in s or "secret" in s:
+                    kind = "configMap" if "configMap" in s else "secret"
+                    d = self._cm_or_secret(kind, s[kind]["name"], s[kind].get("optional", False))
+                    files.update(_items(d or {}, s[kind].get("items")))
+                elif "downwardAPI" in s:
+                    files.update(self.downward_files(s["downwardAPI"].get("items")))
+            _write_files(base, files, mode(vol["projected"]))
+            return str(base)
+        if "persistentVolumeClaim" in vol:
+            claim = vol["persistentVolumeClaim"]["claimName"]
+            pvc = self.kube.get_or_none(f"/api/v1/namespaces/{self.ns}/persistentvolumeclaims/{claim}")
+            if pvc is None or (pvc.get("status") or {}).get("phase") != "Bound":
+                raise VolumeNotReady(f"PersistentVolumeClaim {claim} is not bound yet")
+            pv = self.admin.get(f"/api/v1/persistentvolumes/{pvc['spec']['volumeName']}")
+            path = (pv["spec"].get("hostPath") or pv["spec"].get("local") or {}).get("path")
+            if not path:
+                raise VolumeNotReady(f"PersistentVolume {pv['metadata']['name']} has no local path")
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self._fs_group(Path(path))
+            return path
+        raise VolumeNotReady(f"volume {name}: type not supported by process nodes ({', '.join(k for k in vol if k != 'name')})")
+
+    def _fs_group(self, p: Path) -> None:
+        g = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
+        if g is not None:
+            os.chown(p, -1, int(g))
+            p.chmod(p.stat().st_mode | 0o2070)
+
+    def refresh_downward(self, pod: dict) -> None:
+        """Re-project downwardAPI volumes after a metadata change (labels, annotations)."""
+        self.pod = pod
+        for vol in pod["spec"].get("volumes") or []:
+            if "downwardAPI" in vol:
+                self.build(vol)

@@ -1,0 +1,229 @@
+"""Process nodes run pods for real: each pod is local processes in its own network and mount
+namespace, with the kubelet's status, lifecycle, volumes, DNS and logs."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from kubernetes import client, watch
+
+from pretrain_localcluster import binaries
+
+from tests.helpers import wait_for
+from tests.kubeutil import create_pod, kubectl, logs, phase, pod_manifest, wait_gone, wait_phase
+
+pytestmark = pytest.mark.cluster
+
+
+def test_a_pods_exit_code_and_reason_reach_its_status(core, namespace):
+    create_pod(core, namespace, pod_manifest("fails", ["sh", "-c", "echo bye; exit 7"]))
+    create_pod(core, namespace, pod_manifest("ok", ["true"]))
+    p = wait_phase(core, namespace, "fails", "Failed")
+    t = p.status.container_statuses[0].state.terminated
+    assert (t.exit_code, t.reason) == (7, "Error")
+    p = wait_phase(core, namespace, "ok", "Succeeded")
+    t = p.status.container_statuses[0].state.terminated
+    assert (t.exit_code, t.reason) == (0, "Completed")
+    assert p.status.pod_ip and p.status.pod_ip.startswith("10.")
+
+
+def test_a_container_over_its_memory_limit_is_oomkilled(core, namespace):
+    create_pod(core, namespace, pod_manifest(
+        "hog", ["python", "-c", "x = bytearray(400 * 2**20); print('allocated')"],
+        container={"resources": {"limits": {"memory": "64Mi"}}}))
+    p = wait_phase(core, namespace, "hog", "Failed")
+    t = p.status.container_statuses[0].state.terminated
+    assert t.reason == "OOMKilled" and t.exit_code == 137
+
+
+def test_a_deployment_gets_running_ready_pods(api, core, namespace):
+    labels = {"app": "sleeper"}
+    client.AppsV1Api(api).create_namespaced_deployment(namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "sleeper"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"terminationGracePeriodSeconds": 1,
+                                       "containers": [{"name": "c", "image": "local", "command": ["sleep", "600"],
+                                                       "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}]}}}})
+    wait_for(lambda: (client.AppsV1Api(api).read_namespaced_deployment("sleeper", namespace).status.ready_replicas or 0) == 2,
+             timeout=60, what="2 ready replicas")
+    pods = core.list_namespaced_pod(namespace, label_selector="app=sleeper").items
+    assert {p.status.phase for p in pods} == {"Running"}
+    assert len({p.status.pod_ip for p in pods}) == 2
+
+
+def test_a_job_completes(api, namespace):
+    batch = client.BatchV1Api(api)
+    batch.create_namespaced_job(namespace, {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "count"},
+        "spec": {"completions": 2, "parallelism": 2, "backoffLimit": 0,
+                 "template": {"spec": {"restartPolicy": "Never",
+                                       "containers": [{"name": "c", "image": "local", "command": ["sh", "-c", "echo done"]}]}}}})
+    wait_for(lambda: (batch.read_namespaced_job("count", namespace).status.succeeded or 0) == 2, timeout=60,
+             what="the Job to complete")
+    job = batch.read_namespaced_job("count", namespace)
+    assert any(c.type == "Complete" and c.status == "True" for c in job.status.conditions)
+
+
+SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 29400)); s.listen()
+while True:
+    c, _ = s.accept(); c.sendall(("hello from " + socket.gethostname()).encode()); c.close()
+"""
+
+CLIENT = """
+import socket, sys, time
+for name in sys.argv[1:]:
+    for _ in range(100):
+        try:
+            with socket.create_connection((name, 29400), timeout=2) as c:
+                print(name, "->", c.recv(100).decode()); break
+        except OSError as e:
+            time.sleep(0.2)
+    else:
+        sys.exit(f"cannot reach {name}")
+"""
+
+
+def test_pods_of_a_headless_service_talk_over_tcp_by_dns_names_while_a_third_listens_on_the_same_port(core, namespace):
+    core.create_namespaced_service(namespace, {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "gang"},
+        "spec": {"clusterIP": "None", "selector": {"gang": "g"}, "publishNotReadyAddresses": True,
+                 "ports": [{"port": 29400, "name": "rdzv"}]}})
+    for i in range(2):
+        create_pod(core, namespace, pod_manifest(f"r{i}", ["python", "-c", SERVER], hostname=f"r{i}", subdomain="gang",
+                                                 metadata={"labels": {"gang": "g"}}, restart="Always"))
+    # Not in the Service, same port: its own network namespace, so no conflict.
+    create_pod(core, namespace, pod_manifest("third", ["python", "-c", SERVER], restart="Always"))
+    create_pod(core, namespace, pod_manifest("client", ["python", "-c", CLIENT, "r0.gang", f"r1.gang.{namespace}.svc.cluster.local",
+                                                        "third-ip"], restart="Never"))
+    third = wait_phase(core, namespace, "third", "Running")
+    # The client's third target is the third pod's IP (it has no DNS name), patched in by hostAliases-free means:
+    core.delete_namespaced_pod("client", namespace, grace_period_seconds=0)
+    wait_gone(core, namespace, "client")
+    create_pod(core, namespace, pod_manifest("client", ["python", "-c", CLIENT, "r0.gang",
+                                                        f"r1.gang.{namespace}.svc.cluster.local", third.status.pod_ip]))
+    wait_phase(core, namespace, "client", "Succeeded", timeout=90)
+    out = logs(core, namespace, "client")
+    assert "r0.gang -> hello from r0" in out
+    assert f"r1.gang.{namespace}.svc.cluster.local -> hello from r1" in out
+    assert f"{third.status.pod_ip} -> hello from third" in out
+
+
+def test_deletion_delivers_sigterm_and_respects_the_grace_period(cluster, core, namespace):
+    script = ("import signal, sys, time\n"
+              "def term(*_):\n print('got SIGTERM', flush=True); time.sleep(1.5); print('cleaned up', flush=True); sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, term)\nprint('ready', flush=True)\nwhile True: time.sleep(0.1)\n")
+    create_pod(core, namespace, pod_manifest("graceful", ["python", "-c", script], terminationGracePeriodSeconds=10))
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\ntime.sleep(600)\n"
+    create_pod(core, namespace, pod_manifest("stubborn", ["python", "-c", stubborn], terminationGracePeriodSeconds=2))
+    for n in ("graceful", "stubborn"):
+        wait_phase(core, namespace, n, "Running")
+        wait_for(lambda n=n: "ready" in logs(core, namespace, n), what=f"{n} to start")
+    # Follow the logs from before the deletion: the pod object (and its logs) go once it ends.
+    follow = subprocess.Popen([str(binaries.locate(["kubectl"])["kubectl"]), "--kubeconfig", str(cluster.cfg.kubeconfig),
+                               "-n", namespace, "logs", "-f", "graceful"], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    final = {}
+    w = watch.Watch()
+    t0 = time.monotonic()
+    core.delete_namespaced_pod("graceful", namespace)
+    core.delete_namespaced_pod("stubborn", namespace)
+    gone = set()
+    for ev in w.stream(core.list_namespaced_pod, namespace, timeout_seconds=30):
+        p = ev["object"]
+        cs = p.status.container_statuses or []
+        if cs and cs[0].state.terminated:
+            final[p.metadata.name] = (cs[0].state.terminated, time.monotonic() - t0)
+        if ev["type"] == "DELETED":
+            gone.add(p.metadata.name)
+        if gone >= {"graceful", "stubborn"}:
+            w.stop()
+    out = follow.communicate(timeout=10)[0]
+    assert "got SIGTERM" in out and "cleaned up" in out
+    term, _ = final["graceful"]
+    assert term.exit_code == 0
+    term, took = final["stubborn"]
+    assert term.exit_code == 137  # SIGKILL after its 2 s grace period
+    assert took >= 1.9
+
+
+def test_the_downward_api_annotations_file_changes_after_an_annotation_patch(core, namespace):
+    create_pod(core, namespace, pod_manifest(
+        "dw", ["sh", "-c", "while true; do cat /etc/podinfo/annotations; echo; echo ---; sleep 0.3; done"],
+        metadata={"annotations": {"stage": "one"}},
+        volumes=[{"name": "podinfo", "downwardAPI": {"items": [{"path": "annotations",
+                                                               "fieldRef": {"fieldPath": "metadata.annotations"}}]}}],
+        container={"volumeMounts": [{"name": "podinfo", "mountPath": "/etc/podinfo"}]}))
+    wait_phase(core, namespace, "dw", "Running")
+    wait_for(lambda: 'stage="one"' in logs(core, namespace, "dw"), what="the first annotation")
+    core.patch_namespaced_pod("dw", namespace, {"metadata": {"annotations": {"stage": "two"}}})
+    wait_for(lambda: 'stage="two"' in logs(core, namespace, "dw", tail_lines=5), timeout=20,
+             what="the annotations file to change")
+
+
+def test_a_pvcs_data_survives_its_pod(core, namespace):
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+    vol = {"volumes": [{"name": "ckpt", "persistentVolumeClaim": {"claimName": "ckpt"}}],
+           "container": {"volumeMounts": [{"name": "ckpt", "mountPath": "/checkpoints"}]}}
+    create_pod(core, namespace, pod_manifest("writer", ["sh", "-c", "echo step-42 > /checkpoints/latest"], **vol))
+    wait_phase(core, namespace, "writer", "Succeeded")
+    core.delete_namespaced_pod("writer", namespace)
+    wait_gone(core, namespace, "writer")
+    create_pod(core, namespace, pod_manifest("reader", ["cat", "/checkpoints/latest"], **vol))
+    wait_phase(core, namespace, "reader", "Succeeded")
+    assert logs(core, namespace, "reader").strip() == "step-42"
+    assert core.read_namespaced_persistent_volume_claim("ckpt", namespace).status.phase == "Bound"
+
+
+def test_kubectl_logs_returns_a_pods_output_also_previous_and_follow(cluster, core, namespace):
+    create_pod(core, namespace, pod_manifest(
+        "talker", ["sh", "-c", "echo run-$(cat /proc/sys/kernel/random/uuid | cut -c1-4); for i in 1 2 3; do echo line $i; sleep 0.2; done; exit 1"],
+        restart="OnFailure"))
+    wait_for(lambda: (core.read_namespaced_pod("talker", namespace).status.container_statuses or [None])[0]
+             and core.read_namespaced_pod("talker", namespace).status.container_statuses[0].restart_count >= 1,
+             timeout=60, what="a restart")
+    r = kubectl(cluster, "-n", namespace, "logs", "talker", "--previous")
+    assert r.returncode == 0, r.stderr
+    assert "line 3" in r.stdout and r.stdout.startswith("run-")
+    r = kubectl(cluster, "-n", namespace, "logs", "-f", "talker", timeout=30)
+    assert r.returncode == 0 and "line 3" in r.stdout
+    r = kubectl(cluster, "-n", namespace, "logs", "talker", "--tail=1", "--timestamps", "--previous")
+    assert r.returncode == 0 and r.stdout.count("\n") == 1 and "line 3" in r.stdout and r.stdout[:4].isdigit()
+
+
+def test_a_pod_without_a_token_has_no_token_file_and_one_with_it_reaches_the_api(core, namespace):
+    sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    create_pod(core, namespace, pod_manifest("notoken", ["sh", "-c", f"ls {sa_dir}/token && exit 1 || echo absent"],
+                                             automountServiceAccountToken=False))
+    check = ("import os, ssl, urllib.request, json\n"
+             f"d = '{sa_dir}'\n"
+             "tok = open(d + '/token').read(); ns = open(d + '/namespace').read()\n"
+             "ctx = ssl.create_default_context(cafile=d + '/ca.crt')\n"
+             "url = f\"https://{os.environ['KUBERNETES_SERVICE_HOST']}:{os.environ['KUBERNETES_SERVICE_PORT']}/api/v1/namespaces/{ns}/pods\"\n"
+             "req = urllib.request.Request(url, headers={'Authorization': 'Bearer ' + tok})\n"
+             "try:\n    urllib.request.urlopen(req, context=ctx)\nexcept urllib.error.HTTPError as e:\n    print('status', e.code)\n")
+    create_pod(core, namespace, pod_manifest("withtoken", ["python", "-c", check]))
+    wait_phase(core, namespace, "notoken", "Succeeded")
+    assert logs(core, namespace, "notoken").strip().endswith("absent")
+    wait_phase(core, namespace, "withtoken", "Succeeded")
+    # Authenticated as the default ServiceAccount (TLS verified with the mounted CA), which RBAC forbids to list pods.
+    assert logs(core, namespace, "withtoken").strip() == "status 403"
+
+
+def test_a_restricted_compliant_pod_runs_as_non_root(core, namespace):
+    core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    sc = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+          "seccompProfile": {"type": "RuntimeDefault"}}
+    create_pod(core, namespace, pod_manifest("nonroot", ["sh", "-c", "id -u; touch /tmp/x && echo tmp-writable"],
+                                             container={"securityContext": sc}))
+    wait_phase(core, namespace, "nonroot", "Succeeded")
+    out = logs(core, namespace, "nonroot").split()
+    assert out[0] != "0" and int(out[0]) > 0
+    assert "tmp-writable" in out
