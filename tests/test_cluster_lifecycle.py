@@ -9,13 +9,14 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from pretrain_localcluster import network
+from pretrain_localcluster import binaries, network
 from pretrain_localcluster.config import REPO_ROOT
-from pretrain_localcluster.procs import alive
+from pretrain_localcluster.procs import alive, owned
 
 pytestmark = pytest.mark.cluster
 
@@ -24,6 +25,10 @@ CLI = str(REPO_ROOT / "hack" / "local-cluster")
 
 def _cli(state: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, "--state-dir", str(state), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
 def _bridge_exists(name: str) -> bool:
@@ -52,8 +57,18 @@ def test_up_twice_down_leaves_no_process_no_state_and_no_bridge(second_cluster):
     # Another cluster (the session's) holds the defaults: this one got its own ports and network.
     assert "in use" in up.stdout
     pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
-    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns"}
+    assert set(pids) == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns", "node-agent"}
     assert all(alive(p) for p in pids.values())
+    # A pod running on one of its process nodes, to be swept by `down`.
+    kubectl = str(binaries.locate(["kubectl"])["kubectl"])
+    pod = subprocess.run([kubectl, "--kubeconfig", str(state / "kubeconfig"), "run", "sleeper", "--image=local",
+                          "--restart=Never", "--command", "--", "sleep", "600"], capture_output=True, text=True)
+    assert pod.returncode == 0, pod.stderr
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list((state / "pods").glob("*/containers/*/0/container.json")):
+        time.sleep(0.2)
+    sleeper = json.loads(next((state / "pods").glob("*/containers/*/0/container.json")).read_text())["pid"]
+    assert alive(sleeper)
 
     again = _cli(state, "up")
     assert again.returncode == 0 and "already running" in again.stdout
@@ -65,7 +80,10 @@ def test_up_twice_down_leaves_no_process_no_state_and_no_bridge(second_cluster):
     down = _cli(state, "down")
     assert down.returncode == 0, down.stderr
     assert not any(alive(p) for p in pids.values())
+    assert not alive(sleeper)
     assert not state.exists()
+    assert not [pid for pid in _pids() if owned(pid, str(state))], "a process of the cluster outlived `down`"
+    assert str(state) not in Path("/proc/self/mountinfo").read_text()
     if st.get("bridge"):
         assert not _bridge_exists(st["bridge"])
     status = _cli(state, "status")
