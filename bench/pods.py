@@ -20,7 +20,7 @@ from pretrain_localcluster.config import ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_localcluster.nodes import admin_kube
 
-CMD = ["sh", "-c", "date +%s.%N; sleep 3600"]
+CMD = ["sh", "-c", "date +%s.%N; exec sleep 3600"]
 
 
 def direct_once() -> float:

@@ -224,3 +224,65 @@ def test_a_restricted_compliant_pod_runs_as_non_root(core, namespace):
     out = logs(core, namespace, "nonroot").split()
     assert out[0] != "0" and int(out[0]) > 0
     assert "tmp-writable" in out
+
+
+def test_env_from_the_downward_api_configmaps_and_secrets_and_their_volumes_reach_the_container(core, namespace):
+    core.create_namespaced_config_map(namespace, {"metadata": {"name": "cfg"}, "data": {"mode": "fast", "conf.yaml": "a: 1\n"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "sec"}, "stringData": {"password": "hunter2"}})
+    env = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "ROLE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['role']"}}},
+        {"name": "MEM_MI", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1Mi"}}},
+        {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+        {"name": "PASS", "valueFrom": {"secretKeyRef": {"name": "sec", "key": "password"}}},
+        {"name": "GREETING", "value": "mode=$(MODE)"},
+    ]
+    script = ("echo POD_NAME=$POD_NAME POD_NS=$POD_NS POD_IP=$POD_IP NODE=$NODE ROLE=$ROLE MEM_MI=$MEM_MI; "
+              "echo MODE=$MODE PASS=$PASS GREETING=$GREETING PWD=$(pwd); cat /cfg/conf.yaml; cat /sec/password; echo; "
+              "stat -c %g /data; id -G")
+    create_pod(core, namespace, pod_manifest(
+        "envy", ["sh", "-c", script], metadata={"labels": {"role": "worker"}},
+        securityContext={"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+        volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "sec", "secret": {"secretName": "sec"}},
+                 {"name": "data", "emptyDir": {}}],
+        container={"env": env, "workingDir": "/tmp", "resources": {"limits": {"memory": "256Mi"}},
+                   "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}, {"name": "sec", "mountPath": "/sec", "readOnly": True},
+                                    {"name": "data", "mountPath": "/data"}]}))
+    p = wait_phase(core, namespace, "envy", "Succeeded", "Failed")
+    out = logs(core, namespace, "envy")
+    assert p.status.phase == "Succeeded", out
+    assert (f"POD_NAME=envy POD_NS={namespace} POD_IP={p.status.pod_ip} NODE={p.spec.node_name} "
+            "ROLE=worker MEM_MI=256") in out
+    assert "MODE=fast PASS=hunter2 GREETING=mode=fast PWD=/tmp" in out
+    assert "a: 1" in out and "hunter2" in out
+    lines = out.strip().splitlines()
+    assert lines[-2] == "2000"  # the emptyDir belongs to the fsGroup
+    assert "2000" in lines[-1].split()
+
+
+def test_readiness_probes_of_type_http_and_tcp_gate_the_ready_condition(core, namespace):
+    # Answers 503 for its first 4 seconds, then 200.
+    server = ("import http.server, time\n"
+              "start = time.time()\n"
+              "class H(http.server.BaseHTTPRequestHandler):\n"
+              "    def do_GET(self):\n"
+              "        self.send_response(200 if time.time() - start > 4 else 503); self.end_headers()\n"
+              "    def log_message(self, *a): pass\n"
+              "http.server.HTTPServer(('0.0.0.0', 8080), H).serve_forever()\n")
+    create_pod(core, namespace, pod_manifest("web", ["python", "-c", server], restart="Always", container={
+        "ports": [{"name": "http", "containerPort": 8080}],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 1, "failureThreshold": 1}}))
+    create_pod(core, namespace, pod_manifest("tcp", ["python", "-c", server], restart="Always", container={
+        "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}))
+
+    def ready(name):
+        p = core.read_namespaced_pod(name, namespace)
+        return any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+
+    wait_for(lambda: ready("tcp"), what="the tcpSocket probe to pass")
+    wait_phase(core, namespace, "web", "Running")
+    assert not ready("web"), "the HTTP probe answers 503 for 4 s"
+    wait_for(lambda: ready("web"), timeout=20, what="the httpGet probe to pass")
