@@ -1,0 +1,347 @@
+"""The PretrainJob API, defined once: these pydantic models generate the CRD (`crds/`, see
+`crdgen.py`), the operator reads specs with them, and the trainer reads its configuration with
+the very same models (`PretrainJobSpec`). Importable without torch or kopf.
+
+    python -m pretrain_operator.crdgen > crds/pretrain.dev_pretrainjobs.yaml
+
+Field names are the API's (camelCase); every default lives here and lands in the CRD schema, so
+`kubectl get -o yaml` shows the defaulted spec. Rules that span fields are CEL rules attached to
+the models (`x-kubernetes-validations`), each with a message naming the fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "pretrain.dev"
+VERSION = "v1alpha1"
+KIND = "PretrainJob"
+PLURAL = "pretrainjobs"
+SINGULAR = "pretrainjob"
+SHORT_NAMES = ["ptj"]
+
+# Model shapes by preset name; the trainer builds them, the CRD's CEL rules read their layer and
+# head counts (so `layers divisible by pipeline` holds for presets too).
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=64, layers=4, heads=4, kvHeads=2, vocabSize=512, ffnDim=192, maxSeqLen=128),
+    "small": dict(dim=256, layers=8, heads=8, kvHeads=4, vocabSize=4096, ffnDim=768, maxSeqLen=512),
+    "llama3-1b": dict(dim=2048, layers=16, heads=32, kvHeads=8, vocabSize=128256, ffnDim=8192, maxSeqLen=8192),
+    "llama3-8b": dict(dim=4096, layers=32, heads=32, kvHeads=8, vocabSize=128256, ffnDim=14336, maxSeqLen=8192),
+    "llama3-70b": dict(dim=8192, layers=80, heads=64, kvHeads=8, vocabSize=128256, ffnDim=28672, maxSeqLen=8192),
+}
+
+# Taints that announce a node's imminent reclaim, watched by default.
+DEFAULT_NOTICE_TAINTS = [
+    "cloud.google.com/impending-node-termination",
+    "aws-node-termination-handler/spot-itn",
+    "aws-node-termination-handler/rebalance-recommendation",
+    "karpenter.sh/disrupted",
+    "karpenter.sh/disruption",
+    "DeletionCandidateOfClusterAutoscaler",
+    "ToBeDeletedByClusterAutoscaler",
+]
+
+
+def _rules(*rules: tuple[str, str, str | None]) -> dict:
+    """CEL rules as `(rule, message, fieldPath)` for `x-kubernetes-validations`."""
+    out = []
+    for rule, message, path in rules:
+        r = {"rule": rule, "message": message}
+        if path:
+            r["fieldPath"] = path
+        out.append(r)
+    return {"x-kubernetes-validations": out}
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Parallelism(Model):
+    """How the world of nodes x nprocPerNode ranks is split. data x tensor x pipeline must equal
+    the world size; expert parallelism shards MoE experts over data x tensor ranks."""
+
+    data: int = Field(1, ge=1, le=65536, description="Data-parallel degree (FSDP2 shards parameters, gradients and optimizer state over it).")
+    tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree (DTensor; splits attention heads and MLP columns/rows). Keep it within a node.")
+    pipeline: int = Field(1, ge=1, le=256, description="Pipeline-parallel stages (torch.distributed.pipelining); layers are split evenly over them.")
+    expert: int = Field(1, ge=1, le=1024, description="Expert-parallel degree for MoE layers; experts are sharded over it. Must divide data x tensor.")
+    pipelineSchedule: Literal["GPipe", "1F1B", "Interleaved1F1B"] = Field(
+        "1F1B", description="Pipeline schedule. Interleaved1F1B puts two virtual stages on each pipeline rank.")
+    microbatches: int = Field(0, ge=0, le=4096, description="Pipeline microbatches per step; 0 means one per pipeline stage times two.")
+
+
+class MoE(Model):
+    """Mixture-of-Experts feed-forward blocks (absent: a dense model)."""
+
+    experts: int = Field(8, ge=1, le=1024, description="Routed experts per MoE layer.")
+    topK: int = Field(2, ge=1, le=64, description="Experts each token is routed to (1 is Switch Transformer routing).")
+    everyKLayers: int = Field(1, ge=1, le=1000, description="MoE in every k-th layer, dense feed-forward elsewhere.")
+    loadBalancing: Literal["auxLoss", "bias", "none"] = Field("auxLoss", description="auxLoss: Switch-style auxiliary loss; bias: aux-loss-free bias update; none.")
+    auxLossCoef: float = Field(0.01, ge=0, le=1, description="Weight of the auxiliary load-balancing loss.")
+    sharedExpert: bool = Field(False, description="Add one always-on shared expert.")
+    capacityFactor: float = Field(0.0, ge=0, le=64, description="Token capacity per expert as a multiple of the even share; 0 disables dropping.")
+    routerScore: Literal["softmax", "sigmoid"] = Field("softmax", description="Router scoring function (computed in fp32).")
+
+
+class ModelSpec(Model):
+    """The decoder: a preset, or explicit sizes (explicit sizes override the preset's)."""
+
+    preset: Literal["tiny", "small", "llama3-1b", "llama3-8b", "llama3-70b", "custom"] = Field(
+        "tiny", description="A Llama-style shape: tiny and small run on CPU; llama3-* are the Llama 3 shapes. 'custom' needs every size below.")
+    dim: int | None = Field(None, ge=8, le=65536, description="Model width.")
+    layers: int | None = Field(None, ge=1, le=1024, description="Decoder layers.")
+    heads: int | None = Field(None, ge=1, le=1024, description="Attention heads.")
+    kvHeads: int | None = Field(None, ge=1, le=1024, description="Key/value heads (grouped-query attention); divides heads.")
+    vocabSize: int | None = Field(None, ge=2, le=1048576, description="Vocabulary size.")
+    ffnDim: int | None = Field(None, ge=8, le=262144, description="Feed-forward hidden size (SwiGLU).")
+    maxSeqLen: int | None = Field(None, ge=8, le=1048576, description="Longest sequence (rotary embedding table).")
+    moe: MoE | None = Field(None, description="Mixture-of-Experts blocks; absent for a dense model.")
+
+    def resolved(self) -> dict[str, int]:
+        """Preset sizes overridden by explicit ones."""
+        base = dict(PRESETS.get(self.preset, {}))
+        for k in ("dim", "layers", "heads", "kvHeads", "vocabSize", "ffnDim", "maxSeqLen"):
+            v = getattr(self, k)
+            if v is not None:
+                base[k] = v
+        return base
+
+
+class LoRA(Model):
+    """Low-rank adapters: base weights frozen, only adapters trained and checkpointed."""
+
+    rank: int = Field(8, ge=1, le=1024, description="Adapter rank r.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="Scaling numerator: adapters are scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    targetModules: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo"], max_length=32,
+                                     description="Name patterns of the linear layers to adapt (attention: wq wk wv wo; MLP: w1 w2 w3).")
+    baseCheckpoint: str = Field("", max_length=4096, description="Base weights: a checkpoint folder of this trainer or a Hugging Face model folder; empty means the random init of the seed.")
+
+
+class Data(Model):
+    path: str = Field("", max_length=4096, description="Token shards (a folder of .bin files of uint16/uint32 tokens) or a text file; empty means a small synthetic corpus.")
+    seqLen: int = Field(128, ge=8, le=1048576, description="Tokens per sample.")
+    globalBatchSize: int = Field(8, ge=1, le=1048576, description="Samples per optimizer step over all data-parallel ranks.")
+    microBatchSize: int = Field(1, ge=1, le=65536, description="Samples per forward pass on one rank; gradient accumulation makes up the rest.")
+
+
+class Optimizer(Model):
+    lr: float = Field(3e-4, gt=0, le=10, description="Peak learning rate (AdamW).")
+    minLr: float = Field(3e-5, ge=0, le=10, description="Learning rate at the end of the cosine decay.")
+    warmupSteps: int = Field(10, ge=0, le=10_000_000, description="Linear warm-up steps.")
+    weightDecay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
+    gradClip: float = Field(1.0, ge=0, le=1000, description="Gradient-norm clipping; 0 disables it.")
+
+
+class Training(Model):
+    steps: int = Field(100, ge=1, le=100_000_000, description="Optimizer steps in all.")
+    seed: int = Field(1234, ge=0, le=2**31 - 1, description="Seed for weight init and data order (the same for any layout).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 mixed precision keeps fp32 master weights and reductions; CPU runs use fp32.")
+    logEverySteps: int = Field(1, ge=1, le=1_000_000, description="Log and update metrics every N steps.")
+
+
+class Checkpoint(Model):
+    path: str = Field("/checkpoints", max_length=1024, description="Checkpoint folder inside the pod (also used as-is under plain torchrun).")
+    claimName: str = Field("", max_length=253, description="A PersistentVolumeClaim mounted at path; empty means an emptyDir (lost with the pods: use a claim on real clusters).")
+    intervalSteps: int = Field(50, ge=1, le=100_000_000, description="Checkpoint every N steps.")
+    keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted after a newer one is committed.")
+    asyncSave: bool = Field(False, alias="async", description="Save in the background while training continues.")
+
+
+class FailurePolicy(Model):
+    maxFailures: int = Field(3, ge=0, le=10000, description="Failed attempts (a non-zero exit without a disruption, OOMKilled) before the job fails for good.")
+    maxPreemptions: int | None = Field(None, ge=0, le=1_000_000, description="Preemptions before the job fails; unbounded when absent.")
+    retryableExitCodes: list[int] = Field(default_factory=list, max_length=64, description="Exit codes that restart the gang without counting as failures.")
+    nonRetryableExitCodes: list[int] = Field(default_factory=lambda: [85], max_length=64, description="Exit codes that fail the job at once (85: the trainer's permanent error, e.g. a bad config).")
+    failureSettleSeconds: int = Field(5, ge=0, le=600, description="After a rank fails, how long to look for a disruption signal (node loss, eviction) that makes it a preemption instead.")
+
+
+class Preemption(Model):
+    noticeTaints: list[str] = Field(default_factory=lambda: list(DEFAULT_NOTICE_TAINTS), max_length=64,
+                                    description="Node taint keys announcing an imminent reclaim (GKE, AWS node-termination-handler, Karpenter, cluster-autoscaler).")
+    checkpointOnNotice: bool = Field(True, description="Ask the trainer for a checkpoint as soon as a node running the job gets a notice taint.")
+
+
+class Toleration(Model):
+    key: str = Field("", max_length=316)
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str = Field("", max_length=63)
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    tolerationSeconds: int | None = None
+
+
+class Scheduling(Model):
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels every pod must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations, e.g. for tainted spot nodes.")
+    affinity: dict | None = Field(None, description="A pod affinity (core/v1 Affinity), passed through as-is.",
+                                  json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    priorityClassName: str = Field("", max_length=253)
+    schedulerName: str = Field("", max_length=253, description="Empty: the default scheduler.")
+    queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.")
+    startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this; otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
+
+
+class EnvVar(Model):
+    name: str = Field(max_length=256)
+    value: str = Field("", max_length=32768)
+
+
+class Template(Model):
+    """A small escape hatch into the pod template."""
+
+    command: list[str] = Field(default_factory=list, max_length=256, description="Overrides the container command (default: torchrun with the trainer).")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
+    volumes: list[dict] = Field(default_factory=list, max_length=64, description="Extra pod volumes (core/v1 Volume).",
+                                json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+    volumeMounts: list[dict] = Field(default_factory=list, max_length=64, description="Extra container volume mounts (core/v1 VolumeMount).",
+                                     json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+    terminationGracePeriodSeconds: int = Field(60, ge=0, le=3600, description="Time for an emergency checkpoint after SIGTERM.")
+
+
+class Resources(Model):
+    requests: dict[str, str] = Field(default_factory=dict, description="Per pod, e.g. {cpu: '8', memory: 64Gi, nvidia.com/gpu: '8'}.")
+    limits: dict[str, str] = Field(default_factory=dict)
+
+
+_SPEC_RULES = _rules(
+    ("self.parallelism.data * self.parallelism.tensor * self.parallelism.pipeline == self.nodes * self.nprocPerNode",
+     "parallelism.data x parallelism.tensor x parallelism.pipeline must equal nodes x nprocPerNode", ".parallelism"),
+    ("(has(self.model.layers) ? self.model.layers : (self.model.preset == 'custom' ? 1 : "
+     "{'tiny': 4, 'small': 8, 'llama3-1b': 16, 'llama3-8b': 32, 'llama3-70b': 80}[self.model.preset])) "
+     "% (self.parallelism.pipelineSchedule == 'Interleaved1F1B' ? 2 * self.parallelism.pipeline : self.parallelism.pipeline) == 0",
+     "model.layers must be divisible by parallelism.pipeline (times 2 for Interleaved1F1B)", ".model"),
+    ("(has(self.model.heads) ? self.model.heads : (self.model.preset == 'custom' ? 1 : "
+     "{'tiny': 4, 'small': 8, 'llama3-1b': 32, 'llama3-8b': 32, 'llama3-70b': 64}[self.model.preset])) % self.parallelism.tensor == 0",
+     "model.heads must be divisible by parallelism.tensor", ".model"),
+    ("(has(self.model.kvHeads) ? self.model.kvHeads : (self.model.preset == 'custom' ? 1 : "
+     "{'tiny': 2, 'small': 4, 'llama3-1b': 8, 'llama3-8b': 8, 'llama3-70b': 8}[self.model.preset])) % self.parallelism.tensor == 0",
+     "model.kvHeads must be divisible by parallelism.tensor", ".model"),
+    ("!has(self.model.heads) || !has(self.model.kvHeads) || self.model.heads % self.model.kvHeads == 0",
+     "model.heads must be divisible by model.kvHeads", ".model"),
+    ("self.model.preset != 'custom' || (has(self.model.dim) && has(self.model.layers) && has(self.model.heads) && "
+     "has(self.model.kvHeads) && has(self.model.vocabSize) && has(self.model.ffnDim) && has(self.model.maxSeqLen))",
+     "model.preset 'custom' needs model.dim, layers, heads, kvHeads, vocabSize, ffnDim and maxSeqLen", ".model"),
+    ("!has(self.model.moe) || self.model.moe.experts % self.parallelism.expert == 0",
+     "model.moe.experts must be divisible by parallelism.expert", ".parallelism.expert"),
+    ("self.parallelism.expert == 1 || (has(self.model.moe) && (self.parallelism.data * self.parallelism.tensor) % self.parallelism.expert == 0)",
+     "parallelism.expert needs model.moe and must divide parallelism.data x parallelism.tensor", ".parallelism.expert"),
+    ("!has(self.model.moe) || self.model.moe.topK <= self.model.moe.experts",
+     "model.moe.topK must not exceed model.moe.experts", ".model.moe.topK"),
+    ("self.data.globalBatchSize % (self.parallelism.data * self.data.microBatchSize) == 0",
+     "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize", ".data.globalBatchSize"),
+    ("self.optimizer.minLr <= self.optimizer.lr", "optimizer.minLr must not exceed optimizer.lr", ".optimizer.minLr"),
+    ("self.optimizer.warmupSteps <= self.training.steps", "optimizer.warmupSteps must not exceed training.steps", ".optimizer.warmupSteps"),
+    ("self.data.seqLen <= (has(self.model.maxSeqLen) ? self.model.maxSeqLen : (self.model.preset == 'custom' ? 1048576 : "
+     "{'tiny': 128, 'small': 512, 'llama3-1b': 8192, 'llama3-8b': 8192, 'llama3-70b': 8192}[self.model.preset]))",
+     "data.seqLen must not exceed model.maxSeqLen", ".data.seqLen"),
+    ("!self.failurePolicy.retryableExitCodes.exists(c, c in self.failurePolicy.nonRetryableExitCodes)",
+     "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),
+)
+
+# Training fields are fixed while the job runs; change them while suspended.
+_IMMUTABLE = ["image", "nodes", "nprocPerNode", "parallelism", "model", "data", "optimizer", "training", "checkpoint"]
+_SPEC_RULES["x-kubernetes-validations"].append({
+    "rule": "oldSelf.suspend || (" + " && ".join(f"self.{f} == oldSelf.{f}" for f in _IMMUTABLE)
+            + " && has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora))",
+    "message": "image, nodes, nprocPerNode, parallelism, model, lora, data, optimizer, training and checkpoint "
+               "are immutable while the job runs; set suspend: true first, then change them",
+})
+
+
+class PretrainJobSpec(Model):
+    """What to train, on how many pods, and how to survive preemption."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_SPEC_RULES)
+
+    suspend: bool = Field(False, description="true: checkpoint, remove the pods, phase Suspended. false again: resume from the latest checkpoint as a new attempt (Kueue-style).")
+    image: str = Field("ghcr.io/pretrain-operator/trainer:0.1.0", max_length=1024, description="Trainer image.")
+    nodes: int = Field(1, ge=1, le=10000, description="Pods in the gang (torchrun nodes), one per machine.")
+    nprocPerNode: int = Field(1, ge=1, le=64, description="Processes (ranks) per pod, usually its GPU count.")
+    resources: Resources = Field(default_factory=Resources, description="Resources of each pod.")
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    lora: LoRA | None = Field(None, description="Fine-tune with LoRA adapters; absent for full training.")
+    data: Data = Field(default_factory=Data)
+    optimizer: Optimizer = Field(default_factory=Optimizer)
+    training: Training = Field(default_factory=Training)
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint)
+    failurePolicy: FailurePolicy = Field(default_factory=FailurePolicy)
+    preemption: Preemption = Field(default_factory=Preemption)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
+    ttlSecondsAfterFinished: int | None = Field(None, ge=0, le=31_536_000, description="Delete the job this long after it Succeeded or Failed.")
+    template: Template = Field(default_factory=Template)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.nprocPerNode
+
+
+# ---- status --------------------------------------------------------------------------------------
+Phase = Literal["Pending", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+
+
+class Condition(Model):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: str = ""
+    observedGeneration: int = 0
+
+
+class CheckpointRef(Model):
+    step: int = 0
+    path: str = ""
+    time: str = ""
+
+
+class Progress(Model):
+    step: int = 0
+    totalSteps: int = 0
+    loss: float | None = None
+    tokensPerSecond: float | None = None
+    updated: str = ""
+
+
+class Restart(Model):
+    """Intent recorded before acting: which attempt is being replaced, and why."""
+
+    fromAttempt: int = 0
+    kind: Literal["Preemption", "Failure", "StartTimeout", "Resume", "Retryable"] = "Preemption"
+    reason: str = ""
+    message: str = ""
+    requestedAt: str = ""
+
+
+class PretrainJobStatus(Model):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    phase: Phase = "Pending"
+    conditions: list[Condition] = Field(default_factory=list)
+    attempt: int = 0
+    failures: int = 0
+    preemptions: int = 0
+    readyNodes: str = "0/0"
+    lastCheckpoint: CheckpointRef | None = None
+    progress: Progress | None = None
+    restart: Restart | None = None
+    attemptStartTime: str = ""
+    startTime: str = ""
+    completionTime: str = ""
+    observedGeneration: int = 0
+    checkpointRequestedAt: str = ""
+    message: str = ""
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Ready", "type": "string", "jsonPath": ".status.readyNodes"},
+    {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
+    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
+    {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step"},
+    {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
+    {"name": "Failures", "type": "integer", "jsonPath": ".status.failures"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
