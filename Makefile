@@ -6,6 +6,7 @@
 #   make test          the whole test suite, against the real local cluster
 #   make cluster-up    start the local cluster (state in .local-cluster/, kubeconfig inside)
 #   make cluster-down  stop it and remove its state
+#   make run-operator  run the operator against the local cluster (applies the CRD first)
 #   make bench         benchmarks (bench/), printed as ratios against a baseline of the same run
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ EXTRAS ?= operator,cluster,test
 STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')-$(shell sha1sum pyproject.toml | cut -c1-10)
 PYTEST_ARGS ?=
 
-.PHONY: venv binaries demo test cluster-up cluster-down cluster-status bench help
+.PHONY: venv binaries demo test cluster-up cluster-down cluster-status bench help run-operator
 
 help:
 	@sed -n '1,12p' Makefile
@@ -41,6 +42,11 @@ cluster-down: venv
 
 cluster-status: venv
 	hack/local-cluster status
+
+run-operator: cluster-up
+	$(PY) -m pretrain_operator.crdgen > /dev/null
+	hack/kubectl apply --server-side -f crds/
+	KUBECONFIG=$(CURDIR)/.local-cluster/kubeconfig $(PY) -m pretrain_operator
 
 demo: venv binaries
 	hack/demo

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 import uuid
 
 import pytest
 from kubernetes import client, config
 
-from pretrain_localcluster.config import ClusterConfig
+from pretrain_localcluster import binaries
+from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
+from tests.operator_fixture import OperatorProcess
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +62,30 @@ def namespace(request, core) -> str:
     except client.ApiException:
         pass
 
+
+
+@pytest.fixture(scope="session")
+def crd(cluster):
+    """The generated CRD, applied server-side as `make run-operator` does."""
+    r = subprocess.run([str(binaries.locate(["kubectl"])["kubectl"]), "--kubeconfig", str(cluster.cfg.kubeconfig),
+                        "apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ext = client.ApiextensionsV1Api(config.new_client_from_config(config_file=str(cluster.cfg.kubeconfig)))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        crd = ext.read_custom_resource_definition("pretrainjobs.pretrain.dev")
+        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
+            break
+        time.sleep(0.2)
+    time.sleep(1)  # discovery
+    return "pretrainjobs.pretrain.dev"
+
+
+@pytest.fixture(scope="session")
+def operator(cluster, crd, tmp_path_factory):
+    """The operator, running as a process for the whole session (tests may stop and restart it)."""
+    op = OperatorProcess(cluster.cfg.kubeconfig, tmp_path_factory.mktemp("operator"))
+    op.start()
+    yield op
+    op.stop()

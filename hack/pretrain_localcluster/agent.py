@@ -385,6 +385,8 @@ class PodWorker(threading.Thread):
             "argv": cmd, "env": env, "workingDir": c.spec.get("workingDir") or "/",
             "uid": uid, "gid": gid, "groups": groups,
             "memoryLimitBytes": int(podspec.quantity(limit)) if limit else None,
+            # The interpreter behind the virtualenv may live under /root: non-root containers need a way in.
+            "searchable": [os.path.realpath(sys.executable), str(Path(sys.prefix) / "bin" / "x")],
         }
         (run_dir / "spec.json").write_text(json.dumps(spec))
         proc = subprocess.Popen([sys.executable, "-m", "pretrain_localcluster.shim", str(run_dir / "spec.json")],

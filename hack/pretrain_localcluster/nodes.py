@@ -111,7 +111,8 @@ def start_agent(cluster, state: dict, log=print) -> None:
         f"{x['name']} ({'spot' if x['spot'] else 'on-demand'})" for x in nodes))
 
 
-def add_node(state_dir: Path, spot: bool = False, taints: list[str] | None = None, wait: bool = True) -> str:
+def add_node(state_dir: Path, spot: bool = False, taints: list[str] | None = None, wait: bool = True,
+             labels: dict[str, str] | None = None) -> str:
     with _locked_nodes(state_dir) as nodes:
         prefix = "spot" if spot else "ondemand"
         used = {n["name"] for n in nodes}
@@ -122,7 +123,7 @@ def add_node(state_dir: Path, spot: bool = False, taints: list[str] | None = Non
         name = f"{prefix}-{i}"
         nodes.append({"name": name, "spot": spot, "cpu": template.get("cpu", "8"), "memory": template.get("memory", "16Gi"),
                       "gpus": template.get("gpus", 0), "status": "active",
-                      "taints": [parse_taint(t) for t in taints or []]})
+                      "taints": [parse_taint(t) for t in taints or []], "labels": labels or {}})
     if wait:
         wait_nodes_ready(admin_kube(state_dir), [name])
     return name

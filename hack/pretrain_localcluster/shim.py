@@ -121,7 +121,26 @@ def enter_pod(spec: dict) -> str:
         mount(m["source"], target, None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    if spec.get("uid") not in (None, 0):
+        for exe in spec.get("searchable", []):
+            searchable(root, exe)
     return root
+
+
+def searchable(root: str, path: str) -> None:
+    """Let a non-root container reach `path` (the interpreter it is told to use, e.g. under
+    /root/.pyenv): add search permission to its ancestors. The change lands in the overlay's
+    upper layer only; the host's directories keep their modes."""
+    parts = [p for p in os.path.dirname(path).split("/") if p]
+    cur = root
+    for p in parts:
+        cur = os.path.join(cur, p)
+        try:
+            st = os.stat(cur)
+            if not st.st_mode & 0o001:
+                os.chmod(cur, st.st_mode | 0o005)
+        except OSError:
+            return
 
 
 def memory_cgroup(spec: dict) -> Path | None:

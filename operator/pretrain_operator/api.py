@@ -331,7 +331,9 @@ class PretrainJobStatus(Model):
     startTime: str = ""
     completionTime: str = ""
     observedGeneration: int = 0
-    checkpointRequestedAt: str = ""
+    checkpointRequestedAt: str = Field("", description="<attempt>@<time> of the last checkpoint request on a termination notice.")
+    gangCreated: bool = Field(False, description="Every pod of the current attempt has been created (a missing one since is a preemption).")
+    failureSeenAt: str = Field("", description="When a rank's failure was first seen (failurePolicy.failureSettleSeconds runs from it).")
     message: str = ""
 
 

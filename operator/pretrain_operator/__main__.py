@@ -1,0 +1,48 @@
+"""Run the operator:
+
+    python -m pretrain_operator [--namespace NS ...] [--workers N] [--metrics-port P]
+    pretrain-operator ...          # the same, as a console script
+    make run-operator              # against the local cluster
+
+Reads the in-cluster config, else the kubeconfig ($KUBECONFIG). Settings: OperatorSettings
+(settings.py), from PRETRAIN_OPERATOR_* environment variables and these flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+import kopf
+
+from . import handlers
+from .settings import OperatorSettings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pretrain-operator", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--namespace", "-n", action="append", dest="namespaces", help="watch only these (repeatable)")
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--metrics-port", type=int)
+    ap.add_argument("--health-port", type=int)
+    ap.add_argument("--lease-namespace")
+    ap.add_argument("--verbose", "-v", action="store_true")
+    a = ap.parse_args(argv)
+    s = OperatorSettings.from_env(namespaces=a.namespaces, workers=a.workers, metrics_port=a.metrics_port,
+                                  health_port=a.health_port, lease_namespace=a.lease_namespace)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not a.verbose:
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
+    handlers.STATE["settings"] = s
+    liveness = f"http://0.0.0.0:{s.health_port}/healthz" if s.health_port else None
+    asyncio.run(kopf.operator(standalone=True, clusterwide=not s.namespaces, namespaces=s.namespaces or (),
+                              liveness_endpoint=liveness))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""How a pod of the current attempt ended, and what that means for the attempt. Pure functions.
+
+Preemption (not the user's fault; never spends maxFailures): a DisruptionTarget condition of any
+reason, the pod deleted by anyone but the operator, its node deleted, NotReady or unreachable, a
+termination-notice taint on its node, or the trainer's EXIT_PREEMPTED (it checkpointed on notice).
+Failure: a non-zero exit without any of those, OOMKilled. Permanent: a non-retryable exit code.
+Success: every rank exited 0. A preemption anywhere in the gang makes the whole attempt a
+preemption: the surviving ranks crash when a peer vanishes, and that is not their fault.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import api, contract as c
+
+RUNNING, SUCCESS, PREEMPTION, FAILURE, PERMANENT, RETRYABLE = (
+    "Running", "Success", "Preemption", "Failure", "Permanent", "Retryable")
+# Which outcome wins when ranks disagree.
+_PRIORITY = [PREEMPTION, PERMANENT, FAILURE, RETRYABLE, RUNNING, SUCCESS]
+
+
+@dataclass(frozen=True)
+class End:
+    outcome: str
+    reason: str = ""
+    message: str = ""
+    pod: str = ""
+
+
+def _cond(obj: dict, ctype: str) -> dict | None:
+    return next((x for x in (obj.get("status") or {}).get("conditions") or [] if x.get("type") == ctype), None)
+
+
+def node_problem(node: dict | None, node_name: str | None, notice_taints: list[str]) -> tuple[str, str] | None:
+    """(reason, message) when the node is gone, not ready, unreachable or under a reclaim notice."""
+    if not node_name:
+        return None
+    if node is None:
+        return "NodeDeleted", f"node {node_name} was deleted"
+    for t in (node.get("spec") or {}).get("taints") or []:
+        if t.get("key") in notice_taints:
+            return "TerminationNotice", f"node {node_name} has termination-notice taint {t['key']}"
+        if t.get("key") in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready") and t.get("effect") == "NoExecute":
+            return "NodeNotReady", f"node {node_name} is {t['key'].split('/')[1]}"
+    ready = _cond(node, "Ready")
+    if ready is not None and ready.get("status") != "True":
+        return "NodeNotReady", f"node {node_name} is NotReady ({ready.get('reason', '')})"
+    return None
+
+
+def terminated(pod: dict) -> dict | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        t = (cs.get("state") or {}).get("terminated")
+        if t:
+            return t
+    return None
+
+
+def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.PretrainJobSpec) -> End:
+    fp = spec.failurePolicy
+    if pod is None:
+        return End(PREEMPTION, "PodDeleted", f"pod {name} was deleted by someone other than the operator", name)
+    dt = _cond(pod, "DisruptionTarget")
+    if dt and dt.get("status") == "True":
+        return End(PREEMPTION, dt.get("reason") or "DisruptionTarget", dt.get("message") or f"pod {name} was disrupted", name)
+    if pod["metadata"].get("deletionTimestamp"):
+        return End(PREEMPTION, "PodDeleted", f"pod {name} is being deleted by someone other than the operator", name)
+    node_name = (pod.get("spec") or {}).get("nodeName")
+    prob = node_problem(node, node_name, spec.preemption.noticeTaints)
+    t = terminated(pod)
+    phase = (pod.get("status") or {}).get("phase")
+    if prob and prob[0] != "TerminationNotice":
+        return End(PREEMPTION, prob[0], prob[1], name)
+    if t is None and phase not in ("Failed", "Succeeded"):
+        return End(RUNNING, pod=name)
+    code = t.get("exitCode", 1) if t else 1
+    if code == c.EXIT_SUCCESS and phase != "Failed":
+        return End(SUCCESS, pod=name)
+    if code == c.EXIT_PREEMPTED:
+        return End(PREEMPTION, "CheckpointedOnNotice", f"pod {name} checkpointed and stopped (exit {code})", name)
+    if prob:  # a termination notice: whatever ended the pod, the node was going away
+        return End(PREEMPTION, prob[0], prob[1], name)
+    if code in fp.nonRetryableExitCodes:
+        return End(PERMANENT, "NonRetryableExitCode", f"pod {name} exited with non-retryable code {code}", name)
+    if code in fp.retryableExitCodes:
+        return End(RETRYABLE, "RetryableExitCode", f"pod {name} exited with retryable code {code}", name)
+    reason = (t or {}).get("reason") or "Error"
+    if reason == "OOMKilled":
+        return End(FAILURE, "OOMKilled", f"pod {name} ran out of memory (OOMKilled)", name)
+    return End(FAILURE, "ExitCode", f"pod {name} exited with code {code} ({reason})", name)
+
+
+def classify_attempt(ends: list[End]) -> End:
+    """The attempt's outcome from its ranks' (the most severe by _PRIORITY; SUCCESS only if all)."""
+    if not ends:
+        return End(RUNNING)
+    return min(ends, key=lambda e: _PRIORITY.index(e.outcome))

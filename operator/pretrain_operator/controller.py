@@ -1,0 +1,322 @@
+"""The reconcile loop's I/O: observe a job and its children, `reconcile.decide`, write the status
+(once, and first: the intent is on record before any child is touched), act, emit Events.
+
+Workers take job keys from a WorkQueue fed by watch events (jobs, their pods, nodes) and by
+requeues; only the leader acts. Every action is idempotent by deterministic names, so a killed
+operator resumes where it stopped (tests/test_operator_crash.py kills it between the writes).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+from kubernetes import client
+from pydantic import ValidationError
+
+from . import api, contract as c, metrics, reconcile, render
+from .settings import OperatorSettings
+from .workqueue import WorkQueue
+
+log = logging.getLogger("pretrain_operator")
+
+
+class Controller:
+    def __init__(self, api_client: client.ApiClient, settings: OperatorSettings, leader=None):
+        self.api = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.settings = settings
+        self.queue = WorkQueue()
+        self.leader = leader
+        self.nodes: dict[str, dict] = {}          # node cache, fed by the node watch
+        self.node_jobs: dict[str, set] = {}       # node name -> job keys with pods there
+        self.pool = ThreadPoolExecutor(max_workers=max(settings.workers, 8), thread_name_prefix="create")
+        self.stopped = threading.Event()
+        self.last_progress: dict = {}
+        self.phases: dict = {}
+        self.restart_seen: dict = {}
+
+    # ---- inputs from the watches ------------------------------------------------------------------
+    def on_node(self, node: dict, deleted: bool) -> None:
+        name = node["metadata"]["name"]
+        if deleted:
+            self.nodes.pop(name, None)
+        else:
+            self.nodes[name] = node
+        for key in list(self.node_jobs.get(name, ())):
+            self.queue.add(key)
+
+    def on_pod(self, pod: dict) -> None:
+        job = (pod["metadata"].get("labels") or {}).get(c.LABEL_JOB)
+        if not job:
+            return
+        key = (pod["metadata"]["namespace"], job)
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            self.node_jobs.setdefault(node, set()).add(key)
+        self.queue.add(key)
+
+    # ---- workers ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        for i in range(self.settings.workers):
+            threading.Thread(target=self._worker, daemon=True, name=f"reconcile-{i}").start()
+
+    def _worker(self) -> None:
+        while not self.stopped.is_set():
+            key = self.queue.get(timeout=1.0)
+            if key is None:
+                continue
+            try:
+                if self.leader is not None and not self.leader.is_leader.is_set():
+                    self.queue.add(key, delay=1.0)  # not ours to act on; look again when we lead
+                    continue
+                t0 = time.monotonic()
+                delay = self.reconcile(*key)
+                metrics.RECONCILE_SECONDS.observe(time.monotonic() - t0)
+                metrics.RECONCILES.labels("ok").inc()
+                self.queue.add(key, delay=delay if delay is not None else self.settings.resync_s)
+            except client.ApiException as e:
+                # Conflicts and API hiccups are retried shortly; the next pass re-observes everything.
+                metrics.RECONCILES.labels("error").inc()
+                log.warning("reconcile %s/%s: %s %s", key[0], key[1], e.status, e.reason)
+                self.queue.add(key, delay=1.0)
+            except Exception:  # noqa: BLE001
+                metrics.RECONCILES.labels("error").inc()
+                log.exception("reconcile %s/%s failed", *key)
+                self.queue.add(key, delay=2.0)
+            finally:
+                self.queue.done(key)
+
+    # ---- one reconcile --------------------------------------------------------------------------------
+    def reconcile(self, ns: str, name: str) -> float | None:
+        # Observe.
+        try:
+            job = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name)
+        except client.ApiException as e:
+            if e.status == 404:
+                self.phases.pop((ns, name), None)
+                self._update_phase_gauge()
+                return None  # deleted: ownerReferences garbage-collect the children
+            raise
+        if job["metadata"].get("deletionTimestamp"):
+            return None
+        try:
+            spec = api.PretrainJobSpec.model_validate(job.get("spec") or {})
+        except ValidationError as e:
+            # The CRD schema admits only valid specs; this means a newer CRD than this operator. Fail loudly, not forever.
+            log.error("%s/%s: spec not understood by this operator version: %s", ns, name, e)
+            return 60.0
+        uid = job["metadata"]["uid"]
+        pods = self.core.list_namespaced_pod(ns, label_selector=f"{c.LABEL_JOB_UID}={uid}")
+        pods = [self.api.sanitize_for_serialization(p) for p in pods.items]
+        nodes = {}
+        for p in pods:
+            nn = (p.get("spec") or {}).get("nodeName")
+            if nn and nn not in nodes:
+                nodes[nn] = self._node(nn)
+                self.node_jobs.setdefault(nn, set()).add((ns, name))
+        svc = self._get(lambda: self.core.read_namespaced_service(name, ns))
+        cm = self._get(lambda: self.core.read_namespaced_config_map(render.config_map_name(name), ns))
+        observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc is not None,
+                                      config_data=(cm.data or {}).get(c.CONFIG_FILE) if cm is not None else None,
+                                      now=dt.datetime.now(dt.timezone.utc))
+        # Decide.
+        plan = reconcile.decide(observed)
+        self._progress(job, plan, pods)
+        # Record (first).
+        if plan.status != (job.get("status") or {}):
+            self._write(lambda: self.custom.patch_namespaced_custom_object_status(
+                api.GROUP, api.VERSION, ns, api.PLURAL, name, {"status": _patchable(job.get("status") or {}, plan.status)}))
+        self._crash_point(plan.stage, "status")
+        # Act.
+        self._act(ns, job, plan)
+        # Tell.
+        for etype, reason, message in plan.events:
+            self._event(job, etype, reason, message)
+        self._observe_metrics(ns, name, job, plan)
+        return plan.requeue_after
+
+    def _act(self, ns: str, job: dict, plan: reconcile.Plan) -> None:
+        for pod_name, ann in plan.annotate_pods.items():
+            try:
+                self._write(lambda: self.core.patch_namespaced_pod(pod_name, ns, {"metadata": {"annotations": ann}}))
+                metrics.CHECKPOINT_REQUESTS.labels(next(iter(ann.values())).split("-")[0]).inc()
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+        for pod_name in plan.delete_pods:
+            try:
+                self._write(lambda: self.core.delete_namespaced_pod(pod_name, ns))
+                metrics.PODS_DELETED.inc()
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+        if plan.delete_pods:
+            self._crash_point(plan.stage, "deleted")
+        if plan.update_config is not None:
+            cm = plan.update_config
+            self._write(lambda: self.core.replace_namespaced_config_map(cm["metadata"]["name"], ns, cm))
+        # Shared children first, then the gang, created concurrently (all pods of an attempt together).
+        shared = [o for o in plan.create if o["kind"] != "Pod"]
+        pods = [o for o in plan.create if o["kind"] == "Pod"]
+        for obj in shared:
+            self._create(ns, obj)
+        if pods:
+            self._crash_point(plan.stage, "before-create")
+            list(self.pool.map(lambda o: self._create(ns, o), pods))
+        if plan.delete_job:
+            try:
+                self._write(lambda: self.custom.delete_namespaced_custom_object(
+                    api.GROUP, api.VERSION, ns, api.PLURAL, job["metadata"]["name"],
+                    body={"propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+
+    def _create(self, ns: str, obj: dict) -> None:
+        kind = obj["kind"]
+        fn = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
+              "ConfigMap": self.core.create_namespaced_config_map}[kind]
+        try:
+            self._write(lambda: fn(ns, obj))
+            if kind == "Pod":
+                metrics.PODS_CREATED.inc()
+        except client.ApiException as e:
+            if e.status != 409:
+                raise
+            # AlreadyExists is success only if it is ours (same controller uid): names are deterministic.
+            read = {"Pod": self.core.read_namespaced_pod, "Service": self.core.read_namespaced_service,
+                    "ConfigMap": self.core.read_namespaced_config_map}[kind]
+            existing = read(obj["metadata"]["name"], ns)
+            owners = [o.uid for o in existing.metadata.owner_references or []]
+            if obj["metadata"]["ownerReferences"][0]["uid"] not in owners:
+                raise RuntimeError(f"{kind} {ns}/{obj['metadata']['name']} exists and is not owned by this job")
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def _write(self, fn):
+        metrics.API_WRITES.inc()
+        return fn()
+
+    def _get(self, fn):
+        try:
+            return fn()
+        except client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _node(self, name: str) -> dict | None:
+        if name in self.nodes:
+            return self.nodes[name]
+        n = self._get(lambda: self.core.read_node(name))
+        return self.api.sanitize_for_serialization(n) if n is not None else None
+
+    def _event(self, job: dict, etype: str, reason: str, message: str) -> None:
+        now = dt.datetime.now(dt.timezone.utc)
+        md = job["metadata"]
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{md['name']}.", namespace=md["namespace"]),
+            involved_object=client.V1ObjectReference(api_version=f"{api.GROUP}/{api.VERSION}", kind=api.KIND,
+                                                     name=md["name"], namespace=md["namespace"], uid=md["uid"]),
+            reason=reason, message=message[:1024], type=etype, first_timestamp=now, last_timestamp=now, count=1,
+            source=client.V1EventSource(component="pretrain-operator"), reporting_component="pretrain-operator",
+            reporting_instance=os.environ.get("HOSTNAME", "local"))
+        try:
+            self._write(lambda: self.core.create_namespaced_event(md["namespace"], body))
+        except client.ApiException as e:
+            log.warning("event %s on %s: %s", reason, md["name"], e.reason)
+
+    def _progress(self, job: dict, plan: reconcile.Plan, pods: list[dict]) -> None:
+        """Mirror rank 0's training metrics into status.progress and status.lastCheckpoint."""
+        st = plan.status
+        if st.get("phase") != "Running":
+            return
+        key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        if time.monotonic() - self.last_progress.get(key, 0) < self.settings.progress_interval_s:
+            return
+        self.last_progress[key] = time.monotonic()
+        rank0 = next((p for p in pods if p["metadata"]["labels"].get(c.LABEL_NODE_RANK) == "0"
+                      and int(p["metadata"]["labels"].get(c.LABEL_ATTEMPT, 0)) == st.get("attempt")), None)
+        ip = ((rank0 or {}).get("status") or {}).get("podIP")
+        if not ip:
+            return
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{c.METRICS_PORT}/metrics", timeout=1.0) as r:
+                m = parse_metrics(r.read().decode())
+        except Exception:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
+            return
+        now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
+        if c.METRIC_STEP in m:
+            prog = {"step": int(m[c.METRIC_STEP]), "totalSteps": int(m.get(c.METRIC_TOTAL_STEPS, job["spec"]["training"]["steps"]))}
+            if c.METRIC_LOSS in m:
+                prog["loss"] = round(m[c.METRIC_LOSS], 4)
+            if c.METRIC_TOKENS_PER_SECOND in m:
+                prog["tokensPerSecond"] = round(m[c.METRIC_TOKENS_PER_SECOND], 1)
+            old = st.get("progress") or {}
+            if {k: v for k, v in old.items() if k != "updated"} != prog:
+                st["progress"] = {**prog, "updated": now}
+        if m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
+            step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])
+            if (st.get("lastCheckpoint") or {}).get("step") != step:
+                t = m.get(c.METRIC_LAST_CHECKPOINT_TIME)
+                st["lastCheckpoint"] = {"step": step, "path": f"{job['spec']['checkpoint']['path']}/step-{step:08d}",
+                                        "time": reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now}
+
+    def _observe_metrics(self, ns: str, name: str, job: dict, plan: reconcile.Plan) -> None:
+        st = plan.status
+        self.phases[(ns, name)] = st.get("phase", "Pending")
+        self._update_phase_gauge()
+        r = st.get("restart")
+        if r and self.restart_seen.get((ns, name)) != r.get("requestedAt"):
+            self.restart_seen[(ns, name)] = r.get("requestedAt")
+            if st.get("phase") == "Restarting":
+                metrics.RESTARTS.labels(r.get("kind", ""), r.get("reason", "")).inc()
+        if r and st.get("phase") == "Running" and (job.get("status") or {}).get("phase") != "Running":
+            started = reconcile.parse(r.get("requestedAt", ""))
+            if started:
+                metrics.RECOVERY_SECONDS.observe((dt.datetime.now(dt.timezone.utc) - started).total_seconds())
+
+    def _update_phase_gauge(self) -> None:
+        counts: dict[str, int] = {}
+        for ph in self.phases.values():
+            counts[ph] = counts.get(ph, 0) + 1
+        for ph in ("Pending", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"):
+            metrics.JOBS.labels(ph).set(counts.get(ph, 0))
+
+    def _crash_point(self, stage: str, when: str) -> None:
+        """Fault injection for tests: PRETRAIN_OPERATOR_CRASH_AT=<stage>:<when> exits the process there."""
+        if self.settings.crash_at and self.settings.crash_at == f"{stage}:{when}":
+            log.error("crash point %s reached: exiting (fault injection)", self.settings.crash_at)
+            logging.shutdown()
+            os._exit(17)
+
+
+def _patchable(old: dict, new: dict) -> dict:
+    """A merge patch from old to new status: removed keys become None."""
+    patch = copy.deepcopy(new)
+    for k in old:
+        if k not in new:
+            patch[k] = None
+    return patch
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition (what the trainer's contract uses)."""
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) >= 2 and "{" not in parts[0]:
+            try:
+                out[parts[0]] = float(parts[1])
+            except ValueError:
+                pass
+    return out

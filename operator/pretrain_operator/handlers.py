@@ -1,0 +1,83 @@
+"""kopf wiring: watch PretrainJobs, their pods and nodes, and feed the controller's work queue.
+
+Only low-level `on.event` handlers: kopf keeps no state on our objects (no annotations, no
+finalizers), so a converged job gets no writes, and deleting a job never waits for the operator.
+Leader election (a Lease) decides which operator acts.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+from kubernetes import client, config
+from prometheus_client import start_http_server
+
+from . import api, contract as c
+from .controller import Controller
+from .leader import LeaderElector
+from .settings import OperatorSettings
+
+log = logging.getLogger("pretrain_operator")
+STATE: dict = {}
+
+
+def api_client(settings: OperatorSettings) -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    cfg = client.Configuration.get_default_copy()
+    cfg.connection_pool_maxsize = settings.api_qps_pool
+    return client.ApiClient(cfg)
+
+
+def controller() -> Controller:
+    return STATE["controller"]
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_):
+    s: OperatorSettings = STATE["settings"]
+    # Our own prefixes from day one, in case change-detecting handlers are ever added.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.pretrain.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.pretrain.dev",
+                                                                            key="last-handled-configuration")
+    settings.persistence.finalizer = "pretrain.dev/kopf-finalizer"
+    settings.watching.server_timeout = s.watch_server_timeout_s
+    settings.watching.client_timeout = s.watch_client_timeout_s
+    settings.posting.enabled = False  # our Events are written by the controller, after the status
+    apic = api_client(s)
+    leader = LeaderElector(apic, s.lease_namespace, s.lease_name, s.lease_duration_s, s.lease_renew_s)
+    ctl = Controller(apic, s, leader)
+    STATE["controller"] = ctl
+    leader.start()
+    ctl.start()
+    if s.metrics_port:
+        start_http_server(s.metrics_port)
+    log.info("pretrain-operator started: %d workers, leader election on %s/%s", s.workers, s.lease_namespace, s.lease_name)
+
+
+@kopf.on.cleanup()
+def cleanup(**_):
+    ctl = STATE.get("controller")
+    if ctl:
+        ctl.stopped.set()
+        ctl.queue.close()
+        if ctl.leader:
+            ctl.leader.release()
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+def job_event(name, namespace, **_):
+    controller().queue.add((namespace, name))
+
+
+@kopf.on.event("", "v1", "pods", labels={c.LABEL_JOB: kopf.PRESENT})
+def pod_event(body, **_):
+    controller().on_pod(dict(body))
+
+
+@kopf.on.event("", "v1", "nodes")
+def node_event(body, type, **_):  # noqa: A002  (kopf's keyword)
+    controller().on_node(dict(body), deleted=type == "DELETED")

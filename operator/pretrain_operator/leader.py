@@ -1,0 +1,104 @@
+"""Leader election on a coordination.k8s.io Lease, so two operators never both act: only the
+holder reconciles; a stopped holder's Lease expires after lease_duration_s and another takes it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import threading
+import uuid
+
+from kubernetes import client
+
+from . import metrics
+
+log = logging.getLogger("pretrain_operator.leader")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class LeaderElector:
+    def __init__(self, api: client.ApiClient, namespace: str, name: str, duration_s: float, renew_s: float):
+        self.coord = client.CoordinationV1Api(api)
+        self.ns, self.name = namespace, name
+        self.duration_s, self.renew_s = duration_s, renew_s
+        self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.is_leader = threading.Event()
+        self.stopped = threading.Event()
+
+    def _try(self) -> bool:
+        now = _now()
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.duration_s),
+                "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+        try:
+            lease = self.coord.read_namespaced_lease(self.name, self.ns)
+        except client.ApiException as e:
+            if e.status != 404:
+                raise
+            body = {"metadata": {"name": self.name}, "spec": {**spec, "acquireTime": spec["renewTime"], "leaseTransitions": 0}}
+            try:
+                self.coord.create_namespaced_lease(self.ns, body)
+                return True
+            except client.ApiException as e2:
+                if e2.status == 409:
+                    return False
+                raise
+        holder = lease.spec.holder_identity
+        renew = lease.spec.renew_time
+        expired = renew is None or (now - renew).total_seconds() > (lease.spec.lease_duration_seconds or self.duration_s)
+        if holder != self.identity and not expired:
+            return False
+        lease.spec.holder_identity = self.identity
+        lease.spec.lease_duration_seconds = int(self.duration_s)
+        lease.spec.renew_time = now
+        if holder != self.identity:
+            lease.spec.acquire_time = now
+            lease.spec.lease_transitions = (lease.spec.lease_transitions or 0) + 1
+        try:
+            # The resourceVersion in the body makes this a compare-and-swap: a concurrent taker gets 409.
+            self.coord.replace_namespaced_lease(self.name, self.ns, lease)
+            return True
+        except client.ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                ok = self._try()
+            except Exception as e:  # noqa: BLE001  (an API hiccup: keep what we had until it expires)
+                log.warning("leader election: %s", e)
+                ok = self.is_leader.is_set()
+            if ok and not self.is_leader.is_set():
+                log.info("became the leader (%s)", self.identity)
+                self.is_leader.set()
+            elif not ok and self.is_leader.is_set():
+                log.warning("lost the leader Lease")
+                self.is_leader.clear()
+            metrics.IS_LEADER.set(1 if ok else 0)
+            self.stopped.wait(self.renew_s)
+
+    def release(self) -> None:
+        """On a clean shutdown: hand the Lease back at once instead of letting it expire."""
+        self.stopped.set()
+        if not self.is_leader.is_set():
+            return
+        try:
+            lease = self.coord.read_namespaced_lease(self.name, self.ns)
+            if lease.spec.holder_identity == self.identity:
+                lease.spec.holder_identity = ""
+                lease.spec.renew_time = _now() - dt.timedelta(hours=1)
+                self.coord.replace_namespaced_lease(self.name, self.ns, lease)
+        except Exception as e:  # noqa: BLE001  (it expires anyway)
+            log.warning("releasing the Lease: %s", e)
+        self.is_leader.clear()
+
+    def start(self) -> threading.Thread:
+        t = threading.Thread(target=self.run, daemon=True, name="leader-election")
+        t.start()
+        return t

@@ -1,0 +1,286 @@
+"""Reconcile a PretrainJob: observe -> decide -> act -> record. This module is `decide`, a pure
+function from what was observed to a Plan; `handlers.py` observes, writes the status (first, so
+the intent is on record before any child is touched), acts, then emits the events.
+
+The state machine (docs/preemption.md draws it):
+
+    Pending -> Starting -> Running -> Succeeded
+                  ^           |-> (preemption | failure | retryable | start timeout)
+                  |           v
+                  +------ Restarting   (attempt + 1 recorded, old pods deleted and gone, new gang)
+    any -> Suspended (suspend: true) -> Starting (resume: a new attempt)
+    any -> Failed (failures > maxFailures, preemptions > maxPreemptions, a non-retryable exit)
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from dataclasses import dataclass, field
+
+from . import api, classify, contract as c, render
+
+TERMINAL = ("Succeeded", "Failed")
+
+
+def iso(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse(ts: str) -> dt.datetime | None:
+    if not ts:
+        return None
+    return dt.datetime.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass
+class Observed:
+    job: dict
+    spec: api.PretrainJobSpec
+    pods: list[dict]                     # every pod owned by the job (all attempts)
+    nodes: dict[str, dict | None]        # node name -> Node (None when it no longer exists)
+    service_exists: bool
+    config_data: str | None              # the ConfigMap's config.yaml, None when missing
+    now: dt.datetime
+
+
+@dataclass
+class Plan:
+    status: dict
+    create: list[dict] = field(default_factory=list)
+    update_config: dict | None = None
+    delete_pods: list[str] = field(default_factory=list)
+    annotate_pods: dict[str, dict[str, str]] = field(default_factory=dict)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    delete_job: bool = False
+    requeue_after: float | None = None
+    # Which write-point a restart passes, for the kill-the-operator tests (see handlers.CRASH_AT).
+    stage: str = ""
+
+
+def attempt_of(pod: dict) -> int:
+    return int(pod["metadata"]["labels"].get(c.LABEL_ATTEMPT, "0"))
+
+
+def set_condition(status: dict, ctype: str, ok: bool, reason: str, message: str, now: str, generation: int) -> None:
+    conds = status.setdefault("conditions", [])
+    want = "True" if ok else "False"
+    for cond in conds:
+        if cond["type"] == ctype:
+            if cond["status"] != want:
+                cond["lastTransitionTime"] = now
+            cond.update(status=want, reason=reason, message=message, observedGeneration=generation)
+            return
+    conds.append({"type": ctype, "status": want, "reason": reason, "message": message,
+                  "lastTransitionTime": now, "observedGeneration": generation})
+
+
+def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
+    status["phase"] = phase
+    status["message"] = message
+    set_condition(status, "Running", phase == "Running", reason if phase == "Running" else phase, message if phase == "Running" else "", now, gen)
+    set_condition(status, "Restarting", phase == "Restarting", reason if phase == "Restarting" else "NotRestarting",
+                  message if phase == "Restarting" else "", now, gen)
+    set_condition(status, "Suspended", phase == "Suspended", "JobSuspended" if phase == "Suspended" else "NotSuspended",
+                  message if phase == "Suspended" else "", now, gen)
+    if phase in TERMINAL:
+        set_condition(status, phase, True, reason, message, now, gen)
+
+
+def decide(o: Observed) -> Plan:
+    job, spec = o.job, o.spec
+    name = job["metadata"]["name"]
+    gen = job["metadata"].get("generation", 0)
+    now = iso(o.now)
+    status = copy.deepcopy(job.get("status") or {})
+    status.setdefault("attempt", 0)
+    status.setdefault("failures", 0)
+    status.setdefault("preemptions", 0)
+    status.setdefault("phase", "Pending")
+    status["observedGeneration"] = gen
+    plan = Plan(status=status)
+    attempt = status["attempt"]
+    by_name = {p["metadata"]["name"]: p for p in o.pods}
+    current = [p for p in o.pods if attempt_of(p) == attempt]
+    old = [p for p in o.pods if attempt_of(p) != attempt]
+
+    # 1. Terminal: sticky. Failed jobs hold no pods; TTL deletes the job.
+    if status["phase"] in TERMINAL:
+        if status["phase"] == "Failed":
+            plan.delete_pods = [p["metadata"]["name"] for p in o.pods if not p["metadata"].get("deletionTimestamp")]
+        status["readyNodes"] = f"0/{spec.nodes}"
+        if spec.ttlSecondsAfterFinished is not None and status.get("completionTime"):
+            due = parse(status["completionTime"]) + dt.timedelta(seconds=spec.ttlSecondsAfterFinished)
+            if o.now >= due:
+                plan.delete_job = True
+            else:
+                plan.requeue_after = (due - o.now).total_seconds()
+        return plan
+
+    # 2. Shared children exist (idempotent creates; the config follows the spec between attempts).
+    if not o.service_exists:
+        plan.create.append(render.service(job))
+    want_config = render.trainer_config(spec)
+    if o.config_data is None:
+        plan.create.append(render.config_map(job, spec))
+    elif o.config_data != want_config and not current:
+        plan.update_config = render.config_map(job, spec)
+
+    # 3. Suspend: ask for a checkpoint, remove the pods (SIGTERM gives the trainer its grace period).
+    if spec.suspend:
+        live = [p for p in o.pods if not p["metadata"].get("deletionTimestamp")]
+        if status["phase"] != "Suspended":
+            _phase(status, "Suspended", "JobSuspended", "suspended: pods removed after a checkpoint request", now, gen)
+            plan.events.append(("Normal", "Suspended", f"suspending attempt {attempt}: checkpoint requested, pods removed"))
+        for p in live:
+            if c.ANN_CHECKPOINT_REQUEST not in (p["metadata"].get("annotations") or {}):
+                plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
+        plan.delete_pods = [p["metadata"]["name"] for p in live]
+        status["readyNodes"] = f"0/{spec.nodes}"
+        return plan
+    if status["phase"] == "Suspended":
+        # Resume: a new attempt, from the latest checkpoint; counts as neither failure nor preemption.
+        return _restart(plan, o, "Resume", "Resumed", "resumed from suspension", count=None)
+
+    # 4. First attempt.
+    if attempt == 0:
+        status["attempt"] = 1
+        status["startTime"] = status.get("startTime") or now
+        status["attemptStartTime"] = now
+        status["gangCreated"] = False
+        _phase(status, "Starting", "GangStarting", "creating the gang of attempt 1", now, gen)
+        plan.events.append(("Normal", "Starting", f"starting attempt 1 with {spec.nodes} node(s) x {spec.nprocPerNode} process(es)"))
+        plan.stage = "intent-recorded"
+        return plan
+
+    # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
+    if old:
+        plan.delete_pods = [p["metadata"]["name"] for p in old if not p["metadata"].get("deletionTimestamp")]
+        plan.requeue_after = 1.0
+        plan.stage = "deleting-old-pods"
+        status["readyNodes"] = f"0/{spec.nodes}"
+        return plan
+
+    # 6. Create the gang, all of it at once (also what a killed operator left half-created).
+    names = [render.pod_name(name, attempt, r) for r in range(spec.nodes)]
+    if not status.get("gangCreated"):
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            plan.create += [p for p in render.gang(job, spec, attempt) if p["metadata"]["name"] in missing]
+            plan.stage = "old-pods-gone" if status.get("restart") else "creating-gang"
+            plan.requeue_after = 1.0
+            status["readyNodes"] = f"0/{spec.nodes}"
+            return plan
+        status["gangCreated"] = True
+
+    # 7. Observe the ranks.
+    ends = []
+    for n in names:
+        p = by_name.get(n)
+        node_name = ((p or {}).get("spec") or {}).get("nodeName")
+        ends.append(classify.classify_pod(p, n, o.nodes.get(node_name) if node_name else None, spec))
+    outcome = classify.classify_attempt(ends)
+    running = [p for p in current if _running(p)]
+    status["readyNodes"] = f"{len(running)}/{spec.nodes}"
+
+    # 8. A termination notice on a node of ours: checkpoint now (once per attempt).
+    if spec.preemption.checkpointOnNotice and outcome.outcome == classify.RUNNING:
+        noticed = [classify.node_problem(o.nodes.get(p["spec"].get("nodeName")), p["spec"].get("nodeName"),
+                                         spec.preemption.noticeTaints) for p in current if p["spec"].get("nodeName")]
+        noticed = [x for x in noticed if x and x[0] == "TerminationNotice"]
+        if noticed and status.get("checkpointRequestedAt", "").split("@")[0] != str(attempt):
+            status["checkpointRequestedAt"] = f"{attempt}@{now}"
+            for p in current:
+                plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"notice-{attempt}-{now}"}
+            plan.events.append(("Warning", "TerminationNotice", noticed[0][1] + "; checkpoint requested"))
+
+    if outcome.outcome == classify.SUCCESS:
+        status["completionTime"] = now
+        if status.get("progress"):
+            status["progress"] = {**status["progress"], "step": spec.training.steps, "totalSteps": spec.training.steps}
+        status["readyNodes"] = f"0/{spec.nodes}"
+        _phase(status, "Succeeded", "AllRanksSucceeded", f"all {spec.nodes} node(s) exited 0 in attempt {attempt}", now, gen)
+        plan.events.append(("Normal", "Succeeded", f"training finished in attempt {attempt}"))
+        return plan
+    if outcome.outcome == classify.PERMANENT:
+        return _fail(plan, o, outcome.reason, outcome.message)
+    if outcome.outcome == classify.FAILURE:
+        # A failure may be the first sign of a preemption still on its way (a node about to go
+        # NotReady, an eviction in flight): give disruption signals a moment before counting it.
+        seen = parse(status.get("failureSeenAt", ""))
+        if seen is None:
+            status["failureSeenAt"] = now
+            plan.requeue_after = max(spec.failurePolicy.failureSettleSeconds, 0.5)
+            if spec.failurePolicy.failureSettleSeconds > 0:
+                return plan
+            seen = o.now
+        if (o.now - seen).total_seconds() < spec.failurePolicy.failureSettleSeconds:
+            plan.requeue_after = 1.0
+            return plan
+        return _restart(plan, o, "Failure", outcome.reason, outcome.message, count="failures")
+    if outcome.outcome == classify.PREEMPTION:
+        return _restart(plan, o, "Preemption", outcome.reason, outcome.message, count="preemptions")
+    if outcome.outcome == classify.RETRYABLE:
+        return _restart(plan, o, "Retryable", outcome.reason, outcome.message, count=None)
+
+    # 9. Still running: the gang must be up within startTimeoutSeconds.
+    if len(running) == spec.nodes:
+        if status["phase"] != "Running":
+            _phase(status, "Running", "AllNodesRunning", f"attempt {attempt}: all {spec.nodes} node(s) running", now, gen)
+            plan.events.append(("Normal", "Running", f"attempt {attempt}: all {spec.nodes} node(s) running"))
+    else:
+        started = parse(status.get("attemptStartTime", "")) or o.now
+        waited = (o.now - started).total_seconds()
+        if waited >= spec.scheduling.startTimeoutSeconds:
+            return _restart(plan, o, "StartTimeout", "GangStartTimeout",
+                            f"only {len(running)}/{spec.nodes} node(s) running after {spec.scheduling.startTimeoutSeconds} s", count=None)
+        plan.requeue_after = min(max(spec.scheduling.startTimeoutSeconds - waited, 0.5), 5.0)
+    return plan
+
+
+def _running(p: dict) -> bool:
+    st = p.get("status") or {}
+    return st.get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") and all(
+        "running" in (cs.get("state") or {}) for cs in st.get("containerStatuses") or [{}])
+
+
+def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:
+    st = plan.status
+    now = iso(o.now)
+    st["completionTime"] = now
+    st["readyNodes"] = f"0/{o.spec.nodes}"
+    _phase(st, "Failed", reason, message, now, o.job["metadata"].get("generation", 0))
+    plan.delete_pods = [p["metadata"]["name"] for p in o.pods if not p["metadata"].get("deletionTimestamp")]
+    plan.events.append(("Warning", "Failed", message))
+    return plan
+
+
+def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, count: str | None) -> Plan:
+    """Record the intent (attempt + 1, why, counters), then the next passes delete and recreate."""
+    st = plan.status
+    spec = o.spec
+    now = iso(o.now)
+    gen = o.job["metadata"].get("generation", 0)
+    if count == "failures":
+        st["failures"] += 1
+        if st["failures"] > spec.failurePolicy.maxFailures:
+            return _fail(plan, o, "MaxFailuresExceeded",
+                         f"{message}; failure {st['failures']} exceeds maxFailures {spec.failurePolicy.maxFailures}")
+    elif count == "preemptions":
+        st["preemptions"] += 1
+        mp = spec.failurePolicy.maxPreemptions
+        if mp is not None and st["preemptions"] > mp:
+            return _fail(plan, o, "MaxPreemptionsExceeded", f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {mp}")
+    old_attempt = st["attempt"]
+    st["attempt"] = old_attempt + 1
+    st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now}
+    st["attemptStartTime"] = now
+    st["gangCreated"] = False
+    st.pop("failureSeenAt", None)
+    st["readyNodes"] = f"0/{spec.nodes}"
+    _phase(st, "Restarting", reason, f"{kind.lower()}: {message}; starting attempt {st['attempt']}", now, gen)
+    plan.events.append(("Warning" if kind in ("Failure", "Preemption", "StartTimeout") else "Normal", kind,
+                        f"attempt {old_attempt} ended ({reason}: {message}); starting attempt {st['attempt']}"))
+    plan.stage = "intent-recorded"
+    plan.requeue_after = 0.2
+    return plan

@@ -1,0 +1,153 @@
+"""Desired children of a PretrainJob, as pure functions of the job (no I/O).
+
+Names are deterministic, which makes every create idempotent (a retried create gets 409):
+Service `<job>` (headless, the pods' subdomain), ConfigMap `<job>-config`, and one pod per node
+rank and attempt, `<job>-a<attempt>-n<rank>`, whose hostname `<job>-n<rank>` is stable across
+attempts so rank 0's DNS name (the rendezvous endpoint) never changes.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+from . import api, contract as c
+
+
+def pod_name(job: str, attempt: int, rank: int) -> str:
+    return f"{job}-a{attempt}-n{rank}"
+
+
+def hostname(job: str, rank: int) -> str:
+    return f"{job}-n{rank}"
+
+
+def config_map_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def owner_ref(job: dict) -> dict:
+    return {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": job["metadata"]["name"],
+            "uid": job["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def labels(job: dict, attempt: int | None = None, rank: int | None = None) -> dict[str, str]:
+    out = {c.LABEL_JOB: job["metadata"]["name"], c.LABEL_JOB_UID: job["metadata"]["uid"],
+           "app.kubernetes.io/managed-by": "pretrain-operator"}
+    if attempt is not None:
+        out[c.LABEL_ATTEMPT] = str(attempt)
+    if rank is not None:
+        out[c.LABEL_NODE_RANK] = str(rank)
+    return out
+
+
+def service(job: dict) -> dict:
+    name = job["metadata"]["name"]
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": job["metadata"]["namespace"], "labels": labels(job),
+                     "ownerReferences": [owner_ref(job)]},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {c.LABEL_JOB_UID: job["metadata"]["uid"]},
+                 "ports": [{"name": "rdzv", "port": c.RDZV_PORT}, {"name": "metrics", "port": c.METRICS_PORT}]},
+    }
+
+
+def trainer_config(spec: api.PretrainJobSpec) -> str:
+    """The trainer's configuration: the spec itself, as YAML (read back with PretrainJobSpec)."""
+    return yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True), sort_keys=True)
+
+
+def config_map(job: dict, spec: api.PretrainJobSpec) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": config_map_name(job["metadata"]["name"]), "namespace": job["metadata"]["namespace"],
+                     "labels": labels(job), "ownerReferences": [owner_ref(job)]},
+        "data": {c.CONFIG_FILE: trainer_config(spec)},
+    }
+
+
+def default_command() -> list[str]:
+    return ["torchrun", "--module", "pretrain_trainer", "train", "--config", c.CONFIG_PATH]
+
+
+def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
+    name = job["metadata"]["name"]
+    ns = job["metadata"]["namespace"]
+    uid = job["metadata"]["uid"]
+    env = [
+        {"name": "PET_NNODES", "value": str(spec.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(spec.nprocPerNode)},
+        {"name": "PET_NODE_RANK", "value": str(rank)},
+        {"name": "PET_RDZV_BACKEND", "value": "c10d"},
+        {"name": "PET_RDZV_ENDPOINT", "value": f"{hostname(name, 0)}.{name}:{c.RDZV_PORT}"},
+        {"name": "PET_RDZV_ID", "value": f"{uid}-a{attempt}"},
+        {"name": "PET_MAX_RESTARTS", "value": "0"},
+        {"name": c.ENV_CONFIG, "value": c.CONFIG_PATH},
+        {"name": c.ENV_ATTEMPT, "value": str(attempt)},
+        {"name": c.ENV_JOB_NAME, "value": name},
+        {"name": c.ENV_CHECKPOINT_DIR, "value": spec.checkpoint.path},
+        {"name": c.ENV_METRICS_PORT, "value": str(c.METRICS_PORT)},
+        {"name": c.ENV_PODINFO, "value": c.PODINFO_DIR},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ] + [{"name": e.name, "value": e.value} for e in spec.template.env]
+    ckpt_volume = ({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
+                   if spec.checkpoint.claimName else {"name": "checkpoints", "emptyDir": {}})
+    volumes = [
+        {"name": "config", "configMap": {"name": config_map_name(name)}},
+        {"name": "podinfo", "downwardAPI": {"items": [
+            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+            {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+        ckpt_volume,
+    ] + list(spec.template.volumes)
+    mounts = [
+        {"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
+        {"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
+        {"name": "checkpoints", "mountPath": spec.checkpoint.path},
+    ] + list(spec.template.volumeMounts)
+    resources = {k: v for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
+    sched = spec.scheduling
+    pod_labels = labels(job, attempt, rank)
+    if sched.queueName:
+        pod_labels["kueue.x-k8s.io/queue-name"] = sched.queueName
+    pod_spec: dict = {
+        "hostname": hostname(name, rank),
+        "subdomain": name,
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": spec.template.terminationGracePeriodSeconds,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "trainer",
+            "image": spec.image,
+            "command": list(spec.template.command) or default_command(),
+            "env": env,
+            "ports": [{"name": "rdzv", "containerPort": c.RDZV_PORT}, {"name": "metrics", "containerPort": c.METRICS_PORT}],
+            "volumeMounts": mounts,
+            "resources": resources,
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                                "runAsNonRoot": True},
+        }],
+        "volumes": volumes,
+    }
+    if sched.nodeSelector:
+        pod_spec["nodeSelector"] = dict(sched.nodeSelector)
+    if sched.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in sched.tolerations]
+    if sched.affinity:
+        pod_spec["affinity"] = sched.affinity
+    if sched.priorityClassName:
+        pod_spec["priorityClassName"] = sched.priorityClassName
+    if sched.schedulerName:
+        pod_spec["schedulerName"] = sched.schedulerName
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": pod_name(name, attempt, rank), "namespace": ns, "labels": pod_labels,
+                     "annotations": {}, "ownerReferences": [owner_ref(job)]},
+        "spec": pod_spec,
+    }
+
+
+def gang(job: dict, spec: api.PretrainJobSpec, attempt: int) -> list[dict]:
+    return [pod(job, spec, attempt, r) for r in range(spec.nodes)]

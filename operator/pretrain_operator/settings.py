@@ -1,0 +1,40 @@
+"""The operator's settings: one typed tree, every default here, overridable by environment
+variables (`PRETRAIN_OPERATOR_<FIELD>`, upper case) and by `python -m pretrain_operator` flags."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+
+class OperatorSettings(BaseModel):
+    namespaces: list[str] = Field(default_factory=list, description="Watch only these namespaces; empty: cluster-wide.")
+    workers: int = Field(16, ge=1, le=256, description="Reconcile workers (jobs reconciled at once).")
+    metrics_port: int = Field(8000, description="Prometheus metrics of the operator; 0 disables.")
+    health_port: int = Field(8080, description="Liveness endpoint /healthz; 0 disables.")
+    lease_namespace: str = Field("default", description="Namespace of the leader-election Lease.")
+    lease_name: str = "pretrain-operator"
+    lease_duration_s: float = 15.0
+    lease_renew_s: float = 2.0
+    resync_s: float = 30.0
+    progress_interval_s: float = 5.0
+    api_qps_pool: int = Field(64, description="HTTP connections to the API server.")
+    watch_server_timeout_s: int = 300
+    watch_client_timeout_s: int = 330
+    # Fault injection for the kill-the-operator tests: exit right after this write-point.
+    crash_at: str = ""
+
+    @classmethod
+    def from_env(cls, **overrides) -> "OperatorSettings":
+        values = {}
+        for name, f in cls.model_fields.items():
+            env = os.environ.get(f"PRETRAIN_OPERATOR_{name.upper()}")
+            if env is None:
+                continue
+            if f.annotation == list[str]:
+                values[name] = [x for x in env.split(",") if x]
+            else:
+                values[name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

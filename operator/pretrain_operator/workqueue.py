@@ -1,0 +1,78 @@
+"""A work queue keyed by job (namespace, name): deduplicated, delayed re-adds, and never the same
+key in two workers at once (a key added while in flight is re-run after it finishes)."""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+
+
+class WorkQueue:
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._ready: list = []          # keys ready now (FIFO)
+        self._queued: set = set()
+        self._delayed: list = []        # heap of (due, key)
+        self._active: set = set()
+        self._dirty: set = set()        # added while active
+        self._closed = False
+
+    def add(self, key, delay: float = 0.0) -> None:
+        with self._cv:
+            if delay > 0:
+                heapq.heappush(self._delayed, (time.monotonic() + delay, key))
+                self._cv.notify()
+                return
+            if key in self._active:
+                self._dirty.add(key)
+                return
+            if key not in self._queued:
+                self._queued.add(key)
+                self._ready.append(key)
+                self._cv.notify()
+
+    def get(self, timeout: float = 1.0):
+        """The next key (marked active), or None on timeout or close."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while not self._closed:
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    _, key = heapq.heappop(self._delayed)
+                    if key in self._active:
+                        self._dirty.add(key)
+                    elif key not in self._queued:
+                        self._queued.add(key)
+                        self._ready.append(key)
+                if self._ready:
+                    key = self._ready.pop(0)
+                    self._queued.discard(key)
+                    self._active.add(key)
+                    return key
+                wait = deadline - now
+                if self._delayed:
+                    wait = min(wait, self._delayed[0][0] - now)
+                if wait <= 0:
+                    return None
+                self._cv.wait(wait)
+            return None
+
+    def done(self, key) -> None:
+        with self._cv:
+            self._active.discard(key)
+            if key in self._dirty:
+                self._dirty.discard(key)
+                if key not in self._queued:
+                    self._queued.add(key)
+                    self._ready.append(key)
+                    self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._ready) + len(self._delayed)

@@ -1,0 +1,81 @@
+"""PretrainJob helpers for the operator's tests."""
+
+from __future__ import annotations
+
+import copy
+
+from kubernetes import client
+
+from pretrain_operator import api
+from tests.helpers import wait_for
+from tests.operator_fixture import STANDIN
+
+
+def job_manifest(name: str, *, nodes: int = 2, steps: int = 30, interval: int = 5, step_s: float = 0.2,
+                 fail: str = "", pool: str | None = None, **spec) -> dict:
+    body = {
+        "apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "metadata": {"name": name},
+        "spec": {
+            "nodes": nodes, "parallelism": {"data": nodes}, "data": {"globalBatchSize": 8 * nodes},
+            "training": {"steps": steps}, "checkpoint": {"intervalSteps": interval},
+            "failurePolicy": {"failureSettleSeconds": 1}, "optimizer": {"warmupSteps": 0},
+            "template": {"command": ["python", STANDIN], "terminationGracePeriodSeconds": 5,
+                         "env": [{"name": "STANDIN_STEP_SECONDS", "value": str(step_s)}] +
+                                ([{"name": "STANDIN_FAIL", "value": fail}] if fail else [])},
+        },
+    }
+    if pool:
+        body["spec"]["scheduling"] = {"nodeSelector": {"pretrain.dev/test-pool": pool}}
+    for k, v in spec.items():
+        if isinstance(v, dict) and isinstance(body["spec"].get(k), dict):
+            body["spec"][k] = {**body["spec"][k], **v}
+        else:
+            body["spec"][k] = copy.deepcopy(v)
+    return body
+
+
+class Jobs:
+    def __init__(self, api_client: client.ApiClient, namespace: str):
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.ns = namespace
+
+    def create(self, body: dict) -> dict:
+        return self.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, body)
+
+    def get(self, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, name)
+        except client.ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def status(self, name: str) -> dict:
+        return (self.get(name) or {}).get("status") or {}
+
+    def patch(self, name: str, body: dict) -> dict:
+        return self.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, name, body)
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, name)
+
+    def wait(self, name: str, pred, timeout: float = 90, what: str = "") -> dict:
+        return wait_for(lambda: (lambda st: st if st and pred(st) else None)(self.status(name)),
+                        timeout=timeout, what=what or f"job {name}")
+
+    def wait_phase(self, name: str, *phases: str, timeout: float = 90, **at_least) -> dict:
+        def ok(st):
+            return st.get("phase") in phases and all(st.get(k, 0) >= v for k, v in at_least.items())
+        return self.wait(name, ok, timeout, f"job {name} to be {'/'.join(phases)} with {at_least or ''}")
+
+    def pods(self, name: str, attempt: int | None = None, live: bool = True) -> list:
+        sel = f"pretrain.dev/job={name}" + (f",pretrain.dev/attempt={attempt}" if attempt is not None else "")
+        pods = self.core.list_namespaced_pod(self.ns, label_selector=sel).items
+        return [p for p in pods if not (live and p.metadata.deletion_timestamp)]
+
+    def logs(self, pod: str) -> str:
+        return self.core.read_namespaced_pod_log(pod, self.ns)
+
+    def events(self, name: str) -> list:
+        return [e for e in self.core.list_namespaced_event(self.ns).items if e.involved_object.name == name]

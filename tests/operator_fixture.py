@@ -1,0 +1,87 @@
+"""The operator under test runs as a real process (`python -m pretrain_operator`) against the
+local cluster, as users run it with `make run-operator`; tests can stop it, start it with a crash
+point, and read its metrics."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from pretrain_operator.controller import parse_metrics
+
+STANDIN = str(Path(__file__).resolve().parent / "standin_trainer.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, log_dir: Path):
+        self.kubeconfig = kubeconfig
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen | None = None
+        self.metrics_port = 0
+        self.runs = 0
+
+    def start(self, crash_at: str = "", **env) -> "OperatorProcess":
+        self.metrics_port = free_port()
+        self.runs += 1
+        e = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
+                 PRETRAIN_OPERATOR_METRICS_PORT=str(self.metrics_port), PRETRAIN_OPERATOR_HEALTH_PORT=str(free_port()),
+                 PRETRAIN_OPERATOR_LEASE_DURATION_S="4", PRETRAIN_OPERATOR_LEASE_RENEW_S="1",
+                 PRETRAIN_OPERATOR_RESYNC_S="3", PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1",
+                 PRETRAIN_OPERATOR_CRASH_AT=crash_at, **env)
+        self.log = open(self.log_dir / f"operator-{self.runs}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=e, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited at start: {self.log_path.read_text()[-2000:]}")
+            if self.metrics().get("pretrain_operator_leader") == 1.0:
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"operator did not become leader in 30 s: {self.log_path.read_text()[-2000:]}")
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.runs}.log"
+
+    def metrics(self) -> dict[str, float]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                return parse_metrics(r.read().decode())
+        except OSError:
+            return {}
+
+    def total(self, name: str) -> float:
+        """The sum of every sample of a metric, whatever its labels."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return 0.0
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(name + "{") or line.startswith(name + " "))
+
+    def wait_exit(self, timeout: float = 60) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

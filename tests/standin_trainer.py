@@ -1,0 +1,98 @@
+"""A stand-in trainer that honours the operator/trainer contract (pretrain_operator.contract)
+without torch, for the operator's tests: it steps, checkpoints, serves the contract's metrics,
+answers checkpoint requests from the annotations file, saves and exits EXIT_PREEMPTED on SIGTERM,
+and resumes from the newest committed checkpoint.
+
+Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<step>:<code>"
+exits with <code> at <step> on node rank <rank> in attempt <attempt> (attempt * means any).
+"""
+
+import http.server
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from pretrain_operator import contract as c
+
+cfg = yaml.safe_load(open(os.environ[c.ENV_CONFIG]))
+steps = cfg["training"]["steps"]
+interval = cfg["checkpoint"]["intervalSteps"]
+ckpt = Path(os.environ[c.ENV_CHECKPOINT_DIR])
+rank = int(os.environ["PET_NODE_RANK"])
+attempt = int(os.environ[c.ENV_ATTEMPT])
+step_s = float(os.environ.get("STANDIN_STEP_SECONDS", "0.2"))
+fail = os.environ.get("STANDIN_FAIL", "")
+annotations = Path(os.environ[c.ENV_PODINFO]) / "annotations"
+
+state = {"step": 0, "ckpt_step": 0, "ckpt_time": 0.0, "served": 0}
+
+
+def latest() -> int:
+    done = [int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if (p / "COMMITTED").exists()]
+    return max(done, default=0)
+
+
+def save(step: int) -> None:
+    if rank != 0:
+        return
+    d = ckpt / f"step-{step:08d}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "state.json").write_text(json.dumps({"step": step}))
+    (d / "COMMITTED").write_text("ok")
+    state["ckpt_step"], state["ckpt_time"] = step, time.time()
+
+
+class Metrics(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = "\n".join([
+            f"{c.METRIC_STEP} {state['step']}", f"{c.METRIC_TOTAL_STEPS} {steps}",
+            f"{c.METRIC_LOSS} {10.0 / (1 + state['step']):.4f}", f"{c.METRIC_TOKENS_PER_SECOND} 1234.5",
+            f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
+            f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",
+            f"{c.METRIC_CHECKPOINT_REQUESTS_SERVED} {state['served']}", ""]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def on_term(*_):
+    save(state["step"])
+    print(f"SIGTERM at step {state['step']}: checkpoint saved", flush=True)
+    os._exit(c.EXIT_PREEMPTED)
+
+
+signal.signal(signal.SIGTERM, on_term)
+srv = http.server.ThreadingHTTPServer(("0.0.0.0", c.METRICS_PORT), Metrics)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+state["step"] = state["ckpt_step"] = latest()
+print(f"attempt {attempt} rank {rank}: resuming at step {state['step']} of {steps}", flush=True)
+seen_request = None
+while state["step"] < steps:
+    time.sleep(step_s)
+    state["step"] += 1
+    s = state["step"]
+    if fail:
+        fa, fr, fs, code = fail.split(":")
+        if (fa == "*" or int(fa) == attempt) and int(fr) == rank and int(fs) == s:
+            print(f"failing at step {s} with exit code {code}", flush=True)
+            sys.exit(int(code))
+    req = next((ln for ln in annotations.read_text().splitlines() if ln.startswith(c.ANN_CHECKPOINT_REQUEST)), None) \
+        if annotations.exists() else None
+    if req and req != seen_request:
+        seen_request = req
+        save(s)
+        state["served"] += 1
+        print(f"checkpoint requested: saved step {s}", flush=True)
+    elif s % interval == 0:
+        save(s)
+print(f"done at step {state['step']}", flush=True)

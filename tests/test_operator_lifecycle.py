@@ -1,0 +1,108 @@
+"""A PretrainJob runs as a gang of torchrun-wired pods to Succeeded; its children carry the
+contract; deletion and TTL clean up; a converged job gets no further writes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from kubernetes import client
+
+from pretrain_operator import contract as c
+from tests.helpers import wait_for
+from tests.jobs import Jobs, job_manifest
+
+pytestmark = pytest.mark.cluster
+
+# The trainer may take a moment to listen: retry for up to 20 s.
+PROBE = """
+import time, urllib.request
+for i in range(100):
+    try:
+        print(urllib.request.urlopen("{url}", timeout=2).read().decode().splitlines()[0]); break
+    except Exception as e:
+        err = e; time.sleep(0.2)
+else:
+    print("unreachable:", err)
+"""
+
+
+@pytest.fixture
+def jobs(api, namespace, operator) -> Jobs:
+    return Jobs(api, namespace)
+
+
+def test_a_job_runs_its_gang_to_succeeded_with_progress_and_checkpoint_in_status(jobs, core, namespace):
+    jobs.create(job_manifest("life", steps=20, interval=5, step_s=0.3))
+    st = jobs.wait_phase("life", "Running", timeout=60)
+    assert st["attempt"] == 1 and st["readyNodes"] == "2/2"
+    # Progress mirrored from rank 0's metrics while it runs.
+    st = jobs.wait("life", lambda s: (s.get("progress") or {}).get("step", 0) > 0 and s.get("lastCheckpoint"),
+                   what="progress and a checkpoint in status")
+    assert st["progress"]["totalSteps"] == 20
+    st = jobs.wait_phase("life", "Succeeded", timeout=60)
+    assert st["failures"] == 0 and st["preemptions"] == 0 and st["completionTime"]
+    assert st["progress"]["step"] == 20
+    assert any(cd["type"] == "Succeeded" and cd["status"] == "True" for cd in st["conditions"])
+    reasons = [e.reason for e in jobs.events("life")]
+    assert "Starting" in reasons and "Running" in reasons and "Succeeded" in reasons
+
+
+def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
+    jobs.create(job_manifest("wired", steps=200, step_s=0.5))
+    jobs.wait_phase("wired", "Running", timeout=60)
+    pods = sorted(jobs.pods("wired"), key=lambda p: p.metadata.name)
+    assert [p.metadata.name for p in pods] == ["wired-a1-n0", "wired-a1-n1"]
+    job = jobs.get("wired")
+    for rank, p in enumerate(pods):
+        env = {e.name: e.value for e in p.spec.containers[0].env}
+        assert env["PET_NNODES"] == "2" and env["PET_NODE_RANK"] == str(rank) and env["PET_NPROC_PER_NODE"] == "1"
+        assert env["PET_RDZV_ENDPOINT"] == f"wired-n0.wired:{c.RDZV_PORT}"
+        assert env["PET_RDZV_ID"] == f"{job['metadata']['uid']}-a1"
+        assert p.metadata.labels[c.LABEL_ATTEMPT] == "1"
+        ref = p.metadata.owner_references[0]
+        assert ref.controller and ref.uid == job["metadata"]["uid"]
+        assert p.spec.automount_service_account_token is False
+        assert p.spec.security_context.run_as_non_root is True
+        assert p.spec.containers[0].security_context.allow_privilege_escalation is False
+        assert p.spec.hostname == f"wired-n{rank}" and p.spec.subdomain == "wired"
+    svc = core.read_namespaced_service("wired", namespace)
+    assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
+    cm = core.read_namespaced_config_map("wired-config", namespace)
+    assert "steps: 200" in cm.data[c.CONFIG_FILE]
+    # The rendezvous name resolves from inside the gang (rank 1 reaches rank 0's metrics by DNS).
+    probe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dns-probe"}, "spec": {
+        "restartPolicy": "Never", "containers": [{"name": "p", "image": "local", "command": [
+            "python", "-c", PROBE.format(url=f"http://wired-n0.wired:{c.METRICS_PORT}/metrics")]}]}}
+    core.create_namespaced_pod(namespace, probe)
+    wait_for(lambda: core.read_namespaced_pod("dns-probe", namespace).status.phase in ("Succeeded", "Failed"), what="the probe")
+    out = core.read_namespaced_pod_log("dns-probe", namespace)
+    assert out.startswith(c.METRIC_STEP), out
+
+
+def test_deleting_the_job_leaves_no_pod_service_or_configmap(jobs, core, namespace):
+    jobs.create(job_manifest("gone", steps=500))
+    jobs.wait_phase("gone", "Running", timeout=60)
+    jobs.delete("gone")
+    wait_for(lambda: not jobs.pods("gone", live=False) and not core.list_namespaced_service(namespace).items
+             and not [m for m in core.list_namespaced_config_map(namespace).items if m.metadata.name == "gone-config"],
+             timeout=60, what="garbage collection of the children")
+
+
+def test_ttl_after_finished_deletes_the_job(jobs):
+    jobs.create(job_manifest("brief", steps=3, ttlSecondsAfterFinished=2))
+    jobs.wait_phase("brief", "Succeeded", timeout=60)
+    wait_for(lambda: jobs.get("brief") is None, timeout=30, what="the TTL to delete the job")
+
+
+def test_a_converged_job_gets_no_further_writes(jobs, operator):
+    jobs.create(job_manifest("still", steps=3))
+    jobs.wait_phase("still", "Succeeded", timeout=60)
+    time.sleep(1)
+    reconciles, writes = operator.total("pretrain_operator_reconciles_total"), operator.total("pretrain_operator_api_writes_total")
+    rv = jobs.get("still")["metadata"]["resourceVersion"]
+    time.sleep(7)  # more than two resyncs (3 s in tests): the job is reconciled again, and again
+    assert operator.total("pretrain_operator_reconciles_total") >= reconciles + 2
+    assert jobs.get("still")["metadata"]["resourceVersion"] == rv
+    # Other tests' jobs may be writing meanwhile only if they run in parallel; they do not (one session, serial).
+    assert operator.total("pretrain_operator_api_writes_total") == writes
