@@ -40,7 +40,15 @@ class Jobs:
         self.core = client.CoreV1Api(api_client)
         self.ns = namespace
 
-    def create(self, body: dict) -> dict:
+    def create(self, body: dict, claim: bool = True) -> dict:
+        """Create the job; with `claim`, first a PVC for its checkpoints (emptyDirs die with the pods)."""
+        if claim and not (body["spec"].get("checkpoint") or {}).get("claimName"):
+            name = body["metadata"]["name"] + "-ckpt"
+            self.core.create_namespaced_persistent_volume_claim(self.ns, {
+                "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+            body = copy.deepcopy(body)
+            body["spec"].setdefault("checkpoint", {})["claimName"] = name
         return self.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, body)
 
     def get(self, name: str) -> dict | None:
@@ -61,8 +69,18 @@ class Jobs:
         self.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, self.ns, api.PLURAL, name)
 
     def wait(self, name: str, pred, timeout: float = 90, what: str = "") -> dict:
-        return wait_for(lambda: (lambda st: st if st and pred(st) else None)(self.status(name)),
-                        timeout=timeout, what=what or f"job {name}")
+        last = {}
+
+        def check():
+            st = last["st"] = self.status(name)
+            return st if st and pred(st) else None
+        try:
+            return wait_for(check, timeout=timeout, what=what or f"job {name}")
+        except AssertionError as e:
+            st = last.get("st") or {}
+            brief = {k: st.get(k) for k in ("phase", "attempt", "failures", "preemptions", "restart", "message")}
+            pods = [(p.metadata.name, p.status.phase, p.spec.node_name) for p in self.pods(name, live=False)]
+            raise AssertionError(f"{e}; status: {brief}; pods: {pods}") from None
 
     def wait_phase(self, name: str, *phases: str, timeout: float = 90, **at_least) -> dict:
         def ok(st):

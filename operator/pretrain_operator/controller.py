@@ -42,6 +42,7 @@ class Controller:
         self.last_progress: dict = {}
         self.phases: dict = {}
         self.restart_seen: dict = {}
+        self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -81,16 +82,22 @@ class Controller:
                 delay = self.reconcile(*key)
                 metrics.RECONCILE_SECONDS.observe(time.monotonic() - t0)
                 metrics.RECONCILES.labels("ok").inc()
+                if self.errors.pop(key, None):
+                    self.queue.forget(key)
                 self.queue.add(key, delay=delay if delay is not None else self.settings.resync_s)
             except client.ApiException as e:
-                # Conflicts and API hiccups are retried shortly; the next pass re-observes everything.
+                # Conflicts and API hiccups are retried with back-off; the next pass re-observes
+                # everything, so nothing is lost. (A namespace being deleted answers 403 until the
+                # job itself is gone, then the 404 ends it.)
                 metrics.RECONCILES.labels("error").inc()
-                log.warning("reconcile %s/%s: %s %s", key[0], key[1], e.status, e.reason)
-                self.queue.add(key, delay=1.0)
+                n = self.errors[key] = self.errors.get(key, 0) + 1
+                log.warning("reconcile %s/%s: %s %s (retry %d)", key[0], key[1], e.status, e.reason, n)
+                self.queue.backoff(key, min(0.5 * 2 ** (n - 1), 30.0))
             except Exception:  # noqa: BLE001
                 metrics.RECONCILES.labels("error").inc()
-                log.exception("reconcile %s/%s failed", *key)
-                self.queue.add(key, delay=2.0)
+                n = self.errors[key] = self.errors.get(key, 0) + 1
+                log.exception("reconcile %s/%s failed (retry %d)", key[0], key[1], n)
+                self.queue.backoff(key, min(0.5 * 2 ** (n - 1), 30.0))
             finally:
                 self.queue.done(key)
 
@@ -158,7 +165,14 @@ class Controller:
             except client.ApiException as e:
                 if e.status != 404:
                     raise
-        if plan.delete_pods:
+        for pod_name in plan.force_delete_pods:
+            try:
+                self._write(lambda: self.core.delete_namespaced_pod(pod_name, ns, grace_period_seconds=0))
+                metrics.PODS_DELETED.inc()
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+        if plan.delete_pods or plan.force_delete_pods:
             self._crash_point(plan.stage, "deleted")
         if plan.update_config is not None:
             cm = plan.update_config

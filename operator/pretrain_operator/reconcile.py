@@ -50,6 +50,8 @@ class Plan:
     create: list[dict] = field(default_factory=list)
     update_config: dict | None = None
     delete_pods: list[str] = field(default_factory=list)
+    # Pods on a lost node (deleted, NotReady): no kubelet will ever confirm a graceful deletion.
+    force_delete_pods: list[str] = field(default_factory=list)
     annotate_pods: dict[str, dict[str, str]] = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     delete_job: bool = False
@@ -107,7 +109,7 @@ def decide(o: Observed) -> Plan:
     # 1. Terminal: sticky. Failed jobs hold no pods; TTL deletes the job.
     if status["phase"] in TERMINAL:
         if status["phase"] == "Failed":
-            plan.delete_pods = [p["metadata"]["name"] for p in o.pods if not p["metadata"].get("deletionTimestamp")]
+            _remove(plan, o, o.pods)
         status["readyNodes"] = f"0/{spec.nodes}"
         if spec.ttlSecondsAfterFinished is not None and status.get("completionTime"):
             due = parse(status["completionTime"]) + dt.timedelta(seconds=spec.ttlSecondsAfterFinished)
@@ -135,7 +137,7 @@ def decide(o: Observed) -> Plan:
         for p in live:
             if c.ANN_CHECKPOINT_REQUEST not in (p["metadata"].get("annotations") or {}):
                 plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
-        plan.delete_pods = [p["metadata"]["name"] for p in live]
+        _remove(plan, o, o.pods)
         status["readyNodes"] = f"0/{spec.nodes}"
         return plan
     if status["phase"] == "Suspended":
@@ -155,7 +157,7 @@ def decide(o: Observed) -> Plan:
 
     # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
     if old:
-        plan.delete_pods = [p["metadata"]["name"] for p in old if not p["metadata"].get("deletionTimestamp")]
+        _remove(plan, o, old)
         plan.requeue_after = 1.0
         plan.stage = "deleting-old-pods"
         status["readyNodes"] = f"0/{spec.nodes}"
@@ -238,6 +240,18 @@ def decide(o: Observed) -> Plan:
     return plan
 
 
+def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
+    """Delete pods gracefully (SIGTERM: the trainer checkpoints); force those on a lost node, which
+    would otherwise stay Terminating forever and block the next gang (Kueue's KEP-6757 does the same)."""
+    for p in pods:
+        node_name = (p.get("spec") or {}).get("nodeName")
+        prob = classify.node_problem(o.nodes.get(node_name), node_name, []) if node_name else None
+        if prob and prob[0] in ("NodeDeleted", "NodeNotReady"):
+            plan.force_delete_pods.append(p["metadata"]["name"])
+        elif not p["metadata"].get("deletionTimestamp"):
+            plan.delete_pods.append(p["metadata"]["name"])
+
+
 def _running(p: dict) -> bool:
     st = p.get("status") or {}
     return st.get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") and all(
@@ -250,7 +264,7 @@ def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:
     st["completionTime"] = now
     st["readyNodes"] = f"0/{o.spec.nodes}"
     _phase(st, "Failed", reason, message, now, o.job["metadata"].get("generation", 0))
-    plan.delete_pods = [p["metadata"]["name"] for p in o.pods if not p["metadata"].get("deletionTimestamp")]
+    _remove(plan, o, o.pods)
     plan.events.append(("Warning", "Failed", message))
     return plan
 

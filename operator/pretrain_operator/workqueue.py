@@ -17,9 +17,23 @@ class WorkQueue:
         self._active: set = set()
         self._dirty: set = set()        # added while active
         self._closed = False
+        self._not_before: dict = {}     # key -> monotonic time: errors back off, events wait for it
+
+    def backoff(self, key, delay: float) -> None:
+        """Hold the key back for `delay` seconds, whatever events arrive meanwhile."""
+        with self._cv:
+            self._not_before[key] = time.monotonic() + delay
+        self.add(key, delay)
+
+    def forget(self, key) -> None:
+        with self._cv:
+            self._not_before.pop(key, None)
 
     def add(self, key, delay: float = 0.0) -> None:
         with self._cv:
+            held = self._not_before.get(key, 0.0) - time.monotonic()
+            if held > delay:
+                delay = held
             if delay > 0:
                 heapq.heappush(self._delayed, (time.monotonic() + delay, key))
                 self._cv.notify()

@@ -1,0 +1,111 @@
+"""Every preemption signal restarts the whole gang as a new attempt from the latest checkpoint,
+with preemptions + 1 and failures unchanged: a DisruptionTarget from an eviction, a deleted node,
+a NotReady node, a termination-notice taint (which first asks the trainer for a checkpoint), and
+a pod deleted by someone other than the operator."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from kubernetes import client
+
+from pretrain_localcluster import nodes
+from tests.helpers import wait_for
+from tests.jobs import Jobs, job_manifest
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def jobs(api, namespace, operator) -> Jobs:
+    return Jobs(api, namespace)
+
+
+@pytest.fixture
+def pool(cluster, core):
+    """Three spot nodes of this test's own (a label the job selects), removed afterwards."""
+    label = uuid.uuid4().hex[:8]
+    names = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(3)]
+    yield label, names
+    for n in names:
+        try:
+            core.delete_node(n)
+        except client.ApiException:
+            pass
+
+
+def _running_then_checkpoint(jobs: Jobs, name: str) -> tuple[dict, str]:
+    jobs.wait_phase(name, "Running", timeout=60)
+    st = jobs.wait(name, lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, what="a first checkpoint")
+    rank0 = next(p for p in jobs.pods(name, attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "0")
+    return st, rank0.spec.node_name
+
+
+def _resumed(jobs: Jobs, name: str, attempt: int) -> int:
+    """The step the new attempt's rank 0 resumed from (the stand-in logs it)."""
+    pod = f"{name}-a{attempt}-n0"
+    line = wait_for(lambda: next((ln for ln in jobs.logs(pod).splitlines() if "resuming at step" in ln), None)
+                    if any(p.metadata.name == pod for p in jobs.pods(name)) else None, what=f"{pod} to start")
+    return int(line.split("resuming at step")[1].split()[0])
+
+
+def _assert_preempted_once(jobs: Jobs, name: str, reason_in: tuple[str, ...]) -> dict:
+    st = jobs.wait_phase(name, "Running", timeout=90, attempt=2)
+    assert st["preemptions"] == 1 and st["failures"] == 0
+    assert st["restart"]["kind"] == "Preemption" and st["restart"]["reason"] in reason_in, st["restart"]
+    assert {p.metadata.labels["pretrain.dev/attempt"] for p in jobs.pods(name)} == {"2"}
+    return st
+
+
+def test_eviction_with_disruption_target_is_a_preemption_and_resumes_from_the_checkpoint(cluster, jobs, pool):
+    label, _ = pool
+    jobs.create(job_manifest("evicted", steps=400, pool=label))
+    st, node = _running_then_checkpoint(jobs, "evicted")
+    nodes.preempt(cluster.state_dir, node, notice_s=0, log=lambda *_: None)
+    _assert_preempted_once(jobs, "evicted", ("EvictionByEvictionAPI", "TerminationNotice", "CheckpointedOnNotice", "NodeDeleted"))
+    assert _resumed(jobs, "evicted", 2) >= st["lastCheckpoint"]["step"] > 0
+    assert "Preemption" in [e.reason for e in jobs.events("evicted")]
+
+
+def test_a_deleted_node_is_a_preemption(core, jobs, pool):
+    label, _ = pool
+    jobs.create(job_manifest("nodeless", steps=400, pool=label))
+    _, node = _running_then_checkpoint(jobs, "nodeless")
+    core.delete_node(node)  # the node vanishes (a cloud reclaim with no notice and no eviction)
+    _assert_preempted_once(jobs, "nodeless", ("NodeDeleted", "DeletionByPodGC"))
+
+
+def test_a_not_ready_node_is_a_preemption(cluster, jobs, pool):
+    label, _ = pool
+    jobs.create(job_manifest("unready", steps=400, pool=label, failurePolicy={"failureSettleSeconds": 15}))
+    _, node = _running_then_checkpoint(jobs, "unready")
+    # Killed without notice: the other rank crashes when its peer vanishes; the node goes NotReady
+    # within the settle window, so the whole attempt counts as a preemption, not a failure.
+    nodes.fail_node(cluster.state_dir, node)
+    _assert_preempted_once(jobs, "unready", ("NodeNotReady", "PodDeleted", "DeletionByTaintManager"))
+
+
+def test_a_termination_notice_asks_for_a_checkpoint_then_the_reclaim_is_a_preemption(cluster, jobs, pool):
+    label, _ = pool
+    jobs.create(job_manifest("noticed", steps=400, interval=1000, pool=label, step_s=0.1))
+    jobs.wait_phase("noticed", "Running", timeout=60)
+    rank0 = next(p for p in jobs.pods("noticed", attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "0")
+    t = threading.Thread(target=nodes.preempt, args=(cluster.state_dir, rank0.spec.node_name),
+                         kwargs={"notice_s": 4.0, "taint": "gke", "log": lambda *_: None})
+    t.start()
+    # During the notice: the operator asks, the trainer checkpoints (no interval checkpoint exists).
+    st = jobs.wait("noticed", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=20,
+                   what="a checkpoint taken on the notice")
+    t.join(60)
+    assert "TerminationNotice" in [e.reason for e in jobs.events("noticed")]
+    _assert_preempted_once(jobs, "noticed", ("TerminationNotice", "EvictionByEvictionAPI", "CheckpointedOnNotice", "NodeDeleted"))
+    assert _resumed(jobs, "noticed", 2) >= st["lastCheckpoint"]["step"]
+
+
+def test_a_pod_deleted_by_someone_else_is_a_preemption(core, jobs, namespace):
+    jobs.create(job_manifest("poked", steps=400))
+    jobs.wait_phase("poked", "Running", timeout=60)
+    core.delete_namespaced_pod("poked-a1-n1", namespace)
+    _assert_preempted_once(jobs, "poked", ("PodDeleted", "CheckpointedOnNotice"))
