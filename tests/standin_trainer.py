@@ -3,8 +3,8 @@ without torch, for the operator's tests: it steps, checkpoints, serves the contr
 answers checkpoint requests from the annotations file, saves and exits EXIT_PREEMPTED on SIGTERM,
 and resumes from the newest committed checkpoint.
 
-Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<step>:<code>"
-exits with <code> at <step> on node rank <rank> in attempt <attempt> (attempt * means any).
+Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<n>:<code>"
+exits with <code> after <n> steps of this attempt on node rank <rank> in attempt <attempt> (* means any).
 """
 
 import http.server
@@ -74,7 +74,7 @@ def on_term(*_):
 signal.signal(signal.SIGTERM, on_term)
 srv = http.server.ThreadingHTTPServer(("0.0.0.0", c.METRICS_PORT), Metrics)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
-state["step"] = state["ckpt_step"] = latest()
+state["step"] = state["ckpt_step"] = start = latest()
 print(f"attempt {attempt} rank {rank}: resuming at step {state['step']} of {steps}", flush=True)
 seen_request = None
 while state["step"] < steps:
@@ -83,7 +83,7 @@ while state["step"] < steps:
     s = state["step"]
     if fail:
         fa, fr, fs, code = fail.split(":")
-        if (fa == "*" or int(fa) == attempt) and int(fr) == rank and int(fs) == s:
+        if (fa == "*" or int(fa) == attempt) and int(fr) == rank and int(fs) == s - start:
             print(f"failing at step {s} with exit code {code}", flush=True)
             sys.exit(int(code))
     req = next((ln for ln in annotations.read_text().splitlines() if ln.startswith(c.ANN_CHECKPOINT_REQUEST)), None) \

@@ -1,0 +1,97 @@
+"""Failures spend the budget and stop at maxFailures; exit-code rules; a gang that cannot start
+within startTimeoutSeconds is retried; suspend checkpoints and removes the pods, resume continues
+as a new attempt from the checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from pretrain_operator import contract as c
+from tests.helpers import wait_for
+from tests.jobs import Jobs, job_manifest
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def jobs(api, namespace, operator) -> Jobs:
+    return Jobs(api, namespace)
+
+
+def test_failures_count_and_stop_at_max_failures(jobs):
+    # Rank 1 fails at step 3 in every attempt.
+    jobs.create(job_manifest("flaky", steps=50, interval=1000, fail="*:1:3:1", failurePolicy={"maxFailures": 2, "failureSettleSeconds": 1}))
+    st = jobs.wait_phase("flaky", "Failed", timeout=120)
+    assert st["failures"] == 3 and st["preemptions"] == 0 and st["attempt"] == 3
+    assert any(cd["type"] == "Failed" and cd["reason"] == "MaxFailuresExceeded" for cd in st["conditions"])
+    # Terminal and sticky: no pods left holding capacity, nothing restarts.
+    wait_for(lambda: not jobs.pods("flaky", live=False), timeout=30, what="the pods to be cleaned up")
+    assert jobs.status("flaky")["phase"] == "Failed"
+
+
+def test_a_failure_then_success_resumes_with_one_failure_spent(jobs):
+    jobs.create(job_manifest("once", steps=20, fail="1:0:8:1"))
+    st = jobs.wait_phase("once", "Succeeded", timeout=120)
+    assert st["failures"] == 1 and st["preemptions"] == 0 and st["attempt"] == 2
+    assert st["restart"]["kind"] == "Failure" and st["restart"]["reason"] == "ExitCode"
+    # Attempt 2 resumed from the checkpoint of step 5, not from scratch.
+    assert "resuming at step 5" in jobs.logs("once-a2-n0")
+
+
+def test_a_non_retryable_exit_code_fails_the_job_at_once(jobs):
+    jobs.create(job_manifest("broken", steps=50, fail=f"*:0:2:{c.EXIT_PERMANENT}", failurePolicy={"maxFailures": 5}))
+    st = jobs.wait_phase("broken", "Failed", timeout=60)
+    assert st["attempt"] == 1 and st["failures"] == 0
+    assert any(cd["type"] == "Failed" and cd["reason"] == "NonRetryableExitCode" for cd in st["conditions"])
+
+
+def test_a_retryable_exit_code_restarts_without_spending_the_budget(jobs):
+    jobs.create(job_manifest("transient", steps=15, fail="1:0:3:42",
+                             failurePolicy={"maxFailures": 0, "retryableExitCodes": [42], "failureSettleSeconds": 1}))
+    st = jobs.wait_phase("transient", "Succeeded", timeout=90)
+    assert st["attempt"] == 2 and st["failures"] == 0 and st["preemptions"] == 0
+    assert st["restart"]["kind"] == "Retryable"
+
+
+def test_the_trainers_preempted_exit_code_is_a_preemption(jobs):
+    jobs.create(job_manifest("sigtermed", steps=15, fail=f"1:1:3:{c.EXIT_PREEMPTED}",
+                             failurePolicy={"maxFailures": 0}))
+    st = jobs.wait_phase("sigtermed", "Succeeded", timeout=90)
+    assert st["preemptions"] == 1 and st["failures"] == 0 and st["restart"]["reason"] == "CheckpointedOnNotice"
+
+
+def test_a_gang_that_cannot_start_in_time_is_torn_down_and_retried(jobs):
+    # Nothing matches the selector: the pods stay Pending, the attempt times out and is retried.
+    jobs.create(job_manifest("stuck", steps=10, scheduling={"nodeSelector": {"pretrain.dev/no-such-pool": "x"},
+                                                            "startTimeoutSeconds": 3}))
+    st = jobs.wait_phase("stuck", "Restarting", "Starting", timeout=60, attempt=2)
+    assert st["restart"]["kind"] == "StartTimeout" and st["failures"] == 0 and st["preemptions"] == 0
+    assert {p.metadata.labels["pretrain.dev/attempt"] for p in jobs.pods("stuck")} <= {"2"}
+
+
+def test_suspend_checkpoints_and_removes_the_pods_and_resume_continues_from_it(jobs):
+    jobs.create(job_manifest("pausable", steps=300, interval=1000, step_s=0.1))
+    jobs.wait_phase("pausable", "Running", timeout=60)
+    jobs.wait("pausable", lambda s: (s.get("progress") or {}).get("step", 0) >= 5, what="some progress")
+    jobs.patch("pausable", {"spec": {"suspend": True}})
+    st = jobs.wait_phase("pausable", "Suspended", timeout=30)
+    assert any(cd["type"] == "Suspended" and cd["status"] == "True" for cd in st["conditions"])
+    wait_for(lambda: not jobs.pods("pausable", live=False), timeout=30, what="the pods to be removed")
+    # Training fields may change while suspended (and only then).
+    jobs.patch("pausable", {"spec": {"training": {"steps": 40}}})
+    jobs.patch("pausable", {"spec": {"suspend": False}})
+    st = jobs.wait_phase("pausable", "Running", "Succeeded", timeout=60, attempt=2)
+    assert st["failures"] == 0 and st["preemptions"] == 0 and st["restart"]["kind"] == "Resume"
+    # The pods were stopped with SIGTERM and checkpointed; attempt 2 resumed there, not at 0.
+    resumed = int(jobs.logs("pausable-a2-n0").split("resuming at step")[1].split()[0])
+    assert resumed >= 5
+    assert jobs.wait_phase("pausable", "Succeeded", timeout=60)["progress"]["step"] == 40
+
+
+def test_training_fields_are_immutable_while_the_job_runs(jobs):
+    from kubernetes import client
+    jobs.create(job_manifest("fixed", steps=300))
+    jobs.wait_phase("fixed", "Running", "Starting", timeout=60)
+    with pytest.raises(client.ApiException) as exc:
+        jobs.patch("fixed", {"spec": {"training": {"steps": 10}}})
+    assert exc.value.status == 422 and "immutable while the job runs" in exc.value.body
