@@ -1,0 +1,133 @@
+"""The PretrainJob API: the committed CRD is the generated one; the real API server rejects bad
+specs with a message naming the field (a table of them); every example in examples/ is accepted;
+the trainer's config and the operator's spec are one model."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client
+
+from pretrain_localcluster import binaries
+from pretrain_localcluster.config import REPO_ROOT
+from pretrain_operator import api as ptapi, crdgen, render
+
+CRD_FILE = REPO_ROOT / "crds" / "pretrain.dev_pretrainjobs.yaml"
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
+
+
+def test_the_committed_crd_is_the_one_generated_from_the_models():
+    assert CRD_FILE.read_text() == crdgen.render(), "run: python -m pretrain_operator.crdgen > " + str(CRD_FILE)
+
+
+def test_the_trainer_config_round_trips_through_the_same_model():
+    spec = ptapi.PretrainJobSpec.model_validate({"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 2, "tensor": 2},
+                                               "checkpoint": {"async": True}})
+    again = ptapi.PretrainJobSpec.model_validate(yaml.safe_load(render.trainer_config(spec)))
+    assert again == spec and again.checkpoint.asyncSave is True
+
+
+BASE = {"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 2, "tensor": 2}}
+
+
+def _with(path: str, value, base: dict | None = None) -> dict:
+    spec = copy.deepcopy(base or BASE)
+    node = spec
+    keys = path.split(".")
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = value
+    return spec
+
+
+# (case, spec, text the API server's message must contain)
+INVALID = [
+    ("world size mismatch", _with("parallelism", {"data": 3, "tensor": 2}), "parallelism.data x parallelism.tensor x parallelism.pipeline must equal nodes x nprocPerNode"),
+    ("nodes zero", _with("nodes", 0), "spec.nodes"),
+    ("nodes negative", _with("nodes", -1), "spec.nodes"),
+    ("nprocPerNode too big", _with("nprocPerNode", 65), "spec.nprocPerNode"),
+    ("nodes not an integer", _with("nodes", "two"), "spec.nodes"),
+    ("unknown field", _with("replicas", 2), 'unknown field \\"spec.replicas\\"'),
+    ("unknown nested field", _with("parallelism.foo", 1), 'unknown field \\"spec.parallelism.foo\\"'),
+    ("layers not divisible by pipeline", {"nodes": 1, "nprocPerNode": 3, "parallelism": {"pipeline": 3}}, "model.layers must be divisible by parallelism.pipeline"),
+    ("interleaved needs 2x stages", {"nodes": 1, "nprocPerNode": 4, "parallelism": {"pipeline": 4, "pipelineSchedule": "Interleaved1F1B"}}, "model.layers must be divisible by parallelism.pipeline"),
+    ("bad pipeline schedule", _with("parallelism.pipelineSchedule", "ZeroBubble"), "spec.parallelism.pipelineSchedule"),
+    ("heads not divisible by tensor", {"nodes": 1, "nprocPerNode": 3, "parallelism": {"tensor": 3}, "model": {"preset": "custom", "dim": 64, "layers": 3, "heads": 4, "kvHeads": 4, "vocabSize": 100, "ffnDim": 128, "maxSeqLen": 64}}, "model.heads must be divisible by parallelism.tensor"),
+    ("kvHeads not divisible by tensor", {"nodes": 1, "nprocPerNode": 4, "parallelism": {"tensor": 4}}, "model.kvHeads must be divisible by parallelism.tensor"),
+    ("heads not divisible by kvHeads", _with("model", {"heads": 4, "kvHeads": 3}), "model.heads must be divisible by model.kvHeads"),
+    ("custom preset without sizes", _with("model", {"preset": "custom", "dim": 64}), "model.preset 'custom' needs"),
+    ("unknown preset", _with("model.preset", "gpt5"), "spec.model.preset"),
+    ("experts not divisible by expert degree", _with("model.moe", {"experts": 6}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 4})), "model.moe.experts must be divisible by parallelism.expert"),
+    ("expert degree without moe", _with("parallelism", {"data": 2, "tensor": 2, "expert": 2}), "parallelism.expert needs model.moe"),
+    ("expert degree does not fit the mesh", _with("model.moe", {"experts": 8}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 8})), "must divide parallelism.data x parallelism.tensor"),
+    ("topK above experts", _with("model.moe", {"experts": 2, "topK": 3}), "model.moe.topK must not exceed model.moe.experts"),
+    ("batch not divisible", _with("data", {"globalBatchSize": 6, "microBatchSize": 2}), "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize"),
+    ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
+    ("seqLen above maxSeqLen", _with("data.seqLen", 4096), "data.seqLen must not exceed model.maxSeqLen"),
+    ("lr zero", _with("optimizer.lr", 0), "spec.optimizer.lr"),
+    ("minLr above lr", _with("optimizer", {"lr": 0.001, "minLr": 0.01}), "optimizer.minLr must not exceed optimizer.lr"),
+    ("warmup beyond steps", _with("optimizer.warmupSteps", 500, _with("training.steps", 100)), "optimizer.warmupSteps must not exceed training.steps"),
+    ("steps zero", _with("training.steps", 0), "spec.training.steps"),
+    ("bad precision", _with("training.precision", "fp8"), "spec.training.precision"),
+    ("checkpoint interval zero", _with("checkpoint.intervalSteps", 0), "spec.checkpoint.intervalSteps"),
+    ("keep zero", _with("checkpoint.keep", 0), "spec.checkpoint.keep"),
+    ("negative maxFailures", _with("failurePolicy.maxFailures", -1), "spec.failurePolicy.maxFailures"),
+    ("exit code in both lists", _with("failurePolicy", {"retryableExitCodes": [85]}), "must not share a code"),
+    ("lora rank zero", _with("lora", {"rank": 0}), "spec.lora.rank"),
+    ("lora dropout one", _with("lora", {"dropout": 1.0}), "spec.lora.dropout"),
+    ("bad toleration operator", _with("scheduling.tolerations", [{"key": "a", "operator": "Maybe"}]), "spec.scheduling.tolerations[0].operator"),
+    ("start timeout zero", _with("scheduling.startTimeoutSeconds", 0), "spec.scheduling.startTimeoutSeconds"),
+    ("negative ttl", _with("ttlSecondsAfterFinished", -5), "spec.ttlSecondsAfterFinished"),
+    ("moe topK zero", _with("model.moe", {"topK": 0}), "spec.model.moe.topK"),
+]
+
+
+def _body(spec: dict, name: str = "") -> dict:
+    return {"apiVersion": f"{ptapi.GROUP}/{ptapi.VERSION}", "kind": ptapi.KIND,
+            "metadata": {"name": name or f"v{uuid.uuid4().hex[:8]}"}, "spec": spec}
+
+
+@pytest.mark.cluster
+def test_a_valid_spec_is_accepted_and_defaulted(api, crd, namespace):
+    custom = client.CustomObjectsApi(api)
+    obj = custom.create_namespaced_custom_object("pretrain.dev", "v1alpha1", namespace, "pretrainjobs",
+                                                 _body(BASE, "ok"), dry_run="All")
+    assert obj["spec"]["training"]["steps"] == 100 and obj["spec"]["failurePolicy"]["nonRetryableExitCodes"] == [85]
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("case,spec,message", INVALID, ids=[c[0] for c in INVALID])
+def test_the_api_server_rejects_an_invalid_spec_naming_the_field(api, crd, namespace, case, spec, message):
+    custom = client.CustomObjectsApi(api)
+    with pytest.raises(client.ApiException) as exc:
+        custom.create_namespaced_custom_object("pretrain.dev", "v1alpha1", namespace, "pretrainjobs", _body(spec), dry_run="All",
+                                                field_validation="Strict")  # what kubectl apply sends
+    assert exc.value.status in (400, 422), exc.value.body  # 400: strict decoding of an unknown field
+    assert message in exc.value.body, exc.value.body
+
+
+@pytest.mark.cluster
+def test_a_name_too_long_for_pod_names_is_rejected(api, crd, namespace):
+    with pytest.raises(client.ApiException) as exc:
+        client.CustomObjectsApi(api).create_namespaced_custom_object(
+            "pretrain.dev", "v1alpha1", namespace, "pretrainjobs", _body(BASE, "x" * 45), dry_run="All")
+    assert "metadata.name must be a DNS-1035 label of at most 40 characters" in exc.value.body
+
+
+def test_there_are_at_least_30_invalid_cases():
+    assert len(INVALID) >= 30
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_is_accepted_by_the_api_server(cluster, crd, namespace, example: Path):
+    kubectl = str(binaries.locate(["kubectl"])["kubectl"])
+    r = subprocess.run([kubectl, "--kubeconfig", str(cluster.cfg.kubeconfig), "-n", namespace, "apply",
+                        "--dry-run=server", "-f", str(example)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "pretrainjob.pretrain.dev/" in r.stdout

@@ -1,0 +1,55 @@
+"""A restart is several writes (status: intent; delete the old pods; create the new gang). Kill
+the operator between them and a new one converges to exactly one live gang, with the counters
+counted once."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.jobs import Jobs, job_manifest
+from tests.operator_fixture import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def jobs(api, namespace, operator) -> Jobs:
+    return Jobs(api, namespace)
+
+
+def _crash_during_restart(jobs: Jobs, core, namespace: str, operator, crash_at: str, tmp_path) -> None:
+    jobs.create(job_manifest("crashy", steps=500))
+    jobs.wait_phase("crashy", "Running", timeout=60)
+    operator.stop()
+    faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=crash_at)
+    try:
+        core.delete_namespaced_pod("crashy-a1-n1", namespace)  # a preemption: the restart begins
+        assert faulty.wait_exit(60) == 17, faulty.log_path.read_text()[-3000:]
+    finally:
+        faulty.stop()
+
+
+def _converged(jobs: Jobs, nodes: int = 2) -> dict:
+    st = jobs.wait_phase("crashy", "Running", timeout=90, attempt=2)
+    assert st["attempt"] == 2 and st["preemptions"] == 1 and st["failures"] == 0
+    live = jobs.pods("crashy")
+    assert sorted(p.metadata.name for p in live) == [f"crashy-a2-n{r}" for r in range(nodes)]
+    return st
+
+
+def test_killed_after_recording_the_intent_before_deleting_the_old_pods(jobs, core, namespace, operator, tmp_path):
+    _crash_during_restart(jobs, core, namespace, operator, "intent-recorded:status", tmp_path)
+    st = jobs.status("crashy")
+    assert st["attempt"] == 2 and st["preemptions"] == 1 and st["phase"] == "Restarting"
+    assert [p.metadata.name for p in jobs.pods("crashy")] == ["crashy-a1-n0"], "the old pod is still there"
+    operator.start()
+    _converged(jobs)
+
+
+def test_killed_after_deleting_the_old_pods_before_creating_the_gang(jobs, core, namespace, operator, tmp_path):
+    _crash_during_restart(jobs, core, namespace, operator, "old-pods-gone:before-create", tmp_path)
+    assert jobs.status("crashy")["attempt"] == 2
+    wait_for(lambda: not jobs.pods("crashy", live=False), what="no pods at all between the writes")
+    operator.start()
+    _converged(jobs)
