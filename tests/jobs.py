@@ -97,3 +97,16 @@ class Jobs:
 
     def events(self, name: str) -> list:
         return [e for e in self.core.list_namespaced_event(self.ns).items if e.involved_object.name == name]
+
+    def resumed_step(self, name: str, attempt: int) -> int:
+        """The step the attempt's rank 0 resumed from (the stand-in trainer logs it at start)."""
+        pod = f"{name}-a{attempt}-n0"
+
+        def line():
+            if not any(p.metadata.name == pod for p in self.pods(name, live=False)):
+                return None
+            try:
+                return next((ln for ln in self.logs(pod).splitlines() if "resuming at step" in ln), None)
+            except client.ApiException:
+                return None
+        return int(wait_for(line, what=f"{pod} to start").split("resuming at step")[1].split()[0])

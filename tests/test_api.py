@@ -131,3 +131,8 @@ def test_every_example_is_accepted_by_the_api_server(cluster, crd, namespace, ex
                         "--dry-run=server", "-f", str(example)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "pretrainjob.pretrain.dev/" in r.stdout
+
+
+def test_the_api_reference_is_generated_from_the_models():
+    from pretrain_operator import apidoc
+    assert (REPO_ROOT / "docs" / "api.md").read_text() == apidoc.render(), "run: python -m pretrain_operator.apidoc > docs/api.md"

@@ -43,14 +43,6 @@ def _running_then_checkpoint(jobs: Jobs, name: str) -> tuple[dict, str]:
     return st, rank0.spec.node_name
 
 
-def _resumed(jobs: Jobs, name: str, attempt: int) -> int:
-    """The step the new attempt's rank 0 resumed from (the stand-in logs it)."""
-    pod = f"{name}-a{attempt}-n0"
-    line = wait_for(lambda: next((ln for ln in jobs.logs(pod).splitlines() if "resuming at step" in ln), None)
-                    if any(p.metadata.name == pod for p in jobs.pods(name)) else None, what=f"{pod} to start")
-    return int(line.split("resuming at step")[1].split()[0])
-
-
 def _assert_preempted_once(jobs: Jobs, name: str, reason_in: tuple[str, ...]) -> dict:
     st = jobs.wait_phase(name, "Running", timeout=90, attempt=2)
     assert st["preemptions"] == 1 and st["failures"] == 0
@@ -65,7 +57,7 @@ def test_eviction_with_disruption_target_is_a_preemption_and_resumes_from_the_ch
     st, node = _running_then_checkpoint(jobs, "evicted")
     nodes.preempt(cluster.state_dir, node, notice_s=0, log=lambda *_: None)
     _assert_preempted_once(jobs, "evicted", ("EvictionByEvictionAPI", "TerminationNotice", "CheckpointedOnNotice", "NodeDeleted"))
-    assert _resumed(jobs, "evicted", 2) >= st["lastCheckpoint"]["step"] > 0
+    assert jobs.resumed_step("evicted", 2) >= st["lastCheckpoint"]["step"] > 0
     assert "Preemption" in [e.reason for e in jobs.events("evicted")]
 
 
@@ -101,7 +93,7 @@ def test_a_termination_notice_asks_for_a_checkpoint_then_the_reclaim_is_a_preemp
     t.join(60)
     assert "TerminationNotice" in [e.reason for e in jobs.events("noticed")]
     _assert_preempted_once(jobs, "noticed", ("TerminationNotice", "EvictionByEvictionAPI", "CheckpointedOnNotice", "NodeDeleted"))
-    assert _resumed(jobs, "noticed", 2) >= st["lastCheckpoint"]["step"]
+    assert jobs.resumed_step("noticed", 2) >= st["lastCheckpoint"]["step"]
 
 
 def test_a_pod_deleted_by_someone_else_is_a_preemption(core, jobs, namespace):

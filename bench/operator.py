@@ -1,0 +1,128 @@
+"""The operator: time from `create` to all pods of a 4-node and a 32-node job existing, 100 jobs
+x 4 pods applied at once, and the operator's memory.
+
+    .venv/bin/python bench/operator.py [--jobs 100]
+
+Pods are left Pending (their nodeSelector matches no node), as in the peers' figures, so this
+measures the operator, not the nodes. Baseline, in the same run: a client creating the very same
+pods directly with the same concurrency (the floor for any controller on this API server).
+Runs its own operator process on the session's local cluster (started if needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kubernetes import client, config
+
+from pretrain_localcluster import binaries
+from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
+from pretrain_localcluster.controlplane import LocalCluster
+from pretrain_operator import api, render
+
+POOL = 16
+
+
+def job(name: str, nodes: int) -> dict:
+    return {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "metadata": {"name": name},
+            "spec": {"nodes": nodes, "parallelism": {"data": nodes}, "data": {"globalBatchSize": nodes},
+                     "scheduling": {"nodeSelector": {"pretrain.dev/bench": "pending"}, "startTimeoutSeconds": 86400},
+                     "template": {"command": ["sleep", "3600"]}}}
+
+
+def count_pods(core, ns: str) -> int:
+    return len(core.list_namespaced_pod(ns, label_selector="pretrain.dev/job").items)
+
+
+def wait_pods(core, ns: str, n: int, t0: float, timeout: float = 600) -> float:
+    while count_pods(core, ns) < n:
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"{n} pods not created in {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def direct(core, ns: str, jobs: list[tuple[str, int]]) -> float:
+    """The baseline: the same pods, created straight from a client (fake owner, no operator)."""
+    fake = {"metadata": {"name": "x", "namespace": ns, "uid": str(uuid.uuid4())}}
+    spec = api.PretrainJobSpec.model_validate(job("x", 1)["spec"])
+    pods = []
+    for name, nodes in jobs:
+        s = spec.model_copy(update={"nodes": nodes})
+        fj = {"metadata": {**fake["metadata"], "name": name}}
+        for p in render.gang(fj, s, 1):
+            p["metadata"].pop("ownerReferences")
+            pods.append(p)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(POOL) as ex:
+        list(ex.map(lambda p: core.create_namespaced_pod(ns, p), pods))
+    return time.monotonic() - t0
+
+
+def new_ns(core) -> str:
+    ns = f"bench-{uuid.uuid4().hex[:6]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    return ns
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=100)
+    args = ap.parse_args(argv or [])
+    lc = LocalCluster(ClusterConfig.load())
+    started_here = not (lc.state() and lc.is_running())
+    lc.up(log=lambda *_: None)
+    kubectl = str(binaries.locate(["kubectl"])["kubectl"])
+    subprocess.run([kubectl, "--kubeconfig", str(lc.cfg.kubeconfig), "apply", "--server-side", "--force-conflicts",
+                    "-f", str(REPO_ROOT / "crds")], check=True, capture_output=True)
+    apic = config.new_client_from_config(config_file=str(lc.cfg.kubeconfig))
+    apic.configuration.connection_pool_maxsize = 32
+    core, custom = client.CoreV1Api(apic), client.CustomObjectsApi(apic)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    env = dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(mport),
+               PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4")
+    op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    namespaces = []
+    try:
+        time.sleep(6)  # leader election (a previous holder's Lease may have to expire)
+        print(f"{'case':<34}{'baseline (direct)':>20}{'operator':>12}{'ratio':>8}")
+        for nodes in (4, 32):
+            ns = new_ns(core); namespaces.append(ns)
+            base = direct(core, ns, [(f"direct{nodes}", nodes)])
+            ns = new_ns(core); namespaces.append(ns)
+            t0 = time.monotonic()
+            custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, job(f"j{nodes}", nodes))
+            t = wait_pods(core, ns, nodes, t0)
+            print(f"{f'one {nodes}-node job: all pods created':<34}{base:>19.2f}s{t:>11.2f}s{t / base:>7.1f}x")
+        ns = new_ns(core); namespaces.append(ns)
+        base = direct(core, ns, [(f"d{i}", 4) for i in range(args.jobs)])
+        ns = new_ns(core); namespaces.append(ns)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(POOL) as ex:
+            list(ex.map(lambda i: custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL,
+                                                                        job(f"j{i}", 4)), range(args.jobs)))
+        t = wait_pods(core, ns, 4 * args.jobs, t0)
+        print(f"{f'{args.jobs} jobs x 4 pods: all created':<34}{base:>19.2f}s{t:>11.2f}s{t / base:>7.1f}x")
+        rss = int(next(x for x in open(f"/proc/{op.pid}/status") if x.startswith("VmRSS")).split()[1]) / 1024
+        print(f"operator RSS after {args.jobs + 2} jobs: {rss:.0f} MiB")
+    finally:
+        op.terminate()
+        op.wait(20)
+        for ns in namespaces:
+            core.delete_namespace(ns)
+        if started_here:
+            lc.down(log=lambda *_: None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
