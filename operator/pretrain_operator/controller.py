@@ -43,6 +43,7 @@ class Controller:
         self.phases: dict = {}
         self.restart_seen: dict = {}
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
+        self.children: dict = {}  # job uid -> (generation, config) once its Service and ConfigMap exist
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -109,6 +110,7 @@ class Controller:
         except client.ApiException as e:
             if e.status == 404:
                 self.phases.pop((ns, name), None)
+                self.last_progress.pop((ns, name), None)
                 self._update_phase_gauge()
                 return None  # deleted: ownerReferences garbage-collect the children
             raise
@@ -129,11 +131,18 @@ class Controller:
             if nn and nn not in nodes:
                 nodes[nn] = self._node(nn)
                 self.node_jobs.setdefault(nn, set()).add((ns, name))
-        svc = self._get(lambda: self.core.read_namespaced_service(name, ns))
-        cm = self._get(lambda: self.core.read_namespaced_config_map(render.config_map_name(name), ns))
-        observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc is not None,
-                                      config_data=(cm.data or {}).get(c.CONFIG_FILE) if cm is not None else None,
-                                      now=dt.datetime.now(dt.timezone.utc))
+        # The Service and ConfigMap are re-read once a minute or when the spec changes: only we change them.
+        known = self.children.get(uid)
+        gen = job["metadata"].get("generation")
+        if known and known[0] == gen and time.monotonic() - known[2] < 60:
+            svc_exists, config_data = True, known[1]
+        else:
+            svc = self._get(lambda: self.core.read_namespaced_service(name, ns))
+            cm = self._get(lambda: self.core.read_namespaced_config_map(render.config_map_name(name), ns))
+            svc_exists = svc is not None
+            config_data = (cm.data or {}).get(c.CONFIG_FILE) if cm is not None else None
+        observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
+                                      config_data=config_data, now=dt.datetime.now(dt.timezone.utc))
         # Decide.
         plan = reconcile.decide(observed)
         self._progress(job, plan, pods)
@@ -144,6 +153,9 @@ class Controller:
         self._crash_point(plan.stage, "status")
         # Act.
         self._act(ns, job, plan)
+        cm_obj = plan.update_config or next((o for o in plan.create if o["kind"] == "ConfigMap"), None)
+        if not known or known[0] != gen or time.monotonic() - known[2] >= 60 or cm_obj:
+            self.children[uid] = (gen, cm_obj["data"][c.CONFIG_FILE] if cm_obj else observed.config_data, time.monotonic())
         # Tell.
         for etype, reason, message in plan.events:
             self._event(job, etype, reason, message)

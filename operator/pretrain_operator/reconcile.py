@@ -144,16 +144,17 @@ def decide(o: Observed) -> Plan:
         # Resume: a new attempt, from the latest checkpoint; counts as neither failure nor preemption.
         return _restart(plan, o, "Resume", "Resumed", "resumed from suspension", count=None)
 
-    # 4. First attempt.
+    # 4. First attempt: record it, and create the gang in the same pass (nothing older can exist;
+    #    the status write still precedes the creates).
     if attempt == 0:
-        status["attempt"] = 1
+        attempt = status["attempt"] = 1
         status["startTime"] = status.get("startTime") or now
         status["attemptStartTime"] = now
         status["gangCreated"] = False
         _phase(status, "Starting", "GangStarting", "creating the gang of attempt 1", now, gen)
         plan.events.append(("Normal", "Starting", f"starting attempt 1 with {spec.nodes} node(s) x {spec.nprocPerNode} process(es)"))
         plan.stage = "intent-recorded"
-        return plan
+        current, old = [], list(o.pods)
 
     # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
     if old:
@@ -169,7 +170,7 @@ def decide(o: Observed) -> Plan:
         missing = [n for n in names if n not in by_name]
         if missing:
             plan.create += [p for p in render.gang(job, spec, attempt) if p["metadata"]["name"] in missing]
-            plan.stage = "old-pods-gone" if status.get("restart") else "creating-gang"
+            plan.stage = plan.stage or ("old-pods-gone" if status.get("restart") else "creating-gang")
             plan.requeue_after = 1.0
             status["readyNodes"] = f"0/{spec.nodes}"
             return plan

@@ -1,7 +1,7 @@
 """The operator: time from `create` to all pods of a 4-node and a 32-node job existing, 100 jobs
 x 4 pods applied at once, and the operator's memory.
 
-    .venv/bin/python bench/operator.py [--jobs 100]
+    .venv/bin/python bench/gang_creation.py [--jobs 100]
 
 Pods are left Pending (their nodeSelector matches no node), as in the peers' figures, so this
 measures the operator, not the nodes. Baseline, in the same run: a client creating the very same
