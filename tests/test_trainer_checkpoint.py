@@ -1,0 +1,112 @@
+"""Checkpoints resume exactly: a run stopped by SIGTERM at step k and resumed gives, bit for bit
+on CPU, the losses of the uninterrupted run; a newest checkpoint that is corrupt or half-written
+is skipped for the previous one; a checkpoint loads into another layout; a checkpoint request in
+the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
+step with one checkpoint and the contract's exit code."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pretrain_operator import contract as c
+from tests.trainer_util import cmd, env, losses, run, wait_for_step, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+
+def _committed(d):
+    return sorted(p.name for p in (d / "ckpt").glob("step-*") if (p / "COMMITTED").exists())
+
+
+def test_a_run_stopped_by_sigterm_and_resumed_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    run(write_config(full, steps=8, interval=100), 1, full / "losses.txt")
+    want = losses(full / "losses.txt")
+
+    part = tmp_path / "part"
+    part.mkdir()
+    cfg = write_config(part, steps=8, interval=100)
+    p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(part / "losses.txt", 3, p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == c.EXIT_PREEMPTED
+    k = int(_committed(part)[-1].split("-")[1])
+    assert 3 <= k < 8
+    run(cfg, 1, part / "losses.txt")
+    got = losses(part / "losses.txt")
+    assert got == want  # every step, before and after k, bit for bit
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = write_config(tmp_path, steps=6, interval=3)
+    run(cfg, 1, tmp_path / "first.txt")
+    first = losses(tmp_path / "first.txt")
+    assert _committed(tmp_path) == ["step-00000003", "step-00000006"]
+    shard = next((tmp_path / "ckpt" / "step-00000006").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated: the marker's size no longer matches
+    half = tmp_path / "ckpt" / "step-00000009"
+    half.mkdir()  # a save cut short: no marker
+    (half / "__0_0.distcp").write_bytes(b"partial")
+    r = run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "again.txt")
+    assert "step-00000006 is not usable" in r.stderr and "falling back" in r.stderr
+    again = losses(tmp_path / "again.txt")
+    assert sorted(again) == [4, 5, 6]
+    assert all(again[s] == first[s] for s in again)
+
+
+def test_a_checkpoint_loads_into_another_layout(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run(write_config(ref, steps=6, interval=100), 1, ref / "losses.txt")
+    want = losses(ref / "losses.txt")
+    d = tmp_path / "reshard"
+    d.mkdir()
+    cfg = write_config(d, nproc=2, data=2, steps=6, interval=3)
+    p = subprocess.Popen(cmd(cfg, 2, d / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(d / "losses.txt", 4, p)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
+    p.wait(60)
+    assert _committed(d)
+    # Resume the data-parallel checkpoint under tensor parallelism.
+    r = run(write_config(d, nproc=2, tensor=2, steps=6, interval=3), 2, d / "losses.txt")
+    assert "per-rank RNG re-derived" not in r.stderr  # same world size: the RNG carried over
+    got = losses(d / "losses.txt")
+    for s in range(1, 7):
+        assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
+
+
+def test_a_checkpoint_request_in_the_annotations_file_saves_without_stopping(tmp_path):
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "annotations").write_text('other="x"\n')
+    cfg = write_config(tmp_path, steps=40, interval=1000)
+    p = subprocess.Popen(cmd(cfg, 1, tmp_path / "losses.txt"), env=env(podinfo), stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "losses.txt", 2, p)
+    (podinfo / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\nother="x"\n')
+    assert p.wait(120) == 0, p.stderr.read()[-2000:]
+    saved = _committed(tmp_path)
+    assert saved[-1] == "step-00000040" and len(saved) == 2, saved  # the requested one, and the final one
+    assert 2 < int(saved[0].split("-")[1]) < 40
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000)
+    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
+                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29911"})
+    wait_for_step(tmp_path / "losses.txt", 3, p)
+    workers = subprocess.run(["pgrep", "-f", f"pretrain_trainer train --config {cfg}"], capture_output=True, text=True).stdout.split()
+    # Only one worker gets the signal (as when one container's process is signalled).
+    victim = max(int(w) for w in workers if int(w) != p.pid)
+    import os
+    os.kill(victim, signal.SIGTERM)
+    assert p.wait(120) == c.EXIT_PREEMPTED, p.stderr.read()[-3000:]
+    saved = _committed(tmp_path)
+    assert len(saved) == 1
+    step = int(saved[0].split("-")[1])
+    assert max(losses(tmp_path / "losses.txt")) == step  # nobody trained past the saved step
+    time.sleep(0.1)

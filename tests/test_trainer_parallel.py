@@ -1,0 +1,39 @@
+"""Parallel layouts train the same model: data parallel (FSDP2), tensor parallel (DTensor) and
+both at once give the per-step losses of a single process on the same data, with gradient
+accumulation, within 1e-5 (reduction order differs, nothing else)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.trainer_util import losses, run, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    run(write_config(d, steps=5), 1, d / "losses.txt")
+    return losses(d / "losses.txt")
+
+
+@pytest.mark.parametrize("nproc,data,tensor", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["fsdp2", "tp2", "fsdp2xtp2"])
+def test_a_parallel_layout_matches_the_single_process_losses(tmp_path, reference, nproc, data, tensor):
+    run(write_config(tmp_path, nproc=nproc, data=data, tensor=tensor, steps=5), nproc, tmp_path / "losses.txt")
+    got = losses(tmp_path / "losses.txt")
+    assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
+    for step, want in reference.items():
+        assert abs(got[step] - want) <= TOL, (step, got[step], want)
+    assert reference[5] < reference[1]  # and it learns
+
+
+def test_the_trainer_refuses_a_layout_that_does_not_fit_the_world(tmp_path):
+    import subprocess
+    import sys
+    cfg = write_config(tmp_path, nproc=1, data=2)
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 85
+    assert "parallelism.data x tensor x pipeline = 2 but the world has 1 ranks" in r.stderr

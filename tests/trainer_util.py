@@ -1,0 +1,69 @@
+"""Running the trainer for real: torchrun with gloo on CPU, one small job config per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def write_config(d: Path, *, nproc: int = 1, data: int = 1, tensor: int = 1, steps: int = 6, interval: int = 3,
+                 micro: int = 2, global_batch: int = 4, keep: int = 3, extra: dict | None = None) -> Path:
+    spec = {"nodes": 1, "nprocPerNode": nproc, "parallelism": {"data": data, "tensor": tensor},
+            "model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": global_batch, "microBatchSize": micro},
+            "training": {"steps": steps, "logEverySteps": 1}, "optimizer": {"warmupSteps": 2},
+            "checkpoint": {"path": str(d / "ckpt"), "intervalSteps": interval, "keep": keep}}
+    for k, v in (extra or {}).items():
+        spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
+    p = d / "job.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def env(podinfo: Path | None = None) -> dict:
+    e = dict(os.environ, PRETRAIN_METRICS_PORT="0", OMP_NUM_THREADS="1")
+    if podinfo:
+        e["PRETRAIN_PODINFO_DIR"] = str(podinfo)
+    return e
+
+
+def cmd(config: Path, nproc: int, losses: Path, launch: bool = False) -> list[str]:
+    args = ["train", "--config", str(config), "--losses-out", str(losses)]
+    if launch:
+        return [sys.executable, "-m", "pretrain_trainer", "launch", *args]
+    if nproc == 1:
+        return [sys.executable, "-m", "pretrain_trainer", *args]
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29600 + os.getpid() % 300),
+            "-m", "pretrain_trainer", *args]
+
+
+def run(config: Path, nproc: int, losses: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd(config, nproc, losses), env=env(), capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(path: Path) -> dict[int, float]:
+    """step -> loss; a resumed run appends, so a later line for a step wins."""
+    out = {}
+    for line in path.read_text().splitlines():
+        s, v = line.split()
+        out[int(s)] = float(v)
+    return out
+
+
+def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and any(int(ln.split()[0]) >= step for ln in path.read_text().splitlines() if ln.strip()):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited early: {proc.stderr.read() if proc.stderr else ''}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout} s")

@@ -1,0 +1,43 @@
+"""The trainer's command line.
+
+    torchrun --nproc_per_node N -m pretrain_trainer train --config job.yaml [--checkpoint-dir DIR]
+    python -m pretrain_trainer launch train --config job.yaml   # torchrun, keeping the contract's exit codes
+    python -m pretrain_trainer prepare --input DIR --out DIR [--vocab-size N] [--tokenizer tokenizer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["launch"]:
+        from .launch import launch
+        return launch(argv[1:])
+    ap = argparse.ArgumentParser(prog="pretrain_trainer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train (under torchrun, or one process)")
+    t.add_argument("--config", required=True, help="a PretrainJobSpec or a whole PretrainJob manifest (YAML)")
+    t.add_argument("--checkpoint-dir", help="overrides checkpoint.path")
+    t.add_argument("--podinfo", help="folder of the downward-API annotations file (default from the contract)")
+    t.add_argument("--losses-out", help="append 'step loss' lines here (rank 0)")
+    p = sub.add_parser("prepare", help="text files -> tokenizer and token shards")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--tokenizer")
+    a = ap.parse_args(argv)
+    if a.cmd == "train":
+        from .train import train
+        return train(a.config, a.checkpoint_dir, a.podinfo, a.losses_out)
+    from .data import prepare
+    m = prepare(a.input, a.out, a.vocab_size, a.tokenizer)
+    print(f"prepared {m['totalTokens']} tokens from {len(m['files'])} files into {a.out} (manifest {m['sha256'][:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): one `step-NNNNNNNN/` folder per save, a
+`COMMITTED` marker written last (after every rank's shards and DCP's `.metadata`), then a `latest`
+pointer; the last `keep` committed ones are kept.
+
+Saved: model and optimizer (through `get_state_dict`, keyed by layout-independent FQNs, so a
+checkpoint loads into another layout), the LR schedule, the data position, step and tokens seen,
+the data manifest's hash, and each rank's RNG state (`rng/rank-N.pt`; on resume into another
+world size it cannot carry over, so it is re-derived from the seed and the log says so).
+
+Resume picks the newest checkpoint that verifies (marker present, every file the marker lists with
+its recorded size) and that loads on every rank; otherwise it says why and falls back to the
+previous one. A folder without a marker (a save cut short) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+log = logging.getLogger("pretrain_trainer.checkpoint")
+MARKER = "COMMITTED"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def committed_steps(root: Path) -> list[int]:
+    out = []
+    for p in root.glob("step-*"):
+        if (p / MARKER).exists():
+            try:
+                out.append(int(p.name.split("-")[1]))
+            except ValueError:
+                pass
+    return sorted(out)
+
+
+def verify(d: Path) -> str | None:
+    """None if the checkpoint is complete as its marker describes, else what is wrong."""
+    try:
+        marker = json.loads((d / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable marker ({e})"
+    for rel, size in marker.get("files", {}).items():
+        f = d / rel
+        if not f.exists():
+            return f"missing {rel}"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, the marker recorded {size}"
+    return None
+
+
+class Checkpointer:
+    def __init__(self, root: str, keep: int, rank: int, world: int, async_save: bool = False):
+        self.root = Path(root)
+        self.keep, self.rank, self.world = keep, rank, world
+        self.async_save = async_save
+        self.pending = None  # (future, step, extra) of an async save
+        self.last_step = 0
+        self.last_time = 0.0
+        self.save_seconds = 0.0
+        self.blocked_seconds = 0.0
+
+    def _state(self, model, optim) -> dict:
+        msd, osd = get_state_dict(model, optim)
+        return {"model": msd, "optim": osd}
+
+    def save(self, step: int, model, optim, extra: dict) -> None:
+        """Save (async: blocks only for staging); commit when the shards are written."""
+        self.wait()
+        t0 = time.monotonic()
+        d = step_dir(self.root, step)
+        if self.rank == 0:
+            if d.exists():
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+        dist.barrier()
+        (d / "rng").mkdir(exist_ok=True)
+        torch.save({"cpu": torch.get_rng_state(), "world": self.world,
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   d / "rng" / f"rank-{self.rank}.pt")
+        state = self._state(model, optim)
+        if self.async_save:
+            fut = dcp.async_save(state, checkpoint_id=str(d))
+            self.pending = (fut, step, extra, t0)
+            self.blocked_seconds += time.monotonic() - t0
+            return
+        dcp.save(state, checkpoint_id=str(d))
+        self._commit(step, extra, t0)
+        self.blocked_seconds += time.monotonic() - t0
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        fut, step, extra, t0 = self.pending
+        self.pending = None
+        fut.result()
+        self._commit(step, extra, t0)
+
+    def _commit(self, step: int, extra: dict, t0: float) -> None:
+        d = step_dir(self.root, step)
+        dist.barrier()  # every rank's shards and RNG file are on disk
+        if self.rank == 0:
+            (d / "extra.json").write_text(json.dumps(extra))
+            files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+            tmp = d / (MARKER + ".tmp")
+            tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files}))
+            os.replace(tmp, d / MARKER)
+            latest_tmp = self.root / "latest.tmp"
+            latest_tmp.write_text(d.name)
+            os.replace(latest_tmp, self.root / "latest")
+            for old in committed_steps(self.root)[:-self.keep]:
+                shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
+            # Folders without a marker older than this one were cut short: remove them.
+            for p in self.root.glob("step-*"):
+                if not (p / MARKER).exists() and p.name < d.name:
+                    shutil.rmtree(p, ignore_errors=True)
+        dist.barrier()
+        self.last_step, self.last_time = step, time.time()
+        self.save_seconds = time.monotonic() - t0
+        log.info("checkpoint step %d committed in %.2f s", step, self.save_seconds)
+
+    def load(self, model, optim, base: str | None = None) -> dict | None:
+        """Load the newest good checkpoint; returns its extra dict, or None to start fresh."""
+        root = Path(base) if base else self.root
+        candidates = committed_steps(root)[::-1] if root.exists() else []
+        for step in candidates:
+            d = step_dir(root, step)
+            problem = verify(d)
+            ok = torch.tensor([0 if problem else 1])
+            if not problem:
+                try:
+                    state = self._state(model, optim)
+                    dcp.load(state, checkpoint_id=str(d))
+                    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
+                    problem = f"{type(e).__name__}: {e}"
+                    ok = torch.tensor([0])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if int(ok) == 1:
+                extra = json.loads((d / "extra.json").read_text())
+                rng = d / "rng" / f"rank-{self.rank}.pt"
+                saved = torch.load(rng, weights_only=False) if rng.exists() else None
+                if saved and saved["world"] == self.world:
+                    torch.set_rng_state(saved["cpu"])
+                else:
+                    torch.manual_seed(extra.get("seed", 0) * 7919 + self.rank + step)
+                    if self.rank == 0:
+                        log.warning("resuming step %d saved by %s ranks on %d: per-rank RNG re-derived from the seed",
+                                    step, saved["world"] if saved else "?", self.world)
+                self.last_step, self.last_time = step, json.loads((d / MARKER).read_text())["time"]
+                if self.rank == 0:
+                    log.info("resumed from %s", d)
+                return extra
+            if self.rank == 0:
+                log.warning("checkpoint %s is not usable (%s); falling back to the previous one", d,
+                            problem or "another rank could not load it")
+        return None

@@ -1,0 +1,161 @@
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Layers live in a ModuleDict keyed by their global index ("0", "1", ...), so parameter names (FQNs)
+do not depend on the parallel layout: a pipeline stage holds a subset of the same keys, and a
+checkpoint saved under one layout loads under another. Weight init is seeded per parameter from
+(seed, FQN), so every layout gets the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    layers: int
+    heads: int
+    kvHeads: int
+    vocabSize: int
+    ffnDim: int
+    maxSeqLen: int
+    normEps: float = 1e-5
+    ropeTheta: float = 10000.0
+
+    @classmethod
+    def from_spec(cls, model_spec) -> "ModelArgs":
+        return cls(**model_spec.resolved())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_cache(args: ModelArgs) -> torch.Tensor:
+    hd = args.dim // args.heads
+    freqs = 1.0 / (args.ropeTheta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    t = torch.arange(args.maxSeqLen, dtype=torch.float32)
+    angles = torch.outer(t, freqs)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (seq, hd/2, 2)
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    # x: (b, s, h, hd)
+    s = x.shape[1]
+    xr = x.float().reshape(*x.shape[:-1], -1, 2)
+    cos, sin = cache[:s, :, 0][None, :, None, :], cache[:s, :, 1][None, :, None, :]
+    out = torch.stack([xr[..., 0] * cos - xr[..., 1] * sin, xr[..., 0] * sin + xr[..., 1] * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.heads, self.kv_heads = args.heads, args.kvHeads
+        self.head_dim = args.dim // args.heads
+        self.wq = nn.Linear(args.dim, args.heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.kvHeads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.kvHeads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        # -1 instead of the head counts: under tensor parallelism each rank holds a slice of heads.
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        rep = q.shape[2] // k.shape[2]
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=2)
+            v = v.repeat_interleave(rep, dim=2)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(o.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.normEps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.normEps)
+        self.feed_forward = FeedForward(args.dim, args.ffnDim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """`tok_embeddings` and `output`/`norm` are None on pipeline stages that do not own them."""
+
+    def __init__(self, args: ModelArgs, layer_ids: list[int] | None = None, first: bool = True, last: bool = True):
+        super().__init__()
+        self.args = args
+        ids = list(range(args.layers)) if layer_ids is None else layer_ids
+        self.tok_embeddings = nn.Embedding(args.vocabSize, args.dim) if first else None
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in ids})
+        self.norm = RMSNorm(args.dim, args.normEps) if last else None
+        self.output = nn.Linear(args.dim, args.vocabSize, bias=False) if last else None
+        self.register_buffer("rope", rope_cache(args), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        if self.output is None:
+            return h
+        return self.output(self.norm(h)).float()
+
+
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Per-parameter init seeded by (seed, FQN): identical whatever the layout or stage split.
+    Call before any sharding (on full tensors)."""
+    std_base = 0.02
+    with torch.no_grad():
+        for fqn, p in model.named_parameters():
+            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63))
+            if fqn.endswith("norm.weight") or fqn == "norm.weight":
+                p.fill_(1.0)
+            elif fqn.endswith(("wo.weight", "w2.weight")):
+                layers = getattr(model, "args").layers
+                p.copy_(torch.randn(p.shape, generator=g) * (std_base / math.sqrt(2 * layers)))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std_base)
+
+
+def num_params(args: ModelArgs) -> int:
+    hd = args.dim // args.heads
+    attn = args.dim * hd * (2 * args.heads + 2 * args.kvHeads)
+    ffn = 3 * args.dim * args.ffnDim
+    return args.layers * (attn + ffn + 2 * args.dim) + 2 * args.vocabSize * args.dim + args.dim
+
+
+def flops_per_token(args: ModelArgs, seq: int) -> float:
+    """Training FLOPs per token (6N plus attention), as torchtitan's MFU estimate."""
+    return 6 * num_params(args) + 12 * args.layers * args.dim * seq

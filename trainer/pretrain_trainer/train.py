@@ -1,0 +1,232 @@
+"""The training loop.
+
+    torchrun --nproc_per_node 2 -m pretrain_trainer train --config job.yaml
+    python -m pretrain_trainer train --config job.yaml          # one process
+
+`--config` takes a PretrainJobSpec (the operator's rendered config) or a whole PretrainJob
+manifest. CPU runs use gloo, GPU runs NCCL (bf16 autocast when training.precision is bf16; fp32
+master weights and reductions). Each step: microbatches with gradient accumulation (derived from
+globalBatchSize, microBatchSize and the data-parallel degree), clipping over the whole mesh,
+AdamW with linear warm-up and cosine decay. Preemption: SIGTERM sets a flag that is all-reduced
+every step, so every rank stops at the same step, saves, and exits 83. A checkpoint request in the
+pod's annotations file saves at the next step without stopping.
+
+Limits: pipeline parallelism is not in the loop yet (pipeline > 1 exits 85); MoE and LoRA are not
+implemented here (the model must be dense, no lora).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from pretrain_operator import api, contract as c
+
+from . import parallel
+from .checkpoint import Checkpointer
+from .data import Loader, TokenSource
+from .metrics import Metrics
+from .model import ModelArgs, Transformer, flops_per_token, init_weights
+
+log = logging.getLogger("pretrain_trainer")
+
+
+class ConfigError(SystemExit):
+    def __init__(self, msg: str):
+        print(f"pretrain_trainer: {msg}", file=sys.stderr)
+        super().__init__(c.EXIT_PERMANENT)
+
+
+def load_spec(path: str) -> api.PretrainJobSpec:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e}")
+    if isinstance(doc, dict) and doc.get("kind") == api.KIND:
+        doc = doc.get("spec") or {}
+    try:
+        return api.PretrainJobSpec.model_validate(doc or {})
+    except Exception as e:  # noqa: BLE001  (pydantic's message names the field)
+        raise ConfigError(f"invalid config {path}: {e}")
+
+
+def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
+    p = spec.parallelism
+    if p.pipeline > 1:
+        raise ConfigError("parallelism.pipeline > 1 is not supported by this trainer version yet")
+    if spec.model.moe is not None or spec.lora is not None or p.expert > 1:
+        raise ConfigError("model.moe, lora and parallelism.expert are not supported by this trainer version yet")
+    if p.data * p.tensor * p.pipeline != world:
+        raise ConfigError(f"parallelism.data x tensor x pipeline = {p.data * p.tensor * p.pipeline} but the world has "
+                          f"{world} ranks (nodes x nprocPerNode under torchrun)")
+    if spec.data.globalBatchSize % (p.data * spec.data.microBatchSize):
+        raise ConfigError("data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize")
+
+
+def lr_at(step: int, o: api.Optimizer, total: int) -> float:
+    if o.warmupSteps and step <= o.warmupSteps:
+        return o.lr * step / o.warmupSteps
+    frac = (step - o.warmupSteps) / max(total - o.warmupSteps, 1)
+    return o.minLr + 0.5 * (o.lr - o.minLr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+class Stop:
+    """SIGTERM (a deletion, an eviction, torchrun forwarding one) asks every rank to stop."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._on)
+        signal.signal(signal.SIGINT, self._on)
+
+    def _on(self, *_):
+        self.requested = True
+
+
+def checkpoint_request(podinfo: str) -> str | None:
+    try:
+        for line in (Path(podinfo) / "annotations").read_text().splitlines():
+            if line.startswith(c.ANN_CHECKPOINT_REQUEST + "="):
+                return line.split("=", 1)[1]
+    except OSError:
+        pass
+    return None
+
+
+def setup_distributed() -> tuple[int, int, int, str]:
+    if "RANK" not in os.environ:  # one process, no torchrun
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=dt.timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size(), local, "cuda" if cuda else "cpu"
+
+
+def build(spec: api.PretrainJobSpec, device: str, world: int):
+    p = spec.parallelism
+    args = ModelArgs.from_spec(spec.model)
+    torch.manual_seed(spec.training.seed)
+    model = Transformer(args)
+    init_weights(model, spec.training.seed)
+    model.to(device)
+    mesh = parallel.build_mesh(device, p.data, p.tensor)
+    parallel.apply_tensor_parallel(model, mesh["tp"])
+    parallel.apply_data_parallel(model, mesh["dp"])
+    o = spec.optimizer
+    optim = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95),
+                              foreach=False)
+    return args, model, optim, mesh
+
+
+def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:
+    spec = load_spec(config)
+    rank, world, local, device = setup_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(message)s")
+    check_layout(spec, world)
+    args, model, optim, mesh = build(spec, device, world)
+    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+    source = TokenSource(spec.data.path, args.vocabSize, spec.training.seed)
+    loader = Loader(source, spec.data.seqLen, spec.data.globalBatchSize, spec.data.microBatchSize, dp_rank, dp_size,
+                    spec.training.seed)
+    ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
+    ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
+    base = spec.lora.baseCheckpoint if spec.lora else None
+    extra = ckpt.load(model, optim, base)
+    step = 0
+    tokens_seen = 0
+    if extra:
+        step, tokens_seen = extra["step"], extra["tokensSeen"]
+        loader.load_state_dict(extra["data"])
+    podinfo = podinfo or os.environ.get(c.ENV_PODINFO, c.PODINFO_DIR)
+    metrics = Metrics()
+    metrics.set(**{c.METRIC_TOTAL_STEPS: spec.training.steps, c.METRIC_STEP: step,
+                   c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time})
+    if local == 0 and os.environ.get(c.ENV_METRICS_PORT, str(c.METRICS_PORT)) != "0":
+        try:
+            metrics.serve(int(os.environ.get(c.ENV_METRICS_PORT, c.METRICS_PORT)))
+        except OSError as e:
+            log.warning("metrics not served: %s", e)
+    stop = Stop()
+    seen_request = checkpoint_request(podinfo)
+    served = 0
+    fpt = flops_per_token(args, spec.data.seqLen)
+    peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16" and device == "cuda")
+    losses = open(losses_out, "a") if losses_out and rank == 0 else None
+    log.info("training %s (%d params) on %d rank(s): data %d x tensor %d; steps %d..%d, accumulation %d",
+             spec.model.preset, sum(p.numel() for p in model.parameters()) * 1, world, dp_size, spec.parallelism.tensor,
+             step + 1, spec.training.steps, loader.accum)
+    t_log = time.monotonic()
+    tokens_at_log = tokens_seen
+    while step < spec.training.steps:
+        step += 1
+        lr = lr_at(step, spec.optimizer, spec.training.steps)
+        for g in optim.param_groups:
+            g["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64)
+        micro = loader.next_batch()
+        for x, y in micro:
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            (loss / len(micro)).backward()
+            total += loss.detach().double().cpu() / len(micro)
+        parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        tokens_seen += spec.data.globalBatchSize * spec.data.seqLen
+        # One collective per step: the mean loss over data parallel, the stop flag and a new
+        # checkpoint request (MAX over ranks, so every rank acts on the same step).
+        req = checkpoint_request(podinfo)
+        flags = torch.tensor([float(total) / dp_size, 1.0 if stop.requested else 0.0,
+                              1.0 if req and req != seen_request else 0.0], dtype=torch.float64)
+        dist.all_reduce(flags[:1], op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
+        dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
+        loss_v = float(flags[0])
+        preempt, requested = bool(flags[1]), bool(flags[2])
+        seen_request = req or seen_request
+        if losses:
+            losses.write(f"{step} {loss_v:.10f}\n")
+            losses.flush()
+        if step % spec.training.logEverySteps == 0 or step == spec.training.steps:
+            now = time.monotonic()
+            tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
+            t_log, tokens_at_log = now, tokens_seen
+            mfu = tps * fpt / (peak * world)
+            metrics.set(**{c.METRIC_LOSS: loss_v, c.METRIC_TOKENS_PER_SECOND: tps, "pretrain_mfu": mfu})
+            log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f mfu %.1f%%", step, spec.training.steps, loss_v, lr, tps, 100 * mfu)
+        metrics.set(**{c.METRIC_STEP: step})
+        if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
+            ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
+                                           "seed": spec.training.seed, "lr": lr})
+            if requested:
+                served += 1
+                log.info("checkpoint requested by the operator: saved step %d", step)
+            if preempt or step == spec.training.steps:
+                ckpt.wait()
+            metrics.set(**{c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time,
+                           c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
+                           "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
+        if preempt:
+            log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
+            dist.destroy_process_group()
+            return c.EXIT_PREEMPTED
+    ckpt.wait()
+    log.info("done: %d steps, %d tokens", step, tokens_seen)
+    dist.destroy_process_group()
+    return c.EXIT_SUCCESS
