@@ -95,4 +95,5 @@ while state["step"] < steps:
         print(f"checkpoint requested: saved step {s}", flush=True)
     elif s % interval == 0:
         save(s)
+save(state["step"])  # the contract: exiting 0 means the last step is checkpointed
 print(f"done at step {state['step']}", flush=True)

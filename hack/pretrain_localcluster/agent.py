@@ -389,6 +389,7 @@ class PodWorker(threading.Thread):
             "searchable": [os.path.realpath(sys.executable), str(Path(sys.prefix) / "bin" / "x")],
         }
         (run_dir / "spec.json").write_text(json.dumps(spec))
+        Path(spec["logPath"]).touch()  # `kubectl logs` answers (empty) from the moment the container is reported
         proc = subprocess.Popen([sys.executable, "-m", "pretrain_localcluster.shim", str(run_dir / "spec.json")],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=open(run_dir / "shim.err", "wb"), start_new_session=True,

@@ -201,6 +201,9 @@ def decide(o: Observed) -> Plan:
         status["completionTime"] = now
         if status.get("progress"):
             status["progress"] = {**status["progress"], "step": spec.training.steps, "totalSteps": spec.training.steps}
+        # The contract: a trainer that exits 0 has committed a checkpoint of its last step.
+        status["lastCheckpoint"] = {"step": spec.training.steps, "time": now,
+                                    "path": f"{spec.checkpoint.path}/step-{spec.training.steps:08d}"}
         status["readyNodes"] = f"0/{spec.nodes}"
         _phase(status, "Succeeded", "AllRanksSucceeded", f"all {spec.nodes} node(s) exited 0 in attempt {attempt}", now, gen)
         plan.events.append(("Normal", "Succeeded", f"training finished in attempt {attempt}"))

@@ -67,7 +67,9 @@ def config_map(job: dict, spec: api.PretrainJobSpec) -> dict:
 
 
 def default_command() -> list[str]:
-    return ["torchrun", "--module", "pretrain_trainer", "train", "--config", c.CONFIG_PATH]
+    # torchrun (reading the PET_* variables) through the trainer's launcher, which keeps the
+    # workers' contract exit codes (plain torchrun turns any worker failure into exit 1).
+    return ["python", "-m", "pretrain_trainer", "launch", "train", "--config", c.CONFIG_PATH]
 
 
 def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:

@@ -1,0 +1,152 @@
+"""`make demo`: a PretrainJob trains a small Llama-style model over 2 pods x 2 processes on the
+local cluster, a spot node running one of its ranks is reclaimed mid-run (termination notice,
+eviction, node deleted), and the job carries on from its checkpoint as a new attempt.
+
+    make demo                    # set-up included; leaves the cluster and the operator running
+    .venv/bin/python hack/demo.py [--steps 200] [--preempt-at 0.4]
+
+Steps: start the cluster (4 nodes, 2 spot) and the operator (logs in .local-cluster/logs/
+operator.log), make a corpus and tokenizer from the Python standard library's sources (nothing is
+downloaded), apply examples/quickstart.yaml (with the corpus and a spot preference), show progress,
+preempt, show the restart, print the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "hack"))
+
+from pretrain_localcluster import binaries, nodes  # noqa: E402
+from pretrain_localcluster.config import ClusterConfig  # noqa: E402
+from pretrain_localcluster.controlplane import LocalCluster  # noqa: E402
+
+
+def kubectl(lc: LocalCluster, *args: str, input: str | None = None) -> str:
+    exe = str(binaries.locate(["kubectl"])["kubectl"])
+    r = subprocess.run([exe, "--kubeconfig", str(lc.cfg.kubeconfig), *args], input=input, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(args)}: {r.stderr.strip()}")
+    return r.stdout
+
+
+def corpus(lc: LocalCluster) -> Path:
+    out = lc.state_dir / "data" / "stdlib"
+    if (out / "manifest.json").exists():
+        return out
+    src = lc.state_dir / "data" / "stdlib-src"
+    src.mkdir(parents=True, exist_ok=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("json", "email", "http", "logging", "asyncio"):
+        for f in sorted((stdlib / name).glob("*.py")):
+            (src / f"{name}-{f.name}").write_text(f.read_text(errors="replace"))
+    print(f"== corpus: {len(list(src.glob('*.py')))} files of the Python standard library -> BPE tokenizer and shards")
+    subprocess.run([sys.executable, "-m", "pretrain_trainer", "prepare", "--input", str(src), "--out", str(out),
+                    "--vocab-size", "512"], check=True)
+    return out
+
+
+def job_manifest(data: Path, steps: int) -> list[dict]:
+    docs = list(yaml.safe_load_all((ROOT / "examples" / "quickstart.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "PretrainJob")
+    job["spec"]["data"]["path"] = str(data)
+    job["spec"]["training"]["steps"] = steps
+    # Prefer spot capacity (as a cost-conscious user would): the reclaim hits the job.
+    job["spec"]["scheduling"] = {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 100, "preference": {"matchExpressions": [{"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["spot"]}]}}]}}}
+    job["spec"]["template"] = {"terminationGracePeriodSeconds": 30}
+    return docs
+
+
+def status(lc: LocalCluster) -> dict:
+    out = kubectl(lc, "get", "ptj", "quickstart", "-o", "json")
+    return json.loads(out).get("status") or {}
+
+
+def line(st: dict) -> str:
+    pr = st.get("progress") or {}
+    ck = (st.get("lastCheckpoint") or {}).get("step", "-")
+    loss = pr.get("loss")
+    return (f"phase {st.get('phase', '?'):<10} attempt {st.get('attempt', 0)}  step {pr.get('step', 0):>4}/{pr.get('totalSteps', '?')}"
+            f"  loss {loss if loss is not None else '-':<7}  tok/s {pr.get('tokensPerSecond', '-'):<7}  checkpoint {ck:<5}"
+            f"  ready {st.get('readyNodes', '-')}  preemptions {st.get('preemptions', 0)} failures {st.get('failures', 0)}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--preempt-at", type=float, default=0.4, help="fraction of the steps at which to reclaim a spot node")
+    a = ap.parse_args()
+    lc = LocalCluster(ClusterConfig.load())
+    lc.up()
+    kubectl(lc, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    if not lc.procs.running().get("operator"):
+        lc.procs.start("operator", [sys.executable, "-m", "pretrain_operator"],
+                       env={**__import__("os").environ, "KUBECONFIG": str(lc.cfg.kubeconfig),
+                            "PRETRAIN_OPERATOR_METRICS_PORT": "18000", "PRETRAIN_OPERATOR_HEALTH_PORT": "18080"})
+        print("== operator started (log: .local-cluster/logs/operator.log, metrics: http://127.0.0.1:18000/metrics)")
+    data = corpus(lc)
+    subprocess.run([str(binaries.locate(["kubectl"])["kubectl"]), "--kubeconfig", str(lc.cfg.kubeconfig),
+                    "delete", "ptj", "quickstart", "--ignore-not-found", "--wait=true"], capture_output=True)
+    kubectl(lc, "delete", "pvc", "quickstart-checkpoints", "--ignore-not-found", "--wait=true")
+    kubectl(lc, "apply", "-f", "-", input=yaml.safe_dump_all(job_manifest(data, a.steps)))
+    print(f"== applied examples/quickstart.yaml: 2 pods x 2 processes (data 2 x tensor 2), {a.steps} steps")
+    t0 = time.monotonic()
+    preempted = None
+    step_at_preemption = None
+    reached = {}  # attempt -> highest step seen
+    last = ""
+    while True:
+        st = status(lc)
+        att = st.get("attempt", 0)
+        reached[att] = max(reached.get(att, 0), (st.get("progress") or {}).get("step", 0))
+        ln = line(st)
+        if ln != last:
+            print(f"  [{time.monotonic() - t0:6.1f}s] {ln}", flush=True)
+            last = ln
+        step = (st.get("progress") or {}).get("step", 0)
+        if preempted is None and st.get("phase") == "Running" and step >= a.preempt_at * a.steps:
+            pods = json.loads(kubectl(lc, "get", "pods", "-l", "pretrain.dev/job=quickstart", "-o", "json"))["items"]
+            node_labels = {n["metadata"]["name"]: n["metadata"]["labels"]
+                           for n in json.loads(kubectl(lc, "get", "nodes", "-o", "json"))["items"]}
+            spot = [p["spec"]["nodeName"] for p in pods
+                    if node_labels.get(p["spec"].get("nodeName"), {}).get("karpenter.sh/capacity-type") == "spot"]
+            target = spot[0] if spot else pods[0]["spec"]["nodeName"]
+            step_at_preemption = step
+            print(f"== spot reclaim of {target} (runs a rank of the job): termination notice, 5 s, eviction, node deleted")
+            nodes.preempt(lc.state_dir, target, notice_s=5.0, taint="gke", log=lambda m: print(f"   {m}"))
+            preempted = target
+        if st.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(1.0)
+    st = status(lc)
+    resumed = (st.get("restart") or {})
+    print()
+    print(f"== {st.get('phase')}: final loss {(st.get('progress') or {}).get('loss')}, attempts {st.get('attempt')}, "
+          f"preemptions {st.get('preemptions')}, failures {st.get('failures')}")
+    if preempted:
+        logs = kubectl(lc, "logs", "quickstart-a2-n0") if st.get("attempt", 1) >= 2 else ""
+        r = [ln for ln in logs.splitlines() if "resumed from" in ln]
+        from_step = int(r[0].rsplit("step-", 1)[1]) if r else 0
+        lost = max(reached.get(1, 0) - from_step, 0)
+        print(f"   notice for {preempted} at step {step_at_preemption}; the trainer checkpointed on the notice and "
+              f"attempt 2 resumed from step {from_step}: {lost} step(s) lost (restart reason {resumed.get('reason')})")
+    print(f"   checkpoints: PVC quickstart-checkpoints ({lc.state_dir}/volumes/), last step {(st.get('lastCheckpoint') or {}).get('step')}")
+    print(f"   metrics: curl -s http://127.0.0.1:18000/metrics | grep pretrain_operator_")
+    print(f"   explore: export KUBECONFIG={lc.cfg.kubeconfig}; kubectl get ptj; kubectl describe ptj quickstart; "
+          f"kubectl logs quickstart-a{st.get('attempt')}-n0")
+    print("   stop everything: make cluster-down")
+    return 0 if st.get("phase") == "Succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
