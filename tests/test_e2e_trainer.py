@@ -1,0 +1,55 @@
+"""End to end: the operator runs the real trainer (torchrun across two pods, data x tensor
+parallel) on process nodes; a spot node running a rank is reclaimed with a termination notice;
+the job checkpoints on the notice, restarts as attempt 2 without spending its failure budget,
+resumes from that checkpoint, and succeeds."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from pretrain_localcluster import nodes
+from tests.jobs import Jobs
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+pytestmark = pytest.mark.cluster
+
+
+def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, operator, core):
+    jobs = Jobs(api, namespace)
+    label = namespace[-5:]
+    pool = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(3)]
+    try:
+        body = {"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "real"},
+                "spec": {"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 2, "tensor": 2},
+                         "data": {"seqLen": 32, "globalBatchSize": 8, "microBatchSize": 2},
+                         "training": {"steps": 40, "logEverySteps": 2}, "optimizer": {"warmupSteps": 5},
+                         "checkpoint": {"intervalSteps": 1000},
+                         "scheduling": {"nodeSelector": {"pretrain.dev/test-pool": label}},
+                         "template": {"terminationGracePeriodSeconds": 20}}}
+        jobs.create(body)
+        jobs.wait_phase("real", "Running", timeout=120)
+        st = jobs.wait("real", lambda s: (s.get("progress") or {}).get("step", 0) >= 8, timeout=180, what="training progress")
+        victim = next(p for p in jobs.pods("real", attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "1").spec.node_name
+        t = threading.Thread(target=nodes.preempt, args=(cluster.state_dir, victim),
+                             kwargs={"notice_s": 4.0, "log": lambda *_: None})
+        t.start()
+        # No interval checkpoint exists (intervalSteps 1000): only the notice can make one.
+        ck = jobs.wait("real", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=60,
+                       what="a checkpoint on the termination notice")["lastCheckpoint"]["step"]
+        t.join(90)
+        st = jobs.wait_phase("real", "Succeeded", timeout=300)
+        assert st["attempt"] == 2 and st["preemptions"] == 1 and st["failures"] == 0
+        assert ck >= 8
+        # Attempt 2 resumed from a checkpoint at or after the notice's (the SIGTERM at eviction may save a later one).
+        log = jobs.logs("real-a2-n0")
+        resumed = int(log.split("resumed from")[1].split("step-")[1].split()[0])
+        assert resumed >= ck
+        assert "done: 40 steps" in log
+    finally:
+        for n in pool:
+            try:
+                core.delete_node(n)
+            except Exception:  # noqa: BLE001
+                pass
