@@ -31,7 +31,7 @@ class OperatorProcess:
         self.metrics_port = 0
         self.runs = 0
 
-    def start(self, crash_at: str = "", **env) -> "OperatorProcess":
+    def start(self, crash_at: str = "", leader_timeout: float = 30, **env) -> "OperatorProcess":
         self.metrics_port = free_port()
         self.runs += 1
         e = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
@@ -42,7 +42,7 @@ class OperatorProcess:
         self.log = open(self.log_dir / f"operator-{self.runs}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=e, stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + leader_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"operator exited at start: {self.log_path.read_text()[-2000:]}")
@@ -50,7 +50,7 @@ class OperatorProcess:
                 return self
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"operator did not become leader in 30 s: {self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(f"operator did not become leader in {leader_timeout:.0f} s: {self.log_path.read_text()[-2000:]}")
 
     @property
     def log_path(self) -> Path:

@@ -53,3 +53,13 @@ def test_killed_after_deleting_the_old_pods_before_creating_the_gang(jobs, core,
     wait_for(lambda: not jobs.pods("crashy", live=False), what="no pods at all between the writes")
     operator.start()
     _converged(jobs)
+
+
+def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_path):
+    second = OperatorProcess(operator.kubeconfig, tmp_path)
+    try:
+        with pytest.raises(RuntimeError, match="did not become leader"):
+            second.start(leader_timeout=10)  # 2.5x the Lease duration: the first keeps renewing it
+    finally:
+        second.stop()
+    assert operator.metrics().get("pretrain_operator_leader") == 1.0
