@@ -38,7 +38,7 @@ from . import podnet, podspec
 from .kube import Kube, KubeError
 from .pki import PKI
 from .procs import alive, owned
-from .volumes import VolumeBuilder, VolumeNotReady
+from .volumes import VolumeBuilder, VolumeNotReady, read_config_source
 
 log = logging.getLogger("node-agent")
 
@@ -406,16 +406,14 @@ class PodWorker(threading.Thread):
         c.killing = False
 
     def lookup(self, kind: str, name: str, key: str | None, optional: bool):
-        import base64
-        path = f"/api/v1/namespaces/{self.ns}/{'configmaps' if kind == 'configMap' else 'secrets'}/{name}"
-        obj = self.kube.get_or_none(path)
-        if obj is None:
-            if optional:
-                return None
-            raise KeyError(f"{kind} {name} not found")
-        data = obj.get("data") or {}
-        if kind == "secret":
-            data = {k: base64.b64decode(v).decode(errors="replace") for k, v in data.items()}
+        """env's configMapKeyRef/secretKeyRef/envFrom: one key, or every key when key is None."""
+        try:
+            raw = read_config_source(self.kube, self.ns, kind, name, optional)
+        except VolumeNotReady as e:
+            raise KeyError(str(e)) from None
+        if raw is None:
+            return None
+        data = {k: v.decode(errors="replace") for k, v in raw.items()}
         if key is None:
             return data
         if key not in data:

@@ -55,6 +55,20 @@ def _items(data: dict[str, bytes], items: list | None) -> dict[str, bytes]:
     return {it["path"]: data[it["key"]] for it in items if it["key"] in data}
 
 
+def read_config_source(kube, ns: str, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
+    """A ConfigMap's or Secret's data as bytes (binaryData included); None for an optional miss."""
+    obj = kube.get_or_none(f"/api/v1/namespaces/{ns}/{'configmaps' if kind == 'configMap' else 'secrets'}/{name}")
+    if obj is None:
+        if optional:
+            return None
+        raise VolumeNotReady(f"{kind} {ns}/{name} not found")
+    if kind == "secret":
+        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    out = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+    out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+    return out
+
+
 class VolumeBuilder:
     """Builds a pod's volumes. `kube` is the node's client; `admin` reads PVs (cluster-scoped)."""
 
@@ -64,17 +78,7 @@ class VolumeBuilder:
         self.ns = pod["metadata"]["namespace"]
 
     def _cm_or_secret(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
-        path = f"/api/v1/namespaces/{self.ns}/{'configmaps' if kind == 'configMap' else 'secrets'}/{name}"
-        obj = self.kube.get_or_none(path)
-        if obj is None:
-            if optional:
-                return None
-            raise VolumeNotReady(f"{kind} {self.ns}/{name} not found")
-        if kind == "secret":
-            return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-        out = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
-        out.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
-        return out
+        return read_config_source(self.kube, self.ns, kind, name, optional)
 
     def downward_files(self, items: list) -> dict[str, bytes]:
         out = {}
