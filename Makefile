@@ -44,7 +44,6 @@ cluster-status: venv
 	hack/local-cluster status
 
 run-operator: cluster-up
-	$(PY) -m pretrain_operator.crdgen > /dev/null
 	hack/kubectl apply --server-side -f crds/
 	KUBECONFIG=$(CURDIR)/.local-cluster/kubeconfig $(PY) -m pretrain_operator
 

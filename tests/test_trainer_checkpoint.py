@@ -110,3 +110,18 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoi
     step = int(saved[0].split("-")[1])
     assert max(losses(tmp_path / "losses.txt")) == step  # nobody trained past the saved step
     time.sleep(0.1)
+
+
+def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    run(write_config(sync, steps=6, interval=3), 1, sync / "losses.txt")
+    d = tmp_path / "async"
+    d.mkdir()
+    cfg = write_config(d, steps=6, interval=3, extra={"checkpoint": {"path": str(d / "ckpt"), "intervalSteps": 3, "async": True}})
+    run(cfg, 1, d / "losses.txt")
+    assert _committed(d) == ["step-00000003", "step-00000006"]
+    assert losses(d / "losses.txt") == losses(sync / "losses.txt")
+    # Training past the end resumes from the async checkpoint of step 6 (nothing left to do).
+    r = run(cfg, 1, d / "again.txt")
+    assert "resumed from" in r.stderr and "step-00000006" in r.stderr
