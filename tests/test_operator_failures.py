@@ -66,7 +66,9 @@ def test_a_gang_that_cannot_start_in_time_is_torn_down_and_retried(jobs):
                                                             "startTimeoutSeconds": 3}))
     st = jobs.wait_phase("stuck", "Restarting", "Starting", timeout=60, attempt=2)
     assert st["restart"]["kind"] == "StartTimeout" and st["failures"] == 0 and st["preemptions"] == 0
-    assert {p.metadata.labels["pretrain.dev/attempt"] for p in jobs.pods("stuck")} <= {"2"}
+    # The timed-out gang is removed (the new one then waits for capacity like the first).
+    wait_for(lambda: {p.metadata.labels["pretrain.dev/attempt"] for p in jobs.pods("stuck", live=False)} <= {"2", "3"},
+             timeout=30, what="attempt 1's pods to be gone")
 
 
 def test_suspend_checkpoints_and_removes_the_pods_and_resume_continues_from_it(jobs):

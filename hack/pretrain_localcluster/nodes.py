@@ -106,7 +106,8 @@ def start_agent(cluster, state: dict, log=print) -> None:
         if time.monotonic() > deadline:
             raise DrillError(f"the node agent did not start in 30 s:\n{cluster.log_tail('node-agent')}")
         time.sleep(0.05)
-    wait_nodes_ready(admin_kube(cluster.state_dir), [x["name"] for x in nodes])
+    # Generous: on a loaded 2-core machine the first node status and podCIDR can take a while.
+    wait_nodes_ready(admin_kube(cluster.state_dir), [x["name"] for x in nodes], timeout=120)
     log(f"{len(nodes)} process node(s) Ready: " + ", ".join(
         f"{x['name']} ({'spot' if x['spot'] else 'on-demand'})" for x in nodes))
 
