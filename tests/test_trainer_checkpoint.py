@@ -66,13 +66,13 @@ def test_a_checkpoint_loads_into_another_layout(tmp_path):
     want = losses(ref / "losses.txt")
     d = tmp_path / "reshard"
     d.mkdir()
-    cfg = write_config(d, nproc=2, data=2, steps=6, interval=3)
+    cfg = write_config(d, nproc=2, pipeline=2, steps=6, interval=3)  # saved by two pipeline stages
     p = subprocess.Popen(cmd(cfg, 2, d / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
     wait_for_step(d / "losses.txt", 4, p)
     p.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
     p.wait(60)
     assert _committed(d)
-    # Resume the data-parallel checkpoint under tensor parallelism.
+    # Resume the pipeline-parallel checkpoint under tensor parallelism.
     r = run(write_config(d, nproc=2, tensor=2, steps=6, interval=3), 2, d / "losses.txt")
     assert "per-rank RNG re-derived" not in r.stderr  # same world size: the RNG carried over
     got = losses(d / "losses.txt")

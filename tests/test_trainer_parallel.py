@@ -1,6 +1,7 @@
-"""Parallel layouts train the same model: data parallel (FSDP2), tensor parallel (DTensor) and
-both at once give the per-step losses of a single process on the same data, with gradient
-accumulation, within 1e-5 (reduction order differs, nothing else)."""
+"""Parallel layouts train the same model: data parallel (FSDP2), tensor parallel (DTensor),
+pipeline parallel (each schedule) and all three at once (2 x 2 x 2 on 8 processes) give the
+per-step losses of a single process on the same data, with gradient accumulation, within 1e-5
+(reduction order differs, nothing else)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,17 @@ def reference(tmp_path_factory):
     return losses(d / "losses.txt")
 
 
-@pytest.mark.parametrize("nproc,data,tensor", [(2, 2, 1), (2, 1, 2), (4, 2, 2)], ids=["fsdp2", "tp2", "fsdp2xtp2"])
-def test_a_parallel_layout_matches_the_single_process_losses(tmp_path, reference, nproc, data, tensor):
-    run(write_config(tmp_path, nproc=nproc, data=data, tensor=tensor, steps=5), nproc, tmp_path / "losses.txt")
+LAYOUTS = [  # (processes, data, tensor, pipeline, schedule)
+    (2, 2, 1, 1, "1F1B"), (2, 1, 2, 1, "1F1B"), (4, 2, 2, 1, "1F1B"),
+    (2, 1, 1, 2, "GPipe"), (2, 1, 1, 2, "1F1B"), (2, 1, 1, 2, "Interleaved1F1B"),
+]
+
+
+@pytest.mark.parametrize("nproc,data,tensor,pipeline,schedule", LAYOUTS,
+                         ids=["fsdp2", "tp2", "fsdp2xtp2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved1f1b"])
+def test_a_parallel_layout_matches_the_single_process_losses(tmp_path, reference, nproc, data, tensor, pipeline, schedule):
+    run(write_config(tmp_path, nproc=nproc, data=data, tensor=tensor, pipeline=pipeline, schedule=schedule, steps=5),
+        nproc, tmp_path / "losses.txt")
     got = losses(tmp_path / "losses.txt")
     assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
     for step, want in reference.items():
@@ -37,3 +46,16 @@ def test_the_trainer_refuses_a_layout_that_does_not_fit_the_world(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 85
     assert "parallelism.data x tensor x pipeline = 2 but the world has 1 ranks" in r.stderr
+
+
+def test_pipeline_x_data_x_tensor_2x2x2_on_8_processes_matches_a_single_process(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run(write_config(ref, steps=3, global_batch=8), 1, ref / "losses.txt")
+    d = tmp_path / "3d"
+    d.mkdir()
+    run(write_config(d, nproc=8, data=2, tensor=2, pipeline=2, steps=3, global_batch=8), 8, d / "losses.txt", timeout=600)
+    want, got = losses(ref / "losses.txt"), losses(d / "losses.txt")
+    assert sorted(got) == [1, 2, 3]
+    for s in want:
+        assert abs(got[s] - want[s]) <= TOL, (s, got[s], want[s])

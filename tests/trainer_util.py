@@ -13,9 +13,11 @@ import yaml
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
-def write_config(d: Path, *, nproc: int = 1, data: int = 1, tensor: int = 1, steps: int = 6, interval: int = 3,
-                 micro: int = 2, global_batch: int = 4, keep: int = 3, extra: dict | None = None) -> Path:
-    spec = {"nodes": 1, "nprocPerNode": nproc, "parallelism": {"data": data, "tensor": tensor},
+def write_config(d: Path, *, nproc: int = 1, data: int = 1, tensor: int = 1, pipeline: int = 1, schedule: str = "1F1B",
+                 steps: int = 6, interval: int = 3, micro: int = 2, global_batch: int = 4, keep: int = 3,
+                 extra: dict | None = None) -> Path:
+    spec = {"nodes": 1, "nprocPerNode": nproc,
+            "parallelism": {"data": data, "tensor": tensor, "pipeline": pipeline, "pipelineSchedule": schedule},
             "model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": global_batch, "microBatchSize": micro},
             "training": {"steps": steps, "logEverySteps": 1}, "optimizer": {"warmupSteps": 2},
             "checkpoint": {"path": str(d / "ckpt"), "intervalSteps": interval, "keep": keep}}

@@ -1,8 +1,7 @@
 """Parallelism over one DeviceMesh ("dp", "tp"): tensor parallel with DTensor, then FSDP2 over
 data parallel, applied per block and at the root, as torchtitan does.
 
-Limits: pipeline parallelism (the "pp" dimension) is not wired into the training loop yet; the
-trainer refuses pipeline > 1 with exit code 85 rather than silently ignoring it.
+The mesh is ("pp", "dp", "tp"); pipeline stages are built in pipeline.py.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 
-def build_mesh(device: str, dp: int, tp: int) -> DeviceMesh:
-    return init_device_mesh(device, (dp, tp), mesh_dim_names=("dp", "tp"))
+def build_mesh(device: str, pp: int, dp: int, tp: int) -> DeviceMesh:
+    return init_device_mesh(device, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
 def apply_tensor_parallel(model, tp_mesh: DeviceMesh) -> None:
@@ -37,7 +36,7 @@ def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool 
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
 
 
-def clip_grad_norm_(params, max_norm: float) -> float:
+def clip_grad_norm_(params, max_norm: float, pp_group=None) -> float:
     """Gradient-norm clipping over the whole mesh. Parameters live on different meshes (2-D for
     tensor-parallel weights, data-parallel only for norms and embeddings): the norm is computed per
     mesh, made whole, then combined."""
@@ -52,6 +51,10 @@ def clip_grad_norm_(params, max_norm: float) -> float:
         if hasattr(n, "full_tensor"):
             n = n.full_tensor()
         sq += float(n) ** 2
+    if pp_group is not None:  # each pipeline rank holds only its stages' parameters
+        t = torch.tensor([sq], dtype=torch.float64)
+        torch.distributed.all_reduce(t, group=pp_group)
+        sq = float(t)
     norm = sq ** 0.5
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)

@@ -11,8 +11,7 @@ AdamW with linear warm-up and cosine decay. Preemption: SIGTERM sets a flag that
 every step, so every rank stops at the same step, saves, and exits 83. A checkpoint request in the
 pod's annotations file saves at the next step without stopping.
 
-Limits: pipeline parallelism is not in the loop yet (pipeline > 1 exits 85); MoE and LoRA are not
-implemented here (the model must be dense, no lora).
+Limits: MoE and LoRA are not implemented here yet (the model must be dense, no lora: exit 85).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import yaml
 
 from pretrain_operator import api, contract as c
 
-from . import parallel
+from . import parallel, pipeline
 from .checkpoint import Checkpointer
 from .data import Loader, TokenSource
 from .metrics import Metrics
@@ -63,8 +62,10 @@ def load_spec(path: str) -> api.PretrainJobSpec:
 
 def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
     p = spec.parallelism
-    if p.pipeline > 1:
-        raise ConfigError("parallelism.pipeline > 1 is not supported by this trainer version yet")
+    layers = spec.model.resolved()["layers"]
+    n_stages = p.pipeline * pipeline.stages_per_rank(p.pipelineSchedule)
+    if p.pipeline > 1 and layers % n_stages:
+        raise ConfigError(f"model.layers ({layers}) must be divisible by the {n_stages} pipeline stages")
     if spec.model.moe is not None or spec.lora is not None or p.expert > 1:
         raise ConfigError("model.moe, lora and parallelism.expert are not supported by this trainer version yet")
     if p.data * p.tensor * p.pipeline != world:
@@ -116,19 +117,54 @@ def setup_distributed() -> tuple[int, int, int, str]:
 
 
 def build(spec: api.PretrainJobSpec, device: str, world: int):
+    """The model on this rank (the whole model, or its pipeline stages), sharded; the optimizer;
+    the mesh; and the pipeline schedule (None without pipeline parallelism)."""
     p = spec.parallelism
     args = ModelArgs.from_spec(spec.model)
     torch.manual_seed(spec.training.seed)
-    model = Transformer(args)
-    init_weights(model, spec.training.seed)
-    model.to(device)
-    mesh = parallel.build_mesh(device, p.data, p.tensor)
-    parallel.apply_tensor_parallel(model, mesh["tp"])
-    parallel.apply_data_parallel(model, mesh["dp"])
+    mesh = parallel.build_mesh(device, p.pipeline, p.data, p.tensor)
+    if p.pipeline > 1:
+        ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
+    else:
+        ids, parts = [0], [Transformer(args)]
+    for part in parts:
+        init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
+        part.to(device)
+        parallel.apply_tensor_parallel(part, mesh["tp"])
+        parallel.apply_data_parallel(part, mesh["dp"])
+    model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     o = spec.optimizer
     optim = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95),
                               foreach=False)
-    return args, model, optim, mesh
+    schedule = None
+    if p.pipeline > 1:
+        per_rank = spec.data.globalBatchSize // p.data
+        n_micro = p.microbatches or per_rank // spec.data.microBatchSize
+        if per_rank % n_micro:
+            raise ConfigError(f"parallelism.microbatches ({n_micro}) must divide the per-rank batch ({per_rank})")
+        schedule, _ = pipeline.build_schedule(parts, ids, p.pipeline, p.pipelineSchedule, n_micro, device,
+                                              mesh["pp"].get_group())
+    return args, model, optim, mesh, schedule
+
+
+def step_pipeline(schedule, micro, device) -> torch.Tensor:
+    """One pipelined step over this rank's whole batch; the loss (mean over microbatches) as known
+    on the last stage, 0 elsewhere (the caller sums over the pipeline group)."""
+    x = torch.cat([m[0] for m in micro]).to(device)
+    y = torch.cat([m[1] for m in micro]).to(device)
+    stages = schedule._stages if hasattr(schedule, "_stages") else [schedule._stage]
+    first = any(s.is_first for s in stages)
+    last = any(s.is_last for s in stages)
+    losses: list = []
+    if first:
+        schedule.step(x, target=y if last else None, losses=losses if last else None)
+    elif last:
+        schedule.step(target=y, losses=losses)
+    else:
+        schedule.step()
+    if last and losses:
+        return torch.stack([lo.detach().double().cpu() for lo in losses]).mean()
+    return torch.zeros((), dtype=torch.float64)
 
 
 def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:
@@ -137,7 +173,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     check_layout(spec, world)
-    args, model, optim, mesh = build(spec, device, world)
+    args, model, optim, mesh, schedule = build(spec, device, world)
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
     source = TokenSource(spec.data.path, args.vocabSize, spec.training.seed)
     loader = Loader(source, spec.data.seqLen, spec.data.globalBatchSize, spec.data.microBatchSize, dp_rank, dp_size,
@@ -167,9 +203,9 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16" and device == "cuda")
     losses = open(losses_out, "a") if losses_out and rank == 0 else None
-    log.info("training %s (%d params) on %d rank(s): data %d x tensor %d; steps %d..%d, accumulation %d",
-             spec.model.preset, sum(p.numel() for p in model.parameters()) * 1, world, dp_size, spec.parallelism.tensor,
-             step + 1, spec.training.steps, loader.accum)
+    log.info("training %s on %d rank(s): pipeline %d (%s) x data %d x tensor %d; steps %d..%d, %d microbatch(es) per step",
+             spec.model.preset, world, spec.parallelism.pipeline, spec.parallelism.pipelineSchedule, dp_size,
+             spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum)
     t_log = time.monotonic()
     tokens_at_log = tokens_seen
     while step < spec.training.steps:
@@ -179,14 +215,20 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             g["lr"] = lr
         total = torch.zeros((), dtype=torch.float64)
         micro = loader.next_batch()
-        for x, y in micro:
-            x, y = x.to(device), y.to(device)
+        if schedule is not None:
             with autocast:
-                logits = model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            (loss / len(micro)).backward()
-            total += loss.detach().double().cpu() / len(micro)
-        parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip)
+                total = step_pipeline(schedule, micro, device)
+            dist.all_reduce(total, group=mesh["pp"].get_group())
+        else:
+            for x, y in micro:
+                x, y = x.to(device), y.to(device)
+                with autocast:
+                    logits = model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                (loss / len(micro)).backward()
+                total += loss.detach().double().cpu() / len(micro)
+        parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
+                                 mesh["pp"].get_group() if schedule is not None else None)
         optim.step()
         optim.zero_grad(set_to_none=True)
         tokens_seen += spec.data.globalBatchSize * spec.data.seqLen

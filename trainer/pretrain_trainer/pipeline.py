@@ -1,0 +1,61 @@
+"""Pipeline parallelism with torch.distributed.pipelining: the decoder's layers split evenly into
+stages (each a `Transformer` holding its slice of the global layer ids, so names match the whole
+model's), GPipe, 1F1B or Interleaved1F1B (two virtual stages per rank, looped placement: rank r
+holds stages r and r + pp).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from .model import ModelArgs, Transformer
+
+SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+
+
+def stages_per_rank(schedule: str) -> int:
+    return 2 if schedule == "Interleaved1F1B" else 1
+
+
+def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
+    return [pp_rank + v * pp for v in range(stages_per_rank(schedule))]
+
+
+def stage_layers(args: ModelArgs, stage: int, n_stages: int) -> list[int]:
+    per = args.layers // n_stages
+    return list(range(stage * per, (stage + 1) * per))
+
+
+def build_parts(args: ModelArgs, pp_rank: int, pp: int, schedule: str) -> tuple[list[int], list[Transformer]]:
+    n = pp * stages_per_rank(schedule)
+    ids = stage_ids(pp_rank, pp, schedule)
+    return ids, [Transformer(args, stage_layers(args, s, n), first=s == 0, last=s == n - 1) for s in ids]
+
+
+class Parts(nn.Module):
+    """This rank's stages seen as one module with the whole model's names (for checkpoints and
+    the optimizer): `layers.<global id>`, and `tok_embeddings` / `norm` / `output` where held."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleDict({k: v for p in parts for k, v in p.layers.items()})
+        for name in ("tok_embeddings", "norm", "output"):
+            mod = next((getattr(p, name) for p in parts if getattr(p, name, None) is not None), None)
+            if mod is not None:
+                setattr(self, name, mod)
+
+
+def loss_fn(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.flatten(0, 1).float(), target.flatten())
+
+
+def build_schedule(parts: list[nn.Module], ids: list[int], pp: int, schedule: str, n_micro: int, device, group):
+    n = pp * stages_per_rank(schedule)
+    stages = [PipelineStage(p, s, n, torch.device(device), group=group) for p, s in zip(parts, ids)]
+    cls = SCHEDULES[schedule]
+    if schedule == "Interleaved1F1B":
+        return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn), stages
+    return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn), stages
