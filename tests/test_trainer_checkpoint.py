@@ -125,3 +125,20 @@ def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
     # Training past the end resumes from the async checkpoint of step 6 (nothing left to do).
     r = run(cfg, 1, d / "again.txt")
     assert "resumed from" in r.stderr and "step-00000006" in r.stderr
+
+
+def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(tmp_path):
+    import sys
+    out = {}
+    for name, kw in (("dp", {"nproc": 2, "data": 2}), ("pp", {"nproc": 2, "pipeline": 2})):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = write_config(d, steps=6, interval=3, **kw)
+        run(cfg, 2, d / "losses.txt")
+        for step in (3, 6):
+            r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(cfg), "--checkpoint",
+                                str(d / "ckpt" / f"step-{step:08d}")], capture_output=True, text=True, env=env())
+            assert r.returncode == 0, r.stderr[-2000:]
+            out[(name, step)] = float(r.stdout.split("held-out loss")[1].split()[0])
+    assert abs(out[("dp", 6)] - out[("pp", 6)]) <= 1e-5
+    assert out[("dp", 6)] < out[("dp", 3)]  # the later checkpoint is better on data it never saw

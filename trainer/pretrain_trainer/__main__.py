@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node N -m pretrain_trainer train --config job.yaml [--checkpoint-dir DIR]
     python -m pretrain_trainer launch train --config job.yaml   # torchrun, keeping the contract's exit codes
+    python -m pretrain_trainer eval --config job.yaml [--checkpoint DIR]
     python -m pretrain_trainer prepare --input DIR --out DIR [--vocab-size N] [--tokenizer tokenizer.json]
 """
 
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--checkpoint-dir", help="overrides checkpoint.path")
     t.add_argument("--podinfo", help="folder of the downward-API annotations file (default from the contract)")
     t.add_argument("--losses-out", help="append 'step loss' lines here (rank 0)")
+    e = sub.add_parser("eval", help="held-out loss of a checkpoint")
+    e.add_argument("--config", required=True)
+    e.add_argument("--checkpoint", help="a step-N folder (default: the newest good one under checkpoint.path)")
     p = sub.add_parser("prepare", help="text files -> tokenizer and token shards")
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
@@ -33,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "train":
         from .train import train
         return train(a.config, a.checkpoint_dir, a.podinfo, a.losses_out)
+    if a.cmd == "eval":
+        from .evaluate import evaluate
+        evaluate(a.config, a.checkpoint)
+        return 0
     from .data import prepare
     m = prepare(a.input, a.out, a.vocab_size, a.tokenizer)
     print(f"prepared {m['totalTokens']} tokens from {len(m['files'])} files into {a.out} (manifest {m['sha256'][:12]})")

@@ -107,17 +107,31 @@ class TokenSource:
             self.manifest_hash = "synthetic"
 
 
+def split_holdout(tokens, seq_len: int):
+    """The last 5% of the stream (at least 8 windows) is held out from training for `eval`."""
+    n = max(len(tokens) // 20, 8 * (seq_len + 1))
+    return tokens[:-n], tokens[-n:]
+
+
+def eval_batches(tokens, seq_len: int, max_windows: int = 32):
+    """Held-out windows in order, as (inputs, targets) pairs of one row each."""
+    for w in range(min((len(tokens) - 1) // seq_len, max_windows)):
+        row = torch.from_numpy(np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], dtype=np.int64))[None]
+        yield row[:, :-1], row[:, 1:]
+
+
 class Loader:
     """Global batches of `global_batch` windows; this rank's slice, cut into microbatches."""
 
     def __init__(self, source: TokenSource, seq_len: int, global_batch: int, micro_batch: int,
                  dp_rank: int, dp_size: int, seed: int):
         self.src, self.seq = source, seq_len
+        self.tokens, _ = split_holdout(source.tokens, seq_len)
         self.global_batch, self.micro = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.windows = (len(source.tokens) - 1) // seq_len
+        self.windows = (len(self.tokens) - 1) // seq_len
         if self.windows < global_batch:
-            raise SystemExit(f"data: {len(source.tokens)} tokens make {self.windows} windows of {seq_len}, fewer than one global batch ({global_batch})")
+            raise SystemExit(f"data: {len(self.tokens)} training tokens make {self.windows} windows of {seq_len}, fewer than one global batch ({global_batch})")
         self.position = 0  # global samples consumed: the whole state
         self._perm_epoch = -1
         self._perm = None
@@ -143,7 +157,7 @@ class Loader:
         rows = []
         for s in range(start, start + self.per_rank):
             w = self._index(s) * self.seq
-            rows.append(np.asarray(self.src.tokens[w:w + self.seq + 1], dtype=np.int64))
+            rows.append(np.asarray(self.tokens[w:w + self.seq + 1], dtype=np.int64))
         self.position += self.global_batch
         t = torch.from_numpy(np.stack(rows))
         return [(t[i:i + self.micro, :-1], t[i:i + self.micro, 1:]) for i in range(0, self.per_rank, self.micro)]
