@@ -30,7 +30,10 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh) -> None:
 
 
 def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
-    """FSDP2 (ZeRO-3): each block is a unit, then the root (embeddings, norm, output)."""
+    """FSDP2 (ZeRO-3): each block is a unit, then the root (embeddings, norm, output). Nothing to
+    shard over a single data-parallel rank: its hooks would only cost time."""
+    if dp_mesh.size() == 1:
+        return
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
