@@ -1,0 +1,121 @@
+"""Time from a spot reclaim to the job's new gang running, against the time the job's first gang
+took to start (the baseline, same job, same run).
+
+    .venv/bin/python bench/recovery.py [--runs 3]
+
+Each run: a 2-node PretrainJob (the contract's stand-in trainer, so only the operator and the
+cluster are measured) on a pool of 3 fresh spot nodes; once it runs, the node of rank 0 is
+reclaimed with no notice (eviction, then the Node deleted); the clock stops when the job is
+Running again as attempt 2 (every pod of the new gang running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+
+from kubernetes import client, config
+
+from pretrain_localcluster import binaries, nodes
+from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
+from pretrain_localcluster.controlplane import LocalCluster
+from pretrain_operator import api
+
+STANDIN = str(REPO_ROOT / "tests" / "standin_trainer.py")
+
+
+def status(custom, ns, name) -> dict:
+    return custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name).get("status") or {}
+
+
+def wait(pred, timeout=180):
+    t0 = time.monotonic()
+    while not pred():
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+def one(lc, core, custom, run: int) -> tuple[float, float]:
+    label = uuid.uuid4().hex[:6]
+    pool = [nodes.add_node(lc.state_dir, spot=True, labels={"pretrain.dev/bench-pool": label}) for _ in range(3)]
+    ns = f"bench-rec-{label}"
+    core.create_namespace({"metadata": {"name": ns}})
+    wait(lambda: _exists(core, ns))
+    core.create_namespaced_persistent_volume_claim(ns, {"metadata": {"name": "ckpt"}, "spec": {
+        "accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    body = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "metadata": {"name": "rec"},
+            "spec": {"nodes": 2, "parallelism": {"data": 2}, "data": {"globalBatchSize": 16},
+                     "training": {"steps": 100000}, "optimizer": {"warmupSteps": 0},
+                     "checkpoint": {"claimName": "ckpt", "intervalSteps": 5},
+                     "scheduling": {"nodeSelector": {"pretrain.dev/bench-pool": label}},
+                     "template": {"command": ["python", STANDIN], "terminationGracePeriodSeconds": 5}}}
+    try:
+        t0 = time.monotonic()
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, body)
+        wait(lambda: status(custom, ns, "rec").get("phase") == "Running")
+        first = time.monotonic() - t0
+        time.sleep(2)
+        pod = core.read_namespaced_pod("rec-a1-n0", ns)
+        t1 = time.monotonic()
+        nodes.preempt(lc.state_dir, pod.spec.node_name, notice_s=0, log=lambda *_: None)
+        wait(lambda: (lambda s: s.get("phase") == "Running" and s.get("attempt") == 2)(status(custom, ns, "rec")))
+        return first, time.monotonic() - t1
+    finally:
+        core.delete_namespace(ns)
+        for n in pool:
+            try:
+                core.delete_node(n)
+            except client.ApiException:
+                pass
+
+
+def _exists(core, ns) -> bool:
+    try:
+        core.read_namespaced_service_account("default", ns)
+        return True
+    except client.ApiException:
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args(argv or [])
+    lc = LocalCluster(ClusterConfig.load())
+    started_here = not (lc.state() and lc.is_running())
+    lc.up(log=lambda *_: None)
+    kubectl = str(binaries.locate(["kubectl"])["kubectl"])
+    subprocess.run([kubectl, "--kubeconfig", str(lc.cfg.kubeconfig), "apply", "--server-side", "--force-conflicts",
+                    "-f", str(REPO_ROOT / "crds")], check=True, capture_output=True)
+    apic = config.new_client_from_config(config_file=str(lc.cfg.kubeconfig))
+    core, custom = client.CoreV1Api(apic), client.CustomObjectsApi(apic)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env=dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(port),
+                                   PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4"))
+    try:
+        time.sleep(6)
+        results = [one(lc, core, custom, i) for i in range(a.runs)]
+        first = statistics.median(r[0] for r in results)
+        rec = statistics.median(r[1] for r in results)
+        print(f"2-node job, median of {a.runs} (stand-in trainer, pods on process nodes):")
+        print(f"  baseline: create to first gang running      {first:6.2f} s")
+        print(f"  spot reclaim to the new gang running         {rec:6.2f} s   ratio {rec / first:4.2f}x")
+    finally:
+        op.terminate()
+        op.wait(20)
+        if started_here:
+            lc.down(log=lambda *_: None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
