@@ -286,3 +286,24 @@ def test_readiness_probes_of_type_http_and_tcp_gate_the_ready_condition(core, na
     wait_phase(core, namespace, "web", "Running")
     assert not ready("web"), "the HTTP probe answers 503 for 4 s"
     wait_for(lambda: ready("web"), timeout=20, what="the httpGet probe to pass")
+
+
+def test_init_containers_run_in_order_before_the_containers_and_share_volumes(core, namespace, tmp_path):
+    host = tmp_path / "host-dir"
+    host.mkdir()
+    (host / "from-host").write_text("hello from the host\n")
+    host.chmod(0o777)
+    vols = [{"name": "work", "emptyDir": {}}, {"name": "host", "hostPath": {"path": str(host), "type": "Directory"}}]
+    mounts = [{"name": "work", "mountPath": "/work-dir"}, {"name": "host", "mountPath": "/host"}]
+    body = pod_manifest("ordered", ["sh", "-c", "cat /work-dir/log /host/from-host; echo main > /host/from-pod"],
+                        volumes=vols, container={"volumeMounts": mounts})
+    body["spec"]["initContainers"] = [
+        {"name": f"init-{i}", "image": "local", "command": ["sh", "-c", f"sleep 0.{3 - i}; echo init-{i} >> /work-dir/log"],
+         "volumeMounts": mounts} for i in range(3)]
+    create_pod(core, namespace, body)
+    p = wait_phase(core, namespace, "ordered", "Succeeded", "Failed")
+    assert p.status.phase == "Succeeded"
+    assert logs(core, namespace, "ordered").splitlines() == ["init-0", "init-1", "init-2", "hello from the host"]
+    assert all(s.state.terminated.exit_code == 0 for s in p.status.init_container_statuses)
+    assert any(c.type == "Initialized" and c.status == "True" for c in p.status.conditions)
+    assert (host / "from-pod").read_text() == "main\n"
