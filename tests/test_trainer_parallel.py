@@ -59,3 +59,13 @@ def test_pipeline_x_data_x_tensor_2x2x2_on_8_processes_matches_a_single_process(
     assert sorted(got) == [1, 2, 3]
     for s in want:
         assert abs(got[s] - want[s]) <= TOL, (s, got[s], want[s])
+
+
+def test_activation_checkpointing_and_keeping_gathered_parameters_keep_the_losses(tmp_path, reference):
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=5,
+                       extra={"training": {"steps": 5, "logEverySteps": 1, "activationCheckpointing": "full"},
+                              "parallelism": {"data": 2, "tensor": 1, "pipeline": 1, "reshardAfterForward": False}})
+    run(cfg, 2, tmp_path / "losses.txt")
+    got = losses(tmp_path / "losses.txt")
+    for step, want in reference.items():
+        assert abs(got[step] - want) <= TOL, (step, got[step], want)

@@ -69,7 +69,8 @@ class Parallelism(Model):
     expert: int = Field(1, ge=1, le=1024, description="Expert-parallel degree for MoE layers; experts are sharded over it. Must divide data x tensor.")
     pipelineSchedule: Literal["GPipe", "1F1B", "Interleaved1F1B"] = Field(
         "1F1B", description="Pipeline schedule. Interleaved1F1B puts two virtual stages on each pipeline rank.")
-    microbatches: int = Field(0, ge=0, le=4096, description="Pipeline microbatches per step; 0 means one per pipeline stage times two.")
+    microbatches: int = Field(0, ge=0, le=4096, description="Pipeline microbatches per step; 0 means one per microBatchSize slice of the rank's batch.")
+    reshardAfterForward: bool = Field(True, description="FSDP2: free the gathered parameters after each block's forward (ZeRO-3; less memory) or keep them for the backward (ZeRO-2-like; less communication).")
 
 
 class MoE(Model):
@@ -140,6 +141,7 @@ class Training(Model):
     seed: int = Field(1234, ge=0, le=2**31 - 1, description="Seed for weight init and data order (the same for any layout).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 mixed precision keeps fp32 master weights and reductions; CPU runs use fp32.")
     logEverySteps: int = Field(1, ge=1, le=1_000_000, description="Log and update metrics every N steps.")
+    activationCheckpointing: Literal["none", "full"] = Field("none", description="full: recompute each decoder block's activations in the backward pass (less memory, about a third more compute).")
 
 
 class Checkpoint(Model):

@@ -29,6 +29,15 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh) -> None:
         })
 
 
+def apply_activation_checkpointing(model, mode: str) -> None:
+    """full: each decoder block recomputes its activations during the backward pass."""
+    if mode != "full":
+        return
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    for key, block in list(model.layers.items()):
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
 def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
     """FSDP2 (ZeRO-3): each block is a unit, then the root (embeddings, norm, output). Nothing to
     shard over a single data-parallel rank: its hooks would only cost time."""

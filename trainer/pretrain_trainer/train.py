@@ -131,7 +131,8 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
         part.to(device)
         parallel.apply_tensor_parallel(part, mesh["tp"])
-        parallel.apply_data_parallel(part, mesh["dp"])
+        parallel.apply_activation_checkpointing(part, spec.training.activationCheckpointing)
+        parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     o = spec.optimizer
     optim = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95),
