@@ -666,6 +666,9 @@ class Agent:
         self.stop = threading.Event()
         self.reload = threading.Event()
         self.children: list[subprocess.Popen] = []
+        self.wake_sync = threading.Event()
+        self.boot_id = os.urandom(8).hex()
+        self.node_transition: dict = {}  # (node, condition, status) -> since when
 
     def _kube(self, name: str) -> Kube:
         return Kube(self.state["server"], str(self.pki.ca_crt), str(self.pki.crt(name)), str(self.pki.key(name)), maxsize=64)
@@ -700,8 +703,9 @@ class Agent:
     def node_status(self, n: dict, cap: dict, gw: str) -> dict:
         t = now()
         def cond(ctype, status, reason, msg):
+            since = self.node_transition.setdefault((n["name"], ctype, status), t)
             return {"type": ctype, "status": status, "reason": reason, "message": msg,
-                    "lastHeartbeatTime": t, "lastTransitionTime": self.node_transition.get((n["name"], ctype), t)}
+                    "lastHeartbeatTime": t, "lastTransitionTime": since}
         return {
             "capacity": cap, "allocatable": cap,
             "addresses": [{"type": "InternalIP", "address": gw}, {"type": "Hostname", "address": n["name"]}],
@@ -717,9 +721,6 @@ class Agent:
                 cond("PIDPressure", "False", "KubeletHasSufficientPID", "no PID pressure"),
             ],
         }
-
-    boot_id = os.urandom(8).hex()
-    node_transition: dict = {}
 
     def sync_nodes(self) -> None:
         """Make the running set match nodes.json: register new nodes, freeze failed/terminated ones."""
@@ -960,7 +961,6 @@ class Agent:
         signal.signal(signal.SIGHUP, lambda *_: self.reload.set() or self.wake_sync.set())
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
-        self.wake_sync = threading.Event()
         self.ensure_storage_class()
         self.adopt_ips()
         self.sync_nodes()

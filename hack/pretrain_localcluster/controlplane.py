@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import binaries, network, nodes
+from . import binaries, network, nodes, podnet
 from .config import ClusterConfig
 from .pki import PKI
 from .procs import ProcessTable
@@ -364,13 +364,9 @@ class LocalCluster:
         """Stop exactly the processes this state folder started (by pid) and remove the state."""
         st = self.state() or {}
         self.procs.stop_all(order=STOP_ORDER)
-        # Process nodes (issue 4) leave network namespaces and mounts; they clean up after themselves
-        # in their own stop, but a killed agent may not have: sweep what this cluster owns.
-        try:
-            from . import podnet  # noqa: PLC0415  (only present with process nodes)
-            podnet.sweep(st)
-        except ImportError:
-            pass
+        # The node agent leaves pods running when it stops (as a kubelet does): kill their processes
+        # and remove their network namespaces. Mounts live in the pods' own mount namespaces.
+        podnet.sweep(st)
         if st.get("bridge") and network.can_manage():
             network.delete_bridge(st["bridge"])
         if keep_logs:
