@@ -12,21 +12,17 @@ Runs its own operator process on the session's local cluster (started if needed)
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kubernetes import client, config
 
-from pretrain_localcluster import binaries
-from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
-from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_operator import api, render
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cluster_with_crd, start_operator  # noqa: E402
 
 POOL = 16
 
@@ -77,24 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=100)
     args = ap.parse_args(argv or [])
-    lc = LocalCluster(ClusterConfig.load())
-    started_here = not (lc.state() and lc.is_running())
-    lc.up(log=lambda *_: None)
-    kubectl = str(binaries.locate(["kubectl"])["kubectl"])
-    subprocess.run([kubectl, "--kubeconfig", str(lc.cfg.kubeconfig), "apply", "--server-side", "--force-conflicts",
-                    "-f", str(REPO_ROOT / "crds")], check=True, capture_output=True)
-    apic = config.new_client_from_config(config_file=str(lc.cfg.kubeconfig))
-    apic.configuration.connection_pool_maxsize = 32
-    core, custom = client.CoreV1Api(apic), client.CustomObjectsApi(apic)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        mport = s.getsockname()[1]
-    env = dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(mport),
-               PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4")
-    op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lc, started_here, core, custom = cluster_with_crd()
+    op = start_operator(lc)
     namespaces = []
     try:
-        time.sleep(6)  # leader election (a previous holder's Lease may have to expire)
         print(f"{'case':<34}{'baseline (direct)':>20}{'operator':>12}{'ratio':>8}")
         for nodes in (4, 32):
             ns = new_ns(core); namespaces.append(ns)

@@ -15,7 +15,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,9 @@ from pretrain_localcluster import binaries
 from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_operator import api
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, start_operator  # noqa: E402
 
 PEERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pretrain-operator" / "peers"
 TO_VERSION, JS_VERSION = "v1.8.1", "v0.12.0"
@@ -130,19 +132,9 @@ def rss(pid: int) -> float:
     return int(next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmRSS")).split()[1]) / 1024
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ours(b: Bench) -> subprocess.Popen:
     b.k("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    p = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         env=dict(os.environ, KUBECONFIG=str(b.lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(free_port()),
-                                  PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4"))
-    time.sleep(6)
-    return p
+    return start_operator(b.lc)
 
 
 def start_training_operator(b: Bench, exe: Path) -> subprocess.Popen:

@@ -12,20 +12,21 @@ Running again as attempt 2 (every pod of the new gang running).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
-from kubernetes import client, config
+from kubernetes import client
 
-from pretrain_localcluster import binaries, nodes
-from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
-from pretrain_localcluster.controlplane import LocalCluster
+from pretrain_localcluster import nodes
+from pretrain_localcluster.config import REPO_ROOT
+
 from pretrain_operator import api
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cluster_with_crd, start_operator  # noqa: E402
 
 STANDIN = str(REPO_ROOT / "tests" / "standin_trainer.py")
 
@@ -88,22 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     a = ap.parse_args(argv or [])
-    lc = LocalCluster(ClusterConfig.load())
-    started_here = not (lc.state() and lc.is_running())
-    lc.up(log=lambda *_: None)
-    kubectl = str(binaries.locate(["kubectl"])["kubectl"])
-    subprocess.run([kubectl, "--kubeconfig", str(lc.cfg.kubeconfig), "apply", "--server-side", "--force-conflicts",
-                    "-f", str(REPO_ROOT / "crds")], check=True, capture_output=True)
-    apic = config.new_client_from_config(config_file=str(lc.cfg.kubeconfig))
-    core, custom = client.CoreV1Api(apic), client.CustomObjectsApi(apic)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(port),
-                                   PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4"))
+    lc, started_here, core, custom = cluster_with_crd()
+    op = start_operator(lc)
     try:
-        time.sleep(6)
         results = [one(lc, core, custom, i) for i in range(a.runs)]
         first = statistics.median(r[0] for r in results)
         rec = statistics.median(r[1] for r in results)
