@@ -6,14 +6,14 @@ step with one checkpoint and the contract's exit code."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from pretrain_operator import contract as c
-from tests.trainer_util import cmd, env, losses, run, wait_for_step, write_config
+from tests.trainer_util import cmd, env, losses, run, single_process_losses, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -23,10 +23,7 @@ def _committed(d):
 
 
 def test_a_run_stopped_by_sigterm_and_resumed_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
-    full = tmp_path / "full"
-    full.mkdir()
-    run(write_config(full, steps=8, interval=100), 1, full / "losses.txt")
-    want = losses(full / "losses.txt")
+    want = single_process_losses(tmp_path / "full", steps=8, interval=100)
 
     part = tmp_path / "part"
     part.mkdir()
@@ -60,10 +57,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 
 def test_a_checkpoint_loads_into_another_layout(tmp_path):
-    ref = tmp_path / "ref"
-    ref.mkdir()
-    run(write_config(ref, steps=6, interval=100), 1, ref / "losses.txt")
-    want = losses(ref / "losses.txt")
+    want = single_process_losses(tmp_path / "ref", steps=6, interval=100)
     d = tmp_path / "reshard"
     d.mkdir()
     cfg = write_config(d, nproc=2, pipeline=2, steps=6, interval=3)  # saved by two pipeline stages
@@ -102,26 +96,22 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoi
     workers = subprocess.run(["pgrep", "-f", f"pretrain_trainer train --config {cfg}"], capture_output=True, text=True).stdout.split()
     # Only one worker gets the signal (as when one container's process is signalled).
     victim = max(int(w) for w in workers if int(w) != p.pid)
-    import os
     os.kill(victim, signal.SIGTERM)
     assert p.wait(120) == c.EXIT_PREEMPTED, p.stderr.read()[-3000:]
     saved = _committed(tmp_path)
     assert len(saved) == 1
     step = int(saved[0].split("-")[1])
     assert max(losses(tmp_path / "losses.txt")) == step  # nobody trained past the saved step
-    time.sleep(0.1)
 
 
 def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
-    sync = tmp_path / "sync"
-    sync.mkdir()
-    run(write_config(sync, steps=6, interval=3), 1, sync / "losses.txt")
+    want = single_process_losses(tmp_path / "sync", steps=6, interval=3)
     d = tmp_path / "async"
     d.mkdir()
     cfg = write_config(d, steps=6, interval=3, extra={"checkpoint": {"path": str(d / "ckpt"), "intervalSteps": 3, "async": True}})
     run(cfg, 1, d / "losses.txt")
     assert _committed(d) == ["step-00000003", "step-00000006"]
-    assert losses(d / "losses.txt") == losses(sync / "losses.txt")
+    assert losses(d / "losses.txt") == want
     # Training past the end resumes from the async checkpoint of step 6 (nothing left to do).
     r = run(cfg, 1, d / "again.txt")
     assert "resumed from" in r.stderr and "step-00000006" in r.stderr

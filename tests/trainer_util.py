@@ -69,3 +69,10 @@ def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float 
             raise AssertionError(f"trainer exited early: {proc.stderr.read() if proc.stderr else ''}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def single_process_losses(d: Path, **config) -> dict[int, float]:
+    """Train in one process in a fresh folder `d` and return its per-step losses (the reference)."""
+    d.mkdir()
+    run(write_config(d, **config), 1, d / "losses.txt")
+    return losses(d / "losses.txt")
