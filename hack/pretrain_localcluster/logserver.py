@@ -111,7 +111,10 @@ class LogHandler(BaseHTTPRequestHandler):
                             go_on = emit([buf])
                             buf = b""
                         continue
-                    if exit_file.exists():
+                    # The stream ends when the container has exited, or when the agent
+                    # has already removed the pod's folder (a deleted pod can be cleaned
+                    # up between two polls, before we ever see its exit file).
+                    if exit_file.exists() or not (pod_dir / "pod.json").exists():
                         rest = f.read()
                         if rest:
                             emit((buf + rest).splitlines(keepends=True))
