@@ -1,11 +1,16 @@
 """The trainer: step overhead against a plain PyTorch loop, checkpoint save throughput against
 the disk's sequential write speed, and training time blocked by async against sync saves.
 
-    .venv/bin/python bench/trainer.py [--steps 30]
+    .venv/bin/python bench/trainer.py [--steps 30]                        # CPU, model 'small'
+    python bench/trainer.py --preset llama3-1b --seq 2048 --batch 16 --micro 4 --precision bf16
+                                                                          # one GPU (bench/gpu.py)
 
-Per-step times come from two runs of different lengths (their difference cancels start-up).
-Baselines, measured in the same run: a minimal loop (same model, batch, AdamW; no loader state,
-no metrics, no collectives) and `dd` writing the same number of bytes with fsync.
+Runs on CUDA when torch sees a GPU, else on the CPU. Per-step times come from two runs of
+different lengths (their difference cancels start-up). Baselines, measured in the same run: a
+minimal loop (same model, batch, precision and AdamW; no loader state, no metrics, no
+collectives), `dd` writing the same number of bytes with fsync, and on a GPU a large bf16 matrix
+product (the measured peak that MFU is also given against). Limits: one process; it says nothing
+about multi-rank scaling.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,29 +28,37 @@ from pathlib import Path
 
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
+
 PLAIN = r'''
-import sys, time, torch, torch.nn.functional as F
-sys.path.insert(0, "{root}/trainer")
+import json, sys, time, torch, torch.nn.functional as F
+sys.path[:0] = ["{root}/trainer", "{root}/operator"]
 from pretrain_operator.api import ModelSpec
 from pretrain_trainer.model import ModelArgs, Transformer, init_weights
-steps = int(sys.argv[1])
-args = ModelArgs.from_spec(ModelSpec(preset="small"))
+steps, preset, seq, batch, micro, bf16 = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6] == "bf16"
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+args = ModelArgs.from_spec(ModelSpec(**json.loads(preset)))
 torch.manual_seed(0)
-m = Transformer(args); init_weights(m, 0)
-opt = torch.optim.AdamW(m.parameters(), lr=3e-4, foreach=False)
-x = torch.randint(0, args.vocabSize, (8, 129))
+m = Transformer(args); init_weights(m, 0); m.to(dev)
+opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {"foreach": False}))
+x = torch.randint(0, args.vocabSize, (batch, seq + 1), device=dev)
 for _ in range(steps):
-    for i in range(0, 8, 4):
-        loss = F.cross_entropy(m(x[i:i+4, :-1]).flatten(0, 1), x[i:i+4, 1:].flatten()) / 2
+    for i in range(0, batch, micro):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            logits = m(x[i:i+micro, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), x[i:i+micro, 1:].flatten()) / (batch // micro)
         loss.backward()
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step(); opt.zero_grad(set_to_none=True)
+    float(loss)
 '''
 
 
-def config(d: Path, steps: int, interval: int = 100000, async_save: bool = False) -> Path:
-    spec = {"model": {"preset": "small"}, "data": {"seqLen": 128, "globalBatchSize": 8, "microBatchSize": 4},
-            "training": {"steps": steps, "logEverySteps": 1000}, "optimizer": {"warmupSteps": 0},
+def config(d: Path, a, steps: int, interval: int = 100000, async_save: bool = False) -> Path:
+    spec = {"model": a.model,
+            "data": {"seqLen": a.seq, "globalBatchSize": a.batch, "microBatchSize": a.micro},
+            "training": {"steps": steps, "logEverySteps": 1000, "precision": a.precision},
+            "optimizer": {"warmupSteps": 0},
             "checkpoint": {"path": str(d / "ckpt"), "intervalSteps": interval, "keep": 2, "async": async_save}}
     p = d / f"job-{steps}-{interval}-{async_save}.yaml"
     p.write_text(yaml.safe_dump(spec))
@@ -55,56 +69,125 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, str]:
     t0 = time.monotonic()
     r = subprocess.run(argv, capture_output=True, text=True, env=env)
     if r.returncode != 0:
-        raise SystemExit(r.stderr[-2000:])
+        raise SystemExit(r.stderr[-3000:])
     return time.monotonic() - t0, r.stderr
 
 
-def trainer_run(d: Path, steps: int, **kw) -> tuple[float, str]:
-    import shutil
+def trainer_run(d: Path, a, steps: int, **kw) -> tuple[float, str]:
     shutil.rmtree(d / "ckpt", ignore_errors=True)
     env = dict(os.environ, PRETRAIN_METRICS_PORT="0")
-    return timed([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(config(d, steps, **kw))], env)
+    return timed([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(config(d, a, steps, **kw))], env)
 
 
-def main(argv: list[str] | None = None) -> None:
+def matmul_peak() -> float:
+    """bf16 FLOP/s of an 8192^3 matrix product on this GPU (median of 10 after warm-up)."""
+    import torch
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1000)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--model", default="{}", help='sizes over the preset, as JSON: {"dim": 1024, "layers": 16}')
+    ap.add_argument("--parts", default="step,checkpoint", help="step (overhead, tokens/s, MFU), checkpoint (save speed, blocking)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--micro", type=int, default=4)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--save-every", type=int, default=5)
+    ap.add_argument("--json", help="also write the figures here")
     a = ap.parse_args(argv or [])
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="bench-trainer-", dir=str(root / ".local-cluster") if (root / ".local-cluster").exists() else None) as tmp:
+    a.model = {"preset": a.preset, **json.loads(a.model)}
+    parts = a.parts.split(",")
+    import torch
+    cuda = torch.cuda.is_available()
+    where = torch.cuda.get_device_name() if cuda else "CPU"
+    sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "operator")]
+    from pretrain_operator.api import ModelSpec
+    from pretrain_trainer.model import ModelArgs, num_params
+    margs = ModelArgs.from_spec(ModelSpec(**a.model))
+    out: dict = {"device": where, "preset": a.preset, "params": num_params(margs), "seq": a.seq,
+                 "batch": a.batch, "micro": a.micro, "precision": a.precision}
+    tmp_root = ROOT / ".local-cluster" if (ROOT / ".local-cluster").exists() else None
+    name = a.preset if a.model == {"preset": a.preset} else json.dumps(a.model)
+    with tempfile.TemporaryDirectory(prefix="bench-trainer-", dir=str(tmp_root) if tmp_root else None) as tmp:
         d = Path(tmp)
-        s1, s2 = 5, 5 + a.steps
-        plain = d / "plain.py"
-        plain.write_text(PLAIN.replace("{root}", str(root)))
-        p1, _ = timed([sys.executable, str(plain), str(s1)])
-        p2, _ = timed([sys.executable, str(plain), str(s2)])
-        t1, _ = trainer_run(d, s1)
-        t2, _ = trainer_run(d, s2)
-        plain_step, trainer_step = (p2 - p1) / a.steps, (t2 - t1) / a.steps
-        print(f"step time, model 'small' (seq 128, batch 8, 2 microbatches), 1 process on CPU:")
-        print(f"  plain PyTorch loop   {plain_step * 1000:8.1f} ms")
-        print(f"  pretrain_trainer     {trainer_step * 1000:8.1f} ms   ratio {trainer_step / plain_step:5.2f}x (goal <= 1.05)")
+        if "step" in parts:
+            out.update(step_part(d, a, name, margs, where, cuda))
+        if "checkpoint" in parts:
+            out.update(checkpoint_part(d, a))
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    return out
 
-        # Checkpoint throughput: one save of model + AdamW state.
-        _, err = trainer_run(d, 2, interval=1)
-        save_s = float(re.findall(r"checkpoint step 2 committed in ([0-9.]+) s", err)[-1])
-        size = sum(f.stat().st_size for f in (d / "ckpt" / "step-00000002").rglob("*") if f.is_file())
-        t0 = time.monotonic()
-        subprocess.run(["dd", "if=/dev/zero", f"of={d / 'dd.bin'}", "bs=1M", f"count={max(size >> 20, 1)}", "conv=fsync"],
-                       check=True, capture_output=True)
-        dd_s = time.monotonic() - t0
-        print(f"checkpoint save of {size / 2**20:.0f} MiB (model + optimizer):")
-        print(f"  dd (sequential, fsync)  {size / 2**20 / dd_s:8.0f} MiB/s")
-        print(f"  DCP save + commit       {size / 2**20 / save_s:8.0f} MiB/s   {100 * dd_s / save_s:5.0f} % of dd (goal >= 80 %)")
 
-        # Blocked time: a save every 5 steps, sync against async, against no saves.
-        n = a.steps
-        none, _ = trainer_run(d, n)
-        sync, _ = trainer_run(d, n, interval=5)
-        asy, _ = trainer_run(d, n, interval=5, async_save=True)
-        print(f"{n} steps with a save every 5 (wall time over a run without saves):")
-        print(f"  sync saves    +{sync - none:6.2f} s  ({100 * (sync - none) / none:5.1f} %)")
-        print(f"  async saves   +{asy - none:6.2f} s  ({100 * (asy - none) / none:5.1f} %)   (goal <= 5 %)")
+def step_part(d: Path, a, name: str, margs, where: str, cuda: bool) -> dict:
+    from pretrain_trainer.model import flops_per_token, num_params
+    out = {}
+    s1, s2 = 5, 5 + a.steps
+    plain = d / "plain.py"
+    plain.write_text(PLAIN.replace("{root}", str(ROOT)))
+    shape = [json.dumps(a.model), str(a.seq), str(a.batch), str(a.micro), a.precision]
+    p1, _ = timed([sys.executable, str(plain), str(s1), *shape])
+    p2, _ = timed([sys.executable, str(plain), str(s2), *shape])
+    t1, _ = trainer_run(d, a, s1)
+    t2, _ = trainer_run(d, a, s2)
+    plain_step, trainer_step = (p2 - p1) / a.steps, (t2 - t1) / a.steps
+    tps = a.batch * a.seq / trainer_step
+    out.update(plain_step_s=plain_step, trainer_step_s=trainer_step, tokens_per_s=tps)
+    print(f"step time, model {name} ({num_params(margs) / 1e6:.0f} M parameters; seq {a.seq}, batch {a.batch}, "
+          f"microbatch {a.micro}, {a.precision}), 1 process on {where}:")
+    print(f"  plain PyTorch loop   {plain_step * 1000:8.1f} ms")
+    print(f"  pretrain_trainer     {trainer_step * 1000:8.1f} ms   ratio {trainer_step / plain_step:5.2f}x (goal <= 1.05)")
+    if cuda:
+        peak = matmul_peak()
+        mfu = tps * flops_per_token(margs, a.seq)
+        out.update(matmul_peak_flops=peak, model_flops=mfu)
+        print(f"  tokens/s {tps:,.0f}; model FLOP/s {mfu / 1e12:.0f} T = MFU {100 * mfu / 989e12:.1f} % of the "
+              f"989 T datasheet bf16 peak, {100 * mfu / peak:.1f} % of the {peak / 1e12:.0f} T measured 8192^3 bf16 matmul")
+
+    return out
+
+
+def checkpoint_part(d: Path, a) -> dict:
+    out = {}
+    # Checkpoint throughput: one save of model + AdamW state.
+    _, err = trainer_run(d, a, 2, interval=1)
+    save_s = float(re.findall(r"checkpoint step 2 committed in ([0-9.]+) s", err)[-1])
+    size = sum(f.stat().st_size for f in (d / "ckpt" / "step-00000002").rglob("*") if f.is_file())
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={d / 'dd.bin'}", "bs=1M", f"count={max(size >> 20, 1)}", "conv=fsync"],
+                   check=True, capture_output=True)
+    dd_s = time.monotonic() - t0
+    (d / "dd.bin").unlink()
+    out.update(checkpoint_bytes=size, save_s=save_s, dd_s=dd_s)
+    print(f"checkpoint save of {size / 2**20:.0f} MiB (model + optimizer):")
+    print(f"  dd (sequential, fsync)  {size / 2**20 / dd_s:8.0f} MiB/s")
+    print(f"  DCP save + commit       {size / 2**20 / save_s:8.0f} MiB/s   {100 * dd_s / save_s:5.0f} % of dd (goal >= 80 %)")
+
+    # Blocked time: a save every k steps, sync against async, against no saves.
+    n, k = a.steps, a.save_every
+    none, _ = trainer_run(d, a, n)
+    sync, _ = trainer_run(d, a, n, interval=k)
+    asy, _ = trainer_run(d, a, n, interval=k, async_save=True)
+    out.update(no_saves_s=none, sync_saves_s=sync, async_saves_s=asy)
+    print(f"{n} steps with a save every {k} (wall time over a run without saves):")
+    print(f"  sync saves    +{sync - none:6.2f} s  ({100 * (sync - none) / none:5.1f} %)")
+    print(f"  async saves   +{asy - none:6.2f} s  ({100 * (asy - none) / none:5.1f} %)   (goal <= 5 %)")
+    return out
 
 
 if __name__ == "__main__":

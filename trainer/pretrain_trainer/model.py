@@ -157,5 +157,6 @@ def num_params(args: ModelArgs) -> int:
 
 
 def flops_per_token(args: ModelArgs, seq: int) -> float:
-    """Training FLOPs per token (6N plus attention), as torchtitan's MFU estimate."""
-    return 6 * num_params(args) + 12 * args.layers * args.dim * seq
+    """Training FLOPs per token, as torchtitan's MFU estimate: 6N over the parameters that do
+    matrix work (all but the input embedding, a lookup) plus 12 x layers x dim x seq for attention."""
+    return 6 * (num_params(args) - args.vocabSize * args.dim) + 12 * args.layers * args.dim * seq

@@ -135,8 +135,9 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     o = spec.optimizer
-    optim = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95),
-                              foreach=False)
+    # CPU: the per-parameter loop (bit-for-bit the reference runs of the tests); GPU: the fused kernel.
+    impl = {"fused": True} if device == "cuda" else {"foreach": False}
+    optim = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95), **impl)
     schedule = None
     if p.pipeline > 1:
         per_rank = spec.data.globalBatchSize // p.data
@@ -214,7 +215,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         lr = lr_at(step, spec.optimizer, spec.training.steps)
         for g in optim.param_groups:
             g["lr"] = lr
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         micro = loader.next_batch()
         if schedule is not None:
             with autocast:
@@ -227,7 +228,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                     logits = model(x)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
                 (loss / len(micro)).backward()
-                total += loss.detach().double().cpu() / len(micro)
+                total += loss.detach().double() / len(micro)  # on the device: no sync per microbatch
+            total = total.cpu()
         parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
                                  mesh["pp"].get_group() if schedule is not None else None)
         optim.step()
