@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="checks only, no scale figures")
+    ap.add_argument("--figures-only", action="store_true", help="scale figures only, no checks")
     a = ap.parse_args(argv)
     import torch
     assert torch.cuda.is_available(), "no GPU: bench/gpu.py is for a machine with one"
@@ -77,60 +78,76 @@ def main(argv: list[str]) -> int:
         print(f"[{'ok' if ok else 'NO'}] {what}: {value}", flush=True)
         (out / "gpu.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
 
-    with tempfile.TemporaryDirectory(prefix="gpu-checks-") as tmp:
-        d = Path(tmp)
-        t0 = time.monotonic()
-        small = {"extra": {"model": {"preset": "small"}, "data": {"seqLen": 128, "globalBatchSize": 16, "microBatchSize": 8}}}
-        try:
-            g = run_losses(d / "gpu32", steps=12, interval=100)
-            c = run_losses(d / "cpu32", cpu=True, steps=12, interval=100)
-            r = rel(g, c)
-            row("fp32 GPU vs CPU, tiny, 12 steps: max relative loss difference", f"{r:.2e}", r < 1e-3)
-        except Exception as e:  # noqa: BLE001  (each check reports and the script goes on)
-            row("fp32 GPU vs CPU", f"failed: {e}"[:400], False)
-        try:
-            kw = dict(steps=30, interval=100, **small)
-            f32 = run_losses(d / "s32", **kw)
-            kw["extra"] = {**kw["extra"], "training": {"precision": "bf16", "logEverySteps": 1}}
-            b16 = run_losses(d / "s16", **kw)
-            r = rel(b16, f32)
-            falls = b16[30] < b16[1] - 1.0 and f32[30] < f32[1] - 1.0
-            row(f"bf16 vs fp32 GPU, small, 30 steps: loss {b16[1]:.3f} -> {b16[30]:.3f} (fp32 {f32[30]:.3f}); "
-                "max relative difference", f"{r:.2e}", falls and r < 0.03)
-        except Exception as e:  # noqa: BLE001
-            row("bf16 vs fp32", f"failed: {e}"[:400], False)
-        try:
-            kw = dict(steps=300, interval=1000, extra={"training": {"precision": "bf16", "logEverySteps": 1}})
-            want = run_losses(d / "full", **kw)
-            part = d / "part"
-            part.mkdir()
-            cfg = write_config(part, **kw)
-            p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
-            wait_for_step(part / "losses.txt", 50, p)
-            p.send_signal(signal.SIGTERM)
-            code = p.wait(120)
-            stopped = max(losses(part / "losses.txt"))
-            run(cfg, 1, part / "losses.txt")
-            got = losses(part / "losses.txt")
-            diff = max(abs(got[k] - want[k]) for k in want)
-            row(f"bf16 GPU: SIGTERM at step {stopped} (exit {code}), resumed to 300 vs uninterrupted: max |loss diff|",
-                f"{diff:.3e} ({'bit for bit' if got == want else 'not identical'})", code == 83 and got == want)
-        except Exception as e:  # noqa: BLE001
-            row("resume on GPU", f"failed: {e}"[:400], False)
-        try:
-            script = d / "nccl_pair.py"
-            script.write_text(NCCL_PAIR)
-            r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script)],
-                               capture_output=True, text=True, timeout=90)
-            tail = (r.stdout + r.stderr).strip().splitlines()
-            msg = next((ln for ln in tail if "allreduce" in ln or "Duplicate GPU" in ln or "Error" in ln), tail[-1] if tail else "")
-            row("NCCL, 2 ranks on 1 GPU (informational)", f"exit {r.returncode}: {msg[:200]}", True)
-        except Exception as e:  # noqa: BLE001
-            row("NCCL pair (informational)", f"failed: {e}"[:300], True)
-        res["checks_s"] = time.monotonic() - t0
+    if not a.figures_only:
+        with tempfile.TemporaryDirectory(prefix="gpu-checks-") as tmp:
+            d = Path(tmp)
+            t0 = time.monotonic()
+            small = {"extra": {"model": {"preset": "small"}, "data": {"seqLen": 128, "globalBatchSize": 16, "microBatchSize": 8}}}
+            try:
+                g = run_losses(d / "gpu32", steps=12, interval=100)
+                c = run_losses(d / "cpu32", cpu=True, steps=12, interval=100)
+                r = rel(g, c)
+                row("fp32 GPU vs CPU, tiny, 12 steps: max relative loss difference", f"{r:.2e}", r < 1e-3)
+            except Exception as e:  # noqa: BLE001  (each check reports and the script goes on)
+                row("fp32 GPU vs CPU", f"failed: {e}"[:400], False)
+            try:
+                kw = dict(steps=30, interval=100, **small)
+                f32 = run_losses(d / "s32", **kw)
+                kw["extra"] = {**kw["extra"], "training": {"precision": "bf16", "logEverySteps": 1}}
+                b16 = run_losses(d / "s16", **kw)
+                r = rel(b16, f32)
+                falls = b16[30] < b16[1] - 1.0 and f32[30] < f32[1] - 1.0
+                row(f"bf16 vs fp32 GPU, small, 30 steps: loss {b16[1]:.3f} -> {b16[30]:.3f} (fp32 {f32[30]:.3f}); "
+                    "max relative difference", f"{r:.2e}", falls and r < 0.03)
+            except Exception as e:  # noqa: BLE001
+                row("bf16 vs fp32", f"failed: {e}"[:400], False)
+            try:
+                kw = dict(steps=300, interval=1000, extra={"training": {"precision": "bf16", "logEverySteps": 1}})
+                want = run_losses(d / "full", **kw)
+                part = d / "part"
+                part.mkdir()
+                cfg = write_config(part, **kw)
+                p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
+                wait_for_step(part / "losses.txt", 50, p)
+                p.send_signal(signal.SIGTERM)
+                code = p.wait(120)
+                stopped = max(losses(part / "losses.txt"))
+                run(cfg, 1, part / "losses.txt")
+                got = losses(part / "losses.txt")
+                diff = max(abs(got[k] - want[k]) for k in want)
+                row(f"bf16 GPU: SIGTERM at step {stopped} (exit {code}), resumed to 300 vs uninterrupted: max |loss diff|",
+                    f"{diff:.3e} ({'bit for bit' if got == want else 'not identical'})", code == 83 and got == want)
+            except Exception as e:  # noqa: BLE001
+                row("resume on GPU", f"failed: {e}"[:400], False)
+            try:
+                script = d / "nccl_pair.py"
+                script.write_text(NCCL_PAIR)
+                r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script)],
+                                   capture_output=True, text=True, timeout=90)
+                tail = (r.stdout + r.stderr).strip().splitlines()
+                msg = next((ln for ln in tail if "allreduce" in ln or "Duplicate GPU" in ln or "Error" in ln), tail[-1] if tail else "")
+                row("NCCL, 2 ranks on 1 GPU (informational)", f"exit {r.returncode}: {msg[:200]}", True)
+            except Exception as e:  # noqa: BLE001
+                row("NCCL pair (informational)", f"failed: {e}"[:300], True)
+            res["checks_s"] = time.monotonic() - t0
 
     if not a.quick:
         import trainer as bench_trainer
+        try:
+            m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
+            f = bench_trainer.main(["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16",
+                                    "--micro", "8", "--precision", "bf16", "--steps", "60", "--save-every", "20",
+                                    "--parts", "checkpoint"])
+            res["checkpoint"] = f
+            none = f["no_saves_s"]
+            row("checkpoint 320 M model: save vs dd; blocked by 3 saves in 60 steps (sync, async)",
+                f"{f['checkpoint_bytes'] / 2**20 / f['save_s']:.0f} MiB/s = {100 * f['dd_s'] / f['save_s']:.0f} % of dd; "
+                f"sync +{100 * (f['sync_saves_s'] - none) / none:.1f} %, async +{100 * (f['async_saves_s'] - none) / none:.1f} % wall; "
+                f"loop blocked {f['sync_blocked_s']:.2f} s sync, {f['async_blocked_s']:.2f} s async",
+                f["dd_s"] / f["save_s"] >= 0.8 and f["async_blocked_s"] <= 0.05 * f["sync_blocked_s"])
+        except BaseException as e:  # noqa: BLE001
+            row("checkpoint figures", f"failed: {e}"[-600:], False)
+
         try:
             f = bench_trainer.main(["--preset", "llama3-1b", "--seq", "2048", "--batch", "16", "--micro", "4",
                                     "--precision", "bf16", "--steps", "15", "--parts", "step"])
@@ -141,20 +158,6 @@ def main(argv: list[str]) -> int:
                 f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["trainer_step_s"] / f["plain_step_s"] <= 1.05)
         except BaseException as e:  # noqa: BLE001  (SystemExit carries the trainer's stderr)
             row("llama3-1b step figures", f"failed: {e}"[-600:], False)
-        try:
-            m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
-            f = bench_trainer.main(["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16",
-                                    "--micro", "8", "--precision", "bf16", "--steps", "20", "--save-every", "5",
-                                    "--parts", "checkpoint"])
-            res["checkpoint"] = f
-            none = f["no_saves_s"]
-            row("checkpoint 320 M model: save vs dd; blocked by 4 saves in 20 steps (sync, async)",
-                f"{f['checkpoint_bytes'] / 2**20 / f['save_s']:.0f} MiB/s = {100 * f['dd_s'] / f['save_s']:.0f} % of dd; "
-                f"sync +{100 * (f['sync_saves_s'] - none) / none:.1f} %, async +{100 * (f['async_saves_s'] - none) / none:.1f} %",
-                f["dd_s"] / f["save_s"] >= 0.8 and (f["async_saves_s"] - none) / none <= 0.05)
-        except BaseException as e:  # noqa: BLE001
-            row("checkpoint figures", f"failed: {e}"[-600:], False)
-
     (out / "gpu.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     print(f"\n== bench/gpu.py on {res['gpu']}, torch {res['torch']}")
     for what, value, ok in rows:

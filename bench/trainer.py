@@ -42,7 +42,9 @@ torch.manual_seed(0)
 m = Transformer(args); init_weights(m, 0); m.to(dev)
 opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {"foreach": False}))
 x = torch.randint(0, args.vocabSize, (batch, seq + 1), device=dev)
-for _ in range(steps):
+for step in range(1, steps + 1):
+    if step == 6:
+        t0 = time.monotonic()  # after five warm-up steps, as the trainer's figure
     for i in range(0, batch, micro):
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
             logits = m(x[i:i+micro, :-1])
@@ -51,13 +53,14 @@ for _ in range(steps):
     torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
     opt.step(); opt.zero_grad(set_to_none=True)
     float(loss)
+print("step_s", (time.monotonic() - t0) / (steps - 5))
 '''
 
 
-def config(d: Path, a, steps: int, interval: int = 100000, async_save: bool = False) -> Path:
+def config(d: Path, a, steps: int, interval: int = 100000, async_save: bool = False, log_every: int = 1000) -> Path:
     spec = {"model": a.model,
             "data": {"seqLen": a.seq, "globalBatchSize": a.batch, "microBatchSize": a.micro},
-            "training": {"steps": steps, "logEverySteps": 1000, "precision": a.precision},
+            "training": {"steps": steps, "logEverySteps": log_every, "precision": a.precision},
             "optimizer": {"warmupSteps": 0},
             "checkpoint": {"path": str(d / "ckpt"), "intervalSteps": interval, "keep": 2, "async": async_save}}
     p = d / f"job-{steps}-{interval}-{async_save}.yaml"
@@ -70,7 +73,7 @@ def timed(argv: list[str], env: dict | None = None) -> tuple[float, str]:
     r = subprocess.run(argv, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
-    return time.monotonic() - t0, r.stderr
+    return time.monotonic() - t0, r.stdout + r.stderr
 
 
 def trainer_run(d: Path, a, steps: int, **kw) -> tuple[float, str]:
@@ -137,16 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
 def step_part(d: Path, a, name: str, margs, where: str, cuda: bool) -> dict:
     from pretrain_trainer.model import flops_per_token, num_params
     out = {}
-    s1, s2 = 5, 5 + a.steps
+    # Step times from inside each process, after five warm-up steps: start-up, the first steps'
+    # allocations and the final checkpoint stay out of the figure.
+    n = 5 + 5 * max(a.steps // 5, 1)
     plain = d / "plain.py"
     plain.write_text(PLAIN.replace("{root}", str(ROOT)))
-    shape = [json.dumps(a.model), str(a.seq), str(a.batch), str(a.micro), a.precision]
-    p1, _ = timed([sys.executable, str(plain), str(s1), *shape])
-    p2, _ = timed([sys.executable, str(plain), str(s2), *shape])
-    t1, _ = trainer_run(d, a, s1)
-    t2, _ = trainer_run(d, a, s2)
-    plain_step, trainer_step = (p2 - p1) / a.steps, (t2 - t1) / a.steps
-    tps = a.batch * a.seq / trainer_step
+    _, text = timed([sys.executable, str(plain), str(n), json.dumps(a.model), str(a.seq), str(a.batch), str(a.micro), a.precision])
+    plain_step = float(re.findall(r"step_s ([0-9.e-]+)", text)[-1])
+    _, text = trainer_run(d, a, n, log_every=5)
+    rates = [float(x) for x in re.findall(r"tokens/s ([0-9.]+)", text)][1:]  # the first covers steps 1-5
+    tps = sum(rates) / len(rates)
+    trainer_step = a.batch * a.seq / tps
     out.update(plain_step_s=plain_step, trainer_step_s=trainer_step, tokens_per_s=tps)
     print(f"step time, model {name} ({num_params(margs) / 1e6:.0f} M parameters; seq {a.seq}, batch {a.batch}, "
           f"microbatch {a.micro}, {a.precision}), 1 process on {where}:")
@@ -181,9 +185,12 @@ def checkpoint_part(d: Path, a) -> dict:
     # Blocked time: a save every k steps, sync against async, against no saves.
     n, k = a.steps, a.save_every
     none, _ = trainer_run(d, a, n)
-    sync, _ = trainer_run(d, a, n, interval=k)
-    asy, _ = trainer_run(d, a, n, interval=k, async_save=True)
-    out.update(no_saves_s=none, sync_saves_s=sync, async_saves_s=asy)
+    sync, text_s = trainer_run(d, a, n, interval=k)
+    asy, text_a = trainer_run(d, a, n, interval=k, async_save=True)
+    blocked = [float(re.findall(r"saves blocked training for ([0-9.]+) s", t)[-1]) for t in (text_s, text_a)]
+    out.update(no_saves_s=none, sync_saves_s=sync, async_saves_s=asy, sync_blocked_s=blocked[0], async_blocked_s=blocked[1])
+    print(f"{n // k} saves: the training loop blocked {blocked[0]:.2f} s by sync saves, {blocked[1]:.2f} s by async "
+          f"ones ({100 * blocked[1] / blocked[0]:.0f} %)")
     print(f"{n} steps with a save every {k} (wall time over a run without saves):")
     print(f"  sync saves    +{sync - none:6.2f} s  ({100 * (sync - none) / none:5.1f} %)")
     print(f"  async saves   +{asy - none:6.2f} s  ({100 * (asy - none) / none:5.1f} %)   (goal <= 5 %)")

@@ -232,6 +232,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             total = total.cpu()
         parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
                                  mesh["pp"].get_group() if schedule is not None else None)
+        ckpt.wait_staging()  # an async save's copy must be taken before the weights change
         optim.step()
         optim.zero_grad(set_to_none=True)
         tokens_seen += spec.data.globalBatchSize * spec.data.seqLen
@@ -268,10 +269,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                            c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
                            "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
         if preempt:
+            ckpt.close()
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
-    ckpt.wait()
-    log.info("done: %d steps, %d tokens", step, tokens_seen)
+    ckpt.close()
+    log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
+             ckpt.blocked_seconds)
     dist.destroy_process_group()
     return c.EXIT_SUCCESS
