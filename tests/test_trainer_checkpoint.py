@@ -2,7 +2,8 @@
 on CPU, the losses of the uninterrupted run; a newest checkpoint that is corrupt or half-written
 is skipped for the previous one; a checkpoint loads into another layout; a checkpoint request in
 the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
-step with one checkpoint and the contract's exit code."""
+step with one checkpoint and the contract's exit code; a checkpoint folder that the ranks do not
+share is refused at the start."""
 
 from __future__ import annotations
 
@@ -132,3 +133,19 @@ def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(
             out[(name, step)] = float(r.stdout.split("held-out loss")[1].split()[0])
     assert abs(out[("dp", 6)] - out[("pp", 6)]) <= 1e-5
     assert out[("dp", 6)] < out[("dp", 3)]  # the later checkpoint is better on data it never saw
+
+
+def test_a_checkpoint_folder_not_shared_by_every_rank_is_a_clear_error_at_the_start(tmp_path):
+    # Two "nodes", each with its own folder at the checkpoint path (an emptyDir per pod).
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=4)
+    port = str(29700 + os.getpid() % 200)
+    procs = []
+    for rank in (0, 1):
+        e = {**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port, c.ENV_CHECKPOINT_DIR: str(tmp_path / f"node{rank}")}
+        procs.append(subprocess.Popen([*cmd(cfg, 1, tmp_path / "losses.txt")], env=e, stderr=subprocess.PIPE, text=True))
+    codes = [p.wait(120) for p in procs]
+    err = procs[1].stderr.read()
+    assert codes == [c.EXIT_PERMANENT, c.EXIT_PERMANENT], err[-2000:]
+    assert "is not shared by every rank" in err and "checkpoint.claimName" in err
+    assert not (tmp_path / "losses.txt").exists()  # nothing trained

@@ -182,6 +182,9 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                     spec.training.seed)
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
     ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
+    problem = ckpt.shared_problem()
+    if problem:
+        raise ConfigError(problem)
     base = spec.lora.baseCheckpoint if spec.lora else None
     extra = ckpt.load(model, optim, base)
     step = 0
