@@ -51,9 +51,10 @@ def torchx(cluster, tmp_path):
     return run
 
 
-def standin_args(steps: int, step_s: float = 0.2, *extra: str) -> list[str]:
+def standin_args(steps: int, step_s: float = 0.2, *extra: str, fail: str = "") -> list[str]:
+    env = f"STANDIN_STEP_SECONDS={step_s}" + (f",STANDIN_FAIL={fail}" if fail else "")
     return [COMPONENT, "--nodes", "2", "--steps", str(steps), "--checkpoint_interval", "2",
-            "--command", f"python {STANDIN}", "--env", f"STANDIN_STEP_SECONDS={step_s}", *extra]
+            "--command", f"python {STANDIN}", "--env", env, *extra]
 
 
 def handle_of(r: subprocess.CompletedProcess) -> str:
@@ -65,10 +66,15 @@ def name_of(handle: str) -> str:
     return handle.rsplit(":", 1)[1]
 
 
-def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_it(jobs, torchx, api, core, namespace):
+def make_claim(core, namespace: str, name: str = "ckpt") -> str:
     core.create_namespaced_persistent_volume_claim(namespace, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "ckpt"},
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    return name
+
+
+def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_it(jobs, torchx, api, core, namespace):
+    make_claim(core, namespace)
     handle = handle_of(torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace}",
                               *standin_args(20, 0.2, "--checkpoint_claim", "ckpt")))
     assert handle.startswith(f"pretrainjob://torchx/{namespace}:pretrain-")
@@ -108,6 +114,25 @@ def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_i
     assert "resuming at step 0" in whole and "resuming at step 0" not in later and "done at step 20" in later, later
     upto = "".join(sched.log_iter(app_id, "trainer", 0, until=cut))
     assert "resuming at step 0" in upto and "done at step" not in upto, upto
+
+
+def test_following_a_rank_s_log_carries_on_across_a_gang_restart(jobs, torchx, core, namespace):
+    # Rank 1 fails after 3 steps of attempt 1; the gang restarts from the checkpoint rank 0 saves on SIGTERM.
+    handle = handle_of(torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace}",
+                              *standin_args(40, 0.2, "--checkpoint_claim", make_claim(core, namespace), fail="1:1:3:1")))
+    name = name_of(handle)
+    follow = subprocess.Popen([TORCHX, "log", "-t", f"{handle}/trainer/0"], cwd=torchx.cwd, env=torchx.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    st = jobs.wait_phase(name, "Succeeded", timeout=90)
+    assert st["attempt"] == 2 and st["failures"] == 1
+    out, err = follow.communicate(timeout=60)
+    assert follow.returncode == 0, err
+    first = out.find("attempt 1 rank 0: resuming at step 0 of 40")
+    saved = out.find(": checkpoint saved")
+    second = out.find("attempt 2 rank 0: resuming at step")
+    assert 0 <= first < saved < second < out.find("done at step 40"), out + err
+    status = torchx("status", handle).stdout
+    assert "attempt 2" in status and "failures 1" in status, status
 
 
 def test_dryrun_prints_exactly_the_pretrainjob_that_run_creates(jobs, torchx, api, namespace):
@@ -154,6 +179,7 @@ def test_a_spec_the_api_refuses_is_a_clear_error_before_anything_is_created(jobs
                "--tensor", "3", check=False)
     assert r.returncode != 0
     assert "parallelism.data x parallelism.tensor x parallelism.pipeline must equal nodes x nprocPerNode" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
     # An unknown preset: the typed model names the field before the API server is asked.
     r = torchx("run", "-s", "pretrainjob", "--dryrun", "-cfg", f"namespace={namespace}", COMPONENT, "--preset", "huge",
                check=False)

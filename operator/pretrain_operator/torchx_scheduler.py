@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import re
-import shlex
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -54,7 +53,8 @@ from typing import Any
 import yaml
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Scheduler, Stream, StructuredOpts, filter_regex
 from torchx.specs import (NULL_RESOURCE, AppDef, AppDryRunInfo, AppState, BindMount, CfgVal, DeviceMount,
-                          ReplicaState, ReplicaStatus, RetryPolicy, Role, RoleStatus, VolumeMount, runopts)
+                          ReplicaState, ReplicaStatus, RetryPolicy, Role, RoleStatus, runopts)
+from torchx.specs.finder import ComponentValidationException
 
 from . import api, contract as c, render
 
@@ -119,8 +119,9 @@ class PretrainJobRequest:
         return yaml.safe_dump(self.resource, sort_keys=False)
 
 
-class AppDefError(ValueError):
-    """An AppDef feature the PretrainJob cannot honour."""
+class AppDefError(ComponentValidationException, ValueError):
+    """An AppDef the PretrainJob cannot honour, or a spec the API refuses. `torchx run` reports this
+    exception type as one error line (exit 1) instead of a traceback."""
 
 
 # ---- AppDef -> PretrainJob (pure) ------------------------------------------------------------------
@@ -333,7 +334,11 @@ class PretrainJobScheduler(Scheduler[Opts]):
             try:
                 config.load_incluster_config(client_configuration=configuration)
             except config.ConfigException:
-                config.load_kube_config(client_configuration=configuration)
+                try:
+                    config.load_kube_config(client_configuration=configuration)
+                except config.ConfigException as e:
+                    raise RuntimeError(f"pretrainjob scheduler: no Kubernetes credentials ({e}): set KUBECONFIG, "
+                                       "or run in a pod; `--dryrun -cfg validate_spec=False` needs none") from None
             self._client = client.ApiClient(configuration)
         return self._client
 
