@@ -247,3 +247,10 @@ def test_torchx_finds_the_scheduler_and_its_run_options(torchx):
     out = torchx("runopts", "pretrainjob").stdout
     for opt in ("namespace", "image", "checkpoint_claim", "queue", "spot", "tolerations", "max_failures"):
         assert opt in out, out
+
+
+def test_the_scheduler_and_the_component_import_without_torch():
+    code = ("import sys, pretrain_operator.torchx_scheduler, pretrain_trainer.components; "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -29,7 +29,7 @@ def pretrain(
     global_batch_size: int = 8,
     micro_batch_size: int = 1,
     lr: float = 3e-4,
-    warmup_steps: Optional[int] = None,
+    warmup_steps: int = -1,
     data: str = "",
     tensor: int = 1,
     pipeline: int = 1,
@@ -58,7 +58,7 @@ def pretrain(
         global_batch_size: samples per optimizer step over all data-parallel ranks
         micro_batch_size: samples per forward pass on one rank
         lr: peak learning rate (AdamW)
-        warmup_steps: linear warm-up steps (default: 10, or steps when fewer)
+        warmup_steps: linear warm-up steps (-1: 10, or steps when fewer)
         data: token shards folder or text file inside the pod; empty: a small synthetic corpus
         tensor: tensor-parallel degree (data parallelism takes the rest of nodes x nproc_per_node)
         pipeline: pipeline-parallel stages
@@ -83,7 +83,7 @@ def pretrain(
         "data": {"path": data, "seqLen": seq_len, "globalBatchSize": global_batch_size,
                  "microBatchSize": micro_batch_size},
         "optimizer": {"lr": lr, "minLr": float(f"{lr / 10:.6g}"),
-                      "warmupSteps": min(10, steps) if warmup_steps is None else warmup_steps},
+                      "warmupSteps": min(10, steps) if warmup_steps < 0 else warmup_steps},
         "training": {"steps": steps, "seed": seed, "precision": precision},
         "checkpoint": {"path": checkpoint_path, "intervalSteps": checkpoint_interval},
     }
