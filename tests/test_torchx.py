@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import yaml
 from torchx import specs
 from torchx.specs import AppState
 
-from pretrain_operator import api, contract as c
+from pretrain_operator import api
 from pretrain_operator.torchx_scheduler import AppDefError, Opts, app_state, app_to_job, create_scheduler
 from pretrain_trainer.components import pretrain
 from tests.helpers import wait_for
@@ -51,6 +50,22 @@ def torchx(cluster, tmp_path):
     return run
 
 
+@pytest.fixture
+def follow(torchx):
+    """`torchx log -t TARGET` running in the background; stopped at teardown if still running."""
+    procs = []
+
+    def start(target: str) -> subprocess.Popen:
+        procs.append(subprocess.Popen([TORCHX, "log", "-t", target], cwd=torchx.cwd, env=torchx.env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        return procs[-1]
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def standin_args(steps: int, step_s: float = 0.2, *extra: str, fail: str = "") -> list[str]:
     env = f"STANDIN_STEP_SECONDS={step_s}" + (f",STANDIN_FAIL={fail}" if fail else "")
     return [COMPONENT, "--nodes", "2", "--steps", str(steps), "--checkpoint_interval", "2",
@@ -73,19 +88,18 @@ def make_claim(core, namespace: str, name: str = "ckpt") -> str:
     return name
 
 
-def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_it(jobs, torchx, api, core, namespace):
+def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_it(jobs, torchx, follow, api, core, namespace):
     make_claim(core, namespace)
     handle = handle_of(torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace}",
                               *standin_args(20, 0.2, "--checkpoint_claim", "ckpt")))
     assert handle.startswith(f"pretrainjob://torchx/{namespace}:pretrain-")
     name = name_of(handle)
     # Follow rank 0 from the start: the stream ends by itself when the job is done.
-    follow = subprocess.Popen([TORCHX, "log", "-t", f"{handle}/trainer/0"], cwd=torchx.cwd, env=torchx.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail = follow(f"{handle}/trainer/0")
     st = jobs.wait_phase(name, "Succeeded", timeout=90)
     assert st["attempt"] == 1 and st["lastCheckpoint"]["step"] == 20
-    out, err = follow.communicate(timeout=60)
-    assert follow.returncode == 0, err
+    out, err = tail.communicate(timeout=60)
+    assert tail.returncode == 0, err
     assert "trainer/0" in out and "resuming at step 0 of 20" in out and "done at step 20" in out, out
     job = jobs.get(name)
     assert job["spec"]["nodes"] == 2 and job["spec"]["checkpoint"]["claimName"] == "ckpt"
@@ -116,17 +130,16 @@ def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_i
     assert "resuming at step 0" in upto and "done at step" not in upto, upto
 
 
-def test_following_a_rank_s_log_carries_on_across_a_gang_restart(jobs, torchx, core, namespace):
+def test_following_a_rank_s_log_carries_on_across_a_gang_restart(jobs, torchx, follow, core, namespace):
     # Rank 1 fails after 3 steps of attempt 1; the gang restarts from the checkpoint rank 0 saves on SIGTERM.
     handle = handle_of(torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace}",
                               *standin_args(40, 0.2, "--checkpoint_claim", make_claim(core, namespace), fail="1:1:3:1")))
     name = name_of(handle)
-    follow = subprocess.Popen([TORCHX, "log", "-t", f"{handle}/trainer/0"], cwd=torchx.cwd, env=torchx.env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tail = follow(f"{handle}/trainer/0")
     st = jobs.wait_phase(name, "Succeeded", timeout=90)
     assert st["attempt"] == 2 and st["failures"] == 1
-    out, err = follow.communicate(timeout=60)
-    assert follow.returncode == 0, err
+    out, err = tail.communicate(timeout=60)
+    assert tail.returncode == 0, err
     first = out.find("attempt 1 rank 0: resuming at step 0 of 40")
     saved = out.find(": checkpoint saved")
     second = out.find("attempt 2 rank 0: resuming at step")

@@ -417,6 +417,11 @@ class PretrainJobScheduler(Scheduler[Opts]):
             metadata={"phase": st.get("phase", ""), "attempt": str(attempt),
                       "lastCheckpointStep": str((st.get("lastCheckpoint") or {}).get("step", ""))})
 
+    def describe_native(self, app_id: str) -> AppDryRunInfo[PretrainJobRequest, Opts] | None:
+        """The PretrainJob as it is on the cluster (spec and status), in the dry run's form."""
+        job = self._get(app_id)
+        return None if job is None else AppDryRunInfo(PretrainJobRequest(_split(app_id)[0], job), str)
+
     def list(self, cfg: Mapping[str, CfgVal] | None = None) -> list[ListAppResponse]:
         ns = (cfg or {}).get("namespace") or _context_namespace()
         items = self._custom().list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)["items"]
