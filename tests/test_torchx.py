@@ -130,6 +130,20 @@ def test_torchx_run_of_the_component_reaches_succeeded_and_status_and_log_show_i
     assert "resuming at step 0" in upto and "done at step" not in upto, upto
 
 
+def test_the_component_runs_the_real_trainer_to_succeeded(jobs, torchx, core, namespace):
+    pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+    handle = handle_of(torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace},max_failures=0", COMPONENT,
+                              "--nodes", "2", "--steps", "4", "--seq_len", "32", "--global_batch_size", "4",
+                              "--checkpoint_interval", "2", "--checkpoint_claim", make_claim(core, namespace)))
+    name = name_of(handle)
+    st = jobs.wait_phase(name, "Succeeded", "Failed", timeout=180)
+    assert st["phase"] == "Succeeded", st.get("message")
+    assert st["attempt"] == 1 and st["lastCheckpoint"]["step"] == 4
+    assert jobs.get(name)["spec"]["template"]["command"] == []  # the operator's torchrun + trainer
+    logs = torchx("log", f"{handle}/trainer/0").stdout
+    assert "done: 4 steps" in logs, logs
+
+
 def test_following_a_rank_s_log_carries_on_across_a_gang_restart(jobs, torchx, follow, core, namespace):
     # Rank 1 fails after 3 steps of attempt 1; the gang restarts from the checkpoint rank 0 saves on SIGTERM.
     handle = handle_of(torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace}",
@@ -188,8 +202,8 @@ def test_cancel_leaves_no_pod_service_configmap_or_job(jobs, torchx, core, names
 
 def test_a_spec_the_api_refuses_is_a_clear_error_before_anything_is_created(jobs, torchx, namespace):
     # 2 nodes x 1 process cannot hold 3-way tensor parallelism: the CRD's CEL rule says so, by name.
-    r = torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace}", COMPONENT, "--nodes", "2",
-               "--tensor", "3", check=False)
+    r = torchx("run", "-s", "pretrainjob", "-cfg", f"namespace={namespace},checkpoint_claim=ckpt", COMPONENT,
+               "--nodes", "2", "--tensor", "3", check=False)
     assert r.returncode != 0
     assert "parallelism.data x parallelism.tensor x parallelism.pipeline must equal nodes x nprocPerNode" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
@@ -219,6 +233,7 @@ def _app(**role) -> specs.AppDef:
     (_app(metadata={"kubernetes": {"spec": {}}}), "metadata ['kubernetes'] is not for the pretrainjob scheduler"),
     (_app(metadata={"pretrainjob": {"nodes": 5}}), "disagrees with num_replicas=2"),
     (_app(metadata={"pretrainjob": {"nprocPerNode": 0}}), "nprocPerNode"),
+    (pretrain(nodes=2), "2 nodes of the trainer need a shared checkpoint volume"),
 ])
 def test_an_unsupported_appdef_feature_is_refused_naming_it(app, message):
     with pytest.raises(AppDefError, match=None) as e:

@@ -27,7 +27,8 @@ CEL rules judge it exactly as they judge `kubectl apply`):
 - `max_retries` (when > 0, unless the `max_failures` run option is set) -> failurePolicy.maxFailures;
 - the macros `${app_id}` (the TorchX app id, `<namespace>:<job name>`) and `${img_root}` (empty)
   are substituted.
-Refused, with a message naming the feature: several roles, `min_replicas` below `num_replicas`
+Refused, with a message naming the feature: the trainer on several nodes without a checkpoint
+claim (its checkpoint folders are shared by every pod), several roles, `min_replicas` below `num_replicas`
 (no elasticity: the gang is all or nothing), a retry policy other than APPLICATION (a PretrainJob
 restarts the whole gang), `port_map`, bind and device mounts, more than one volume mount, a role
 workspace, `${replica_id}` and `${rank0_env}` (one pod template serves every rank: read
@@ -272,6 +273,10 @@ def app_to_job(app: AppDef, cfg: Opts, name: str) -> dict:
         ckpt["claimName"], ckpt["path"] = m.src, m.dst_path
     elif cfg.checkpoint_claim:
         ckpt["claimName"] = cfg.checkpoint_claim
+    if role.num_replicas > 1 and not ckpt.get("claimName") and "command" not in template:
+        raise AppDefError(f"role {role.name!r}: {role.num_replicas} nodes of the trainer need a shared checkpoint "
+                          "volume (every pod writes into each checkpoint folder; an emptyDir is one per pod): "
+                          "give a PersistentVolumeClaim with --checkpoint_claim or -cfg checkpoint_claim=CLAIM")
     if cfg.max_failures is not None:
         spec.setdefault("failurePolicy", {})["maxFailures"] = cfg.max_failures
     elif role.max_retries > 0:
