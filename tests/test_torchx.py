@@ -163,7 +163,8 @@ def test_following_a_rank_s_log_carries_on_across_a_gang_restart(jobs, torchx, f
 
 
 def test_dryrun_prints_exactly_the_pretrainjob_that_run_creates(jobs, torchx, api, namespace):
-    args = ["-s", "pretrainjob", "-cfg", f"namespace={namespace},queue=team-a,spot=True,max_failures=7",
+    args = ["-s", "pretrainjob", "-cfg",
+            f"namespace={namespace},queue=team-a,spot=True,max_failures=7,tolerations=dedicated:ml:NoSchedule;gpu",
             *standin_args(500, 0.5, "--cpu", "1", "--memMB", "512")]
     dry = torchx("run", "--dryrun", *args).stdout
     printed = yaml.safe_load(dry.split("=== SCHEDULER REQUEST ===", 1)[1])
@@ -179,6 +180,9 @@ def test_dryrun_prints_exactly_the_pretrainjob_that_run_creates(jobs, torchx, ap
     assert spec["scheduling"]["queueName"] == "team-a" and spec["failurePolicy"]["maxFailures"] == 7
     assert {"key": "cloud.google.com/gke-spot", "operator": "Exists", "effect": "NoSchedule", "value": ""} \
         in spec["scheduling"]["tolerations"]
+    assert spec["scheduling"]["tolerations"][-2:] == [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+        {"key": "gpu", "operator": "Exists", "value": "", "effect": ""}]
     assert spec["resources"] == {"requests": {"cpu": "1", "memory": "512Mi"}, "limits": {"memory": "512Mi"}}
     env = {e["name"]: e["value"] for e in spec["template"]["env"]}
     assert env["TORCHX_JOB_ID"] == f"pretrainjob://torchx/{namespace}:{name}"
@@ -241,12 +245,17 @@ def test_an_unsupported_appdef_feature_is_refused_naming_it(app, message):
     assert message in str(e.value), str(e.value)
 
 
+def test_a_malformed_toleration_run_option_is_refused_naming_the_format():
+    with pytest.raises(AppDefError, match="is not KEY, KEY:EFFECT or KEY:VALUE:EFFECT"):
+        create_scheduler("t").submit_dryrun(_app(), {"validate_spec": False, "tolerations": ["gpu:Sometimes"]})
+
+
 def test_an_appdef_maps_onto_nodes_resources_checkpoint_volume_and_scheduling():
     app = pretrain(nodes=3, nproc_per_node=4, tensor=2, preset="small", steps=50, cpu=8, gpu=4, memMB=65536,
                    checkpoint_claim="ckpt", checkpoint_path="/ckpt", env={"HF_HOME": "/tmp/hf"})
     app.roles[0].resource.capabilities["node.kubernetes.io/instance-type"] = "p4d.24xlarge"
     app.roles[0].resource.devices["vpc.amazonaws.com/efa"] = 4
-    job = app_to_job(app, Opts(namespace="ml", tolerations=["dedicated=ml:NoSchedule", "gpu"]), "pretrain-abc123")
+    job = app_to_job(app, Opts(namespace="ml", tolerations=["dedicated:ml:NoSchedule", "gpu"]), "pretrain-abc123")
     spec = api.PretrainJobSpec.model_validate(job["spec"])
     assert (spec.nodes, spec.nprocPerNode) == (3, 4)
     assert (spec.parallelism.data, spec.parallelism.tensor) == (6, 2)

@@ -97,7 +97,7 @@ class Opts(StructuredOpts):
     """Tolerate the taints clouds put on spot nodes (GKE, AKS, EKS, Karpenter capacity-type keys)."""
 
     tolerations: list[str] | None = None
-    """More tolerations, each KEY (Exists) or KEY:EFFECT or KEY=VALUE:EFFECT; separate them with ';'."""
+    """More tolerations, each KEY (Exists) or KEY:EFFECT or KEY:VALUE:EFFECT; separate them with ';'."""
 
     max_failures: int | None = None
     """Failed attempts before the job fails for good (default: the role's max_retries when > 0, else the API's default, 3)."""
@@ -135,14 +135,16 @@ def job_name(app_name: str, suffix: str | None = None) -> str:
 
 
 def _toleration(text: str) -> dict:
-    m = re.fullmatch(r"([^=:]+)(?:=([^:]*))?(?::(NoSchedule|PreferNoSchedule|NoExecute))?", text.strip())
-    if not m:
-        raise AppDefError(f"run option tolerations: {text!r} is not KEY, KEY:EFFECT or KEY=VALUE:EFFECT")
-    key, value, effect = m.groups()
-    t = {"key": key, "operator": "Equal" if value is not None else "Exists", "effect": effect or ""}
-    if value is not None:
-        t["value"] = value
-    return t
+    """KEY (Exists, any effect), KEY:EFFECT (Exists) or KEY:VALUE:EFFECT (Equal; EFFECT may be empty).
+    Colons, not kubectl's `=`: `-cfg` splits on `=`, and taint keys and values never hold a colon."""
+    parts = text.strip().split(":")
+    effects = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+    if not parts[0] or len(parts) > 3 or parts[-1] not in effects and len(parts) > 1:
+        raise AppDefError(f"run option tolerations: {text!r} is not KEY, KEY:EFFECT or KEY:VALUE:EFFECT "
+                          f"(EFFECT one of {', '.join(e for e in effects if e)})")
+    if len(parts) == 3:
+        return {"key": parts[0], "operator": "Equal", "value": parts[1], "effect": parts[2]}
+    return {"key": parts[0], "operator": "Exists", "effect": parts[1] if len(parts) == 2 else ""}
 
 
 def _refuse_unsupported(app: AppDef) -> Role:
