@@ -1,6 +1,7 @@
 """The TorchX scheduler `pretrainjob` and the `pretrain` component, through the real `torchx` CLI
-against the local cluster and the real operator (pods run the stand-in trainer through the
-component's `--command`, as the operator's tests do).
+against the local cluster and the real operator. One test runs the real trainer (torch, from the
+trainer extra); the others run the stand-in trainer through the component's `--command`, as the
+operator's tests do, so they stay fast.
 
     .venv/bin/python -m pytest tests/test_torchx.py -q
 """

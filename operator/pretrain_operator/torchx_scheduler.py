@@ -241,9 +241,13 @@ def app_to_job(app: AppDef, cfg: Opts, name: str) -> dict:
         raise AppDefError(f"role {role.name!r}: metadata nodes={partial['nodes']} disagrees with num_replicas="
                           f"{role.num_replicas}; set num_replicas only")
     spec: dict[str, Any] = _merge(partial, {"nodes": role.num_replicas, "image": cfg.image or role.image})
-    nproc = int(spec.get("nprocPerNode", 1))
-    spec.setdefault("parallelism", {}).setdefault("data", role.num_replicas * nproc
-                                                  // (spec["parallelism"].get("tensor", 1) * spec["parallelism"].get("pipeline", 1)) or 1)
+    par = spec.setdefault("parallelism", {})
+    if "data" not in par:  # pure data parallelism over what tensor x pipeline leave
+        try:
+            par["data"] = role.num_replicas * int(spec.get("nprocPerNode", 1)) \
+                // (int(par.get("tensor", 1)) * int(par.get("pipeline", 1))) or 1
+        except (TypeError, ValueError, ZeroDivisionError):
+            pass  # the typed model below names the bad field
     command = [expand(role.entrypoint), *(expand(a) for a in role.args)]
     template = spec.setdefault("template", {})
     if command != render.default_command():
