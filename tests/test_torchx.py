@@ -38,8 +38,9 @@ def jobs(api, namespace, operator) -> Jobs:
 
 @pytest.fixture
 def torchx(cluster, tmp_path):
-    """`torchx ARGS...` as a user types it (KUBECONFIG set, no .torchxconfig around)."""
-    env = dict(os.environ, KUBECONFIG=str(cluster.cfg.kubeconfig), TORCHX_INTERNAL_SESSION_ID=SESSION_ID)
+    """`torchx ARGS...` as a user types it (KUBECONFIG set; TORCHXCONFIG empty: no .torchxconfig is read)."""
+    env = dict(os.environ, KUBECONFIG=str(cluster.cfg.kubeconfig), TORCHX_INTERNAL_SESSION_ID=SESSION_ID,
+               TORCHXCONFIG="")
 
     def run(*args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess:
         r = subprocess.run([TORCHX, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
