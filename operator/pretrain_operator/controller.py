@@ -111,6 +111,7 @@ class Controller:
         except client.ApiException as e:
             if e.status == 404:
                 self.phases.pop((ns, name), None)
+                metrics.forget_job(ns, name)
                 self.last_progress.pop((ns, name), None)
                 self._update_phase_gauge()
                 return None  # deleted: ownerReferences garbage-collect the children
@@ -301,6 +302,7 @@ class Controller:
         st = plan.status
         self.phases[(ns, name)] = st.get("phase", "Pending")
         self._update_phase_gauge()
+        metrics.observe_job(ns, name, st)
         r = st.get("restart")
         if r and self.restart_seen.get((ns, name)) != r.get("requestedAt"):
             self.restart_seen[(ns, name)] = r.get("requestedAt")
@@ -315,7 +317,7 @@ class Controller:
         counts: dict[str, int] = {}
         for ph in self.phases.values():
             counts[ph] = counts.get(ph, 0) + 1
-        for ph in ("Pending", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed"):
+        for ph in metrics.PHASES:
             metrics.JOBS.labels(ph).set(counts.get(ph, 0))
 
     def _crash_point(self, stage: str, when: str) -> None:

@@ -17,3 +17,34 @@ PODS_DELETED = Counter("pretrain_operator_pods_deleted_total", "Pods deleted")
 CHECKPOINT_REQUESTS = Counter("pretrain_operator_checkpoint_requests_total", "Checkpoint requests sent to trainers", ["reason"])
 IS_LEADER = Gauge("pretrain_operator_leader", "1 while this operator holds the leader Lease")
 API_WRITES = Counter("pretrain_operator_api_writes_total", "Writes (create, patch, delete) sent to the API server")
+
+# Per job, from its status (as kube-state-metrics would export it), for dashboards and alerts.
+JOB_LABELS = ["namespace", "pretrainjob"]  # not "job": Prometheus gives that to the scrape job
+JOB_ATTEMPT = Gauge("pretrain_operator_job_attempt", "The job's current attempt (status.attempt)", JOB_LABELS)
+JOB_PREEMPTIONS = Gauge("pretrain_operator_job_preemptions", "Preemptions survived (status.preemptions)", JOB_LABELS)
+JOB_FAILURES = Gauge("pretrain_operator_job_failures", "Failures counted against maxFailures (status.failures)", JOB_LABELS)
+JOB_CHECKPOINT_STEP = Gauge("pretrain_operator_job_last_checkpoint_step", "status.lastCheckpoint.step", JOB_LABELS)
+JOB_PHASE = Gauge("pretrain_operator_job_phase", "1 for the job's current phase", JOB_LABELS + ["phase"])
+PHASES = ("Pending", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+
+
+def observe_job(ns: str, name: str, status: dict) -> None:
+    JOB_ATTEMPT.labels(ns, name).set(status.get("attempt", 0))
+    JOB_PREEMPTIONS.labels(ns, name).set(status.get("preemptions", 0))
+    JOB_FAILURES.labels(ns, name).set(status.get("failures", 0))
+    JOB_CHECKPOINT_STEP.labels(ns, name).set((status.get("lastCheckpoint") or {}).get("step", 0))
+    for ph in PHASES:
+        JOB_PHASE.labels(ns, name, ph).set(1 if status.get("phase") == ph else 0)
+
+
+def forget_job(ns: str, name: str) -> None:
+    for g in (JOB_ATTEMPT, JOB_PREEMPTIONS, JOB_FAILURES, JOB_CHECKPOINT_STEP):
+        try:
+            g.remove(ns, name)
+        except KeyError:
+            pass
+    for ph in PHASES:
+        try:
+            JOB_PHASE.remove(ns, name, ph)
+        except KeyError:
+            pass
