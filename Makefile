@@ -31,8 +31,10 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
+# The control plane, and Prometheus for make demo and the tests (built once, cached).
+BINARIES ?= etcd kube-apiserver kube-controller-manager kube-scheduler kubectl coredns prometheus
 binaries:
-	hack/build-binaries
+	hack/build-binaries $(BINARIES)
 
 cluster-up: venv binaries
 	hack/local-cluster up

@@ -8,7 +8,9 @@ eviction, node deleted), and the job carries on from its checkpoint as a new att
 Steps: start the cluster (4 nodes, 2 spot) and the operator (logs in .local-cluster/logs/
 operator.log), make a corpus and tokenizer from the Python standard library's sources (nothing is
 downloaded), apply examples/quickstart.yaml (with the corpus and a spot preference), show progress,
-preempt, show the restart, print the summary.
+preempt, show the restart, print the summary with the phases' timings, and draw loss against step
+(`.local-cluster/demo/loss.png`) from Prometheus' range queries. Prometheus runs beside the cluster
+(`hack/local-cluster prometheus`), discovering the operator and the trainer pods.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT / "hack"))
 from pretrain_localcluster import binaries, nodes  # noqa: E402
 from pretrain_localcluster.config import ClusterConfig  # noqa: E402
 from pretrain_localcluster.controlplane import LocalCluster  # noqa: E402
+from pretrain_localcluster.monitoring import Prometheus, loss_curve, plot_loss, register_host_operator  # noqa: E402
 
 
 def kubectl(lc: LocalCluster, *args: str, input: str | None = None) -> str:
@@ -87,21 +90,34 @@ def main() -> int:
     ap.add_argument("--preempt-at", type=float, default=0.4, help="fraction of the steps at which to reclaim a spot node")
     a = ap.parse_args()
     lc = LocalCluster(ClusterConfig.load())
+    t_start = time.monotonic()
+    phases: dict[str, float] = {}
     lc.up()
+    phases["cluster start"] = time.monotonic() - t_start
     kubectl(lc, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     if not lc.procs.running().get("operator"):
         lc.procs.start("operator", [sys.executable, "-m", "pretrain_operator"],
                        env={**__import__("os").environ, "KUBECONFIG": str(lc.cfg.kubeconfig),
                             "PRETRAIN_OPERATOR_METRICS_PORT": "18000", "PRETRAIN_OPERATOR_HEALTH_PORT": "18080"})
         print("== operator started (log: .local-cluster/logs/operator.log, metrics: http://127.0.0.1:18000/metrics)")
+    t = time.monotonic()
+    prom = Prometheus(lc)
+    prom_url = prom.up()
+    register_host_operator(lc, 18000)
+    phases["prometheus start"] = time.monotonic() - t
+    print(f"== prometheus: {prom_url} (scrapes the operator and the trainer pods through Kubernetes service discovery)")
+    t = time.monotonic()
     data = corpus(lc)
+    phases["data preparation"] = time.monotonic() - t
     subprocess.run([str(binaries.locate(["kubectl"])["kubectl"]), "--kubeconfig", str(lc.cfg.kubeconfig),
                     "delete", "ptj", "quickstart", "--ignore-not-found", "--wait=true"], capture_output=True)
     kubectl(lc, "delete", "pvc", "quickstart-checkpoints", "--ignore-not-found", "--wait=true")
     kubectl(lc, "apply", "-f", "-", input=yaml.safe_dump_all(job_manifest(data, a.steps)))
     print(f"== applied examples/quickstart.yaml: 2 pods x 2 processes (data 2 x tensor 2), {a.steps} steps")
     t0 = time.monotonic()
+    wall0 = time.time()
     preempted = None
+    t_preempt = None
     step_at_preemption = None
     reached = {}  # attempt -> highest step seen
     last = ""
@@ -114,6 +130,8 @@ def main() -> int:
             print(f"  [{time.monotonic() - t0:6.1f}s] {ln}", flush=True)
             last = ln
         step = (st.get("progress") or {}).get("step", 0)
+        if step > 0 and "apply to first step" not in phases:
+            phases["apply to first step"] = time.monotonic() - t0
         if preempted is None and st.get("phase") == "Running" and step >= a.preempt_at * a.steps:
             pods = json.loads(kubectl(lc, "get", "pods", "-l", "pretrain.dev/job=quickstart", "-o", "json"))["items"]
             node_labels = {n["metadata"]["name"]: n["metadata"]["labels"]
@@ -122,6 +140,7 @@ def main() -> int:
                     if node_labels.get(p["spec"].get("nodeName"), {}).get("karpenter.sh/capacity-type") == "spot"]
             target = spot[0] if spot else pods[0]["spec"]["nodeName"]
             step_at_preemption = step
+            t_preempt = time.time()
             print(f"== spot reclaim of {target} (runs a rank of the job): termination notice, 5 s, eviction, node deleted")
             nodes.preempt(lc.state_dir, target, notice_s=5.0, taint="gke", log=lambda m: print(f"   {m}"))
             preempted = target
@@ -138,10 +157,24 @@ def main() -> int:
         r = [ln for ln in logs.splitlines() if "resumed from" in ln]
         from_step = int(r[0].rsplit("step-", 1)[1]) if r else 0
         lost = max(reached.get(1, 0) - from_step, 0)
+        r = prom.query_range(f'max(pretrain_step{{namespace="default", pretrainjob="quickstart", attempt="2"}})',
+                             t_preempt, time.time(), 1.0)
+        first = [float(t) for t, v in (r[0]["values"] if r else []) if float(v) > from_step]
+        if first:  # to within a scrape interval (2 s)
+            phases["preemption to first resumed step"] = first[0] - t_preempt
         print(f"   notice for {preempted} at step {step_at_preemption}; the trainer checkpointed on the notice and "
               f"attempt 2 resumed from step {from_step}: {lost} step(s) lost (restart reason {resumed.get('reason')})")
     print(f"   checkpoints: PVC quickstart-checkpoints ({lc.state_dir}/volumes/), last step {(st.get('lastCheckpoint') or {}).get('step')}")
-    print(f"   metrics: curl -s http://127.0.0.1:18000/metrics | grep pretrain_operator_")
+    phases["training (apply to Succeeded)"] = time.monotonic() - t0
+    time.sleep(3)  # one more scrape of the last step
+    curves = loss_curve(prom, "default", "quickstart", wall0, time.time(), 2.0)
+    png = plot_loss(curves, lc.state_dir / "demo" / "loss.png",
+                    f"quickstart: {st.get('attempt')} attempts, {st.get('preemptions')} preemption(s)", step_at_preemption)
+    print(f"   loss plot (from Prometheus range queries): {png}")
+    print(f"   metrics: {prom_url}/graph?g0.expr=pretrain_loss  (PromQL: pretrain_step, pretrain_loss, "
+          f"pretrain_operator_job_preemptions); operator: curl -s http://127.0.0.1:18000/metrics")
+    phases["demo total"] = time.monotonic() - t_start
+    print("   timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     print(f"   explore: export KUBECONFIG={lc.cfg.kubeconfig}; kubectl get ptj; kubectl describe ptj quickstart; "
           f"kubectl logs quickstart-a{st.get('attempt')}-n0")
     print("   stop everything: make cluster-down")

@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     add = sub.add_parser("add-node", help="bring capacity back")
     add.add_argument("--spot", action="store_true")
     add.add_argument("--taint", action="append", default=[], metavar="KEY=VALUE:EFFECT")
+    prom = sub.add_parser("prometheus", help="start Prometheus beside the cluster (service discovery of the operator and trainer pods)")
+    prom.add_argument("--operator-port", type=int, default=0,
+                      help="also scrape an operator running on this machine with metrics on this port (make run-operator: 8000)")
     sub.add_parser("down", help="stop it and remove its state")
     st = sub.add_parser("status", help="what runs, where, and whether it is healthy")
     st.add_argument("--json", action="store_true")
@@ -56,6 +59,14 @@ def main(argv: list[str] | None = None) -> int:
                     setattr(cfg.nodes, "count" if field == "nodes" else field, getattr(args, field))
             cfg.nodes.spot_taints += args.spot_taint
             cluster.up()
+        elif args.cmd == "prometheus":
+            if not cluster.state():
+                print(f"no local cluster in {cfg.state_dir}; start one with `make cluster-up`", file=sys.stderr)
+                return 1
+            from .monitoring import Prometheus, register_host_operator
+            if args.operator_port:
+                print(f"operator metrics registered at {register_host_operator(cluster, args.operator_port)}")
+            print(f"prometheus: {Prometheus(cluster).up()}")
         elif args.cmd in ("preempt", "fail-node", "add-node"):
             if not cluster.state():
                 print(f"no local cluster in {cfg.state_dir}; start one with `make cluster-up`", file=sys.stderr)

@@ -31,7 +31,7 @@ from .procs import ProcessTable
 
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns"]
 # Stop order for `down`: consumers first, etcd last (the apiserver flushes to it on exit).
-STOP_ORDER = ["operator", "node-agent", "coredns", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+STOP_ORDER = ["prometheus", "operator", "node-agent", "coredns", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
 
 COREDNS_RBAC = """
 apiVersion: rbac.authorization.k8s.io/v1

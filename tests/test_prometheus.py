@@ -1,0 +1,85 @@
+"""A real Prometheus beside the local cluster finds the operator and a job's pods through
+Kubernetes service discovery and scrapes them; PromQL answers for a job's step, loss and
+preemptions; the alert rules pass `promtool check rules` and their unit tests."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from pretrain_localcluster import binaries
+from pretrain_localcluster.monitoring import RULES, Prometheus, loss_curve, plot_loss, register_host_operator
+from tests.helpers import wait_for
+from tests.jobs import Jobs, job_manifest
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def prometheus(cluster):
+    p = Prometheus(cluster)
+    p.up()
+    yield p
+    p.down()
+
+
+def _promtool() -> str:
+    return str(binaries.ensure(["prometheus"])["prometheus"].parent / "promtool")
+
+
+def test_the_alert_rules_pass_promtool_check_and_their_unit_tests():
+    check = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 5 rules found" in check.stdout
+    unit = subprocess.run([_promtool(), "test", "rules", "alerts_test.yml"], cwd=RULES.parent, capture_output=True, text=True)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+    assert "SUCCESS" in unit.stdout
+
+
+def _value(prom: Prometheus, q: str) -> float | None:
+    r = prom.query(q)
+    return float(r[0]["value"][1]) if r else None
+
+
+def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_loss_and_preemptions(
+        cluster, prometheus, operator, api, namespace, tmp_path):
+    t0 = time.time()
+    register_host_operator(cluster, operator.metrics_port)
+    jobs = Jobs(api, namespace)
+    jobs.create(job_manifest("watched", steps=600, step_s=0.1))
+    jobs.wait_phase("watched", "Running", timeout=60)
+    jobs.wait("watched", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, what="a first checkpoint")
+    sel = f'namespace="{namespace}", pretrainjob="watched"'
+    wait_for(lambda: (_value(prometheus, f'count_over_time(pretrain_step{{{sel}, attempt="1", node_rank="0"}}[5m])') or 0) >= 4,
+             timeout=30, what="attempt 1's pods discovered and scraped a few times")
+    jobs.core.delete_namespaced_pod("watched-a1-n1", namespace)  # a pod deleted by someone else: a preemption
+    jobs.wait_phase("watched", "Running", timeout=90, attempt=2)
+
+    wait_for(lambda: _value(prometheus, f'up{{job="pretrain-operator"}}') == 1, timeout=30, what="the operator scraped")
+    wait_for(lambda: (_value(prometheus, f"pretrain_operator_job_preemptions{{{sel}}}") or 0) >= 1, timeout=30,
+             what="the job's preemptions in Prometheus")
+    wait_for(lambda: {t["labels"].get("pod") for t in prometheus.targets()
+                      if t["labels"].get("pretrainjob") == "watched" and t["health"] == "up"} >= {"watched-a2-n0", "watched-a2-n1"},
+             timeout=30, what="the attempt-2 pods discovered and scraped")
+    wait_for(lambda: (_value(prometheus, f'max(pretrain_step{{{sel}, attempt="2"}})') or 0) > 0, timeout=30,
+             what="attempt 2's step")
+    loss = _value(prometheus, f"max(pretrain_loss{{{sel}}})")
+    assert loss is not None and loss > 0
+    assert _value(prometheus, f"pretrain_operator_job_failures{{{sel}}}") == 0
+    assert _value(prometheus, f'pretrain_operator_job_phase{{{sel}, phase="Running"}}') == 1
+    # Both attempts are in the history: the step series of attempt 1 and of attempt 2.
+    attempts = {r["metric"]["attempt"] for r in prometheus.query(f"max by (attempt) (max_over_time(pretrain_step{{{sel}}}[10m]))")}
+    assert attempts == {"1", "2"}
+    # make demo's plot: loss against step per attempt, from range queries.
+    def both_attempts():
+        c = loss_curve(prometheus, namespace, "watched", t0, time.time(), 1.0)
+        return c if set(c) == {"1", "2"} and all(len(v) >= 3 for v in c.values()) else None
+    curves = wait_for(both_attempts, timeout=30, what="loss against step of both attempts from range queries")
+    assert max(s for s, _ in curves["1"]) < max(s for s, _ in curves["2"])
+    png = plot_loss(curves, tmp_path / "loss.png", "watched", preempt_step=max(s for s, _ in curves["1"]))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    jobs.custom.delete_namespaced_custom_object("pretrain.dev", "v1alpha1", namespace, "pretrainjobs", "watched")
+    wait_for(lambda: _value(prometheus, f"pretrain_operator_job_preemptions{{{sel}}}") is None, timeout=60,
+             what="the deleted job's series to go")
