@@ -138,3 +138,16 @@ def test_the_operator_image_never_gets_torch():
     assert "torch" not in names
     # And the build itself fails if a dependency ever pulled torch in.
     assert any('! /opt/pretrain/bin/python -c "import torch"' in ln for ln in dockerfile("operator").lines)
+
+
+def test_kind_e2e_builds_the_images_the_chart_and_the_jobs_use():
+    import subprocess
+    script = REPO_ROOT / "hack" / "kind-e2e.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert f"operator_image={values['image']['repository']}:$version" in text
+    trainer_default = api.PretrainJobSpec.model_fields["image"].default
+    assert f"trainer_image={trainer_default.rsplit(':', 1)[0]}:$version" in text
+    for path in re.findall(r'"\$root/([^"]+)"', text):
+        assert (REPO_ROOT / path).exists(), path
