@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -141,7 +142,6 @@ def test_the_operator_image_never_gets_torch():
 
 
 def test_kind_e2e_builds_the_images_the_chart_and_the_jobs_use():
-    import subprocess
     script = REPO_ROOT / "hack" / "kind-e2e.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
