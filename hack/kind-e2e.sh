@@ -63,8 +63,8 @@ fi
 trap cleanup EXIT
 
 if step 3 "build the images ($operator_image, $trainer_image)"; then
-  run docker build -f "$root/images/operator/Dockerfile" -t "$operator_image" "$root"
-  run docker build -f "$root/images/trainer/Dockerfile" -t "$trainer_image" "$root"
+  run docker build -f "$root/images/Dockerfile" --target operator -t "$operator_image" "$root"
+  run docker build -f "$root/images/Dockerfile" --target trainer -t "$trainer_image" "$root"
 fi
 
 if step 4 "load them into the cluster's nodes (no registry needed)"; then

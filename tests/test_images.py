@@ -26,51 +26,50 @@ from pretrain_localcluster.config import REPO_ROOT
 from pretrain_operator import api, render
 
 IMAGES = REPO_ROOT / "images"
+DOCKERFILE = IMAGES / "Dockerfile"
 CHART = REPO_ROOT / "charts" / "pretrain-operator"
-EXTRA = {"operator": "operator", "trainer": "trainer"}
 
 
 class Dockerfile:
+    """Just enough of a Dockerfile's structure: ARG defaults and named stages with their lines."""
+
     def __init__(self, path: Path):
         text = re.sub(r"\\\n", " ", path.read_text())
         self.lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
         self.args = dict(re.match(r"ARG (\w+)=(\S+)", ln).groups() for ln in self.lines if re.match(r"ARG \w+=", ln))
-        self.stages: list[list[str]] = []
+        self.stages: dict[str, list[str]] = {}
+        self.base: dict[str, str] = {}
         for ln in self.lines:
             if ln.startswith("FROM "):
-                self.stages.append([])
-            if self.stages:
-                self.stages[-1].append(ln)
+                m = re.match(r"FROM (\S+) AS (\S+)$", ln)
+                assert m, f"every stage is named: {ln}"
+                ref, name = m.groups()
+                self.base[name] = re.sub(r"\$\{(\w+)\}", lambda a: self.args[a.group(1)], ref)
+                self.stages[name] = []
+            elif self.stages:
+                self.stages[list(self.stages)[-1]].append(ln)
 
-    def bases(self) -> list[str]:
-        out = []
-        for st in self.stages:
-            ref = st[0].split()[1]
-            out.append(re.sub(r"\$\{(\w+)\}", lambda m: self.args[m.group(1)], ref))
+    def external_bases(self) -> set[str]:
+        return {b for b in self.base.values() if b not in self.stages}
+
+    def instr(self, stage: str, name: str) -> list[str]:
+        return [ln.split(None, 1)[1] for ln in self.stages[stage] if ln.startswith(name + " ")]
+
+    def lineage(self, stage: str) -> list[str]:
+        """The stage, the stages it copies from, and the stages those are built FROM."""
+        out, todo = [], [stage]
+        while todo:
+            st = todo.pop()
+            if st in out or st not in self.stages:
+                continue
+            out.append(st)
+            todo.append(self.base[st])
+            todo += [m for c in self.instr(st, "COPY") for m in re.findall(r"--from=(\S+)", c)]
         return out
 
-    def final(self, instr: str) -> list[str]:
-        return [ln.split(None, 1)[1] for ln in self.stages[-1] if ln.startswith(instr + " ")]
 
-
-def dockerfile(name: str) -> Dockerfile:
-    return Dockerfile(IMAGES / name / "Dockerfile")
-
-
-@pytest.mark.parametrize("name", ["operator", "trainer"])
-def test_the_image_is_multi_stage_from_a_pinned_base(name):
-    df = dockerfile(name)
-    assert len(df.stages) >= 2
-    for ref in df.bases():
-        # A full version tag (x.y.z) or a digest; never latest or a floating major.
-        assert "@sha256:" in ref or re.search(r":\d+\.\d+\.\d+", ref), ref
-        assert ":latest" not in ref
-    # The final stage copies the built virtualenv; it installs nothing itself.
-    assert df.final("COPY") and not [r for r in df.final("RUN") if "pip install" in r]
-
-
-def test_both_images_share_one_base():
-    assert dockerfile("operator").bases() == dockerfile("trainer").bases()
+DF = Dockerfile(DOCKERFILE)
+TARGETS = {"operator": "operator", "trainer": "trainer"}  # target -> its pyproject extra
 
 
 def trainer_pod_uid() -> int:
@@ -80,36 +79,48 @@ def trainer_pod_uid() -> int:
     return pod["spec"]["securityContext"]["runAsUser"]
 
 
-@pytest.mark.parametrize("name,uid", [
+def test_the_base_image_is_pinned_once_by_full_version_or_digest():
+    (base,) = DF.external_bases()
+    assert "@sha256:" in base or re.search(r":\d+\.\d+\.\d+", base), base
+    assert ":latest" not in base
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_image_is_multi_stage_and_its_final_stage_only_copies_the_built_virtualenv(target):
+    assert DF.base[target] in DF.external_bases()
+    assert len(DF.lineage(target)) >= 3  # the image, its build, the shared sources
+    assert DF.instr(target, "COPY") and not [r for r in DF.instr(target, "RUN") if "pip" in r]
+
+
+@pytest.mark.parametrize("target,uid", [
     ("operator", yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]["runAsUser"]),
     ("trainer", trainer_pod_uid()),
 ])
-def test_the_image_runs_as_the_non_root_uid_its_pods_use(name, uid):
-    (user,) = dockerfile(name).final("USER")
+def test_the_image_runs_as_the_non_root_uid_its_pods_use(target, uid):
+    (user,) = DF.instr(target, "USER")
     assert uid != 0 and user == f"{uid}:{uid}"
 
 
-@pytest.mark.parametrize("name,command,module", [
+@pytest.mark.parametrize("target,command,module", [
     ("operator", yaml.safe_load((CHART / "values.yaml").read_text())["operator"]["command"], "pretrain_operator.__main__"),
     ("trainer", render.default_command(), "pretrain_trainer.__main__"),
 ])
-def test_the_images_command_is_what_its_pods_run_and_its_module_exists(name, command, module):
-    (cmd,) = dockerfile(name).final("CMD")
+def test_the_images_command_is_what_its_pods_run_and_its_module_exists(target, command, module):
+    (cmd,) = DF.instr(target, "CMD")
     assert json.loads(cmd) == command
     assert importlib.util.find_spec(module) is not None
 
 
-@pytest.mark.parametrize("name", ["operator", "trainer"])
-def test_the_image_installs_its_own_extra_with_the_pinned_constraints(name):
-    df = dockerfile(name)
-    installs = [r for st in df.stages for ln in st if ln.startswith("RUN ") for r in [ln] if "pip install" in r]
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_image_installs_its_own_extra_with_the_pinned_constraints(target):
+    installs = [r for st in DF.lineage(target) for r in DF.instr(st, "RUN") if "pip install" in r]
     assert installs and all("--constraint images/constraints.txt" in r for r in installs)
-    extras = set(re.findall(r'"\.\[([a-z,]+)\]"', " ".join(installs)))
-    assert extras == {EXTRA[name]}
-    for ln in df.lines:
-        if ln.startswith("COPY ") and "--from" not in ln:
-            for src in ln.split()[1:-1]:
-                assert (REPO_ROOT / src).exists(), src
+    assert set(re.findall(r'"\.\[([a-z,]+)\]"', " ".join(installs))) == {TARGETS[target]}
+    for st in DF.lineage(target):
+        for c in DF.instr(st, "COPY"):
+            if "--from" not in c:
+                for src in c.split()[:-1]:
+                    assert (REPO_ROOT / src).exists(), src
 
 
 def _pins() -> dict[str, str]:
@@ -138,7 +149,7 @@ def test_the_operator_image_never_gets_torch():
     names = [Requirement(r).name for r in project["dependencies"] + project["optional-dependencies"]["operator"]]
     assert "torch" not in names
     # And the build itself fails if a dependency ever pulled torch in.
-    assert any('! /opt/pretrain/bin/python -c "import torch"' in ln for ln in dockerfile("operator").lines)
+    assert any('! /opt/pretrain/bin/python -c "import torch"' in r for st in DF.lineage("operator") for r in DF.instr(st, "RUN"))
 
 
 def test_kind_e2e_builds_the_images_the_chart_and_the_jobs_use():
