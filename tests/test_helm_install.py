@@ -85,7 +85,9 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None) -> subproces
 
 
 @pytest.fixture(scope="module")
-def release(cluster, core, tmp_path_factory):
+def release(cluster, crd, core, tmp_path_factory):
+    # `crd`: the current CRD applied first, as docs/install.md says to before an install or upgrade
+    # (helm leaves an existing CRD alone, and a reused cluster may hold an older one).
     paused = list(OperatorProcess.live)
     for op in paused:
         op.stop()
