@@ -252,6 +252,8 @@ def test_every_alert_is_well_formed_and_queries_exported_metrics():
     stale = next(a for a in alerts if a["alert"] == "PretrainCheckpointStale")
     assert "{{ $labels.pretrain_job }}" in stale["annotations"]["description"]  # Prometheus's template, kept
     assert "> 3600" in stale["expr"]
+    unscraped = _one(template(*MONITORING, "--set", "metrics.serviceMonitor.enabled=false"), "PrometheusRule")
+    assert "PretrainOperatorDown" not in [r["alert"] for g in unscraped["spec"]["groups"] for r in g["rules"]]
     storm = _one(template(*MONITORING, "--set", "metrics.prometheusRule.preemptionsPerHour=3"), "PrometheusRule")
     assert any(r["expr"].endswith("> 3") for g in storm["spec"]["groups"] for r in g["rules"] if r["alert"] == "PretrainPreemptionStorm")
 
