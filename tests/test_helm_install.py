@@ -26,7 +26,8 @@ import yaml
 from kubernetes import client
 
 from pretrain_localcluster import binaries
-from tests import test_operator_lifecycle as lifecycle, test_operator_preemption as preemption
+from tests import test_operator_failures as failures, test_operator_lifecycle as lifecycle, \
+    test_operator_preemption as preemption
 from tests.helmutil import CHART, helm
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
@@ -153,11 +154,17 @@ def test_the_operator_runs_in_a_pod_as_the_charts_service_account_with_in_cluste
     assert "uninstall" in release.notes and "CRD" in release.notes
 
 
-# The operator's own scenarios, against the installed operator in its restricted namespace.
+# The operator's own scenarios, against the installed operator in its restricted namespace. Between
+# them every write the RBAC grants happens: pods created, deleted and annotated (the checkpoint
+# request on suspend), the Service and ConfigMap created, the ConfigMap updated (training steps
+# changed while suspended), the status patched, Events created, a job deleted (its TTL).
 test_installed_operator_runs_a_job_to_succeeded = \
     lifecycle.test_a_job_runs_its_gang_to_succeeded_with_progress_and_checkpoint_in_status
 test_installed_operator_resumes_an_evicted_gang_from_its_checkpoint = \
     preemption.test_eviction_with_disruption_target_is_a_preemption_and_resumes_from_the_checkpoint
+test_installed_operator_suspends_and_resumes_a_job = \
+    failures.test_suspend_checkpoints_and_removes_the_pods_and_resume_continues_from_it
+test_installed_operator_deletes_a_finished_job_after_its_ttl = lifecycle.test_ttl_after_finished_deletes_the_job
 
 
 def test_trainer_pods_run_with_no_api_token(jobs, core, release):
