@@ -97,6 +97,10 @@ def release(cluster, crd, core, tmp_path_factory):
     r.notes = r.helm("install", r.name, str(CHART), "-n", r.ns, "-f", r.values([r.jobs_ns]),
                      "--wait", "--timeout", "120s").stdout
     yield r
+    try:  # kept for a failed run: pytest's basetemp/helm*/operator.log
+        (r.values_dir / "operator.log").write_text(operator_log(core, r))
+    except (AssertionError, client.ApiException):
+        pass  # uninstalled already
     r.helm("uninstall", r.name, "-n", r.ns, "--wait", check=False)
     for ns in (r.ns, r.jobs_ns, r.other_ns):
         try:

@@ -284,7 +284,8 @@ class Controller:
         try:
             with urllib.request.urlopen(f"http://{ip}:{c.METRICS_PORT}/metrics", timeout=1.0) as r:
                 m = parse_metrics(r.read().decode())
-        except Exception:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
+        except Exception as e:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
+            log.debug("progress of %s/%s from %s: %s", key[0], key[1], ip, e)
             return
         now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
         if c.METRIC_STEP in m:
