@@ -1,8 +1,8 @@
 """The Helm chart installed on the local cluster: the operator runs in a pod on a process node as the
 chart's ServiceAccount (in-cluster config, a projected token), in namespaces that enforce the
-`restricted` Pod Security level; the operator's lifecycle and preemption scenarios pass against it;
-`kubectl auth can-i` shows it can do what it needs and nothing else; `helm upgrade` switches it to
-cluster-wide; `helm uninstall` leaves only the CRD.
+`restricted` Pod Security level; the operator's lifecycle, preemption, suspend and TTL scenarios pass
+against it; `kubectl auth can-i` shows it can do what it needs and nothing else; `helm upgrade`
+switches it to cluster-wide; `helm uninstall` leaves only the CRD.
 
     .venv/bin/pytest tests/test_helm_install.py
 
