@@ -53,6 +53,7 @@ demo: venv binaries
 	hack/demo
 
 test: venv binaries
+	hack/build-binaries helm helm3
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: venv binaries

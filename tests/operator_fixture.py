@@ -24,6 +24,10 @@ def free_port() -> int:
 
 
 class OperatorProcess:
+    # Every operator process running now: a test of another operator (the Helm-installed one)
+    # pauses these, since two leaders on different Leases would both act on the same jobs.
+    live: set["OperatorProcess"] = set()
+
     def __init__(self, kubeconfig: Path, log_dir: Path):
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
@@ -42,6 +46,7 @@ class OperatorProcess:
         self.log = open(self.log_dir / f"operator-{self.runs}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=e, stdout=self.log,
                                      stderr=subprocess.STDOUT)
+        OperatorProcess.live.add(self)
         deadline = time.monotonic() + leader_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -85,3 +90,4 @@ class OperatorProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        OperatorProcess.live.discard(self)

@@ -5,6 +5,7 @@ a pod deleted by someone other than the operator."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import uuid
 
@@ -12,6 +13,7 @@ import pytest
 from kubernetes import client
 
 from pretrain_localcluster import nodes
+from pretrain_operator import api, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 
@@ -101,3 +103,31 @@ def test_a_pod_deleted_by_someone_else_is_a_preemption(core, jobs, namespace):
     jobs.wait_phase("poked", "Running", timeout=60)
     core.delete_namespaced_pod("poked-a1-n1", namespace)
     _assert_preempted_once(jobs, "poked", ("PodDeleted", "CheckpointedOnNotice"))
+
+
+def test_an_evicted_pod_gone_before_the_reconcile_lists_it_keeps_its_eviction_reason():
+    """The race the watch closes (no cluster: reconcile.decide on observed state): the evicted pod
+    is already deleted when the pods are listed; its last watched state names the eviction."""
+    now = dt.datetime.now(dt.timezone.utc)
+    t = reconcile.iso(now - dt.timedelta(seconds=30))
+    job = job_manifest("gone", steps=400)
+    job["metadata"].update(namespace="ns", uid="u1", generation=1)
+    job["status"] = {"phase": "Running", "attempt": 1, "gangCreated": True, "failures": 0, "preemptions": 0,
+                     "startTime": t, "attemptStartTime": t, "readyNodes": "2/2", "observedGeneration": 1}
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    n0, n1 = render.gang(job, spec, 1)
+    for p, node in ((n0, "spot-0"), (n1, "spot-1")):
+        p["spec"]["nodeName"] = node
+        p["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {"startedAt": t}}}]}
+    n0["metadata"]["deletionTimestamp"] = t
+    n0["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                                       "message": "Eviction API: evicting"})
+    ready = {"spot-1": {"metadata": {"name": "spot-1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}}
+
+    def restart(disrupted):
+        return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,
+                                                   config_data=None, now=now, disrupted=disrupted)).status["restart"]
+    assert restart({})["reason"] == "PodDeleted"  # what the reconcile knew without the watch's memory
+    r = restart({n0["metadata"]["name"]: n0})
+    assert r["kind"] == "Preemption" and r["reason"] == "EvictionByEvictionAPI"

@@ -3,6 +3,7 @@ namespace, with the kubelet's status, lifecycle, volumes, DNS and logs."""
 
 from __future__ import annotations
 
+import ipaddress
 import subprocess
 import time
 
@@ -307,3 +308,20 @@ def test_init_containers_run_in_order_before_the_containers_and_share_volumes(co
     assert all(s.state.terminated.exit_code == 0 for s in p.status.init_container_statuses)
     assert any(c.type == "Initialized" and c.status == "True" for c in p.status.conditions)
     assert (host / "from-pod").read_text() == "main\n"
+
+
+def test_a_pod_ip_is_not_handed_out_again_at_once(core, namespace):
+    """As the CNI host-local IPAM: the next pod on a node gets the next free IP, not the one just
+    freed, so a neighbour's ARP cache that still maps it to the old pod's MAC misleads nobody."""
+    node = "ondemand-1"
+    sleeper = ["python3", "-c", "import time; time.sleep(600)"]
+    create_pod(core, namespace, pod_manifest("first", sleeper, node=node, terminationGracePeriodSeconds=0))
+    first = wait_phase(core, namespace, "first", "Running").status.pod_ip
+    core.delete_namespaced_pod("first", namespace, grace_period_seconds=0)
+    wait_gone(core, namespace, "first")
+    time.sleep(2)  # long after the agent has released the IP
+    create_pod(core, namespace, pod_manifest("second", sleeper, node=node, terminationGracePeriodSeconds=0))
+    second = wait_phase(core, namespace, "second", "Running").status.pod_ip
+    assert second != first, (first, second)
+    cidr = core.read_node(node).spec.pod_cidr
+    assert ipaddress.ip_address(second) in ipaddress.ip_network(cidr)

@@ -662,6 +662,7 @@ class Agent:
         self.node_objs: dict[str, dict] = {}
         self.workers: dict[str, PodWorker] = {}
         self.ips: dict[str, dict[str, str]] = {}  # node -> ip -> uid
+        self.last_ip: dict[str, str] = {}  # node -> the IP handed out last (allocation goes round the range)
         self.lock = threading.RLock()
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -789,16 +790,22 @@ class Agent:
 
     # ---- IPs ---------------------------------------------------------------------------------
     def allocate_ip(self, node: str, uid: str) -> str:
+        """The next free IP after the last one handed out, round the node's podCIDR, as the CNI
+        host-local IPAM does: an IP is not reused at once, so neighbours that still hold the MAC of
+        its previous pod in their ARP cache (for up to a minute) never send a new pod's traffic there."""
         with self.lock:
             cidr = self.pod_cidr(node)
             used = self.ips.setdefault(node, {})
             gw = ipaddress.ip_address(self.state["gateway"])
-            for i, host in enumerate(ipaddress.ip_network(cidr).hosts()):
-                if i == 0 or host == gw:
-                    continue  # .1 is the gateway on a real node's bridge; keep the convention
-                if str(host) not in used:
-                    used[str(host)] = uid
-                    return str(host)
+            # .1 is the gateway on a real node's bridge; keep the convention.
+            hosts = [str(h) for i, h in enumerate(ipaddress.ip_network(cidr).hosts()) if i != 0 and h != gw]
+            last = self.last_ip.get(node)
+            start = hosts.index(last) + 1 if last in hosts else 0
+            for host in hosts[start:] + hosts[:start]:
+                if host not in used:
+                    used[host] = uid
+                    self.last_ip[node] = host
+                    return host
         raise RuntimeError(f"node {node} has no free pod IP in {cidr}")
 
     def release_ip(self, node: str, uid: str) -> None:
@@ -850,6 +857,10 @@ class Agent:
             m = json.loads(meta.read_text())
             if m.get("ip") and m.get("node"):
                 self.ips.setdefault(m["node"], {})[m["ip"]] = m["uid"]
+                # A restarted agent goes on after the highest IP in use (host-local keeps its last on disk).
+                last = self.last_ip.get(m["node"])
+                if last is None or ipaddress.ip_address(m["ip"]) > ipaddress.ip_address(last):
+                    self.last_ip[m["node"]] = m["ip"]
 
     def pod_loop(self) -> None:
         while not self.stop.is_set():

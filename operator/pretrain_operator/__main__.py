@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not a.verbose:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per liveness probe otherwise
     handlers.STATE["settings"] = s
     liveness = f"http://0.0.0.0:{s.health_port}/healthz" if s.health_port else None
     asyncio.run(kopf.operator(standalone=True, clusterwide=not s.namespaces, namespaces=s.namespaces or (),

@@ -45,6 +45,7 @@ class Controller:
         self.restart_seen: dict = {}
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job uid -> (generation, config) once its Service and ConfigMap exist
+        self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -61,6 +62,9 @@ class Controller:
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
+        if any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
+               for cd in (pod.get("status") or {}).get("conditions") or []):
+            self.disrupted.setdefault(key, {})[pod["metadata"]["name"]] = pod
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
             self.node_jobs.setdefault(node, set()).add(key)
@@ -113,6 +117,7 @@ class Controller:
                 self.phases.pop((ns, name), None)
                 metrics.forget_job(ns, name)
                 self.last_progress.pop((ns, name), None)
+                self.disrupted.pop((ns, name), None)
                 self._update_phase_gauge()
                 return None  # deleted: ownerReferences garbage-collect the children
             raise
@@ -145,7 +150,8 @@ class Controller:
             svc_exists = svc is not None
             config_data = (cm.data or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
-                                      config_data=config_data, now=dt.datetime.now(dt.timezone.utc))
+                                      config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
+                                      disrupted=dict(self.disrupted.get((ns, name), {})))
         # Decide.
         plan = reconcile.decide(observed)
         self._progress(job, plan, pods)
@@ -279,7 +285,8 @@ class Controller:
         try:
             with urllib.request.urlopen(f"http://{ip}:{c.METRICS_PORT}/metrics", timeout=1.0) as r:
                 m = parse_metrics(r.read().decode())
-        except Exception:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
+        except Exception as e:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
+            log.debug("progress of %s/%s from %s: %s", key[0], key[1], ip, e)
             return
         now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
         if c.METRIC_STEP in m:

@@ -25,11 +25,26 @@ STATE: dict = {}
 def api_client(settings: OperatorSettings) -> client.ApiClient:
     try:
         config.load_incluster_config()
+        source = "in-cluster config"
     except config.ConfigException:
         config.load_kube_config()
+        source = "kubeconfig"
     cfg = client.Configuration.get_default_copy()
     cfg.connection_pool_maxsize = settings.api_qps_pool
-    return client.ApiClient(cfg)
+    apic = client.ApiClient(cfg)
+    log.info("API server %s as %s (%s)", cfg.host, whoami(apic), source)
+    return apic
+
+
+def whoami(apic: client.ApiClient) -> str:
+    """The identity the API server sees (a SelfSubjectReview, allowed to every authenticated user):
+    the log line that tells which ServiceAccount's RBAC applies."""
+    try:
+        r = client.AuthenticationV1Api(apic).create_self_subject_review(
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+        return r.status.user_info.username
+    except Exception as e:  # noqa: BLE001  (informational only)
+        return f"<unknown: {e.__class__.__name__}>"
 
 
 def controller() -> Controller:

@@ -47,6 +47,8 @@ class LeaderElector:
                 if e2.status == 409:
                     return False
                 raise
+        if lease.spec is None:  # created empty (the Helm chart creates it so that uninstall removes it)
+            lease.spec = client.V1LeaseSpec()
         holder = lease.spec.holder_identity
         renew = lease.spec.renew_time
         expired = renew is None or (now - renew).total_seconds() > (lease.spec.lease_duration_seconds or self.duration_s)
@@ -90,7 +92,7 @@ class LeaderElector:
             return
         try:
             lease = self.coord.read_namespaced_lease(self.name, self.ns)
-            if lease.spec.holder_identity == self.identity:
+            if lease.spec is not None and lease.spec.holder_identity == self.identity:
                 lease.spec.holder_identity = ""
                 lease.spec.renew_time = _now() - dt.timedelta(hours=1)
                 self.coord.replace_namespaced_lease(self.name, self.ns, lease)

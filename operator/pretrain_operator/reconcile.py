@@ -42,6 +42,9 @@ class Observed:
     service_exists: bool
     config_data: str | None              # the ConfigMap's config.yaml, None when missing
     now: dt.datetime
+    # Pods the watch saw with a DisruptionTarget condition, by name: an evicted pod may be gone
+    # before the reconcile lists the pods, and its last state still says why it went.
+    disrupted: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,7 +182,7 @@ def decide(o: Observed) -> Plan:
     # 7. Observe the ranks.
     ends = []
     for n in names:
-        p = by_name.get(n)
+        p = by_name.get(n) or o.disrupted.get(n)
         node_name = ((p or {}).get("spec") or {}).get("nodeName")
         ends.append(classify.classify_pod(p, n, o.nodes.get(node_name) if node_name else None, spec))
     outcome = classify.classify_attempt(ends)
