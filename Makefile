@@ -31,8 +31,9 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-# The control plane, and Prometheus for make demo and the tests (built once, cached).
-BINARIES ?= etcd kube-apiserver kube-controller-manager kube-scheduler kubectl coredns prometheus
+# The control plane, and Prometheus and helm (its rules come from the chart) for make demo and
+# the tests (built once, cached).
+BINARIES ?= etcd kube-apiserver kube-controller-manager kube-scheduler kubectl coredns prometheus helm
 binaries:
 	hack/build-binaries $(BINARIES)
 

@@ -157,7 +157,7 @@ def main() -> int:
         r = [ln for ln in logs.splitlines() if "resumed from" in ln]
         from_step = int(r[0].rsplit("step-", 1)[1]) if r else 0
         lost = max(reached.get(1, 0) - from_step, 0)
-        r = prom.query_range(f'max(pretrain_step{{namespace="default", pretrainjob="quickstart", attempt="2"}})',
+        r = prom.query_range(f'max(pretrain_step{{namespace="default", pretrain_job="quickstart", attempt="2"}})',
                              t_preempt, time.time(), 1.0)
         first = [float(t) for t, v in (r[0]["values"] if r else []) if float(v) > from_step]
         if first:  # to within a scrape interval (2 s)

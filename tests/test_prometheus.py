@@ -1,20 +1,24 @@
 """A real Prometheus beside the local cluster finds the operator and a job's pods through
 Kubernetes service discovery and scrapes them; PromQL answers for a job's step, loss and
-preemptions; the alert rules pass `promtool check rules` and their unit tests."""
+preemptions; the chart's alert rules, rendered by helm, pass `promtool check rules` and their unit
+tests."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from pretrain_localcluster import binaries
-from pretrain_localcluster.monitoring import RULES, Prometheus, loss_curve, plot_loss, register_host_operator
+from pretrain_localcluster.monitoring import Prometheus, loss_curve, plot_loss, register_host_operator, render_rules
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 
 pytestmark = pytest.mark.cluster
+UNIT_TESTS = Path(__file__).parent / "prometheus_alerts_test.yml"
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +33,13 @@ def _promtool() -> str:
     return str(binaries.ensure(["prometheus"])["prometheus"].parent / "promtool")
 
 
-def test_the_alert_rules_pass_promtool_check_and_their_unit_tests():
-    check = subprocess.run([_promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
+def test_the_charts_alert_rules_pass_promtool_check_and_their_unit_tests(tmp_path):
+    rules = render_rules(tmp_path / "rules.yml")
+    check = subprocess.run([_promtool(), "check", "rules", str(rules)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 5 rules found" in check.stdout
-    unit = subprocess.run([_promtool(), "test", "rules", "alerts_test.yml"], cwd=RULES.parent, capture_output=True, text=True)
+    assert "SUCCESS: 8 rules found" in check.stdout
+    shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
+    unit = subprocess.run([_promtool(), "test", "rules", UNIT_TESTS.name], cwd=tmp_path, capture_output=True, text=True)
     assert unit.returncode == 0, unit.stdout + unit.stderr
     assert "SUCCESS" in unit.stdout
 
@@ -51,17 +57,17 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
     jobs.create(job_manifest("watched", steps=600, step_s=0.1))
     jobs.wait_phase("watched", "Running", timeout=60)
     jobs.wait("watched", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, what="a first checkpoint")
-    sel = f'namespace="{namespace}", pretrainjob="watched"'
+    sel = f'namespace="{namespace}", pretrain_job="watched"'
     wait_for(lambda: (_value(prometheus, f'count_over_time(pretrain_step{{{sel}, attempt="1", node_rank="0"}}[5m])') or 0) >= 4,
              timeout=30, what="attempt 1's pods discovered and scraped a few times")
     jobs.core.delete_namespaced_pod("watched-a1-n1", namespace)  # a pod deleted by someone else: a preemption
     jobs.wait_phase("watched", "Running", timeout=90, attempt=2)
 
-    wait_for(lambda: _value(prometheus, f'up{{job="pretrain-operator"}}') == 1, timeout=30, what="the operator scraped")
+    wait_for(lambda: _value(prometheus, f'up{{job="pretrain-operator-metrics", namespace="pretrain-system"}}') == 1, timeout=30, what="the operator scraped")
     wait_for(lambda: (_value(prometheus, f"pretrain_operator_job_preemptions{{{sel}}}") or 0) >= 1, timeout=30,
              what="the job's preemptions in Prometheus")
     wait_for(lambda: {t["labels"].get("pod") for t in prometheus.targets()
-                      if t["labels"].get("pretrainjob") == "watched" and t["health"] == "up"} >= {"watched-a2-n0", "watched-a2-n1"},
+                      if t["labels"].get("pretrain_job") == "watched" and t["health"] == "up"} >= {"watched-a2-n0", "watched-a2-n1"},
              timeout=30, what="the attempt-2 pods discovered and scraped")
     wait_for(lambda: (_value(prometheus, f'max(pretrain_step{{{sel}, attempt="2"}})') or 0) > 0, timeout=30,
              what="attempt 2's step")

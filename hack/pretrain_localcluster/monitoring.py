@@ -12,8 +12,9 @@ its data in `<state>/prometheus/`, listening on the host's loopback. Scrape jobs
   a Service without a selector in `pretrain-system` and an EndpointSlice to the bridge's gateway
   address, as if it ran in a pod.
 - `pretrain-trainers`: pods labelled `pretrain.dev/job` with a container port named `metrics` (the
-  PodMonitor), labelled with `namespace`, `pod`, `pretrainjob` and `attempt`.
-Rules: `hack/prometheus/alerts.yml` (the alerts the chart installs as a PrometheusRule).
+  PodMonitor), labelled with `namespace`, `pod`, `pretrain_job` and `attempt`.
+Rules: the chart's PrometheusRule (`charts/pretrain-operator/files/alerts.yaml`), rendered by
+`helm template` for a release `pretrain-operator` in `pretrain-system`, as it would be installed.
 Limits: a 2 s scrape interval (the demo is short); no Alertmanager (firing alerts show on
 /alerts and through the API).
 """
@@ -33,13 +34,32 @@ from . import binaries
 from .config import HACK_DIR
 from .controlplane import LocalCluster
 
-RULES = HACK_DIR / "prometheus" / "alerts.yml"
+CHART = HACK_DIR.parent / "charts" / "pretrain-operator"
+RELEASE = "pretrain-operator"
 OPERATOR_NS = "pretrain-system"
-OPERATOR_SERVICE = "pretrain-operator-metrics"
+OPERATOR_SERVICE = f"{RELEASE}-metrics"  # the chart's metrics Service for that release
 SCRAPE_INTERVAL = "2s"
 
 
-def config(kubeconfig: Path, rules: Path = RULES) -> dict:
+def render_rules(out: Path, values: list[str] | None = None) -> Path:
+    """The chart's PrometheusRule groups as a Prometheus rule file (`helm template`)."""
+    import subprocess
+
+    helm = binaries.ensure(["helm"])["helm"]
+    argv = [str(helm), "template", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
+            "--api-versions", "monitoring.coreos.com/v1", "--show-only", "templates/monitoring.yaml"]
+    for v in values or []:
+        argv += ["--set", v]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"helm template: {r.stderr.strip()}")
+    rule = next(d for d in yaml.safe_load_all(r.stdout) if d and d.get("kind") == "PrometheusRule")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+    return out
+
+
+def config(kubeconfig: Path, rules: Path) -> dict:
     sd = lambda role: [{"role": role, "kubeconfig_file": str(kubeconfig)}]  # noqa: E731
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
@@ -50,7 +70,10 @@ def config(kubeconfig: Path, rules: Path = RULES) -> dict:
                  {"source_labels": ["__meta_kubernetes_service_label_app_kubernetes_io_name"], "regex": "pretrain-operator",
                   "action": "keep"},
                  {"source_labels": ["__meta_kubernetes_endpointslice_port_name"], "regex": "metrics", "action": "keep"},
-                 {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "operator_namespace"},
+                 # As the Prometheus Operator labels a ServiceMonitor's targets.
+                 {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                 {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+                 {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job"},
              ]},
             {"job_name": "pretrain-trainers", "kubernetes_sd_configs": sd("pod"),
              "relabel_configs": [
@@ -58,8 +81,8 @@ def config(kubeconfig: Path, rules: Path = RULES) -> dict:
                  {"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": "metrics", "action": "keep"},
                  {"source_labels": ["__meta_kubernetes_pod_phase"], "regex": "Pending|Running", "action": "keep"},
                  {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                 {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-                 {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_job"], "target_label": "pretrainjob"},
+                 {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},  # as the PodMonitor's
+                 {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_job"], "target_label": "pretrain_job"},
                  {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_attempt"], "target_label": "attempt"},
                  {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_node_rank"], "target_label": "node_rank"},
              ]},
@@ -93,7 +116,8 @@ class Prometheus:
         exe = binaries.ensure(["prometheus"])["prometheus"]
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.dir / "prometheus.yml"
-        cfg.write_text(yaml.safe_dump(config(self.lc.cfg.kubeconfig)))
+        rules = render_rules(self.dir / "rules.yml")
+        cfg.write_text(yaml.safe_dump(config(self.lc.cfg.kubeconfig, rules)))
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         self.lc.procs.start("prometheus", [str(exe), f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
@@ -152,7 +176,8 @@ def register_host_operator(lc: LocalCluster, port: int) -> str:
     st = json.loads((lc.state_dir / "cluster.json").read_text())
     host = st.get("gateway", "127.0.0.1")
     k = admin_kube(lc.state_dir)
-    labels = {"app.kubernetes.io/name": "pretrain-operator", "app.kubernetes.io/component": "operator"}
+    labels = {"app.kubernetes.io/name": "pretrain-operator", "app.kubernetes.io/instance": RELEASE,
+              "app.kubernetes.io/component": "metrics"}  # the chart's metrics Service's
     k.create_or_exists("/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NS}})
     svc = f"/api/v1/namespaces/{OPERATOR_NS}/services"
     eps = f"/apis/discovery.k8s.io/v1/namespaces/{OPERATOR_NS}/endpointslices"
@@ -175,7 +200,7 @@ def register_host_operator(lc: LocalCluster, port: int) -> str:
 def loss_curve(prom: Prometheus, namespace: str, job: str, start: float, end: float, step_s: float = 2.0) -> dict[str, list]:
     """attempt -> [(step, loss), ...] from range queries of the trainers' step and loss, joined on
     their sample times (both come from the same scrape of the same pod)."""
-    sel = f'namespace="{namespace}", pretrainjob="{job}", node_rank="0"'
+    sel = f'namespace="{namespace}", pretrain_job="{job}", node_rank="0"'
     steps = {r["metric"].get("attempt", "?"): dict(r["values"])
              for r in prom.query_range(f"max by (attempt) (pretrain_step{{{sel}}})", start, end, step_s)}
     out: dict[str, list] = {}

@@ -19,7 +19,7 @@ IS_LEADER = Gauge("pretrain_operator_leader", "1 while this operator holds the l
 API_WRITES = Counter("pretrain_operator_api_writes_total", "Writes (create, patch, delete) sent to the API server")
 
 # Per job, from its status (as kube-state-metrics would export it), for dashboards and alerts.
-JOB_LABELS = ["namespace", "pretrainjob"]  # not "job": Prometheus gives that to the scrape job
+JOB_LABELS = ["namespace", "pretrain_job"]  # not "job": Prometheus gives that to the scrape job
 JOB_ATTEMPT = Gauge("pretrain_operator_job_attempt", "The job's current attempt (status.attempt)", JOB_LABELS)
 JOB_PREEMPTIONS = Gauge("pretrain_operator_job_preemptions", "Preemptions survived (status.preemptions)", JOB_LABELS)
 JOB_FAILURES = Gauge("pretrain_operator_job_failures", "Failures counted against maxFailures (status.failures)", JOB_LABELS)
