@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 
@@ -15,3 +16,12 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2, what: str 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The pretrain_* metric names in a PromQL expression (label matchers, grouping labels and the
+    label argument of Grafana's label_values() left out)."""
+    expr = re.sub(r"\{[^}]*\}", "", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)
+    expr = re.sub(r",\s*[a-z_]+\)\s*$", ")", expr) if expr.startswith("label_values") else expr
+    return set(re.findall(r"\b(pretrain_[a-z0-9_]+)\b", expr))

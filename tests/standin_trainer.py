@@ -55,7 +55,11 @@ class Metrics(http.server.BaseHTTPRequestHandler):
             f"{c.METRIC_LOSS} {10.0 / (1 + state['step']):.4f}", f"{c.METRIC_TOKENS_PER_SECOND} 1234.5",
             f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
             f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",
-            f"{c.METRIC_CHECKPOINT_REQUESTS_SERVED} {state['served']}", ""]).encode()
+            f"{c.METRIC_CHECKPOINT_REQUESTS_SERVED} {state['served']}",
+            # The real trainer's own metrics too (trainer/pretrain_trainer/metrics.py), so dashboards
+            # built on them can be checked against what Prometheus scrapes from stand-ins.
+            "pretrain_mfu 0.01", "pretrain_checkpoint_save_seconds 0.01", "pretrain_checkpoint_blocked_seconds_total 0.0",
+            ""]).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()

@@ -25,6 +25,7 @@ from pretrain_localcluster.config import REPO_ROOT
 from pretrain_operator import api, metrics as operator_metrics
 from pretrain_trainer.metrics import Metrics as TrainerMetrics
 from tests.helmutil import CHART, helm, of_kind, template
+from tests.helpers import promql_metric_names
 
 MONITORING = ("--api-versions", "monitoring.coreos.com/v1")
 NAMESPACED = ("--set", "operator.watchNamespaces={team-a,team-b}")
@@ -204,15 +205,6 @@ def exported_metrics() -> set[str]:
     return names | set(TrainerMetrics().values)
 
 
-def _queried(expr: str) -> set[str]:
-    """The metric names in a PromQL expression (label matchers, grouping labels and the label
-    argument of Grafana's label_values() left out)."""
-    expr = re.sub(r"\{[^}]*\}", "", expr)
-    expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", expr)
-    expr = re.sub(r",\s*[a-z_]+\)\s*$", ")", expr) if expr.startswith("label_values") else expr
-    return set(re.findall(r"\b(pretrain_[a-z0-9_]+)\b", expr))
-
-
 def test_every_metric_the_dashboard_queries_is_exported():
     docs = template()
     cm = _one(docs, "ConfigMap")
@@ -225,13 +217,13 @@ def test_every_metric_the_dashboard_queries_is_exported():
     for p in panels:
         assert p["targets"], p["title"]
         for t in p["targets"]:
-            names = _queried(t["expr"])
+            names = promql_metric_names(t["expr"])
             assert names, (p["title"], t["expr"])
             assert names <= exported, (p["title"], names - exported)
             queried |= names
     for v in dash["templating"]["list"]:
         if v["type"] == "query":
-            assert _queried(v["query"]["query"]) <= exported
+            assert promql_metric_names(v["query"]["query"]) <= exported
     # What the issue asks the dashboard to show: phase, attempts, preemptions, loss, tokens/s, last checkpoint step.
     assert {"pretrain_operator_jobs", "pretrain_operator_restarts_total", "pretrain_loss", "pretrain_tokens_per_second",
             "pretrain_last_checkpoint_step", "pretrain_step"} <= queried
@@ -245,7 +237,7 @@ def test_every_alert_is_well_formed_and_queries_exported_metrics():
     assert {"PretrainOperatorDown", "PretrainJobFailed", "PretrainPreemptionStorm", "PretrainCheckpointStale"} <= {a["alert"] for a in alerts}
     for a in alerts:
         assert a["labels"]["severity"] in ("warning", "critical") and a["annotations"]["summary"] and a["annotations"]["description"]
-        assert _queried(a["expr"]) <= exported, (a["alert"], _queried(a["expr"]) - exported)
+        assert promql_metric_names(a["expr"]) <= exported, (a["alert"], promql_metric_names(a["expr"]) - exported)
         assert "{{" not in a["expr"] and a["expr"].count("(") == a["expr"].count(")")
     down = next(a for a in alerts if a["alert"] == "PretrainOperatorDown")
     assert 'up{job="po-pretrain-operator-metrics", namespace="ops"}' in down["expr"]  # the metrics Service's name

@@ -5,6 +5,7 @@ tests."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pretrain_localcluster import binaries
-from pretrain_localcluster.monitoring import Prometheus, loss_curve, plot_loss, register_host_operator, render_rules
-from tests.helpers import wait_for
+from pretrain_localcluster.monitoring import CHART, Prometheus, loss_curve, plot_loss, register_host_operator, render_rules
+from tests.helpers import promql_metric_names, wait_for
 from tests.jobs import Jobs, job_manifest
 
 pytestmark = pytest.mark.cluster
@@ -86,6 +87,11 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
     assert max(s for s, _ in curves["1"]) < max(s for s, _ in curves["2"])
     png = plot_loss(curves, tmp_path / "loss.png", "watched", preempt_step=max(s for s, _ in curves["1"]))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # Every metric the chart's Grafana dashboard queries is one Prometheus has scraped.
+    dash = json.loads((CHART / "files" / "dashboard.json").read_text())
+    queried = {n for p in dash["panels"] for t in p.get("targets", []) for n in promql_metric_names(t["expr"])}
+    scraped = prometheus.metric_names()
+    assert queried and queried <= scraped, sorted(queried - scraped)
     jobs.custom.delete_namespaced_custom_object("pretrain.dev", "v1alpha1", namespace, "pretrainjobs", "watched")
     wait_for(lambda: _value(prometheus, f"pretrain_operator_job_preemptions{{{sel}}}") is None, timeout=60,
              what="the deleted job's series to go")

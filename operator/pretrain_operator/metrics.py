@@ -15,6 +15,8 @@ RECOVERY_SECONDS = Histogram("pretrain_operator_recovery_seconds",
 PODS_CREATED = Counter("pretrain_operator_pods_created_total", "Pods created")
 PODS_DELETED = Counter("pretrain_operator_pods_deleted_total", "Pods deleted")
 CHECKPOINT_REQUESTS = Counter("pretrain_operator_checkpoint_requests_total", "Checkpoint requests sent to trainers", ["reason"])
+for _reason in ("notice", "suspend"):  # series from the start (at 0), for rate() and dashboards
+    CHECKPOINT_REQUESTS.labels(_reason)
 IS_LEADER = Gauge("pretrain_operator_leader", "1 while this operator holds the leader Lease")
 API_WRITES = Counter("pretrain_operator_api_writes_total", "Writes (create, patch, delete) sent to the API server")
 
