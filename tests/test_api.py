@@ -64,7 +64,7 @@ INVALID = [
     ("unknown preset", _with("model.preset", "gpt5"), "spec.model.preset"),
     ("experts not divisible by expert degree", _with("model.moe", {"experts": 6}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 4})), "model.moe.experts must be divisible by parallelism.expert"),
     ("expert degree without moe", _with("parallelism", {"data": 2, "tensor": 2, "expert": 2}), "parallelism.expert needs model.moe"),
-    ("expert degree does not fit the mesh", _with("model.moe", {"experts": 8}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 8})), "must divide parallelism.data x parallelism.tensor"),
+    ("expert degree does not divide data parallelism", _with("model.moe", {"experts": 8}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 4})), "must divide parallelism.data"),
     ("topK above experts", _with("model.moe", {"experts": 2, "topK": 3}), "model.moe.topK must not exceed model.moe.experts"),
     ("batch not divisible", _with("data", {"globalBatchSize": 6, "microBatchSize": 2}), "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize"),
     ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
