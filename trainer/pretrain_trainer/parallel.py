@@ -59,7 +59,22 @@ def apply_tensor_parallel(model, tp_mesh: DeviceMesh) -> None:
                 "attention.wo": RowwiseParallel()}
         if ffn:
             plan.update({f"{ffn}.w1": ColwiseParallel(), f"{ffn}.w3": ColwiseParallel(), f"{ffn}.w2": RowwiseParallel()})
-        parallelize_module(block, tp_mesh, plan)
+        parallelize_module(block, tp_mesh, _with_lora(block, plan))
+
+
+def _with_lora(block, plan: dict) -> dict:
+    """LoRA-wrapped layers: the base as planned; lora_B column-wise under a column-wise base,
+    lora_A row-wise under a row-wise one (the other adapter matrix stays whole)."""
+    from .lora import LoRALinear
+    out = {}
+    for name, style in plan.items():
+        mod = block.get_submodule(name)
+        if isinstance(mod, LoRALinear):
+            out[f"{name}.base"] = style
+            out[f"{name}.lora_B" if isinstance(style, ColwiseParallel) else f"{name}.lora_A"] = type(style)()
+        else:
+            out[name] = style
+    return out
 
 
 def apply_activation_checkpointing(model, mode: str) -> None:

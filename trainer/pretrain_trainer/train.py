@@ -36,7 +36,8 @@ from pretrain_operator import api, contract as c
 
 from . import moe as moe_mod
 from . import parallel, pipeline
-from .checkpoint import Checkpointer
+from . import lora
+from .checkpoint import Checkpointer, load_weights
 from .data import Loader, TokenSource
 from .metrics import Metrics
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
@@ -138,8 +139,17 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
     else:
         ids, parts = [0], [Transformer(args)]
+    initial = (spec.lora.baseCheckpoint if spec.lora else "") or spec.model.initFrom
     for part in parts:
         init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
+        if initial:
+            try:
+                src = load_weights(part, initial)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"cannot load initial weights from {initial}: {e}")
+            log.info("initial weights from %s", src)
+        if spec.lora:
+            lora.apply_lora(part, spec.lora, spec.training.seed)
         part.to(device)
         if emesh is not None:
             parallel.apply_expert_parallel(part, emesh["ep"])
@@ -161,6 +171,16 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         schedule, _ = pipeline.build_schedule(parts, ids, p.pipeline, p.pipelineSchedule, n_micro, device,
                                               mesh["pp"].get_group())
     return args, model, optim, mesh, schedule
+
+
+def check_frozen_base(model, digest: str) -> None:
+    """LoRA: every rank's pieces of the frozen base are byte-for-byte what they were at the start."""
+    changed = torch.tensor([0 if lora.frozen_digest(model) == digest else 1])
+    dist.all_reduce(changed)
+    if int(changed):
+        log.error("LoRA: the frozen base weights changed on %d rank(s)", int(changed))
+    else:
+        log.info("LoRA: frozen base weights bit-identical after training (%d adapted layers)", len(lora.lora_layers(model)))
 
 
 def mesh_group(mesh, dim: str):
@@ -203,8 +223,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                     spec.training.seed)
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
     ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
-    base = spec.lora.baseCheckpoint if spec.lora else None
-    extra = ckpt.load(model, optim, base)
+    extra = ckpt.load(model, optim)
+    base_digest = lora.frozen_digest(model) if spec.lora else None
     step = 0
     tokens_seen = 0
     if extra:
@@ -305,6 +325,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
     ckpt.wait()
+    if base_digest is not None:
+        check_frozen_base(model, base_digest)
     log.info("done: %d steps, %d tokens", step, tokens_seen)
     dist.destroy_process_group()
     return c.EXIT_SUCCESS
