@@ -39,6 +39,7 @@ LAYER_MAP = {  # ours (inside layers.N.) -> Hugging Face (inside model.layers.N.
     "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.router": "block_sparse_moe.gate",
 }
+EOT = "<|endoftext|>"
 TOP_MAP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
 
@@ -219,13 +220,18 @@ def load_hf(model, folder: Path) -> None:
             t.copy_(sd[k].to(t.dtype))
 
 
-def _tokenizer(data_path: str, out: Path) -> bool:
+def _tokenizer(data_path: str, out: Path, cfg: dict) -> bool:
+    """The data's tokenizer.json (from `prepare`), its end-of-text token as eos."""
     src = Path(data_path) / "tokenizer.json" if data_path else None
     if not src or not src.exists():
         return False
     shutil.copy(src, out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                           "model_max_length": 1 << 30}, indent=1))
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg["max_position_embeddings"]}
+    vocab = json.loads(src.read_text()).get("model", {}).get("vocab", {})
+    if EOT in vocab:
+        tok_cfg["eos_token"] = EOT
+        cfg["eos_token_id"] = vocab[EOT]
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
     return True
 
 
@@ -251,10 +257,10 @@ def export(config: str, checkpoint: str | None, out: str, merge_lora: bool = Fal
         adapters[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
     dst = Path(out)
     dst.mkdir(parents=True, exist_ok=True)
+    _tokenizer(spec.data.path, dst, cfg)
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
-    (dst / "generation_config.json").write_text(json.dumps({"do_sample": False}, indent=1))
+    (dst / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": cfg["eos_token_id"]}, indent=1))
     write_safetensors(to_hf(sd, args), dst, int(max_shard_gb * 2**30))
-    _tokenizer(spec.data.path, dst)
     if wrapped and not merge_lora:
         write_peft_adapter(to_hf(adapters, args), spec.lora, sorted(wrapped), dst / "adapter", str(dst.resolve()))
     print(f"exported {d} as {cfg['architectures'][0]} to {dst}" + (" (+ PEFT adapter in adapter/)" if wrapped and not merge_lora
