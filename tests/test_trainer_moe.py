@@ -137,3 +137,19 @@ def test_examples_moe_yaml_expert_parallel_2_with_fsdp2_over_each_experts_pair_m
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     run(tmp_path / "job.yaml", 4, tmp_path / "losses.txt")
     _assert_close(losses(tmp_path / "losses.txt"), top2_reference)
+
+
+def test_router_statistics_render_as_one_prometheus_family_per_metric_with_layer_and_expert_labels():
+    from pretrain_trainer.metrics import Metrics
+    m = Metrics()
+    stats = {0: {"load": [0.75, 0.25], "dropped": 0.1, "aux": 1.2}, 3: {"load": [0.5, 0.5], "dropped": 0.0, "aux": 1.0}}
+    m.set_router_stats(stats)
+    text = m.render().decode()
+    assert 'pretrain_moe_expert_load{layer="0",expert="0"} 0.75' in text
+    assert 'pretrain_moe_expert_load{layer="3",expert="1"} 0.5' in text
+    assert 'pretrain_moe_dropped_fraction{layer="0"} 0.1' in text and 'pretrain_moe_aux_loss{layer="3"} 1.0' in text
+    families = [ln.split()[2] for ln in text.splitlines() if ln.startswith("# TYPE")]
+    assert len(families) == len(set(families))  # each family typed once ...
+    names = [ln.split("{")[0].split()[0] for ln in text.splitlines() if not ln.startswith("#")]
+    assert all(names.index(n) + names.count(n) - 1 == len(names) - 1 - names[::-1].index(n) for n in set(names))  # ... its samples together
+    assert "layer 0 max load 0.750 dropped 0.100 aux 1.2000" in Metrics.router_summary(stats)
