@@ -49,12 +49,18 @@ class FeedForward(nn.Module):
 
 
 def grouped_mm_available(x: torch.Tensor, *shapes: int) -> bool:
-    """The torch build has a grouped matmul and the row sizes are 16-byte aligned (its stride rule)."""
+    """The torch build has a grouped matmul for this device and dtype (CPU: fp32; CUDA: bf16 on
+    compute capability 9.0 or newer, untested here) and the row sizes are 16-byte aligned (its
+    stride rule)."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cpu" and x.dtype != torch.float32:
-        return False
-    return all((s * x.element_size()) % 16 == 0 for s in shapes)
+    if x.device.type == "cpu":
+        ok = x.dtype == torch.float32
+    elif x.device.type == "cuda":
+        ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    else:
+        ok = False
+    return ok and all((s * x.element_size()) % 16 == 0 for s in shapes)
 
 
 def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,8 @@ class Experts(nn.ModuleDict):
     def forward(self, x: torch.Tensor, counts: list[int], impl: str | None = None) -> torch.Tensor:
         impl = impl or os.environ.get("PRETRAIN_MOE_IMPL", "auto")
         experts = list(self.values())
+        if torch.is_autocast_enabled(x.device.type):  # what the loop's linear layers would compute in
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if impl == "grouped" or (impl == "auto" and grouped_mm_available(x, self.dim, self.hidden)):
             return self._grouped(x, counts, experts)
         return self._loop(x, counts, experts)
@@ -91,7 +99,7 @@ class Experts(nn.ModuleDict):
         offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
 
         def gmm(inp, name):  # (rows, in) x per-expert (out, in) weights -> (rows, out)
-            w = torch.stack([getattr(e, name).weight for e in experts]).transpose(-2, -1)
+            w = torch.stack([getattr(e, name).weight for e in experts]).to(inp.dtype).transpose(-2, -1)
             return _contiguous_grad(F.grouped_mm(inp, w, offs=offs))
 
         h = F.silu(gmm(x, "w1")) * gmm(x, "w3")
@@ -201,7 +209,7 @@ class MoE(nn.Module):
             out = self._experts_parallel(rows, counts)
         else:
             out = self.experts(rows, counts.tolist())
-        y = torch.zeros_like(xf).index_add_(0, tok, out * flat_w[order].to(out.dtype)[:, None])
+        y = xf.new_zeros(xf.shape, dtype=out.dtype).index_add_(0, tok, out * flat_w[order].to(out.dtype)[:, None])
         if self.shared is not None:
             y = y + self.shared(xf)
         with torch.no_grad():
