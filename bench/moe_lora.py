@@ -3,8 +3,10 @@ experts; LoRA step time and checkpoint size against full training of the same mo
 
     .venv/bin/python bench/moe_lora.py [--steps 10]
 
-Model `small` (seq 128, batch 8, 2 microbatches), one CPU process. Per-step times come from two
-runs of different lengths (their difference cancels start-up), as bench/trainer.py does.
+Model `small` (seq 128), one CPU process. MoE: forward and backward of the whole model, the two
+expert implementations interleaved in one process, median of `--steps` rounds (robust to a busy
+machine). LoRA: trainer runs (batch 8, 2 microbatches); per-step times from two runs of different
+lengths (their difference cancels start-up), as bench/trainer.py does.
 """
 
 from __future__ import annotations
@@ -43,6 +45,30 @@ def step_time(d: Path, name: str, steps: int, extra: dict, env: dict | None = No
     return (t2 - t1) / steps
 
 
+def moe_step_times(rounds: int) -> dict[str, float]:
+    """Median forward + backward time of the `small` model with 8 experts, top-2, per implementation."""
+    import statistics
+    import time
+
+    import torch
+    from pretrain_operator import api
+    from pretrain_trainer.model import ModelArgs, Transformer, init_weights
+    args = ModelArgs.from_spec(api.ModelSpec(preset="small", moe=api.MoE(experts=8, topK=2)))
+    model = Transformer(args)
+    init_weights(model, 0)
+    x = torch.randint(0, args.vocabSize, (4, 128), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {"grouped": [], "loop": []}
+    for r in range(rounds + 1):
+        for impl in times:
+            os.environ["PRETRAIN_MOE_IMPL"] = impl
+            t0 = time.perf_counter()
+            model(x).sum().backward()
+            if r:  # the first round warms up
+                times[impl].append(time.perf_counter() - t0)
+    os.environ.pop("PRETRAIN_MOE_IMPL")
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def size(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
 
@@ -53,10 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv or [])
     with tempfile.TemporaryDirectory(prefix="bench-moe-lora-") as tmp:
         d = Path(tmp)
-        moe = {"model": {"preset": "small", "moe": {"experts": 8, "topK": 2}}}
-        grouped = step_time(d, "grouped", a.steps, moe, {"PRETRAIN_MOE_IMPL": "grouped"})
-        loop = step_time(d, "loop", a.steps, moe, {"PRETRAIN_MOE_IMPL": "loop"})
-        print("MoE step time, model 'small' with 8 experts, top-2, 1 process on CPU:")
+        t = moe_step_times(a.steps)
+        grouped, loop = t["grouped"], t["loop"]
+        print("MoE forward + backward, model 'small' with 8 experts, top-2, batch 4 x 128, 1 process on CPU:")
         print(f"  loop over experts  {loop * 1000:8.1f} ms")
         print(f"  grouped matmul     {grouped * 1000:8.1f} ms   ratio {grouped / loop:5.2f}x")
         full = step_time(d, "full", a.steps, {})

@@ -84,6 +84,7 @@ INVALID = [
     ("start timeout zero", _with("scheduling.startTimeoutSeconds", 0), "spec.scheduling.startTimeoutSeconds"),
     ("negative ttl", _with("ttlSecondsAfterFinished", -5), "spec.ttlSecondsAfterFinished"),
     ("moe topK zero", _with("model.moe", {"topK": 0}), "spec.model.moe.topK"),
+    ("moe bias update rate above 1", _with("model.moe", {"biasUpdateRate": 2}), "spec.model.moe.biasUpdateRate"),
 ]
 
 
