@@ -4,7 +4,8 @@ expert over the two ranks that hold it), with data x pipeline parallel 2 x 2, wi
 parallel 2 x 2, and alone; for top-2 softmax routing with the aux loss, top-1 (Switch) with a
 shared expert and token dropping, and sigmoid routing with the bias balancing. The grouped matmul
 and the loop over experts agree; an expert-parallel checkpoint resumes bit for bit and loads into
-another expert-parallel degree; a bad expert degree is refused.
+another expert-parallel degree, with FSDP-sharded experts and selection biases too; a bad expert
+degree is refused; router statistics reach the log and render as Prometheus families.
 
     .venv/bin/python -m pytest tests/test_trainer_moe.py -q
 """
@@ -40,6 +41,19 @@ def _assert_close(got: dict, want: dict) -> None:
         assert abs(got[s] - want[s]) <= TOL, (s, got[s], want[s])
 
 
+def _final_state(cfg: Path) -> dict:
+    """The newest checkpoint of a run, loaded into one whole model in this process."""
+    from pretrain_trainer.evaluate import model_from_checkpoint
+    from pretrain_trainer.train import load_spec
+    return model_from_checkpoint(load_spec(str(cfg)), None)[0].state_dict()
+
+
+def _assert_same_weights(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert (a[k] - b[k]).abs().max() <= tol, k
+
+
 def test_grouped_matmul_and_the_loop_over_experts_give_the_same_outputs_and_gradients():
     from pretrain_trainer.moe import Experts, grouped_mm_available
     torch.manual_seed(0)
@@ -61,8 +75,14 @@ def test_grouped_matmul_and_the_loop_over_experts_give_the_same_outputs_and_grad
 
 
 @pytest.fixture(scope="module")
-def top2_reference(tmp_path_factory):
-    return single_process_losses(tmp_path_factory.mktemp("top2") / "ref", steps=3, micro=1, extra=_moe(TOP2))
+def top2_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("top2") / "ref"
+    return d / "job.yaml", single_process_losses(d, steps=3, micro=1, extra=_moe(TOP2))
+
+
+@pytest.fixture(scope="module")
+def top2_reference(top2_run):
+    return top2_run[1]
 
 
 def test_expert_parallel_2_with_data_parallel_2_and_pipeline_parallel_2_matches_the_single_process_losses(
@@ -90,8 +110,13 @@ def test_sigmoid_routing_with_bias_balancing_under_expert_parallel_matches(tmp_p
     want = single_process_losses(tmp_path / "ref", steps=3, micro=1, extra=_moe(SIGMOID_BIAS))
     d = tmp_path / "ep2"
     d.mkdir()
-    run(write_config(d, nproc=2, data=2, steps=3, micro=1, extra=_moe(SIGMOID_BIAS, expert=2)), 2, d / "losses.txt")
+    cfg = write_config(d, nproc=2, data=2, steps=3, micro=1, extra=_moe(SIGMOID_BIAS, expert=2))
+    run(cfg, 2, d / "losses.txt")
     _assert_close(losses(d / "losses.txt"), want)
+    # The selection biases moved, identically, and are part of the checkpoint.
+    ep, one = _final_state(cfg), _final_state(tmp_path / "ref" / "job.yaml")
+    _assert_same_weights(ep, one)
+    assert ep["layers.1.feed_forward.expert_bias"].abs().sum() > 0
 
 
 def test_an_expert_parallel_checkpoint_resumes_bit_for_bit_and_loads_into_another_expert_degree(tmp_path):
@@ -125,7 +150,8 @@ def test_the_trainer_refuses_an_expert_degree_that_does_not_divide_data_parallel
 
 
 def test_examples_moe_yaml_expert_parallel_2_with_fsdp2_over_each_experts_pair_matches_one_process(
-        tmp_path, top2_reference):
+        tmp_path, top2_run):
+    ref_cfg, top2_reference = top2_run
     doc = yaml.safe_load((REPO / "examples" / "moe.yaml").read_text())
     spec = doc["spec"]
     assert spec["model"]["moe"] == TOP2  # the reference's model
@@ -137,6 +163,9 @@ def test_examples_moe_yaml_expert_parallel_2_with_fsdp2_over_each_experts_pair_m
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     run(tmp_path / "job.yaml", 4, tmp_path / "losses.txt")
     _assert_close(losses(tmp_path / "losses.txt"), top2_reference)
+    # Its checkpoint (experts split over pairs, each FSDP-sharded over two ranks) loads into one
+    # whole model with the single process's weights.
+    _assert_same_weights(_final_state(tmp_path / "job.yaml"), _final_state(ref_cfg))
 
 
 def test_router_statistics_render_as_one_prometheus_family_per_metric_with_layer_and_expert_labels():
