@@ -1,5 +1,6 @@
 """LoRA trains only the adapters: examples/lora.yaml (on a base checkpoint made here) gives the
-same per-step losses under FSDP2 (data parallel 2) and tensor parallel 2 as in one process, the
+same per-step losses under FSDP2 (data parallel 2), tensor parallel 2 and pipeline parallel 2 as
+in one process, the
 frozen base is bit-identical after training on every rank, the checkpoints hold the adapters and
 their optimizer state only, and a resumed run continues bit for bit.
 
@@ -57,7 +58,7 @@ def reference(tmp_path_factory, base):
     return d, losses(d / "losses.txt")
 
 
-@pytest.mark.parametrize("parallelism", [{"data": 2}, {"tensor": 2}], ids=["fsdp2", "tp2"])
+@pytest.mark.parametrize("parallelism", [{"data": 2}, {"tensor": 2}, {"pipeline": 2}], ids=["fsdp2", "tp2", "pp2"])
 def test_lora_trains_only_the_adapters_and_matches_one_process(tmp_path, base, reference, parallelism):
     ref_dir, want = reference
     r = run(_example(tmp_path, base, 2, parallelism), 2, tmp_path / "losses.txt")

@@ -180,7 +180,8 @@ def check_frozen_base(model, digest: str) -> None:
     if int(changed):
         log.error("LoRA: the frozen base weights changed on %d rank(s)", int(changed))
     else:
-        log.info("LoRA: frozen base weights bit-identical after training (%d adapted layers)", len(lora.lora_layers(model)))
+        log.info("LoRA: frozen base weights bit-identical after training on every rank (%d adapted layers here)",
+                 len(lora.lora_layers(model)))
 
 
 def mesh_group(mesh, dim: str):
