@@ -120,8 +120,9 @@ def test_sigmoid_routing_with_bias_balancing_under_expert_parallel_matches(tmp_p
 
 
 def test_an_expert_parallel_checkpoint_resumes_bit_for_bit_and_loads_into_another_expert_degree(tmp_path):
-    cfg = write_config(tmp_path, nproc=2, data=2, steps=6, interval=3, micro=1, extra=_moe(TOP2, expert=2))
-    run(cfg, 2, tmp_path / "full.txt")
+    # Expert parallel 2 within data parallel 4: each expert FSDP-sharded over two ranks.
+    cfg = write_config(tmp_path, nproc=4, data=4, steps=6, interval=3, micro=1, extra=_moe(TOP2, expert=2))
+    run(cfg, 4, tmp_path / "full.txt")
     full = losses(tmp_path / "full.txt")
     ckpt = tmp_path / "ckpt"
     # As if stopped after step 3: drop the later checkpoint and resume under the same layout ...
@@ -129,7 +130,7 @@ def test_an_expert_parallel_checkpoint_resumes_bit_for_bit_and_loads_into_anothe
     shutil.copytree(ckpt, tmp_path / "saved")
     shutil.rmtree(ckpt / "step-00000006")
     (ckpt / "latest").write_text("step-00000003")
-    run(cfg, 2, tmp_path / "resumed.txt")
+    run(cfg, 4, tmp_path / "resumed.txt")
     assert losses(tmp_path / "resumed.txt") == {s: full[s] for s in (4, 5, 6)}  # bit for bit
     # ... and in one process, where one rank holds all the experts (expert degree 1).
     shutil.rmtree(ckpt)
