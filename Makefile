@@ -12,7 +12,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= operator,cluster,test,trainer
+EXTRAS ?= operator,cluster,test,trainer,hf
 # The stamp names the extras and pyproject's hash, so changing either reinstalls.
 STAMP := $(VENV)/.installed-$(shell echo $(EXTRAS) | tr ',' '-')-$(shell sha1sum pyproject.toml | cut -c1-10)
 PYTEST_ARGS ?=

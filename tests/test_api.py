@@ -64,7 +64,7 @@ INVALID = [
     ("unknown preset", _with("model.preset", "gpt5"), "spec.model.preset"),
     ("experts not divisible by expert degree", _with("model.moe", {"experts": 6}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 4})), "model.moe.experts must be divisible by parallelism.expert"),
     ("expert degree without moe", _with("parallelism", {"data": 2, "tensor": 2, "expert": 2}), "parallelism.expert needs model.moe"),
-    ("expert degree does not fit the mesh", _with("model.moe", {"experts": 8}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 8})), "must divide parallelism.data x parallelism.tensor"),
+    ("expert degree does not divide data parallelism", _with("model.moe", {"experts": 8}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 4})), "must divide parallelism.data"),
     ("topK above experts", _with("model.moe", {"experts": 2, "topK": 3}), "model.moe.topK must not exceed model.moe.experts"),
     ("batch not divisible", _with("data", {"globalBatchSize": 6, "microBatchSize": 2}), "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize"),
     ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
@@ -84,6 +84,7 @@ INVALID = [
     ("start timeout zero", _with("scheduling.startTimeoutSeconds", 0), "spec.scheduling.startTimeoutSeconds"),
     ("negative ttl", _with("ttlSecondsAfterFinished", -5), "spec.ttlSecondsAfterFinished"),
     ("moe topK zero", _with("model.moe", {"topK": 0}), "spec.model.moe.topK"),
+    ("moe bias update rate above 1", _with("model.moe", {"biasUpdateRate": 2}), "spec.model.moe.biasUpdateRate"),
 ]
 
 

@@ -61,12 +61,13 @@ class Model(BaseModel):
 
 class Parallelism(Model):
     """How the world of nodes x nprocPerNode ranks is split. data x tensor x pipeline must equal
-    the world size; expert parallelism shards MoE experts over data x tensor ranks."""
+    the world size; expert parallelism shards MoE experts over groups of `expert` data-parallel
+    ranks (it borrows from data parallelism: data = expert x the rest, as torchtitan does)."""
 
     data: int = Field(1, ge=1, le=65536, description="Data-parallel degree (FSDP2 shards parameters, gradients and optimizer state over it).")
     tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree (DTensor; splits attention heads and MLP columns/rows). Keep it within a node.")
     pipeline: int = Field(1, ge=1, le=256, description="Pipeline-parallel stages (torch.distributed.pipelining); layers are split evenly over them.")
-    expert: int = Field(1, ge=1, le=1024, description="Expert-parallel degree for MoE layers; experts are sharded over it. Must divide data x tensor.")
+    expert: int = Field(1, ge=1, le=1024, description="Expert-parallel degree for MoE layers: experts are split over groups of this many data-parallel ranks (tokens travel by all-to-all). Must divide parallelism.data and model.moe.experts.")
     pipelineSchedule: Literal["GPipe", "1F1B", "Interleaved1F1B"] = Field(
         "1F1B", description="Pipeline schedule. Interleaved1F1B puts two virtual stages on each pipeline rank.")
     microbatches: int = Field(0, ge=0, le=4096, description="Pipeline microbatches per step; 0 means one per microBatchSize slice of the rank's batch.")
@@ -84,6 +85,7 @@ class MoE(Model):
     sharedExpert: bool = Field(False, description="Add one always-on shared expert.")
     capacityFactor: float = Field(0.0, ge=0, le=64, description="Token capacity per expert as a multiple of the even share; 0 disables dropping.")
     routerScore: Literal["softmax", "sigmoid"] = Field("softmax", description="Router scoring function (computed in fp32).")
+    biasUpdateRate: float = Field(0.001, ge=0, le=1, description="loadBalancing bias: how far each expert's selection bias moves per step towards even load.")
 
 
 class ModelSpec(Model):
@@ -99,6 +101,7 @@ class ModelSpec(Model):
     ffnDim: int | None = Field(None, ge=8, le=262144, description="Feed-forward hidden size (SwiGLU).")
     maxSeqLen: int | None = Field(None, ge=8, le=1048576, description="Longest sequence (rotary embedding table).")
     moe: MoE | None = Field(None, description="Mixture-of-Experts blocks; absent for a dense model.")
+    initFrom: str = Field("", max_length=4096, description="Initial weights for a fresh run (continual pretraining): a checkpoint folder of this trainer or a Hugging Face Llama/Mixtral folder (config.json and safetensors); empty means the random init of the seed. A run that has its own checkpoints resumes from them instead.")
 
     def resolved(self) -> dict[str, int]:
         """Preset sizes overridden by explicit ones."""
@@ -227,8 +230,8 @@ _SPEC_RULES = _rules(
      "model.preset 'custom' needs model.dim, layers, heads, kvHeads, vocabSize, ffnDim and maxSeqLen", ".model"),
     ("!has(self.model.moe) || self.model.moe.experts % self.parallelism.expert == 0",
      "model.moe.experts must be divisible by parallelism.expert", ".parallelism.expert"),
-    ("self.parallelism.expert == 1 || (has(self.model.moe) && (self.parallelism.data * self.parallelism.tensor) % self.parallelism.expert == 0)",
-     "parallelism.expert needs model.moe and must divide parallelism.data x parallelism.tensor", ".parallelism.expert"),
+    ("self.parallelism.expert == 1 || (has(self.model.moe) && self.parallelism.data % self.parallelism.expert == 0)",
+     "parallelism.expert needs model.moe and must divide parallelism.data", ".parallelism.expert"),
     ("!has(self.model.moe) || self.model.moe.topK <= self.model.moe.experts",
      "model.moe.topK must not exceed model.moe.experts", ".model.moe.topK"),
     ("self.data.globalBatchSize % (self.parallelism.data * self.data.microBatchSize) == 0",

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node N -m pretrain_trainer train --config job.yaml [--checkpoint-dir DIR]
     python -m pretrain_trainer launch train --config job.yaml   # torchrun, keeping the contract's exit codes
     python -m pretrain_trainer eval --config job.yaml [--checkpoint DIR]
+    python -m pretrain_trainer export --config job.yaml [--checkpoint DIR] --out DIR [--merge-lora]
     python -m pretrain_trainer prepare --input DIR --out DIR [--vocab-size N] [--tokenizer tokenizer.json]
 """
 
@@ -28,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("eval", help="held-out loss of a checkpoint")
     e.add_argument("--config", required=True)
     e.add_argument("--checkpoint", help="a step-N folder (default: the newest good one under checkpoint.path)")
+    x = sub.add_parser("export", help="a checkpoint as a Hugging Face folder (Llama / Mixtral; LoRA: + PEFT adapter)")
+    x.add_argument("--config", required=True)
+    x.add_argument("--checkpoint", help="a step-N folder (default: the newest good one under checkpoint.path)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge-lora", action="store_true", help="LoRA: write W + (alpha/rank) B A instead of base + adapter")
+    x.add_argument("--max-shard-gb", type=float, default=5.0, help="largest model-*.safetensors shard")
     p = sub.add_parser("prepare", help="text files -> tokenizer and token shards")
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
@@ -40,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "eval":
         from .evaluate import evaluate
         evaluate(a.config, a.checkpoint)
+        return 0
+    if a.cmd == "export":
+        import os
+        from .hf import export
+        from .train import setup_distributed
+        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
+        setup_distributed()
+        export(a.config, a.checkpoint, a.out, a.merge_lora, a.max_shard_gb)
         return 0
     from .data import prepare
     m = prepare(a.input, a.out, a.vocab_size, a.tokenizer)

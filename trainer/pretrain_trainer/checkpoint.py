@@ -10,6 +10,13 @@ world size it cannot carry over, so it is re-derived from the seed and the log s
 Resume picks the newest checkpoint that verifies (marker present, every file the marker lists with
 its recorded size) and that loads on every rank; otherwise it says why and falls back to the
 previous one. A folder without a marker (a save cut short) is never loaded.
+
+With frozen parameters (LoRA) only the trainable ones and their optimizer state are saved; the
+frozen base comes from its own checkpoint (`load_weights`) on every start.
+
+`load_weights` puts model weights only (no optimizer, no position) into an unsharded model: from a
+trainer checkpoint (a `step-N` folder, or a checkpoint root: its newest good step) or a Hugging Face
+folder (hf.py). Every rank reads the whole model: call it before sharding.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -61,6 +69,38 @@ def verify(d: Path) -> str | None:
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, the marker recorded {size}"
     return None
+
+
+def newest_good(root: Path) -> Path | None:
+    for s in committed_steps(root)[::-1] if root.exists() else []:
+        if verify(step_dir(root, s)) is None:
+            return step_dir(root, s)
+    return None
+
+
+def load_weights(model, path: str) -> Path:
+    """Model weights from a trainer checkpoint or a Hugging Face folder into an unsharded model."""
+    p = Path(path)
+    if (p / "config.json").exists():
+        from .hf import load_hf
+        load_hf(model, p)
+        return p
+    d = p if (p / MARKER).exists() else newest_good(p)
+    if d is None:
+        raise FileNotFoundError(f"{path}: neither a Hugging Face folder (config.json) nor a trainer checkpoint "
+                                f"(a step-N folder with {MARKER}, or a folder of them)")
+    problem = verify(d)
+    if problem:
+        raise ValueError(f"checkpoint {d} does not verify: {problem}")
+    opts = StateDictOptions(ignore_frozen_params=has_frozen(model))
+    sd = {"model": get_model_state_dict(model, options=opts)}
+    dcp.load(sd, checkpoint_id=str(d))
+    set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not opts.ignore_frozen_params))
+    return d
+
+
+def has_frozen(model) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
 
 
 class Checkpointer:
@@ -103,8 +143,13 @@ class Checkpointer:
         return (f"the checkpoint folder {self.root} is not shared by every rank (a rank cannot see what rank 0 wrote "
                 "there): on several nodes set checkpoint.claimName to a ReadWriteMany PersistentVolumeClaim")
 
+    @staticmethod
+    def _options(model) -> StateDictOptions:
+        frozen = has_frozen(model)  # LoRA: the adapters only
+        return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
     def _state(self, model, optim) -> dict:
-        msd, osd = get_state_dict(model, optim)
+        msd, osd = get_state_dict(model, optim, options=self._options(model))
         return {"model": msd, "optim": osd}
 
     def save(self, step: int, model, optim, extra: dict) -> None:
@@ -203,9 +248,9 @@ class Checkpointer:
         self.save_seconds = time.monotonic() - t0
         log.info("checkpoint step %d committed in %.2f s", step, self.save_seconds)
 
-    def load(self, model, optim, base: str | None = None) -> dict | None:
+    def load(self, model, optim) -> dict | None:
         """Load the newest good checkpoint; returns its extra dict, or None to start fresh."""
-        root = Path(base) if base else self.root
+        root = self.root
         candidates = committed_steps(root)[::-1] if root.exists() else []
         for step in candidates:
             d = step_dir(root, step)
@@ -215,7 +260,8 @@ class Checkpointer:
                 try:
                     state = self._state(model, optim)
                     dcp.load(state, checkpoint_id=str(d))
-                    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                                   options=self._options(model))
                 except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
                     problem = f"{type(e).__name__}: {e}"
                     ok = torch.tensor([0])

@@ -1,7 +1,8 @@
 """`python -m pretrain_trainer eval --config job.yaml [--checkpoint DIR]`: the mean loss of a
 checkpoint's model on the held-out data (the last 5% of the token stream, never trained on), so
 checkpoints and layouts can be compared. One process; loads the model part of any checkpoint,
-whatever layout saved it. Without --checkpoint: the newest good one under checkpoint.path."""
+whatever layout saved it, or a Hugging Face folder (hf.py). Without --checkpoint: the newest good
+one under checkpoint.path. A LoRA job's checkpoint is its adapters on `lora.baseCheckpoint`."""
 
 from __future__ import annotations
 
@@ -10,14 +11,34 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-from .checkpoint import committed_steps, step_dir, verify
+from .checkpoint import load_weights, newest_good
 from .data import TokenSource, eval_batches, split_holdout
+from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
 from .train import ConfigError, load_spec, setup_distributed
+
+
+def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Path]:
+    """The whole model (one process) with the weights of `checkpoint` (a step folder or a Hugging
+    Face folder; default the newest good checkpoint under checkpoint.path). Needs a process group
+    (DCP loads through one): call setup_distributed() first."""
+    args = ModelArgs.from_spec(spec.model)
+    model = Transformer(args)
+    init_weights(model, spec.training.seed)
+    d = Path(checkpoint) if checkpoint else newest_good(Path(spec.checkpoint.path))
+    if d is None:
+        raise ConfigError(f"no committed checkpoint under {spec.checkpoint.path}")
+    try:
+        if spec.lora and not (d / "config.json").exists():
+            load_weights(model, spec.lora.baseCheckpoint)
+            apply_lora(model, spec.lora, spec.training.seed)
+        load_weights(model, str(d))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load {d}: {e}")
+    model.eval()
+    return model, d
 
 
 def evaluate(config: str, checkpoint: str | None = None) -> float:
@@ -25,23 +46,7 @@ def evaluate(config: str, checkpoint: str | None = None) -> float:
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
     setup_distributed()  # DCP loads through a (one-process) group
     args = ModelArgs.from_spec(spec.model)
-    model = Transformer(args)
-    init_weights(model, spec.training.seed)
-    if checkpoint:
-        d = Path(checkpoint)
-    else:
-        root = Path(spec.checkpoint.path)
-        good = [s for s in committed_steps(root)[::-1] if verify(step_dir(root, s)) is None]
-        if not good:
-            raise ConfigError(f"no committed checkpoint under {root}")
-        d = step_dir(root, good[0])
-    problem = verify(d)
-    if problem:
-        raise ConfigError(f"checkpoint {d} does not verify: {problem}")
-    sd = {"model": get_model_state_dict(model)}
-    dcp.load(sd, checkpoint_id=str(d))
-    set_model_state_dict(model, sd["model"])
-    model.eval()
+    model, d = model_from_checkpoint(spec, checkpoint)
     _, held = split_holdout(TokenSource(spec.data.path, args.vocabSize, spec.training.seed).tokens, spec.data.seqLen)
     total, n = 0.0, 0
     with torch.no_grad():

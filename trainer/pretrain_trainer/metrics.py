@@ -1,5 +1,10 @@
 """The trainer's Prometheus metrics (names from the operator/trainer contract), served by the
-first rank of each pod on the contract's port."""
+first rank of each pod on the contract's port.
+
+MoE runs add router statistics per MoE layer, over all ranks, since the previous logged step:
+`pretrain_moe_expert_load{layer,expert}` (fraction of the layer's token assignments),
+`pretrain_moe_dropped_fraction{layer}` (assignments dropped by the capacity limit) and
+`pretrain_moe_aux_loss{layer}` (the load-balancing loss, 1.0 when perfectly even)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,10 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pretrain_operator import contract as c
+
+MOE_EXPERT_LOAD = "pretrain_moe_expert_load"
+MOE_DROPPED = "pretrain_moe_dropped_fraction"
+MOE_AUX_LOSS = "pretrain_moe_aux_loss"
 
 
 class Metrics:
@@ -20,8 +29,31 @@ class Metrics:
     def set(self, **kw: float) -> None:
         self.values.update(kw)
 
+    def set_router_stats(self, stats: dict | None) -> None:
+        stats = stats or {}
+        for layer, s in stats.items():  # one family at a time: Prometheus wants each family's samples together
+            for e, v in enumerate(s["load"]):
+                self.values[f'{MOE_EXPERT_LOAD}{{layer="{layer}",expert="{e}"}}'] = v
+        for layer, s in stats.items():
+            self.values[f'{MOE_DROPPED}{{layer="{layer}"}}'] = s["dropped"]
+        for layer, s in stats.items():
+            self.values[f'{MOE_AUX_LOSS}{{layer="{layer}"}}'] = s["aux"]
+
+    @staticmethod
+    def router_summary(stats: dict | None) -> str:
+        """One log line's worth: per layer the busiest expert's share, dropped fraction, aux loss."""
+        return "; ".join(f"layer {k} max load {max(s['load']):.3f} dropped {s['dropped']:.3f} aux {s['aux']:.4f}"
+                         for k, s in (stats or {}).items())
+
     def render(self) -> bytes:
-        return "".join(f"# TYPE {k} gauge\n{k} {v}\n" for k, v in self.values.items()).encode()
+        out, typed = [], set()
+        for k, v in self.values.items():
+            name = k.split("{", 1)[0]
+            if name not in typed:
+                typed.add(name)
+                out.append(f"# TYPE {name} gauge\n")
+            out.append(f"{k} {v}\n")
+        return "".join(out).encode()
 
     def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
         metrics = self

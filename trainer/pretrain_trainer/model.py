@@ -1,4 +1,5 @@
-"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU; with
+`model.moe`, Mixture-of-Experts feed-forward blocks (moe.py) in every k-th layer.
 
 Layers live in a ModuleDict keyed by their global index ("0", "1", ...), so parameter names (FQNs)
 do not depend on the parallel layout: a pipeline stage holds a subset of the same keys, and a
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .moe import FeedForward, MoE
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -28,10 +31,15 @@ class ModelArgs:
     maxSeqLen: int
     normEps: float = 1e-5
     ropeTheta: float = 10000.0
+    moe: object = None  # api.MoE, or None for a dense model
 
     @classmethod
     def from_spec(cls, model_spec) -> "ModelArgs":
-        return cls(**model_spec.resolved())
+        return cls(**model_spec.resolved(), moe=model_spec.moe)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """MoE in every k-th layer (the k-th, 2k-th, ...), dense elsewhere."""
+        return self.moe is not None and (i + 1) % self.moe.everyKLayers == 0
 
 
 class RMSNorm(nn.Module):
@@ -87,24 +95,16 @@ class Attention(nn.Module):
         return self.wo(o.transpose(1, 2).reshape(b, s, -1))
 
 
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.normEps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.normEps)
-        self.feed_forward = FeedForward(args.dim, args.ffnDim)
+        if args.is_moe_layer(layer_id):
+            self.feed_forward = MoE(args.dim, args.ffnDim, args.moe)
+        else:
+            self.feed_forward = FeedForward(args.dim, args.ffnDim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope)
@@ -119,7 +119,7 @@ class Transformer(nn.Module):
         self.args = args
         ids = list(range(args.layers)) if layer_ids is None else layer_ids
         self.tok_embeddings = nn.Embedding(args.vocabSize, args.dim) if first else None
-        self.layers = nn.ModuleDict({str(i): Block(args) for i in ids})
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in ids})
         self.norm = RMSNorm(args.dim, args.normEps) if last else None
         self.output = nn.Linear(args.dim, args.vocabSize, bias=False) if last else None
         self.register_buffer("rope", rope_cache(args), persistent=False)
@@ -149,14 +149,23 @@ def init_weights(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std_base)
 
 
-def num_params(args: ModelArgs) -> int:
+def num_params(args: ModelArgs, active: bool = False) -> int:
+    """Parameters of the whole model, or (active=True) those one token uses (its topK experts)."""
     hd = args.dim // args.heads
     attn = args.dim * hd * (2 * args.heads + 2 * args.kvHeads)
-    ffn = 3 * args.dim * args.ffnDim
-    return args.layers * (attn + ffn + 2 * args.dim) + 2 * args.vocabSize * args.dim + args.dim
+    dense = 3 * args.dim * args.ffnDim
+    total = 0
+    for i in range(args.layers):
+        ffn = dense
+        if args.is_moe_layer(i):
+            m = args.moe
+            ffn = dense * ((m.topK if active else m.experts) + int(m.sharedExpert)) + args.dim * m.experts
+        total += attn + ffn + 2 * args.dim
+    return total + 2 * args.vocabSize * args.dim + args.dim
 
 
 def flops_per_token(args: ModelArgs, seq: int) -> float:
     """Training FLOPs per token, as torchtitan's MFU estimate: 6N over the parameters that do
-    matrix work (all but the input embedding, a lookup) plus 12 x layers x dim x seq for attention."""
-    return 6 * (num_params(args) - args.vocabSize * args.dim) + 12 * args.layers * args.dim * seq
+    matrix work for a token (the active experts of an MoE; not the input embedding, a lookup) plus
+    12 x layers x dim x seq for attention."""
+    return 6 * (num_params(args, active=True) - args.vocabSize * args.dim) + 12 * args.layers * args.dim * seq

@@ -1,7 +1,14 @@
 """Parallelism over one DeviceMesh ("dp", "tp"): tensor parallel with DTensor, then FSDP2 over
-data parallel, applied per block and at the root, as torchtitan does.
+data parallel, applied per block and at the root, as torchtitan does; expert parallel for MoE.
 
-The mesh is ("pp", "dp", "tp"); pipeline stages are built in pipeline.py.
+The mesh is ("pp", "dp", "tp"); pipeline stages are built in pipeline.py. Expert parallelism
+borrows from data parallelism (dp = edp x ep, as torchtitan's dp_shard = ep x rest): a second
+mesh ("pp", "edp", "ep", "tp") over the same ranks splits each data-parallel group into groups of
+`ep` consecutive ranks. Each MoE layer keeps experts/ep experts per ep rank and exchanges tokens
+over "ep" (moe.py); FSDP2 shards those experts over "edp" (the ranks that hold the same experts)
+and everything else over "dp" as for a dense model. Expert gradients arrive summed over the ep
+ranks whose tokens they saw and averaged over edp by FSDP, so `scale_expert_grads` divides them by
+ep: the result is the mean over all dp ranks, the same as a dense parameter's.
 """
 
 from __future__ import annotations
@@ -16,17 +23,58 @@ def build_mesh(device: str, pp: int, dp: int, tp: int) -> DeviceMesh:
     return init_device_mesh(device, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
 
 
+def build_expert_mesh(device: str, pp: int, dp: int, tp: int, ep: int) -> DeviceMesh:
+    """The same ranks as build_mesh's, with dp split into (edp, ep), ep the faster-varying."""
+    return init_device_mesh(device, (pp, dp // ep, ep, tp), mesh_dim_names=("pp", "edp", "ep", "tp"))
+
+
+def apply_expert_parallel(model, ep_mesh: DeviceMesh) -> None:
+    """Keep this ep rank's block of experts in every MoE layer (after weight init)."""
+    from .moe import moe_layers
+    for m in moe_layers(model).values():
+        m.shard_experts(ep_mesh.get_local_rank(), ep_mesh.size(), ep_mesh.get_group() if ep_mesh.size() > 1 else None)
+
+
+def scale_expert_grads(model, ep: int) -> None:
+    if ep == 1:
+        return
+    from .moe import expert_parameters
+    for p in expert_parameters(model):
+        if p.grad is not None:
+            p.grad.div_(ep)
+
+
 def apply_tensor_parallel(model, tp_mesh: DeviceMesh) -> None:
     """Megatron-style: q/k/v and w1/w3 column-wise, wo and w2 row-wise (heads split over tp)."""
     if tp_mesh.size() == 1:
         return
+    from .moe import MoE
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, {
-            "attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(),
-            "feed_forward.w1": ColwiseParallel(), "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(),
-        })
+        # MoE layers: the router and the routed experts stay whole on each tensor rank; a shared
+        # expert is split like a dense feed-forward.
+        ffn = "feed_forward"
+        if isinstance(block.feed_forward, MoE):
+            ffn = "feed_forward.shared" if block.feed_forward.shared is not None else None
+        plan = {"attention.wq": ColwiseParallel(), "attention.wk": ColwiseParallel(), "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel()}
+        if ffn:
+            plan.update({f"{ffn}.w1": ColwiseParallel(), f"{ffn}.w3": ColwiseParallel(), f"{ffn}.w2": RowwiseParallel()})
+        parallelize_module(block, tp_mesh, _with_lora(block, plan))
+
+
+def _with_lora(block, plan: dict) -> dict:
+    """LoRA-wrapped layers: the base as planned; lora_B column-wise under a column-wise base,
+    lora_A row-wise under a row-wise one (the other adapter matrix stays whole)."""
+    from .lora import LoRALinear
+    out = {}
+    for name, style in plan.items():
+        mod = block.get_submodule(name)
+        if isinstance(mod, LoRALinear):
+            out[f"{name}.base"] = style
+            out[f"{name}.lora_B" if isinstance(style, ColwiseParallel) else f"{name}.lora_A"] = type(style)()
+        else:
+            out[name] = style
+    return out
 
 
 def apply_activation_checkpointing(model, mode: str) -> None:
@@ -38,31 +86,56 @@ def apply_activation_checkpointing(model, mode: str) -> None:
         model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool = True) -> None:
+def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool = True,
+                        edp_mesh: DeviceMesh | None = None) -> None:
     """FSDP2 (ZeRO-3): each block is a unit, then the root (embeddings, norm, output). Nothing to
-    shard over a single data-parallel rank: its hooks would only cost time."""
+    shard over a single data-parallel rank: its hooks would only cost time. With expert
+    parallelism (`edp_mesh` given) the experts of each MoE layer are their own unit over edp, or
+    left out of FSDP when edp is 1 (each expert then lives on one rank of the group)."""
     if dp_mesh.size() == 1:
         return
+    from .moe import expert_parameters, moe_layers
+    ignored: set = set()
+    if edp_mesh is not None:
+        for m in moe_layers(model).values():
+            if edp_mesh.size() > 1:
+                fully_shard(m.experts, mesh=edp_mesh, reshard_after_forward=reshard_after_forward)
+        if edp_mesh.size() == 1:
+            ignored = set(expert_parameters(model))
     for block in model.layers.values():
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
 
 
-def clip_grad_norm_(params, max_norm: float, pp_group=None) -> float:
+def clip_grad_norm_(params, max_norm: float, pp_group=None, expert_params=(), ep_group=None) -> float:
     """Gradient-norm clipping over the whole mesh. Parameters live on different meshes (2-D for
     tensor-parallel weights, data-parallel only for norms and embeddings): the norm is computed per
-    mesh, made whole, then combined."""
-    by_mesh: dict = {}
-    for p in params:
-        if p.grad is not None:
-            key = getattr(p.grad, "device_mesh", None)
-            by_mesh.setdefault(id(key) if key is not None else None, []).append(p.grad)
-    sq = 0.0
-    for grads in by_mesh.values():
-        n = torch.nn.utils.get_total_norm(grads, foreach=False)
-        if hasattr(n, "full_tensor"):
-            n = n.full_tensor()
-        sq += float(n) ** 2
+    mesh, made whole, then combined. Expert parameters (each ep rank holds different experts) are
+    summed over the expert-parallel group."""
+    expert_ids = {id(p) for p in expert_params}
+
+    def squares(ps) -> float:
+        by_mesh: dict = {}
+        for p in ps:
+            if p.grad is not None:
+                key = getattr(p.grad, "device_mesh", None)
+                by_mesh.setdefault(id(key) if key is not None else None, []).append(p.grad)
+        sq = 0.0
+        for grads in by_mesh.values():
+            n = torch.nn.utils.get_total_norm(grads, foreach=False)
+            if hasattr(n, "full_tensor"):
+                n = n.full_tensor()
+            sq += float(n) ** 2
+        return sq
+
+    params = list(params)
+    sq = squares([p for p in params if id(p) not in expert_ids])
+    if expert_ids:
+        t = torch.tensor([squares([p for p in params if id(p) in expert_ids])], dtype=torch.float64)
+        if ep_group is not None:
+            torch.distributed.all_reduce(t, group=ep_group)
+        sq += float(t)
+    grads_all = [p.grad for p in params if p.grad is not None]
     if pp_group is not None:  # each pipeline rank holds only its stages' parameters
         t = torch.tensor([sq], dtype=torch.float64)
         torch.distributed.all_reduce(t, group=pp_group)
@@ -70,7 +143,6 @@ def clip_grad_norm_(params, max_norm: float, pp_group=None) -> float:
     norm = sq ** 0.5
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
-        for grads in by_mesh.values():
-            for g in grads:
-                g.mul_(coef)
+        for g in grads_all:
+            g.mul_(coef)
     return norm

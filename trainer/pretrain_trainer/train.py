@@ -11,7 +11,9 @@ AdamW with linear warm-up and cosine decay. Preemption: SIGTERM sets a flag that
 every step, so every rank stops at the same step, saves, and exits 83. A checkpoint request in the
 pod's annotations file saves at the next step without stopping.
 
-Limits: MoE and LoRA are not implemented here yet (the model must be dense, no lora: exit 85).
+MoE (`model.moe`, moe.py) with expert parallelism (`parallelism.expert`, borrowed from data
+parallelism; parallel.py) and LoRA (`lora`, lora.py) run under the same loop; weights can start
+from a trainer checkpoint or a Hugging Face folder (`model.initFrom`, `lora.baseCheckpoint`; hf.py).
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import yaml
 
 from pretrain_operator import api, contract as c
 
+from . import moe as moe_mod
 from . import parallel, pipeline
-from .checkpoint import Checkpointer
+from . import lora
+from .checkpoint import Checkpointer, load_weights
 from .data import Loader, TokenSource
 from .metrics import Metrics
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
@@ -66,8 +70,15 @@ def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
     n_stages = p.pipeline * pipeline.stages_per_rank(p.pipelineSchedule)
     if p.pipeline > 1 and layers % n_stages:
         raise ConfigError(f"model.layers ({layers}) must be divisible by the {n_stages} pipeline stages")
-    if spec.model.moe is not None or spec.lora is not None or p.expert > 1:
-        raise ConfigError("model.moe, lora and parallelism.expert are not supported by this trainer version yet")
+    moe = spec.model.moe
+    if p.expert > 1 and (moe is None or p.data % p.expert or moe.experts % p.expert):
+        raise ConfigError(f"parallelism.expert ({p.expert}) needs model.moe and must divide parallelism.data ({p.data}) "
+                          f"and model.moe.experts ({moe.experts if moe else 0}): experts are split over groups of "
+                          f"data-parallel ranks")
+    if moe is not None and moe.topK > moe.experts:
+        raise ConfigError(f"model.moe.topK ({moe.topK}) must not exceed model.moe.experts ({moe.experts})")
+    if spec.lora is not None and moe is not None:
+        raise ConfigError("lora with model.moe is not supported: LoRA adapts dense attention and MLP projections only")
     if p.data * p.tensor * p.pipeline != world:
         raise ConfigError(f"parallelism.data x tensor x pipeline = {p.data * p.tensor * p.pipeline} but the world has "
                           f"{world} ranks (nodes x nprocPerNode under torchrun)")
@@ -123,21 +134,35 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
     args = ModelArgs.from_spec(spec.model)
     torch.manual_seed(spec.training.seed)
     mesh = parallel.build_mesh(device, p.pipeline, p.data, p.tensor)
+    emesh = parallel.build_expert_mesh(device, p.pipeline, p.data, p.tensor, p.expert) if p.expert > 1 else None
     if p.pipeline > 1:
         ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
     else:
         ids, parts = [0], [Transformer(args)]
+    initial = (spec.lora.baseCheckpoint if spec.lora else "") or spec.model.initFrom
     for part in parts:
         init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
+        if initial:
+            try:
+                src = load_weights(part, initial)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"cannot load initial weights from {initial}: {e}")
+            log.info("initial weights from %s", src)
+        if spec.lora:
+            lora.apply_lora(part, spec.lora, spec.training.seed)
         part.to(device)
+        if emesh is not None:
+            parallel.apply_expert_parallel(part, emesh["ep"])
         parallel.apply_tensor_parallel(part, mesh["tp"])
         parallel.apply_activation_checkpointing(part, spec.training.activationCheckpointing)
-        parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward)
+        parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward, emesh["edp"] if emesh is not None else None)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
+    model.expert_mesh = emesh
+    trainable = [q for q in model.parameters() if q.requires_grad]
     o = spec.optimizer
     # CPU: the per-parameter loop (bit-for-bit the reference runs of the tests); GPU: the fused kernel.
     impl = {"fused": True} if device == "cuda" else {"foreach": False}
-    optim = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95), **impl)
+    optim = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95), **impl)
     schedule = None
     if p.pipeline > 1:
         per_rank = spec.data.globalBatchSize // p.data
@@ -147,6 +172,24 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         schedule, _ = pipeline.build_schedule(parts, ids, p.pipeline, p.pipelineSchedule, n_micro, device,
                                               mesh["pp"].get_group())
     return args, model, optim, mesh, schedule
+
+
+def check_frozen_base(model, digest: str) -> None:
+    """LoRA: every rank's pieces of the frozen base are byte-for-byte what they were at the start."""
+    changed = torch.tensor([0 if lora.frozen_digest(model) == digest else 1])
+    dist.all_reduce(changed)
+    if int(changed):
+        log.error("LoRA: the frozen base weights changed on %d rank(s)", int(changed))
+    else:
+        log.info("LoRA: frozen base weights bit-identical after training on every rank (%d adapted layers here)",
+                 len(lora.lora_layers(model)))
+
+
+def mesh_group(mesh, dim: str):
+    """The process group of a mesh dimension, or None when it has one rank (or there is no mesh)."""
+    if mesh is None or mesh[dim].size() == 1:
+        return None
+    return mesh[dim].get_group()
 
 
 def step_pipeline(schedule, micro, device) -> torch.Tensor:
@@ -185,8 +228,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     problem = ckpt.shared_problem()
     if problem:
         raise ConfigError(problem)
-    base = spec.lora.baseCheckpoint if spec.lora else None
-    extra = ckpt.load(model, optim, base)
+    extra = ckpt.load(model, optim)
+    base_digest = lora.frozen_digest(model) if spec.lora else None
     step = 0
     tokens_seen = 0
     if extra:
@@ -213,6 +256,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
              spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum)
     t_log = time.monotonic()
     tokens_at_log = tokens_seen
+    moe = spec.model.moe
+    ep_group = mesh_group(model.expert_mesh, "ep")
+    experts = moe_mod.expert_parameters(model)
+    # Microbatches are backpropagated one by one (loss / n) without a pipeline; a pipeline schedule
+    # scales the gradients by 1/n itself.
+    moe_mod.MoE.aux_grad_scale = 1.0 if schedule is not None else 1.0 / loader.accum
     while step < spec.training.steps:
         step += 1
         lr = lr_at(step, spec.optimizer, spec.training.steps)
@@ -233,11 +282,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                 (loss / len(micro)).backward()
                 total += loss.detach().double() / len(micro)  # on the device: no sync per microbatch
             total = total.cpu()
+        parallel.scale_expert_grads(model, spec.parallelism.expert)
         parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
-                                 mesh["pp"].get_group() if schedule is not None else None)
+                                 mesh["pp"].get_group() if schedule is not None else None, experts, ep_group)
         ckpt.wait_staging()  # an async save's copy must be taken before the weights change
         optim.step()
         optim.zero_grad(set_to_none=True)
+        for m in moe_mod.moe_layers(model).values():
+            m.update_bias(mesh_group(mesh, "dp"))
         tokens_seen += spec.data.globalBatchSize * spec.data.seqLen
         # One collective per step: the mean loss over data parallel, the stop flag and a new
         # checkpoint request (MAX over ranks, so every rank acts on the same step).
@@ -259,6 +311,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             mfu = tps * fpt / (peak * world)
             metrics.set(**{c.METRIC_LOSS: loss_v, c.METRIC_TOKENS_PER_SECOND: tps, "pretrain_mfu": mfu})
             log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f mfu %.1f%%", step, spec.training.steps, loss_v, lr, tps, 100 * mfu)
+            if moe is not None:
+                stats = moe_mod.router_stats(model, args.layers, moe.experts)
+                metrics.set_router_stats(stats)
+                log.info("step %d router: %s", step, metrics.router_summary(stats))
         metrics.set(**{c.METRIC_STEP: step})
         if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
             ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
@@ -277,6 +333,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
     ckpt.close()
+    if base_digest is not None:
+        check_frozen_base(model, base_digest)
     log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
              ckpt.blocked_seconds)
     dist.destroy_process_group()
