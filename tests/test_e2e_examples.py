@@ -1,0 +1,61 @@
+"""The MoE and LoRA examples run for real under the operator on process nodes: examples/moe.yaml
+(expert parallel 2 over 4 ranks on 2 pods) and examples/lora.yaml (adapters on a base checkpoint
+in the job's claim) each train to Succeeded, shortened for CPU, with no failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import wait_for
+from tests.jobs import Jobs
+from tests.trainer_util import run, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+pytestmark = pytest.mark.cluster
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _job(name: str, steps: int) -> dict:
+    job = next(d for d in yaml.safe_load_all((EXAMPLES / name).read_text()) if d["kind"] == "PretrainJob")
+    job["spec"]["training"] = {**job["spec"].get("training", {}), "steps": steps, "logEverySteps": 1}
+    job["spec"]["data"] = {**job["spec"]["data"], "seqLen": 32}
+    job["spec"]["optimizer"] = {**job["spec"].get("optimizer", {}), "warmupSteps": 2}
+    job["spec"]["checkpoint"] = {"intervalSteps": 3}  # claim: the Jobs helper makes one per job
+    return job
+
+
+def _succeeds(jobs: Jobs, name: str, steps: int) -> None:
+    st = jobs.wait_phase(name, "Succeeded", "Failed", timeout=300)
+    assert st["phase"] == "Succeeded" and st["failures"] == 0, st
+    assert st["lastCheckpoint"]["step"] == steps
+    assert f"done: {steps} steps" in jobs.logs(f"{name}-a1-n0")
+
+
+def test_the_moe_example_trains_to_succeeded_under_the_operator(api, namespace, operator):
+    jobs = Jobs(api, namespace)
+    jobs.create(_job("moe.yaml", steps=6))
+    _succeeds(jobs, "tiny-moe", 6)
+    assert "router:" in jobs.logs("tiny-moe-a1-n0")  # the router statistics are logged
+
+
+def test_the_lora_example_trains_on_a_base_checkpoint_in_its_claim_under_the_operator(api, namespace, operator, core, tmp_path):
+    jobs = Jobs(api, namespace)
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "lora-ckpt"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
+    pv = wait_for(lambda: core.read_namespaced_persistent_volume_claim("lora-ckpt", namespace).spec.volume_name,
+                  timeout=30, what="the claim bound")
+    volume = Path(core.read_persistent_volume(pv).spec.host_path.path)
+    # The base: a checkpoint of the same model, at the path the example names (/checkpoints/base).
+    run(write_config(tmp_path, steps=2, interval=100, extra={"checkpoint": {"path": str(volume / "base")}}), 1,
+        tmp_path / "losses.txt")
+    job = _job("lora.yaml", steps=6)
+    assert job["spec"]["lora"]["baseCheckpoint"] == "/checkpoints/base"
+    job["spec"]["checkpoint"]["claimName"] = "lora-ckpt"
+    jobs.create(job, claim=False)
+    _succeeds(jobs, "tiny-lora", 6)
+    assert "frozen base weights bit-identical" in jobs.logs("tiny-lora-a1-n0")
