@@ -84,6 +84,27 @@ def line(st: dict) -> str:
             f"  ready {st.get('readyNodes', '-')}  preemptions {st.get('preemptions', 0)} failures {st.get('failures', 0)}")
 
 
+def export_hf(lc: LocalCluster, st: dict) -> Path | None:
+    """The last checkpoint, from the job's claim, as a Hugging Face folder (`pretrain_trainer export`)."""
+    if not (st.get("lastCheckpoint") or {}).get("step"):
+        return None
+    pvc = json.loads(kubectl(lc, "get", "pvc", "quickstart-checkpoints", "-o", "json"))
+    pv = json.loads(kubectl(lc, "get", "pv", pvc["spec"]["volumeName"], "-o", "json"))
+    volume = Path(pv["spec"]["hostPath"]["path"])
+    cfg = yaml.safe_load(kubectl(lc, "get", "configmap", "quickstart-config", "-o", "jsonpath={.data.config\\.yaml}"))
+    cfg["checkpoint"]["path"] = str(volume)
+    out = lc.state_dir / "demo"
+    (out / "job.yaml").write_text(yaml.safe_dump(cfg))
+    step = st["lastCheckpoint"]["step"]
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "export", "--config", str(out / "job.yaml"),
+                        "--checkpoint", str(volume / f"step-{step:08d}"), "--out", str(out / "hf")],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"   export to Hugging Face failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+        return None
+    return out / "hf"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
@@ -166,6 +187,9 @@ def main() -> int:
               f"attempt 2 resumed from step {from_step}: {lost} step(s) lost (restart reason {resumed.get('reason')})")
     print(f"   checkpoints: PVC quickstart-checkpoints ({lc.state_dir}/volumes/), last step {(st.get('lastCheckpoint') or {}).get('step')}")
     phases["training (apply to Succeeded)"] = time.monotonic() - t0
+    hf = export_hf(lc, st)
+    if hf:
+        print(f"   Hugging Face model (Llama format, with the tokenizer): {hf}")
     time.sleep(3)  # one more scrape of the last step
     curves = loss_curve(prom, "default", "quickstart", wall0, time.time(), 2.0)
     png = plot_loss(curves, lc.state_dir / "demo" / "loss.png",
