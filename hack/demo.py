@@ -94,6 +94,7 @@ def export_hf(lc: LocalCluster, st: dict) -> Path | None:
     cfg = yaml.safe_load(kubectl(lc, "get", "configmap", "quickstart-config", "-o", "jsonpath={.data.config\\.yaml}"))
     cfg["checkpoint"]["path"] = str(volume)
     out = lc.state_dir / "demo"
+    out.mkdir(parents=True, exist_ok=True)
     (out / "job.yaml").write_text(yaml.safe_dump(cfg))
     step = st["lastCheckpoint"]["step"]
     r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "export", "--config", str(out / "job.yaml"),

@@ -33,6 +33,7 @@ import yaml
 from . import binaries
 from .config import HACK_DIR
 from .controlplane import LocalCluster
+from .procs import alive
 
 CHART = HACK_DIR.parent / "charts" / "pretrain-operator"
 RELEASE = "pretrain-operator"
@@ -120,7 +121,7 @@ class Prometheus:
         cfg.write_text(yaml.safe_dump(config(self.lc.cfg.kubeconfig, rules)))
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
-        self.lc.procs.start("prometheus", [str(exe), f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
+        pid = self.lc.procs.start("prometheus", [str(exe), f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
                                            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
                                            "--storage.tsdb.retention.time=7d", "--log.level=warn"])
         self.info.write_text(json.dumps({"url": url}))
@@ -132,7 +133,9 @@ class Prometheus:
                         return url
             except OSError:
                 pass
-            if not self.lc.procs.running().get("prometheus"):
+            # alive(), not running(): right after the fork the child's environment (which holds
+            # the ownership marker) may not be the new program's yet.
+            if not alive(pid):
                 raise RuntimeError(f"prometheus exited; see {self.lc.procs.log_dir / 'prometheus.log'}")
             time.sleep(0.3)
         raise RuntimeError(f"prometheus not ready in {timeout} s; see {self.lc.procs.log_dir / 'prometheus.log'}")
