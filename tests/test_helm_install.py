@@ -92,10 +92,15 @@ def release(cluster, crd, core, tmp_path_factory):
     paused = list(OperatorProcess.live)
     for op in paused:
         op.stop()
-    r = Release("po", _namespace(core, "helm-ops"), _namespace(core, "helm-jobs"), _namespace(core, "helm-other"),
-                cluster.cfg.kubeconfig, tmp_path_factory.mktemp("helm"))
-    r.notes = r.helm("install", r.name, str(CHART), "-n", r.ns, "-f", r.values([r.jobs_ns]),
-                     "--wait", "--timeout", "120s").stdout
+    try:
+        r = Release("po", _namespace(core, "helm-ops"), _namespace(core, "helm-jobs"), _namespace(core, "helm-other"),
+                    cluster.cfg.kubeconfig, tmp_path_factory.mktemp("helm"))
+        r.notes = r.helm("install", r.name, str(CHART), "-n", r.ns, "-f", r.values([r.jobs_ns]),
+                         "--wait", "--timeout", "120s").stdout
+    except BaseException:
+        for op in paused:  # the other modules' operators must not stay stopped
+            op.start()
+        raise
     yield r
     try:  # kept for a failed run: pytest's basetemp/helm*/operator.log
         (r.values_dir / "operator.log").write_text(operator_log(core, r))
