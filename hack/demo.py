@@ -139,7 +139,7 @@ def main() -> int:
     t0 = time.monotonic()
     wall0 = time.time()
     preempted = None
-    t_preempt = None
+    t_preempt = t_reclaimed = None
     step_at_preemption = None
     reached = {}  # attempt -> highest step seen
     last = ""
@@ -165,6 +165,7 @@ def main() -> int:
             t_preempt = time.time()
             print(f"== spot reclaim of {target} (runs a rank of the job): termination notice, 5 s, eviction, node deleted")
             nodes.preempt(lc.state_dir, target, notice_s=5.0, taint="gke", log=lambda m: print(f"   {m}"))
+            t_reclaimed = time.time()  # the notice's 5 s are over: the node is gone
             preempted = target
         if st.get("phase") in ("Succeeded", "Failed"):
             break
@@ -183,7 +184,8 @@ def main() -> int:
                              t_preempt, time.time(), 1.0)
         first = [float(t) for t, v in (r[0]["values"] if r else []) if float(v) > from_step]
         if first:  # to within a scrape interval (2 s)
-            phases["preemption to first resumed step"] = first[0] - t_preempt
+            phases["notice to first resumed step"] = first[0] - t_preempt
+            phases["reclaim to first resumed step"] = first[0] - t_reclaimed
         print(f"   notice for {preempted} at step {step_at_preemption}; the trainer checkpointed on the notice and "
               f"attempt 2 resumed from step {from_step}: {lost} step(s) lost (restart reason {resumed.get('reason')})")
     print(f"   checkpoints: PVC quickstart-checkpoints ({lc.state_dir}/volumes/), last step {(st.get('lastCheckpoint') or {}).get('step')}")
