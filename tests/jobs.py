@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 from kubernetes import client
 
@@ -91,6 +92,12 @@ class Jobs:
         sel = f"pretrain.dev/job={name}" + (f",pretrain.dev/attempt={attempt}" if attempt is not None else "")
         pods = self.core.list_namespaced_pod(self.ns, label_selector=sel).items
         return [p for p in pods if not (live and p.metadata.deletion_timestamp)]
+
+    def claim_folder(self, claim: str, timeout: float = 30) -> Path:
+        """The host folder behind a bound claim (the local cluster's provisioner uses hostPath PVs)."""
+        pv = wait_for(lambda: self.core.read_namespaced_persistent_volume_claim(claim, self.ns).spec.volume_name,
+                      timeout=timeout, what=f"claim {claim} bound")
+        return Path(self.core.read_persistent_volume(pv).spec.host_path.path)
 
     def logs(self, pod: str) -> str:
         return self.core.read_namespaced_pod_log(pod, self.ns)

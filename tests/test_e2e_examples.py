@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import wait_for
 from tests.jobs import Jobs
 from tests.trainer_util import run, write_config
 
@@ -47,9 +46,7 @@ def test_the_lora_example_trains_on_a_base_checkpoint_in_its_claim_under_the_ope
     core.create_namespaced_persistent_volume_claim(namespace, {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "lora-ckpt"},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    pv = wait_for(lambda: core.read_namespaced_persistent_volume_claim("lora-ckpt", namespace).spec.volume_name,
-                  timeout=30, what="the claim bound")
-    volume = Path(core.read_persistent_volume(pv).spec.host_path.path)
+    volume = jobs.claim_folder("lora-ckpt")
     # The base: a checkpoint of the same model, at the path the example names (/checkpoints/base).
     run(write_config(tmp_path, steps=2, interval=100, extra={"checkpoint": {"path": str(volume / "base")}}), 1,
         tmp_path / "losses.txt")

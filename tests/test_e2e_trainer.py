@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 import yaml
@@ -59,8 +58,7 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
 
         # The losses both attempts wrote to the checkpoint volume, against an uninterrupted run of
         # the same rendered configuration with the same layout (4 ranks: data 2 x tensor 2).
-        pvc = core.read_namespaced_persistent_volume_claim("real-ckpt", namespace)
-        volume = Path(core.read_persistent_volume(pvc.spec.volume_name).spec.host_path.path)
+        volume = jobs.claim_folder("real-ckpt")
         lines = [int(ln.split()[0]) for ln in (volume / "losses.txt").read_text().splitlines()]
         assert lines == list(range(1, 41)), f"steps trained (a repeat is a step lost to the preemption): {lines}"
         cfg = yaml.safe_load(core.read_namespaced_config_map(render.config_map_name("real"), namespace).data[c.CONFIG_FILE])

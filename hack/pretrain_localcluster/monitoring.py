@@ -22,7 +22,6 @@ Limits: a 2 s scrape interval (the demo is short); no Alertmanager (firing alert
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.parse
 import urllib.request
@@ -32,7 +31,7 @@ import yaml
 
 from . import binaries
 from .config import HACK_DIR
-from .controlplane import LocalCluster
+from .controlplane import LocalCluster, _free_port
 from .procs import alive
 
 CHART = HACK_DIR.parent / "charts" / "pretrain-operator"
@@ -91,12 +90,6 @@ def config(kubeconfig: Path, rules: Path) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Prometheus:
     def __init__(self, lc: LocalCluster):
         self.lc = lc
@@ -119,7 +112,7 @@ class Prometheus:
         cfg = self.dir / "prometheus.yml"
         rules = render_rules(self.dir / "rules.yml")
         cfg.write_text(yaml.safe_dump(config(self.lc.cfg.kubeconfig, rules)))
-        port = _free_port()
+        port = _free_port("127.0.0.1")
         url = f"http://127.0.0.1:{port}"
         pid = self.lc.procs.start("prometheus", [str(exe), f"--config.file={cfg}", f"--storage.tsdb.path={self.dir / 'data'}",
                                            f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",

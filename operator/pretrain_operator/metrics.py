@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import typing
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from . import api
 
 RECONCILES = Counter("pretrain_operator_reconciles_total", "Reconciles run", ["result"])
 RECONCILE_SECONDS = Histogram("pretrain_operator_reconcile_duration_seconds", "Time per reconcile",
@@ -27,7 +31,7 @@ JOB_PREEMPTIONS = Gauge("pretrain_operator_job_preemptions", "Preemptions surviv
 JOB_FAILURES = Gauge("pretrain_operator_job_failures", "Failures counted against maxFailures (status.failures)", JOB_LABELS)
 JOB_CHECKPOINT_STEP = Gauge("pretrain_operator_job_last_checkpoint_step", "status.lastCheckpoint.step", JOB_LABELS)
 JOB_PHASE = Gauge("pretrain_operator_job_phase", "1 for the job's current phase", JOB_LABELS + ["phase"])
-PHASES = ("Pending", "Starting", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+PHASES = typing.get_args(api.Phase)
 
 
 def observe_job(ns: str, name: str, status: dict) -> None:
