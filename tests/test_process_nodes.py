@@ -11,6 +11,7 @@ import pytest
 from kubernetes import client, watch
 
 from pretrain_localcluster import binaries
+from pretrain_localcluster.config import REPO_ROOT
 
 from tests.helpers import wait_for
 from tests.kubeutil import create_pod, kubectl, logs, phase, pod_manifest, wait_gone, wait_phase
@@ -325,3 +326,20 @@ def test_a_pod_ip_is_not_handed_out_again_at_once(core, namespace):
     assert second != first, (first, second)
     cidr = core.read_node(node).spec.pod_cidr
     assert ipaddress.ip_address(second) in ipaddress.ip_network(cidr)
+
+
+def test_a_volume_mounted_over_the_checkout_leaves_this_machines_python_visible(core, namespace):
+    # An emptyDir over the folder that holds the checkout and its virtualenv (as the chart's
+    # operator mounts one at /tmp, over a clone in /tmp): the command still finds python and the
+    # packages, read-only, and the volume itself is the pod's own empty folder.
+    over = str(REPO_ROOT.parent)
+    script = (f"import os, pretrain_operator; open({over!r} + '/mine', 'w').write('x'); "
+              f"print('ok', sorted(os.listdir({over!r}))); "
+              f"print('writable' if os.access({str(REPO_ROOT)!r}, os.W_OK) else 'read-only')")
+    create_pod(core, namespace, pod_manifest("hidden", ["python", "-c", script], volumes=[{"name": "v", "emptyDir": {}}],
+                                             container={"volumeMounts": [{"name": "v", "mountPath": over}]}))
+    p = wait_phase(core, namespace, "hidden", "Succeeded", "Failed")
+    out = logs(core, namespace, "hidden")
+    assert p.status.phase == "Succeeded", out
+    assert f"ok {sorted(['mine', REPO_ROOT.name])}" in out and "read-only" in out
+    assert not (REPO_ROOT.parent / "mine").exists()  # written to the pod's emptyDir, not the host

@@ -35,6 +35,7 @@ import urllib.request
 from pathlib import Path
 
 from . import podnet, podspec
+from .config import REPO_ROOT
 from .kube import Kube, KubeError
 from .pki import PKI
 from .procs import alive, owned
@@ -387,6 +388,8 @@ class PodWorker(threading.Thread):
             "memoryLimitBytes": int(podspec.quantity(limit)) if limit else None,
             # The interpreter behind the virtualenv may live under /root: non-root containers need a way in.
             "searchable": [os.path.realpath(sys.executable), str(Path(sys.prefix) / "bin" / "x")],
+            # ... and the virtualenv and the checkout its editable install points at stay visible.
+            "hostVisible": sorted({sys.prefix, str(REPO_ROOT)}),
         }
         (run_dir / "spec.json").write_text(json.dumps(spec))
         Path(spec["logPath"]).touch()  # `kubectl logs` answers (empty) from the moment the container is reported

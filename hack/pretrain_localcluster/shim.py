@@ -121,6 +121,15 @@ def enter_pod(spec: dict) -> str:
         mount(m["source"], target, None, MS_BIND | MS_REC)
         if m.get("readOnly"):
             mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    # Commands run with this machine's Python: a volume mounted over the checkout holding it (an
+    # emptyDir at /tmp over a clone in /tmp) would hide it, so it is shown again, read-only.
+    targets = [os.path.normpath(m["target"]) for m in spec.get("mounts", [])]
+    for host in spec.get("hostVisible", []):
+        if any(host.startswith(t.rstrip("/") + "/") for t in targets):
+            inside = in_root(root, host)
+            os.makedirs(inside, exist_ok=True)
+            mount(host, inside, None, MS_BIND | MS_REC)
+            mount(None, inside, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     if spec.get("uid") not in (None, 0):
         for exe in spec.get("searchable", []):
             searchable(root, exe)
