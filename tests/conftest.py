@@ -12,6 +12,7 @@ import re
 import subprocess
 import time
 import uuid
+import warnings
 
 import pytest
 from kubernetes import client, config
@@ -83,9 +84,22 @@ def crd(cluster):
 
 
 @pytest.fixture(scope="session")
-def operator(cluster, crd, tmp_path_factory):
+def operator_process(cluster, crd, tmp_path_factory):
     """The operator, running as a process for the whole session (tests may stop and restart it)."""
     op = OperatorProcess(cluster.cfg.kubeconfig, tmp_path_factory.mktemp("operator"))
     op.start()
     yield op
     op.stop()
+
+
+@pytest.fixture
+def operator(operator_process):
+    """The session's operator, running when the test starts: a test that stopped it and failed
+    before starting it again must not take every later test down with it. An operator that exited
+    on its own is a bug; it is started again, and the warning with its log shows in the summary."""
+    if not operator_process.running:
+        if operator_process.exited is not None:
+            warnings.warn(f"the operator had exited with {operator_process.exited}: "
+                          f"{operator_process.log_path.read_text()[-1500:]}")
+        operator_process.start()
+    return operator_process

@@ -58,6 +58,15 @@ class OperatorProcess:
         raise RuntimeError(f"operator did not become leader in {leader_timeout:.0f} s: {self.log_path.read_text()[-2000:]}")
 
     @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def exited(self) -> int | None:
+        """The exit code of a process that ended without stop() (None while running or stopped)."""
+        return self.proc.poll() if self.proc is not None else None
+
+    @property
     def log_path(self) -> Path:
         return self.log_dir / f"operator-{self.runs}.log"
 

@@ -52,7 +52,9 @@ class Metrics(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         body = "\n".join([
             f"{c.METRIC_STEP} {state['step']}", f"{c.METRIC_TOTAL_STEPS} {steps}",
-            f"{c.METRIC_LOSS} {10.0 / (1 + state['step']):.4f}", f"{c.METRIC_TOKENS_PER_SECOND} 1234.5",
+            # No loss before the first step, as the real trainer serves it (metrics.py): NaN.
+            f"{c.METRIC_LOSS} {10.0 / (1 + state['step']) if state['step'] else float('nan'):.4f}",
+            f"{c.METRIC_TOKENS_PER_SECOND} {1234.5 if state['step'] else 0}",
             f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
             f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",
             f"{c.METRIC_CHECKPOINT_REQUESTS_SERVED} {state['served']}",

@@ -22,7 +22,11 @@ def _crash_during_restart(jobs: Jobs, core, namespace: str, operator, crash_at: 
     jobs.create(job_manifest("crashy", steps=500))
     jobs.wait_phase("crashy", "Running", timeout=60)
     operator.stop()
-    faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=crash_at)
+    try:
+        faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=f"{crash_at}:{namespace}/crashy")
+    except RuntimeError as e:  # it met its crash point before the preemption below: say why
+        pods = [(p.metadata.name, p.status.phase, p.metadata.deletion_timestamp) for p in jobs.pods("crashy", live=False)]
+        raise AssertionError(f"{e}\nstatus: {jobs.status('crashy')}\npods: {pods}") from None
     try:
         core.delete_namespaced_pod("crashy-a1-n1", namespace)  # a preemption: the restart begins
         assert faulty.wait_exit(60) == 17, faulty.log_path.read_text()[-3000:]

@@ -48,6 +48,14 @@ def test_a_job_runs_its_gang_to_succeeded_with_progress_and_checkpoint_in_status
     assert "Starting" in reasons and "Running" in reasons and "Succeeded" in reasons
 
 
+def test_a_trainer_with_no_loss_yet_shows_its_step_in_status(jobs):
+    # Before its first step the trainer serves NaN for the loss; JSON has no NaN, and a status
+    # patch carrying one is refused whole (phase and all).
+    jobs.create(job_manifest("early", steps=3, step_s=6))
+    st = jobs.wait("early", lambda s: "step" in (s.get("progress") or {}), timeout=60, what="progress at step 0")
+    assert st["progress"]["step"] == 0 and "loss" not in st["progress"], st["progress"]
+
+
 def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
     jobs.create(job_manifest("wired", steps=200, step_s=0.5))
     jobs.wait_phase("wired", "Running", timeout=60)

@@ -12,6 +12,7 @@ import copy
 import datetime as dt
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -97,7 +98,8 @@ class Controller:
                 # job itself is gone, then the 404 ends it.)
                 metrics.RECONCILES.labels("error").inc()
                 n = self.errors[key] = self.errors.get(key, 0) + 1
-                log.warning("reconcile %s/%s: %s %s (retry %d)", key[0], key[1], e.status, e.reason, n)
+                log.warning("reconcile %s/%s: %s %s: %s (retry %d)", key[0], key[1], e.status, e.reason,
+                            api_message(e), n)
                 self.queue.backoff(key, min(0.5 * 2 ** (n - 1), 30.0))
             except Exception:  # noqa: BLE001
                 metrics.RECONCILES.labels("error").inc()
@@ -159,7 +161,7 @@ class Controller:
         if plan.status != (job.get("status") or {}):
             self._write(lambda: self.custom.patch_namespaced_custom_object_status(
                 api.GROUP, api.VERSION, ns, api.PLURAL, name, {"status": _patchable(job.get("status") or {}, plan.status)}))
-        self._crash_point(plan.stage, "status")
+        self._crash_point(plan.stage, "status", job)
         # Act.
         self._act(ns, job, plan)
         cm_obj = plan.update_config or next((o for o in plan.create if o["kind"] == "ConfigMap"), None)
@@ -194,7 +196,7 @@ class Controller:
                 if e.status != 404:
                     raise
         if plan.delete_pods or plan.force_delete_pods:
-            self._crash_point(plan.stage, "deleted")
+            self._crash_point(plan.stage, "deleted", job)
         if plan.update_config is not None:
             cm = plan.update_config
             self._write(lambda: self.core.replace_namespaced_config_map(cm["metadata"]["name"], ns, cm))
@@ -204,7 +206,7 @@ class Controller:
         for obj in shared:
             self._create(ns, obj)
         if pods:
-            self._crash_point(plan.stage, "before-create")
+            self._crash_point(plan.stage, "before-create", job)
             list(self.pool.map(lambda o: self._create(ns, o), pods))
         if plan.delete_job:
             try:
@@ -263,10 +265,12 @@ class Controller:
             reason=reason, message=message[:1024], type=etype, first_timestamp=now, last_timestamp=now, count=1,
             source=client.V1EventSource(component="pretrain-operator"), reporting_component="pretrain-operator",
             reporting_instance=os.environ.get("HOSTNAME", "local"))
+        # The log carries every decision too, for when the Events are gone with their namespace.
+        (log.warning if etype == "Warning" else log.info)("%s/%s %s: %s", md["namespace"], md["name"], reason, message)
         try:
             self._write(lambda: self.core.create_namespaced_event(md["namespace"], body))
         except client.ApiException as e:
-            log.warning("event %s on %s: %s", reason, md["name"], e.reason)
+            log.warning("event %s on %s: %s", reason, md["name"], api_message(e))
 
     def _progress(self, job: dict, plan: reconcile.Plan, pods: list[dict]) -> None:
         """Mirror rank 0's training metrics into status.progress and status.lastCheckpoint."""
@@ -291,9 +295,10 @@ class Controller:
         now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
         if c.METRIC_STEP in m:
             prog = {"step": int(m[c.METRIC_STEP]), "totalSteps": int(m.get(c.METRIC_TOTAL_STEPS, job["spec"]["training"]["steps"]))}
-            if c.METRIC_LOSS in m:
+            # NaN and infinity are not JSON (the API server refuses the whole patch): left out.
+            if math.isfinite(m.get(c.METRIC_LOSS, math.nan)):
                 prog["loss"] = round(m[c.METRIC_LOSS], 4)
-            if c.METRIC_TOKENS_PER_SECOND in m:
+            if math.isfinite(m.get(c.METRIC_TOKENS_PER_SECOND, math.nan)):
                 prog["tokensPerSecond"] = round(m[c.METRIC_TOKENS_PER_SECOND], 1)
             old = st.get("progress") or {}
             if {k: v for k, v in old.items() if k != "updated"} != prog:
@@ -327,12 +332,23 @@ class Controller:
         for ph in metrics.PHASES:
             metrics.JOBS.labels(ph).set(counts.get(ph, 0))
 
-    def _crash_point(self, stage: str, when: str) -> None:
-        """Fault injection for tests: PRETRAIN_OPERATOR_CRASH_AT=<stage>:<when> exits the process there."""
-        if self.settings.crash_at and self.settings.crash_at == f"{stage}:{when}":
+    def _crash_point(self, stage: str, when: str, job: dict) -> None:
+        """Fault injection for tests: PRETRAIN_OPERATOR_CRASH_AT=<stage>:<when>[:<namespace>/<job>]
+        exits the process there (for that job only, when one is named: other jobs in the cluster
+        pass the same points)."""
+        md = job["metadata"]
+        if self.settings.crash_at and self.settings.crash_at in (f"{stage}:{when}", f"{stage}:{when}:{md['namespace']}/{md['name']}"):
             log.error("crash point %s reached: exiting (fault injection)", self.settings.crash_at)
             logging.shutdown()
             os._exit(17)
+
+
+def api_message(e: client.ApiException) -> str:
+    """What the API server said, from its Status body (the reason alone hides which field)."""
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return f"{e.status} {e.reason}"
 
 
 def _patchable(old: dict, new: dict) -> dict:

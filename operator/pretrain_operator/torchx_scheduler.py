@@ -58,6 +58,7 @@ from torchx.specs import (NULL_RESOURCE, AppDef, AppDryRunInfo, AppState, BindMo
 from torchx.specs.finder import ComponentValidationException
 
 from . import api, contract as c, render
+from .controller import api_message
 
 BACKEND = "pretrainjob"
 METADATA_KEY = "pretrainjob"
@@ -386,7 +387,7 @@ class PretrainJobScheduler(Scheduler[Opts]):
                 self._custom().create_namespaced_custom_object(api.GROUP, api.VERSION, cfg.namespace, api.PLURAL,
                                                                job, dry_run="All")
             except ApiException as e:
-                raise AppDefError(f"the API server refuses the PretrainJob: {_api_message(e)}") from None
+                raise AppDefError(f"the API server refuses the PretrainJob: {api_message(e)}") from None
         return AppDryRunInfo(PretrainJobRequest(cfg.namespace, job), str)
 
     def schedule(self, dryrun_info: AppDryRunInfo[PretrainJobRequest, Opts]) -> str:
@@ -396,7 +397,7 @@ class PretrainJobScheduler(Scheduler[Opts]):
             created = self._custom().create_namespaced_custom_object(api.GROUP, api.VERSION, req.namespace,
                                                                      api.PLURAL, req.resource)
         except ApiException as e:
-            raise AppDefError(f"the API server refuses the PretrainJob: {_api_message(e)}") from None
+            raise AppDefError(f"the API server refuses the PretrainJob: {api_message(e)}") from None
         return f"{req.namespace}:{created['metadata']['name']}"
 
     # -- observe
@@ -554,13 +555,6 @@ def _parse_time(stamp: str) -> datetime:
     frac = (m.group(2) or ".0")[:7]
     return datetime.fromisoformat(m.group(1) + frac + ("+00:00" if m.group(3) == "Z" else m.group(3)))
 
-
-def _api_message(e) -> str:
-    import json
-    try:
-        return json.loads(e.body).get("message") or e.reason
-    except Exception:
-        return f"{e.status} {e.reason}"
 
 
 def _context_namespace() -> str:
