@@ -23,6 +23,7 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from . import api, contract as c, metrics, reconcile, render
+from .kubeapi import STRATEGIC, KubeAPI, core_path
 from .settings import OperatorSettings
 from .workqueue import WorkQueue
 
@@ -31,9 +32,7 @@ log = logging.getLogger("pretrain_operator")
 
 class Controller:
     def __init__(self, api_client: client.ApiClient, settings: OperatorSettings, leader=None):
-        self.api = api_client
-        self.core = client.CoreV1Api(api_client)
-        self.custom = client.CustomObjectsApi(api_client)
+        self.kube = KubeAPI(api_client)
         self.settings = settings
         self.queue = WorkQueue()
         self.leader = leader
@@ -113,7 +112,7 @@ class Controller:
     def reconcile(self, ns: str, name: str) -> float | None:
         # Observe.
         try:
-            job = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name)
+            job = self.kube.get(_job_path(ns, name))
         except client.ApiException as e:
             if e.status == 404:
                 self.phases.pop((ns, name), None)
@@ -132,9 +131,7 @@ class Controller:
             log.error("%s/%s: spec not understood by this operator version: %s", ns, name, e)
             return 60.0
         uid = job["metadata"]["uid"]
-        # Raw JSON, not the client's models: a third of the CPU and far less garbage per reconcile.
-        resp = self.core.list_namespaced_pod(ns, label_selector=f"{c.LABEL_JOB_UID}={uid}", _preload_content=False)
-        pods = json.loads(resp.data)["items"]
+        pods = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB_UID}={uid}")["items"]
         nodes = {}
         for p in pods:
             nn = (p.get("spec") or {}).get("nodeName")
@@ -147,10 +144,10 @@ class Controller:
         if known and known[0] == gen and time.monotonic() - known[2] < 60:
             svc_exists, config_data = True, known[1]
         else:
-            svc = self._get(lambda: self.core.read_namespaced_service(name, ns))
-            cm = self._get(lambda: self.core.read_namespaced_config_map(render.config_map_name(name), ns))
+            svc = self.kube.get_or_none(core_path(ns, "services", name))
+            cm = self.kube.get_or_none(core_path(ns, "configmaps", render.config_map_name(name)))
             svc_exists = svc is not None
-            config_data = (cm.data or {}).get(c.CONFIG_FILE) if cm is not None else None
+            config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
                                       disrupted=dict(self.disrupted.get((ns, name), {})))
@@ -159,8 +156,8 @@ class Controller:
         self._progress(job, plan, pods)
         # Record (first).
         if plan.status != (job.get("status") or {}):
-            self._write(lambda: self.custom.patch_namespaced_custom_object_status(
-                api.GROUP, api.VERSION, ns, api.PLURAL, name, {"status": _patchable(job.get("status") or {}, plan.status)}))
+            self._write(lambda: self.kube.patch(_job_path(ns, name) + "/status",
+                                                {"status": _patchable(job.get("status") or {}, plan.status)}))
         self._crash_point(plan.stage, "status", job)
         # Act.
         self._act(ns, job, plan)
@@ -176,30 +173,19 @@ class Controller:
     def _act(self, ns: str, job: dict, plan: reconcile.Plan) -> None:
         for pod_name, ann in plan.annotate_pods.items():
             try:
-                self._write(lambda: self.core.patch_namespaced_pod(pod_name, ns, {"metadata": {"annotations": ann}}))
+                self._write(lambda: self.kube.patch(core_path(ns, "pods", pod_name), {"metadata": {"annotations": ann}}, STRATEGIC))
                 metrics.CHECKPOINT_REQUESTS.labels(next(iter(ann.values())).split("-")[0]).inc()
             except client.ApiException as e:
                 if e.status != 404:
                     raise
-        for pod_name in plan.delete_pods:
-            try:
-                self._write(lambda: self.core.delete_namespaced_pod(pod_name, ns))
+        for pod_name, body in [(n, None) for n in plan.delete_pods] + [(n, {"gracePeriodSeconds": 0}) for n in plan.force_delete_pods]:
+            if self._write(lambda: self.kube.delete(core_path(ns, "pods", pod_name), body)) is not None:
                 metrics.PODS_DELETED.inc()
-            except client.ApiException as e:
-                if e.status != 404:
-                    raise
-        for pod_name in plan.force_delete_pods:
-            try:
-                self._write(lambda: self.core.delete_namespaced_pod(pod_name, ns, grace_period_seconds=0))
-                metrics.PODS_DELETED.inc()
-            except client.ApiException as e:
-                if e.status != 404:
-                    raise
         if plan.delete_pods or plan.force_delete_pods:
             self._crash_point(plan.stage, "deleted", job)
         if plan.update_config is not None:
             cm = plan.update_config
-            self._write(lambda: self.core.replace_namespaced_config_map(cm["metadata"]["name"], ns, cm))
+            self._write(lambda: self.kube.replace(core_path(ns, "configmaps", cm["metadata"]["name"]), cm))
         # Shared children first, then the gang, created concurrently (all pods of an attempt together).
         shared = [o for o in plan.create if o["kind"] != "Pod"]
         pods = [o for o in plan.create if o["kind"] == "Pod"]
@@ -209,30 +195,22 @@ class Controller:
             self._crash_point(plan.stage, "before-create", job)
             list(self.pool.map(lambda o: self._create(ns, o), pods))
         if plan.delete_job:
-            try:
-                self._write(lambda: self.custom.delete_namespaced_custom_object(
-                    api.GROUP, api.VERSION, ns, api.PLURAL, job["metadata"]["name"],
-                    body={"propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))
-            except client.ApiException as e:
-                if e.status != 404:
-                    raise
+            self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {
+                "propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))
 
     def _create(self, ns: str, obj: dict) -> None:
         kind = obj["kind"]
-        fn = {"Pod": self.core.create_namespaced_pod, "Service": self.core.create_namespaced_service,
-              "ConfigMap": self.core.create_namespaced_config_map}[kind]
+        plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[kind]
         try:
-            self._write(lambda: fn(ns, obj, _preload_content=False))  # the answer is not needed: skip its models
+            self._write(lambda: self.kube.create(core_path(ns, plural), obj))
             if kind == "Pod":
                 metrics.PODS_CREATED.inc()
         except client.ApiException as e:
             if e.status != 409:
                 raise
             # AlreadyExists is success only if it is ours (same controller uid): names are deterministic.
-            read = {"Pod": self.core.read_namespaced_pod, "Service": self.core.read_namespaced_service,
-                    "ConfigMap": self.core.read_namespaced_config_map}[kind]
-            existing = read(obj["metadata"]["name"], ns)
-            owners = [o.uid for o in existing.metadata.owner_references or []]
+            existing = self.kube.get(core_path(ns, plural, obj["metadata"]["name"]))
+            owners = [o["uid"] for o in existing["metadata"].get("ownerReferences") or []]
             if obj["metadata"]["ownerReferences"][0]["uid"] not in owners:
                 raise RuntimeError(f"{kind} {ns}/{obj['metadata']['name']} exists and is not owned by this job")
 
@@ -241,34 +219,24 @@ class Controller:
         metrics.API_WRITES.inc()
         return fn()
 
-    def _get(self, fn):
-        try:
-            return fn()
-        except client.ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
     def _node(self, name: str) -> dict | None:
         if name in self.nodes:
             return self.nodes[name]
-        n = self._get(lambda: self.core.read_node(name))
-        return self.api.sanitize_for_serialization(n) if n is not None else None
+        return self.kube.get_or_none(f"/api/v1/nodes/{name}")
 
     def _event(self, job: dict, etype: str, reason: str, message: str) -> None:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         md = job["metadata"]
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{md['name']}.", namespace=md["namespace"]),
-            involved_object=client.V1ObjectReference(api_version=f"{api.GROUP}/{api.VERSION}", kind=api.KIND,
-                                                     name=md["name"], namespace=md["namespace"], uid=md["uid"]),
-            reason=reason, message=message[:1024], type=etype, first_timestamp=now, last_timestamp=now, count=1,
-            source=client.V1EventSource(component="pretrain-operator"), reporting_component="pretrain-operator",
-            reporting_instance=os.environ.get("HOSTNAME", "local"))
+        body = {"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{md['name']}.", "namespace": md["namespace"]},
+                "involvedObject": {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": md["name"],
+                                   "namespace": md["namespace"], "uid": md["uid"]},
+                "reason": reason, "message": message[:1024], "type": etype, "firstTimestamp": now, "lastTimestamp": now,
+                "count": 1, "source": {"component": "pretrain-operator"}, "reportingComponent": "pretrain-operator",
+                "reportingInstance": os.environ.get("HOSTNAME", "local")}
         # The log carries every decision too, for when the Events are gone with their namespace.
         (log.warning if etype == "Warning" else log.info)("%s/%s %s: %s", md["namespace"], md["name"], reason, message)
         try:
-            self._write(lambda: self.core.create_namespaced_event(md["namespace"], body))
+            self._write(lambda: self.kube.create(core_path(md["namespace"], "events"), body))
         except client.ApiException as e:
             log.warning("event %s on %s: %s", reason, md["name"], api_message(e))
 
@@ -341,6 +309,10 @@ class Controller:
             log.error("crash point %s reached: exiting (fault injection)", self.settings.crash_at)
             logging.shutdown()
             os._exit(17)
+
+
+def _job_path(ns: str, name: str) -> str:
+    return f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{ns}/{api.PLURAL}/{name}"
 
 
 def api_message(e: client.ApiException) -> str:

@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 
 from . import api, contract as c
 from .controller import Controller
+from .kubeapi import KubeAPI
 from .leader import LeaderElector
 from .settings import OperatorSettings
 
@@ -40,9 +41,9 @@ def whoami(apic: client.ApiClient) -> str:
     """The identity the API server sees (a SelfSubjectReview, allowed to every authenticated user):
     the log line that tells which ServiceAccount's RBAC applies."""
     try:
-        r = client.AuthenticationV1Api(apic).create_self_subject_review(
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
-        return r.status.user_info.username
+        r = KubeAPI(apic).create("/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                                 {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+        return r["status"]["userInfo"]["username"]
     except Exception as e:  # noqa: BLE001  (informational only)
         return f"<unknown: {e.__class__.__name__}>"
 

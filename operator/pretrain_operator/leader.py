@@ -13,6 +13,7 @@ import uuid
 from kubernetes import client
 
 from . import metrics
+from .kubeapi import KubeAPI
 
 log = logging.getLogger("pretrain_operator.leader")
 
@@ -21,10 +22,19 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _stamp(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse(stamp: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(stamp) if stamp else None  # RFC 3339 (Python 3.11 reads the Z)
+
+
 class LeaderElector:
     def __init__(self, api: client.ApiClient, namespace: str, name: str, duration_s: float, renew_s: float):
-        self.coord = client.CoordinationV1Api(api)
+        self.kube = KubeAPI(api)
         self.ns, self.name = namespace, name
+        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
         self.duration_s, self.renew_s = duration_s, renew_s
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.is_leader = threading.Event()
@@ -32,37 +42,30 @@ class LeaderElector:
 
     def _try(self) -> bool:
         now = _now()
-        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.duration_s),
-                "renewTime": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
-        try:
-            lease = self.coord.read_namespaced_lease(self.name, self.ns)
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
+        spec = {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.duration_s), "renewTime": _stamp(now)}
+        lease = self.kube.get_or_none(f"{self.path}/{self.name}")
+        if lease is None:
             body = {"metadata": {"name": self.name}, "spec": {**spec, "acquireTime": spec["renewTime"], "leaseTransitions": 0}}
             try:
-                self.coord.create_namespaced_lease(self.ns, body)
+                self.kube.create(self.path, body)
                 return True
-            except client.ApiException as e2:
-                if e2.status == 409:
+            except client.ApiException as e:
+                if e.status == 409:
                     return False
                 raise
-        if lease.spec is None:  # created empty (the Helm chart creates it so that uninstall removes it)
-            lease.spec = client.V1LeaseSpec()
-        holder = lease.spec.holder_identity
-        renew = lease.spec.renew_time
-        expired = renew is None or (now - renew).total_seconds() > (lease.spec.lease_duration_seconds or self.duration_s)
+        old = lease.get("spec") or {}  # empty when the Helm chart created it (so that uninstall removes it)
+        holder = old.get("holderIdentity")
+        renew = _parse(old.get("renewTime"))
+        expired = renew is None or (now - renew).total_seconds() > (old.get("leaseDurationSeconds") or self.duration_s)
         if holder != self.identity and not expired:
             return False
-        lease.spec.holder_identity = self.identity
-        lease.spec.lease_duration_seconds = int(self.duration_s)
-        lease.spec.renew_time = now
+        lease["spec"] = {**old, **spec}
         if holder != self.identity:
-            lease.spec.acquire_time = now
-            lease.spec.lease_transitions = (lease.spec.lease_transitions or 0) + 1
+            lease["spec"]["acquireTime"] = spec["renewTime"]
+            lease["spec"]["leaseTransitions"] = (old.get("leaseTransitions") or 0) + 1
         try:
             # The resourceVersion in the body makes this a compare-and-swap: a concurrent taker gets 409.
-            self.coord.replace_namespaced_lease(self.name, self.ns, lease)
+            self.kube.replace(f"{self.path}/{self.name}", lease)
             return True
         except client.ApiException as e:
             if e.status == 409:
@@ -91,11 +94,10 @@ class LeaderElector:
         if not self.is_leader.is_set():
             return
         try:
-            lease = self.coord.read_namespaced_lease(self.name, self.ns)
-            if lease.spec is not None and lease.spec.holder_identity == self.identity:
-                lease.spec.holder_identity = ""
-                lease.spec.renew_time = _now() - dt.timedelta(hours=1)
-                self.coord.replace_namespaced_lease(self.name, self.ns, lease)
+            lease = self.kube.get(f"{self.path}/{self.name}")
+            if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
+                lease["spec"].update(holderIdentity="", renewTime=_stamp(_now() - dt.timedelta(hours=1)))
+                self.kube.replace(f"{self.path}/{self.name}", lease)
         except Exception as e:  # noqa: BLE001  (it expires anyway)
             log.warning("releasing the Lease: %s", e)
         self.is_leader.clear()
