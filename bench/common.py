@@ -1,5 +1,5 @@
-"""What the operator benches share: the session's local cluster (started if needed), the CRD
-applied, API clients, and our operator as a process."""
+"""What the benches share: the session's local cluster (started if needed), the CRD applied, API
+clients, our operator as a process, a process's memory."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ from kubernetes import client, config
 from pretrain_localcluster import binaries
 from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
+
+
+def rss_mib(pid: int) -> float:
+    """A process's resident memory now, in MiB."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def cluster_with_crd() -> tuple[LocalCluster, bool, client.CoreV1Api, client.CustomObjectsApi]:

@@ -21,12 +21,7 @@ from pretrain_localcluster import binaries
 from pretrain_localcluster.config import ClusterConfig
 from pretrain_localcluster.controlplane import COMPONENTS, LocalCluster, _ssl_context
 
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+from common import rss_mib
 
 
 def baseline_once(tmp: Path) -> float:

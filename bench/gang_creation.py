@@ -22,7 +22,7 @@ from pathlib import Path
 from pretrain_operator import api, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cluster_with_crd, start_operator  # noqa: E402
+from common import cluster_with_crd, rss_mib, start_operator  # noqa: E402
 
 POOL = 16
 
@@ -72,6 +72,7 @@ def new_ns(core) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=100)
+    ap.add_argument("--settle", type=float, default=20.0, help="seconds before the second memory reading")
     args = ap.parse_args(argv or [])
     lc, started_here, core, custom = cluster_with_crd()
     op = start_operator(lc)
@@ -95,8 +96,10 @@ def main(argv: list[str] | None = None) -> None:
                                                                         job(f"j{i}", 4)), range(args.jobs)))
         t = wait_pods(core, ns, 4 * args.jobs, t0)
         print(f"{f'{args.jobs} jobs x 4 pods: all created':<34}{base:>19.2f}s{t:>11.2f}s{t / base:>7.1f}x")
-        rss = int(next(x for x in open(f"/proc/{op.pid}/status") if x.startswith("VmRSS")).split()[1]) / 1024
-        print(f"operator RSS after {args.jobs + 2} jobs: {rss:.0f} MiB")
+        peak = rss_mib(op.pid)
+        time.sleep(args.settle)  # the jobs' status writes finish; freed heap goes back to the OS
+        print(f"operator RSS after {args.jobs + 2} jobs: {peak:.0f} MiB as the last pods appear, "
+              f"{rss_mib(op.pid):.0f} MiB {args.settle:.0f} s later")
     finally:
         op.terminate()
         op.wait(20)

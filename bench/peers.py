@@ -32,7 +32,7 @@ from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_operator import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, start_operator  # noqa: E402
+from common import free_port, rss_mib, start_operator  # noqa: E402
 
 PEERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pretrain-operator" / "peers"
 TO_VERSION, JS_VERSION = "v1.8.1", "v0.12.0"
@@ -128,10 +128,6 @@ def jobset(nodes: int):
                                                    "containers": [{"name": "c", "image": "local", "command": ["sleep", "3600"]}]}}}}}]}}
 
 
-def rss(pid: int) -> float:
-    return int(next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmRSS")).split()[1]) / 1024
-
-
 def start_ours(b: Bench) -> subprocess.Popen:
     b.k("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     return start_operator(b.lc)
@@ -215,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 one = b.run_case(body(32), *gvp, 32, 1)
                 many = b.run_case(body(4), *gvp, 4, a.jobs) if one == one else float("nan")  # nan: it does not work here
-                rows.append((name, one, many, rss(proc.pid)))
+                rows.append((name, one, many, rss_mib(proc.pid)))
             finally:
                 proc.terminate()
                 proc.wait(30)

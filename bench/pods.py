@@ -20,6 +20,8 @@ from pretrain_localcluster.config import ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_localcluster.nodes import admin_kube
 
+from common import rss_mib
+
 CMD = ["sh", "-c", "date +%s.%N; exec sleep 3600"]
 
 
@@ -97,8 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  baseline: {args.pods} local processes      {dt_direct:7.2f} s")
         print(f"  as pods                               {dt:7.2f} s   {args.pods / dt:5.1f} pods/s, ratio {dt / dt_direct:6.1f}x baseline")
         pid = lc.procs.pids()["node-agent"]
-        rss = int(next(x for x in open(f"/proc/{pid}/status") if x.startswith("VmRSS")).split()[1]) / 1024
-        print(f"node agent RSS with {args.pods + args.single} pods: {rss:.0f} MiB")
+        print(f"node agent RSS with {args.pods + args.single} pods: {rss_mib(pid):.0f} MiB")
     finally:
         kube.delete(f"/api/v1/namespaces/{ns}")
         if started_here:
