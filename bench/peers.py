@@ -121,8 +121,12 @@ def pytorchjob(nodes: int):
 
 
 def jobset(nodes: int):
+    # With the defaults its mutating webhook would set (pkg/webhooks/jobset_webhook.go, Default):
+    # no webhook is registered here, and the controller expects them.
     return lambda name: {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": {"name": name},
-                         "spec": {"replicatedJobs": [{"name": "node", "replicas": 1, "template": {"spec": {
+                         "spec": {"successPolicy": {"operator": "All"}, "startupPolicy": {"startupPolicyOrder": "AnyOrder"},
+                                  "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+                                  "replicatedJobs": [{"name": "node", "replicas": 1, "template": {"spec": {
                              "parallelism": nodes, "completions": nodes, "backoffLimit": 0, "completionMode": "Indexed",
                              "template": {"spec": {"nodeSelector": PENDING, "restartPolicy": "Never",
                                                    "containers": [{"name": "c", "image": "local", "command": ["sleep", "3600"]}]}}}}}]}}
@@ -174,8 +178,9 @@ def start_jobset(b: Bench, exe: Path) -> subprocess.Popen:
                                    "metrics": {"bindAddress": f"127.0.0.1:{free_port()}"},
                                    "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
                                    "webhook": {"port": free_port()}}))
+    log = PEERS / "jobset.log"  # kept: what it said, when it creates nothing
     p = subprocess.Popen([str(exe), "--config", str(cfg), "--kubeconfig", str(b.lc.cfg.kubeconfig)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                         stdout=log.open("w"), stderr=subprocess.STDOUT)
     time.sleep(8)
     return p
 

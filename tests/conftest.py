@@ -45,10 +45,15 @@ def core(api) -> client.CoreV1Api:
 
 @pytest.fixture
 def namespace(request, core) -> str:
-    """A fresh namespace named after the test, deleted afterwards (without waiting)."""
+    """A fresh namespace named after the test, deleted afterwards (without waiting). It enforces
+    the `restricted` Pod Security level, as the namespaces of careful users do; a test that needs
+    more says so, and why, with @pytest.mark.pod_security("baseline" or "privileged")."""
     base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:5]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"pretrain-test": "1"})))
+    marker = request.node.get_closest_marker("pod_security")
+    labels = {"pretrain-test": "1", "pod-security.kubernetes.io/enforce": marker.args[0] if marker else "restricted",
+              "pod-security.kubernetes.io/enforce-version": "latest"}
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels)))
     # The serviceaccount controller adds `default`; pods are refused until it exists.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

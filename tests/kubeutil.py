@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 
 from kubernetes import client
@@ -10,14 +11,32 @@ from pretrain_localcluster import binaries
 from tests.helpers import wait_for
 
 
+# Pod Security `restricted`, which the tests' namespaces enforce (conftest.namespace): what every
+# pod and pod template of the tests carries unless it sets its own.
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                  "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def restricted(pod_spec: dict) -> dict:
+    """The pod spec, with restricted-level security contexts where it sets none."""
+    pod_spec.setdefault("securityContext", copy.deepcopy(RESTRICTED_POD))
+    for c in pod_spec.get("containers", []) + pod_spec.get("initContainers", []):
+        c.setdefault("securityContext", copy.deepcopy(RESTRICTED_CONTAINER))
+    return pod_spec
+
+
 def pod_manifest(name: str, command: list[str], *, restart: str = "Never", node: str | None = None,
-                 container: dict | None = None, **spec) -> dict:
+                 container: dict | None = None, init: list[dict] | None = None, **spec) -> dict:
     c = {"name": "main", "image": "local", "command": command}
     c.update(container or {})
     body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **spec.pop("metadata", {})},
             "spec": {"restartPolicy": restart, "terminationGracePeriodSeconds": 5, "containers": [c], **spec}}
+    if init:
+        body["spec"]["initContainers"] = init
     if node:
         body["spec"]["nodeSelector"] = {"kubernetes.io/hostname": node}
+    restricted(body["spec"])
     return body
 
 

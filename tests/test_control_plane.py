@@ -11,6 +11,7 @@ import pytest
 from kubernetes import client
 
 from tests.helpers import wait_for
+from tests.kubeutil import restricted
 
 pytestmark = pytest.mark.cluster
 
@@ -153,19 +154,13 @@ def test_deleting_an_owner_garbage_collects_its_dependents(core, namespace):
 def test_a_deployment_gets_its_replicaset_and_pending_pods(api, core, namespace):
     apps = client.AppsV1Api(api)
     labels = {"app": "web"}
-    apps.create_namespaced_deployment(namespace, client.V1Deployment(
-        metadata=client.V1ObjectMeta(name="web"),
-        spec=client.V1DeploymentSpec(
-            replicas=2,
-            selector=client.V1LabelSelector(match_labels=labels),
-            template=client.V1PodTemplateSpec(
-                metadata=client.V1ObjectMeta(labels=labels),
-                # No node carries this label, so the pods stay Pending whatever nodes exist.
-                spec=client.V1PodSpec(node_selector={"pretrain.dev/no-such-node": "true"},
-                                      containers=[client.V1Container(name="c", image="busybox", command=["sleep", "1"])]),
-            ),
-        ),
-    ))
+    # No node carries the selected label, so the pods stay Pending whatever nodes exist.
+    apps.create_namespaced_deployment(namespace, {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": restricted({"nodeSelector": {"pretrain.dev/no-such-node": "true"},
+                                                  "containers": [{"name": "c", "image": "busybox", "command": ["sleep", "1"]}]})}}})
     rs = wait_for(lambda: apps.list_namespaced_replica_set(namespace).items, what="a ReplicaSet")
     assert rs[0].metadata.owner_references[0].kind == "Deployment"
     pods = wait_for(lambda: [p for p in core.list_namespaced_pod(namespace).items if p.status.phase == "Pending"]

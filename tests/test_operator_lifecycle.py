@@ -11,6 +11,7 @@ from kubernetes import client
 from pretrain_operator import contract as c
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
+from tests.kubeutil import pod_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -79,9 +80,7 @@ def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
     cm = core.read_namespaced_config_map("wired-config", namespace)
     assert "steps: 200" in cm.data[c.CONFIG_FILE]
     # The rendezvous name resolves from inside the gang (rank 1 reaches rank 0's metrics by DNS).
-    probe = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dns-probe"}, "spec": {
-        "restartPolicy": "Never", "containers": [{"name": "p", "image": "local", "command": [
-            "python", "-c", PROBE.format(url=f"http://wired-n0.wired:{c.METRICS_PORT}/metrics")]}]}}
+    probe = pod_manifest("dns-probe", ["python", "-c", PROBE.format(url=f"http://wired-n0.wired:{c.METRICS_PORT}/metrics")])
     core.create_namespaced_pod(namespace, probe)
     wait_for(lambda: core.read_namespaced_pod("dns-probe", namespace).status.phase in ("Succeeded", "Failed"), what="the probe")
     out = core.read_namespaced_pod_log("dns-probe", namespace)

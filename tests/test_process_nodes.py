@@ -6,15 +6,17 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client, watch
 
-from pretrain_localcluster import binaries
+from pretrain_localcluster import binaries, nodes
 from pretrain_localcluster.config import REPO_ROOT
+from pretrain_localcluster.volumes import VolumeBuilder
 
 from tests.helpers import wait_for
-from tests.kubeutil import create_pod, kubectl, logs, phase, pod_manifest, wait_gone, wait_phase
+from tests.kubeutil import RESTRICTED_POD, create_pod, kubectl, logs, phase, pod_manifest, restricted, wait_gone, wait_phase
 
 pytestmark = pytest.mark.cluster
 
@@ -46,9 +48,9 @@ def test_a_deployment_gets_running_ready_pods(api, core, namespace):
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "sleeper"},
         "spec": {"replicas": 2, "selector": {"matchLabels": labels},
                  "template": {"metadata": {"labels": labels},
-                              "spec": {"terminationGracePeriodSeconds": 1,
-                                       "containers": [{"name": "c", "image": "local", "command": ["sleep", "600"],
-                                                       "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}]}}}})
+                              "spec": restricted({"terminationGracePeriodSeconds": 1,
+                                                  "containers": [{"name": "c", "image": "local", "command": ["sleep", "600"],
+                                                                  "readinessProbe": {"exec": {"command": ["true"]}, "periodSeconds": 1}}]})}}})
     wait_for(lambda: (client.AppsV1Api(api).read_namespaced_deployment("sleeper", namespace).status.ready_replicas or 0) == 2,
              timeout=60, what="2 ready replicas")
     pods = core.list_namespaced_pod(namespace, label_selector="app=sleeper").items
@@ -61,8 +63,8 @@ def test_a_job_completes(api, namespace):
     batch.create_namespaced_job(namespace, {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "count"},
         "spec": {"completions": 2, "parallelism": 2, "backoffLimit": 0,
-                 "template": {"spec": {"restartPolicy": "Never",
-                                       "containers": [{"name": "c", "image": "local", "command": ["sh", "-c", "echo done"]}]}}}})
+                 "template": {"spec": restricted({"restartPolicy": "Never",
+                                                  "containers": [{"name": "c", "image": "local", "command": ["sh", "-c", "echo done"]}]})}}})
     wait_for(lambda: (batch.read_namespaced_job("count", namespace).status.succeeded or 0) == 2, timeout=60,
              what="the Job to complete")
     job = batch.read_namespaced_job("count", namespace)
@@ -199,7 +201,7 @@ def test_kubectl_logs_returns_a_pods_output_also_previous_and_follow(cluster, co
 
 def test_a_pod_without_a_token_has_no_token_file_and_one_with_it_reaches_the_api(core, namespace):
     sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
-    create_pod(core, namespace, pod_manifest("notoken", ["sh", "-c", f"ls {sa_dir}/token && exit 1 || echo absent"],
+    create_pod(core, namespace, pod_manifest("notoken", ["sh", "-c", f"ls {sa_dir}/token 2>/dev/null && exit 1 || echo absent"],
                                              automountServiceAccountToken=False))
     check = ("import os, ssl, urllib.request, json\n"
              f"d = '{sa_dir}'\n"
@@ -216,12 +218,33 @@ def test_a_pod_without_a_token_has_no_token_file_and_one_with_it_reaches_the_api
     assert logs(core, namespace, "withtoken").strip() == "status 403"
 
 
+def test_a_projected_token_is_renewed_past_80_percent_of_its_lifetime(cluster, core, namespace, tmp_path):
+    # The node's volume code against the real TokenRequest API, with the clock moved on (a token
+    # lives at least 10 minutes; the agent calls refresh_tokens at every step of a pod).
+    vol = {"name": "api", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 600}}]}}
+    create_pod(core, namespace, pod_manifest("holder", ["sleep", "1"], volumes=[vol],
+                                             nodeSelector={"pretrain.dev/no-such-node": "true"}))  # exists, never runs
+    admin = nodes.admin_kube(cluster.state_dir)
+    pod = admin.get(f"/api/v1/namespaces/{namespace}/pods/holder")
+    vb = VolumeBuilder(admin, admin, pod, tmp_path, lambda: "10.244.0.250", "10.244.0.1", b"")
+    token = Path(vb.build(vol)) / "token"
+    first, t0 = token.read_text(), time.time()
+    assert vb.refresh_tokens(now=t0 + 0.7 * 600) == [] and token.read_text() == first
+    assert vb.refresh_tokens(now=t0 + 0.81 * 600) == ["api"]
+    renewed = token.read_text()
+    assert renewed != first
+    review = admin.create("/apis/authentication.k8s.io/v1/tokenreviews",
+                          {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": renewed}})
+    assert review["status"]["authenticated"], review["status"]
+    assert review["status"]["user"]["username"] == f"system:serviceaccount:{namespace}:default"
+
+
 def test_a_restricted_compliant_pod_runs_as_non_root(core, namespace):
-    core.patch_namespace(namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}})
+    # The namespace enforces restricted (conftest); runAsNonRoot with no user named: the node picks one.
     sc = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
           "seccompProfile": {"type": "RuntimeDefault"}}
     create_pod(core, namespace, pod_manifest("nonroot", ["sh", "-c", "id -u; touch /tmp/x && echo tmp-writable"],
-                                             container={"securityContext": sc}))
+                                             container={"securityContext": sc}, securityContext={}))
     wait_phase(core, namespace, "nonroot", "Succeeded")
     out = logs(core, namespace, "nonroot").split()
     assert out[0] != "0" and int(out[0]) > 0
@@ -247,7 +270,7 @@ def test_env_from_the_downward_api_configmaps_and_secrets_and_their_volumes_reac
               "stat -c %g /data; id -G")
     create_pod(core, namespace, pod_manifest(
         "envy", ["sh", "-c", script], metadata={"labels": {"role": "worker"}},
-        securityContext={"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+        securityContext={**RESTRICTED_POD, "fsGroup": 2000},
         volumes=[{"name": "cfg", "configMap": {"name": "cfg"}}, {"name": "sec", "secret": {"secretName": "sec"}},
                  {"name": "data", "emptyDir": {}}],
         container={"env": env, "workingDir": "/tmp", "resources": {"limits": {"memory": "256Mi"}},
@@ -290,6 +313,7 @@ def test_readiness_probes_of_type_http_and_tcp_gate_the_ready_condition(core, na
     wait_for(lambda: ready("web"), timeout=20, what="the httpGet probe to pass")
 
 
+@pytest.mark.pod_security("privileged")  # a hostPath volume, which `restricted` forbids
 def test_init_containers_run_in_order_before_the_containers_and_share_volumes(core, namespace, tmp_path):
     host = tmp_path / "host-dir"
     host.mkdir()
@@ -297,11 +321,11 @@ def test_init_containers_run_in_order_before_the_containers_and_share_volumes(co
     host.chmod(0o777)
     vols = [{"name": "work", "emptyDir": {}}, {"name": "host", "hostPath": {"path": str(host), "type": "Directory"}}]
     mounts = [{"name": "work", "mountPath": "/work-dir"}, {"name": "host", "mountPath": "/host"}]
+    init = [{"name": f"init-{i}", "image": "local", "command": ["sh", "-c", f"sleep 0.{3 - i}; echo init-{i} >> /work-dir/log"],
+             "volumeMounts": mounts} for i in range(3)]
     body = pod_manifest("ordered", ["sh", "-c", "cat /work-dir/log /host/from-host; echo main > /host/from-pod"],
-                        volumes=vols, container={"volumeMounts": mounts})
-    body["spec"]["initContainers"] = [
-        {"name": f"init-{i}", "image": "local", "command": ["sh", "-c", f"sleep 0.{3 - i}; echo init-{i} >> /work-dir/log"],
-         "volumeMounts": mounts} for i in range(3)]
+                        volumes=vols, container={"volumeMounts": mounts}, init=init,
+                        securityContext={})  # as root: pytest's tmp_path is under root's private folder
     create_pod(core, namespace, body)
     p = wait_phase(core, namespace, "ordered", "Succeeded", "Failed")
     assert p.status.phase == "Succeeded"

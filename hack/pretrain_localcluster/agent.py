@@ -243,6 +243,10 @@ class PodWorker(threading.Thread):
         if not self.ensure_sandbox():
             self.publish()
             return
+        try:
+            self.volumes.refresh_tokens()
+        except Exception as e:  # noqa: BLE001  (the old token stays valid a while: retried at the next step)
+            log.warning("renewing the tokens of %s: %s", self.name, e)
         # Init containers, one at a time and in order.
         for c in self.init:
             st = c.state()

@@ -2,14 +2,18 @@
 
 emptyDir, hostPath, configMap, secret, downwardAPI (refreshed by the agent when labels or
 annotations change, as the kubelet does), projected (serviceAccountToken through the TokenRequest
-API, configMap, secret, downwardAPI) and persistentVolumeClaim (the bound PV's local folder).
+API, renewed past 80 % of its lifetime as the kubelet does; configMap, secret, downwardAPI) and
+persistentVolumeClaim (the bound PV's local folder).
 """
 
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 from . import podspec
@@ -69,6 +73,11 @@ def read_config_source(kube, ns: str, kind: str, name: str, optional: bool) -> d
     return out
 
 
+def renewal_due(issued: float, expires: float) -> float:
+    """When the kubelet renews a projected token: past 80 % of its lifetime, or a day old."""
+    return issued + min(0.8 * (expires - issued), 24 * 3600)
+
+
 class VolumeBuilder:
     """Builds a pod's volumes. `kube` is the node's client; `admin` reads PVs (cluster-scoped)."""
 
@@ -76,6 +85,7 @@ class VolumeBuilder:
         self.kube, self.admin, self.pod, self.pod_dir = kube, admin, pod, pod_dir
         self.pod_ip_fn, self.host_ip, self.ca_pem = pod_ip_fn, host_ip, ca_pem
         self.ns = pod["metadata"]["namespace"]
+        self.tokens: dict[str, float] = {}  # projected volume -> when its tokens are due for renewal
 
     def _cm_or_secret(self, kind: str, name: str, optional: bool) -> dict[str, bytes] | None:
         return read_config_source(self.kube, self.ns, kind, name, optional)
@@ -101,8 +111,20 @@ class VolumeBuilder:
                                             "uid": self.pod["metadata"]["uid"]}}}
         if body["spec"]["audiences"] is None:
             del body["spec"]["audiences"]
+        issued = time.time()
         tr = self.kube.create(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", body)
+        expires = dt.datetime.fromisoformat(tr["status"]["expirationTimestamp"]).timestamp()
+        self._due = min(self._due, renewal_due(issued, expires))
         return tr["status"]["token"].encode()
+
+    def refresh_tokens(self, now: float | None = None) -> list[str]:
+        """Renew the projected service-account tokens that are due, as the kubelet does; returns
+        the volumes rewritten (atomically: a reader sees the old token or the new one)."""
+        now = time.time() if now is None else now
+        due = [v for v in self.pod["spec"].get("volumes") or [] if v["name"] in self.tokens and now >= self.tokens[v["name"]]]
+        for vol in due:
+            self.build(vol)
+        return [v["name"] for v in due]
 
     def build(self, vol: dict) -> str:
         """Make the volume's folder (or find its host path); returns the path to bind-mount."""
@@ -111,6 +133,7 @@ class VolumeBuilder:
         mode = lambda v: v.get("defaultMode", 0o644)  # noqa: E731
         if "emptyDir" in vol:
             base.mkdir(parents=True, exist_ok=True)
+            base.chmod(0o777)  # as the kubelet makes it: writable by whatever user the pod runs as
             self._fs_group(base)
             return str(base)
         if "hostPath" in vol:
@@ -135,6 +158,7 @@ class VolumeBuilder:
             return str(base)
         if "projected" in vol:
             files: dict[str, bytes] = {}
+            self._due = math.inf
             for s in vol["projected"].get("sources") or []:
                 if "serviceAccountToken" in s:
                     files[s["serviceAccountToken"]["path"]] = self._token(s["serviceAccountToken"])
@@ -145,6 +169,8 @@ class VolumeBuilder:
                 elif "downwardAPI" in s:
                     files.update(self.downward_files(s["downwardAPI"].get("items")))
             _write_files(base, files, mode(vol["projected"]))
+            if self._due < math.inf:
+                self.tokens[name] = self._due
             return str(base)
         if "persistentVolumeClaim" in vol:
             claim = vol["persistentVolumeClaim"]["claimName"]
