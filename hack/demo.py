@@ -1,6 +1,7 @@
-"""`make demo`: a PretrainJob trains a small Llama-style model over 2 pods x 2 processes on the
-local cluster, a spot node running one of its ranks is reclaimed mid-run (termination notice,
-eviction, node deleted), and the job carries on from its checkpoint as a new attempt.
+"""`make demo`: a PretrainJob trains a small Llama-style model over 2 pods x 4 processes (pipeline,
+data and tensor parallel) on the local cluster, a spot node running one of its ranks is reclaimed
+mid-run (termination notice, eviction, node deleted), and the job carries on from its checkpoint
+as a new attempt.
 
     make demo                    # set-up included; leaves the cluster and the operator running
     .venv/bin/python hack/demo.py [--steps 200] [--preempt-at 0.4]
@@ -56,6 +57,14 @@ def corpus(lc: LocalCluster) -> Path:
     subprocess.run([sys.executable, "-m", "pretrain_trainer", "prepare", "--input", str(src), "--out", str(out),
                     "--vocab-size", "512"], check=True)
     return out
+
+
+def layout(docs: list[dict]) -> str:
+    """"2 pods x 4 processes (pipeline 2 x data 2 x tensor 2)", from the manifest."""
+    spec = next(d for d in docs if d["kind"] == "PretrainJob")["spec"]
+    par = " x ".join(f"{k} {spec['parallelism'][k]}" for k in ("pipeline", "data", "tensor", "expert")
+                     if spec["parallelism"].get(k, 1) > 1)
+    return f"{spec['nodes']} pods x {spec.get('nprocPerNode', 1)} processes ({par})"
 
 
 def job_manifest(data: Path, steps: int) -> list[dict]:
@@ -135,7 +144,7 @@ def main() -> int:
                     "delete", "ptj", "quickstart", "--ignore-not-found", "--wait=true"], capture_output=True)
     kubectl(lc, "delete", "pvc", "quickstart-checkpoints", "--ignore-not-found", "--wait=true")
     kubectl(lc, "apply", "-f", "-", input=yaml.safe_dump_all(job_manifest(data, a.steps)))
-    print(f"== applied examples/quickstart.yaml: 2 pods x 2 processes (data 2 x tensor 2), {a.steps} steps")
+    print(f"== applied examples/quickstart.yaml: {layout(job_manifest(data, a.steps))}, {a.steps} steps")
     t0 = time.monotonic()
     wall0 = time.time()
     preempted = None

@@ -1,5 +1,5 @@
 """Checkpoints resume exactly: a run stopped by SIGTERM at step k and resumed gives, bit for bit
-on CPU, the losses of the uninterrupted run; a newest checkpoint that is corrupt or half-written
+on CPU, the losses of the uninterrupted run (one process, MoE, LoRA, two pipeline stages); a newest checkpoint that is corrupt or half-written
 is skipped for the previous one; a checkpoint loads into another layout; a checkpoint request in
 the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
 step with one checkpoint and the contract's exit code; a checkpoint folder that the ranks do not
@@ -73,6 +73,24 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     again = losses(tmp_path / "again.txt")
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == first[s] for s in again)
+
+
+def test_a_pipeline_parallel_run_resumes_in_its_own_layout_bit_for_bit(tmp_path):
+    # Each stage's optimizer hyperparameters must come back to the rank holding that stage (the
+    # trainer failed here with KeyError 'betas' once: only rank 0's param_groups were saved).
+    full = tmp_path / "full"
+    full.mkdir()
+    run(write_config(full, nproc=2, pipeline=2, steps=6, interval=100), 2, full / "losses.txt")
+    d = tmp_path / "part"
+    d.mkdir()
+    cfg = write_config(d, nproc=2, pipeline=2, steps=6, interval=100)
+    p = subprocess.Popen(cmd(cfg, 2, d / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(d / "losses.txt", 3, p)
+    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers (and exits 1 itself)
+    p.wait(60)
+    assert 3 <= int(_committed(d)[-1].split("-")[1]) < 6
+    run(cfg, 2, d / "losses.txt")
+    assert losses(d / "losses.txt") == losses(full / "losses.txt")
 
 
 def test_a_checkpoint_loads_into_another_layout(tmp_path):

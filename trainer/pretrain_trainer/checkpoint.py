@@ -148,9 +148,15 @@ class Checkpointer:
         frozen = has_frozen(model)  # LoRA: the adapters only
         return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
-    def _state(self, model, optim) -> dict:
+    def _state(self, model, optim) -> tuple[dict, list]:
+        """What is saved and loaded, and this rank's optimizer param_groups, which are not: the
+        same key on every rank, DCP keeps one rank's copy, and under pipeline parallel that copy
+        names only the first stage's parameters (the other stages lost their hyperparameters on
+        resume: KeyError 'betas'). They hold nothing a checkpoint must carry: one group, its
+        hyperparameters from the config, its lr set from the schedule at every step."""
         msd, osd = get_state_dict(model, optim, options=self._options(model))
-        return {"model": msd, "optim": osd}
+        groups = osd.pop("param_groups")
+        return {"model": msd, "optim": osd}, groups
 
     def save(self, step: int, model, optim, extra: dict) -> None:
         """Save (async: blocks only for staging); commit when the shards are written."""
@@ -167,7 +173,7 @@ class Checkpointer:
         torch.save({"cpu": torch.get_rng_state(), "world": self.world,
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    d / "rng" / f"rank-{self.rank}.pt")
-        state = self._state(model, optim)
+        state, _ = self._state(model, optim)
         if self.async_save:
             try:
                 r = dcp.async_save(state, storage_writer=self._writer(d), **self._async_options())
@@ -258,10 +264,10 @@ class Checkpointer:
             ok = torch.tensor([0 if problem else 1])
             if not problem:
                 try:
-                    state = self._state(model, optim)
+                    state, groups = self._state(model, optim)
                     dcp.load(state, checkpoint_id=str(d))
-                    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                                   options=self._options(model))
+                    set_state_dict(model, optim, model_state_dict=state["model"],
+                                   optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
                 except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
                     problem = f"{type(e).__name__}: {e}"
                     ok = torch.tensor([0])
