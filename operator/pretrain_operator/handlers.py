@@ -62,6 +62,7 @@ def startup(settings: kopf.OperatorSettings, **_):
     settings.persistence.finalizer = "pretrain.dev/kopf-finalizer"
     settings.watching.server_timeout = s.watch_server_timeout_s
     settings.watching.client_timeout = s.watch_client_timeout_s
+    settings.batching.idle_timeout = s.watch_worker_idle_s
     settings.posting.enabled = False  # our Events are written by the controller, after the status
     apic = api_client(s)
     leader = LeaderElector(apic, s.lease_namespace, s.lease_name, s.lease_duration_s, s.lease_renew_s)
