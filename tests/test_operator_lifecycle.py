@@ -57,6 +57,16 @@ def test_a_trainer_with_no_loss_yet_shows_its_step_in_status(jobs):
     assert st["progress"]["step"] == 0 and "loss" not in st["progress"], st["progress"]
 
 
+def test_the_running_operator_never_loads_torch(jobs, operator):
+    # The operator image carries no torch: not at import (tests/test_layout.py) and not on any
+    # path a reconcile takes either (progress, checkpoints, restarts).
+    jobs.create(job_manifest("notorch", steps=20, interval=5, step_s=0.3))
+    jobs.wait("notorch", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=90,
+              what="progress and a checkpoint in status")
+    maps = open(f"/proc/{operator.proc.pid}/maps").read()
+    assert "libtorch" not in maps and "/torch/" not in maps
+
+
 def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
     jobs.create(job_manifest("wired", steps=200, step_s=0.5))
     jobs.wait_phase("wired", "Running", timeout=60)
