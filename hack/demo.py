@@ -143,8 +143,9 @@ def main() -> int:
     subprocess.run([str(binaries.locate(["kubectl"])["kubectl"]), "--kubeconfig", str(lc.cfg.kubeconfig),
                     "delete", "ptj", "quickstart", "--ignore-not-found", "--wait=true"], capture_output=True)
     kubectl(lc, "delete", "pvc", "quickstart-checkpoints", "--ignore-not-found", "--wait=true")
-    kubectl(lc, "apply", "-f", "-", input=yaml.safe_dump_all(job_manifest(data, a.steps)))
-    print(f"== applied examples/quickstart.yaml: {layout(job_manifest(data, a.steps))}, {a.steps} steps")
+    docs = job_manifest(data, a.steps)
+    kubectl(lc, "apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    print(f"== applied examples/quickstart.yaml: {layout(docs)}, {a.steps} steps")
     t0 = time.monotonic()
     wall0 = time.time()
     preempted = None

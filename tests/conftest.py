@@ -20,6 +20,7 @@ from kubernetes import client, config
 from pretrain_localcluster import binaries
 from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
+from tests.kubeutil import pod_security_labels
 from tests.operator_fixture import OperatorProcess
 
 
@@ -51,8 +52,7 @@ def namespace(request, core) -> str:
     base = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:5]}"
     marker = request.node.get_closest_marker("pod_security")
-    labels = {"pretrain-test": "1", "pod-security.kubernetes.io/enforce": marker.args[0] if marker else "restricted",
-              "pod-security.kubernetes.io/enforce-version": "latest"}
+    labels = {"pretrain-test": "1", **pod_security_labels(marker.args[0] if marker else "restricted")}
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels=labels)))
     # The serviceaccount controller adds `default`; pods are refused until it exists.
     deadline = time.monotonic() + 30

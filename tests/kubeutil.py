@@ -11,6 +11,11 @@ from pretrain_localcluster import binaries
 from tests.helpers import wait_for
 
 
+def pod_security_labels(level: str = "restricted") -> dict:
+    """The namespace labels that make the API server enforce a Pod Security level."""
+    return {"pod-security.kubernetes.io/enforce": level, "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
 # Pod Security `restricted`, which the tests' namespaces enforce (conftest.namespace): what every
 # pod and pod template of the tests carries unless it sets its own.
 RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,

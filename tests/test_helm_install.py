@@ -31,12 +31,12 @@ from tests import test_operator_failures as failures, test_operator_lifecycle as
 from tests.helmutil import CHART, helm
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
+from tests.kubeutil import pod_security_labels
 from tests.operator_fixture import OperatorProcess
 from tests.test_operator_preemption import pool  # noqa: F401  (a fixture the preemption scenario uses)
 
 pytestmark = pytest.mark.cluster
 
-RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
 # The operator's timings as in the other operator tests (tests/operator_fixture.py).
 FAST = [{"name": "PRETRAIN_OPERATOR_LEASE_DURATION_S", "value": "4"}, {"name": "PRETRAIN_OPERATOR_LEASE_RENEW_S", "value": "1"},
         {"name": "PRETRAIN_OPERATOR_RESYNC_S", "value": "3"}, {"name": "PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S", "value": "1"}]
@@ -73,7 +73,7 @@ class Release:
 def _namespace(core: client.CoreV1Api, prefix: str) -> str:
     name = f"{prefix}-{uuid.uuid4().hex[:5]}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={"pretrain-test": "1", **RESTRICTED})))
+        name=name, labels={"pretrain-test": "1", **pod_security_labels()})))
     # Pods are refused until the serviceaccount controller has made `default`.
     wait_for(lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
              what=f"the default ServiceAccount in {name}")

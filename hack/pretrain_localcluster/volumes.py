@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import math
 import os
 import shutil
 import time
@@ -102,7 +101,8 @@ class VolumeBuilder:
             out[it["path"]] = v.encode()
         return out
 
-    def _token(self, src: dict) -> bytes:
+    def _token(self, src: dict) -> tuple[bytes, float]:
+        """A bound token for the pod's service account, and when it is due for renewal."""
         sa = self.pod["spec"].get("serviceAccountName") or "default"
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
                 "spec": {"audiences": [src["audience"]] if src.get("audience") else None,
@@ -114,8 +114,7 @@ class VolumeBuilder:
         issued = time.time()
         tr = self.kube.create(f"/api/v1/namespaces/{self.ns}/serviceaccounts/{sa}/token", body)
         expires = dt.datetime.fromisoformat(tr["status"]["expirationTimestamp"]).timestamp()
-        self._due = min(self._due, renewal_due(issued, expires))
-        return tr["status"]["token"].encode()
+        return tr["status"]["token"].encode(), renewal_due(issued, expires)
 
     def refresh_tokens(self, now: float | None = None) -> list[str]:
         """Renew the projected service-account tokens that are due, as the kubelet does; returns
@@ -158,10 +157,11 @@ class VolumeBuilder:
             return str(base)
         if "projected" in vol:
             files: dict[str, bytes] = {}
-            self._due = math.inf
+            due = []
             for s in vol["projected"].get("sources") or []:
                 if "serviceAccountToken" in s:
-                    files[s["serviceAccountToken"]["path"]] = self._token(s["serviceAccountToken"])
+                    files[s["serviceAccountToken"]["path"]], when = self._token(s["serviceAccountToken"])
+                    due.append(when)
                 elif "configMap" in s or "secret" in s:
                     kind = "configMap" if "configMap" in s else "secret"
                     d = self._cm_or_secret(kind, s[kind]["name"], s[kind].get("optional", False))
@@ -169,8 +169,8 @@ class VolumeBuilder:
                 elif "downwardAPI" in s:
                     files.update(self.downward_files(s["downwardAPI"].get("items")))
             _write_files(base, files, mode(vol["projected"]))
-            if self._due < math.inf:
-                self.tokens[name] = self._due
+            if due:
+                self.tokens[name] = min(due)
             return str(base)
         if "persistentVolumeClaim" in vol:
             claim = vol["persistentVolumeClaim"]["claimName"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import datetime as dt
-import json
 import logging
 import math
 import os
@@ -24,7 +23,7 @@ from kubernetes import client
 from pydantic import ValidationError
 
 from . import api, contract as c, metrics, reconcile, render
-from .kubeapi import STRATEGIC, KubeAPI, core_path
+from .kubeapi import STRATEGIC, KubeAPI, api_message, core_path
 from .settings import OperatorSettings
 from .workqueue import WorkQueue
 
@@ -331,14 +330,6 @@ class Controller:
 
 def _job_path(ns: str, name: str) -> str:
     return f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{ns}/{api.PLURAL}/{name}"
-
-
-def api_message(e: client.ApiException) -> str:
-    """What the API server said, from its Status body (the reason alone hides which field)."""
-    try:
-        return json.loads(e.body).get("message") or str(e.reason)
-    except (TypeError, ValueError, AttributeError):
-        return f"{e.status} {e.reason}"
 
 
 def _patchable(old: dict, new: dict) -> dict:

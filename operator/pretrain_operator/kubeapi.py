@@ -65,6 +65,14 @@ class KubeAPI:
             raise
 
 
+def api_message(e: client.ApiException) -> str:
+    """What the API server said, from its Status body (the reason alone hides which field)."""
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return f"{e.status} {e.reason}"
+
+
 def core_path(ns: str, plural: str, name: str = "") -> str:
     """/api/v1/namespaces/<ns>/<plural>[/<name>]"""
     return f"/api/v1/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")

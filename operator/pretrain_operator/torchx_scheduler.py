@@ -58,7 +58,7 @@ from torchx.specs import (NULL_RESOURCE, AppDef, AppDryRunInfo, AppState, BindMo
 from torchx.specs.finder import ComponentValidationException
 
 from . import api, contract as c, render
-from .controller import api_message
+from .kubeapi import api_message
 
 BACKEND = "pretrainjob"
 METADATA_KEY = "pretrainjob"
