@@ -7,9 +7,12 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
-from kubernetes import client, config
+from kubernetes import client, config, watch
+from prometheus_client.parser import text_string_to_metric_families
 
 from pretrain_localcluster import binaries
 from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
@@ -45,9 +48,62 @@ def free_port() -> int:
 
 def start_operator(lc: LocalCluster) -> subprocess.Popen:
     """`python -m pretrain_operator` against the cluster, once it leads (a previous holder's Lease may have to expire)."""
-    env = dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(free_port()),
+    port = free_port()
+    env = dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(port),
                PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4")
     op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    op.metrics_url = f"http://127.0.0.1:{port}/metrics"
     time.sleep(6)
     return op
+
+
+def api_requests(op: subprocess.Popen) -> dict[str, float]:
+    """The operator's API requests so far, by HTTP method (its pretrain_operator_api_requests_total)."""
+    text = urllib.request.urlopen(op.metrics_url, timeout=5).read().decode()
+    return {s.labels["method"]: s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "pretrain_operator_api_requests_total"}
+
+
+class PodWatch:
+    """Counts the pods that appear in a namespace, from one watch stream: the time the n-th pod
+    appeared, without polling the API server with LISTs (which, every 20-50 ms, cost the API server
+    more CPU than the controller under test and slowed it down)."""
+
+    def __init__(self, core: client.CoreV1Api, ns: str):
+        rv = core.list_namespaced_pod(ns, limit=1).metadata.resource_version
+        self.seen: dict[str, float] = {}
+        self.cv = threading.Condition()
+        self.w = watch.Watch(return_type=object)  # plain dicts: no model per event in this process
+        threading.Thread(target=self._run, args=(core, ns, rv), daemon=True).start()
+
+    def _run(self, core, ns, rv) -> None:
+        try:
+            for ev in self.w.stream(core.list_namespaced_pod, ns, resource_version=rv, timeout_seconds=900):
+                with self.cv:
+                    self.seen.setdefault(ev["raw_object"]["metadata"]["name"], time.monotonic())
+                    self.cv.notify_all()
+        except Exception:  # noqa: BLE001  (the namespace went, or the stream was stopped: counting is over)
+            pass
+
+    def wait(self, n: int, t0: float, timeout: float = 600) -> float:
+        """Seconds from t0 to the n-th pod's appearance; NaN after `timeout` without it."""
+        with self.cv:
+            if not self.cv.wait_for(lambda: len(self.seen) >= n, timeout):
+                self.w.stop()
+                return float("nan")
+        self.w.stop()
+        return sorted(self.seen.values())[n - 1] - t0
+
+
+def delete_namespaces(core: client.CoreV1Api, names: list[str], timeout: float = 300) -> None:
+    """Delete the bench's namespaces and wait until they are gone: the namespace controller takes a
+    minute over 400 pods, and the next measurement must not share the cores with it."""
+    for ns in names:
+        try:
+            core.delete_namespace(ns)
+        except client.ApiException:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(ns in {n.metadata.name for n in core.list_namespace().items} for ns in names):
+        time.sleep(1)

@@ -22,7 +22,7 @@ from pathlib import Path
 from pretrain_operator import api, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cluster_with_crd, rss_mib, start_operator  # noqa: E402
+from common import PodWatch, api_requests, cluster_with_crd, delete_namespaces, rss_mib, start_operator  # noqa: E402
 
 POOL = 16
 
@@ -32,18 +32,6 @@ def job(name: str, nodes: int) -> dict:
             "spec": {"nodes": nodes, "parallelism": {"data": nodes}, "data": {"globalBatchSize": nodes},
                      "scheduling": {"nodeSelector": {"pretrain.dev/bench": "pending"}, "startTimeoutSeconds": 86400},
                      "template": {"command": ["sleep", "3600"]}}}
-
-
-def count_pods(core, ns: str) -> int:
-    return len(core.list_namespaced_pod(ns, label_selector="pretrain.dev/job").items)
-
-
-def wait_pods(core, ns: str, n: int, t0: float, timeout: float = 600) -> float:
-    while count_pods(core, ns) < n:
-        if time.monotonic() - t0 > timeout:
-            raise TimeoutError(f"{n} pods not created in {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - t0
 
 
 def direct(core, ns: str, jobs: list[tuple[str, int]]) -> float:
@@ -83,28 +71,35 @@ def main(argv: list[str] | None = None) -> None:
             ns = new_ns(core); namespaces.append(ns)
             base = direct(core, ns, [(f"direct{nodes}", nodes)])
             ns = new_ns(core); namespaces.append(ns)
+            pw = PodWatch(core, ns)
             t0 = time.monotonic()
             custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, job(f"j{nodes}", nodes))
-            t = wait_pods(core, ns, nodes, t0)
+            t = pw.wait(nodes, t0)
             print(f"{f'one {nodes}-node job: all pods created':<34}{base:>19.2f}s{t:>11.2f}s{t / base:>7.1f}x")
         ns = new_ns(core); namespaces.append(ns)
         base = direct(core, ns, [(f"d{i}", 4) for i in range(args.jobs)])
         ns = new_ns(core); namespaces.append(ns)
+        before = api_requests(op)
+        pw = PodWatch(core, ns)
         t0 = time.monotonic()
         with ThreadPoolExecutor(POOL) as ex:
             list(ex.map(lambda i: custom.create_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL,
                                                                         job(f"j{i}", 4)), range(args.jobs)))
-        t = wait_pods(core, ns, 4 * args.jobs, t0)
+        t = pw.wait(4 * args.jobs, t0)
         print(f"{f'{args.jobs} jobs x 4 pods: all created':<34}{base:>19.2f}s{t:>11.2f}s{t / base:>7.1f}x")
         peak = rss_mib(op.pid)
+        during = api_requests(op)
         time.sleep(args.settle)  # the jobs' status writes finish; freed heap goes back to the OS
+        after = api_requests(op)
+        print("operator's API requests per job: " + ", ".join(
+            f"{m} {(during.get(m, 0) - before.get(m, 0)) / args.jobs:.1f} ({(after.get(m, 0) - before.get(m, 0)) / args.jobs:.1f} "
+            f"{args.settle:.0f} s later)" for m in sorted(after)))
         print(f"operator RSS after {args.jobs + 2} jobs: {peak:.0f} MiB as the last pods appear, "
               f"{rss_mib(op.pid):.0f} MiB {args.settle:.0f} s later")
     finally:
         op.terminate()
         op.wait(20)
-        for ns in namespaces:
-            core.delete_namespace(ns)
+        delete_namespaces(core, namespaces)
         if started_here:
             lc.down(log=lambda *_: None)
 

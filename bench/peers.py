@@ -4,7 +4,7 @@ Training Operator v1.8.1 (PyTorchJob) and JobSet v0.12.0, each alone on the clus
     .venv/bin/python bench/peers.py [--jobs 100] [--skip jobset]
 
 Measures, with pods left Pending (their nodeSelector matches no node): `create` to all 32 pods of
-one 32-node job; 100 jobs x 4 pods created at once to all 400 pods; the controller's RSS after.
+one 32-node job (median of 3); 100 jobs x 4 pods created at once to all 400 pods; the controller's RSS after.
 The peers are built once from the Go module proxy into ~/.cache/pretrain-operator/peers/ (about
 3 minutes); a peer that cannot be built or started is reported as such and skipped. Neither peer's
 admission webhook is registered: the Training Operator's validation is not needed for valid jobs,
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +34,7 @@ from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_operator import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import free_port, rss_mib, start_operator  # noqa: E402
+from common import PodWatch, delete_namespaces, free_port, rss_mib, start_operator  # noqa: E402
 
 PEERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pretrain-operator" / "peers"
 TO_VERSION, JS_VERSION = "v1.8.1", "v0.12.0"
@@ -82,17 +82,11 @@ class Bench:
             except client.ApiException:
                 time.sleep(0.1)
 
-    def count(self, ns: str) -> int:
-        return len(json.loads(self.core.list_namespaced_pod(ns, _preload_content=False).data)["items"])
-
     def timed(self, ns: str, create, n_pods: int, timeout: float = 120) -> float:
+        pw = PodWatch(self.core, ns)
         t0 = time.monotonic()
         create()
-        while self.count(ns) < n_pods:
-            if time.monotonic() - t0 > timeout:
-                return float("nan")
-            time.sleep(0.05)
-        return time.monotonic() - t0
+        return pw.wait(n_pods, t0, timeout)
 
     def run_case(self, make_body, group, version, plural, pods_per_job, jobs) -> float:
         ns = self.ns()
@@ -104,7 +98,7 @@ class Bench:
         try:
             return self.timed(ns, create, pods_per_job * jobs)
         finally:
-            self.core.delete_namespace(ns)
+            delete_namespaces(self.core, [ns])
 
 
 def ptj(nodes: int):
@@ -214,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                 if proc.poll() is not None:
                     rows.append((name, float("nan"), float("nan"), float("nan")))
                     continue
-                one = b.run_case(body(32), *gvp, 32, 1)
+                one = statistics.median(b.run_case(body(32), *gvp, 32, 1) for _ in range(3))
                 many = b.run_case(body(4), *gvp, 4, a.jobs) if one == one else float("nan")  # nan: it does not work here
                 rows.append((name, one, many, rss_mib(proc.pid)))
             finally:

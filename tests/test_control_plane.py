@@ -3,7 +3,6 @@ admission, garbage collection, the controllers and cluster DNS all behave as on 
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import dns.resolver

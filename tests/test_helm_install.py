@@ -202,7 +202,8 @@ def _can_i_table(r: Release, clusterwide: bool) -> list[tuple[str, str, str | No
         ("patch", "pretrainjobs.pretrain.dev/status", job, True),
         ("create", "pods", job, True), ("patch", "pods", job, True), ("delete", "pods", job, True), ("watch", "pods", job, True),
         ("create", "services", job, True), ("update", "configmaps", job, True), ("create", "events", job, True),
-        ("watch", "nodes", None, True), ("get", "nodes", None, True),
+        ("watch", "nodes", None, True), ("get", "nodes", None, True), ("get", "namespaces", None, True),
+        ("delete", "namespaces", None, False), ("update", "namespaces", None, False),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, True),
         ("update", "leases.coordination.k8s.io#pretrain-operator", r.ns, True),
         # What it must not.

@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from kubernetes import client
+from kubernetes import watch
 
-from pretrain_operator import contract as c
+from pretrain_operator import api, contract as c
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 from tests.kubeutil import pod_manifest
@@ -104,6 +104,24 @@ def test_deleting_the_job_leaves_no_pod_service_or_configmap(jobs, core, namespa
     wait_for(lambda: not jobs.pods("gone", live=False) and not core.list_namespaced_service(namespace).items
              and not [m for m in core.list_namespaced_config_map(namespace).items if m.metadata.name == "gone-config"],
              timeout=60, what="garbage collection of the children")
+
+
+def test_deleting_its_namespace_is_not_taken_for_a_preemption(jobs, core, namespace):
+    # The namespace controller deletes the pods before the job: without a look at the namespace the
+    # operator records a preemption and a new attempt, then retries a gang the API server refuses.
+    jobs.create(job_manifest("doomed", steps=500))
+    rv = jobs.wait_phase("doomed", "Running", timeout=60) and jobs.get("doomed")["metadata"]["resourceVersion"]
+    seen = []
+    w = watch.Watch()
+    core.delete_namespace(namespace)
+    for ev in w.stream(jobs.custom.list_namespaced_custom_object, api.GROUP, api.VERSION, namespace, api.PLURAL,
+                       field_selector="metadata.name=doomed", resource_version=rv, timeout_seconds=90):
+        st = ev["object"].get("status") or {}
+        seen.append((ev["type"], st.get("phase"), st.get("attempt"), st.get("preemptions")))
+        if ev["type"] == "DELETED":
+            w.stop()
+    assert seen and seen[-1][0] == "DELETED", seen
+    assert all(attempt == 1 and preemptions == 0 for _, _, attempt, preemptions in seen), seen
 
 
 def test_ttl_after_finished_deletes_the_job(jobs):

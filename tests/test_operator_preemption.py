@@ -14,7 +14,6 @@ from kubernetes import client
 
 from pretrain_localcluster import nodes
 from pretrain_operator import api, reconcile, render
-from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 
 pytestmark = pytest.mark.cluster

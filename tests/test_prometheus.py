@@ -64,7 +64,7 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
     jobs.core.delete_namespaced_pod("watched-a1-n1", namespace)  # a pod deleted by someone else: a preemption
     jobs.wait_phase("watched", "Running", timeout=90, attempt=2)
 
-    wait_for(lambda: _value(prometheus, f'up{{job="pretrain-operator-metrics", namespace="pretrain-system"}}') == 1, timeout=30, what="the operator scraped")
+    wait_for(lambda: _value(prometheus, 'up{job="pretrain-operator-metrics", namespace="pretrain-system"}') == 1, timeout=30, what="the operator scraped")
     wait_for(lambda: (_value(prometheus, f"pretrain_operator_job_preemptions{{{sel}}}") or 0) >= 1, timeout=30,
              what="the job's preemptions in Prometheus")
     wait_for(lambda: {t["labels"].get("pod") for t in prometheus.targets()

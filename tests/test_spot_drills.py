@@ -6,7 +6,6 @@ pods it left running. Each drill runs on a node it adds, so the other tests keep
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import sys
 
@@ -19,6 +20,16 @@ import kopf
 
 from . import handlers
 from .settings import OperatorSettings
+
+
+def limit_malloc_arenas(n: int) -> None:
+    """Each thread that allocates gets its own glibc arena (up to 8 per core), and each keeps the
+    pages freed by a burst: with 40 threads that is tens of MiB of RSS. Must run before they start."""
+    if n > 0:
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+        except (OSError, AttributeError):
+            pass  # not glibc (musl has no arenas to limit)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per liveness probe otherwise
     handlers.STATE["settings"] = s
+    limit_malloc_arenas(s.malloc_arenas)
     liveness = f"http://0.0.0.0:{s.health_port}/healthz" if s.health_port else None
     asyncio.run(kopf.operator(standalone=True, clusterwide=not s.namespaces, namespaces=s.namespaces or (),
                               liveness_endpoint=liveness))

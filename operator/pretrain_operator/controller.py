@@ -58,6 +58,11 @@ class Controller:
         for key in list(self.node_jobs.get(name, ())):
             self.queue.add(key)
 
+    def on_job(self, key: tuple[str, str]) -> None:
+        # A job this operator has not reconciled yet (new, or new to it) goes before the re-reconciles
+        # its peers' pod events queue: in a burst of applies, gangs are created first, bookkeeping after.
+        self.queue.add(key, first=key not in self.phases)
+
     def on_pod(self, pod: dict) -> None:
         job = (pod["metadata"].get("labels") or {}).get(c.LABEL_JOB)
         if not job:
@@ -148,7 +153,11 @@ class Controller:
             log.error("%s/%s: spec not understood by this operator version: %s", ns, name, e)
             return 60.0
         uid = job["metadata"]["uid"]
-        pods = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB_UID}={uid}")["items"]
+        # A job with no status was never acted on (the status is written before any child is made),
+        # so it has no pods, Service or ConfigMap of ours yet: three reads saved per new job, which
+        # is what a burst of new jobs waits on. (Someone else's object of the same name still fails the create.)
+        fresh = not job.get("status")
+        pods = [] if fresh else self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB_UID}={uid}")["items"]
         nodes = {}
         for p in pods:
             nn = (p.get("spec") or {}).get("nodeName")
@@ -158,7 +167,9 @@ class Controller:
         # The Service and ConfigMap are re-read once a minute or when the spec changes: only we change them.
         known = self.children.get(uid)
         gen = job["metadata"].get("generation")
-        if known and known[0] == gen and time.monotonic() - known[2] < 60:
+        if fresh:
+            svc_exists, config_data = False, None
+        elif known and known[0] == gen and time.monotonic() - known[2] < 60:
             svc_exists, config_data = True, known[1]
         else:
             svc = self.kube.get_or_none(core_path(ns, "services", name))
@@ -170,6 +181,11 @@ class Controller:
                                       disrupted=dict(self.disrupted.get((ns, name), {})))
         # Decide.
         plan = reconcile.decide(observed)
+        if plan.status.get("attempt", 0) > (job.get("status") or {}).get("attempt", 0) > 0 and self._namespace_terminating(ns):
+            # Absorbed: deleting a namespace deletes the job's pods before the job, which looks like a
+            # preemption; a new gang would be refused (403) and the job is about to go too.
+            log.info("%s/%s: its namespace is being deleted: no restart", ns, name)
+            return None
         self._progress(job, plan, pods)
         # Record (first).
         if plan.status != (job.get("status") or {}):
@@ -203,14 +219,11 @@ class Controller:
         if plan.update_config is not None:
             cm = plan.update_config
             self._write(lambda: self.kube.replace(core_path(ns, "configmaps", cm["metadata"]["name"]), cm))
-        # Shared children first, then the gang, created concurrently (all pods of an attempt together).
-        shared = [o for o in plan.create if o["kind"] != "Pod"]
-        pods = [o for o in plan.create if o["kind"] == "Pod"]
-        for obj in shared:
-            self._create(ns, obj)
-        if pods:
+        # The whole gang at once (all pods of an attempt together), concurrently with the Service and
+        # ConfigMap, which are sent first: a node that sees a pod before its ConfigMap retries the mount.
+        if any(o["kind"] == "Pod" for o in plan.create):
             self._crash_point(plan.stage, "before-create", job)
-            list(self.pool.map(lambda o: self._create(ns, o), pods))
+        list(self.pool.map(lambda o: self._create(ns, o), sorted(plan.create, key=lambda o: o["kind"] == "Pod")))
         if plan.delete_job:
             self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {
                 "propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))
@@ -240,6 +253,15 @@ class Controller:
         if name in self.nodes:
             return self.nodes[name]
         return self.kube.get_or_none(f"/api/v1/nodes/{name}")
+
+    def _namespace_terminating(self, ns: str) -> bool:
+        try:
+            got = self.kube.get_or_none(f"/api/v1/namespaces/{ns}") or {}
+        except client.ApiException as e:
+            if e.status == 403:  # RBAC without namespaces/get (an older chart): restart as before
+                return False
+            raise
+        return bool(got.get("metadata", {}).get("deletionTimestamp"))
 
     def _event(self, job: dict, etype: str, reason: str, message: str) -> None:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -87,7 +87,7 @@ def cleanup(**_):
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
 def job_event(name, namespace, **_):
-    controller().queue.add((namespace, name))
+    controller().on_job((namespace, name))
 
 
 @kopf.on.event("", "v1", "pods", labels={c.LABEL_JOB: kopf.PRESENT})

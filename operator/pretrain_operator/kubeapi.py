@@ -16,6 +16,8 @@ import json
 
 from kubernetes import client
 
+from .metrics import API_REQUESTS
+
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 
@@ -30,6 +32,7 @@ class KubeAPI:
             method=method, resource_path=path, query_params=[(k, v) for k, v in query.items() if v is not None],
             header_params={"Content-Type": content_type, "Accept": "application/json"}, body=body,
             auth_settings=["BearerToken"])
+        API_REQUESTS.labels(method).inc()
         resp = self.api.call_api(method, url, header_params=headers, body=data, post_params=post)
         resp.read()
         if not 200 <= resp.status < 300:

@@ -23,6 +23,8 @@ for _reason in ("notice", "suspend"):  # series from the start (at 0), for rate(
     CHECKPOINT_REQUESTS.labels(_reason)
 IS_LEADER = Gauge("pretrain_operator_leader", "1 while this operator holds the leader Lease")
 API_WRITES = Counter("pretrain_operator_api_writes_total", "Writes (create, patch, delete) sent to the API server")
+API_REQUESTS = Counter("pretrain_operator_api_requests_total", "Requests sent to the API server (watches aside), by HTTP method",
+                       ["method"])
 
 # Per job, from its status (as kube-state-metrics would export it), for dashboards and alerts.
 JOB_LABELS = ["namespace", "pretrain_job"]  # not "job": Prometheus gives that to the scrape job

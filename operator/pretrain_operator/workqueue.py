@@ -1,5 +1,6 @@
-"""A work queue keyed by job (namespace, name): deduplicated, delayed re-adds, and never the same
-key in two workers at once (a key added while in flight is re-run after it finishes)."""
+"""A work queue keyed by job (namespace, name): deduplicated, delayed re-adds, never the same key
+in two workers at once (a key added while in flight is re-run after it finishes), and keys added
+with `first=True` (jobs not reconciled yet) served before the others."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ class WorkQueue:
     def __init__(self):
         self._cv = threading.Condition()
         self._ready: list = []          # keys ready now (FIFO)
+        self._first: list = []          # keys ready now that go before _ready (FIFO)
         self._queued: set = set()
         self._delayed: list = []        # heap of (due, key)
         self._active: set = set()
@@ -29,7 +31,7 @@ class WorkQueue:
         with self._cv:
             self._not_before.pop(key, None)
 
-    def add(self, key, delay: float = 0.0) -> None:
+    def add(self, key, delay: float = 0.0, first: bool = False) -> None:
         with self._cv:
             held = self._not_before.get(key, 0.0) - time.monotonic()
             if held > delay:
@@ -43,8 +45,11 @@ class WorkQueue:
                 return
             if key not in self._queued:
                 self._queued.add(key)
-                self._ready.append(key)
+                (self._first if first else self._ready).append(key)
                 self._cv.notify()
+            elif first and key in self._ready:
+                self._ready.remove(key)
+                self._first.append(key)
 
     def get(self, timeout: float = 1.0):
         """The next key (marked active), or None on timeout or close."""
@@ -59,8 +64,8 @@ class WorkQueue:
                     elif key not in self._queued:
                         self._queued.add(key)
                         self._ready.append(key)
-                if self._ready:
-                    key = self._ready.pop(0)
+                if self._first or self._ready:
+                    key = (self._first or self._ready).pop(0)
                     self._queued.discard(key)
                     self._active.add(key)
                     return key
@@ -89,4 +94,4 @@ class WorkQueue:
 
     def __len__(self) -> int:
         with self._cv:
-            return len(self._ready) + len(self._delayed)
+            return len(self._first) + len(self._ready) + len(self._delayed)

@@ -88,9 +88,9 @@ watches namespaces, to start its watches when a listed namespace appears.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [get, list, watch]
-{{- if .Values.operator.watchNamespaces }}
+# get: whether a job's namespace is being deleted (its pods going is then no preemption);
+# list and watch: kopf's namespace scan when watching listed namespaces.
 - apiGroups: [""]
   resources: [namespaces]
-  verbs: [list, watch]
-{{- end }}
+  verbs: [get{{ if .Values.operator.watchNamespaces }}, list, watch{{ end }}]
 {{- end -}}

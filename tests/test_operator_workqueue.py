@@ -1,0 +1,51 @@
+"""The operator's work queue: one entry per job, never one job in two workers, delayed re-adds,
+and jobs not reconciled yet served before re-reconciles (so a burst of applies creates gangs first)."""
+
+from __future__ import annotations
+
+import time
+
+from pretrain_operator.workqueue import WorkQueue
+
+
+def drain(q: WorkQueue) -> list:
+    out = []
+    while (key := q.get(timeout=0.01)) is not None:
+        out.append(key)
+        q.done(key)
+    return out
+
+
+def test_a_key_added_twice_is_served_once():
+    q = WorkQueue()
+    q.add("a"), q.add("b"), q.add("a")
+    assert drain(q) == ["a", "b"]
+
+
+def test_a_key_added_while_in_a_worker_is_served_again_after_it_is_done():
+    q = WorkQueue()
+    q.add("a")
+    assert q.get(timeout=0.01) == "a"
+    q.add("a")
+    assert q.get(timeout=0.01) is None  # not to a second worker while the first has it
+    q.done("a")
+    assert q.get(timeout=0.01) == "a"
+
+
+def test_new_jobs_go_before_re_reconciles_in_arrival_order():
+    q = WorkQueue()
+    q.add("old-1"), q.add("new-1", first=True), q.add("old-2"), q.add("new-2", first=True)
+    q.add("old-2", first=True)  # already waiting: moves up, still once
+    assert drain(q) == ["new-1", "new-2", "old-2", "old-1"]
+
+
+def test_a_delayed_key_waits_its_delay_and_back_off_holds_it_against_events():
+    q = WorkQueue()
+    q.add("a", delay=0.2)
+    assert q.get(timeout=0.05) is None
+    assert q.get(timeout=1.0) == "a"
+    q.done("a")
+    q.backoff("a", 0.3)
+    t0 = time.monotonic()
+    q.add("a")  # an event meanwhile does not cut the back-off short
+    assert q.get(timeout=1.0) == "a" and time.monotonic() - t0 >= 0.25
