@@ -47,13 +47,13 @@ def rel(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
-def run_losses(d: Path, cpu: bool = False, **kw) -> dict[int, float]:
+def run_losses(d: Path, cpu: bool = False, launch: bool = False, **kw) -> dict[int, float]:
     d.mkdir(parents=True)
     cfg = write_config(d, **kw)
-    e = env()
+    e = {**env(), "PET_NPROC_PER_NODE": "1"}
     if cpu:
         e["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run(cmd(cfg, 1, d / "losses.txt"), env=e, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd(cfg, 1, d / "losses.txt", launch=launch), env=e, capture_output=True, text=True, timeout=300)
     (d / "stderr.txt").write_text(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     return losses(d / "losses.txt")
@@ -89,6 +89,13 @@ def main(argv: list[str]) -> int:
                 row("fp32 GPU vs CPU, tiny, 12 steps: max relative loss difference", f"{r:.2e}", r < 1e-3)
             except Exception as e:  # noqa: BLE001  (each check reports and the script goes on)
                 row("fp32 GPU vs CPU", f"failed: {e}"[:400], False)
+            try:
+                # The pods' launcher forks its ranks after importing torch: CUDA must first start in the rank.
+                f = run_losses(d / "forked", launch=True, steps=12, interval=100)
+                row("fp32 GPU, the launcher's forked rank vs a plain process, tiny, 12 steps", "identical" if f == g else
+                    f"max relative difference {rel(f, g):.2e}", f == g)
+            except Exception as e:  # noqa: BLE001
+                row("launcher (forked rank) on the GPU", f"failed: {e}"[:400], False)
             try:
                 kw = dict(steps=30, interval=100, **small)
                 f32 = run_losses(d / "s32", **kw)

@@ -130,9 +130,11 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoi
     p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
                          env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29911"})
     wait_for_step(tmp_path / "losses.txt", 3, p)
-    workers = subprocess.run(["pgrep", "-f", f"pretrain_trainer train --config {cfg}"], capture_output=True, text=True).stdout.split()
-    # Only one worker gets the signal (as when one container's process is signalled).
-    victim = max(int(w) for w in workers if int(w) != p.pid)
+    # The ranks are the launcher's children (forked from it); only one gets the signal, as when
+    # one container's process is signalled.
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    victim = max(int(w) for w in workers)
     os.kill(victim, signal.SIGTERM)
     assert p.wait(120) == c.EXIT_PREEMPTED, p.stderr.read()[-3000:]
     saved = _committed(tmp_path)

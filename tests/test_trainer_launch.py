@@ -1,0 +1,54 @@
+"""The launcher (`python -m pretrain_trainer launch`, the pods' command): torchrun's agent with the
+ranks forked from one import of torch and the trainer, training bit for bit like torchrun's own
+freshly started ranks; `--start-method spawn` brings fresh interpreters back. (Its exit codes:
+test_trainer_checkpoint.py's SIGTERM test.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer_util import cmd, env, losses, run, wait_for_step, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+LAYOUT = dict(nproc=4, data=2, tensor=2, steps=4, global_batch=8)
+
+
+def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str]]:
+    """Train LAYOUT through the launcher; the per-step losses, and the ranks' command lines."""
+    d.mkdir()
+    c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True)
+    c[4:4] = list(options)  # torchrun's options go before the trainer's subcommand
+    p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True,
+                         env={**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29700 + os.getpid() % 200)})
+    wait_for_step(d / "losses.txt", 1, p)
+    ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    cmdlines = [Path(f"/proc/{r}/cmdline").read_text() for r in ranks]
+    assert p.wait(300) == 0, p.stderr.read()[-3000:]
+    return losses(d / "losses.txt"), [c.replace("\0", " ").strip() for c in cmdlines]
+
+
+@pytest.fixture(scope="module")
+def torchrun_losses(tmp_path_factory):
+    d = tmp_path_factory.mktemp("torchrun")
+    run(write_config(d, **LAYOUT), 4, d / "losses.txt")
+    return losses(d / "losses.txt")
+
+
+def test_ranks_forked_by_the_launcher_train_bit_for_bit_like_torchruns_own(tmp_path, torchrun_losses):
+    got, ranks = launch(tmp_path / "fork")
+    assert got == torchrun_losses and sorted(got) == [1, 2, 3, 4]
+    # Forked: each rank is the launcher's own process image (same command line), not a new interpreter.
+    assert len(ranks) >= 4 and all("pretrain_trainer launch train" in r for r in ranks), ranks
+
+
+def test_spawn_start_method_runs_fresh_interpreters_with_the_same_losses(tmp_path, torchrun_losses):
+    t0 = time.monotonic()
+    got, ranks = launch(tmp_path / "spawn", "--start-method", "spawn")
+    assert got == torchrun_losses, (got, time.monotonic() - t0)
+    assert any("multiprocessing" in r for r in ranks) and not any("pretrain_trainer launch train" in r for r in ranks), ranks
