@@ -19,18 +19,20 @@ pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `
 LAYOUT = dict(nproc=4, data=2, tensor=2, steps=4, global_batch=8)
 
 
-def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str]]:
-    """Train LAYOUT through the launcher; the per-step losses, and the ranks' command lines."""
+def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
+    """Train LAYOUT through the launcher; the per-step losses, the ranks' command lines, its log."""
     d.mkdir()
     c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True)
     c[4:4] = list(options)  # torchrun's options go before the trainer's subcommand
-    p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True,
-                         env={**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29700 + os.getpid() % 200)})
+    e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29700 + os.getpid() % 200)}
+    e.pop("OMP_NUM_THREADS")  # as in a pod: torchrun's agent sets it for the ranks
+    p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e)
     wait_for_step(d / "losses.txt", 1, p)
     ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
     cmdlines = [Path(f"/proc/{r}/cmdline").read_text() for r in ranks]
-    assert p.wait(300) == 0, p.stderr.read()[-3000:]
-    return losses(d / "losses.txt"), [c.replace("\0", " ").strip() for c in cmdlines]
+    log = p.stderr.read()
+    assert p.wait(300) == 0, log[-3000:]
+    return losses(d / "losses.txt"), [c.replace("\0", " ").strip() for c in cmdlines], log
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +43,18 @@ def torchrun_losses(tmp_path_factory):
 
 
 def test_ranks_forked_by_the_launcher_train_bit_for_bit_like_torchruns_own(tmp_path, torchrun_losses):
-    got, ranks = launch(tmp_path / "fork")
+    got, ranks, log = launch(tmp_path / "fork")
     assert got == torchrun_losses and sorted(got) == [1, 2, 3, 4]
     # Forked: each rank is the launcher's own process image (same command line), not a new interpreter.
     assert len(ranks) >= 4 and all("pretrain_trainer launch train" in r for r in ranks), ranks
+    # With the one CPU thread per rank torchrun sets for several ranks, as a fresh interpreter would
+    # (forked ranks inherit the launcher's pool, sized for the whole machine, and oversubscribe it).
+    assert "1 CPU thread(s) per rank" in log, log[-3000:]
 
 
 def test_spawn_start_method_runs_fresh_interpreters_with_the_same_losses(tmp_path, torchrun_losses):
     t0 = time.monotonic()
-    got, ranks = launch(tmp_path / "spawn", "--start-method", "spawn")
+    got, ranks, log = launch(tmp_path / "spawn", "--start-method", "spawn")
     assert got == torchrun_losses, (got, time.monotonic() - t0)
     assert any("multiprocessing" in r for r in ranks) and not any("pretrain_trainer launch train" in r for r in ranks), ranks
+    assert "1 CPU thread(s) per rank" in log

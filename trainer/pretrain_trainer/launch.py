@@ -14,6 +14,7 @@ rank, with two differences:
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from pretrain_operator import contract as c
@@ -23,6 +24,12 @@ SUBCOMMANDS = ("train", "eval", "export", "prepare")
 
 def worker(*argv: str) -> None:
     """One rank, in a process forked (or spawned) by torchrun's agent: the trainer's own command line."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit():
+        # A fresh interpreter reads the OMP_NUM_THREADS the agent set for its ranks (1 when there are
+        # several) as torch loads; a forked rank inherits the launcher's pool size: set it here.
+        import torch
+        torch.set_num_threads(int(threads))
     from .__main__ import main
     code = main(list(argv))
     if code:

@@ -251,9 +251,9 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16" and device == "cuda")
     losses = open(losses_out, "a") if losses_out and rank == 0 else None
-    log.info("training %s on %d rank(s): pipeline %d (%s) x data %d x tensor %d; steps %d..%d, %d microbatch(es) per step",
-             spec.model.preset, world, spec.parallelism.pipeline, spec.parallelism.pipelineSchedule, dp_size,
-             spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum)
+    log.info("training %s on %d rank(s): pipeline %d (%s) x data %d x tensor %d; steps %d..%d, %d microbatch(es) per step; "
+             "%d CPU thread(s) per rank", spec.model.preset, world, spec.parallelism.pipeline, spec.parallelism.pipelineSchedule,
+             dp_size, spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum, torch.get_num_threads())
     t_log = time.monotonic()
     tokens_at_log = tokens_seen
     moe = spec.model.moe
