@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--model", default="{}", help='sizes over the preset, as JSON: {"dim": 1024, "layers": 16}')
-    ap.add_argument("--parts", default="step,checkpoint", help="step (overhead, tokens/s, MFU), checkpoint (save speed, blocking)")
+    ap.add_argument("--parts", default="step,checkpoint,start",
+                    help="step (overhead, tokens/s, MFU), checkpoint (save speed, blocking), start (8 ranks: forked against spawned)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro", type=int, default=4)
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
             out.update(step_part(d, a, name, margs, where, cuda))
         if "checkpoint" in parts:
             out.update(checkpoint_part(d, a))
+        if "start" in parts and not cuda:
+            out.update(start_part(d))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return out
@@ -194,6 +197,44 @@ def checkpoint_part(d: Path, a) -> dict:
     print(f"{n} steps with a save every {k} (wall time over a run without saves):")
     print(f"  sync saves    +{sync - none:6.2f} s  ({100 * (sync - none) / none:5.1f} %)")
     print(f"  async saves   +{asy - none:6.2f} s  ({100 * (asy - none) / none:5.1f} %)   (goal <= 5 %)")
+    return out
+
+
+
+def start_part(d: Path, steps: int = 12) -> dict:
+    """How fast a gang's ranks start: 8 ranks of the tiny model in pipeline 2 x data 2 x tensor 2
+    (the quickstart's layout, on one node), through the pods' launcher with its ranks forked after
+    one import of torch against fresh interpreters (`--start-method spawn`), the baseline."""
+    out = {}
+    spec = {"nodes": 1, "nprocPerNode": 8, "parallelism": {"data": 2, "tensor": 2, "pipeline": 2},
+            "model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": 8, "microBatchSize": 2},
+            "training": {"steps": steps, "logEverySteps": 1}, "optimizer": {"warmupSteps": 2},
+            "checkpoint": {"path": str(d / "start-ckpt"), "intervalSteps": 1000}}
+    cfg = d / "start.yaml"
+    cfg.write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, PRETRAIN_METRICS_PORT="0")
+    env.pop("OMP_NUM_THREADS", None)  # as in a pod: torchrun sets one thread per rank
+    print("8 ranks (pipeline 2 x data 2 x tensor 2, model tiny) through the launcher, one node:")
+    for method in ("spawn", "fork"):
+        shutil.rmtree(d / "start-ckpt", ignore_errors=True)
+        losses = d / f"losses-{method}.txt"
+        t0 = time.monotonic()
+        p = subprocess.Popen([sys.executable, "-m", "pretrain_trainer", "launch", "--nproc_per_node", "8",
+                              "--master_port", str(29500 + os.getpid() % 400), "--start-method", method,
+                              "train", "--config", str(cfg), "--losses-out", str(losses)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while not (losses.exists() and losses.read_text().strip()) and p.poll() is None:
+            time.sleep(0.02)
+        first = time.monotonic() - t0
+        err = p.communicate()[1]
+        if p.returncode != 0:
+            raise SystemExit(err[-3000:])
+        total = time.monotonic() - t0
+        out[f"start_{method}_first_step_s"], out[f"start_{method}_total_s"] = first, total
+    f, s_ = out["start_fork_first_step_s"], out["start_spawn_first_step_s"]
+    print(f"  launch to the first step: forked ranks {f:6.2f} s, fresh interpreters (spawn) {s_:6.2f} s: {f / s_:.2f}x")
+    print(f"  {steps} steps in all:          forked ranks {out['start_fork_total_s']:6.2f} s, spawn "
+          f"{out['start_spawn_total_s']:6.2f} s: {out['start_fork_total_s'] / out['start_spawn_total_s']:.2f}x")
     return out
 
 
