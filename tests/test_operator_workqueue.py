@@ -49,3 +49,17 @@ def test_a_delayed_key_waits_its_delay_and_back_off_holds_it_against_events():
     t0 = time.monotonic()
     q.add("a")  # an event meanwhile does not cut the back-off short
     assert q.get(timeout=1.0) == "a" and time.monotonic() - t0 >= 0.25
+
+
+def test_a_key_requeued_by_every_pass_keeps_one_delayed_entry_the_earliest():
+    # Each reconcile requeues its key for later; events run extra passes. Without one entry per key,
+    # every extra pass would start another self-renewing chain of reconciles.
+    q = WorkQueue()
+    q.add("a", delay=0.6)
+    q.add("a", delay=0.2)  # earlier: replaces it
+    q.add("a", delay=0.4)  # later than the one waiting: dropped
+    t0 = time.monotonic()
+    assert q.get(timeout=1.0) == "a" and time.monotonic() - t0 < 0.35
+    q.done("a")
+    assert q.get(timeout=0.6) is None  # nothing else was waiting
+    assert len(q) == 0

@@ -111,7 +111,7 @@ class Controller:
                 metrics.RECONCILES.labels("ok").inc()
                 if self.errors.pop(key, None):
                     self.queue.forget(key)
-                self.queue.add(key, delay=delay if delay is not None else self.settings.resync_s)
+                self.queue.add(key, delay=min(delay if delay is not None else self.settings.resync_s, self.settings.resync_s))
             except client.ApiException as e:
                 # Conflicts and API hiccups are retried with back-off; the next pass re-observes
                 # everything, so nothing is lost. (A namespace being deleted answers 403 until the

@@ -243,7 +243,8 @@ def decide(o: Observed) -> Plan:
         if waited >= spec.scheduling.startTimeoutSeconds:
             return _restart(plan, o, "StartTimeout", "GangStartTimeout",
                             f"only {len(running)}/{spec.nodes} node(s) running after {spec.scheduling.startTimeoutSeconds} s", count=None)
-        plan.requeue_after = min(max(spec.scheduling.startTimeoutSeconds - waited, 0.5), 5.0)
+        # Pod and node events bring every change sooner; this is for the timeout itself.
+        plan.requeue_after = max(spec.scheduling.startTimeoutSeconds - waited, 0.5)
     return plan
 
 

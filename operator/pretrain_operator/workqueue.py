@@ -16,6 +16,7 @@ class WorkQueue:
         self._first: list = []          # keys ready now that go before _ready (FIFO)
         self._queued: set = set()
         self._delayed: list = []        # heap of (due, key)
+        self._due: dict = {}            # key -> due time of its one live entry in _delayed
         self._active: set = set()
         self._dirty: set = set()        # added while active
         self._closed = False
@@ -37,7 +38,14 @@ class WorkQueue:
             if held > delay:
                 delay = held
             if delay > 0:
-                heapq.heappush(self._delayed, (time.monotonic() + delay, key))
+                # One delayed entry per key, the earliest (as client-go's AddAfter): every reconcile
+                # requeues its key, and without this each event that ran one started another
+                # self-renewing chain (2 reconciles a second per waiting job after a burst).
+                due = time.monotonic() + delay
+                if self._due.get(key, due + 1) <= due:
+                    return
+                self._due[key] = due
+                heapq.heappush(self._delayed, (due, key))
                 self._cv.notify()
                 return
             if key in self._active:
@@ -58,7 +66,10 @@ class WorkQueue:
             while not self._closed:
                 now = time.monotonic()
                 while self._delayed and self._delayed[0][0] <= now:
-                    _, key = heapq.heappop(self._delayed)
+                    due, key = heapq.heappop(self._delayed)
+                    if self._due.get(key) != due:
+                        continue  # superseded by an earlier entry for the key
+                    del self._due[key]
                     if key in self._active:
                         self._dirty.add(key)
                     elif key not in self._queued:
@@ -94,4 +105,4 @@ class WorkQueue:
 
     def __len__(self) -> int:
         with self._cv:
-            return len(self._first) + len(self._ready) + len(self._delayed)
+            return len(self._first) + len(self._ready) + len(self._due)
