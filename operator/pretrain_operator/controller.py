@@ -111,7 +111,8 @@ class Controller:
                 metrics.RECONCILES.labels("ok").inc()
                 if self.errors.pop(key, None):
                     self.queue.forget(key)
-                self.queue.add(key, delay=min(delay if delay is not None else self.settings.resync_s, self.settings.resync_s))
+                # Never later than the resync: a long timeout still gets looked at.
+                self.queue.add(key, delay=self.settings.resync_s if delay is None else min(delay, self.settings.resync_s))
             except client.ApiException as e:
                 # Conflicts and API hiccups are retried with back-off; the next pass re-observes
                 # everything, so nothing is lost. (A namespace being deleted answers 403 until the
