@@ -1,7 +1,7 @@
 """The trainer's command line.
 
     torchrun --nproc_per_node N -m pretrain_trainer train --config job.yaml [--checkpoint-dir DIR]
-    python -m pretrain_trainer launch train --config job.yaml   # torchrun, keeping the contract's exit codes
+    python -m pretrain_trainer launch train --config job.yaml   # torchrun, ranks forked after one import, keeping the contract's exit codes
     python -m pretrain_trainer eval --config job.yaml [--checkpoint DIR]
     python -m pretrain_trainer export --config job.yaml [--checkpoint DIR] --out DIR [--merge-lora]
     python -m pretrain_trainer prepare --input DIR --out DIR [--vocab-size N] [--tokenizer tokenizer.json]
