@@ -96,6 +96,20 @@ class PodWatch:
         return sorted(self.seen.values())[n - 1] - t0
 
 
+def new_namespace(core: client.CoreV1Api, name: str, timeout: float = 30) -> str:
+    """Create a namespace and wait for its `default` ServiceAccount (pods are refused until the
+    serviceaccount controller has made it)."""
+    core.create_namespace({"metadata": {"name": name}})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespaced_service_account("default", name)
+            return name
+        except client.ApiException:
+            time.sleep(0.1)
+    raise TimeoutError(f"namespace {name}: no default ServiceAccount after {timeout} s")
+
+
 def delete_namespaces(core: client.CoreV1Api, names: list[str], timeout: float = 300) -> None:
     """Delete the bench's namespaces and wait until they are gone: the namespace controller takes a
     minute over 400 pods, and the next measurement must not share the cores with it."""

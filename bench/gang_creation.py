@@ -22,7 +22,7 @@ from pathlib import Path
 from pretrain_operator import api, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PodWatch, api_requests, cluster_with_crd, delete_namespaces, rss_mib, start_operator  # noqa: E402
+from common import PodWatch, api_requests, cluster_with_crd, delete_namespaces, new_namespace, rss_mib, start_operator  # noqa: E402
 
 POOL = 16
 
@@ -52,9 +52,7 @@ def direct(core, ns: str, jobs: list[tuple[str, int]]) -> float:
 
 
 def new_ns(core) -> str:
-    ns = f"bench-{uuid.uuid4().hex[:6]}"
-    core.create_namespace({"metadata": {"name": ns}})
-    return ns
+    return new_namespace(core, f"bench-{uuid.uuid4().hex[:6]}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ from pretrain_localcluster.controlplane import LocalCluster
 from pretrain_operator import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PodWatch, delete_namespaces, free_port, rss_mib, start_operator  # noqa: E402
+from common import PodWatch, delete_namespaces, free_port, new_namespace, rss_mib, start_operator  # noqa: E402
 
 PEERS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pretrain-operator" / "peers"
 TO_VERSION, JS_VERSION = "v1.8.1", "v0.12.0"
@@ -73,14 +73,7 @@ class Bench:
                               capture_output=True, text=True, check=check)
 
     def ns(self) -> str:
-        name = f"peer-{uuid.uuid4().hex[:6]}"
-        self.core.create_namespace({"metadata": {"name": name}})
-        while True:
-            try:
-                self.core.read_namespaced_service_account("default", name)
-                return name
-            except client.ApiException:
-                time.sleep(0.1)
+        return new_namespace(self.core, f"peer-{uuid.uuid4().hex[:6]}")
 
     def timed(self, ns: str, create, n_pods: int, timeout: float = 120) -> float:
         pw = PodWatch(self.core, ns)

@@ -26,7 +26,7 @@ from pretrain_localcluster.config import REPO_ROOT
 from pretrain_operator import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cluster_with_crd, start_operator  # noqa: E402
+from common import cluster_with_crd, new_namespace, start_operator  # noqa: E402
 
 STANDIN = str(REPO_ROOT / "tests" / "standin_trainer.py")
 
@@ -47,8 +47,7 @@ def one(lc, core, custom, run: int) -> tuple[float, float]:
     label = uuid.uuid4().hex[:6]
     pool = [nodes.add_node(lc.state_dir, spot=True, labels={"pretrain.dev/bench-pool": label}) for _ in range(3)]
     ns = f"bench-rec-{label}"
-    core.create_namespace({"metadata": {"name": ns}})
-    wait(lambda: _exists(core, ns))
+    new_namespace(core, ns)
     core.create_namespaced_persistent_volume_claim(ns, {"metadata": {"name": "ckpt"}, "spec": {
         "accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
     body = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "metadata": {"name": "rec"},
@@ -76,13 +75,6 @@ def one(lc, core, custom, run: int) -> tuple[float, float]:
             except client.ApiException:
                 pass
 
-
-def _exists(core, ns) -> bool:
-    try:
-        core.read_namespaced_service_account("default", ns)
-        return True
-    except client.ApiException:
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -205,18 +205,17 @@ def start_part(d: Path, steps: int = 12) -> dict:
     """How fast a gang's ranks start: 8 ranks of the tiny model in pipeline 2 x data 2 x tensor 2
     (the quickstart's layout, on one node), through the pods' launcher with its ranks forked after
     one import of torch against fresh interpreters (`--start-method spawn`), the baseline."""
+    sys.path.insert(0, str(ROOT))
+    from tests.trainer_util import write_config  # the tests' job config: the tiny model, one node
+
     out = {}
-    spec = {"nodes": 1, "nprocPerNode": 8, "parallelism": {"data": 2, "tensor": 2, "pipeline": 2},
-            "model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": 8, "microBatchSize": 2},
-            "training": {"steps": steps, "logEverySteps": 1}, "optimizer": {"warmupSteps": 2},
-            "checkpoint": {"path": str(d / "start-ckpt"), "intervalSteps": 1000}}
-    cfg = d / "start.yaml"
-    cfg.write_text(yaml.safe_dump(spec))
+    (d / "start").mkdir()
+    cfg = write_config(d / "start", nproc=8, data=2, tensor=2, pipeline=2, steps=steps, interval=1000, global_batch=8)
     env = dict(os.environ, PRETRAIN_METRICS_PORT="0")
     env.pop("OMP_NUM_THREADS", None)  # as in a pod: torchrun sets one thread per rank
     print("8 ranks (pipeline 2 x data 2 x tensor 2, model tiny) through the launcher, one node:")
     for method in ("spawn", "fork"):
-        shutil.rmtree(d / "start-ckpt", ignore_errors=True)
+        shutil.rmtree(d / "start" / "ckpt", ignore_errors=True)
         losses = d / f"losses-{method}.txt"
         t0 = time.monotonic()
         p = subprocess.Popen([sys.executable, "-m", "pretrain_trainer", "launch", "--nproc_per_node", "8",

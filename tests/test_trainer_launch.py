@@ -22,8 +22,7 @@ LAYOUT = dict(nproc=4, data=2, tensor=2, steps=4, global_batch=8)
 def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
     """Train LAYOUT through the launcher; the per-step losses, the ranks' command lines, its log."""
     d.mkdir()
-    c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True)
-    c[4:4] = list(options)  # torchrun's options go before the trainer's subcommand
+    c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True, launch_options=options)
     e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29700 + os.getpid() % 200)}
     e.pop("OMP_NUM_THREADS")  # as in a pod: torchrun's agent sets it for the ranks
     p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e)

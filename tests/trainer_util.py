@@ -35,10 +35,12 @@ def env(podinfo: Path | None = None) -> dict:
     return e
 
 
-def cmd(config: Path, nproc: int, losses: Path, launch: bool = False) -> list[str]:
+def cmd(config: Path, nproc: int, losses: Path, launch: bool = False, launch_options: tuple[str, ...] = ()) -> list[str]:
+    """The trainer's command line: one process, torchrun, or (launch) the pods' launcher with
+    torchrun's options before the subcommand."""
     args = ["train", "--config", str(config), "--losses-out", str(losses)]
     if launch:
-        return [sys.executable, "-m", "pretrain_trainer", "launch", *args]
+        return [sys.executable, "-m", "pretrain_trainer", "launch", *launch_options, *args]
     if nproc == 1:
         return [sys.executable, "-m", "pretrain_trainer", *args]
     return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29600 + os.getpid() % 300),
