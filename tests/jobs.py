@@ -105,6 +105,14 @@ class Jobs:
     def events(self, name: str) -> list:
         return [e for e in self.core.list_namespaced_event(self.ns).items if e.involved_object.name == name]
 
+    def wait_events(self, name: str, *reasons: str, timeout: float = 20) -> list[str]:
+        """The job's event reasons once all of `reasons` are among them. The operator emits Events
+        after it writes status, so a test that has just seen a phase must wait for its Event."""
+        def seen():
+            got = [e.reason for e in self.events(name)]
+            return got if set(reasons) <= set(got) else None
+        return wait_for(seen, timeout=timeout, what=f"events {reasons} of job {name}")
+
     def resumed_step(self, name: str, attempt: int) -> int:
         """The step the attempt's rank 0 resumed from (the stand-in trainer logs it at start)."""
         pod = f"{name}-a{attempt}-n0"

@@ -45,8 +45,7 @@ def test_a_job_runs_its_gang_to_succeeded_with_progress_and_checkpoint_in_status
     assert st["failures"] == 0 and st["preemptions"] == 0 and st["completionTime"]
     assert st["progress"]["step"] == 20
     assert any(cd["type"] == "Succeeded" and cd["status"] == "True" for cd in st["conditions"])
-    reasons = [e.reason for e in jobs.events("life")]
-    assert "Starting" in reasons and "Running" in reasons and "Succeeded" in reasons
+    jobs.wait_events("life", "Starting", "Running", "Succeeded")
 
 
 def test_a_trainer_with_no_loss_yet_shows_its_step_in_status(jobs):

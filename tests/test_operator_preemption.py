@@ -59,7 +59,7 @@ def test_eviction_with_disruption_target_is_a_preemption_and_resumes_from_the_ch
     nodes.preempt(cluster.state_dir, node, notice_s=0, log=lambda *_: None)
     _assert_preempted_once(jobs, "evicted", ("EvictionByEvictionAPI", "TerminationNotice", "CheckpointedOnNotice", "NodeDeleted"))
     assert jobs.resumed_step("evicted", 2) >= st["lastCheckpoint"]["step"] > 0
-    assert "Preemption" in [e.reason for e in jobs.events("evicted")]
+    jobs.wait_events("evicted", "Preemption")
 
 
 def test_a_deleted_node_is_a_preemption(core, jobs, pool):
@@ -92,7 +92,7 @@ def test_a_termination_notice_asks_for_a_checkpoint_then_the_reclaim_is_a_preemp
     st = jobs.wait("noticed", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=20,
                    what="a checkpoint taken on the notice")
     t.join(60)
-    assert "TerminationNotice" in [e.reason for e in jobs.events("noticed")]
+    jobs.wait_events("noticed", "TerminationNotice")
     _assert_preempted_once(jobs, "noticed", ("TerminationNotice", "EvictionByEvictionAPI", "CheckpointedOnNotice", "NodeDeleted"))
     assert jobs.resumed_step("noticed", 2) >= st["lastCheckpoint"]["step"]
 
