@@ -8,6 +8,7 @@ share is refused at the start."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 
@@ -148,12 +149,29 @@ def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
     d = tmp_path / "async"
     d.mkdir()
     cfg = write_config(d, steps=6, interval=3, extra={"checkpoint": {"path": str(d / "ckpt"), "intervalSteps": 3, "async": True}})
-    run(cfg, 1, d / "losses.txt")
+    r = run(cfg, 1, d / "losses.txt")
     assert _committed(d) == ["step-00000003", "step-00000006"]
     assert losses(d / "losses.txt") == want
-    # Training past the end resumes from the async checkpoint of step 6 (nothing left to do).
+    assert "async checkpointing failed" not in r.stderr and "checkpoint background process" in r.stderr.lower()
+    # Step 3's save was the async one (staged in the background while step 4 ran; the last step's
+    # is synchronous). Resumed from it, steps 4..6 come out the same: it holds step 3's state.
+    shutil.rmtree(d / "ckpt" / "step-00000006")
     r = run(cfg, 1, d / "again.txt")
-    assert "resumed from" in r.stderr and "step-00000006" in r.stderr
+    assert "resumed from" in r.stderr and "step-00000003" in r.stderr
+    assert losses(d / "again.txt") == {s: v for s, v in want.items() if s > 3}
+    # Its only save, the last step's, is synchronous: no writer process was started for it.
+    assert "checkpoint background process" not in r.stderr.lower()
+
+
+def test_only_the_last_keep_checkpoints_stay_and_a_folder_cut_short_before_them_goes(tmp_path):
+    cfg = write_config(tmp_path, steps=6, interval=1, keep=2)
+    cut_short = tmp_path / "ckpt" / "step-00000000"  # a save killed before its marker
+    cut_short.mkdir(parents=True)
+    (cut_short / "__0_0.distcp").write_bytes(b"half")
+    run(cfg, 1, tmp_path / "losses.txt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000005", "step-00000006"]
+    assert _committed(tmp_path) == ["step-00000005", "step-00000006"]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step-00000006"
 
 
 def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(tmp_path):

@@ -152,7 +152,9 @@ class Checkpoint(Model):
     claimName: str = Field("", max_length=253, description="A PersistentVolumeClaim mounted at path; empty means an emptyDir (lost with the pods: use a claim on real clusters).")
     intervalSteps: int = Field(50, ge=1, le=100_000_000, description="Checkpoint every N steps.")
     keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted after a newer one is committed.")
-    asyncSave: bool = Field(False, alias="async", description="Save in the background while training continues.")
+    asyncSave: bool = Field(False, alias="async", description=(
+        "Save in the background while training continues: the state is copied during the next step's forward and "
+        "backward, and written by a separate process. The last step's save and a preemption's are synchronous."))
 
 
 class FailurePolicy(Model):

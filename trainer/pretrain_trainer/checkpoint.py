@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +116,7 @@ class Checkpointer:
         self.blocked_seconds = 0.0
         self.staging = None  # future of an async save's staging (the copy it writes from)
         self.stager = None
+        self.pruner: threading.Thread | None = None  # rank 0 deleting what a commit made obsolete
 
     def shared_problem(self) -> str | None:
         """Every rank must see the same checkpoint folder (rank 0 writes DCP's metadata and the
@@ -158,10 +160,14 @@ class Checkpointer:
         groups = osd.pop("param_groups")
         return {"model": msd, "optim": osd}, groups
 
-    def save(self, step: int, model, optim, extra: dict) -> None:
-        """Save (async: blocks only for staging); commit when the shards are written."""
-        t_blocked = time.monotonic()  # waiting for the previous async save blocks training too
-        self.wait()
+    def save(self, step: int, model, optim, extra: dict, final: bool = False) -> None:
+        """Save (async: blocks only for staging); commit when the shards are written.
+
+        A `final` save (the last step, a preemption) is synchronous: the run waits for it anyway,
+        and an async one would first start the writer process and stage a copy. Nor is it counted
+        in `blocked_seconds`, the time the training loop waited for saves before it went on."""
+        t_blocked = time.monotonic()
+        self.wait(blocking=not final)  # waiting for the previous async save blocks training too
         t0 = time.monotonic()
         d = step_dir(self.root, step)
         if self.rank == 0:
@@ -174,7 +180,7 @@ class Checkpointer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    d / "rng" / f"rank-{self.rank}.pt")
         state, _ = self._state(model, optim)
-        if self.async_save:
+        if self.async_save and not final:
             try:
                 r = dcp.async_save(state, storage_writer=self._writer(d), **self._async_options())
             except Exception as e:  # noqa: BLE001  (a torch without this staging path: save synchronously)
@@ -191,7 +197,8 @@ class Checkpointer:
                 return
         dcp.save(state, storage_writer=self._writer(d))
         self._commit(step, extra, t0)
-        self.blocked_seconds += time.monotonic() - t_blocked
+        if not final:
+            self.blocked_seconds += time.monotonic() - t_blocked
 
     def _writer(self, d: Path) -> FileSystemWriter:
         # On a GPU one writer thread (DCP overlaps the device-to-host copies only with one; four were
@@ -200,32 +207,37 @@ class Checkpointer:
         return FileSystemWriter(str(d), thread_count=1 if torch.cuda.is_available() else 2, sync_files=True)
 
     def _async_options(self) -> dict:
-        """The writes in a separate process (no GIL shared with the training loop); on a GPU the
-        state is staged into pinned shared memory on a side stream while training goes on, and
-        only `wait_staging` (before the optimizer changes the weights) may block."""
+        """The writes in a separate process (no GIL shared with the training loop); the state is
+        staged into shared memory (pinned, on a side stream, on a GPU) by a background thread while
+        the next step's forward and backward go on: only `wait_staging` (before the optimizer
+        changes the weights) may block. Staging in the call instead blocked a 1.27 GiB CPU save for
+        0.37 s of every save; in the background, 0.00 s (bench/trainer.py)."""
         cuda = torch.cuda.is_available()
         if self.stager is None:
             self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
-                                                       use_async_staging=cuda, use_non_blocking_copy=cuda))
+                                                       use_async_staging=True, use_non_blocking_copy=cuda))
         return {"async_checkpointer_type": AsyncCheckpointerType.PROCESS, "async_stager": self.stager}
 
-    def wait_staging(self) -> None:
+    def wait_staging(self, blocking: bool = True) -> None:
         """Block until an async save's copy of the state is taken (call before optimizer.step)."""
         if self.staging is None:
             return
         t0 = time.monotonic()
         self.staging.result()
         self.staging = None
-        self.blocked_seconds += time.monotonic() - t0
+        if blocking:
+            self.blocked_seconds += time.monotonic() - t0
 
     def close(self) -> None:
-        self.wait()
+        self.wait(blocking=False)
+        self._join_pruner()
         if self.stager is not None:
             self.stager.close()
             self.stager = None
 
-    def wait(self) -> None:
-        self.wait_staging()
+    def wait(self, blocking: bool = True) -> None:
+        """Wait for an async save to be written and commit it (`blocking`: the training loop waits)."""
+        self.wait_staging(blocking)
         if self.pending is None:
             return
         fut, step, extra, t0 = self.pending
@@ -245,16 +257,29 @@ class Checkpointer:
             latest_tmp = self.root / "latest.tmp"
             latest_tmp.write_text(d.name)
             os.replace(latest_tmp, self.root / "latest")
-            for old in committed_steps(self.root)[:-self.keep]:
-                shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
-            # Folders without a marker older than this one were cut short: remove them.
-            for p in self.root.glob("step-*"):
-                if not (p / MARKER).exists() and p.name < d.name:
-                    shutil.rmtree(p, ignore_errors=True)
+            # Deleting old checkpoints took 0.1 s of every 97 MiB save's blocked time here (longer on
+            # network file systems): a thread does it while training goes on. It only touches folders
+            # older than this one; the next commit and `close` wait for it.
+            self._join_pruner()
+            self.pruner = threading.Thread(target=self._prune, args=(d,), name="checkpoint-prune", daemon=True)
+            self.pruner.start()
         dist.barrier()
         self.last_step, self.last_time = step, time.time()
         self.save_seconds = time.monotonic() - t0
         log.info("checkpoint step %d committed in %.2f s", step, self.save_seconds)
+
+    def _prune(self, d: Path) -> None:
+        for old in committed_steps(self.root)[:-self.keep]:
+            shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
+        # Folders without a marker older than this one were cut short: remove them.
+        for p in self.root.glob("step-*"):
+            if not (p / MARKER).exists() and p.name < d.name:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _join_pruner(self) -> None:
+        if self.pruner is not None:
+            self.pruner.join()
+            self.pruner = None
 
     def load(self, model, optim) -> dict | None:
         """Load the newest good checkpoint; returns its extra dict, or None to start fresh."""
