@@ -222,6 +222,7 @@ def start_part(d: Path, steps: int = 12) -> dict:
         while not (losses.exists() and losses.read_text().strip()) and p.poll() is None:
             time.sleep(0.02)
         first = time.monotonic() - t0
+        out[f"start_{method}_pss_mib"] = tree_pss_mib(p.pid)
         err = p.communicate()[1]
         if p.returncode != 0:
             raise SystemExit(err[-3000:])
@@ -231,7 +232,29 @@ def start_part(d: Path, steps: int = 12) -> dict:
     print(f"  launch to the first step: forked ranks {f:6.2f} s, fresh interpreters (spawn) {s_:6.2f} s: {f / s_:.2f}x")
     print(f"  {steps} steps in all:          forked ranks {out['start_fork_total_s']:6.2f} s, spawn "
           f"{out['start_spawn_total_s']:6.2f} s: {out['start_fork_total_s'] / out['start_spawn_total_s']:.2f}x")
+    pf, ps = out["start_fork_pss_mib"], out["start_spawn_pss_mib"]
+    print(f"  memory at the first step (PSS, launcher and ranks): forked {pf:6.0f} MiB, spawn {ps:6.0f} MiB: {pf / ps:.2f}x")
     return out
+
+
+def tree_pss_mib(pid: int) -> float:
+    """Proportional set size of a process and its descendants: pages shared by n of them count 1/n."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo, kib = [pid], 0
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        try:
+            kib += next(int(ln.split()[1]) for ln in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines() if ln.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return kib / 1024
 
 
 if __name__ == "__main__":
