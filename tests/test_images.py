@@ -123,6 +123,13 @@ def test_the_image_installs_its_own_extra_with_the_pinned_constraints(target):
                     assert (REPO_ROOT / src).exists(), src
 
 
+def test_the_images_copy_every_package_the_project_installs():
+    # pip builds the whole project in either image: a package folder left out fails the build.
+    copied = {c.split()[0].rstrip("/") for c in DF.instr("src", "COPY") if "--from" not in c}
+    dirs = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    assert all(any(d == s or d.startswith(s + "/") for s in copied) for d in dirs), (sorted(dirs), sorted(copied))
+
+
 def _pins() -> dict[str, str]:
     pins = {}
     for ln in (IMAGES / "constraints.txt").read_text().splitlines():

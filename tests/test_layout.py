@@ -21,9 +21,10 @@ def test_import_operator_from_the_repository_root_is_the_standard_library():
 
 
 def test_the_operator_does_not_import_torch():
-    # Every module of the operator package (the TorchX scheduler too), with torch made unimportable:
-    # any import of it, however indirect, fails here.
-    out = _py("import sys, pkgutil, importlib; sys.modules['torch'] = None; import pretrain_operator\n"
+    # Every module of the operator package, with torch and torchx made unimportable, as in the
+    # operator's image: any import of them, however indirect, fails here. (The TorchX scheduler is
+    # a client-side plugin in its own package, pretrain_torchx.)
+    out = _py("import sys, pkgutil, importlib; sys.modules['torch'] = sys.modules['torchx'] = None; import pretrain_operator\n"
               "names = [m.name for m in pkgutil.iter_modules(pretrain_operator.__path__)]\n"
               "for n in names: importlib.import_module('pretrain_operator.' + n)\n"
               "print(len(names), 'torch' in sys.modules and sys.modules['torch'] is not None)")

@@ -20,7 +20,7 @@ from torchx import specs
 from torchx.specs import AppState
 
 from pretrain_operator import api
-from pretrain_operator.torchx_scheduler import AppDefError, Opts, app_state, app_to_job, create_scheduler
+from pretrain_torchx.scheduler import AppDefError, Opts, app_state, app_to_job, create_scheduler
 from pretrain_trainer.components import pretrain
 from tests.helpers import wait_for
 from tests.jobs import Jobs
@@ -289,7 +289,7 @@ def test_torchx_finds_the_scheduler_and_its_run_options(torchx):
 
 
 def test_the_scheduler_and_the_component_import_without_torch():
-    code = ("import sys, pretrain_operator.torchx_scheduler, pretrain_trainer.components; "
+    code = ("import sys, pretrain_torchx.scheduler, pretrain_trainer.components; "
             "print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -6,7 +6,7 @@
 
 Importable without torch (TorchX imports components to build the AppDef on the submitting
 machine). The options land in the role's `metadata["pretrainjob"]`, a partial PretrainJobSpec
-that the `pretrainjob` scheduler (pretrain_operator.torchx_scheduler) completes and validates;
+that the `pretrainjob` scheduler (pretrain_torchx.scheduler) completes and validates;
 other schedulers ignore it, so this component is meant for `-s pretrainjob`.
 """
 

@@ -11,7 +11,7 @@ Registered under the `torchx.schedulers` entry point (pyproject.toml); docs/torc
 user's guide. Reads the kubeconfig ($KUBECONFIG, else ~/.kube/config) or the in-cluster config.
 
 How an AppDef becomes a PretrainJob (`app_to_job`, pure; the spec is built with the typed API
-models of `api.py`, and by default the API server dry-runs the create, so the CRD's schema and
+models of `pretrain_operator.api`, and by default the API server dry-runs the create, so the CRD's schema and
 CEL rules judge it exactly as they judge `kubectl apply`):
 - exactly one role; its `num_replicas` pods are the gang's `nodes`;
 - the role's `metadata["pretrainjob"]` is a partial PretrainJobSpec (camelCase, as in the CRD):
@@ -57,8 +57,8 @@ from torchx.specs import (NULL_RESOURCE, AppDef, AppDryRunInfo, AppState, BindMo
                           ReplicaState, ReplicaStatus, RetryPolicy, Role, RoleStatus, runopts)
 from torchx.specs.finder import ComponentValidationException
 
-from . import api, contract as c, render
-from .kubeapi import api_message
+from pretrain_operator import api, contract as c, render
+from pretrain_operator.kubeapi import api_message
 
 BACKEND = "pretrainjob"
 METADATA_KEY = "pretrainjob"
