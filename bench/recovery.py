@@ -76,7 +76,6 @@ def one(lc, core, custom, run: int) -> tuple[float, float]:
                 pass
 
 
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)

@@ -15,7 +15,6 @@ DNS do).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import ssl
