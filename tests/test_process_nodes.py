@@ -33,6 +33,27 @@ def test_a_pods_exit_code_and_reason_reach_its_status(core, namespace):
     assert p.status.pod_ip and p.status.pod_ip.startswith("10.")
 
 
+def test_a_containers_termination_message_reaches_its_status_and_its_dev_stays_its_own(core, namespace):
+    create_pod(core, namespace, pod_manifest("told", ["sh", "-c", "printf 'step 42 done' > /dev/termination-log"]))
+    create_pod(core, namespace, pod_manifest("elsewhere", ["sh", "-c", "echo why > /var/log/why"],
+                                             container={"terminationMessagePath": "/var/log/why"}))
+    many_lines = "for i in $(seq 1 100); do echo line $i; done; exit 3"
+    create_pod(core, namespace, pod_manifest("fallback", ["sh", "-c", many_lines],
+                                             container={"terminationMessagePolicy": "FallbackToLogsOnError"}))
+    create_pod(core, namespace, pod_manifest("silent", ["sh", "-c", many_lines]))
+
+    def message(name, phase_):
+        return wait_phase(core, namespace, name, phase_).status.container_statuses[0].state.terminated.message
+
+    assert message("told", "Succeeded") == "step 42 done"
+    assert message("elsewhere", "Succeeded") == "why\n"
+    # The kubelet's fallback: the last 80 lines of a failed container's log.
+    assert message("fallback", "Failed") == "\n".join(f"line {i}" for i in range(21, 101))
+    assert message("silent", "Failed") is None  # policy File: the log is not a message
+    # Each container wrote into a /dev of its own, not the host's.
+    assert not Path("/dev/termination-log").exists()
+
+
 def test_a_container_over_its_memory_limit_is_oomkilled(core, namespace):
     create_pod(core, namespace, pod_manifest(
         "hog", ["python", "-c", "x = bytearray(400 * 2**20); print('allocated')"],

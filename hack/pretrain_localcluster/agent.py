@@ -394,6 +394,9 @@ class PodWorker(threading.Thread):
             "searchable": [os.path.realpath(sys.executable), str(Path(sys.prefix) / "bin" / "x")],
             # ... and the virtualenv and the checkout its editable install points at stay visible.
             "hostVisible": sorted({sys.prefix, str(REPO_ROOT)}),
+            # The API server defaults these (/dev/termination-log, File) in every pod it stores.
+            "terminationMessagePath": c.spec.get("terminationMessagePath") or "/dev/termination-log",
+            "terminationMessagePolicy": c.spec.get("terminationMessagePolicy") or "File",
         }
         (run_dir / "spec.json").write_text(json.dumps(spec))
         Path(spec["logPath"]).touch()  # `kubectl logs` answers (empty) from the moment the container is reported
@@ -577,7 +580,7 @@ class PodWorker(threading.Thread):
             if doc.get("signal"):
                 t["signal"] = doc["signal"]
             if doc.get("message"):
-                t["message"] = doc["message"][:1024]
+                t["message"] = doc["message"][:4096]  # the kubelet's limit per container
             return t
 
         doc = c.exit_doc()

@@ -5,12 +5,15 @@
 It joins the pod's network namespace, makes a private mount and UTS namespace, sets the pod's
 hostname, builds the container's root (an overlay over the host's `/` with its upper layer on a
 tmpfs, so the container can write anywhere without touching the host), bind-mounts the volumes and
-the pod's /etc/hosts and /etc/resolv.conf, puts the process in a memory cgroup when the container
+the pod's /etc/hosts and /etc/resolv.conf, gives it a /dev of its own (the host's devices, its own
+writes) with the termination message file, puts the process in a memory cgroup when the container
 has a memory limit, then forks the container: its own process group, chroot, uid/gid/groups,
 working directory, environment, exec. The shim stays as its parent: it forwards SIGTERM/SIGINT to
 the container's process group, writes its output as CRI log lines (`<RFC3339Nano> stdout|stderr F
 <line>`), and when it exits kills what is left of the group and writes `exit.json` (exit code,
-signal, reason Completed/Error/OOMKilled/StartError, times). Because every mount lives in the
+signal, reason Completed/Error/OOMKilled/StartError, times, and the termination message: what the
+container wrote to its terminationMessagePath, or with FallbackToLogsOnError a failed container's
+last log lines). Because every mount lives in the
 container's own mount namespace, nothing is left mounted on the host when it ends.
 
 Limits: no PID or IPC namespace (containers see the host's processes); CPU limits are not enforced;
@@ -105,7 +108,7 @@ def enter_pod(spec: dict) -> str:
     mount("overlay", root, "overlay", 0, f"lowerdir=/,upperdir={upper},workdir={work}")
     # The overlay shows only the root file system: add the kernel's, fresh where per-namespace.
     mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
-    mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
+    private_dev(root, scratch)
     try:
         mount("sysfs", root + "/sys", "sysfs", MS_NOSUID | MS_NODEV)  # shows the pod's own links
     except OSError:
@@ -134,6 +137,66 @@ def enter_pod(spec: dict) -> str:
         for exe in spec.get("searchable", []):
             searchable(root, exe)
     return root
+
+
+def private_dev(root: str, scratch: str) -> None:
+    """The host's /dev in an overlay of the container's own (its upper layer on the scratch tmpfs),
+    as a runtime gives each container its own /dev: what the container writes there, its
+    termination log first, stays its own. The device nodes are the host's. The file systems
+    mounted under /dev (shm, pts, mqueue) are bound in as they are: an overlay shows only /dev's."""
+    upper, work = os.path.join(scratch, "dev-upper"), os.path.join(scratch, "dev-work")
+    os.makedirs(upper)
+    os.makedirs(work)
+    mount("overlay", root + "/dev", "overlay", 0, f"lowerdir=/dev,upperdir={upper},workdir={work}")
+    with open("/proc/self/mountinfo") as f:
+        points = sorted({line.split()[4] for line in f if line.split()[4].startswith("/dev/")})
+    bound: list[str] = []
+    for mp in points:
+        if not any(mp.startswith(b + "/") for b in bound) and os.path.isdir(mp):
+            mount(mp, root + mp, None, MS_BIND | MS_REC)
+            bound.append(mp)
+
+
+def termination_log(root: str, spec: dict) -> str | None:
+    """Create the container's termination message file (empty, writable by any user, as the
+    kubelet does) at its terminationMessagePath inside the container; returns its path as the shim
+    sees it, or None if it cannot be made (the container then just has no message)."""
+    path = spec.get("terminationMessagePath") or "/dev/termination-log"
+    try:
+        inside = in_root(root, path)
+        os.makedirs(os.path.dirname(inside), exist_ok=True)
+        with open(inside, "w"):
+            pass
+        os.chmod(inside, 0o666)
+        return inside
+    except OSError:
+        return None
+
+
+MAX_MESSAGE = 4096  # the kubelet's limit per container
+FALLBACK_LINES, FALLBACK_BYTES = 80, 2048  # FallbackToLogsOnError: the log's last lines, at most this much
+
+
+def termination_message(path: str | None, spec: dict, exit_code: int) -> str:
+    """What the container wrote to its termination log; with FallbackToLogsOnError and nothing
+    written, a failed container's last log lines instead."""
+    message = ""
+    if path:
+        try:
+            with open(path, "rb") as f:
+                message = f.read(MAX_MESSAGE).decode(errors="replace")
+        except OSError:
+            pass
+    if not message and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        try:
+            with open(spec["logPath"], "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 64 * FALLBACK_BYTES))
+                lines = f.read().decode(errors="replace").splitlines()[-FALLBACK_LINES:]
+        except OSError:
+            lines = []
+        text = "\n".join(ln.split(" ", 3)[3] if ln.count(" ") >= 3 else ln for ln in lines)  # CRI prefix off
+        message = text[-FALLBACK_BYTES:]
+    return message
 
 
 def searchable(root: str, path: str) -> None:
@@ -188,6 +251,7 @@ def run(spec: dict) -> int:
                                            "startedAt": started, "finishedAt": now_rfc3339()})
         return 0
 
+    message_path = termination_log(root, spec)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     exec_err_r, exec_err_w = os.pipe2(os.O_CLOEXEC)
@@ -285,6 +349,10 @@ def run(spec: dict) -> int:
         doc["reason"] = "OOMKilled"
     else:
         doc["reason"] = "Completed" if doc["exitCode"] == 0 else "Error"
+    if not exec_error:
+        message = termination_message(message_path, spec, doc["exitCode"])
+        if message:
+            doc["message"] = message
     _write_json(state / "exit.json", doc)
     if cg is not None:
         try:
