@@ -35,6 +35,29 @@ def job_manifest(name: str, *, nodes: int = 2, steps: int = 30, interval: int = 
     return body
 
 
+def observed_gang(name: str, *, steps: int = 400, now=None):
+    """For reconcile.decide without a cluster: a Running job of attempt 1 and its 2-pod gang,
+    running and ready on nodes spot-0 and spot-1. Returns (job, spec, pods, nodes, now)."""
+    import datetime as dt
+
+    from pretrain_operator import reconcile, render
+    now = now or dt.datetime.now(dt.timezone.utc)
+    t = reconcile.iso(now - dt.timedelta(seconds=30))
+    job = job_manifest(name, steps=steps)
+    job["metadata"].update(namespace="ns", uid="u1", generation=1)
+    job["status"] = {"phase": "Running", "attempt": 1, "gangCreated": True, "failures": 0, "preemptions": 0,
+                     "startTime": t, "attemptStartTime": t, "readyNodes": "2/2", "observedGeneration": 1}
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    pods = render.gang(job, spec, 1)
+    for i, p in enumerate(pods):
+        p["spec"]["nodeName"] = f"spot-{i}"
+        p["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {"startedAt": t}}}]}
+    ready = {f"spot-{i}": {"metadata": {"name": f"spot-{i}"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+             for i in range(len(pods))}
+    return job, spec, pods, ready, now
+
+
 class Jobs:
     def __init__(self, api_client: client.ApiClient, namespace: str):
         self.custom = client.CustomObjectsApi(api_client)

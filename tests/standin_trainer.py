@@ -1,7 +1,7 @@
 """A stand-in trainer that honours the operator/trainer contract (pretrain_operator.contract)
 without torch, for the operator's tests: it steps, checkpoints, serves the contract's metrics,
 answers checkpoint requests from the annotations file, saves and exits EXIT_PREEMPTED on SIGTERM,
-and resumes from the newest committed checkpoint.
+writes the final report as its termination message, and resumes from the newest committed checkpoint.
 
 Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<n>:<code>"
 exits with <code> after <n> steps of this attempt on node rank <rank> in attempt <attempt> (* means any).
@@ -53,7 +53,7 @@ class Metrics(http.server.BaseHTTPRequestHandler):
         body = "\n".join([
             f"{c.METRIC_STEP} {state['step']}", f"{c.METRIC_TOTAL_STEPS} {steps}",
             # No loss before the first step, as the real trainer serves it (metrics.py): NaN.
-            f"{c.METRIC_LOSS} {10.0 / (1 + state['step']) if state['step'] else float('nan'):.4f}",
+            f"{c.METRIC_LOSS} {loss(state['step']) if state['step'] else float('nan'):.4f}",
             f"{c.METRIC_TOKENS_PER_SECOND} {1234.5 if state['step'] else 0}",
             f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
             f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",
@@ -71,8 +71,20 @@ class Metrics(http.server.BaseHTTPRequestHandler):
         pass
 
 
+def loss(step: int) -> float:
+    return 10.0 / (1 + step)
+
+
+def report() -> None:
+    """The contract's final report, rank 0's termination message."""
+    if rank == 0 and os.environ.get(c.ENV_TERMINATION_MESSAGE):
+        Path(os.environ[c.ENV_TERMINATION_MESSAGE]).write_text(json.dumps(
+            {"step": state["step"], "totalSteps": steps, "loss": loss(state["step"]), "checkpointStep": state["ckpt_step"]}))
+
+
 def on_term(*_):
     save(state["step"])
+    report()
     print(f"SIGTERM at step {state['step']}: checkpoint saved", flush=True)
     os._exit(c.EXIT_PREEMPTED)
 
@@ -102,4 +114,5 @@ while state["step"] < steps:
     elif s % interval == 0:
         save(s)
 save(state["step"])  # the contract: exiting 0 means the last step is checkpointed
+report()
 print(f"done at step {state['step']}", flush=True)

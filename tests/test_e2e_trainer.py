@@ -68,6 +68,8 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
                            timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert losses(volume / "losses.txt") == losses(tmp_path / "want.txt")
+        # The status shows the last step's loss: rank 0's final report, its termination message.
+        assert st["progress"] == {**st["progress"], "step": 40, "loss": round(losses(volume / "losses.txt")[40], 4)}
     finally:
         for n in pool:
             try:

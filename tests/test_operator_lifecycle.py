@@ -44,6 +44,8 @@ def test_a_job_runs_its_gang_to_succeeded_with_progress_and_checkpoint_in_status
     st = jobs.wait_phase("life", "Succeeded", timeout=60)
     assert st["failures"] == 0 and st["preemptions"] == 0 and st["completionTime"]
     assert st["progress"]["step"] == 20
+    # The last loss, from rank 0's final report (its termination message), not the last one mirrored.
+    assert st["progress"]["loss"] == round(10.0 / 21, 4)
     assert any(cd["type"] == "Succeeded" and cd["status"] == "True" for cd in st["conditions"])
     jobs.wait_events("life", "Starting", "Running", "Succeeded")
 
@@ -83,6 +85,9 @@ def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
         assert p.spec.automount_service_account_token is False
         assert p.spec.security_context.run_as_non_root is True
         assert p.spec.containers[0].security_context.allow_privilege_escalation is False
+        ctr = p.spec.containers[0]
+        assert ctr.termination_message_path == env[c.ENV_TERMINATION_MESSAGE] == c.TERMINATION_MESSAGE_PATH
+        assert ctr.termination_message_policy == "FallbackToLogsOnError"
         assert p.spec.hostname == f"wired-n{rank}" and p.spec.subdomain == "wired"
     svc = core.read_namespaced_service("wired", namespace)
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses

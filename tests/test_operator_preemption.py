@@ -13,8 +13,8 @@ import pytest
 from kubernetes import client
 
 from pretrain_localcluster import nodes
-from pretrain_operator import api, reconcile, render
-from tests.jobs import Jobs, job_manifest
+from pretrain_operator import reconcile
+from tests.jobs import Jobs, job_manifest, observed_gang
 
 pytestmark = pytest.mark.cluster
 
@@ -107,22 +107,11 @@ def test_a_pod_deleted_by_someone_else_is_a_preemption(core, jobs, namespace):
 def test_an_evicted_pod_gone_before_the_reconcile_lists_it_keeps_its_eviction_reason():
     """The race the watch closes (no cluster: reconcile.decide on observed state): the evicted pod
     is already deleted when the pods are listed; its last watched state names the eviction."""
-    now = dt.datetime.now(dt.timezone.utc)
-    t = reconcile.iso(now - dt.timedelta(seconds=30))
-    job = job_manifest("gone", steps=400)
-    job["metadata"].update(namespace="ns", uid="u1", generation=1)
-    job["status"] = {"phase": "Running", "attempt": 1, "gangCreated": True, "failures": 0, "preemptions": 0,
-                     "startTime": t, "attemptStartTime": t, "readyNodes": "2/2", "observedGeneration": 1}
-    spec = api.PretrainJobSpec.model_validate(job["spec"])
-    n0, n1 = render.gang(job, spec, 1)
-    for p, node in ((n0, "spot-0"), (n1, "spot-1")):
-        p["spec"]["nodeName"] = node
-        p["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
-                       "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {"startedAt": t}}}]}
-    n0["metadata"]["deletionTimestamp"] = t
+    job, spec, (n0, n1), ready, now = observed_gang("gone")
+    n0["metadata"]["deletionTimestamp"] = reconcile.iso(now - dt.timedelta(seconds=30))
     n0["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
                                        "message": "Eviction API: evicting"})
-    ready = {"spot-1": {"metadata": {"name": "spot-1"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}}
+    del ready["spot-0"]
 
     def restart(disrupted):
         return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,

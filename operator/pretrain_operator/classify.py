@@ -10,6 +10,8 @@ preemption: the surviving ranks crash when a peer vanishes, and that is not thei
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 from . import api, contract as c
@@ -55,6 +57,24 @@ def terminated(pod: dict) -> dict | None:
         if t:
             return t
     return None
+
+
+def report(pod: dict | None) -> dict:
+    """The trainer's final report, its termination message (contract.TERMINATION_MESSAGE_PATH):
+    only the fields below, with the types they must have; {} when there is none or it is not one
+    (a crash's log lines, a custom command's text)."""
+    t = terminated(pod) if pod else None
+    try:
+        doc = json.loads((t or {}).get("message") or "")
+    except ValueError:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    out = {k: doc[k] for k in ("step", "totalSteps", "checkpointStep", "tokensSeen")
+           if isinstance(doc.get(k), int) and not isinstance(doc[k], bool) and doc[k] >= 0}
+    if isinstance(doc.get("loss"), (int, float)) and math.isfinite(doc["loss"]):
+        out["loss"] = float(doc["loss"])
+    return out
 
 
 def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.PretrainJobSpec) -> End:

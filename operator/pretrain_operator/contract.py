@@ -11,7 +11,8 @@ A pod of attempt A, node rank R of a job J gets:
   wants a checkpoint now it sets ANN_CHECKPOINT_REQUEST to a request id; the trainer saves at its
   next step boundary and reports the step under METRIC_LAST_CHECKPOINT_STEP.
 The trainer serves Prometheus metrics on METRICS_PORT (rank 0 of each pod) and exits with one of
-the EXIT_* codes.
+the EXIT_* codes; as it exits 0 or EXIT_PREEMPTED, global rank 0 writes a JSON report to
+ENV_TERMINATION_MESSAGE's path (TERMINATION_MESSAGE_PATH), the container's termination message.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ ENV_JOB_NAME = "PRETRAIN_JOB_NAME"
 ENV_CHECKPOINT_DIR = "PRETRAIN_CHECKPOINT_DIR"
 ENV_METRICS_PORT = "PRETRAIN_METRICS_PORT"
 ENV_PODINFO = "PRETRAIN_PODINFO_DIR"
+ENV_TERMINATION_MESSAGE = "PRETRAIN_TERMINATION_MESSAGE_PATH"
+# Where the trainer's rank 0 writes its final report (JSON: step, totalSteps, loss, tokensSeen,
+# checkpointStep) as it exits 0 or EXIT_PREEMPTED; the kubelet puts it in the container's
+# state.terminated.message, which outlives the metrics server it could be scraped from.
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 RDZV_PORT = 29400
 METRICS_PORT = 9400

@@ -80,6 +80,19 @@ def set_condition(status: dict, ctype: str, ok: bool, reason: str, message: str,
                   "lastTransitionTime": now, "observedGeneration": generation})
 
 
+def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str) -> None:
+    if "step" in rep:
+        old = {k: v for k, v in (status.get("progress") or {}).items() if k != "updated"}
+        prog = {**old, "step": rep["step"], "totalSteps": rep.get("totalSteps", spec.training.steps)}
+        if "loss" in rep:
+            prog["loss"] = round(rep["loss"], 4)
+        if prog != old:
+            status["progress"] = {**prog, "updated": now}
+    step = rep.get("checkpointStep", 0)
+    if step > (status.get("lastCheckpoint") or {}).get("step", 0):
+        status["lastCheckpoint"] = {"step": step, "time": now, "path": f"{spec.checkpoint.path}/step-{step:08d}"}
+
+
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
     status["phase"] = phase
     status["message"] = message
@@ -188,6 +201,10 @@ def decide(o: Observed) -> Plan:
     outcome = classify.classify_attempt(ends)
     running = [p for p in current if _running(p)]
     status["readyNodes"] = f"{len(running)}/{spec.nodes}"
+
+    # 7b. Rank 0's final report, once it has ended (exit 0 or preempted): the exact last step, loss
+    #     and checkpoint, which the metrics mirrored every few seconds may have missed.
+    _record_report(status, classify.report(by_name.get(names[0])), spec, now)
 
     # 8. A termination notice on a node of ours: checkpoint now (once per attempt).
     if spec.preemption.checkpointOnNotice and outcome.outcome == classify.RUNNING:

@@ -90,6 +90,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": c.ENV_CHECKPOINT_DIR, "value": spec.checkpoint.path},
         {"name": c.ENV_METRICS_PORT, "value": str(c.METRICS_PORT)},
         {"name": c.ENV_PODINFO, "value": c.PODINFO_DIR},
+        {"name": c.ENV_TERMINATION_MESSAGE, "value": c.TERMINATION_MESSAGE_PATH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ] + [{"name": e.name, "value": e.value} for e in spec.template.env]
     ckpt_volume = ({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
@@ -128,6 +129,9 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
             "ports": [{"name": "rdzv", "containerPort": c.RDZV_PORT}, {"name": "metrics", "containerPort": c.METRICS_PORT}],
             "volumeMounts": mounts,
             "resources": resources,
+            # Rank 0's final report; a crash without one leaves its log's last lines there instead.
+            "terminationMessagePath": c.TERMINATION_MESSAGE_PATH,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                                 "runAsNonRoot": True},
         }],

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import json
 import logging
 import math
 import os
@@ -213,6 +214,21 @@ def step_pipeline(schedule, micro, device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float64)
 
 
+def write_report(spec: api.PretrainJobSpec, step: int, loss: float | None, tokens_seen: int, checkpoint_step: int) -> None:
+    """The final report, as the container's termination message (contract.ENV_TERMINATION_MESSAGE;
+    unset under plain torchrun): the operator takes the exact last step, loss and checkpoint from it."""
+    path = os.environ.get(c.ENV_TERMINATION_MESSAGE)
+    if not path:
+        return
+    doc = {"step": step, "totalSteps": spec.training.steps, "tokensSeen": tokens_seen, "checkpointStep": checkpoint_step}
+    if loss is not None and math.isfinite(loss):
+        doc["loss"] = loss
+    try:
+        Path(path).write_text(json.dumps(doc))
+    except OSError as e:
+        log.warning("final report not written to %s: %s", path, e)
+
+
 def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:
     spec = load_spec(config)
     rank, world, local, device = setup_distributed()
@@ -268,6 +284,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # first full one (run inside the first checkpoint save, which pauses the collector) took 0.4 s.
     gc.collect()
     gc.freeze()
+    loss_v = None
     while step < spec.training.steps:
         step += 1
         lr = lr_at(step, spec.optimizer, spec.training.steps)
@@ -334,12 +351,16 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                            "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
         if preempt:
             ckpt.close()
+            if rank == 0:
+                write_report(spec, step, loss_v, tokens_seen, ckpt.last_step)
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
     ckpt.close()
     if base_digest is not None:
         check_frozen_base(model, base_digest)
+    if rank == 0:
+        write_report(spec, step, loss_v, tokens_seen, ckpt.last_step)
     log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
              ckpt.blocked_seconds)
     dist.destroy_process_group()

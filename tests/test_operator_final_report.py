@@ -1,0 +1,63 @@
+"""Rank 0's final report (its termination message, pretrain_operator.contract) sets the job's
+last step, loss and checkpoint exactly: the metrics the operator mirrors every few seconds end with
+the pod and may have missed the last steps. Anything else in the message (a crash's log lines, a
+custom command's text, wrong types) is ignored. reconcile.decide on observed state, no cluster:
+tests/test_operator_lifecycle.py and tests/test_e2e_trainer.py show the same on the local cluster."""
+
+from __future__ import annotations
+
+import json
+
+from pretrain_operator import classify, contract as c, reconcile
+from tests.jobs import observed_gang
+
+
+def _ended(pod: dict, code: int, message: str | None) -> None:
+    t = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+    if message is not None:
+        t["message"] = message
+    pod["status"] = {"phase": "Succeeded" if code == 0 else "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": t}}]}
+
+
+def _decide(steps: int, rank0_code: int, rank0_message: str | None, progress: dict | None = None) -> dict:
+    job, spec, pods, ready, now = observed_gang("rep", steps=steps)
+    if progress:
+        job["status"]["progress"] = progress
+        job["status"]["lastCheckpoint"] = {"step": 10, "time": "2026-11-30T00:00:00Z", "path": "/checkpoints/step-00000010"}
+    _ended(pods[0], rank0_code, rank0_message)
+    _ended(pods[1], rank0_code, None)
+    return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=ready, service_exists=True,
+                                               config_data=None, now=now)).status
+
+
+def test_a_succeeded_job_shows_the_loss_of_its_last_step_from_rank_0s_report():
+    mirrored = {"step": 18, "totalSteps": 20, "loss": 2.5, "tokensPerSecond": 99.0, "updated": "2026-11-30T00:00:00Z"}
+    report = {"step": 20, "totalSteps": 20, "loss": 2.123456, "tokensSeen": 5120, "checkpointStep": 20}
+    st = _decide(20, 0, json.dumps(report), progress=mirrored)
+    assert st["phase"] == "Succeeded"
+    assert st["progress"]["step"] == 20 and st["progress"]["loss"] == 2.1235
+    assert st["progress"]["tokensPerSecond"] == 99.0  # what the report does not say stays as mirrored
+    assert st["lastCheckpoint"]["step"] == 20
+
+
+def test_a_preempted_rank_0s_report_records_its_emergency_checkpoint():
+    report = {"step": 13, "totalSteps": 400, "loss": 3.0, "checkpointStep": 13}
+    st = _decide(400, c.EXIT_PREEMPTED, json.dumps(report), progress={"step": 12, "totalSteps": 400, "loss": 3.1})
+    assert st["restart"]["kind"] == "Preemption"
+    assert st["lastCheckpoint"]["step"] == 13 and st["lastCheckpoint"]["path"].endswith("step-00000013")
+    assert st["progress"]["step"] == 13 and st["progress"]["loss"] == 3.0
+
+
+def test_a_message_that_is_not_a_report_changes_nothing():
+    mirrored = {"step": 12, "totalSteps": 400, "loss": 3.1}
+    for message in ("Traceback (most recent call last):\n  ValueError: boom", "[1, 2]", '{"step": "13"}',
+                    '{"step": true, "loss": "low"}', json.dumps({"step": -1, "checkpointStep": 2.5}), "", None):
+        st = _decide(400, c.EXIT_PREEMPTED, message, progress=mirrored)
+        assert st["progress"] == mirrored and st["lastCheckpoint"]["step"] == 10, message
+
+
+def test_a_report_keeps_only_known_fields_of_the_right_types():
+    pod = {"status": {"containerStatuses": [{"state": {"terminated": {"exitCode": 0, "message": json.dumps(
+        {"step": 5, "totalSteps": 5, "loss": float("nan"), "tokensSeen": 640, "checkpointStep": True, "extra": 1})}}}]}}
+    # json.dumps writes NaN; it is not a loss.
+    assert classify.report(pod) == {"step": 5, "totalSteps": 5, "tokensSeen": 640}
