@@ -1,5 +1,6 @@
 """`prepare` is deterministic and its manifest changes when one input byte does; the loader's
-order is a pure function of the seed and its slices partition each global batch."""
+order is a pure function of the seed and its slices partition each global batch; data that cannot
+be used is a permanent error naming the field."""
 
 from __future__ import annotations
 
@@ -56,3 +57,21 @@ def test_the_loader_partitions_each_global_batch_over_data_parallel_ranks(tmp_pa
     assert torch.equal(rows, torch.cat([x for p in parts for x, _ in p]))
     other = Loader(TokenSource("", 512, seed=8), 16, 8, 2, 0, 1, seed=8).next_batch()
     assert not torch.equal(rows, torch.cat([x for x, _ in other]))
+
+
+def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_path):
+    # Exit 85: the operator fails the job at once instead of retrying a run that cannot succeed.
+    from pretrain_operator import contract as c
+    from tests.trainer_util import cmd, env, write_config
+    prepared = tmp_path / "prepared"
+    _prepare(_corpus(tmp_path), prepared)  # a 300-token vocabulary
+    for name, path, vocab, says in (
+            ("missing", tmp_path / "nowhere", 512, f"data.path {tmp_path / 'nowhere'} is not a prepared folder"),
+            ("too-big", prepared, 256, "the tokenizer's vocabulary (300) exceeds model.vocabSize (256)")):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = write_config(d, extra={"data": {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2, "path": str(path)},
+                                     "model": {"preset": "tiny", "vocabSize": vocab}})
+        r = subprocess.run(cmd(cfg, 1, d / "losses.txt"), env=env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == c.EXIT_PERMANENT, r.stderr[-2000:]
+        assert says in r.stderr, r.stderr[-2000:]

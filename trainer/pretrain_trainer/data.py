@@ -87,16 +87,27 @@ def prepare(input_dir: str, out_dir: str, vocab_size: int = 4096, tokenizer_path
     return manifest
 
 
+class DataError(ValueError):
+    """The data cannot be used as configured: the run cannot succeed until someone fixes it."""
+
+
 class TokenSource:
     """All tokens of a prepared folder as one array (memory-mapped shards), or a synthetic corpus."""
 
     def __init__(self, path: str, vocab_size: int, seed: int, synthetic_tokens: int = 1 << 16):
         if path:
             d = Path(path)
-            man = json.loads((d / "manifest.json").read_text())
+            try:
+                man = json.loads((d / "manifest.json").read_text())
+            except (OSError, ValueError) as e:
+                raise DataError(f"data.path {path} is not a prepared folder ({type(e).__name__}: {e}); make one with "
+                                f"`python -m pretrain_trainer prepare --input TEXT_DIR --out {path}`") from e
             if man["vocabSize"] > vocab_size:
-                raise SystemExit(f"data: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
-            self.tokens = np.concatenate([np.memmap(d / s["file"], dtype=man["dtype"], mode="r") for s in man["shards"]])
+                raise DataError(f"data: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
+            try:
+                self.tokens = np.concatenate([np.memmap(d / s["file"], dtype=man["dtype"], mode="r") for s in man["shards"]])
+            except (OSError, ValueError) as e:
+                raise DataError(f"data.path {path}: a shard its manifest lists cannot be read ({e})") from e
             self.manifest_hash = man["sha256"]
         else:
             g = np.random.default_rng(seed)

@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import load_weights, newest_good
-from .data import TokenSource, eval_batches, split_holdout
+from .data import eval_batches, split_holdout
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
-from .train import ConfigError, load_spec, setup_distributed
+from .train import ConfigError, load_spec, open_data, setup_distributed
 
 
 def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Path]:
@@ -47,7 +47,7 @@ def evaluate(config: str, checkpoint: str | None = None) -> float:
     setup_distributed()  # DCP loads through a (one-process) group
     args = ModelArgs.from_spec(spec.model)
     model, d = model_from_checkpoint(spec, checkpoint)
-    _, held = split_holdout(TokenSource(spec.data.path, args.vocabSize, spec.training.seed).tokens, spec.data.seqLen)
+    _, held = split_holdout(open_data(spec, args.vocabSize).tokens, spec.data.seqLen)
     total, n = 0.0, 0
     with torch.no_grad():
         for x, y in eval_batches(held, spec.data.seqLen):

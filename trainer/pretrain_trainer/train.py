@@ -40,7 +40,7 @@ from . import moe as moe_mod
 from . import parallel, pipeline
 from . import lora
 from .checkpoint import Checkpointer, load_weights
-from .data import Loader, TokenSource
+from .data import DataError, Loader, TokenSource
 from .metrics import Metrics
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
 
@@ -64,6 +64,14 @@ def load_spec(path: str) -> api.PretrainJobSpec:
         return api.PretrainJobSpec.model_validate(doc or {})
     except Exception as e:  # noqa: BLE001  (pydantic's message names the field)
         raise ConfigError(f"invalid config {path}: {e}")
+
+
+def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> TokenSource:
+    """The token stream; data that cannot be used is a permanent error (exit 85), not a crash to retry."""
+    try:
+        return TokenSource(spec.data.path, vocab_size, spec.training.seed)
+    except DataError as e:
+        raise ConfigError(str(e)) from e
 
 
 def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
@@ -237,7 +245,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     check_layout(spec, world)
     args, model, optim, mesh, schedule = build(spec, device, world)
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
-    source = TokenSource(spec.data.path, args.vocabSize, spec.training.seed)
+    source = open_data(spec, args.vocabSize)
     loader = Loader(source, spec.data.seqLen, spec.data.globalBatchSize, spec.data.microBatchSize, dp_rank, dp_size,
                     spec.training.seed)
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
