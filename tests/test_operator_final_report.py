@@ -1,11 +1,13 @@
 """Rank 0's final report (its termination message, pretrain_operator.contract) sets the job's
 last step, loss and checkpoint exactly: the metrics the operator mirrors every few seconds end with
-the pod and may have missed the last steps. Anything else in the message (a crash's log lines, a
+the pod and may have missed the last steps. A failed rank's reported error joins the restart's
+and the failure's messages. Anything else in the message (a crash's log lines, a
 custom command's text, wrong types) is ignored. reconcile.decide on observed state, no cluster:
 tests/test_operator_lifecycle.py and tests/test_e2e_trainer.py show the same on the local cluster."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 
 from pretrain_operator import classify, contract as c, reconcile
@@ -21,6 +23,7 @@ def _ended(pod: dict, code: int, message: str | None) -> None:
 
 def _decide(steps: int, rank0_code: int, rank0_message: str | None, progress: dict | None = None) -> dict:
     job, spec, pods, ready, now = observed_gang("rep", steps=steps)
+    job["status"]["failureSeenAt"] = reconcile.iso(now - dt.timedelta(minutes=5))  # a failure has settled
     if progress:
         job["status"]["progress"] = progress
         job["status"]["lastCheckpoint"] = {"step": 10, "time": "2026-11-30T00:00:00Z", "path": "/checkpoints/step-00000010"}
@@ -61,3 +64,11 @@ def test_a_report_keeps_only_known_fields_of_the_right_types():
         {"step": 5, "totalSteps": 5, "loss": float("nan"), "tokensSeen": 640, "checkpointStep": True, "extra": 1})}}}]}}
     # json.dumps writes NaN; it is not a loss.
     assert classify.report(pod) == {"step": 5, "totalSteps": 5, "tokensSeen": 640}
+
+
+def test_the_error_a_failed_rank_reported_is_in_the_restart_and_the_failure_messages():
+    st = _decide(400, 1, json.dumps({"error": "rank 2: RuntimeError: the loss is NaN"}))
+    assert st["restart"]["kind"] == "Failure", st
+    assert st["restart"]["message"].endswith("exited with code 1 (Error): rank 2: RuntimeError: the loss is NaN")
+    st = _decide(400, c.EXIT_PERMANENT, json.dumps({"error": "rank 0: data.path /d is not a prepared folder"}))
+    assert st["phase"] == "Failed" and st["message"].endswith(": rank 0: data.path /d is not a prepared folder"), st

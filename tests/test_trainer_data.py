@@ -5,6 +5,7 @@ be used is a permanent error naming the field."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import sysconfig
@@ -70,8 +71,15 @@ def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_
             ("too-big", prepared, 256, "the tokenizer's vocabulary (300) exceeds model.vocabSize (256)")):
         d = tmp_path / name
         d.mkdir()
-        cfg = write_config(d, extra={"data": {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2, "path": str(path)},
-                                     "model": {"preset": "tiny", "vocabSize": vocab}})
-        r = subprocess.run(cmd(cfg, 1, d / "losses.txt"), env=env(), capture_output=True, text=True, timeout=120)
+        data_spec = {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2, "path": str(path)}
+        cfg = write_config(d, nproc=2, data=2, extra={"data": data_spec, "model": {"preset": "tiny", "vocabSize": vocab}})
+        message = d / "termination-log"
+        # Two ranks through the pods' launcher (plain torchrun would turn 85 into 1).
+        r = subprocess.run(cmd(cfg, 2, d / "losses.txt", launch=True), capture_output=True, text=True, timeout=120,
+                           env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29500 + os.getpid() % 90),
+                                c.ENV_TERMINATION_MESSAGE: str(message)})
         assert r.returncode == c.EXIT_PERMANENT, r.stderr[-2000:]
         assert says in r.stderr, r.stderr[-2000:]
+        # The container's termination message: the error of the rank that wrote first, whole (both failed).
+        error = json.loads(message.read_text())["error"]
+        assert error.split(": ", 1)[0] in ("rank 0", "rank 1") and says in error, error

@@ -61,8 +61,8 @@ def terminated(pod: dict) -> dict | None:
 
 def report(pod: dict | None) -> dict:
     """The trainer's final report, its termination message (contract.TERMINATION_MESSAGE_PATH):
-    only the fields below, with the types they must have; {} when there is none or it is not one
-    (a crash's log lines, a custom command's text)."""
+    only the fields below, with the types they must have (`error` from a rank that failed); {} when
+    there is none or it is not one (a crash's log lines, a custom command's text)."""
     t = terminated(pod) if pod else None
     try:
         doc = json.loads((t or {}).get("message") or "")
@@ -74,6 +74,8 @@ def report(pod: dict | None) -> dict:
            if isinstance(doc.get(k), int) and not isinstance(doc[k], bool) and doc[k] >= 0}
     if isinstance(doc.get("loss"), (int, float)) and math.isfinite(doc["loss"]):
         out["loss"] = float(doc["loss"])
+    if isinstance(doc.get("error"), str) and doc["error"]:
+        out["error"] = doc["error"][:1000]
     return out
 
 
@@ -101,14 +103,17 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         return End(PREEMPTION, "CheckpointedOnNotice", f"pod {name} checkpointed and stopped (exit {code})", name)
     if prob:  # a termination notice: whatever ended the pod, the node was going away
         return End(PREEMPTION, prob[0], prob[1], name)
+    # What the trainer said ended it, when it could say (its report's error).
+    err = report(pod).get("error")
+    why = f": {err}" if err else ""
     if code in fp.nonRetryableExitCodes:
-        return End(PERMANENT, "NonRetryableExitCode", f"pod {name} exited with non-retryable code {code}", name)
+        return End(PERMANENT, "NonRetryableExitCode", f"pod {name} exited with non-retryable code {code}{why}", name)
     if code in fp.retryableExitCodes:
-        return End(RETRYABLE, "RetryableExitCode", f"pod {name} exited with retryable code {code}", name)
+        return End(RETRYABLE, "RetryableExitCode", f"pod {name} exited with retryable code {code}{why}", name)
     reason = (t or {}).get("reason") or "Error"
     if reason == "OOMKilled":
         return End(FAILURE, "OOMKilled", f"pod {name} ran out of memory (OOMKilled)", name)
-    return End(FAILURE, "ExitCode", f"pod {name} exited with code {code} ({reason})", name)
+    return End(FAILURE, "ExitCode", f"pod {name} exited with code {code} ({reason}){why}", name)
 
 
 def classify_attempt(ends: list[End]) -> End:

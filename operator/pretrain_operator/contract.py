@@ -32,8 +32,9 @@ ENV_METRICS_PORT = "PRETRAIN_METRICS_PORT"
 ENV_PODINFO = "PRETRAIN_PODINFO_DIR"
 ENV_TERMINATION_MESSAGE = "PRETRAIN_TERMINATION_MESSAGE_PATH"
 # Where the trainer's rank 0 writes its final report (JSON: step, totalSteps, loss, tokensSeen,
-# checkpointStep) as it exits 0 or EXIT_PREEMPTED; the kubelet puts it in the container's
-# state.terminated.message, which outlives the metrics server it could be scraped from.
+# checkpointStep) as it exits 0 or EXIT_PREEMPTED, and a failing rank {"error": "rank N: ..."};
+# the kubelet puts it in the container's state.terminated.message, which outlives the metrics
+# server it could be scraped from.
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 RDZV_PORT = 29400

@@ -42,8 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer")
     a = ap.parse_args(argv)
     if a.cmd == "train":
+        from . import report
         from .train import train
-        return train(a.config, a.checkpoint_dir, a.podinfo, a.losses_out)
+        try:
+            return train(a.config, a.checkpoint_dir, a.podinfo, a.losses_out)
+        except BaseException as e:  # noqa: BLE001  (reported as the container's termination message, then raised on)
+            report.error(e)
+            raise
     if a.cmd == "eval":
         from .evaluate import evaluate
         evaluate(a.config, a.checkpoint)

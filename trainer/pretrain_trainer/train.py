@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from pretrain_operator import api, contract as c
 
 from . import moe as moe_mod
 from . import parallel, pipeline
-from . import lora
+from . import lora, report
 from .checkpoint import Checkpointer, load_weights
 from .data import DataError, Loader, TokenSource
 from .metrics import Metrics
@@ -51,6 +50,7 @@ class ConfigError(SystemExit):
     def __init__(self, msg: str):
         print(f"pretrain_trainer: {msg}", file=sys.stderr)
         super().__init__(c.EXIT_PERMANENT)
+        self.msg = msg
 
 
 def load_spec(path: str) -> api.PretrainJobSpec:
@@ -222,21 +222,6 @@ def step_pipeline(schedule, micro, device) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float64)
 
 
-def write_report(spec: api.PretrainJobSpec, step: int, loss: float | None, tokens_seen: int, checkpoint_step: int) -> None:
-    """The final report, as the container's termination message (contract.ENV_TERMINATION_MESSAGE;
-    unset under plain torchrun): the operator takes the exact last step, loss and checkpoint from it."""
-    path = os.environ.get(c.ENV_TERMINATION_MESSAGE)
-    if not path:
-        return
-    doc = {"step": step, "totalSteps": spec.training.steps, "tokensSeen": tokens_seen, "checkpointStep": checkpoint_step}
-    if loss is not None and math.isfinite(loss):
-        doc["loss"] = loss
-    try:
-        Path(path).write_text(json.dumps(doc))
-    except OSError as e:
-        log.warning("final report not written to %s: %s", path, e)
-
-
 def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:
     spec = load_spec(config)
     rank, world, local, device = setup_distributed()
@@ -360,7 +345,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         if preempt:
             ckpt.close()
             if rank == 0:
-                write_report(spec, step, loss_v, tokens_seen, ckpt.last_step)
+                report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step)
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
@@ -368,7 +353,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     if base_digest is not None:
         check_frozen_base(model, base_digest)
     if rank == 0:
-        write_report(spec, step, loss_v, tokens_seen, ckpt.last_step)
+        report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step)
     log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
              ckpt.blocked_seconds)
     dist.destroy_process_group()
