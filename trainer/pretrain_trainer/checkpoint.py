@@ -110,11 +110,11 @@ class Writer(FileSystemWriter):
     """DCP's file writer without the zip CRC32 that torch.save computes for every tensor record.
 
     torch.load never checks those checksums (a flipped byte in a tensor loads: checked with torch
-    2.15), so they protect nothing here, and computing them (miniz, a byte table at a time) took
-    16 % of a 97 MiB save on this project's CPU (0.208 s against 0.174 s, median of 10). What a resume
-    does check is the marker: every file, at the size it had when the save committed. The option is
-    process-wide and set around the writes only, in whichever process writes (the trainer's, or an
-    async save's writer process)."""
+    2.15), so they protect nothing here, and computing them (miniz, a byte table at a time) made a
+    1.27 GiB save 1.74x slower on this project's CPU, a 97 MiB one 1.07-1.19x slower
+    (bench/checkpoint_writer.py). What a resume does check is the marker: every file, at the size
+    it had when the save committed. The option is process-wide and set around the writes only, in
+    whichever process writes (the trainer's, or an async save's writer process)."""
 
     def write_data(self, plan, planner):
         with _zip_crc32(False):
