@@ -90,8 +90,9 @@ def in_root(root: str, path: str) -> str:
     return root + (cur or "/")
 
 
-def enter_pod(spec: dict) -> str:
-    """Namespaces, hostname and the container's root; returns the root path."""
+def enter_pod(spec: dict) -> tuple[str, bool]:
+    """Namespaces, hostname and the container's root; returns the root path and whether its /dev
+    is its own (private_dev)."""
     if spec.get("netns"):
         with open(spec["netns"]) as f:
             _check(_libc.setns(f.fileno(), CLONE_NEWNET), "setns(net)")
@@ -108,7 +109,7 @@ def enter_pod(spec: dict) -> str:
     mount("overlay", root, "overlay", 0, f"lowerdir=/,upperdir={upper},workdir={work}")
     # The overlay shows only the root file system: add the kernel's, fresh where per-namespace.
     mount("/proc", root + "/proc", None, MS_BIND | MS_REC)
-    private_dev(root, scratch)
+    own_dev = private_dev(root, scratch)
     try:
         mount("sysfs", root + "/sys", "sysfs", MS_NOSUID | MS_NODEV)  # shows the pod's own links
     except OSError:
@@ -136,18 +137,24 @@ def enter_pod(spec: dict) -> str:
     if spec.get("uid") not in (None, 0):
         for exe in spec.get("searchable", []):
             searchable(root, exe)
-    return root
+    return root, own_dev
 
 
-def private_dev(root: str, scratch: str) -> None:
+def private_dev(root: str, scratch: str) -> bool:
     """The host's /dev in an overlay of the container's own (its upper layer on the scratch tmpfs),
     as a runtime gives each container its own /dev: what the container writes there, its
     termination log first, stays its own. The device nodes are the host's. The file systems
-    mounted under /dev (shm, pts, mqueue) are bound in as they are: an overlay shows only /dev's."""
+    mounted under /dev (shm, pts, mqueue) are bound in as they are: an overlay shows only /dev's.
+    Where the kernel refuses that overlay, the host's /dev is bound as it is (False): the container
+    then writes to the host's, so nothing is created there for it."""
     upper, work = os.path.join(scratch, "dev-upper"), os.path.join(scratch, "dev-work")
     os.makedirs(upper)
     os.makedirs(work)
-    mount("overlay", root + "/dev", "overlay", 0, f"lowerdir=/dev,upperdir={upper},workdir={work}")
+    try:
+        mount("overlay", root + "/dev", "overlay", 0, f"lowerdir=/dev,upperdir={upper},workdir={work}")
+    except OSError:
+        mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
+        return False
     with open("/proc/self/mountinfo") as f:
         points = sorted({line.split()[4] for line in f if line.split()[4].startswith("/dev/")})
     bound: list[str] = []
@@ -155,13 +162,16 @@ def private_dev(root: str, scratch: str) -> None:
         if not any(mp.startswith(b + "/") for b in bound) and os.path.isdir(mp):
             mount(mp, root + mp, None, MS_BIND | MS_REC)
             bound.append(mp)
+    return True
 
 
-def termination_log(root: str, spec: dict) -> str | None:
+def termination_log(root: str, spec: dict, own_dev: bool) -> str | None:
     """Create the container's termination message file (empty, writable by any user, as the
     kubelet does) at its terminationMessagePath inside the container; returns its path as the shim
     sees it, or None if it cannot be made (the container then just has no message)."""
     path = spec.get("terminationMessagePath") or "/dev/termination-log"
+    if not own_dev and path.startswith("/dev/"):
+        return None  # it would be the host's /dev
     try:
         inside = in_root(root, path)
         os.makedirs(os.path.dirname(inside), exist_ok=True)
@@ -243,7 +253,7 @@ def run(spec: dict) -> int:
     log = open(spec["logPath"], "ab", buffering=0)
     started = now_rfc3339()
     try:
-        root = enter_pod(spec)
+        root, own_dev = enter_pod(spec)
         cg = memory_cgroup(spec)
     except OSError as e:
         log.write(f"{now_rfc3339()} stderr F shim: cannot set up the container: {e}\n".encode())
@@ -251,7 +261,7 @@ def run(spec: dict) -> int:
                                            "startedAt": started, "finishedAt": now_rfc3339()})
         return 0
 
-    message_path = termination_log(root, spec)
+    message_path = termination_log(root, spec, own_dev)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     exec_err_r, exec_err_w = os.pipe2(os.O_CLOEXEC)
