@@ -13,8 +13,8 @@ the container's process group, writes its output as CRI log lines (`<RFC3339Nano
 <line>`), and when it exits kills what is left of the group and writes `exit.json` (exit code,
 signal, reason Completed/Error/OOMKilled/StartError, times, and the termination message: what the
 container wrote to its terminationMessagePath, or with FallbackToLogsOnError a failed container's
-last log lines). Because every mount lives in the
-container's own mount namespace, nothing is left mounted on the host when it ends.
+last log lines). Because every mount lives in the container's own mount namespace, nothing is left
+mounted on the host when it ends.
 
 Limits: no PID or IPC namespace (containers see the host's processes); CPU limits are not enforced;
 no seccomp or capabilities dropping.
@@ -165,20 +165,21 @@ def private_dev(root: str, scratch: str) -> bool:
     return True
 
 
-def termination_log(root: str, spec: dict, own_dev: bool) -> str | None:
+def termination_log(root: str, spec: dict, own_dev: bool) -> int | None:
     """Create the container's termination message file (empty, writable by any user, as the
-    kubelet does) at its terminationMessagePath inside the container; returns its path as the shim
-    sees it, or None if it cannot be made (the container then just has no message)."""
+    kubelet does) at its terminationMessagePath inside the container; returns a descriptor of it
+    (not inherited by the container), or None if it cannot be made (then there is no message).
+    The shim reads the message through that descriptor, never by path: a path the container could
+    turn into a symlink would make the shim, root outside the chroot, read a host file."""
     path = spec.get("terminationMessagePath") or "/dev/termination-log"
     if not own_dev and path.startswith("/dev/"):
         return None  # it would be the host's /dev
     try:
         inside = in_root(root, path)
         os.makedirs(os.path.dirname(inside), exist_ok=True)
-        with open(inside, "w"):
-            pass
-        os.chmod(inside, 0o666)
-        return inside
+        fd = os.open(inside, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+        os.fchmod(fd, 0o666)
+        return fd
     except OSError:
         return None
 
@@ -187,16 +188,16 @@ MAX_MESSAGE = 4096  # the kubelet's limit per container
 FALLBACK_LINES, FALLBACK_BYTES = 80, 2048  # FallbackToLogsOnError: the log's last lines, at most this much
 
 
-def termination_message(path: str | None, spec: dict, exit_code: int) -> str:
+def termination_message(fd: int | None, spec: dict, exit_code: int) -> str:
     """What the container wrote to its termination log; with FallbackToLogsOnError and nothing
     written, a failed container's last log lines instead."""
     message = ""
-    if path:
+    if fd is not None:
         try:
-            with open(path, "rb") as f:
-                message = f.read(MAX_MESSAGE).decode(errors="replace")
+            message = os.pread(fd, MAX_MESSAGE, 0).decode(errors="replace")
         except OSError:
             pass
+        os.close(fd)
     if not message and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
         try:
             with open(spec["logPath"], "rb") as f:
@@ -261,7 +262,7 @@ def run(spec: dict) -> int:
                                            "startedAt": started, "finishedAt": now_rfc3339()})
         return 0
 
-    message_path = termination_log(root, spec, own_dev)
+    message_fd = termination_log(root, spec, own_dev)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     exec_err_r, exec_err_w = os.pipe2(os.O_CLOEXEC)
@@ -360,7 +361,7 @@ def run(spec: dict) -> int:
     else:
         doc["reason"] = "Completed" if doc["exitCode"] == 0 else "Error"
     if not exec_error:
-        message = termination_message(message_path, spec, doc["exitCode"])
+        message = termination_message(message_fd, spec, doc["exitCode"])
         if message:
             doc["message"] = message
     _write_json(state / "exit.json", doc)
