@@ -140,7 +140,7 @@ def test_the_component_runs_the_real_trainer_to_succeeded(jobs, torchx, core, na
     name = name_of(handle)
     st = jobs.wait_phase(name, "Succeeded", "Failed", timeout=180)
     assert st["phase"] == "Succeeded", st.get("message")
-    assert st["attempt"] == 1 and st["lastCheckpoint"]["step"] == 4
+    assert st["attempt"] == 1 and st["lastCheckpoint"]["step"] == 4, (st.get("restart"), st.get("lastCheckpoint"))
     assert jobs.get(name)["spec"]["template"]["command"] == []  # the operator's torchrun + trainer
     logs = torchx("log", f"{handle}/trainer/0").stdout
     assert "done: 4 steps" in logs, logs
