@@ -308,15 +308,13 @@ class Controller:
                 prog["loss"] = round(m[c.METRIC_LOSS], 4)
             if math.isfinite(m.get(c.METRIC_TOKENS_PER_SECOND, math.nan)):
                 prog["tokensPerSecond"] = round(m[c.METRIC_TOKENS_PER_SECOND], 1)
-            old = st.get("progress") or {}
-            if {k: v for k, v in old.items() if k != "updated"} != prog:
-                st["progress"] = {**prog, "updated": now}
+            reconcile.set_progress(st, prog, now)
         if m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
             step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])
             if (st.get("lastCheckpoint") or {}).get("step") != step:
                 t = m.get(c.METRIC_LAST_CHECKPOINT_TIME)
-                st["lastCheckpoint"] = {"step": step, "path": f"{job['spec']['checkpoint']['path']}/step-{step:08d}",
-                                        "time": reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now}
+                reconcile.set_last_checkpoint(st, job["spec"]["checkpoint"]["path"], step,
+                                              reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now)
 
     def _observe_metrics(self, ns: str, name: str, job: dict, plan: reconcile.Plan) -> None:
         st = plan.status

@@ -80,17 +80,30 @@ def set_condition(status: dict, ctype: str, ok: bool, reason: str, message: str,
                   "lastTransitionTime": now, "observedGeneration": generation})
 
 
+def progress_of(status: dict) -> dict:
+    """status.progress without its `updated` stamp: what a new reading is compared with."""
+    return {k: v for k, v in (status.get("progress") or {}).items() if k != "updated"}
+
+
+def set_progress(status: dict, prog: dict, now: str) -> None:
+    """status.progress := prog, stamped `updated` only when it changed (so an unchanged job gets no write)."""
+    if prog != progress_of(status):
+        status["progress"] = {**prog, "updated": now}
+
+
+def set_last_checkpoint(status: dict, root: str, step: int, time: str) -> None:
+    status["lastCheckpoint"] = {"step": step, "time": time, "path": f"{root}/step-{step:08d}"}
+
+
 def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str) -> None:
     if "step" in rep:
-        old = {k: v for k, v in (status.get("progress") or {}).items() if k != "updated"}
-        prog = {**old, "step": rep["step"], "totalSteps": rep.get("totalSteps", spec.training.steps)}
+        prog = {**progress_of(status), "step": rep["step"], "totalSteps": rep.get("totalSteps", spec.training.steps)}
         if "loss" in rep:
             prog["loss"] = round(rep["loss"], 4)
-        if prog != old:
-            status["progress"] = {**prog, "updated": now}
+        set_progress(status, prog, now)
     step = rep.get("checkpointStep", 0)
     if step > (status.get("lastCheckpoint") or {}).get("step", 0):
-        status["lastCheckpoint"] = {"step": step, "time": now, "path": f"{spec.checkpoint.path}/step-{step:08d}"}
+        set_last_checkpoint(status, spec.checkpoint.path, step, now)
 
 
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
@@ -222,8 +235,7 @@ def decide(o: Observed) -> Plan:
         if status.get("progress"):
             status["progress"] = {**status["progress"], "step": spec.training.steps, "totalSteps": spec.training.steps}
         # The contract: a trainer that exits 0 has committed a checkpoint of its last step.
-        status["lastCheckpoint"] = {"step": spec.training.steps, "time": now,
-                                    "path": f"{spec.checkpoint.path}/step-{spec.training.steps:08d}"}
+        set_last_checkpoint(status, spec.checkpoint.path, spec.training.steps, now)
         status["readyNodes"] = f"0/{spec.nodes}"
         _phase(status, "Succeeded", "AllRanksSucceeded", f"all {spec.nodes} node(s) exited 0 in attempt {attempt}", now, gen)
         plan.events.append(("Normal", "Succeeded", f"training finished in attempt {attempt}"))

@@ -117,21 +117,21 @@ class Writer(FileSystemWriter):
     whichever process writes (the trainer's, or an async save's writer process)."""
 
     def write_data(self, plan, planner):
-        with _zip_crc32(False):
+        with _no_zip_crc32():
             return super().write_data(plan, planner)
 
 
 @contextlib.contextmanager
-def _zip_crc32(on: bool):
-    """torch.serialization.set_crc32_options for every thread. In torch 2.15 that call sets a
+def _no_zip_crc32():
+    """torch.serialization.set_crc32_options(False) for every thread. In torch 2.15 that call sets a
     per-thread override (a ContextVar), which DCP's writer threads, new threads, do not see: they
     read the option's default, so that is set too (a private field; without it, where a torch lacks
     it, only the calling thread's writes skip the checksum)."""
     entry = getattr(serialization_config, "_config", {}).get("save.compute_crc32")
     before = torch.serialization.get_crc32_options(), getattr(entry, "default", None)
-    torch.serialization.set_crc32_options(on)
+    torch.serialization.set_crc32_options(False)
     if entry is not None:
-        entry.default = on
+        entry.default = False
     try:
         yield
     finally:
