@@ -47,6 +47,9 @@ def test_killed_after_recording_the_intent_before_deleting_the_old_pods(jobs, co
     st = jobs.status("crashy")
     assert st["attempt"] == 2 and st["preemptions"] == 1 and st["phase"] == "Restarting"
     assert [p.metadata.name for p in jobs.pods("crashy")] == ["crashy-a1-n0"], "the old pod is still there"
+    # The decision's Event was emitted with the intent, before the act the operator died in: the
+    # next operator finds the restart recorded and decides nothing new, so it would never be told.
+    jobs.wait_events("crashy", "Preemption")
     operator.start()
     _converged(jobs)
 

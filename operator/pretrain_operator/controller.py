@@ -1,5 +1,6 @@
 """The reconcile loop's I/O: observe a job and its children, `reconcile.decide`, write the status
-(once, and first: the intent is on record before any child is touched), act, emit Events.
+(once, and first: the intent is on record before any child is touched), emit the decision's Events,
+act.
 
 Workers take job keys from a WorkQueue fed by watch events (jobs, their pods, nodes) and by
 requeues; only the leader acts. Every action is idempotent by deterministic names, so a killed
@@ -192,15 +193,17 @@ class Controller:
         if plan.status != (job.get("status") or {}):
             self._write(lambda: self.kube.patch(_job_path(ns, name) + "/status",
                                                 {"status": _patchable(job.get("status") or {}, plan.status)}))
+        # Tell, before acting: the decision is on record now, and an act that raises is retried by a
+        # reconcile that finds the intent already recorded and decides nothing new, so Events emitted
+        # after it would be lost (as they were when the act failed or the operator died in it).
+        for etype, reason, message in plan.events:
+            self._event(job, etype, reason, message)
         self._crash_point(plan.stage, "status", job)
         # Act.
         self._act(ns, job, plan)
         cm_obj = plan.update_config or next((o for o in plan.create if o["kind"] == "ConfigMap"), None)
         if not known or known[0] != gen or time.monotonic() - known[2] >= 60 or cm_obj:
             self.children[uid] = (gen, cm_obj["data"][c.CONFIG_FILE] if cm_obj else observed.config_data, time.monotonic())
-        # Tell.
-        for etype, reason, message in plan.events:
-            self._event(job, etype, reason, message)
         self._observe_metrics(ns, name, job, plan)
         return plan.requeue_after
 
