@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -188,12 +189,21 @@ def checkpoint_part(d: Path, a) -> dict:
     # Blocked time: a save every k steps, sync against async, measured by the training loop itself
     # (the wall time of whole runs varies by 10 % between identical runs on 2 cores: too coarse).
     # The save at the last step is not counted: it is synchronous either way, and no step waits for it.
+    # Each save's own figure is logged too: the median of all but the first (an async run's first
+    # save also starts the writer process, whose interpreter and torch import the next save may
+    # wait for when the saves are only a few seconds apart) is the steady cost of one save.
     n, k = a.steps, a.save_every
     text = {mode: trainer_run(d, a, n, interval=k, async_save=mode == "async")[1] for mode in ("sync", "async")}
     blocked = {mode: float(re.findall(r"saves blocked training for ([0-9.]+) s", t)[-1]) for mode, t in text.items()}
-    out.update(sync_blocked_s=blocked["sync"], async_blocked_s=blocked["async"])
+    each = {mode: [float(x) for x in re.findall(r"checkpoint step \d+ blocked training for ([0-9.]+) s", t)]
+            for mode, t in text.items()}
+    steady = {mode: statistics.median(v[1:] or v) for mode, v in each.items()}
+    out.update(sync_blocked_s=blocked["sync"], async_blocked_s=blocked["async"],
+               sync_blocked_per_save_s=steady["sync"], async_blocked_per_save_s=steady["async"])
     print(f"{(n - 1) // k} saves during {n} steps: the loop blocked {blocked['sync']:.2f} s by sync saves, "
           f"{blocked['async']:.2f} s by async ones ({100 * blocked['async'] / blocked['sync']:.1f} %, goal <= 5 %)")
+    print(f"  one save after the first (median): sync {1000 * steady['sync']:.0f} ms, async {1000 * steady['async']:.1f} ms "
+          f"({100 * steady['async'] / steady['sync']:.1f} %); the first async save {1000 * each['async'][0]:.0f} ms")
     return out
 
 

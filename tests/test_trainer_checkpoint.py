@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from pretrain_operator import contract as c
+from tests.helpers import wait_for
 from tests.trainer_util import cmd, env, losses, run, single_process_losses, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
@@ -159,25 +160,54 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoi
 
 
 def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
-    want = single_process_losses(tmp_path / "sync", steps=6, interval=3)
+    want = single_process_losses(tmp_path / "sync", steps=9, interval=3)
     d = tmp_path / "async"
     d.mkdir()
-    cfg = write_config(d, steps=6, interval=3, extra={"checkpoint": {"path": str(d / "ckpt"), "intervalSteps": 3, "async": True}})
+    cfg = write_config(d, steps=9, interval=3, extra={"checkpoint": {"path": str(d / "ckpt"), "intervalSteps": 3, "async": True}})
     r = run(cfg, 1, d / "losses.txt")
-    assert _committed(d) == ["step-00000003", "step-00000006"]
+    assert _committed(d) == ["step-00000003", "step-00000006", "step-00000009"]
     assert losses(d / "losses.txt") == want
     assert "async checkpointing failed" not in r.stderr and "checkpoint background process" in r.stderr.lower()
-    # Neither the writer process (step 3) nor the trainer (step 6) spent time on zip CRC32s, which
+    # Neither the writer process (step 3) nor the trainer (step 9) spent time on zip CRC32s, which
     # torch.load never checks (checkpoint.Writer).
-    assert _record_crcs(d / "ckpt" / "step-00000003") == _record_crcs(d / "ckpt" / "step-00000006") == {0}
-    # Step 3's save was the async one (staged in the background while step 4 ran; the last step's
-    # is synchronous). Resumed from it, steps 4..6 come out the same: it holds step 3's state.
-    shutil.rmtree(d / "ckpt" / "step-00000006")
-    r = run(cfg, 1, d / "again.txt")
-    assert "resumed from" in r.stderr and "step-00000003" in r.stderr
-    assert losses(d / "again.txt") == {s: v for s, v in want.items() if s > 3}
-    # Its only save, the last step's, is synchronous: no writer process was started for it.
-    assert "checkpoint background process" not in r.stderr.lower()
+    assert _record_crcs(d / "ckpt" / "step-00000003") == _record_crcs(d / "ckpt" / "step-00000009") == {0}
+    # Steps 3 and 6 were async saves (staged in the background while the next step ran; the last
+    # step's is synchronous). Step 6's reused step 3's state dict, views of the same tensors, which
+    # the optimizer updated in place since. Resumed from each, the steps after come out the same:
+    # each holds its own step's state.
+    for step in (6, 3):
+        for later in range(step + 3, 10, 3):
+            shutil.rmtree(d / "ckpt" / f"step-{later:08d}")
+        r = run(cfg, 1, d / f"from-{step}.txt")
+        assert "resumed from" in r.stderr and f"step-{step:08d}" in r.stderr
+        assert losses(d / f"from-{step}.txt") == {s: v for s, v in want.items() if s > step}
+        if step == 6:  # its only save, the last step's, is synchronous: no writer process was started
+            assert "checkpoint background process" not in r.stderr.lower()
+
+
+def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_save_keeps_it(tmp_path):
+    # Two ranks, async saves, no save due for thousands of steps: the operator's checkpoint request
+    # (as on a termination notice) starts one. It is committed while training goes on, not at the
+    # next save: a node lost without a signal (SIGKILL to every process) still resumes from it.
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "annotations").write_text("")
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=5000, interval=5000,
+                       extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 5000, "async": True}})
+    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env={**env(podinfo), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29913"})
+    try:
+        wait_for_step(tmp_path / "losses.txt", 2, p)
+        (podinfo / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\n')
+        saved = wait_for(lambda: _committed(tmp_path) or None, timeout=90, what="the requested checkpoint committed")
+        step = int(saved[0].split("-")[1])
+        wait_for_step(tmp_path / "losses.txt", step + 2, p)  # training went on past it
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(30)
+    assert _committed(tmp_path) == saved and (tmp_path / "ckpt" / "latest").read_text() == saved[0]
+    run(write_config(tmp_path, nproc=1, steps=step + 1, interval=5000), 1, tmp_path / "resumed.txt")
+    assert sorted(losses(tmp_path / "resumed.txt")) == [step + 1]
 
 
 def test_only_the_last_keep_checkpoints_stay_and_a_folder_cut_short_before_them_goes(tmp_path):

@@ -339,9 +339,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             if requested:
                 served += 1
                 log.info("checkpoint requested by the operator: saved step %d", step)
-            metrics.set(**{c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time,
-                           c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
-                           "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
+        # At every step: an async save is committed in the background whenever its writes end.
+        metrics.set(**{c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time,
+                       c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
+                       "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
         if preempt:
             ckpt.close()
             if rank == 0:
