@@ -154,7 +154,8 @@ class Checkpoint(Model):
     keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted after a newer one is committed.")
     asyncSave: bool = Field(False, alias="async", description=(
         "Save in the background while training continues: the state is copied during the next step's forward and "
-        "backward, and written by a separate process. The last step's save and a preemption's are synchronous."))
+        "backward, written by a separate process, and committed as soon as it is written. The last step's save and "
+        "a preemption's are synchronous."))
 
 
 class FailurePolicy(Model):
