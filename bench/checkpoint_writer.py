@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,10 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pretrain_trainer.checkpoint import Writer
     from pretrain_trainer.model import ModelArgs, Transformer, init_weights
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port
     try:
         args = ModelArgs.from_spec(ModelSpec(preset="small", **json.loads(a.model)))
         model = Transformer(args)

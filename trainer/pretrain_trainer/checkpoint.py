@@ -29,6 +29,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -146,9 +147,7 @@ class Checkpointer:
         self.root = Path(root)
         self.keep, self.rank, self.world = keep, rank, world
         self.async_save = async_save
-        self.pending = None  # (future, step) of an async save
-        self.committing: threading.Event | None = None  # set when rank 0 has committed it (or failed)
-        self.commit_error: BaseException | None = None
+        self.pending = None  # (future, step, rank 0's commit: a future, else None) of an async save
         self.last_step = 0
         self.last_time = 0.0
         self.save_seconds = 0.0
@@ -246,9 +245,7 @@ class Checkpointer:
                     self.staging, fut = r.staging_completion, r.upload_completion
                 else:
                     fut = r
-                self.pending = (fut, step)
-                if self.rank == 0:
-                    self._commit_when_written(fut, step, extra, t0)
+                self.pending = (fut, step, self._commit_when_written(fut, step, extra, t0) if self.rank == 0 else None)
                 self._blocked(step, time.monotonic() - t_blocked, done=self.staging is None)
                 return
         dcp.save(state, storage_writer=self._writer(d))
@@ -305,35 +302,31 @@ class Checkpointer:
         self.wait_staging(blocking)
         if self.pending is None:
             return
-        fut, step = self.pending
+        fut, _, commit = self.pending
         self.pending = None
         fut.result()  # every rank: a failed write stops the run, as a failed sync save does
-        if self.committing is not None:
-            self.committing.wait()
-            self.committing = None
-            if self.commit_error is not None:
-                raise RuntimeError(f"commit of checkpoint step {step} failed") from self.commit_error
+        if commit is not None:
+            commit.result()
 
-    def _commit_when_written(self, fut, step: int, extra: dict, t0: float) -> None:
+    def _commit_when_written(self, fut, step: int, extra: dict, t0: float) -> Future:
         """Rank 0 commits an async save as soon as it is written, from the thread that completes its
         future, while training goes on. Committed only at the next save (as before), a checkpoint
         was lost to a node lost without a notice in between, and status.lastCheckpoint lagged an
         interval behind. No barrier is needed: rank 0's save completes after DCP's metadata, which
         its coordinator writes once every rank's writer has reported its shards written, and each
         rank wrote its RNG file before handing its state to its writer."""
-        committed = self.committing = threading.Event()
-        self.commit_error = None
+        commit: Future = Future()
 
         def done(f) -> None:
             try:
-                if f.exception() is None:
+                if f.exception() is None:  # a failed write: the training loop's fut.result() raises it
                     self._mark(step, extra, t0)
+                commit.set_result(None)
             except BaseException as e:  # noqa: BLE001  (raised by the training loop's next wait)
-                self.commit_error = e
-            finally:
-                committed.set()
+                commit.set_exception(e)
 
         fut.add_done_callback(done)
+        return commit
 
     def _commit(self, step: int, extra: dict, t0: float) -> None:
         """Commit a synchronous save: every rank's shards and RNG file are on disk, then rank 0 marks it."""
