@@ -388,3 +388,42 @@ def test_a_volume_mounted_over_the_checkout_leaves_this_machines_python_visible(
     assert p.status.phase == "Succeeded", out
     assert f"ok {sorted(['mine', REPO_ROOT.name])}" in out and "read-only" in out
     assert not (REPO_ROOT.parent / "mine").exists()  # written to the pod's emptyDir, not the host
+
+
+BURN = """
+import multiprocessing as mp, sys, time
+def burn(until):
+    while time.time() < until:
+        pass
+if __name__ == "__main__":
+    print(open("/proc/self/cgroup").read(), flush=True)
+    until = time.time() + float(sys.argv[1])
+    procs = [mp.Process(target=burn, args=(until,)) for _ in range(int(sys.argv[2]))]
+    [p.start() for p in procs]
+    [p.join() for p in procs]
+"""
+
+
+def test_a_node_whose_pods_use_every_core_keeps_renewing_its_lease(api, core, namespace):
+    # A kubelet's system-reserved CPU keeps a busy node's heartbeat alive; here the pods' processes
+    # share one CPU cgroup weighted below the node agent and the control plane. Were the heartbeat
+    # starved past the 8 s grace period, the node lifecycle controller would mark the node NotReady
+    # and the operator would take the gang's pods for lost: a false preemption.
+    burn_s, workers = 20, 12
+    create_pod(core, namespace, pod_manifest("burn", ["python", "-c", BURN, str(burn_s), str(workers)]))
+    node = wait_phase(core, namespace, "burn", "Running").spec.node_name
+    leases = client.CoordinationV1Api(api)
+    last_seen, changed_at, longest = None, time.monotonic(), 0.0
+    end = time.monotonic() + burn_s - 2
+    while time.monotonic() < end:
+        renew = leases.read_namespaced_lease(node, "kube-node-lease").spec.renew_time
+        t = time.monotonic()
+        if renew != last_seen:
+            last_seen, changed_at = renew, t
+        longest = max(longest, t - changed_at)
+        time.sleep(0.25)
+    ready = next(c for c in core.read_node(node).status.conditions if c.type == "Ready")
+    assert ready.status == "True", (ready.reason, ready.message)
+    # The agent renews every 2 s; 5 s leaves room for a slow request, not for a starved heartbeat.
+    assert longest < 5.0, f"node {node}'s lease went {longest:.1f} s without a renewal under load"
+    assert "pretrain-local-kubepods" in logs(core, namespace, "burn")

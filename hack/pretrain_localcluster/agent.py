@@ -47,6 +47,7 @@ STORAGE_CLASS = "standard"
 PROVISIONER = "pretrain.dev/local-path"
 LEASE_RENEW_S = 2.0
 NODE_STATUS_S = 10.0
+LEASE_REQUEST_TIMEOUT_S = 4.0
 BACKOFF_BASE_S, BACKOFF_MAX_S = 1.0, 60.0
 
 
@@ -761,30 +762,51 @@ class Agent:
         log.info("node %s registered (%s)", n["name"], "spot" if n.get("spot") else "on-demand")
 
     def heartbeat_loop(self) -> None:
-        last_status: dict[str, float] = {}
+        """One heartbeat thread per active node, as each real node has its own kubelet: a slow
+        request for one node must not hold back another node's lease renewal."""
+        beating: dict[str, threading.Thread] = {}
         while not self.stop.is_set():
             for name, n in list(self.nodes.items()):
-                if n.get("status", "active") != "active":
-                    continue
-                kube = self.node_kube(name)
-                try:
-                    self.renew_lease(kube, name)
-                    if time.monotonic() - last_status.get(name, 0) >= NODE_STATUS_S:
-                        node = kube.get_or_none(f"/api/v1/nodes/{name}")
-                        if node is None:
-                            continue  # deleted from outside (a drill); not re-created until re-added
-                        body = self.node_body(n)
-                        self.node_objs[name] = kube.patch(f"/api/v1/nodes/{name}/status", {"status": body["status"]})
-                        last_status[name] = time.monotonic()
-                except Exception as e:  # noqa: BLE001  (the API may be restarting; keep beating)
-                    log.warning("heartbeat of %s: %s", name, e)
+                t = beating.get(name)
+                if n.get("status", "active") == "active" and (t is None or not t.is_alive()):
+                    beating[name] = threading.Thread(target=self.heartbeat, args=(name,), daemon=True,
+                                                     name=f"heartbeat-{name}")
+                    beating[name].start()
             self.stop.wait(LEASE_RENEW_S)
+
+    def heartbeat(self, name: str) -> None:
+        """Renew the node's lease every LEASE_RENEW_S and post its status every NODE_STATUS_S, until
+        the node stops being active. A request that hangs is cut at LEASE_REQUEST_TIMEOUT_S and the
+        next renewal follows at once: the node lifecycle controller marks a node NotReady when its
+        lease is older than the grace period (8 s), so one stuck request must not use it up."""
+        kube = self.node_kube(name)
+        last_status = 0.0
+        while not self.stop.is_set():
+            n = self.nodes.get(name)
+            if n is None or n.get("status", "active") != "active":
+                return  # frozen, terminated or removed: heartbeat_loop starts a new thread if it comes back
+            started = time.monotonic()
+            try:
+                self.renew_lease(kube, name)
+                # A Node deleted from outside (a drill) is not re-created until it is re-added.
+                if started - last_status >= NODE_STATUS_S and kube.get_or_none(f"/api/v1/nodes/{name}"):
+                    body = self.node_body(n)
+                    self.node_objs[name] = kube.patch(f"/api/v1/nodes/{name}/status", {"status": body["status"]},
+                                                      timeout=LEASE_REQUEST_TIMEOUT_S)
+                    last_status = started
+            except Exception as e:  # noqa: BLE001  (the API may be restarting or slow; keep beating)
+                log.warning("heartbeat of %s: %s", name, e)
+            took = time.monotonic() - started
+            if took > LEASE_RENEW_S:
+                log.warning("heartbeat of %s took %.1f s (a node's lease older than the grace period makes it NotReady)",
+                            name, took)
+            self.stop.wait(max(0.0, LEASE_RENEW_S - took))
 
     def renew_lease(self, kube: Kube, name: str) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}"
         spec = {"holderIdentity": name, "leaseDurationSeconds": 40, "renewTime": now_micro()}
         try:
-            kube.patch(path, {"spec": spec}, strategic=False)
+            kube.patch(path, {"spec": spec}, strategic=False, timeout=LEASE_REQUEST_TIMEOUT_S)
         except KubeError as e:
             if e.status != 404:
                 raise

@@ -59,9 +59,9 @@ class Kube:
                 return None
             raise
 
-    def patch(self, path: str, body: dict, strategic: bool = True) -> dict:
+    def patch(self, path: str, body: dict, strategic: bool = True, timeout: float = 30.0) -> dict:
         ct = "application/strategic-merge-patch+json" if strategic else "application/merge-patch+json"
-        return self.request("PATCH", path, body, content_type=ct)
+        return self.request("PATCH", path, body, content_type=ct, timeout=timeout)
 
     def delete(self, path: str, body: dict | None = None, missing_ok: bool = True) -> dict | None:
         try:

@@ -7,7 +7,8 @@ hostname, builds the container's root (an overlay over the host's `/` with its u
 tmpfs, so the container can write anywhere without touching the host), bind-mounts the volumes and
 the pod's /etc/hosts and /etc/resolv.conf, gives it a /dev of its own (the host's devices, its own
 writes) with the termination message file, puts the process in a memory cgroup when the container
-has a memory limit, then forks the container: its own process group, chroot, uid/gid/groups,
+has a memory limit and in the pods' CPU cgroup (`kubepods`, weighted below the node agent and the
+control plane, as a kubelet's system-reserved keeps a busy node's heartbeat alive), then forks the container: its own process group, chroot, uid/gid/groups,
 working directory, environment, exec. The shim stays as its parent: it forwards SIGTERM/SIGINT to
 the container's process group, writes its output as CRI log lines (`<RFC3339Nano> stdout|stderr F
 <line>`), and when it exits kills what is left of the group and writes `exit.json` (exit code,
@@ -38,6 +39,14 @@ CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 MEMCG = Path("/sys/fs/cgroup/memory")
+CPUCG = Path("/sys/fs/cgroup/cpu")
+# Every pod process shares one CPU cgroup whose weight is half that of one process outside it (the
+# node agent's and the control plane's threads have the default 1024), as a kubelet's
+# system-reserved CPU does. Idle, the pods get every core; when the node agent or the API server
+# needs CPU, it gets it first. A node heartbeat held back past the 8 s grace period makes the node
+# NotReady, and the operator takes its pods for lost: a false preemption (seen once in CI on a
+# loaded machine).
+KUBEPODS_CPU_SHARES = 512
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -236,6 +245,17 @@ def memory_cgroup(spec: dict) -> Path | None:
     return cg
 
 
+def kubepods_cpu_cgroup() -> Path | None:
+    """The pods' CPU cgroup (cgroup v1), or None where it cannot be made (no cpu controller, no root)."""
+    cg = CPUCG / "pretrain-local-kubepods"  # a child of the root: its weight is against the root's processes
+    try:
+        cg.mkdir(exist_ok=True)
+        (cg / "cpu.shares").write_text(str(KUBEPODS_CPU_SHARES))
+    except OSError:
+        return None
+    return cg
+
+
 def oom_killed(cg: Path | None) -> bool:
     if cg is None:
         return False
@@ -256,6 +276,7 @@ def run(spec: dict) -> int:
     try:
         root, own_dev = enter_pod(spec)
         cg = memory_cgroup(spec)
+        cpu_cg = kubepods_cpu_cgroup()
     except OSError as e:
         log.write(f"{now_rfc3339()} stderr F shim: cannot set up the container: {e}\n".encode())
         _write_json(state / "exit.json", {"exitCode": 128, "reason": "StartError", "message": str(e),
@@ -270,8 +291,9 @@ def run(spec: dict) -> int:
     if pid == 0:  # the container
         try:
             os.setpgid(0, 0)
-            if cg is not None:
-                (cg / "cgroup.procs").write_text(str(os.getpid()))
+            for group in (cg, cpu_cg):
+                if group is not None:
+                    (group / "cgroup.procs").write_text(str(os.getpid()))
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
             devnull = os.open("/dev/null", os.O_RDONLY)
