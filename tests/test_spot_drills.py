@@ -120,3 +120,14 @@ def test_a_restarted_node_agent_adopts_the_pods_it_left_running(cluster, core, n
     # Adopted, not orphaned: deleting the pod still delivers SIGTERM through the new agent.
     core.delete_namespaced_pod("survivor", namespace)
     wait_for(lambda: phase(core, namespace, "survivor") is None, timeout=30, what="the pod to be deleted")
+
+
+def test_a_live_node_marked_not_ready_is_ready_again_within_a_status_check(core, fresh_node):
+    # What the node lifecycle controller writes when a heartbeat comes late (a stalled machine). The
+    # agent, like a kubelet, posts a status that differs from the node's at its next check (10 s),
+    # not only at its once-a-minute report: a node must not stay NotReady for a minute after a stall.
+    time.sleep(2 * 2.0)  # past the agent's first beat of the new node, which posts its status
+    core.patch_node_status(fresh_node, {"status": {"conditions": [
+        {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown", "message": "Kubelet stopped posting node status."}]}})
+    assert _node_ready(core, fresh_node) == "Unknown"
+    wait_for(lambda: _node_ready(core, fresh_node) == "True", timeout=20, interval=0.2, what="the node to be Ready again")

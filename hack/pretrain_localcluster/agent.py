@@ -46,7 +46,13 @@ log = logging.getLogger("node-agent")
 STORAGE_CLASS = "standard"
 PROVISIONER = "pretrain.dev/local-path"
 LEASE_RENEW_S = 2.0
+# The lease is the heartbeat. Like a kubelet, the agent checks the node's status every
+# NODE_STATUS_S but writes it only when it differs from what it would post (the node lifecycle
+# controller set Ready Unknown: it is set back at once) or NODE_STATUS_REPORT_S has passed. Posting
+# it every 10 s was two full Node writes a second with the 20 nodes a test session makes, each
+# fanned out to the controller-manager's, the scheduler's and the operator's watches.
 NODE_STATUS_S = 10.0
+NODE_STATUS_REPORT_S = 60.0
 LEASE_REQUEST_TIMEOUT_S = 4.0
 BACKOFF_BASE_S, BACKOFF_MAX_S = 1.0, 60.0
 
@@ -775,12 +781,12 @@ class Agent:
             self.stop.wait(LEASE_RENEW_S)
 
     def heartbeat(self, name: str) -> None:
-        """Renew the node's lease every LEASE_RENEW_S and post its status every NODE_STATUS_S, until
+        """Renew the node's lease every LEASE_RENEW_S and keep its status posted (see NODE_STATUS_S), until
         the node stops being active. A request that hangs is cut at LEASE_REQUEST_TIMEOUT_S and the
         next renewal follows at once: the node lifecycle controller marks a node NotReady when its
         lease is older than the grace period (8 s), so one stuck request must not use it up."""
         kube = self.node_kube(name)
-        last_status = 0.0
+        last_checked = last_posted = -NODE_STATUS_REPORT_S
         while not self.stop.is_set():
             n = self.nodes.get(name)
             if n is None or n.get("status", "active") != "active":
@@ -788,12 +794,17 @@ class Agent:
             started = time.monotonic()
             try:
                 self.renew_lease(kube, name)
-                # A Node deleted from outside (a drill) is not re-created until it is re-added.
-                if started - last_status >= NODE_STATUS_S and kube.get_or_none(f"/api/v1/nodes/{name}"):
-                    body = self.node_body(n)
-                    self.node_objs[name] = kube.patch(f"/api/v1/nodes/{name}/status", {"status": body["status"]},
-                                                      timeout=LEASE_REQUEST_TIMEOUT_S)
-                    last_status = started
+                if started - last_checked >= NODE_STATUS_S:
+                    last_checked = started
+                    node = kube.get_or_none(f"/api/v1/nodes/{name}", timeout=LEASE_REQUEST_TIMEOUT_S)
+                    if node:
+                        self.node_objs[name] = node
+                    # A Node deleted from outside (a drill) is not re-created until it is re-added.
+                    if node and (started - last_posted >= NODE_STATUS_REPORT_S or not self.ready(node)):
+                        body = self.node_body(n)
+                        self.node_objs[name] = kube.patch(f"/api/v1/nodes/{name}/status", {"status": body["status"]},
+                                                          timeout=LEASE_REQUEST_TIMEOUT_S)
+                        last_posted = started
             except Exception as e:  # noqa: BLE001  (the API may be restarting or slow; keep beating)
                 log.warning("heartbeat of %s: %s", name, e)
             took = time.monotonic() - started
@@ -801,6 +812,11 @@ class Agent:
                 log.warning("heartbeat of %s took %.1f s (a node's lease older than the grace period makes it NotReady)",
                             name, took)
             self.stop.wait(max(0.0, LEASE_RENEW_S - took))
+
+    @staticmethod
+    def ready(node: dict) -> bool:
+        conds = (node.get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
     def renew_lease(self, kube: Kube, name: str) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}"

@@ -40,9 +40,9 @@ class Kube:
     def get(self, path: str, **params) -> dict:
         return self.request("GET", path, params=params or None)
 
-    def get_or_none(self, path: str) -> dict | None:
+    def get_or_none(self, path: str, timeout: float = 30.0) -> dict | None:
         try:
-            return self.get(path)
+            return self.request("GET", path, timeout=timeout)
         except KubeError as e:
             if e.status == 404:
                 return None
