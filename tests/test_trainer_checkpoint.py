@@ -7,6 +7,7 @@ share is refused at the start."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pretrain_operator import contract as c
 from tests.helpers import wait_for
 from tests.trainer_util import cmd, env, losses, run, single_process_losses, wait_for_step, write_config
 
-pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+torch = pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
 
 def _committed(d):
@@ -206,6 +207,12 @@ def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_
         os.killpg(p.pid, signal.SIGKILL)
         p.wait(30)
     assert _committed(tmp_path) == saved and (tmp_path / "ckpt" / "latest").read_text() == saved[0]
+    # Each rank's RNG state, written before its state went to its writer process, is part of the commit.
+    marker = json.loads((tmp_path / "ckpt" / saved[0] / "COMMITTED").read_text())
+    assert {"rng/rank-0.pt", "rng/rank-1.pt"} <= set(marker["files"])
+    for rank in (0, 1):
+        rng = torch.load(tmp_path / "ckpt" / saved[0] / "rng" / f"rank-{rank}.pt", weights_only=False)
+        assert rng["world"] == 2 and rng["cpu"].dtype == torch.uint8
     run(write_config(tmp_path, nproc=1, steps=step + 1, interval=5000), 1, tmp_path / "resumed.txt")
     assert sorted(losses(tmp_path / "resumed.txt")) == [step + 1]
 
