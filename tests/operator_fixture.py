@@ -42,7 +42,8 @@ class OperatorProcess:
                  PRETRAIN_OPERATOR_METRICS_PORT=str(self.metrics_port), PRETRAIN_OPERATOR_HEALTH_PORT=str(free_port()),
                  PRETRAIN_OPERATOR_LEASE_DURATION_S="4", PRETRAIN_OPERATOR_LEASE_RENEW_S="1",
                  PRETRAIN_OPERATOR_RESYNC_S="3", PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1",
-                 PRETRAIN_OPERATOR_CRASH_AT=crash_at, **env)
+                 PRETRAIN_OPERATOR_CRASH_AT=crash_at)
+        e.update(env)  # a test's own settings over these
         self.log = open(self.log_dir / f"operator-{self.runs}.log", "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=e, stdout=self.log,
                                      stderr=subprocess.STDOUT)

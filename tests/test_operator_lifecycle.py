@@ -12,6 +12,7 @@ from pretrain_operator import api, contract as c
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 from tests.kubeutil import pod_manifest
+from tests.operator_fixture import OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -145,3 +146,23 @@ def test_a_converged_job_gets_no_further_writes(jobs, operator):
     assert jobs.get("still")["metadata"]["resourceVersion"] == rv
     # Other tests' jobs may be writing meanwhile only if they run in parallel; they do not (one session, serial).
     assert operator.total("pretrain_operator_api_writes_total") == writes
+
+
+def test_status_progress_follows_a_running_trainer_between_resyncs(jobs, operator, tmp_path):
+    # On a real cluster nothing may touch a running gang for minutes (a kubelet writes an unchanged
+    # node status every 5 min): the progress must not wait for the resync, nor for node churn.
+    operator.stop()
+    slow = OperatorProcess(operator.kubeconfig, tmp_path).start(PRETRAIN_OPERATOR_RESYNC_S="300",
+                                                                PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1")
+    try:
+        jobs.create(job_manifest("followed", steps=2000, interval=1000, step_s=0.1))
+        jobs.wait("followed", lambda s: (s.get("progress") or {}).get("step", 0) > 0, timeout=60, what="a first step")
+        seen = set()
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            seen.add(jobs.status("followed")["progress"]["step"])
+            time.sleep(0.25)
+        assert len(seen) >= 4, sorted(seen)  # a pass a second: about 8
+    finally:
+        slow.stop()
+        operator.start()

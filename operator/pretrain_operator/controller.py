@@ -205,6 +205,11 @@ class Controller:
         if not known or known[0] != gen or time.monotonic() - known[2] >= 60 or cm_obj:
             self.children[uid] = (gen, cm_obj["data"][c.CONFIG_FILE] if cm_obj else observed.config_data, time.monotonic())
         self._observe_metrics(ns, name, job, plan)
+        if plan.status.get("phase") == "Running":
+            # Back for the trainer's progress (status.progress, lastCheckpoint) even when nothing
+            # else happens: on a real cluster nothing may touch a running gang for minutes (a
+            # kubelet writes an unchanged node status every 5 min), and the resync is 30 s.
+            return min(math.inf if plan.requeue_after is None else plan.requeue_after, self.settings.progress_interval_s)
         return plan.requeue_after
 
     def _act(self, ns: str, job: dict, plan: reconcile.Plan) -> None:
