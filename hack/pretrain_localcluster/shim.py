@@ -7,9 +7,9 @@ hostname, builds the container's root (an overlay over the host's `/` with its u
 tmpfs, so the container can write anywhere without touching the host), bind-mounts the volumes and
 the pod's /etc/hosts and /etc/resolv.conf, gives it a /dev of its own (the host's devices, its own
 writes) with the termination message file, puts the process in a memory cgroup when the container
-has a memory limit and in the pods' CPU cgroup (`kubepods`, weighted below the node agent and the
-control plane, as a kubelet's system-reserved keeps a busy node's heartbeat alive), then forks the container: its own process group, chroot, uid/gid/groups,
-working directory, environment, exec. The shim stays as its parent: it forwards SIGTERM/SIGINT to
+has a memory limit and in the pods' CPU cgroup (weighted below the node agent and the control
+plane, as a kubelet's system-reserved CPU keeps a busy node's heartbeat alive), then forks the
+container: its own process group, chroot, uid/gid/groups, working directory, environment, exec. The shim stays as its parent: it forwards SIGTERM/SIGINT to
 the container's process group, writes its output as CRI log lines (`<RFC3339Nano> stdout|stderr F
 <line>`), and when it exits kills what is left of the group and writes `exit.json` (exit code,
 signal, reason Completed/Error/OOMKilled/StartError, times, and the termination message: what the
