@@ -72,7 +72,4 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
         assert st["progress"] == {**st["progress"], "step": 40, "loss": round(losses(volume / "losses.txt")[40], 4)}
     finally:
         for n in pool:
-            try:
-                core.delete_node(n)
-            except Exception:  # noqa: BLE001
-                pass
+            nodes.remove_node(cluster.state_dir, n)

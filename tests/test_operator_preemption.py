@@ -10,7 +10,6 @@ import threading
 import uuid
 
 import pytest
-from kubernetes import client
 
 from pretrain_localcluster import nodes
 from pretrain_operator import reconcile
@@ -25,16 +24,13 @@ def jobs(api, namespace, operator) -> Jobs:
 
 
 @pytest.fixture
-def pool(cluster, core):
+def pool(cluster):
     """Three spot nodes of this test's own (a label the job selects), removed afterwards."""
     label = uuid.uuid4().hex[:8]
     names = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(3)]
     yield label, names
     for n in names:
-        try:
-            core.delete_node(n)
-        except client.ApiException:
-            pass
+        nodes.remove_node(cluster.state_dir, n)
 
 
 def _running_then_checkpoint(jobs: Jobs, name: str) -> tuple[dict, str]:

@@ -24,14 +24,11 @@ WAIT_TERM = ("import signal, sys, time\n"
 
 
 @pytest.fixture
-def fresh_node(cluster, core):
+def fresh_node(cluster):
     """A node of its own for a destructive drill; removed afterwards whatever happened to it."""
     name = nodes.add_node(cluster.state_dir, spot=True)
     yield name
-    try:
-        core.delete_node(name)
-    except client.ApiException:
-        pass
+    nodes.remove_node(cluster.state_dir, name)
 
 
 def _node_ready(core, name: str) -> str | None:
@@ -101,7 +98,7 @@ def test_add_node_brings_spot_capacity_back(cluster, core):
         assert n.spec.pod_cidr
         assert _node_ready(core, name) == "True"
     finally:
-        core.delete_node(name)
+        nodes.remove_node(cluster.state_dir, name)
 
 
 def test_a_restarted_node_agent_adopts_the_pods_it_left_running(cluster, core, namespace):

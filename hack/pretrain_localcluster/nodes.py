@@ -144,6 +144,14 @@ def fail_node(state_dir: Path, node: str) -> None:
     _set_status(state_dir, node, "failed")
 
 
+def remove_node(state_dir: Path, node: str) -> None:
+    """Take a node away for good (a test's own node at teardown): its agent stops beating and kills
+    what still runs there, then the Node object goes (if a drill has not deleted it already).
+    Deleting only the Node object leaves the agent renewing a lease for it, two requests every 2 s."""
+    _set_status(state_dir, node, "terminated")
+    admin_kube(state_dir).delete(f"/api/v1/nodes/{node}")
+
+
 def pods_on(kube: Kube, node: str) -> list[dict]:
     return kube.get("/api/v1/pods", fieldSelector=f"spec.nodeName={node}")["items"]
 
