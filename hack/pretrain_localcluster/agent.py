@@ -37,6 +37,7 @@ from pathlib import Path
 from . import podnet, podspec
 from .config import REPO_ROOT
 from .kube import Kube, KubeError
+from .nodes import node_ready
 from .pki import PKI
 from .procs import alive, owned
 from .volumes import VolumeBuilder, VolumeNotReady, read_config_source
@@ -800,7 +801,7 @@ class Agent:
                     if node:
                         self.node_objs[name] = node
                     # A Node deleted from outside (a drill) is not re-created until it is re-added.
-                    if node and (started - last_posted >= NODE_STATUS_REPORT_S or not self.ready(node)):
+                    if node and (started - last_posted >= NODE_STATUS_REPORT_S or not node_ready(node)):
                         body = self.node_body(n)
                         self.node_objs[name] = kube.patch(f"/api/v1/nodes/{name}/status", {"status": body["status"]},
                                                           timeout=LEASE_REQUEST_TIMEOUT_S)
@@ -812,11 +813,6 @@ class Agent:
                 log.warning("heartbeat of %s took %.1f s (a node's lease older than the grace period makes it NotReady)",
                             name, took)
             self.stop.wait(max(0.0, LEASE_RENEW_S - took))
-
-    @staticmethod
-    def ready(node: dict) -> bool:
-        conds = (node.get("status") or {}).get("conditions") or []
-        return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
 
     def renew_lease(self, kube: Kube, name: str) -> None:
         path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}"

@@ -79,14 +79,18 @@ def admin_kube(state_dir: Path) -> Kube:
     return Kube(st["server"], str(pki / "ca.crt"), str(pki / "admin.crt"), str(pki / "admin.key"))
 
 
+def node_ready(obj: dict) -> bool:
+    """A Node object's Ready condition is True."""
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in (obj.get("status") or {}).get("conditions") or [])
+
+
 def wait_nodes_ready(kube: Kube, names: list[str], timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     pending = set(names)
     while pending and time.monotonic() < deadline:
         for n in list(pending):
             obj = kube.get_or_none(f"/api/v1/nodes/{n}")
-            if obj and obj["spec"].get("podCIDR") and any(
-                    c["type"] == "Ready" and c["status"] == "True" for c in (obj.get("status") or {}).get("conditions", [])):
+            if obj and obj["spec"].get("podCIDR") and node_ready(obj):
                 pending.discard(n)
         time.sleep(0.1)
     if pending:
@@ -145,10 +149,11 @@ def fail_node(state_dir: Path, node: str) -> None:
 
 
 def remove_node(state_dir: Path, node: str) -> None:
-    """Take a node away for good (a test's own node at teardown): its agent stops beating and kills
+    """Take a node away for good (the end of a reclaim, a test's own node at teardown): its agent stops beating and kills
     what still runs there, then the Node object goes (if a drill has not deleted it already).
     Deleting only the Node object leaves the agent renewing a lease for it, two requests every 2 s."""
     _set_status(state_dir, node, "terminated")
+    time.sleep(0.3)  # let the agent kill what is left before the Node object goes
     admin_kube(state_dir).delete(f"/api/v1/nodes/{node}")
 
 
@@ -181,8 +186,6 @@ def preempt(state_dir: Path, node: str, notice_s: float = 5.0, taint: str = "aws
     deadline = time.monotonic() + drain_timeout_s
     while pods_on(kube, node) and time.monotonic() < deadline:
         time.sleep(0.1)
-    _set_status(state_dir, node, "terminated")
-    time.sleep(0.3)  # let the agent kill what is left before the Node object goes
-    kube.delete(f"/api/v1/nodes/{node}")
+    remove_node(state_dir, node)
     log(f"{node}: reclaimed; evicted {len(pods)} pod(s), Node deleted")
     return [p["metadata"]["name"] for p in pods]
