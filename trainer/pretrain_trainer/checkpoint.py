@@ -157,6 +157,8 @@ class Checkpointer:
         self.stager = None
         self.pruner: threading.Thread | None = None  # rank 0 deleting what a commit made obsolete
         self.saved_state: tuple[tuple, dict] | None = None  # (the tensors, state) of the last save
+        self.writer_start: threading.Thread | None = None  # starting the async writer process ahead
+        self.writer_error: BaseException | None = None
 
     def shared_problem(self) -> str | None:
         """Every rank must see the same checkpoint folder (rank 0 writes DCP's metadata and the
@@ -184,6 +186,53 @@ class Checkpointer:
             return None
         return (f"the checkpoint folder {self.root} is not shared by every rank (a rank cannot see what rank 0 wrote "
                 "there): on several nodes set checkpoint.claimName to a ReadWriteMany PersistentVolumeClaim")
+
+    def start_writer(self) -> None:
+        """Start the async writer process now, in the background, instead of in the first async save.
+        Its interpreter, torch import and process group took 4-5 s on 2 CPUs: the first save's commit
+        waited for them, and so did the next save when saves came a few seconds apart. A checkpoint
+        requested on a termination notice, often the run's first async save, is the one that most
+        needs those seconds. Every rank calls it at the same point (a collective: rank 0 picks the
+        writers' rendezvous port). It uses DCP's process executor's own start-up (private API, hence
+        the fallback: the first save starts the process, as before)."""
+        if not self.async_save or self.writer_start is not None:
+            return
+        try:
+            from torch.distributed.checkpoint import _async_process_executor as ape
+            if ape._CHECKPOINT_PROCESS is not None:
+                return
+            info = ape._ProcessGroupInitInfo()
+        except Exception as e:  # noqa: BLE001  (another torch: the first save starts it)
+            log.info("the async writer process starts with the first save (%s: %s)", type(e).__name__, str(e)[:200])
+            return
+
+        def start() -> None:
+            try:
+                ape._CHECKPOINT_PROCESS = ape._AsyncCheckpointProcess(pg_init_info=info)
+            except BaseException as e:  # noqa: BLE001  (checked by the first save, on every rank)
+                self.writer_error = e
+
+        log.info("starting the async checkpoint writer process ahead of the first save")
+        self.writer_start = threading.Thread(target=start, name="checkpoint-writer-start", daemon=True)
+        self.writer_start.start()
+
+    def _writer_started(self) -> bool:
+        """Before the first async save: wait for `start_writer`; False (save synchronously from now on)
+        when it failed on any rank, since a rank without its writer would start one and wait in a
+        collective for the others'."""
+        if self.writer_start is None:
+            return True
+        self.writer_start.join()
+        self.writer_start = None
+        ok = torch.tensor([0 if self.writer_error else 1])
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if int(ok) == 1:
+            return True
+        log.warning("the async writer process did not start (%s); saving synchronously from now on",
+                    self.writer_error or "on another rank")
+        self.async_save = False
+        return False
 
     @staticmethod
     def _options(model) -> StateDictOptions:
@@ -233,7 +282,7 @@ class Checkpointer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    d / "rng" / f"rank-{self.rank}.pt")
         state = self._save_state(model, optim)
-        if self.async_save and not final:
+        if self.async_save and not final and self._writer_started():
             try:
                 r = dcp.async_save(state, storage_writer=self._writer(d), **self._async_options())
             except Exception as e:  # noqa: BLE001  (a torch without this staging path: save synchronously)

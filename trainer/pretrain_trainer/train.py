@@ -245,6 +245,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     if extra:
         step, tokens_seen = extra["step"], extra["tokensSeen"]
         loader.load_state_dict(extra["data"])
+    if step < spec.training.steps - 1:  # a step before the last may save (on a request too): async
+        ckpt.start_writer()
     podinfo = podinfo or os.environ.get(c.ENV_PODINFO, c.PODINFO_DIR)
     metrics = Metrics()
     metrics.set(**{c.METRIC_TOTAL_STEPS: spec.training.steps, c.METRIC_STEP: step,
