@@ -9,13 +9,15 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pretrain_localcluster import binaries, network
-from pretrain_localcluster.config import REPO_ROOT
+from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
+from pretrain_localcluster.controlplane import ClusterError, LocalCluster
 from pretrain_localcluster.procs import alive, owned
 
 pytestmark = pytest.mark.cluster
@@ -102,3 +104,43 @@ def test_up_recovers_a_stale_state_folder_from_a_killed_run(second_cluster):
     new = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
     assert not any(alive(p) for p in pids.values()), "the old processes must all be stopped"
     assert all(alive(p) for p in new.values())
+
+
+def test_a_second_up_while_the_first_is_starting_waits_for_it_and_finds_it_running(second_cluster):
+    state = second_cluster
+    first = subprocess.Popen([CLI, "--state-dir", str(state), "up"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # The first `up` has written its state file and not yet started its API server: a second
+        # `up` now used to take the folder for a killed run's and remove it under the first.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (state / "cluster.json").exists():
+            time.sleep(0.01)
+        assert (state / "cluster.json").exists(), "the first `up` never wrote its state"
+        second = _cli(state, "up")
+        out, _ = first.communicate(timeout=180)
+    finally:
+        first.kill()
+    assert first.returncode == 0, out
+    assert "local cluster ready" in out
+    assert second.returncode == 0, second.stderr + second.stdout
+    assert "already running" in second.stdout and "stale state" not in second.stdout
+    pids = {p.stem: int(p.read_text()) for p in (state / "pids").glob("*.pid")}
+    assert "kube-apiserver" in pids and all(alive(p) for p in pids.values())
+
+
+def test_a_component_killed_during_start_up_is_reported_with_its_signal(second_cluster):
+    # Killed from outside, the API server leaves an empty log: the error must still say what happened.
+    lc = LocalCluster(ClusterConfig.load(str(second_cluster)))
+    pid_file = second_cluster / "pids" / "kube-apiserver.pid"
+
+    def kill_it() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not pid_file.exists():
+            time.sleep(0.005)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_it)
+    killer.start()
+    with pytest.raises(ClusterError, match=r"kube-apiserver exited during start-up \(killed by SIGKILL\)"):
+        lc.up(log=lambda *_: None)
+    killer.join()

@@ -14,19 +14,23 @@ DNS do).
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import binaries, network, nodes, podnet
 from .config import ClusterConfig
 from .pki import PKI
-from .procs import ProcessTable
+from .procs import ProcessTable, how_it_ended
 
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns"]
 # Stop order for `down`: consumers first, etcd last (the apiserver flushes to it on exit).
@@ -112,6 +116,18 @@ def _healthy(url: str, ctx: ssl.SSLContext | None = None, timeout: float = 2.0) 
         return False
 
 
+@contextmanager
+def _lifecycle_lock(state_dir: Path):
+    """One `up` or `down` at a time per state folder (two terminals, or a test session and a
+    leftover run in the same clone). Without it a second `up` took the first one's half-written
+    folder for a killed run's and removed it: the first API server then failed on a missing
+    pki/sa.key. The lock file is outside the folder, which `down` removes."""
+    key = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"pretrain-local-cluster-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class LocalCluster:
     """One local cluster, identified by its state folder."""
 
@@ -157,7 +173,12 @@ class LocalCluster:
 
     # ---- up ------------------------------------------------------------------------------
     def up(self, log=print) -> dict:
-        """Start the control plane; returns the state. A running cluster is left as it is."""
+        """Start the control plane; returns the state. A running cluster is left as it is; an `up`
+        or `down` of the same folder in progress elsewhere is waited for."""
+        with _lifecycle_lock(self.state_dir):
+            return self._up(log)
+
+    def _up(self, log) -> dict:
         t0 = time.monotonic()
         if self.state_dir.exists():
             if self.state() and self.is_running():
@@ -165,7 +186,7 @@ class LocalCluster:
                 return self.state()
             if any(self.state_dir.iterdir()):
                 log(f"found stale state in {self.state_dir} (a killed or half-started run); cleaning it up")
-                self.down(log=lambda *_: None)
+                self._down(log=lambda *_: None)
 
         paths = binaries.ensure()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +232,7 @@ class LocalCluster:
             if use_net:
                 nodes.start_agent(self, state, log)
         except Exception:
-            self.down(log=lambda *_: None, keep_logs=True)
+            self._down(log=lambda *_: None, keep_logs=True)
             raise
         state["ready_after_s"] = round(time.monotonic() - t0, 2)
         self._write_state(state)
@@ -332,7 +353,7 @@ class LocalCluster:
             if _healthy(url, ctx, timeout=1.0):
                 return
             if not self.procs.running().get(name):
-                raise ClusterError(f"{name} exited during start-up:\n{self.log_tail(name)}")
+                raise self._exited(name)
             time.sleep(0.1)
         raise ClusterError(f"{name} not healthy after {self.cfg.ready_timeout_s:.0f} s ({url}):\n{self.log_tail(name)}")
 
@@ -342,9 +363,14 @@ class LocalCluster:
             if self.health().get(name):
                 return
             if not self.procs.running().get(name):
-                raise ClusterError(f"{name} exited during start-up:\n{self.log_tail(name)}")
+                raise self._exited(name)
             time.sleep(0.1)
         raise ClusterError(f"{name} not healthy after {self.cfg.ready_timeout_s:.0f} s:\n{self.log_tail(name)}")
+
+    def _exited(self, name: str) -> ClusterError:
+        pid = self.procs.pids().get(name)
+        how = how_it_ended(pid) if pid else "no pid file"
+        return ClusterError(f"{name} exited during start-up ({how}); the end of its log:\n{self.log_tail(name) or '(empty)'}")
 
     def log_tail(self, name: str, lines: int = 15) -> str:
         f = self.procs.log_dir / f"{name}.log"
@@ -361,6 +387,10 @@ class LocalCluster:
     # ---- down ----------------------------------------------------------------------------
     def down(self, log=print, keep_logs: bool = False) -> None:
         """Stop exactly the processes this state folder started (by pid) and remove the state."""
+        with _lifecycle_lock(self.state_dir):
+            self._down(log, keep_logs)
+
+    def _down(self, log, keep_logs: bool = False) -> None:
         st = self.state() or {}
         self.procs.stop_all(order=STOP_ORDER)
         # The node agent leaves pods running when it stops (as a kubelet does): kill their processes

@@ -15,10 +15,15 @@ import time
 from pathlib import Path
 
 
+_ended: dict[int, int] = {}  # wait status of our own children reaped by `alive`
+
+
 def alive(pid: int) -> bool:
     """True while `pid` runs (zombies count as dead; our own children are reaped here)."""
     try:
-        os.waitpid(pid, os.WNOHANG)
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            _ended[pid] = status
     except ChildProcessError:
         pass
     try:
@@ -27,6 +32,17 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def how_it_ended(pid: int) -> str:
+    """How a child of this process that `alive` found dead ended: its exit code or the signal that
+    killed it (a process killed from outside leaves an empty log: this is the only trace)."""
+    status = _ended.get(pid)
+    if status is None:
+        return "not a child of this process: its exit status is unknown"
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
 
 
 def owned(pid: int, marker: str) -> bool:
