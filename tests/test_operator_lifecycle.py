@@ -1,5 +1,6 @@
 """A PretrainJob runs as a gang of torchrun-wired pods to Succeeded; its children carry the
-contract; deletion and TTL clean up; a converged job gets no further writes."""
+contract; deletion and TTL clean up; a converged job gets no further writes; status.progress
+follows the trainer, at a rate capped over all Running jobs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from kubernetes import watch
 
 from pretrain_operator import api, contract as c
+from pretrain_operator.controller import progress_interval
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 from tests.kubeutil import pod_manifest
@@ -148,21 +150,43 @@ def test_a_converged_job_gets_no_further_writes(jobs, operator):
     assert operator.total("pretrain_operator_api_writes_total") == writes
 
 
+def _progress_steps(jobs, operator, tmp_path, name: str, seconds: float, **env) -> set[int]:
+    """The steps that status.progress shows over `seconds` of a Running job, polled every 0.25 s,
+    under an operator with a 300 s resync and these settings (the session's operator stopped meanwhile)."""
+    operator.stop()
+    other = OperatorProcess(operator.kubeconfig, tmp_path).start(PRETRAIN_OPERATOR_RESYNC_S="300", **env)
+    try:
+        jobs.create(job_manifest(name, steps=2000, interval=1000, step_s=0.1))
+        jobs.wait(name, lambda s: (s.get("progress") or {}).get("step", 0) > 0, timeout=60, what="a first step")
+        seen = set()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            seen.add(jobs.status(name)["progress"]["step"])
+            time.sleep(0.25)
+        return seen
+    finally:
+        other.stop()
+        operator.start()
+
+
 def test_status_progress_follows_a_running_trainer_between_resyncs(jobs, operator, tmp_path):
     # On a real cluster nothing may touch a running gang for minutes (a kubelet writes an unchanged
     # node status every 5 min): the progress must not wait for the resync, nor for node churn.
-    operator.stop()
-    slow = OperatorProcess(operator.kubeconfig, tmp_path).start(PRETRAIN_OPERATOR_RESYNC_S="300",
-                                                                PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1")
-    try:
-        jobs.create(job_manifest("followed", steps=2000, interval=1000, step_s=0.1))
-        jobs.wait("followed", lambda s: (s.get("progress") or {}).get("step", 0) > 0, timeout=60, what="a first step")
-        seen = set()
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline:
-            seen.add(jobs.status("followed")["progress"]["step"])
-            time.sleep(0.25)
-        assert len(seen) >= 4, sorted(seen)  # a pass a second: about 8
-    finally:
-        slow.stop()
-        operator.start()
+    seen = _progress_steps(jobs, operator, tmp_path, "followed", 8, PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1")
+    assert len(seen) >= 4, sorted(seen)  # a pass a second: about 8
+
+
+def test_progress_reads_over_all_running_jobs_stay_under_the_rate_cap():
+    # Each read is a reconcile, a metrics scrape and a status write: 5 s apiece at 1000 jobs would
+    # be 200 of each a second. Up to rate x interval jobs (50 by default) keep the interval.
+    assert [progress_interval(5.0, 10.0, n) for n in (0, 1, 50)] == [5.0, 5.0, 5.0]
+    assert progress_interval(5.0, 10.0, 100) == 10.0 and progress_interval(5.0, 10.0, 1000) == 100.0
+    for n in (1, 49, 51, 100, 1000):
+        assert n / progress_interval(5.0, 10.0, n) <= 10.0
+
+
+def test_a_capped_progress_rate_reads_a_running_job_less_often(jobs, operator, tmp_path):
+    # One Running job, an interval of 1 s but at most 0.25 reads a second: one read every 4 s.
+    seen = _progress_steps(jobs, operator, tmp_path, "capped", 8.5, PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1",
+                           PRETRAIN_OPERATOR_PROGRESS_RATE="0.25")
+    assert 2 <= len(seen) <= 3, sorted(seen)  # uncapped: about 8 (without the cap: 9)

@@ -209,7 +209,7 @@ class Controller:
             # Back for the trainer's progress (status.progress, lastCheckpoint) even when nothing
             # else happens: on a real cluster nothing may touch a running gang for minutes (a
             # kubelet writes an unchanged node status every 5 min), and the resync is 30 s.
-            return min(math.inf if plan.requeue_after is None else plan.requeue_after, self.settings.progress_interval_s)
+            return min(math.inf if plan.requeue_after is None else plan.requeue_after, self._progress_interval())
         return plan.requeue_after
 
     def _act(self, ns: str, job: dict, plan: reconcile.Plan) -> None:
@@ -294,7 +294,7 @@ class Controller:
         if st.get("phase") != "Running":
             return
         key = (job["metadata"]["namespace"], job["metadata"]["name"])
-        if time.monotonic() - self.last_progress.get(key, 0) < self.settings.progress_interval_s:
+        if time.monotonic() - self.last_progress.get(key, 0) < self._progress_interval():
             return
         self.last_progress[key] = time.monotonic()
         rank0 = next((p for p in pods if p["metadata"]["labels"].get(c.LABEL_NODE_RANK) == "0"
@@ -323,6 +323,10 @@ class Controller:
                 t = m.get(c.METRIC_LAST_CHECKPOINT_TIME)
                 reconcile.set_last_checkpoint(st, job["spec"]["checkpoint"]["path"], step,
                                               reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now)
+
+    def _progress_interval(self) -> float:
+        running = sum(1 for phase in self.phases.values() if phase == "Running")
+        return progress_interval(self.settings.progress_interval_s, self.settings.progress_rate, running)
 
     def _observe_metrics(self, ns: str, name: str, job: dict, plan: reconcile.Plan) -> None:
         st = plan.status
@@ -355,6 +359,13 @@ class Controller:
             log.error("crash point %s reached: exiting (fault injection)", self.settings.crash_at)
             logging.shutdown()
             os._exit(17)
+
+
+def progress_interval(interval_s: float, rate: float, running: int) -> float:
+    """Seconds between progress reads of one Running job: `interval_s`, or longer when `running`
+    jobs read that often would exceed `rate` reads a second in all (each is a reconcile, a metrics
+    scrape and a status write: at 1000 jobs every 5 s, 200 of each a second)."""
+    return max(interval_s, running / rate)
 
 
 def _job_path(ns: str, name: str) -> str:
