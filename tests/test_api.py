@@ -85,6 +85,7 @@ INVALID = [
     ("negative ttl", _with("ttlSecondsAfterFinished", -5), "spec.ttlSecondsAfterFinished"),
     ("moe topK zero", _with("model.moe", {"topK": 0}), "spec.model.moe.topK"),
     ("moe bias update rate above 1", _with("model.moe", {"biasUpdateRate": 2}), "spec.model.moe.biasUpdateRate"),
+    ("shm size not a quantity", _with("template.shmSize", "lots"), "spec.template.shmSize"),
 ]
 
 

@@ -92,6 +92,10 @@ def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
         assert ctr.termination_message_path == env[c.ENV_TERMINATION_MESSAGE] == c.TERMINATION_MESSAGE_PATH
         assert ctr.termination_message_policy == "FallbackToLogsOnError"
         assert p.spec.hostname == f"wired-n{rank}" and p.spec.subdomain == "wired"
+        # Its own memory-backed /dev/shm (a runtime's is 64 MiB: NCCL and async staging need more).
+        shm = next(v for v in p.spec.volumes if v.name == "pretrain-shm")
+        assert shm.empty_dir.medium == "Memory" and shm.empty_dir.size_limit is None
+        assert {m.mount_path: m.name for m in ctr.volume_mounts}["/dev/shm"] == "pretrain-shm"
     svc = core.read_namespaced_service("wired", namespace)
     assert svc.spec.cluster_ip == "None" and svc.spec.publish_not_ready_addresses
     cm = core.read_namespaced_config_map("wired-config", namespace)
@@ -102,6 +106,21 @@ def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
     wait_for(lambda: core.read_namespaced_pod("dns-probe", namespace).status.phase in ("Succeeded", "Failed"), what="the probe")
     out = core.read_namespaced_pod_log("dns-probe", namespace)
     assert out.startswith(c.METRIC_STEP), out
+
+
+def test_dev_shm_takes_the_spec_s_size_or_gives_way_to_a_mount_of_the_user_s_own(jobs):
+    jobs.create(job_manifest("sized", nodes=1, steps=200, template={"shmSize": "256Mi"}))
+    own = {"volumes": [{"name": "big-shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+           "volumeMounts": [{"name": "big-shm", "mountPath": "/dev/shm/"}]}
+    jobs.create(job_manifest("own-shm", nodes=1, steps=200, template=own))
+    # The API server refuses a pod with two mounts at one path: Running means ours gave way.
+    for name in ("sized", "own-shm"):
+        jobs.wait_phase(name, "Running", timeout=60)
+    [sized] = jobs.pods("sized")
+    assert next(v for v in sized.spec.volumes if v.name == "pretrain-shm").empty_dir.size_limit == "256Mi"
+    [mine] = jobs.pods("own-shm")
+    assert "pretrain-shm" not in {v.name for v in mine.spec.volumes}
+    assert [m.name for m in mine.spec.containers[0].volume_mounts if m.mount_path.rstrip("/") == "/dev/shm"] == ["big-shm"]
 
 
 def test_deleting_the_job_leaves_no_pod_service_or_configmap(jobs, core, namespace):

@@ -206,6 +206,11 @@ class Template(Model):
     volumeMounts: list[dict] = Field(default_factory=list, max_length=64, description="Extra container volume mounts (core/v1 VolumeMount).",
                                      json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
     terminationGracePeriodSeconds: int = Field(60, ge=0, le=3600, description="Time for an emergency checkpoint after SIGTERM.")
+    shmSize: str = Field("", max_length=32, pattern=r"^([0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?)?$", description=(
+        "Size limit of the memory-backed /dev/shm each trainer pod gets (an emptyDir with medium Memory), "
+        "where NCCL and async checkpoint staging put their buffers; a container runtime's own /dev/shm is "
+        "64 MiB. Empty: no limit of its own (the pod's memory limit bounds it). A volumeMount of your own at "
+        "/dev/shm replaces it."))
 
 
 class Resources(Model):

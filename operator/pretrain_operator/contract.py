@@ -22,6 +22,7 @@ CONFIG_DIR = "/etc/pretrain"
 CONFIG_FILE = "config.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 PODINFO_DIR = "/etc/podinfo"
+SHM_DIR = "/dev/shm"  # a memory-backed emptyDir: a runtime's own is 64 MiB, too small for NCCL and async staging
 PODINFO_ANNOTATIONS = f"{PODINFO_DIR}/annotations"
 
 ENV_CONFIG = "PRETRAIN_CONFIG"

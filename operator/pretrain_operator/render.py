@@ -8,9 +8,14 @@ attempts so rank 0's DNS name (the rendezvous endpoint) never changes.
 
 from __future__ import annotations
 
+import posixpath
+
 import yaml
 
 from . import api, contract as c
+
+
+SHM_VOLUME = "pretrain-shm"
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
@@ -107,6 +112,10 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
         {"name": "checkpoints", "mountPath": spec.checkpoint.path},
     ] + list(spec.template.volumeMounts)
+    if not any(posixpath.normpath(m.get("mountPath", "")) == c.SHM_DIR for m in spec.template.volumeMounts):
+        shm = {"medium": "Memory", **({"sizeLimit": spec.template.shmSize} if spec.template.shmSize else {})}
+        volumes.append({"name": SHM_VOLUME, "emptyDir": shm})
+        mounts.append({"name": SHM_VOLUME, "mountPath": c.SHM_DIR})
     resources = {k: v for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
     sched = spec.scheduling
     pod_labels = labels(job, attempt, rank)
