@@ -234,6 +234,23 @@ def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_
     assert sorted(losses(tmp_path / "resumed.txt")) == [step + 1]
 
 
+def test_async_saves_that_do_not_fit_in_dev_shm_are_made_synchronously_and_say_so(tmp_path):
+    # A container runtime's /dev/shm is 64 MiB; here a 1 MiB one in a mount namespace of the run's
+    # own. Async staging copies each rank's state there: without the check the first async save
+    # failed with "unable to allocate shared memory(shm)" and ended the run.
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a mount namespace with a small /dev/shm (make test runs as root)")
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=6, interval=3,
+                       extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
+    small_shm = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$@"', "sh"]
+    r = subprocess.run(small_shm + cmd(cfg, 2, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "async checkpoint staging needs about" in r.stderr and "raise spec.template.shmSize" in r.stderr
+    assert r.stderr.count("saving synchronously from now on") == 2  # both ranks, the same decision
+    assert _committed(tmp_path) == ["step-00000003", "step-00000006"]
+    assert sorted(losses(tmp_path / "losses.txt")) == list(range(1, 7))
+
+
 def test_only_the_last_keep_checkpoints_stay_and_a_folder_cut_short_before_them_goes(tmp_path):
     cfg = write_config(tmp_path, steps=6, interval=1, keep=2)
     cut_short = tmp_path / "ckpt" / "step-00000000"  # a save killed before its marker

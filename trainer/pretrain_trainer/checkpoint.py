@@ -142,6 +142,37 @@ def _no_zip_crc32():
             entry.default = before[1]
 
 
+SHM = "/dev/shm"
+
+
+def staging_problem(state: dict, shm: str = SHM) -> str | None:
+    """Whether this pod's ranks' staging copies (async saves stage each rank's whole state into
+    shared memory, once, and reuse it) fit in the free space of /dev/shm; a message if not. A
+    container runtime's own /dev/shm is 64 MiB: a 97 MiB state failed there at its first async
+    save ('unable to allocate shared memory(shm)'), which ended the run."""
+    def nbytes(v) -> int:
+        if isinstance(v, dict):
+            return sum(nbytes(x) for x in v.values())
+        if isinstance(v, (list, tuple)):
+            return sum(nbytes(x) for x in v)
+        if isinstance(v, torch.Tensor):
+            t = v.to_local() if hasattr(v, "to_local") else v
+            return t.numel() * t.element_size()
+        return 0
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need = nbytes(state) * local
+    try:
+        st = os.statvfs(shm)
+    except OSError:
+        return None  # no /dev/shm to measure: let the save try
+    free = st.f_bavail * st.f_frsize
+    if need <= free:
+        return None
+    return (f"async checkpoint staging needs about {need / 2**20:.0f} MiB of shared memory ({local} rank(s) in this pod) "
+            f"but {shm} has {free / 2**20:.0f} MiB free: raise spec.template.shmSize or the pod's memory limit")
+
+
 class Checkpointer:
     def __init__(self, root: str, keep: int, rank: int, world: int, async_save: bool = False):
         self.root = Path(root)
@@ -159,6 +190,7 @@ class Checkpointer:
         self.saved_state: tuple[tuple, dict] | None = None  # (the tensors, state) of the last save
         self.writer_start: threading.Thread | None = None  # starting the async writer process ahead
         self.writer_error: BaseException | None = None
+        self.async_checked = False  # the first async save's checks (`_async_ready`) done
 
     def shared_problem(self) -> str | None:
         """Every rank must see the same checkpoint folder (rank 0 writes DCP's metadata and the
@@ -216,21 +248,25 @@ class Checkpointer:
         self.writer_start = threading.Thread(target=start, name="checkpoint-writer-start", daemon=True)
         self.writer_start.start()
 
-    def _writer_started(self) -> bool:
-        """Before the first async save: wait for `start_writer`; False (save synchronously from now on)
-        when it failed on any rank, since a rank without its writer would start one and wait in a
-        collective for the others'."""
-        if self.writer_start is None:
+    def _async_ready(self, state: dict) -> bool:
+        """Before the first async save, on every rank: wait for `start_writer`, and check that the
+        staging copy fits in /dev/shm. False (save synchronously from now on, saying why) when the
+        writer did not start or the copy does not fit on any rank: the ranks must agree, since a
+        rank without its writer would start one and wait in a collective for the others'."""
+        if self.async_checked:
             return True
-        self.writer_start.join()
-        self.writer_start = None
-        ok = torch.tensor([0 if self.writer_error else 1])
+        self.async_checked = True
+        if self.writer_start is not None:
+            self.writer_start.join()
+            self.writer_start = None
+        problem = (f"the async writer process did not start ({self.writer_error})" if self.writer_error
+                   else staging_problem(state))
+        ok = torch.tensor([0 if problem else 1])
         if self.world > 1:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if int(ok) == 1:
             return True
-        log.warning("the async writer process did not start (%s); saving synchronously from now on",
-                    self.writer_error or "on another rank")
+        log.warning("%s; saving synchronously from now on", problem or "async checkpointing is not possible on another rank")
         self.async_save = False
         return False
 
@@ -282,7 +318,7 @@ class Checkpointer:
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    d / "rng" / f"rank-{self.rank}.pt")
         state = self._save_state(model, optim)
-        if self.async_save and not final and self._writer_started():
+        if self.async_save and not final and self._async_ready(state):
             try:
                 r = dcp.async_save(state, storage_writer=self._writer(d), **self._async_options())
             except Exception as e:  # noqa: BLE001  (a torch without this staging path: save synchronously)
