@@ -44,6 +44,7 @@ class Controller:
         self.reconciles = 0
         self.last_progress: dict = {}
         self.phases: dict = {}
+        self.running = 0  # jobs in phase Running, counted with the phase gauge
         self.restart_seen: dict = {}
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job uid -> (generation, config) once its Service and ConfigMap exist
@@ -325,8 +326,7 @@ class Controller:
                                               reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now)
 
     def _progress_interval(self) -> float:
-        running = sum(1 for phase in self.phases.values() if phase == "Running")
-        return progress_interval(self.settings.progress_interval_s, self.settings.progress_rate, running)
+        return progress_interval(self.settings.progress_interval_s, self.settings.progress_rate, self.running)
 
     def _observe_metrics(self, ns: str, name: str, job: dict, plan: reconcile.Plan) -> None:
         st = plan.status
@@ -349,6 +349,7 @@ class Controller:
             counts[ph] = counts.get(ph, 0) + 1
         for ph in metrics.PHASES:
             metrics.JOBS.labels(ph).set(counts.get(ph, 0))
+        self.running = counts.get("Running", 0)
 
     def _crash_point(self, stage: str, when: str, job: dict) -> None:
         """Fault injection for tests: PRETRAIN_OPERATOR_CRASH_AT=<stage>:<when>[:<namespace>/<job>]
