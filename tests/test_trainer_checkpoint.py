@@ -282,7 +282,7 @@ def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(
 def test_a_checkpoint_folder_not_shared_by_every_rank_is_a_clear_error_at_the_start(tmp_path):
     # Two "nodes", each with its own folder at the checkpoint path (an emptyDir per pod).
     cfg = write_config(tmp_path, nproc=2, data=2, steps=4)
-    port = str(29700 + os.getpid() % 200)
+    port = str(29300 + os.getpid() % 100)  # apart from trainer_util's 29600-29899 and the launcher tests' 29100-29299
     procs = []
     for rank in (0, 1):
         e = {**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

@@ -6,6 +6,7 @@ test_trainer_checkpoint.py's SIGTERM test.)"""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,14 +24,23 @@ def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
     """Train LAYOUT through the launcher; the per-step losses, the ranks' command lines, its log."""
     d.mkdir()
     c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True, launch_options=options)
-    e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29700 + os.getpid() % 200)}
+    # Its own port range (trainer_util's torchrun runs use 29600-29899): a run of another test
+    # still listening there must not become this one's rendezvous.
+    e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29100 + os.getpid() % 200)}
     e.pop("OMP_NUM_THREADS")  # as in a pod: torchrun's agent sets it for the ranks
-    p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e)
-    wait_for_step(d / "losses.txt", 1, p)
-    ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-    cmdlines = [Path(f"/proc/{r}/cmdline").read_text() for r in ranks]
-    log = p.stderr.read()
-    assert p.wait(300) == 0, log[-3000:]
+    p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True)
+    try:
+        wait_for_step(d / "losses.txt", 1, p)
+        ranks = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        cmdlines = [Path(f"/proc/{r}/cmdline").read_text() for r in ranks]
+        log = p.stderr.read()
+        assert p.wait(300) == 0, log[-3000:]
+    finally:
+        # A failed run must not outlive its test: still listening on its port, it failed every
+        # later multi-rank test of the session (EADDRINUSE).
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
     return losses(d / "losses.txt"), [c.replace("\0", " ").strip() for c in cmdlines], log
 
 
