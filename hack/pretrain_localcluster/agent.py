@@ -144,7 +144,7 @@ class Container:
             return
         if sig == signal.SIGKILL:
             c = self.container_doc()
-            if c:
+            if c and alive(c["pid"]) and owned(c["pid"], self.marker):  # never a recycled pid's group
                 try:
                     os.killpg(c["pid"], signal.SIGKILL)
                 except ProcessLookupError:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .kube import Kube, KubeError
+from .procs import owned
 
 # Termination-notice taints, as the real handlers put them on a node about to be reclaimed.
 NOTICE_TAINTS = {
@@ -66,9 +67,10 @@ def _locked_nodes(state_dir: Path):
         tmp.write_text(json.dumps(nodes, indent=2))
         os.replace(tmp, path)
     pid_file = state_dir / "pids" / "node-agent.pid"
-    if pid_file.exists():
+    pid = int(pid_file.read_text()) if pid_file.exists() else None
+    if pid and owned(pid, str(state_dir)):  # SIGHUP ends any process without a handler: only ours
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGHUP)
+            os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
             pass
 

@@ -15,11 +15,18 @@ import time
 from pathlib import Path
 
 
-_ended: dict[int, int] = {}  # wait status of our own children reaped by `alive`
+_children: dict[int, subprocess.Popen] = {}  # what ProcessTable.start started in this process, by pid
+_markers: dict[int, str] = {}  # and the state folder each was started for
+_ended: dict[int, int] = {}  # wait status of our other children reaped by `alive`
 
 
 def alive(pid: int) -> bool:
     """True while `pid` runs (zombies count as dead; our own children are reaped here)."""
+    child = _children.get(pid)
+    if child is not None:
+        # Asked through its Popen object: a dropped one would be reaped by subprocess's own
+        # clean-up at the next Popen, and its exit status lost (`how_it_ended` needs it).
+        return child.poll() is None
     try:
         reaped, status = os.waitpid(pid, os.WNOHANG)
         if reaped == pid:
@@ -37,15 +44,24 @@ def alive(pid: int) -> bool:
 def how_it_ended(pid: int) -> str:
     """How a child of this process that `alive` found dead ended: its exit code or the signal that
     killed it (a process killed from outside leaves an empty log: this is the only trace)."""
-    status = _ended.get(pid)
-    if status is None:
+    child = _children.get(pid)
+    if child is not None and child.returncode is not None:
+        code = child.returncode
+    elif pid in _ended:
+        code = os.waitstatus_to_exitcode(_ended[pid])
+    else:
         return "not a child of this process: its exit status is unknown"
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exit code {os.waitstatus_to_exitcode(status)}"
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
 
 def owned(pid: int, marker: str) -> bool:
+    """True if `pid` was started for the state folder `marker` (by this process, or as the marker in
+    its cmdline, environ or root says)."""
+    if pid in _children and _children[pid].returncode is None:
+        # Known without /proc: for a moment after exec of a large binary, /proc/<pid>/cmdline and
+        # environ can both read empty (4 starts in 100 of kube-apiserver here); an API server seen
+        # then was taken for dead: "exited during start-up", with an empty log.
+        return _markers[pid] == marker
     try:
         # A container process: chrooted into a root under the state folder.
         if marker in os.readlink(f"/proc/{pid}/root"):
@@ -83,6 +99,7 @@ class ProcessTable:
                 cwd=str(cwd) if cwd else None,
                 start_new_session=True,
             )
+        _children[proc.pid], _markers[proc.pid] = proc, self.marker
         (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc.pid
 
@@ -112,6 +129,9 @@ class ProcessTable:
                 _signal_group(pid, signal.SIGKILL)
                 while alive(pid):
                     time.sleep(0.05)
+        if pid is not None:
+            _children.pop(pid, None)
+            _markers.pop(pid, None)
         pid_file.unlink(missing_ok=True)
 
     def stop_all(self, order: list[str] | None = None, grace_s: float = 10.0) -> None:
