@@ -390,6 +390,29 @@ def test_a_volume_mounted_over_the_checkout_leaves_this_machines_python_visible(
     assert not (REPO_ROOT.parent / "mine").exists()  # written to the pod's emptyDir, not the host
 
 
+
+def test_a_memory_emptydir_is_a_tmpfs_of_its_size_limit_shared_by_the_pods_containers_and_gone_with_it(core, namespace):
+    # As the kubelet makes one (the operator mounts one at /dev/shm for async checkpoint staging).
+    check = ("import errno, os\n"
+             "st = os.statvfs('/dev/shm'); print('size', st.f_blocks * st.f_frsize)\n"
+             "print('type', [l.split(' - ')[1].split()[0] for l in open('/proc/self/mountinfo') if l.split()[4] == '/dev/shm'][-1])\n"
+             "print('from init:', open('/dev/shm/hello').read())\n"
+             "try:\n    open('/dev/shm/big', 'wb').write(b'x' * 9 * 2**20); print('wrote 9 MiB')\n"
+             "except OSError as e:\n    print('full', errno.errorcode[e.errno])\n")
+    mount = {"volumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}]}
+    create_pod(core, namespace, pod_manifest(
+        "shm", ["python", "-c", check], container=mount,
+        init=[{"name": "init", "image": "local", "command": ["sh", "-c", "printf hi > /dev/shm/hello"], **mount}],
+        volumes=[{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}}]))
+    p = wait_phase(core, namespace, "shm", "Succeeded", "Failed")
+    out = logs(core, namespace, "shm")
+    assert p.status.phase == "Succeeded", out
+    assert f"size {8 * 2**20}" in out and "type tmpfs" in out and "from init: hi" in out, out
+    assert "full ENOSPC" in out, out
+    # The pod is done: its tmpfs is unmounted on the host (its memory given back).
+    wait_for(lambda: p.metadata.uid not in Path("/proc/self/mountinfo").read_text() or None, timeout=30,
+             what="the pod's tmpfs unmounted")
+
 BURN = """
 import multiprocessing as mp, sys, time
 def burn(until):

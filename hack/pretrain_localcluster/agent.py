@@ -40,6 +40,7 @@ from .kube import Kube, KubeError
 from .nodes import node_ready
 from .pki import PKI
 from .procs import alive, owned
+from .shim import unmount_under
 from .volumes import VolumeBuilder, VolumeNotReady, read_config_source
 
 log = logging.getLogger("node-agent")
@@ -346,6 +347,7 @@ class PodWorker(threading.Thread):
             return
         if not self.host_network:
             podnet.delete(self.uid)
+        unmount_under(self.dir / "volumes")  # medium Memory emptyDirs: their memory goes back now
         self.agent.release_ip(self.node, self.uid)
         self.torn_down = True
 
@@ -953,6 +955,7 @@ class Agent:
                 podnet.delete(uid)
                 if meta.get("node"):
                     self.release_ip(meta["node"], uid)
+                unmount_under(d)
                 shutil.rmtree(d, ignore_errors=True)
                 log.info("cleaned up pod folder %s (pod gone)", d.name)
 

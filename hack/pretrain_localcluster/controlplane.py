@@ -31,6 +31,7 @@ from . import binaries, network, nodes, podnet
 from .config import ClusterConfig
 from .pki import PKI
 from .procs import ProcessTable, how_it_ended
+from .shim import unmount_under
 
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns"]
 # Stop order for `down`: consumers first, etcd last (the apiserver flushes to it on exit).
@@ -394,8 +395,10 @@ class LocalCluster:
         st = self.state() or {}
         self.procs.stop_all(order=STOP_ORDER)
         # The node agent leaves pods running when it stops (as a kubelet does): kill their processes
-        # and remove their network namespaces. Mounts live in the pods' own mount namespaces.
+        # and remove their network namespaces. Mounts live in the pods' own mount namespaces, but
+        # for medium Memory emptyDirs: tmpfs mounts in this one, under the state folder.
         podnet.sweep(st)
+        unmount_under(self.state_dir)
         if st.get("bridge") and network.can_manage():
             network.delete_bridge(st["bridge"])
         if keep_logs:

@@ -38,6 +38,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
 MEMCG = Path("/sys/fs/cgroup/memory")
 CPUCG = Path("/sys/fs/cgroup/cpu")
 # Every pod process shares one CPU cgroup whose weight is half that of one process outside it (the
@@ -50,6 +51,7 @@ KUBEPODS_CPU_SHARES = 512
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
 def _check(ret: int, what: str) -> None:
@@ -61,6 +63,16 @@ def _check(ret: int, what: str) -> None:
 def mount(src: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     enc = lambda s: s.encode() if s is not None else None  # noqa: E731
     _check(_libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {src} on {target}")
+
+
+def unmount_under(path: str | Path) -> None:
+    """Detach every mount at or under `path` in this mount namespace, deepest first (a medium
+    Memory emptyDir is a tmpfs in the node agent's: see volumes.py). Nothing mounted: nothing done."""
+    prefix = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        points = {line.split()[4].replace("\\040", " ") for line in f}
+    for mp in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+        _libc.umount2(mp.encode(), MNT_DETACH)  # one already gone: nothing to do
 
 
 def now_rfc3339() -> str:

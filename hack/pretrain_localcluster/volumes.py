@@ -1,6 +1,6 @@
 """Pod volumes materialized as folders under the pod's folder, then bind-mounted by the shim.
 
-emptyDir, hostPath, configMap, secret, downwardAPI (refreshed by the agent when labels or
+emptyDir (medium Memory: a tmpfs of its sizeLimit when the agent runs as root), hostPath, configMap, secret, downwardAPI (refreshed by the agent when labels or
 annotations change, as the kubelet does), projected (serviceAccountToken through the TokenRequest
 API, renewed past 80 % of its lifetime as the kubelet does; configMap, secret, downwardAPI) and
 persistentVolumeClaim (the bound PV's local folder).
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import podspec
+from .shim import MS_NODEV, MS_NOSUID, mount
 
 
 class VolumeNotReady(RuntimeError):
@@ -132,6 +133,13 @@ class VolumeBuilder:
         mode = lambda v: v.get("defaultMode", 0o644)  # noqa: E731
         if "emptyDir" in vol:
             base.mkdir(parents=True, exist_ok=True)
+            if (vol["emptyDir"] or {}).get("medium") == "Memory" and os.geteuid() == 0 and not os.path.ismount(base):
+                # A tmpfs, as the kubelet makes it, its size the sizeLimit (without one, tmpfs's
+                # default: half the machine's memory); shared by the pod's containers, unmounted
+                # with the pod's sandbox (`unmount_under`).
+                size = vol["emptyDir"].get("sizeLimit")
+                mount("tmpfs", str(base), "tmpfs", MS_NOSUID | MS_NODEV,
+                      "mode=0777" + (f",size={int(podspec.quantity(size))}" if size else ""))
             base.chmod(0o777)  # as the kubelet makes it: writable by whatever user the pod runs as
             self._fs_group(base)
             return str(base)
