@@ -3,7 +3,8 @@ parallel) on process nodes; a spot node running a rank is reclaimed with a termi
 the job checkpoints on the notice, restarts as attempt 2 without spending its failure budget,
 resumes from that checkpoint, and succeeds; its per-step losses equal, bit for bit, those of the
 same job's configuration trained without interruption (torchrun, same layout), and no step is
-trained twice (the notice is longer than one step plus one save)."""
+trained twice (the notice is longer than one step plus one save). A pod whose /dev/shm (its
+spec.template.shmSize) cannot hold an async save's staging saves synchronously and says why."""
 
 from __future__ import annotations
 
@@ -73,3 +74,18 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
     finally:
         for n in pool:
             nodes.remove_node(cluster.state_dir, n)
+
+
+def test_a_trainer_pod_whose_shm_cannot_hold_async_staging_saves_synchronously_and_says_why(api, namespace, operator):
+    # spec.template.shmSize -> the pod's memory emptyDir at /dev/shm (a tmpfs of that size on a
+    # process node, as on a real node) -> the trainer's check before its first async save.
+    jobs = Jobs(api, namespace)
+    jobs.create({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "small-shm"},
+                 "spec": {"nodes": 1, "nprocPerNode": 1,
+                          "data": {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2},
+                          "training": {"steps": 6, "logEverySteps": 1}, "optimizer": {"warmupSteps": 2},
+                          "checkpoint": {"intervalSteps": 3, "async": True}, "template": {"shmSize": "1Mi"}}})
+    st = jobs.wait_phase("small-shm", "Succeeded", timeout=240)
+    log = jobs.logs("small-shm-a1-n0")
+    assert "/dev/shm has 1 MiB free: raise spec.template.shmSize" in log and "saving synchronously from now on" in log, log[-3000:]
+    assert st["lastCheckpoint"]["step"] == 6 and st["failures"] == 0
