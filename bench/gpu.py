@@ -1,6 +1,6 @@
 """GPU checks of the trainer on one CUDA device, and its figures there.
 
-    python bench/gpu.py [--out DIR] [--quick]     # on a machine with a GPU; about 8 minutes on an H200
+    python bench/gpu.py [--out DIR] [--quick] [--compile]   # on a machine with a GPU; about 8 minutes on an H200
 
 1. fp32 on the GPU against fp32 on the CPU (model tiny): the largest relative loss difference.
 2. bf16 (autocast, fp32 master weights) against fp32, both on the GPU (model small): both fall,
@@ -10,6 +10,8 @@
 5. bench/trainer.py at scale: step overhead against a plain loop, tokens/s and MFU (llama3-1b,
    seq 2048, bf16; and Llama-3 8B's shapes with 8 of its 32 layers, seq 8192, next to torchtitan's
    33-39 % on H100), checkpoint save against dd and async against sync saves (a 320 M model).
+6. `--compile`: the 8B-shaped model again, eager against training.compile (not measured yet: a
+   few minutes more, the compile included).
 
 Limits: one GPU, so FSDP2, tensor and pipeline parallel over NCCL between ranks are not exercised
 here; the CPU test suite covers those layouts with gloo. It ends with a table; `--out` also gets
@@ -43,6 +45,13 @@ dist.destroy_process_group()
 '''
 
 
+# Llama-3 8B's shapes (width, heads, FFN, vocabulary; seq 8192 as torchtitan's 8B figure) with 8 of
+# its 32 layers: the whole model with AdamW needs about 128 GB before activations, more than one GPU
+# holds. The checkpoint at the last step is about 34 GB on the machine's disk.
+EIGHT_B_SHAPED = ["--preset", "llama3-8b", "--model", json.dumps({"layers": 8}), "--seq", "8192",
+                  "--batch", "2", "--micro", "1", "--precision", "bf16", "--steps", "10"]
+
+
 def rel(a: dict[int, float], b: dict[int, float]) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
@@ -64,6 +73,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="checks only, no scale figures")
+    ap.add_argument("--compile", action="store_true", help="also the 8B-shaped model with training.compile")
     ap.add_argument("--figures-only", action="store_true", help="scale figures only, no checks")
     a = ap.parse_args(argv)
     import torch
@@ -140,43 +150,41 @@ def main(argv: list[str]) -> int:
 
     if not a.quick:
         import trainer as bench_trainer
-        try:
-            m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
-            f = bench_trainer.main(["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16",
-                                    "--micro", "8", "--precision", "bf16", "--steps", "60", "--save-every", "20",
-                                    "--parts", "checkpoint"])
-            res["checkpoint"] = f
-            row("checkpoint 320 M model: save vs dd; blocked by the 2 saves during 60 steps (sync, async)",
-                f"{f['checkpoint_bytes'] / 2**20 / f['save_s']:.0f} MiB/s = {100 * f['dd_s'] / f['save_s']:.0f} % of dd; "
-                f"loop blocked {f['sync_blocked_s']:.2f} s sync, {f['async_blocked_s']:.2f} s async",
-                f["dd_s"] / f["save_s"] >= 0.8 and f["async_blocked_s"] <= 0.05 * f["sync_blocked_s"])
-        except BaseException as e:  # noqa: BLE001
-            row("checkpoint figures", f"failed: {e}"[-600:], False)
 
-        try:
-            f = bench_trainer.main(["--preset", "llama3-1b", "--seq", "2048", "--batch", "16", "--micro", "4",
-                                    "--precision", "bf16", "--steps", "15", "--parts", "step"])
-            res["step"] = f
-            row("llama3-1b bf16 seq 2048: tokens/s, MFU (datasheet 989 T)",
-                f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / 989e12:.1f} %, "
-                f"step {f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
-                f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["trainer_step_s"] / f["plain_step_s"] <= 1.05)
-        except BaseException as e:  # noqa: BLE001  (SystemExit carries the trainer's stderr)
-            row("llama3-1b step figures", f"failed: {e}"[-600:], False)
+        def figures(key: str, argv: list[str], what: str, verdict) -> None:
+            """One bench/trainer.py run at scale: its figures under `key`, and a row from `verdict`
+            (figures -> (value, ok)); a failed run is a failed row with the trainer's stderr."""
+            try:
+                res[key] = f = bench_trainer.main(argv)
+                row(what, *verdict(f))
+            except BaseException as e:  # noqa: BLE001  (SystemExit carries the trainer's stderr)
+                row(what, f"failed: {e}"[-600:], False)
 
-        try:
-            # Llama-3 8B's shapes (width, heads, FFN, vocabulary; seq 8192 as torchtitan's 8B figure) with
-            # 8 of its 32 layers: the whole model with AdamW needs about 128 GB before activations, more
-            # than one GPU holds. The checkpoint at the last step is about 34 GB on this machine's disk.
-            f = bench_trainer.main(["--preset", "llama3-8b", "--model", json.dumps({"layers": 8}), "--seq", "8192",
-                                    "--batch", "2", "--micro", "1", "--precision", "bf16", "--steps", "10", "--parts", "step"])
-            res["step_8b_shaped"] = f
-            mfu = 100 * f["model_flops"] / 989e12
-            row("Llama-3 8B-shaped (8 of 32 layers, 2.8 B parameters) bf16 seq 8192: tokens/s, MFU (torchtitan 8B on H100: 33-39 %)",
-                f"{f['tokens_per_s']:,.0f} tok/s, MFU {mfu:.1f} %, step {f['trainer_step_s'] * 1000:.0f} ms vs plain "
-                f"{f['plain_step_s'] * 1000:.0f} ms ({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", mfu >= 33)
-        except BaseException as e:  # noqa: BLE001
-            row("Llama-3 8B-shaped step figures", f"failed: {e}"[-600:], False)
+        m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
+        figures("checkpoint", ["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16", "--micro", "8",
+                               "--precision", "bf16", "--steps", "60", "--save-every", "20", "--parts", "checkpoint"],
+                "checkpoint 320 M model: save vs dd; blocked by the 2 saves during 60 steps (sync, async)",
+                lambda f: (f"{f['checkpoint_bytes'] / 2**20 / f['save_s']:.0f} MiB/s = {100 * f['dd_s'] / f['save_s']:.0f} % of dd; "
+                           f"loop blocked {f['sync_blocked_s']:.2f} s sync, {f['async_blocked_s']:.2f} s async",
+                           f["dd_s"] / f["save_s"] >= 0.8 and f["async_blocked_s"] <= 0.05 * f["sync_blocked_s"]))
+        figures("step", ["--preset", "llama3-1b", "--seq", "2048", "--batch", "16", "--micro", "4", "--precision", "bf16",
+                         "--steps", "15", "--parts", "step"],
+                "llama3-1b bf16 seq 2048: tokens/s, MFU (datasheet 989 T)",
+                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / 989e12:.1f} %, "
+                           f"step {f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
+                           f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["trainer_step_s"] / f["plain_step_s"] <= 1.05))
+        figures("step_8b_shaped", [*EIGHT_B_SHAPED, "--parts", "step"],
+                "Llama-3 8B-shaped (8 of 32 layers, 2.8 B parameters) bf16 seq 8192: tokens/s, MFU (torchtitan 8B on H100: 33-39 %)",
+                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / 989e12:.1f} %, step "
+                           f"{f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
+                           f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["model_flops"] / 989e12 >= 0.33))
+        if a.compile:  # the same, compiled (torchtitan's published figures compile the blocks)
+            figures("compile_8b_shaped", [*EIGHT_B_SHAPED, "--parts", "compile"],
+                    "Llama-3 8B-shaped, training.compile: MFU, step against eager (torchtitan 8B on H100: 33-39 %)",
+                    lambda f: (f"MFU {100 * f['compiled_model_flops'] / 989e12:.1f} % (eager "
+                               f"{100 * f['eager_model_flops'] / 989e12:.1f} %), step {f['compiled_step_s'] * 1000:.0f} ms vs "
+                               f"{f['eager_step_s'] * 1000:.0f} ms; run {f['compiled_run_s']:.0f} s vs {f['eager_run_s']:.0f} s",
+                               f["compiled_model_flops"] / 989e12 >= 0.33))
     (out / "gpu.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     print(f"\n== bench/gpu.py on {res['gpu']}, torch {res['torch']}")
     for what, value, ok in rows:

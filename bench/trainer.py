@@ -1,5 +1,6 @@
-"""The trainer: step overhead against a plain PyTorch loop, checkpoint save throughput against
-the disk's sequential write speed, and training time blocked by async against sync saves.
+"""The trainer: step overhead against a plain PyTorch loop, training.compile against eager,
+checkpoint save throughput against the disk's sequential write speed, and training time blocked
+by async against sync saves.
 
     .venv/bin/python bench/trainer.py [--steps 30]                        # CPU, model 'small'
     python bench/trainer.py --preset llama3-1b --seq 2048 --batch 16 --micro 4 --precision bf16
@@ -58,13 +59,14 @@ print("step_s", (time.monotonic() - t0) / (steps - 5))
 '''
 
 
-def config(d: Path, a, steps: int, interval: int = 100000, async_save: bool = False, log_every: int = 1000) -> Path:
+def config(d: Path, a, steps: int, interval: int = 100000, async_save: bool = False, log_every: int = 1000,
+           compiled: bool = False) -> Path:
     spec = {"model": a.model,
             "data": {"seqLen": a.seq, "globalBatchSize": a.batch, "microBatchSize": a.micro},
-            "training": {"steps": steps, "logEverySteps": log_every, "precision": a.precision},
+            "training": {"steps": steps, "logEverySteps": log_every, "precision": a.precision, "compile": compiled},
             "optimizer": {"warmupSteps": 0},
             "checkpoint": {"path": str(d / "ckpt"), "intervalSteps": interval, "keep": 2, "async": async_save}}
-    p = d / f"job-{steps}-{interval}-{async_save}.yaml"
+    p = d / f"job-{steps}-{interval}-{async_save}-{compiled}.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p
 
@@ -106,8 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--model", default="{}", help='sizes over the preset, as JSON: {"dim": 1024, "layers": 16}')
-    ap.add_argument("--parts", default="step,checkpoint,start",
-                    help="step (overhead, tokens/s, MFU), checkpoint (save speed, blocking), start (8 ranks: forked against spawned)")
+    ap.add_argument("--parts", default="step,compile,checkpoint,start",
+                    help="step (overhead, tokens/s, MFU), compile (training.compile against eager), checkpoint (save "
+                         "speed, blocking), start (8 ranks: forked against spawned)")
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--micro", type=int, default=4)
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         d = Path(tmp)
         if "step" in parts:
             out.update(step_part(d, a, name, margs, where, cuda))
+        if "compile" in parts:
+            out.update(compile_part(d, a, name, margs, cuda))
         if "checkpoint" in parts:
             out.update(checkpoint_part(d, a))
         if "start" in parts and not cuda:
@@ -152,9 +157,8 @@ def step_part(d: Path, a, name: str, margs, where: str, cuda: bool) -> dict:
     _, text = timed([sys.executable, str(plain), str(n), json.dumps(a.model), str(a.seq), str(a.batch), str(a.micro), a.precision])
     plain_step = float(re.findall(r"step_s ([0-9.e-]+)", text)[-1])
     _, text = trainer_run(d, a, n, log_every=5)
-    rates = [float(x) for x in re.findall(r"tokens/s ([0-9.]+)", text)][1:]  # the first covers steps 1-5
-    tps = sum(rates) / len(rates)
-    trainer_step = a.batch * a.seq / tps
+    trainer_step = step_seconds(a, text)
+    tps = a.batch * a.seq / trainer_step
     out.update(plain_step_s=plain_step, trainer_step_s=trainer_step, tokens_per_s=tps)
     print(f"step time, model {name} ({num_params(margs) / 1e6:.0f} M parameters; seq {a.seq}, batch {a.batch}, "
           f"microbatch {a.micro}, {a.precision}), 1 process on {where}:")
@@ -167,6 +171,36 @@ def step_part(d: Path, a, name: str, margs, where: str, cuda: bool) -> dict:
         print(f"  tokens/s {tps:,.0f}; model FLOP/s {mfu / 1e12:.0f} T = MFU {100 * mfu / 989e12:.1f} % of the "
               f"989 T datasheet bf16 peak, {100 * mfu / peak:.1f} % of the {peak / 1e12:.0f} T measured 8192^3 bf16 matmul")
 
+    return out
+
+
+def step_seconds(a, text: str) -> float:
+    """The trainer's mean step time from its logged tokens/s, the first log line (warm-up) left out."""
+    rates = [float(x) for x in re.findall(r"tokens/s ([0-9.]+)", text)][1:]
+    return a.batch * a.seq / (sum(rates) / len(rates))
+
+
+def compile_part(d: Path, a, name: str, margs, cuda: bool) -> dict:
+    """training.compile against eager, the same model, batch and steps: the step time after the
+    first five steps (the first compiles), each run's whole wall time (start-up, compiling), and on
+    a GPU the model FLOP/s of each."""
+    from pretrain_trainer.model import flops_per_token
+    n = 5 + 5 * max(a.steps // 5, 1)
+    wall, step = {}, {}
+    for compiled in (False, True):
+        wall[compiled], text = trainer_run(d, a, n, log_every=5, compiled=compiled)
+        step[compiled] = step_seconds(a, text)
+    print(f"training.compile, model {name}, 1 process, {n} steps:")
+    print(f"  eager      step {step[False] * 1000:8.1f} ms   run {wall[False]:6.1f} s")
+    print(f"  compiled   step {step[True] * 1000:8.1f} ms   run {wall[True]:6.1f} s   "
+          f"step ratio {step[True] / step[False]:5.2f}x (below 1: faster)")
+    out = {"eager_step_s": step[False], "compiled_step_s": step[True], "eager_run_s": wall[False],
+           "compiled_run_s": wall[True]}
+    if cuda:
+        for compiled in (False, True):
+            out[f"{'compiled' if compiled else 'eager'}_model_flops"] = a.batch * a.seq / step[compiled] * flops_per_token(margs, a.seq)
+        print(f"  MFU (989 T datasheet bf16): eager {100 * out['eager_model_flops'] / 989e12:.1f} %, "
+              f"compiled {100 * out['compiled_model_flops'] / 989e12:.1f} %")
     return out
 
 

@@ -1,9 +1,12 @@
 """Parallel layouts train the same model: data parallel (FSDP2), tensor parallel (DTensor),
 pipeline parallel (each schedule) and all three at once (2 x 2 x 2 on 8 processes) give the
 per-step losses of a single process on the same data, with gradient accumulation, within 1e-5
-(reduction order differs, nothing else)."""
+(reduction order differs, nothing else); so do blocks compiled with torch.compile, whose
+checkpoints resume in an eager run."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 
@@ -67,3 +70,24 @@ def test_activation_checkpointing_and_keeping_gathered_parameters_keep_the_losse
     got = losses(tmp_path / "losses.txt")
     for step, want in reference.items():
         assert abs(got[step] - want) <= TOL, (step, got[step], want)
+
+
+def test_compiled_blocks_keep_the_losses_and_their_checkpoints_resume_without_compiling(tmp_path, reference):
+    # torch.compile on every block, with FSDP2, tensor parallel and activation checkpointing on 4 processes.
+    cfg = write_config(tmp_path, nproc=4, data=2, tensor=2, steps=5,
+                       extra={"training": {"steps": 5, "logEverySteps": 1, "compile": True, "activationCheckpointing": "full"}})
+    r = run(cfg, 4, tmp_path / "compiled.txt")
+    assert "torch.compile: 4 decoder block(s) here" in r.stderr
+    got = losses(tmp_path / "compiled.txt")
+    for step, want in reference.items():
+        assert abs(got[step] - want) <= TOL, (step, got[step], want)
+    # The weights keep their names when compiled (no `_orig_mod`): one eager process resumes the
+    # compiled run's step-3 checkpoint and continues on the reference's losses.
+    shutil.rmtree(tmp_path / "ckpt" / "step-00000005")
+    (tmp_path / "ckpt" / "latest").write_text("step-00000003")
+    r = run(write_config(tmp_path, steps=5), 1, tmp_path / "eager.txt")
+    assert "resumed from" in r.stderr and "step-00000003" in r.stderr
+    after = losses(tmp_path / "eager.txt")
+    assert sorted(after) == [4, 5]
+    for step in after:
+        assert abs(after[step] - reference[step]) <= TOL, (step, after[step], reference[step])

@@ -13,10 +13,14 @@ ep: the result is the mean over all dp ranks, the same as a dense parameter's.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+log = logging.getLogger("pretrain_trainer.parallel")
 
 
 def build_mesh(device: str, pp: int, dp: int, tp: int) -> DeviceMesh:
@@ -84,6 +88,21 @@ def apply_activation_checkpointing(model, mode: str) -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     for key, block in list(model.layers.items()):
         model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model, enabled: bool) -> None:
+    """torch.compile each decoder block's forward, after tensor parallel and activation
+    checkpointing and before FSDP (torchtitan's order): FSDP's hooks, on the block itself, stay
+    outside the compiled code, and no wrapper module renames the weights (`_orig_mod`), so
+    checkpoints, LoRA and the Hugging Face export see the same names. A mixture-of-experts block
+    routes a data-dependent number of tokens to each expert: compiled with graph breaks there."""
+    if not enabled:
+        return
+    from .moe import moe_layers
+    moe = set(moe_layers(model))
+    for key, block in model.layers.items():
+        block.forward = torch.compile(block.forward, fullgraph=key not in moe)
+    log.info("torch.compile: %d decoder block(s) here, compiled at their first step", len(model.layers))
 
 
 def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool = True,

@@ -165,6 +165,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
             parallel.apply_expert_parallel(part, emesh["ep"])
         parallel.apply_tensor_parallel(part, mesh["tp"])
         parallel.apply_activation_checkpointing(part, spec.training.activationCheckpointing)
+        parallel.apply_compile(part, spec.training.compile)
         parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward, emesh["edp"] if emesh is not None else None)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     model.expert_mesh = emesh
