@@ -92,6 +92,13 @@ def test_the_image_is_multi_stage_and_its_final_stage_only_copies_the_built_virt
     assert DF.instr(target, "COPY") and not [r for r in DF.instr(target, "RUN") if "pip" in r]
 
 
+def test_the_trainer_image_has_the_c_compilers_that_training_compile_needs():
+    # Triton builds its kernel launchers with a C compiler on a GPU, inductor its kernels with a
+    # C++ one on the CPU: python:slim has neither.
+    packages = " ".join(DF.instr("trainer", "RUN")).split()
+    assert {"gcc", "g++", "libc6-dev"} <= set(packages)
+
+
 @pytest.mark.parametrize("target,uid", [
     ("operator", yaml.safe_load((CHART / "values.yaml").read_text())["podSecurityContext"]["runAsUser"]),
     ("trainer", trainer_pod_uid()),
