@@ -186,21 +186,18 @@ def compile_part(d: Path, a, name: str, margs, cuda: bool) -> dict:
     a GPU the model FLOP/s of each."""
     from pretrain_trainer.model import flops_per_token
     n = 5 + 5 * max(a.steps // 5, 1)
-    wall, step = {}, {}
-    for compiled in (False, True):
-        wall[compiled], text = trainer_run(d, a, n, log_every=5, compiled=compiled)
-        step[compiled] = step_seconds(a, text)
+    out = {}
     print(f"training.compile, model {name}, 1 process, {n} steps:")
-    print(f"  eager      step {step[False] * 1000:8.1f} ms   run {wall[False]:6.1f} s")
-    print(f"  compiled   step {step[True] * 1000:8.1f} ms   run {wall[True]:6.1f} s   "
-          f"step ratio {step[True] / step[False]:5.2f}x (below 1: faster)")
-    out = {"eager_step_s": step[False], "compiled_step_s": step[True], "eager_run_s": wall[False],
-           "compiled_run_s": wall[True]}
-    if cuda:
-        for compiled in (False, True):
-            out[f"{'compiled' if compiled else 'eager'}_model_flops"] = a.batch * a.seq / step[compiled] * flops_per_token(margs, a.seq)
-        print(f"  MFU (989 T datasheet bf16): eager {100 * out['eager_model_flops'] / 989e12:.1f} %, "
-              f"compiled {100 * out['compiled_model_flops'] / 989e12:.1f} %")
+    for mode in ("eager", "compiled"):
+        wall, text = trainer_run(d, a, n, log_every=5, compiled=mode == "compiled")
+        step = out[f"{mode}_step_s"] = step_seconds(a, text)
+        out[f"{mode}_run_s"] = wall
+        mfu = ""
+        if cuda:
+            flops = out[f"{mode}_model_flops"] = a.batch * a.seq / step * flops_per_token(margs, a.seq)
+            mfu = f"   MFU {100 * flops / 989e12:.1f} % (989 T datasheet bf16)"
+        print(f"  {mode:9s}  step {step * 1000:8.1f} ms   run {wall:6.1f} s{mfu}")
+    print(f"  step ratio {out['compiled_step_s'] / out['eager_step_s']:5.2f}x (below 1: faster)")
     return out
 
 

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 
-_children: dict[int, subprocess.Popen] = {}  # what ProcessTable.start started in this process, by pid
-_markers: dict[int, str] = {}  # and the state folder each was started for
+# What ProcessTable.start started in this process, by pid: its Popen and the state folder it is for.
+_children: dict[int, tuple[subprocess.Popen, str]] = {}
 _ended: dict[int, int] = {}  # wait status of our other children reaped by `alive`
 
 
 def alive(pid: int) -> bool:
     """True while `pid` runs (zombies count as dead; our own children are reaped here)."""
-    child = _children.get(pid)
+    child, _ = _children.get(pid, (None, None))
     if child is not None:
         # Asked through its Popen object: a dropped one would be reaped by subprocess's own
         # clean-up at the next Popen, and its exit status lost (`how_it_ended` needs it).
@@ -44,7 +44,7 @@ def alive(pid: int) -> bool:
 def how_it_ended(pid: int) -> str:
     """How a child of this process that `alive` found dead ended: its exit code or the signal that
     killed it (a process killed from outside leaves an empty log: this is the only trace)."""
-    child = _children.get(pid)
+    child, _ = _children.get(pid, (None, None))
     if child is not None and child.returncode is not None:
         code = child.returncode
     elif pid in _ended:
@@ -57,11 +57,12 @@ def how_it_ended(pid: int) -> str:
 def owned(pid: int, marker: str) -> bool:
     """True if `pid` was started for the state folder `marker` (by this process, or as the marker in
     its cmdline, environ or root says)."""
-    if pid in _children and _children[pid].returncode is None:
+    child, started_for = _children.get(pid, (None, None))
+    if child is not None and child.returncode is None:
         # Known without /proc: for a moment after exec of a large binary, /proc/<pid>/cmdline and
         # environ can both read empty (4 starts in 100 of kube-apiserver here); an API server seen
         # then was taken for dead: "exited during start-up", with an empty log.
-        return _markers[pid] == marker
+        return started_for == marker
     try:
         # A container process: chrooted into a root under the state folder.
         if marker in os.readlink(f"/proc/{pid}/root"):
@@ -99,7 +100,7 @@ class ProcessTable:
                 cwd=str(cwd) if cwd else None,
                 start_new_session=True,
             )
-        _children[proc.pid], _markers[proc.pid] = proc, self.marker
+        _children[proc.pid] = proc, self.marker
         (self.pid_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc.pid
 
@@ -131,7 +132,6 @@ class ProcessTable:
                     time.sleep(0.05)
         if pid is not None:
             _children.pop(pid, None)
-            _markers.pop(pid, None)
         pid_file.unlink(missing_ok=True)
 
     def stop_all(self, order: list[str] | None = None, grace_s: float = 10.0) -> None:

@@ -65,13 +65,17 @@ def mount(src: str | None, target: str, fstype: str | None, flags: int = 0, data
     _check(_libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)), f"mount {src} on {target}")
 
 
+def mount_points() -> set[str]:
+    """The mount points of this mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4].replace("\\040", " ") for line in f}
+
+
 def unmount_under(path: str | Path) -> None:
     """Detach every mount at or under `path` in this mount namespace, deepest first (a medium
     Memory emptyDir is a tmpfs in the node agent's: see volumes.py). Nothing mounted: nothing done."""
     prefix = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        points = {line.split()[4].replace("\\040", " ") for line in f}
-    for mp in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+    for mp in sorted((p for p in mount_points() if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
         _libc.umount2(mp.encode(), MNT_DETACH)  # one already gone: nothing to do
 
 
@@ -176,8 +180,7 @@ def private_dev(root: str, scratch: str) -> bool:
     except OSError:
         mount("/dev", root + "/dev", None, MS_BIND | MS_REC)
         return False
-    with open("/proc/self/mountinfo") as f:
-        points = sorted({line.split()[4] for line in f if line.split()[4].startswith("/dev/")})
+    points = sorted(p for p in mount_points() if p.startswith("/dev/"))
     bound: list[str] = []
     for mp in points:
         if not any(mp.startswith(b + "/") for b in bound) and os.path.isdir(mp):

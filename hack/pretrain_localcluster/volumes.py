@@ -1,7 +1,8 @@
 """Pod volumes materialized as folders under the pod's folder, then bind-mounted by the shim.
 
-emptyDir (medium Memory: a tmpfs of its sizeLimit when the agent runs as root), hostPath, configMap, secret, downwardAPI (refreshed by the agent when labels or
-annotations change, as the kubelet does), projected (serviceAccountToken through the TokenRequest
+emptyDir (medium Memory: a tmpfs of its sizeLimit when the agent runs as root), hostPath,
+configMap, secret, downwardAPI (refreshed by the agent when labels or annotations change, as the
+kubelet does), projected (serviceAccountToken through the TokenRequest
 API, renewed past 80 % of its lifetime as the kubelet does; configMap, secret, downwardAPI) and
 persistentVolumeClaim (the bound PV's local folder).
 """
