@@ -89,7 +89,7 @@ def line(st: dict) -> str:
     ck = (st.get("lastCheckpoint") or {}).get("step", "-")
     loss = pr.get("loss")
     return (f"phase {st.get('phase', '?'):<10} attempt {st.get('attempt', 0)}  step {pr.get('step', 0):>4}/{pr.get('totalSteps', '?')}"
-            f"  loss {loss if loss is not None else '-':<7}  tok/s {pr.get('tokensPerSecond', '-'):<7}  checkpoint {ck:<5}"
+            f"  loss {loss if loss is not None else '-':<7}  held-out {pr.get('validationLoss', '-'):<7}  tok/s {pr.get('tokensPerSecond', '-'):<7}  checkpoint {ck:<5}"
             f"  ready {st.get('readyNodes', '-')}  preemptions {st.get('preemptions', 0)} failures {st.get('failures', 0)}")
 
 
@@ -183,14 +183,15 @@ def main() -> int:
     st = status(lc)
     resumed = (st.get("restart") or {})
     print()
-    print(f"== {st.get('phase')}: final loss {(st.get('progress') or {}).get('loss')}, attempts {st.get('attempt')}, "
+    pr = st.get("progress") or {}
+    print(f"== {st.get('phase')}: final loss {pr.get('loss')} (held-out {pr.get('validationLoss')}), attempts {st.get('attempt')}, "
           f"preemptions {st.get('preemptions')}, failures {st.get('failures')}")
     if preempted:
         logs = kubectl(lc, "logs", "quickstart-a2-n0") if st.get("attempt", 1) >= 2 else ""
         r = [ln for ln in logs.splitlines() if "resumed from" in ln]
         from_step = int(r[0].rsplit("step-", 1)[1]) if r else 0
         lost = max(reached.get(1, 0) - from_step, 0)
-        r = prom.query_range(f'max(pretrain_step{{namespace="default", pretrain_job="quickstart", attempt="2"}})',
+        r = prom.query_range('max(pretrain_step{namespace="default", pretrain_job="quickstart", attempt="2"})',
                              t_preempt, time.time(), 1.0)
         first = [float(t) for t, v in (r[0]["values"] if r else []) if float(v) > from_step]
         if first:  # to within a scrape interval (2 s)

@@ -58,6 +58,9 @@ class Metrics(http.server.BaseHTTPRequestHandler):
             f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
             f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",
             f"{c.METRIC_CHECKPOINT_REQUESTS_SERVED} {state['served']}",
+            # A validation at each checkpoint (as spec.validation would): none (NaN, step 0) before the first.
+            f"{c.METRIC_VALIDATION_LOSS} {validation_loss(state['ckpt_step']) if state['ckpt_step'] else float('nan'):.4f}",
+            f"{c.METRIC_VALIDATION_STEP} {state['ckpt_step']}",
             # The real trainer's own metrics too (trainer/pretrain_trainer/metrics.py), so dashboards
             # built on them can be checked against what Prometheus scrapes from stand-ins.
             "pretrain_mfu 0.01", "pretrain_checkpoint_save_seconds 0.01", "pretrain_checkpoint_blocked_seconds_total 0.0",
@@ -73,6 +76,10 @@ class Metrics(http.server.BaseHTTPRequestHandler):
 
 def loss(step: int) -> float:
     return 10.0 / (1 + step)
+
+
+def validation_loss(step: int) -> float:
+    return loss(step) + 1.0
 
 
 def report() -> None:

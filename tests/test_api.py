@@ -86,6 +86,8 @@ INVALID = [
     ("moe topK zero", _with("model.moe", {"topK": 0}), "spec.model.moe.topK"),
     ("moe bias update rate above 1", _with("model.moe", {"biasUpdateRate": 2}), "spec.model.moe.biasUpdateRate"),
     ("shm size not a quantity", _with("template.shmSize", "lots"), "spec.template.shmSize"),
+    ("validation every zero steps", _with("validation", {"everySteps": 0}), "spec.validation.everySteps"),
+    ("validation of no batches", _with("validation", {"batches": 0}), "spec.validation.batches"),
 ]
 
 

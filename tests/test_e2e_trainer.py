@@ -3,7 +3,7 @@ parallel) on process nodes; a spot node running a rank is reclaimed with a termi
 the job checkpoints on the notice, restarts as attempt 2 without spending its failure budget,
 resumes from that checkpoint, and succeeds; its per-step losses equal, bit for bit, those of the
 same job's configuration trained without interruption (torchrun, same layout), and no step is
-trained twice (the notice is longer than one step plus one save). A pod whose /dev/shm (its
+trained twice; the status ends with the last step's loss and held-out (validation) loss (the notice is longer than one step plus one save). A pod whose /dev/shm (its
 spec.template.shmSize) cannot hold an async save's staging saves synchronously and says why."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
                 "spec": {"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 2, "tensor": 2},
                          "data": {"seqLen": 32, "globalBatchSize": 8, "microBatchSize": 2},
                          "training": {"steps": 40, "logEverySteps": 2}, "optimizer": {"warmupSteps": 5},
-                         "checkpoint": {"intervalSteps": 1000},
+                         "checkpoint": {"intervalSteps": 1000}, "validation": {"everySteps": 10, "batches": 1},
                          "scheduling": {"nodeSelector": {"pretrain.dev/test-pool": label}},
                          "template": {"terminationGracePeriodSeconds": 20,
                                       "command": [*render.default_command(), "--losses-out", "/checkpoints/losses.txt"]}}}
@@ -69,8 +69,10 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
                            timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert losses(volume / "losses.txt") == losses(tmp_path / "want.txt")
-        # The status shows the last step's loss: rank 0's final report, its termination message.
-        assert st["progress"] == {**st["progress"], "step": 40, "loss": round(losses(volume / "losses.txt")[40], 4)}
+        # The status shows the last step's loss and held-out loss: rank 0's final report, its termination message.
+        val = float(r.stderr.split("step 40 validation loss ")[1].split()[0])
+        assert st["progress"] == {**st["progress"], "step": 40, "loss": round(losses(volume / "losses.txt")[40], 4),
+                                  "validationStep": 40, "validationLoss": round(val, 4)}
     finally:
         for n in pool:
             nodes.remove_node(cluster.state_dir, n)

@@ -96,3 +96,6 @@ def test_training_fields_are_immutable_while_the_job_runs(jobs):
     with pytest.raises(client.ApiException) as exc:
         jobs.patch("fixed", {"spec": {"training": {"steps": 10}}})
     assert exc.value.status == 422 and "immutable while the job runs" in exc.value.body
+    with pytest.raises(client.ApiException) as exc:  # an optional field, absent until now
+        jobs.patch("fixed", {"spec": {"validation": {"everySteps": 10}}})
+    assert exc.value.status == 422 and "immutable while the job runs" in exc.value.body

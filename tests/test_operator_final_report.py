@@ -1,5 +1,5 @@
 """Rank 0's final report (its termination message, pretrain_operator.contract) sets the job's
-last step, loss and checkpoint exactly: the metrics the operator mirrors every few seconds end with
+last step, loss, checkpoint and validation exactly: the metrics the operator mirrors every few seconds end with
 the pod and may have missed the last steps. A failed rank's reported error joins the restart's
 and the failure's messages. Anything else in the message (a crash's log lines, a
 custom command's text, wrong types) is ignored. reconcile.decide on observed state, no cluster:
@@ -64,6 +64,19 @@ def test_a_report_keeps_only_known_fields_of_the_right_types():
         {"step": 5, "totalSteps": 5, "loss": float("nan"), "tokensSeen": 640, "checkpointStep": True, "extra": 1})}}}]}}
     # json.dumps writes NaN; it is not a loss.
     assert classify.report(pod) == {"step": 5, "totalSteps": 5, "tokensSeen": 640}
+    # A validation's loss counts only with its step, each of its type.
+    for doc, want in (({"validationLoss": 2.5, "validationStep": 4}, {"validationLoss": 2.5, "validationStep": 4}),
+                      ({"validationLoss": 2.5}, {}), ({"validationLoss": True, "validationStep": 4}, {}),
+                      ({"validationLoss": 2.5, "validationStep": 4.0}, {})):
+        pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = json.dumps(doc)
+        assert classify.report(pod) == want, doc
+
+
+def test_the_last_validation_of_the_report_is_in_the_progress():
+    mirrored = {"step": 18, "totalSteps": 20, "loss": 2.5, "validationLoss": 2.7, "validationStep": 15}
+    report = {"step": 20, "totalSteps": 20, "loss": 2.1, "checkpointStep": 20, "validationStep": 20, "validationLoss": 2.345678}
+    st = _decide(20, 0, json.dumps(report), progress=mirrored)
+    assert st["progress"]["validationStep"] == 20 and st["progress"]["validationLoss"] == 2.3457
 
 
 def test_the_error_a_failed_rank_reported_is_in_the_restart_and_the_failure_messages():

@@ -41,9 +41,11 @@ def test_a_job_runs_its_gang_to_succeeded_with_progress_and_checkpoint_in_status
     st = jobs.wait_phase("life", "Running", timeout=60)
     assert st["attempt"] == 1 and st["readyNodes"] == "2/2"
     # Progress mirrored from rank 0's metrics while it runs.
-    st = jobs.wait("life", lambda s: (s.get("progress") or {}).get("step", 0) > 0 and s.get("lastCheckpoint"),
-                   what="progress and a checkpoint in status")
+    st = jobs.wait("life", lambda s: (s.get("progress") or {}).get("step", 0) > 0 and s.get("lastCheckpoint")
+                   and "validationStep" in s["progress"], what="progress, a checkpoint and a validation in status")
     assert st["progress"]["totalSteps"] == 20
+    vs = st["progress"]["validationStep"]
+    assert vs % 5 == 0 and st["progress"]["validationLoss"] == round(10.0 / (1 + vs) + 1.0, 4)  # the stand-in's
     st = jobs.wait_phase("life", "Succeeded", timeout=60)
     assert st["failures"] == 0 and st["preemptions"] == 0 and st["completionTime"]
     assert st["progress"]["step"] == 20
@@ -59,6 +61,7 @@ def test_a_trainer_with_no_loss_yet_shows_its_step_in_status(jobs):
     jobs.create(job_manifest("early", steps=3, step_s=6))
     st = jobs.wait("early", lambda s: "step" in (s.get("progress") or {}), timeout=60, what="progress at step 0")
     assert st["progress"]["step"] == 0 and "loss" not in st["progress"], st["progress"]
+    assert "validationLoss" not in st["progress"] and "validationStep" not in st["progress"], st["progress"]
 
 
 def test_the_running_operator_never_loads_torch(jobs, operator):

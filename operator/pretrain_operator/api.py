@@ -151,6 +151,17 @@ class Training(Model):
         "the checkpoints are the same as without; the losses agree to float rounding, not bit for bit."))
 
 
+class Validation(Model):
+    """Held-out loss during training (Megatron's --eval-interval / --eval-iters, torchtitan's
+    [validation]): the loss of the current weights on the held-out data, the last 5% of the token
+    stream, which training never reads."""
+
+    everySteps: int = Field(100, ge=1, le=100_000_000, description="Validate every N steps, and at the last step.")
+    batches: int = Field(1, ge=1, le=100_000, description=(
+        "Held-out global batches (data.globalBatchSize windows of data.seqLen each) per validation; "
+        "the held-out data must hold that many windows."))
+
+
 class Checkpoint(Model):
     path: str = Field("/checkpoints", max_length=1024, description="Checkpoint folder inside the pod (also used as-is under plain torchrun).")
     claimName: str = Field("", max_length=253, description="A PersistentVolumeClaim mounted at path; empty means an emptyDir (lost with the pods: use a claim on real clusters).")
@@ -259,10 +270,12 @@ _SPEC_RULES = _rules(
 
 # Training fields are fixed while the job runs; change them while suspended.
 _IMMUTABLE = ["image", "nodes", "nprocPerNode", "parallelism", "model", "data", "optimizer", "training", "checkpoint"]
+_IMMUTABLE_OPTIONAL = ["lora", "validation"]  # absent or present alike
 _SPEC_RULES["x-kubernetes-validations"].append({
-    "rule": "oldSelf.suspend || (" + " && ".join(f"self.{f} == oldSelf.{f}" for f in _IMMUTABLE)
-            + " && has(self.lora) == has(oldSelf.lora) && (!has(self.lora) || self.lora == oldSelf.lora))",
-    "message": "image, nodes, nprocPerNode, parallelism, model, lora, data, optimizer, training and checkpoint "
+    "rule": "oldSelf.suspend || (" + " && ".join(
+        [f"self.{f} == oldSelf.{f}" for f in _IMMUTABLE]
+        + [f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})" for f in _IMMUTABLE_OPTIONAL]) + ")",
+    "message": "image, nodes, nprocPerNode, parallelism, model, lora, data, optimizer, training, validation and checkpoint "
                "are immutable while the job runs; set suspend: true first, then change them",
 })
 
@@ -283,6 +296,7 @@ class PretrainJobSpec(Model):
     data: Data = Field(default_factory=Data)
     optimizer: Optimizer = Field(default_factory=Optimizer)
     training: Training = Field(default_factory=Training)
+    validation: Validation | None = Field(None, description="Held-out loss every few steps (logged, served as a metric, shown in status.progress); absent: none.")
     checkpoint: Checkpoint = Field(default_factory=Checkpoint)
     failurePolicy: FailurePolicy = Field(default_factory=FailurePolicy)
     preemption: Preemption = Field(default_factory=Preemption)
@@ -320,6 +334,8 @@ class Progress(Model):
     totalSteps: int = 0
     loss: float | None = None
     tokensPerSecond: float | None = None
+    validationLoss: float | None = None
+    validationStep: int | None = None
     updated: str = ""
 
 

@@ -70,10 +70,13 @@ def report(pod: dict | None) -> dict:
         return {}
     if not isinstance(doc, dict):
         return {}
-    out = {k: doc[k] for k in ("step", "totalSteps", "checkpointStep", "tokensSeen")
+    out = {k: doc[k] for k in ("step", "totalSteps", "checkpointStep", "tokensSeen", "validationStep")
            if isinstance(doc.get(k), int) and not isinstance(doc[k], bool) and doc[k] >= 0}
-    if isinstance(doc.get("loss"), (int, float)) and math.isfinite(doc["loss"]):
-        out["loss"] = float(doc["loss"])
+    for k in ("loss", "validationLoss"):
+        if isinstance(doc.get(k), (int, float)) and not isinstance(doc[k], bool) and math.isfinite(doc[k]):
+            out[k] = float(doc[k])
+    if "validationLoss" not in out or "validationStep" not in out:  # one without the other says nothing
+        out.pop("validationLoss", None), out.pop("validationStep", None)
     if isinstance(doc.get("error"), str) and doc["error"]:
         out["error"] = doc["error"][:1000]
     return out

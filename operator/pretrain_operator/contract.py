@@ -56,6 +56,8 @@ METRIC_TOKENS_PER_SECOND = "pretrain_tokens_per_second"
 METRIC_LAST_CHECKPOINT_STEP = "pretrain_last_checkpoint_step"
 METRIC_LAST_CHECKPOINT_TIME = "pretrain_last_checkpoint_timestamp_seconds"
 METRIC_CHECKPOINT_REQUESTS_SERVED = "pretrain_checkpoint_requests_served_total"
+METRIC_VALIDATION_LOSS = "pretrain_validation_loss"  # spec.validation: the held-out loss ...
+METRIC_VALIDATION_STEP = "pretrain_validation_step"  # ... of the weights after this step
 
 # ---- exit codes ---------------------------------------------------------------------------------
 EXIT_SUCCESS = 0

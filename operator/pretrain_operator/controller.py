@@ -317,6 +317,9 @@ class Controller:
                 prog["loss"] = round(m[c.METRIC_LOSS], 4)
             if math.isfinite(m.get(c.METRIC_TOKENS_PER_SECOND, math.nan)):
                 prog["tokensPerSecond"] = round(m[c.METRIC_TOKENS_PER_SECOND], 1)
+            if math.isfinite(m.get(c.METRIC_VALIDATION_LOSS, math.nan)) and m.get(c.METRIC_VALIDATION_STEP, 0) > 0:
+                prog["validationLoss"] = round(m[c.METRIC_VALIDATION_LOSS], 4)
+                prog["validationStep"] = int(m[c.METRIC_VALIDATION_STEP])
             reconcile.set_progress(st, prog, now)
         if m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
             step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])

@@ -100,6 +100,8 @@ def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str)
         prog = {**progress_of(status), "step": rep["step"], "totalSteps": rep.get("totalSteps", spec.training.steps)}
         if "loss" in rep:
             prog["loss"] = round(rep["loss"], 4)
+        if "validationLoss" in rep:
+            prog["validationLoss"], prog["validationStep"] = round(rep["validationLoss"], 4), rep["validationStep"]
         set_progress(status, prog, now)
     step = rep.get("checkpointStep", 0)
     if step > (status.get("lastCheckpoint") or {}).get("step", 0):

@@ -126,9 +126,20 @@ def split_holdout(tokens, seq_len: int):
 
 def eval_batches(tokens, seq_len: int, max_windows: int = 32):
     """Held-out windows in order, as (inputs, targets) pairs of one row each."""
-    for w in range(min((len(tokens) - 1) // seq_len, max_windows)):
-        row = torch.from_numpy(np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], dtype=np.int64))[None]
+    rows = heldout_rows(tokens, seq_len, min((len(tokens) - 1) // seq_len, max_windows))
+    for row in rows.split(1):
         yield row[:, :-1], row[:, 1:]
+
+
+def heldout_rows(tokens, seq_len: int, count: int) -> torch.Tensor:
+    """The first `count` held-out windows, in order, as rows of seq_len + 1 tokens (the inputs and
+    their next tokens); a DataError when there are fewer."""
+    have = (len(tokens) - 1) // seq_len
+    if count > have:
+        raise DataError(f"{count} held-out windows of data.seqLen ({seq_len}) asked for, but the held-out data "
+                        f"(the last 5% of the token stream) has {have}")
+    return torch.stack([torch.from_numpy(np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], dtype=np.int64))
+                        for w in range(count)]) if count else torch.zeros((0, seq_len + 1), dtype=torch.int64)
 
 
 class Loader:

@@ -1,6 +1,7 @@
 """`python -m pretrain_trainer eval --config job.yaml [--checkpoint DIR]`: the mean loss of a
 checkpoint's model on the held-out data (the last 5% of the token stream, never trained on), so
-checkpoints and layouts can be compared. One process; loads the model part of any checkpoint,
+checkpoints and layouts can be compared: its first 32 windows, or with `validation` in the config
+the windows a validation during training reads (the same loss as the one logged at that step). One process; loads the model part of any checkpoint,
 whatever layout saved it, or a Hugging Face folder (hf.py). Without --checkpoint: the newest good
 one under checkpoint.path. A LoRA job's checkpoint is its adapters on `lora.baseCheckpoint`."""
 
@@ -18,6 +19,7 @@ from .data import eval_batches, split_holdout
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
 from .train import ConfigError, load_spec, open_data, setup_distributed
+from .validation import windows
 
 
 def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Path]:
@@ -50,7 +52,7 @@ def evaluate(config: str, checkpoint: str | None = None) -> float:
     _, held = split_holdout(open_data(spec, args.vocabSize).tokens, spec.data.seqLen)
     total, n = 0.0, 0
     with torch.no_grad():
-        for x, y in eval_batches(held, spec.data.seqLen):
+        for x, y in eval_batches(held, spec.data.seqLen, windows(spec) or 32):
             total += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
             n += 1
     dist.destroy_process_group()

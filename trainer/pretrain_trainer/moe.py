@@ -212,12 +212,13 @@ class MoE(nn.Module):
         y = xf.new_zeros(xf.shape, dtype=out.dtype).index_add_(0, tok, out * flat_w[order].to(out.dtype)[:, None])
         if self.shared is not None:
             y = y + self.shared(xf)
-        with torch.no_grad():
-            self.stat_load += counts_all.double()
-            self.bias_load += counts_all.double()
-            self.stat_misc[0] += dropped
-            self.stat_misc[1] += aux.detach().double()
-            self.stat_misc[2] += 1
+        if self.training:  # not a validation's forward: it must not move the balancing bias
+            with torch.no_grad():
+                self.stat_load += counts_all.double()
+                self.bias_load += counts_all.double()
+                self.stat_misc[0] += dropped
+                self.stat_misc[1] += aux.detach().double()
+                self.stat_misc[2] += 1
         if self.training and aux.requires_grad and MoE.aux_grad_scale:
             y = _InjectAuxLoss.apply(y, aux, self.aux_coef * MoE.aux_grad_scale)
         return y.view(shape)

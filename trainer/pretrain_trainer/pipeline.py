@@ -59,3 +59,9 @@ def build_schedule(parts: list[nn.Module], ids: list[int], pp: int, schedule: st
     if schedule == "Interleaved1F1B":
         return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn), stages
     return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn), stages
+
+
+def ends(schedule) -> tuple[bool, bool]:
+    """Whether this rank holds the first stage (feeds the inputs) and the last (computes the loss)."""
+    stages = schedule._stages if hasattr(schedule, "_stages") else [schedule._stage]
+    return any(s.is_first for s in stages), any(s.is_last for s in stages)

@@ -2,8 +2,8 @@
 path in contract.ENV_TERMINATION_MESSAGE (the operator sets it; unset under plain torchrun, and
 then nothing is written). The operator reads it from the pod's state.terminated.message.
 
-- Exit 0 or 83 (preempted): global rank 0 writes the last step, loss, tokens seen and the step of
-  the last committed checkpoint.
+- Exit 0 or 83 (preempted): global rank 0 writes the last step, loss, tokens seen, the step of
+  the last committed checkpoint, and the last validation's step and held-out loss (`validation`).
 - A rank that fails writes the error that ended it (`{"error": "rank 3: ValueError: ..."}`), unless
   another rank of the pod wrote first: the first failure is the cause; the ones after it are
   mostly the collectives it broke.
@@ -23,10 +23,13 @@ log = logging.getLogger("pretrain_trainer.report")
 MAX_ERROR = 2000  # the whole message is kept up to 4096 bytes
 
 
-def progress(step: int, total_steps: int, loss: float | None, tokens_seen: int, checkpoint_step: int) -> None:
+def progress(step: int, total_steps: int, loss: float | None, tokens_seen: int, checkpoint_step: int,
+             validated: tuple[int, float] | None = None) -> None:
     doc = {"step": step, "totalSteps": total_steps, "tokensSeen": tokens_seen, "checkpointStep": checkpoint_step}
     if loss is not None and math.isfinite(loss):
         doc["loss"] = loss
+    if validated and math.isfinite(validated[1]):
+        doc["validationStep"], doc["validationLoss"] = validated
     _write(doc, first_only=False)
 
 

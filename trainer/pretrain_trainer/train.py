@@ -37,7 +37,7 @@ from pretrain_operator import api, contract as c
 
 from . import moe as moe_mod
 from . import parallel, pipeline
-from . import lora, report
+from . import lora, report, validation
 from .checkpoint import Checkpointer, load_weights
 from .data import DataError, Loader, TokenSource
 from .metrics import Metrics
@@ -208,9 +208,7 @@ def step_pipeline(schedule, micro, device) -> torch.Tensor:
     on the last stage, 0 elsewhere (the caller sums over the pipeline group)."""
     x = torch.cat([m[0] for m in micro]).to(device)
     y = torch.cat([m[1] for m in micro]).to(device)
-    stages = schedule._stages if hasattr(schedule, "_stages") else [schedule._stage]
-    first = any(s.is_first for s in stages)
-    last = any(s.is_last for s in stages)
+    first, last = pipeline.ends(schedule)
     losses: list = []
     if first:
         schedule.step(x, target=y if last else None, losses=losses if last else None)
@@ -234,6 +232,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     source = open_data(spec, args.vocabSize)
     loader = Loader(source, spec.data.seqLen, spec.data.globalBatchSize, spec.data.microBatchSize, dp_rank, dp_size,
                     spec.training.seed)
+    validator = None
+    if spec.validation:
+        try:
+            validator = validation.Validator(spec, source.tokens, dp_rank, dp_size, device)
+        except DataError as e:  # too little held-out data: no retry will add any
+            raise ConfigError(str(e)) from e
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
     ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
     problem = ckpt.shared_problem()
@@ -281,6 +285,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     gc.collect()
     gc.freeze()
     loss_v = None
+    validated = None  # (step, held-out loss) of the last validation
     while step < spec.training.steps:
         step += 1
         lr = lr_at(step, spec.optimizer, spec.training.steps)
@@ -335,6 +340,11 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                 metrics.set_router_stats(stats)
                 log.info("step %d router: %s", step, metrics.router_summary(stats))
         metrics.set(**{c.METRIC_STEP: step})
+        # Validation before the save: a preemption's save (no validation then) must not wait for it.
+        if validator is not None and not preempt and validator.due(step, step == spec.training.steps):
+            validated = step, validator.loss(model, schedule, mesh, autocast)
+            metrics.set(**{c.METRIC_VALIDATION_LOSS: validated[1], c.METRIC_VALIDATION_STEP: step})
+            log.info("step %d validation loss %.6f over %d held-out windows", step, validated[1], validator.n)
         if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
             ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
                                            "seed": spec.training.seed, "lr": lr},
@@ -349,7 +359,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         if preempt:
             ckpt.close()
             if rank == 0:
-                report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step)
+                report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
@@ -357,7 +367,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     if base_digest is not None:
         check_frozen_base(model, base_digest)
     if rank == 0:
-        report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step)
+        report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
     log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
              ckpt.blocked_seconds)
     dist.destroy_process_group()

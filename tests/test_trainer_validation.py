@@ -1,0 +1,101 @@
+"""Validation during training (spec.validation): the held-out loss at every `everySteps` steps and at
+the last step, which is the `eval` of that step's checkpoint, the same under every layout (within
+1e-5), and which changes nothing in training: the losses stay bit for bit those of a run without it,
+MoE bias balancing included. Too little held-out data is a permanent error naming the field.
+
+    .venv/bin/python -m pytest tests/test_trainer_validation.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.trainer_util import env, losses, run, single_process_losses, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+TOL = 1e-5
+STEPS = 5
+VALIDATION = {"validation": {"everySteps": 2, "batches": 2}}  # 2 x globalBatchSize 4 = 8 held-out windows
+SIGMOID_BIAS = {"model": {"preset": "tiny", "moe": {"experts": 4, "topK": 2, "routerScore": "sigmoid", "loadBalancing": "bias",
+                                                    "biasUpdateRate": 0.05}}}
+
+
+def validation_losses(log: str) -> dict[int, float]:
+    return {int(s): float(v) for s, v in re.findall(r"step (\d+) validation loss ([0-9.]+) over 8 held-out windows", log)}
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The same run without validation: the training losses to match."""
+    return single_process_losses(tmp_path_factory.mktemp("plain") / "run", steps=STEPS, micro=1)
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory):
+    """One process with validation every 2 steps and a checkpoint at each: (folder, its losses, its
+    validation losses, its final report)."""
+    d = tmp_path_factory.mktemp("validated")
+    cfg = write_config(d, steps=STEPS, interval=2, keep=5, micro=1, extra=VALIDATION)
+    report = d / "termination-log"
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg), "--losses-out", str(d / "losses.txt")],
+                       env={**env(), "PRETRAIN_TERMINATION_MESSAGE_PATH": str(report)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d, losses(d / "losses.txt"), validation_losses(r.stderr), json.loads(report.read_text())
+
+
+def test_validation_runs_at_every_interval_and_the_last_step_and_changes_no_training_loss(plain, validated):
+    _, got, val, report = validated
+    assert sorted(val) == [2, 4, 5]
+    assert got == plain  # bit for bit: validation draws no random number and changes no weight
+    assert val[5] < val[2]  # the held-out loss falls as it trains
+    assert report["validationStep"] == 5 and abs(report["validationLoss"] - val[5]) < 1e-6
+
+
+def test_the_validation_loss_of_a_step_is_the_eval_of_that_steps_checkpoint(validated):
+    d, _, val, _ = validated
+    for step in (2, 4):
+        r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(d / "job.yaml"),
+                            "--checkpoint", str(d / "ckpt" / f"step-{step:08d}")], env=env(), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loss = float(re.search(r"held-out loss ([0-9.]+) over 8 windows", r.stdout).group(1))
+        assert abs(loss - val[step]) <= TOL, (step, loss, val[step])
+
+
+@pytest.mark.parametrize("nproc,parallelism,training", [
+    (4, {"data": 2, "pipeline": 2, "pipelineSchedule": "1F1B"}, {}),
+    (4, {"data": 2, "tensor": 2, "reshardAfterForward": False}, {"activationCheckpointing": "full"}),
+], ids=["pp2xdp2-1f1b", "dp2xtp2-keep-gathered-ac"])
+def test_a_parallel_layout_validates_to_the_single_process_loss(tmp_path, plain, validated, nproc, parallelism, training):
+    cfg = write_config(tmp_path, nproc=nproc, steps=STEPS, interval=100, micro=1,
+                       extra={**VALIDATION, "parallelism": parallelism, "training": {"steps": STEPS, "logEverySteps": 1, **training}})
+    r = run(cfg, nproc, tmp_path / "losses.txt")
+    val, want = validation_losses(r.stderr), validated[2]
+    assert sorted(val) == sorted(want)
+    for step in want:
+        assert abs(val[step] - want[step]) <= TOL, (step, val[step], want[step])
+    got = losses(tmp_path / "losses.txt")
+    for step in plain:  # and the validations did not disturb training (the next training forward above all)
+        assert abs(got[step] - plain[step]) <= TOL, (step, got[step], plain[step])
+
+
+def test_validation_leaves_the_moe_bias_balancing_as_it_was(tmp_path):
+    # The aux-loss-free bias moves with the load the router saw: a validation's tokens must not count.
+    without = single_process_losses(tmp_path / "without", steps=STEPS, micro=1, extra=SIGMOID_BIAS)
+    with_ = single_process_losses(tmp_path / "with", steps=STEPS, micro=1,
+                                  extra={**SIGMOID_BIAS, "validation": {"everySteps": 1, "batches": 2}})
+    assert with_ == without
+
+
+def test_too_little_held_out_data_for_validation_batches_is_a_permanent_error_naming_the_field(tmp_path):
+    cfg = write_config(tmp_path, steps=2, extra={"validation": {"everySteps": 1, "batches": 1000}})
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 85
+    assert "validation.batches (1000) x data.globalBatchSize (4): 4000 held-out windows" in r.stderr
+    assert "lower validation.batches" in r.stderr
