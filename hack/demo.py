@@ -206,8 +206,11 @@ def main() -> int:
         print(f"   Hugging Face model (Llama format, with the tokenizer): {hf}")
     time.sleep(3)  # one more scrape of the last step
     curves = loss_curve(prom, "default", "quickstart", wall0, time.time(), 2.0)
+    held_out = loss_curve(prom, "default", "quickstart", wall0, time.time(), 2.0,
+                          loss="pretrain_validation_loss", step="pretrain_validation_step")
     png = plot_loss(curves, lc.state_dir / "demo" / "loss.png",
-                    f"quickstart: {st.get('attempt')} attempts, {st.get('preemptions')} preemption(s)", step_at_preemption)
+                    f"quickstart: {st.get('attempt')} attempts, {st.get('preemptions')} preemption(s)", step_at_preemption,
+                    held_out)
     print(f"   loss plot (from Prometheus range queries): {png}")
     print(f"   metrics: {prom_url}/graph?g0.expr=pretrain_loss  (PromQL: pretrain_step, pretrain_loss, "
           f"pretrain_operator_job_preemptions); operator: curl -s http://127.0.0.1:18000/metrics")

@@ -85,7 +85,11 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
         return c if set(c) == {"1", "2"} and all(len(v) >= 3 for v in c.values()) else None
     curves = wait_for(both_attempts, timeout=30, what="loss against step of both attempts from range queries")
     assert max(s for s, _ in curves["1"]) < max(s for s, _ in curves["2"])
-    png = plot_loss(curves, tmp_path / "loss.png", "watched", preempt_step=max(s for s, _ in curves["1"]))
+    # The held-out losses at the steps they validated (the stand-in validates at each checkpoint).
+    held_out = loss_curve(prometheus, namespace, "watched", t0, time.time(), 1.0,
+                          loss="pretrain_validation_loss", step="pretrain_validation_step")
+    assert held_out.get("1") and all(s % 5 == 0 and abs(lo - (10.0 / (1 + s) + 1.0)) < 1e-3 for s, lo in held_out["1"])
+    png = plot_loss(curves, tmp_path / "loss.png", "watched", preempt_step=max(s for s, _ in curves["1"]), held_out=held_out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # Every metric the chart's Grafana dashboard queries is one Prometheus has scraped.
     dash = json.loads((CHART / "files" / "dashboard.json").read_text())

@@ -193,22 +193,27 @@ def register_host_operator(lc: LocalCluster, port: int) -> str:
     return f"{host}:{port}"
 
 
-def loss_curve(prom: Prometheus, namespace: str, job: str, start: float, end: float, step_s: float = 2.0) -> dict[str, list]:
+def loss_curve(prom: Prometheus, namespace: str, job: str, start: float, end: float, step_s: float = 2.0,
+               loss: str = "pretrain_loss", step: str = "pretrain_step") -> dict[str, list]:
     """attempt -> [(step, loss), ...] from range queries of the trainers' step and loss, joined on
-    their sample times (both come from the same scrape of the same pod)."""
+    their sample times (both come from the same scrape of the same pod). With
+    loss="pretrain_validation_loss", step="pretrain_validation_step": the held-out losses
+    (spec.validation), each at the step it validated."""
     sel = f'namespace="{namespace}", pretrain_job="{job}", node_rank="0"'
     steps = {r["metric"].get("attempt", "?"): dict(r["values"])
-             for r in prom.query_range(f"max by (attempt) (pretrain_step{{{sel}}})", start, end, step_s)}
+             for r in prom.query_range(f"max by (attempt) ({step}{{{sel}}})", start, end, step_s)}
     out: dict[str, list] = {}
-    for r in prom.query_range(f"max by (attempt) (pretrain_loss{{{sel}}})", start, end, step_s):
+    for r in prom.query_range(f"max by (attempt) ({loss}{{{sel}}})", start, end, step_s):
         att = r["metric"].get("attempt", "?")
         pts = {int(float(steps[att][t])): float(v) for t, v in r["values"] if t in steps.get(att, {})}
         out[att] = sorted((s, lo) for s, lo in pts.items() if s > 0)
     return out
 
 
-def plot_loss(curves: dict[str, list], out: Path, title: str, preempt_step: int | None = None) -> Path:
-    """A PNG of loss against step, one colour per attempt, the preemption marked."""
+def plot_loss(curves: dict[str, list], out: Path, title: str, preempt_step: int | None = None,
+              held_out: dict[str, list] | None = None) -> Path:
+    """A PNG of loss against step, one colour per attempt, the held-out losses (`loss_curve` of
+    the validation metrics) as black crosses, the preemption marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -218,10 +223,13 @@ def plot_loss(curves: dict[str, list], out: Path, title: str, preempt_step: int 
         pts = curves[att]
         if pts:
             ax.plot([s for s, _ in pts], [lo for _, lo in pts], marker=".", linewidth=1.2, label=f"attempt {att}")
+    val = sorted({p for pts in (held_out or {}).values() for p in pts})
+    if val:
+        ax.plot([s for s, _ in val], [lo for _, lo in val], "kx", markersize=7, label="held-out loss (validation)")
     if preempt_step is not None:
         ax.axvline(preempt_step, color="red", linestyle="--", linewidth=1, label=f"spot reclaim (step {preempt_step})")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
