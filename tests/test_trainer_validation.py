@@ -1,7 +1,8 @@
 """Validation during training (spec.validation): the held-out loss at every `everySteps` steps and at
 the last step, which is the `eval` of that step's checkpoint, the same under every layout (within
 1e-5), and which changes nothing in training: the losses stay bit for bit those of a run without it,
-MoE bias balancing included. Too little held-out data is a permanent error naming the field.
+MoE bias balancing and LoRA's adapter dropout included (and `eval` of a LoRA checkpoint on the
+seed's base works). Too little held-out data is a permanent error naming the field.
 
     .venv/bin/python -m pytest tests/test_trainer_validation.py -q
 """
@@ -99,3 +100,19 @@ def test_too_little_held_out_data_for_validation_batches_is_a_permanent_error_na
     assert r.returncode == 85
     assert "validation.batches (1000) x data.globalBatchSize (4): 4000 held-out windows" in r.stderr
     assert "lower validation.batches" in r.stderr
+
+
+def test_a_lora_run_on_the_seeds_base_validates_to_the_eval_of_its_checkpoint(tmp_path):
+    # No lora.baseCheckpoint: the base is the seed's random init, in training and in eval alike.
+    # Adapter dropout draws random numbers in training only: the losses stay those without validation.
+    lora = {"lora": {"rank": 4, "dropout": 0.1}}
+    without = single_process_losses(tmp_path / "without", steps=4, micro=1, extra=lora)
+    d = tmp_path / "with"
+    d.mkdir()
+    r = run(write_config(d, steps=4, micro=1, extra={**lora, **VALIDATION}), 1, d / "losses.txt")
+    assert losses(d / "losses.txt") == without
+    val = validation_losses(r.stderr)
+    e = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(d / "job.yaml")], env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert abs(float(re.search(r"held-out loss ([0-9.]+) over 8 windows", e.stdout).group(1)) - val[4]) <= TOL

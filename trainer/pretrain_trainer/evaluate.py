@@ -34,7 +34,9 @@ def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Pa
         raise ConfigError(f"no committed checkpoint under {spec.checkpoint.path}")
     try:
         if spec.lora and not (d / "config.json").exists():
-            load_weights(model, spec.lora.baseCheckpoint)
+            base = spec.lora.baseCheckpoint or spec.model.initFrom  # as the training's start (train.build)
+            if base:  # else the seed's random init, as the training had
+                load_weights(model, base)
             apply_lora(model, spec.lora, spec.training.seed)
         load_weights(model, str(d))
     except (OSError, ValueError) as e:
