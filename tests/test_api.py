@@ -88,6 +88,7 @@ INVALID = [
     ("shm size not a quantity", _with("template.shmSize", "lots"), "spec.template.shmSize"),
     ("validation every zero steps", _with("validation", {"everySteps": 0}), "spec.validation.everySteps"),
     ("validation of no batches", _with("validation", {"batches": 0}), "spec.validation.batches"),
+    ("negative maxSkippedSteps", _with("training.maxSkippedSteps", -1), "spec.training.maxSkippedSteps"),
 ]
 
 

@@ -145,6 +145,10 @@ class Training(Model):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 mixed precision keeps fp32 master weights and reductions; CPU runs use fp32.")
     logEverySteps: int = Field(1, ge=1, le=1_000_000, description="Log and update metrics every N steps.")
     activationCheckpointing: Literal["none", "full"] = Field("none", description="full: recompute each decoder block's activations in the backward pass (less memory, about a third more compute).")
+    maxSkippedSteps: int = Field(5, ge=0, le=1_000_000, description=(
+        "Steps in a row whose gradients are not finite (NaN or inf) that are skipped: no optimizer update, "
+        "the weights (and so the next checkpoints) stay as they were. One more stops the run with exit 85, "
+        "a permanent failure (a restart would replay the same steps); 0 stops at the first."))
     compile: bool = Field(False, description=(
         "torch.compile each decoder block (inductor, as torchtitan does): faster steps after a one-off compile when the "
         "ranks start (about 20 s for the tiny model on CPU, which needs a C++ compiler). The weights, their names and "

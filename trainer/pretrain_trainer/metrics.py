@@ -24,7 +24,7 @@ class Metrics:
             c.METRIC_STEP: 0, c.METRIC_TOTAL_STEPS: 0, c.METRIC_LOSS: float("nan"), c.METRIC_TOKENS_PER_SECOND: 0,
             c.METRIC_LAST_CHECKPOINT_STEP: 0, c.METRIC_LAST_CHECKPOINT_TIME: 0, c.METRIC_CHECKPOINT_REQUESTS_SERVED: 0,
             c.METRIC_VALIDATION_LOSS: float("nan"), c.METRIC_VALIDATION_STEP: 0,
-            "pretrain_mfu": 0, "pretrain_checkpoint_save_seconds": 0, "pretrain_checkpoint_blocked_seconds_total": 0,
+            "pretrain_mfu": 0, "pretrain_grad_norm": 0, "pretrain_skipped_steps_total": 0, "pretrain_checkpoint_save_seconds": 0, "pretrain_checkpoint_blocked_seconds_total": 0,
         }
 
     def set(self, **kw: float) -> None:

@@ -196,6 +196,19 @@ def check_frozen_base(model, digest: str) -> None:
                  len(lora.lora_layers(model)))
 
 
+def skip_step(step: int, grad_norm: float, in_row: int, allowed: int, ckpt: Checkpointer) -> None:
+    """A step whose gradients are not finite updates nothing (its NaN would reach every weight, then
+    every checkpoint kept); too many in a row stop the run for good: resuming would replay them."""
+    if in_row <= allowed:
+        log.warning("step %d: the gradient norm is %s: optimizer step skipped, the weights kept (%d in a row; "
+                    "training.maxSkippedSteps %d)", step, grad_norm, in_row, allowed)
+        return
+    ckpt.close()  # an async save of an earlier step still commits
+    raise ConfigError(f"step {step}: the gradients were not finite (norm {grad_norm}) for {in_row} steps in a row, more than "
+                      f"training.maxSkippedSteps ({allowed}); the weights are those of step {step - in_row} (last checkpoint: "
+                      f"step {ckpt.last_step}). Lower optimizer.lr, or check the data and the initial weights")
+
+
 def mesh_group(mesh, dim: str):
     """The process group of a mesh dimension, or None when it has one rank (or there is no mesh)."""
     if mesh is None or mesh[dim].size() == 1:
@@ -285,6 +298,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     gc.collect()
     gc.freeze()
     loss_v = None
+    grad_norm, skipped, skipped_in_row = 0.0, 0, 0
     validated = None  # (step, held-out loss) of the last validation
     while step < spec.training.steps:
         step += 1
@@ -307,10 +321,15 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                 total += loss.detach().double() / len(micro)  # on the device: no sync per microbatch
             total = total.cpu()
         parallel.scale_expert_grads(model, spec.parallelism.expert)
-        parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
-                                 mesh["pp"].get_group() if schedule is not None else None, experts, ep_group)
+        grad_norm = parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
+                                             mesh["pp"].get_group() if schedule is not None else None, experts, ep_group)
         ckpt.wait_staging()  # an async save's copy must be taken before the weights change
-        optim.step()
+        if math.isfinite(grad_norm):  # the norm of the whole mesh: every rank decides alike
+            optim.step()
+            skipped_in_row = 0
+        else:
+            skipped_in_row, skipped = skipped_in_row + 1, skipped + 1
+            skip_step(step, grad_norm, skipped_in_row, spec.training.maxSkippedSteps, ckpt)
         optim.zero_grad(set_to_none=True)
         for m in moe_mod.moe_layers(model).values():
             m.update_bias(mesh_group(mesh, "dp"))
@@ -333,8 +352,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
             t_log, tokens_at_log = now, tokens_seen
             mfu = tps * fpt / (peak * world)
-            metrics.set(**{c.METRIC_LOSS: loss_v, c.METRIC_TOKENS_PER_SECOND: tps, "pretrain_mfu": mfu})
-            log.info("step %d/%d loss %.4f lr %.2e tokens/s %.0f mfu %.1f%%", step, spec.training.steps, loss_v, lr, tps, 100 * mfu)
+            metrics.set(**{c.METRIC_LOSS: loss_v, c.METRIC_TOKENS_PER_SECOND: tps, "pretrain_mfu": mfu,
+                           "pretrain_grad_norm": grad_norm, "pretrain_skipped_steps_total": skipped})
+            log.info("step %d/%d loss %.4f grad norm %.3g lr %.2e tokens/s %.0f mfu %.1f%%", step, spec.training.steps, loss_v,
+                     grad_norm, lr, tps, 100 * mfu)
             if moe is not None:
                 stats = moe_mod.router_stats(model, args.layers, moe.experts)
                 metrics.set_router_stats(stats)

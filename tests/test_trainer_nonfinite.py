@@ -1,0 +1,77 @@
+"""Steps whose gradients are not finite (NaN or inf) update nothing: the weights, and so every
+checkpoint after them, stay finite; more than training.maxSkippedSteps of them in a row stop the run
+with exit 85 (permanent: a resume would replay them) on every rank at the same step, naming the
+field. The NaNs are real: initial weights (model.initFrom, a Hugging Face folder) with one bad
+embedding row, which poisons exactly the batches holding its token, or a bad final norm, which
+poisons all.
+
+    .venv/bin/python -m pytest tests/test_trainer_nonfinite.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+
+import pytest
+
+from tests.trainer_util import cmd, env, losses, write_config
+
+torch = pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+
+def poisoned_base(d, row: int | None = None, norm: bool = False):
+    """The tiny model's seed init as a Hugging Face folder, with embedding row `row` set to inf or
+    the final norm's weight to NaN."""
+    from pretrain_operator.api import ModelSpec
+    from pretrain_trainer.hf import hf_config, to_hf, write_safetensors
+    from pretrain_trainer.model import ModelArgs, Transformer, init_weights
+
+    args = ModelArgs.from_spec(ModelSpec(preset="tiny"))
+    model = Transformer(args)
+    init_weights(model, 1234)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if row is not None:
+        sd["tok_embeddings.weight"][row] = math.inf
+    if norm:
+        sd["norm.weight"][:] = math.nan
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(hf_config(args)))
+    write_safetensors(to_hf(sd, args), d, 1 << 40)
+    return d
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_the_weights_stay_finite(tmp_path):
+    from pretrain_trainer.data import TokenSource
+    token = int(TokenSource("", 512, 1234).tokens[0])  # of the synthetic corpus' repeated pattern: in most batches, not all
+    base = poisoned_base(tmp_path / "base", row=token)
+    cfg = write_config(tmp_path, steps=12, interval=12, micro=1,
+                       extra={"model": {"preset": "tiny", "initFrom": str(base)}, "training": {"steps": 12, "logEverySteps": 1, "maxSkippedSteps": 100}})
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = {int(s) for s in re.findall(r"step (\d+): the gradient norm is nan: optimizer step skipped", r.stderr)}
+    got = losses(tmp_path / "losses.txt")
+    assert skipped == {s for s, v in got.items() if not math.isfinite(v)}  # exactly the poisoned batches
+    assert 0 < len(skipped) < 12
+    # Without the skip, the first poisoned step's NaN reaches every weight through AdamW.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(tmp_path / "ckpt" / "step-00000012"), str(tmp_path / "final.pt"))
+    weights = torch.load(tmp_path / "final.pt")["model"]
+    emb = weights.pop("tok_embeddings.weight")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert torch.isfinite(torch.cat([emb[:token], emb[token + 1:]])).all() and torch.isinf(emb[token]).all()
+
+
+def test_more_non_finite_steps_in_a_row_than_allowed_stop_every_rank_with_exit_85_naming_the_field(tmp_path):
+    base = poisoned_base(tmp_path / "base", norm=True)  # every batch
+    cfg = write_config(tmp_path, nproc=2, pipeline=2, steps=10, interval=100, micro=1,
+                       extra={"model": {"preset": "tiny", "initFrom": str(base)}, "training": {"steps": 10, "logEverySteps": 1, "maxSkippedSteps": 2}})
+    r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    # Both ranks, at step 3, with the permanent error's code (torchrun reports each rank's).
+    assert r.stderr.count("pretrain_trainer: step 3: the gradients were not finite (norm nan) for 3 steps in a row, "
+                          "more than training.maxSkippedSteps (2)") == 2, r.stderr[-3000:]
+    assert "exitcode  : 85" in r.stderr
+    assert sorted(losses(tmp_path / "losses.txt")) == [1, 2]  # step 3 stopped before its loss was recorded
