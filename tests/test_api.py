@@ -89,6 +89,7 @@ INVALID = [
     ("validation every zero steps", _with("validation", {"everySteps": 0}), "spec.validation.everySteps"),
     ("validation of no batches", _with("validation", {"batches": 0}), "spec.validation.batches"),
     ("negative maxSkippedSteps", _with("training.maxSkippedSteps", -1), "spec.training.maxSkippedSteps"),
+    ("profile of no steps", _with("training.profile", {"steps": 0}), "spec.training.profile.steps"),
 ]
 
 

@@ -139,12 +139,21 @@ class Optimizer(Model):
     gradClip: float = Field(1.0, ge=0, le=1000, description="Gradient-norm clipping; 0 disables it.")
 
 
+class Profile(Model):
+    """torch.profiler traces of a few steps (torchtitan's [profiling])."""
+
+    startStep: int = Field(10, ge=1, le=100_000_000, description="The first profiled step (the step before it warms the profiler up).")
+    steps: int = Field(3, ge=1, le=100, description="Steps profiled.")
+    folder: str = Field("", max_length=1024, description="Where each rank writes steps-<first>-<last>/rank-<N>.json (Chrome trace format); empty: <checkpoint.path>/profiles.")
+
+
 class Training(Model):
     steps: int = Field(100, ge=1, le=100_000_000, description="Optimizer steps in all.")
     seed: int = Field(1234, ge=0, le=2**31 - 1, description="Seed for weight init and data order (the same for any layout).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 mixed precision keeps fp32 master weights and reductions; CPU runs use fp32.")
     logEverySteps: int = Field(1, ge=1, le=1_000_000, description="Log and update metrics every N steps.")
     activationCheckpointing: Literal["none", "full"] = Field("none", description="full: recompute each decoder block's activations in the backward pass (less memory, about a third more compute).")
+    profile: Profile | None = Field(None, description="Profile a few steps with torch.profiler; absent: no profiling.")
     maxSkippedSteps: int = Field(5, ge=0, le=1_000_000, description=(
         "Steps in a row whose gradients are not finite (NaN or inf) that are skipped: no optimizer update, "
         "the weights (and so the next checkpoints) stay as they were. One more stops the run with exit 85, "

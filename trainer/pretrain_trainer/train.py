@@ -37,7 +37,7 @@ from pretrain_operator import api, contract as c
 
 from . import moe as moe_mod
 from . import parallel, pipeline
-from . import lora, report, validation
+from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, load_weights
 from .data import DataError, Loader, TokenSource
 from .metrics import Metrics
@@ -284,6 +284,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     log.info("training %s on %d rank(s): pipeline %d (%s) x data %d x tensor %d; steps %d..%d, %d microbatch(es) per step; "
              "%d CPU thread(s) per rank", spec.model.preset, world, spec.parallelism.pipeline, spec.parallelism.pipelineSchedule,
              dp_size, spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum, torch.get_num_threads())
+    profiler = profiling.Profiler(spec, ckpt_root, rank, step)
     t_log = time.monotonic()
     tokens_at_log = tokens_seen
     moe = spec.model.moe
@@ -361,6 +362,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                 metrics.set_router_stats(stats)
                 log.info("step %d router: %s", step, metrics.router_summary(stats))
         metrics.set(**{c.METRIC_STEP: step})
+        profiler.step()
         # Validation before the save: a preemption's save (no validation then) must not wait for it.
         if validator is not None and not preempt and validator.due(step, step == spec.training.steps):
             validated = step, validator.loss(model, schedule, mesh, autocast)
@@ -378,12 +380,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                        c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
                        "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
         if preempt:
+            profiler.close()
             ckpt.close()
             if rank == 0:
                 report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             dist.destroy_process_group()
             return c.EXIT_PREEMPTED
+    profiler.close()
     ckpt.close()
     if base_digest is not None:
         check_frozen_base(model, base_digest)
