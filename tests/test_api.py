@@ -90,6 +90,9 @@ INVALID = [
     ("validation of no batches", _with("validation", {"batches": 0}), "spec.validation.batches"),
     ("negative maxSkippedSteps", _with("training.maxSkippedSteps", -1), "spec.training.maxSkippedSteps"),
     ("profile of no steps", _with("training.profile", {"steps": 0}), "spec.training.profile.steps"),
+    ("data path and sources both", _with("data", {"path": "/data/a", "sources": [{"path": "/data/b"}]}), "data.path and data.sources are exclusive"),
+    ("data source of weight zero", _with("data.sources", [{"path": "/data/a", "weight": 0}]), "spec.data.sources[0].weight"),
+    ("data source without a path", _with("data.sources", [{"weight": 2}]), "spec.data.sources[0].path"),
 ]
 
 

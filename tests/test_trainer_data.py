@@ -50,13 +50,13 @@ def test_prepare_is_deterministic_and_its_manifest_tracks_every_input_byte(tmp_p
 
 def test_the_loader_partitions_each_global_batch_over_data_parallel_ranks(tmp_path):
     import torch
-    from pretrain_trainer.data import Loader, TokenSource
-    src = TokenSource("", 512, seed=7)
+    from pretrain_trainer.data import Blend, Loader, TokenSource
+    src = Blend([TokenSource("", 512, seed=7)], [1.0], 16)
     whole = Loader(src, 16, 8, 2, 0, 1, seed=7).next_batch()
     parts = [Loader(src, 16, 8, 2, r, 2, seed=7).next_batch() for r in range(2)]
     rows = torch.cat([x for x, _ in whole])
     assert torch.equal(rows, torch.cat([x for p in parts for x, _ in p]))
-    other = Loader(TokenSource("", 512, seed=8), 16, 8, 2, 0, 1, seed=8).next_batch()
+    other = Loader(Blend([TokenSource("", 512, seed=8)], [1.0], 16), 16, 8, 2, 0, 1, seed=8).next_batch()
     assert not torch.equal(rows, torch.cat([x for x, _ in other]))
 
 

@@ -148,10 +148,10 @@ def test_eval_and_a_run_started_from_a_hugging_face_folder_read_the_same_weights
                                                                "data": {"path": str(dense.parent / "data")}})
     r = run(cfg, 1, tmp_path / "losses.txt")
     assert f"initial weights from {dense_hf}" in r.stderr
-    from pretrain_trainer.data import Loader, TokenSource
-    from pretrain_trainer.train import load_spec
+    from pretrain_trainer.data import Loader
+    from pretrain_trainer.train import load_spec, open_data
     spec = load_spec(str(cfg))
-    loader = Loader(TokenSource(spec.data.path, 512, spec.training.seed), spec.data.seqLen, spec.data.globalBatchSize,
+    loader = Loader(open_data(spec, 512), spec.data.seqLen, spec.data.globalBatchSize,
                     spec.data.microBatchSize, 0, 1, spec.training.seed)
     model = _ours(dense)
     micro = loader.next_batch()

@@ -124,11 +124,32 @@ class LoRA(Model):
     baseCheckpoint: str = Field("", max_length=4096, description="Base weights: a checkpoint folder of this trainer or a Hugging Face model folder; empty means the random init of the seed.")
 
 
+class DataSource(Model):
+    path: str = Field(min_length=1, max_length=4096, description="A prepared folder (`python -m pretrain_trainer prepare`).")
+    weight: float = Field(1.0, gt=0, le=1_000_000, description="Its share of the training samples, relative to the other sources' weights.")
+
+
 class Data(Model):
-    path: str = Field("", max_length=4096, description="Token shards (a folder of .bin files of uint16/uint32 tokens) or a text file; empty means a small synthetic corpus.")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_rules(
+        ("self.path == '' || size(self.sources) == 0",
+         "data.path and data.sources are exclusive: one prepared folder in path, or a blend of them in sources", ".sources"),
+    ))
+
+    path: str = Field("", max_length=4096, description="A prepared folder of token shards (`python -m pretrain_trainer prepare`); empty (and no sources) means a small synthetic corpus.")
+    sources: list[DataSource] = Field(default_factory=list, max_length=64, description=(
+        "A blend of prepared folders tokenized with the same tokenizer, instead of path: each training sample comes "
+        "from the source furthest below its weight's share so far (Megatron's blending), so the shares are exact "
+        "at every step; each source's own order is shuffled by the seed and its last 5% held out."))
     seqLen: int = Field(128, ge=8, le=1048576, description="Tokens per sample.")
     globalBatchSize: int = Field(8, ge=1, le=1048576, description="Samples per optimizer step over all data-parallel ranks.")
     microBatchSize: int = Field(1, ge=1, le=65536, description="Samples per forward pass on one rank; gradient accumulation makes up the rest.")
+
+
+    def folders(self) -> list[tuple[str, str, float]]:
+        """(field name, path, weight) of each source: data.path alone, or data.sources[i]; [] for synthetic data."""
+        if self.sources:
+            return [(f"data.sources[{i}]", s.path, s.weight) for i, s in enumerate(self.sources)]
+        return [("data.path", self.path, 1.0)] if self.path else []
 
 
 class Optimizer(Model):

@@ -12,7 +12,9 @@ The loader cuts the token stream into windows of seqLen + 1 and serves them in a
 pure function of (seed, epoch): the global batch sequence is the same for any data-parallel degree,
 each rank takes its slice, and the position (samples consumed) is all the state a checkpoint needs.
 With data.path empty it serves a deterministic synthetic corpus (a repeating pattern with noise) so
-a run needs nothing on disk.
+a run needs nothing on disk. `data.sources` blends several prepared folders (one tokenizer): each
+sample comes from the source furthest below its weight's share (`Blend`), each source keeps its own
+shuffled order, and the position plus each source's count is the state.
 """
 
 from __future__ import annotations
@@ -92,30 +94,31 @@ class DataError(ValueError):
 
 
 class TokenSource:
-    """All tokens of a prepared folder as one array (memory-mapped shards), or a synthetic corpus."""
+    """All tokens of a prepared folder as one array (memory-mapped shards), or a synthetic corpus.
+    `field` names it in errors (data.path, data.sources[i])."""
 
-    def __init__(self, path: str, vocab_size: int, seed: int, synthetic_tokens: int = 1 << 16):
+    def __init__(self, path: str, vocab_size: int, seed: int, synthetic_tokens: int = 1 << 16, field: str = "data.path"):
         if path:
             d = Path(path)
             try:
                 man = json.loads((d / "manifest.json").read_text())
             except (OSError, ValueError) as e:
-                raise DataError(f"data.path {path} is not a prepared folder ({type(e).__name__}: {e}); make one with "
+                raise DataError(f"{field} {path} is not a prepared folder ({type(e).__name__}: {e}); make one with "
                                 f"`python -m pretrain_trainer prepare --input TEXT_DIR --out {path}`") from e
             if man["vocabSize"] > vocab_size:
-                raise DataError(f"data: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
+                raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
             try:
                 self.tokens = np.concatenate([np.memmap(d / s["file"], dtype=man["dtype"], mode="r") for s in man["shards"]])
             except (OSError, ValueError) as e:
-                raise DataError(f"data.path {path}: a shard its manifest lists cannot be read ({e})") from e
-            self.manifest_hash = man["sha256"]
+                raise DataError(f"{field} {path}: a shard its manifest lists cannot be read ({e})") from e
+            self.manifest_hash, self.tokenizer_hash = man["sha256"], man.get("tokenizerSha256", "")
         else:
             g = np.random.default_rng(seed)
             base = g.integers(0, vocab_size, size=97)
             noise = g.integers(0, vocab_size, size=synthetic_tokens)
             keep = g.random(synthetic_tokens) < 0.9
             self.tokens = np.where(keep, np.resize(base, synthetic_tokens), noise).astype(np.int64)
-            self.manifest_hash = "synthetic"
+            self.manifest_hash, self.tokenizer_hash = "synthetic", "synthetic"
 
 
 def split_holdout(tokens, seq_len: int):
@@ -124,39 +127,82 @@ def split_holdout(tokens, seq_len: int):
     return tokens[:-n], tokens[-n:]
 
 
-def eval_batches(tokens, seq_len: int, max_windows: int = 32):
-    """Held-out windows in order, as (inputs, targets) pairs of one row each."""
-    rows = heldout_rows(tokens, seq_len, min((len(tokens) - 1) // seq_len, max_windows))
+def eval_batches(rows: torch.Tensor):
+    """Held-out rows (`Blend.heldout_rows`) as (inputs, targets) pairs of one row each."""
     for row in rows.split(1):
         yield row[:, :-1], row[:, 1:]
 
 
-def heldout_rows(tokens, seq_len: int, count: int) -> torch.Tensor:
-    """The first `count` held-out windows, in order, as rows of seq_len + 1 tokens (the inputs and
-    their next tokens); a DataError when there are fewer."""
-    have = (len(tokens) - 1) // seq_len
-    if count > have:
-        raise DataError(f"{count} held-out windows of data.seqLen ({seq_len}) asked for, but the held-out data "
-                        f"(the last 5% of the token stream) has {have}")
-    return torch.stack([torch.from_numpy(np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], dtype=np.int64))
-                        for w in range(count)]) if count else torch.zeros((0, seq_len + 1), dtype=torch.int64)
+def _window(tokens, w: int, seq_len: int) -> np.ndarray:
+    return np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], dtype=np.int64)
+
+
+class Blend:
+    """The training data: one source, or several blended. Sample n (of the training, or of the
+    held-out set) comes from the source k furthest below its share: the largest
+    weight_k * (n + 1) - taken_k, the lowest k on a tie (Megatron's blending), so after any number
+    of samples each source has given its share to within one sample, whatever the layout. One
+    source is simply its own stream."""
+
+    def __init__(self, sources: list[TokenSource], weights: list[float], seq_len: int, names: list[str] | None = None):
+        names = names or ["data.path"] * len(sources)
+        for name, src in zip(names[1:], sources[1:]):
+            if src.tokenizer_hash != sources[0].tokenizer_hash:
+                raise DataError(f"{name} was tokenized with another tokenizer than {names[0]}: prepare it with "
+                                f"`--tokenizer <{names[0]}.path>/tokenizer.json`")
+        total = sum(weights)
+        self.sources, self.weights, self.seq = sources, [w / total for w in weights], seq_len
+        self.train, self.held = zip(*(split_holdout(src.tokens, seq_len) for src in sources))
+        self.windows = [(len(t) - 1) // seq_len for t in self.train]
+        for name, n in zip(names, self.windows):
+            if n < 1:
+                raise DataError(f"{name}: too few tokens for one training window of data.seqLen ({seq_len}) "
+                                f"after its held-out 5%")
+        self.manifest_hash = sources[0].manifest_hash if len(sources) == 1 else hashlib.sha256(json.dumps(
+            [[src.manifest_hash, w] for src, w in zip(sources, weights)]).encode()).hexdigest()
+
+    def pick(self, taken: list[int]) -> int:
+        """The source of the next sample, given how many each has given so far."""
+        if len(taken) == 1:
+            return 0
+        n = sum(taken) + 1
+        errors = [w * n - t for w, t in zip(self.weights, taken)]
+        return errors.index(max(errors))
+
+    def heldout_rows(self, count: int, strict: bool = True) -> torch.Tensor:
+        """The first `count` held-out windows of the blend, in order, as rows of seqLen + 1 tokens
+        (the inputs and their next tokens); when a source has too few, a DataError (`strict`) or
+        the rows before it."""
+        taken = [0] * len(self.sources)
+        rows = []
+        for _ in range(count):
+            k = self.pick(taken)
+            have = (len(self.held[k]) - 1) // self.seq
+            if taken[k] >= have:
+                if not strict:
+                    break
+                raise DataError(f"{count} held-out windows of data.seqLen ({self.seq}) asked for, but the held-out data "
+                                f"(the last 5% of the token stream{' of source ' + str(k) if len(self.sources) > 1 else ''}) "
+                                f"has {have}")
+            rows.append(torch.from_numpy(_window(self.held[k], taken[k], self.seq)))
+            taken[k] += 1
+        return torch.stack(rows) if rows else torch.zeros((0, self.seq + 1), dtype=torch.int64)
 
 
 class Loader:
     """Global batches of `global_batch` windows; this rank's slice, cut into microbatches."""
 
-    def __init__(self, source: TokenSource, seq_len: int, global_batch: int, micro_batch: int,
+    def __init__(self, blend: Blend, seq_len: int, global_batch: int, micro_batch: int,
                  dp_rank: int, dp_size: int, seed: int):
-        self.src, self.seq = source, seq_len
-        self.tokens, _ = split_holdout(source.tokens, seq_len)
+        self.blend, self.seq = blend, seq_len
         self.global_batch, self.micro = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.windows = (len(self.tokens) - 1) // seq_len
-        if self.windows < global_batch:
-            raise SystemExit(f"data: {len(self.tokens)} training tokens make {self.windows} windows of {seq_len}, fewer than one global batch ({global_batch})")
-        self.position = 0  # global samples consumed: the whole state
-        self._perm_epoch = -1
-        self._perm = None
+        if len(blend.sources) == 1 and blend.windows[0] < global_batch:
+            raise SystemExit(f"data: {len(blend.train[0])} training tokens make {blend.windows[0]} windows of {seq_len}, "
+                             f"fewer than one global batch ({global_batch})")
+        self.position = 0  # global samples consumed
+        self.taken = [0] * len(blend.sources)  # of them, from each source: with the position, the whole state
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
     @property
     def per_rank(self) -> int:
@@ -166,28 +212,32 @@ class Loader:
     def accum(self) -> int:
         return self.per_rank // self.micro
 
-    def _index(self, sample: int) -> int:
-        epoch, i = divmod(sample, self.windows)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
-            self._perm_epoch = epoch
-        return int(self._perm[i])
+    def _index(self, k: int, sample: int) -> int:
+        """Source k's `sample`-th window: its epochs each in an order of (seed, epoch[, k])."""
+        epoch, i = divmod(sample, self.blend.windows[k])
+        if self._perms.get(k, (-1,))[0] != epoch:
+            key = [self.seed, epoch] if k == 0 else [self.seed, epoch, k]  # source 0: the one-source order
+            self._perms[k] = epoch, np.random.default_rng(key).permutation(self.blend.windows[k])
+        return int(self._perms[k][1][i])
 
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's microbatches of the next global batch, as (inputs, targets)."""
-        start = self.position + self.dp_rank * self.per_rank
-        rows = []
-        for s in range(start, start + self.per_rank):
-            w = self._index(s) * self.seq
-            rows.append(np.asarray(self.tokens[w:w + self.seq + 1], dtype=np.int64))
+        """This rank's microbatches of the next global batch, as (inputs, targets). Every rank picks
+        the sources of the whole global batch (so all keep the same counts) and reads its slice."""
+        picks = []
+        for _ in range(self.global_batch):
+            k = self.blend.pick(self.taken)
+            picks.append((k, self.taken[k]))
+            self.taken[k] += 1
+        mine = picks[self.dp_rank * self.per_rank:(self.dp_rank + 1) * self.per_rank]
+        t = torch.from_numpy(np.stack([_window(self.blend.train[k], self._index(k, i), self.seq) for k, i in mine]))
         self.position += self.global_batch
-        t = torch.from_numpy(np.stack(rows))
         return [(t[i:i + self.micro, :-1], t[i:i + self.micro, 1:]) for i in range(0, self.per_rank, self.micro)]
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "manifest": self.src.manifest_hash}
+        return {"position": self.position, "seed": self.seed, "manifest": self.blend.manifest_hash, "taken": list(self.taken)}
 
     def load_state_dict(self, st: dict) -> None:
-        if st.get("manifest") not in (None, self.src.manifest_hash):
+        if st.get("manifest") not in (None, self.blend.manifest_hash):
             raise SystemExit("data: the checkpoint was made with other data (manifest hash differs)")
         self.position = int(st["position"])
+        self.taken = [int(x) for x in st.get("taken", [self.position])]  # before blends: one source

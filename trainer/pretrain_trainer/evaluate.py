@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import load_weights, newest_good
-from .data import eval_batches, split_holdout
+from .data import eval_batches
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
 from .train import ConfigError, load_spec, open_data, setup_distributed
@@ -51,10 +51,10 @@ def evaluate(config: str, checkpoint: str | None = None) -> float:
     setup_distributed()  # DCP loads through a (one-process) group
     args = ModelArgs.from_spec(spec.model)
     model, d = model_from_checkpoint(spec, checkpoint)
-    _, held = split_holdout(open_data(spec, args.vocabSize).tokens, spec.data.seqLen)
+    rows = open_data(spec, args.vocabSize).heldout_rows(windows(spec) or 32, strict=False)
     total, n = 0.0, 0
     with torch.no_grad():
-        for x, y in eval_batches(held, spec.data.seqLen, windows(spec) or 32):
+        for x, y in eval_batches(rows):
             total += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
             n += 1
     dist.destroy_process_group()

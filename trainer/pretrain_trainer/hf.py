@@ -257,7 +257,7 @@ def export(config: str, checkpoint: str | None, out: str, merge_lora: bool = Fal
         adapters[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
     dst = Path(out)
     dst.mkdir(parents=True, exist_ok=True)
-    _tokenizer(spec.data.path, dst, cfg)
+    _tokenizer(next((path for _, path, _ in spec.data.folders()), ""), dst, cfg)  # a blend shares one tokenizer
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     (dst / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": cfg["eos_token_id"]}, indent=1))
     write_safetensors(to_hf(sd, args), dst, int(max_shard_gb * 2**30))

@@ -39,7 +39,7 @@ from . import moe as moe_mod
 from . import parallel, pipeline
 from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, load_weights
-from .data import DataError, Loader, TokenSource
+from .data import Blend, DataError, Loader, TokenSource
 from .metrics import Metrics
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
 
@@ -66,10 +66,13 @@ def load_spec(path: str) -> api.PretrainJobSpec:
         raise ConfigError(f"invalid config {path}: {e}")
 
 
-def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> TokenSource:
-    """The token stream; data that cannot be used is a permanent error (exit 85), not a crash to retry."""
+def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> Blend:
+    """The training data (data.path, data.sources, or the synthetic corpus); data that cannot be
+    used is a permanent error (exit 85), not a crash to retry."""
+    folders = spec.data.folders() or [("data.path", "", 1.0)]
     try:
-        return TokenSource(spec.data.path, vocab_size, spec.training.seed)
+        return Blend([TokenSource(path, vocab_size, spec.training.seed, field=name) for name, path, _ in folders],
+                     [w for _, _, w in folders], spec.data.seqLen, [name for name, _, _ in folders])
     except DataError as e:
         raise ConfigError(str(e)) from e
 
@@ -248,7 +251,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     validator = None
     if spec.validation:
         try:
-            validator = validation.Validator(spec, source.tokens, dp_rank, dp_size, device)
+            validator = validation.Validator(spec, source, dp_rank, dp_size, device)
         except DataError as e:  # too little held-out data: no retry will add any
             raise ConfigError(str(e)) from e
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path

@@ -4,8 +4,8 @@
     validation: {everySteps: 100, batches: 1}      # in the PretrainJob spec (or --config file)
 
 Each validation reads the same windows: the first `batches x data.globalBatchSize` windows of the
-held-out data (the last 5% of the token stream, which training never reads; `data.split_holdout`),
-each data-parallel rank its slice of each global batch, in the training's microbatches (through the
+held-out data (the last 5% of the token stream, which training never reads, of each source in a
+blend in its share; `data.Blend.heldout_rows`), each data-parallel rank its slice of each global batch, in the training's microbatches (through the
 pipeline schedule's forward-only `eval` under pipeline parallel). Forward only: no gradients, no
 random numbers drawn, the MoE router statistics (and so its bias balancing) untouched, so a run
 trains exactly as it would without validation. The loss is the mean over those windows of each
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pretrain_operator import api
 
 from . import pipeline
-from .data import DataError, heldout_rows, split_holdout
+from .data import Blend, DataError
 
 
 def windows(spec: api.PretrainJobSpec) -> int:
@@ -34,14 +34,12 @@ def windows(spec: api.PretrainJobSpec) -> int:
 
 
 class Validator:
-    def __init__(self, spec: api.PretrainJobSpec, tokens, dp_rank: int, dp_size: int, device: str):
-        """`tokens`: the whole token stream. Raises data.DataError when its held-out part is too short."""
+    def __init__(self, spec: api.PretrainJobSpec, blend: Blend, dp_rank: int, dp_size: int, device: str):
+        """Raises data.DataError when the held-out data is too short."""
         self.every, self.n = spec.validation.everySteps, windows(spec)
         self.micro, self.device = spec.data.microBatchSize, device
-        seq = spec.data.seqLen
-        _, held = split_holdout(tokens, seq)
         try:
-            rows = heldout_rows(held, seq, self.n)
+            rows = blend.heldout_rows(self.n)
         except DataError as e:
             raise DataError(f"validation.batches ({spec.validation.batches}) x data.globalBatchSize "
                           f"({spec.data.globalBatchSize}): {e}; lower validation.batches or give more data") from e
