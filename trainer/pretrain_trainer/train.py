@@ -357,14 +357,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             t_log, tokens_at_log = now, tokens_seen
             mfu = tps * fpt / (peak * world)
             metrics.set(**{c.METRIC_LOSS: loss_v, c.METRIC_TOKENS_PER_SECOND: tps, "pretrain_mfu": mfu,
-                           "pretrain_grad_norm": grad_norm, "pretrain_skipped_steps_total": skipped})
+                           "pretrain_grad_norm": grad_norm})
             log.info("step %d/%d loss %.4f grad norm %.3g lr %.2e tokens/s %.0f mfu %.1f%%", step, spec.training.steps, loss_v,
                      grad_norm, lr, tps, 100 * mfu)
             if moe is not None:
                 stats = moe_mod.router_stats(model, args.layers, moe.experts)
                 metrics.set_router_stats(stats)
                 log.info("step %d router: %s", step, metrics.router_summary(stats))
-        metrics.set(**{c.METRIC_STEP: step})
+        metrics.set(**{c.METRIC_STEP: step, "pretrain_skipped_steps_total": skipped})  # every step: an alert's
         profiler.step()
         # Validation before the save: a preemption's save (no validation then) must not wait for it.
         if validator is not None and not preempt and validator.due(step, step == spec.training.steps):
