@@ -131,7 +131,7 @@ class DataSource(Model):
 
 class Data(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_rules(
-        ("self.path == '' || size(self.sources) == 0",
+        ("!has(self.path) || self.path == '' || !has(self.sources) || size(self.sources) == 0",
          "data.path and data.sources are exclusive: one prepared folder in path, or a blend of them in sources", ".sources"),
     ))
 
