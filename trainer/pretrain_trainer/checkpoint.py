@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
@@ -320,7 +320,7 @@ class Checkpointer:
         state = self._save_state(model, optim)
         if self.async_save and not final and self._async_ready(state):
             try:
-                r = dcp.async_save(state, storage_writer=self._writer(d), **self._async_options())
+                r = dcp.async_save(state, storage_writer=self._writer(d), planner=self._planner(), **self._async_options())
             except Exception as e:  # noqa: BLE001  (a torch without this staging path: save synchronously)
                 log.warning("async checkpointing failed (%s: %s); saving synchronously from now on",
                             type(e).__name__, str(e)[:200])
@@ -333,10 +333,17 @@ class Checkpointer:
                 self.pending = (fut, step, self._commit_when_written(fut, step, extra, t0) if self.rank == 0 else None)
                 self._blocked(step, time.monotonic() - t_blocked, done=self.staging is None)
                 return
-        dcp.save(state, storage_writer=self._writer(d))
+        dcp.save(state, storage_writer=self._writer(d), planner=self._planner())
         self._commit(step, extra, t0)
         if not final:
             self._blocked(step, time.monotonic() - t_blocked)
+
+    @staticmethod
+    def _planner() -> DefaultSavePlanner:
+        """DCP's planner with its plan cache (as torchtitan uses it): a save whose local plan is the
+        previous save's (the same tensors, shapes and layout: every save of a run) sends no plan to
+        the coordinator and reuses the global plan and metadata; a changed plan is planned anew."""
+        return DefaultSavePlanner(enable_plan_caching=True)
 
     def _writer(self, d: Path) -> FileSystemWriter:
         # On a GPU one writer thread (DCP overlaps the device-to-host copies only with one; four were
