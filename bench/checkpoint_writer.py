@@ -25,35 +25,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def model_state(sizes: dict, shard=None) -> dict:
+    """The model `small` (sizes over it) and its AdamW state after one step, as a checkpoint holds
+    them; `shard(model)` (FSDP2, say) is applied before the optimizer is made."""
+    sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "operator")]
+    import torch
+    import torch.nn.functional as F
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from pretrain_operator.api import ModelSpec
+    from pretrain_trainer.model import ModelArgs, Transformer, init_weights
+
+    args = ModelArgs.from_spec(ModelSpec(preset="small", **sizes))
+    model = Transformer(args)
+    init_weights(model, 0)
+    if shard:
+        shard(model)
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, args.vocabSize, (1, 33))
+    F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    optim.step()  # AdamW's state exists after a step
+    msd, osd = get_state_dict(model, optim)
+    osd.pop("param_groups")
+    return {"model": msd, "optim": osd}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--model", default="{}", help='sizes over the preset "small", as JSON')
     a = ap.parse_args(argv or [])
     sys.path[:0] = [str(ROOT / "trainer"), str(ROOT / "operator")]
-    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    import torch.nn.functional as F
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from pretrain_operator.api import ModelSpec
     from pretrain_trainer.checkpoint import Writer
-    from pretrain_trainer.model import ModelArgs, Transformer, init_weights
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port
     try:
-        args = ModelArgs.from_spec(ModelSpec(preset="small", **json.loads(a.model)))
-        model = Transformer(args)
-        init_weights(model, 0)
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.randint(0, args.vocabSize, (1, 33))
-        F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
-        optim.step()  # AdamW's state exists after a step
-        msd, osd = get_state_dict(model, optim)
-        osd.pop("param_groups")
-        state = {"model": msd, "optim": osd}
+        state = model_state(json.loads(a.model))
         times: dict[str, list[float]] = {"FileSystemWriter": [], "checkpoint.Writer": []}
         with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
             d = Path(tmp) / "ckpt"

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-BENCHES = ["control_plane", "pods", "gang_creation", "peers", "recovery", "trainer", "checkpoint_writer", "moe_lora"]
+BENCHES = ["control_plane", "pods", "gang_creation", "peers", "recovery", "trainer", "checkpoint_writer", "checkpoint_plan",
+           "moe_lora"]
 
 
 def main(argv: list[str]) -> int:
