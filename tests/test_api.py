@@ -70,6 +70,8 @@ INVALID = [
     ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
     ("seqLen above maxSeqLen", _with("data.seqLen", 4096), "data.seqLen must not exceed model.maxSeqLen"),
     ("lr zero", _with("optimizer.lr", 0), "spec.optimizer.lr"),
+    ("decayFraction zero", _with("optimizer.decayFraction", 0), "spec.optimizer.decayFraction"),
+    ("unknown decayType", _with("optimizer.decayType", "step"), "spec.optimizer.decayType"),
     ("minLr above lr", _with("optimizer", {"lr": 0.001, "minLr": 0.01}), "optimizer.minLr must not exceed optimizer.lr"),
     ("warmup beyond steps", _with("optimizer.warmupSteps", 500, _with("training.steps", 100)), "optimizer.warmupSteps must not exceed training.steps"),
     ("steps zero", _with("training.steps", 0), "spec.training.steps"),

@@ -156,6 +156,10 @@ class Optimizer(Model):
     lr: float = Field(3e-4, gt=0, le=10, description="Peak learning rate (AdamW).")
     minLr: float = Field(3e-5, ge=0, le=10, description="Learning rate at the end of the cosine decay.")
     warmupSteps: int = Field(10, ge=0, le=10_000_000, description="Linear warm-up steps.")
+    decayType: Literal["cosine", "linear", "sqrt"] = Field("cosine", description="The shape of the decay from lr to minLr.")
+    decayFraction: float | None = Field(None, gt=0, le=1, description=(
+        "Absent: decay over every step after the warm-up. A fraction: hold lr until the last decayFraction of "
+        "training.steps, then decay (warmup-stable-decay, WSD: a run can be extended from a checkpoint of its stable phase)."))
     weightDecay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
     gradClip: float = Field(1.0, ge=0, le=1000, description="Gradient-norm clipping; 0 disables it.")
 

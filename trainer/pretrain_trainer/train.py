@@ -100,10 +100,15 @@ def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
 
 
 def lr_at(step: int, o: api.Optimizer, total: int) -> float:
+    """Linear warm-up to lr, then (with decayFraction) lr held until the decay's start, then a decay
+    of decayType to minLr at the last step."""
     if o.warmupSteps and step <= o.warmupSteps:
         return o.lr * step / o.warmupSteps
-    frac = (step - o.warmupSteps) / max(total - o.warmupSteps, 1)
-    return o.minLr + 0.5 * (o.lr - o.minLr) * (1 + math.cos(math.pi * min(frac, 1.0)))
+    start = o.warmupSteps if o.decayFraction is None else max(total - round(o.decayFraction * total), o.warmupSteps)
+    frac = min(max(step - start, 0) / max(total - start, 1), 1.0)
+    if o.decayType == "cosine":
+        return o.minLr + 0.5 * (o.lr - o.minLr) * (1 + math.cos(math.pi * frac))
+    return o.lr - (o.lr - o.minLr) * (frac if o.decayType == "linear" else math.sqrt(frac))
 
 
 class Stop:
