@@ -413,6 +413,8 @@ PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": ".status.readyNodes"},
     {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+    {"name": "Held-Out", "type": "number", "jsonPath": ".status.progress.validationLoss", "priority": 1},  # -o wide
     {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.lastCheckpoint.step"},
     {"name": "Preemptions", "type": "integer", "jsonPath": ".status.preemptions"},
     {"name": "Failures", "type": "integer", "jsonPath": ".status.failures"},
