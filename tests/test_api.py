@@ -70,6 +70,8 @@ INVALID = [
     ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
     ("seqLen above maxSeqLen", _with("data.seqLen", 4096), "data.seqLen must not exceed model.maxSeqLen"),
     ("lr zero", _with("optimizer.lr", 0), "spec.optimizer.lr"),
+    ("validation under a V-shaped pipeline", _with("validation", {"everySteps": 10}, {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "pipelineSchedule": "DualPipeV"}}), "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble or DualPipeV"),
+    ("DualPipeV with too few microbatches", {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "pipelineSchedule": "DualPipeV"}, "data": {"globalBatchSize": 2}}, "DualPipeV needs at least 2 x parallelism.pipeline microbatches"),
     ("decayFraction zero", _with("optimizer.decayFraction", 0), "spec.optimizer.decayFraction"),
     ("unknown decayType", _with("optimizer.decayType", "step"), "spec.optimizer.decayType"),
     ("minLr above lr", _with("optimizer", {"lr": 0.001, "minLr": 0.01}), "optimizer.minLr must not exceed optimizer.lr"),

@@ -1,5 +1,6 @@
 """Parallel layouts train the same model: data parallel (FSDP2), tensor parallel (DTensor),
-pipeline parallel (each schedule) and all three at once (2 x 2 x 2 on 8 processes) give the
+pipeline parallel (each schedule: GPipe, 1F1B, Interleaved1F1B, LoopedBFS, the zero-bubble
+InterleavedZeroBubble, and the V-shaped ZBVZeroBubble and DualPipeV) and all three at once (2 x 2 x 2 on 8 processes) give the
 per-step losses of a single process on the same data, with gradient accumulation, within 1e-5
 (reduction order differs, nothing else); so do blocks compiled with torch.compile, whose
 checkpoints resume in an eager run."""
@@ -27,13 +28,16 @@ def reference(tmp_path_factory):
 LAYOUTS = [  # (processes, data, tensor, pipeline, schedule)
     (2, 2, 1, 1, "1F1B"), (2, 1, 2, 1, "1F1B"), (4, 2, 2, 1, "1F1B"),
     (2, 1, 1, 2, "GPipe"), (2, 1, 1, 2, "1F1B"), (2, 1, 1, 2, "Interleaved1F1B"),
+    (2, 1, 1, 2, "LoopedBFS"), (2, 1, 1, 2, "InterleavedZeroBubble"), (2, 1, 1, 2, "ZBVZeroBubble"), (2, 1, 1, 2, "DualPipeV"),
 ]
 
 
 @pytest.mark.parametrize("nproc,data,tensor,pipeline,schedule", LAYOUTS,
-                         ids=["fsdp2", "tp2", "fsdp2xtp2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved1f1b"])
+                         ids=["fsdp2", "tp2", "fsdp2xtp2", "pp2-gpipe", "pp2-1f1b", "pp2-interleaved1f1b", "pp2-loopedbfs",
+                              "pp2-interleavedzerobubble", "pp2-zbvzerobubble", "pp2-dualpipev"])
 def test_a_parallel_layout_matches_the_single_process_losses(tmp_path, reference, nproc, data, tensor, pipeline, schedule):
-    run(write_config(tmp_path, nproc=nproc, data=data, tensor=tensor, pipeline=pipeline, schedule=schedule, steps=5),
+    micro = 1 if schedule == "DualPipeV" else 2  # DualPipeV: at least as many microbatches (4) as stages
+    run(write_config(tmp_path, nproc=nproc, data=data, tensor=tensor, pipeline=pipeline, schedule=schedule, steps=5, micro=micro),
         nproc, tmp_path / "losses.txt")
     got = losses(tmp_path / "losses.txt")
     assert sorted(got) == sorted(reference) == [1, 2, 3, 4, 5]
@@ -49,6 +53,15 @@ def test_the_trainer_refuses_a_layout_that_does_not_fit_the_world(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 85
     assert "parallelism.data x tensor x pipeline = 2 but the world has 1 ranks" in r.stderr
+
+
+def test_a_schedule_that_refuses_the_layout_is_a_permanent_error_naming_the_fields(tmp_path):
+    import subprocess
+    from tests.trainer_util import cmd, env
+    cfg = write_config(tmp_path, nproc=2, pipeline=2, schedule="DualPipeV")  # 2 microbatches for 4 stages
+    r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "exitcode  : 85" in r.stderr  # not a crash to retry
+    assert "parallelism.pipelineSchedule DualPipeV with 2 microbatches (parallelism.microbatches" in r.stderr
 
 
 def test_pipeline_x_data_x_tensor_2x2x2_on_8_processes_matches_a_single_process(tmp_path):

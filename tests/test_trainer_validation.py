@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.trainer_util import env, losses, run, single_process_losses, write_config
+from tests.trainer_util import cmd, env, losses, run, single_process_losses, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -116,3 +116,12 @@ def test_a_lora_run_on_the_seeds_base_validates_to_the_eval_of_its_checkpoint(tm
                        capture_output=True, text=True, timeout=120)
     assert e.returncode == 0, e.stderr[-2000:]
     assert abs(float(re.search(r"held-out loss ([0-9.]+) over 8 windows", e.stdout).group(1)) - val[4]) <= TOL
+
+
+def test_validation_under_a_v_shaped_pipeline_schedule_is_refused_naming_the_fields(tmp_path):
+    # torch's forward-only eval of ZBVZeroBubble and DualPipeV fails ("can't steal_bwd_input if this
+    # stage doesn't have backward"): refused at the start (the CRD refuses it too), not at step N.
+    cfg = write_config(tmp_path, nproc=2, pipeline=2, schedule="ZBVZeroBubble", extra=VALIDATION)
+    r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "exitcode  : 85" in r.stderr
+    assert "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble" in r.stderr

@@ -68,8 +68,12 @@ class Parallelism(Model):
     tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel degree (DTensor; splits attention heads and MLP columns/rows). Keep it within a node.")
     pipeline: int = Field(1, ge=1, le=256, description="Pipeline-parallel stages (torch.distributed.pipelining); layers are split evenly over them.")
     expert: int = Field(1, ge=1, le=1024, description="Expert-parallel degree for MoE layers: experts are split over groups of this many data-parallel ranks (tokens travel by all-to-all). Must divide parallelism.data and model.moe.experts.")
-    pipelineSchedule: Literal["GPipe", "1F1B", "Interleaved1F1B"] = Field(
-        "1F1B", description="Pipeline schedule. Interleaved1F1B puts two virtual stages on each pipeline rank.")
+    pipelineSchedule: Literal["GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble",
+                              "DualPipeV"] = Field(
+        "1F1B", description=("Pipeline schedule. All but GPipe and 1F1B put two virtual stages on each pipeline rank: "
+                             "looped (rank r: stages r and r + pipeline) or V-shaped for ZBVZeroBubble and DualPipeV "
+                             "(rank r: stages r and 2 pipeline - 1 - r); the zero-bubble ones split each backward into "
+                             "input and weight gradients to fill the bubbles."))
     microbatches: int = Field(0, ge=0, le=4096, description="Pipeline microbatches per step; 0 means one per microBatchSize slice of the rank's batch.")
     reshardAfterForward: bool = Field(True, description="FSDP2: free the gathered parameters after each block's forward (ZeRO-3; less memory) or keep them for the backward (ZeRO-2-like; less communication).")
 
@@ -276,8 +280,8 @@ _SPEC_RULES = _rules(
      "parallelism.data x parallelism.tensor x parallelism.pipeline must equal nodes x nprocPerNode", ".parallelism"),
     ("(has(self.model.layers) ? self.model.layers : (self.model.preset == 'custom' ? 1 : "
      "{'tiny': 4, 'small': 8, 'llama3-1b': 16, 'llama3-8b': 32, 'llama3-70b': 80}[self.model.preset])) "
-     "% (self.parallelism.pipelineSchedule == 'Interleaved1F1B' ? 2 * self.parallelism.pipeline : self.parallelism.pipeline) == 0",
-     "model.layers must be divisible by parallelism.pipeline (times 2 for Interleaved1F1B)", ".model"),
+     "% (self.parallelism.pipelineSchedule in ['GPipe', '1F1B'] ? self.parallelism.pipeline : 2 * self.parallelism.pipeline) == 0",
+     "model.layers must be divisible by parallelism.pipeline (times 2 for the schedules with two stages per rank)", ".model"),
     ("(has(self.model.heads) ? self.model.heads : (self.model.preset == 'custom' ? 1 : "
      "{'tiny': 4, 'small': 8, 'llama3-1b': 32, 'llama3-8b': 32, 'llama3-70b': 64}[self.model.preset])) % self.parallelism.tensor == 0",
      "model.heads must be divisible by parallelism.tensor", ".model"),
@@ -302,6 +306,14 @@ _SPEC_RULES = _rules(
     ("self.data.seqLen <= (has(self.model.maxSeqLen) ? self.model.maxSeqLen : (self.model.preset == 'custom' ? 1048576 : "
      "{'tiny': 128, 'small': 512, 'llama3-1b': 8192, 'llama3-8b': 8192, 'llama3-70b': 8192}[self.model.preset]))",
      "data.seqLen must not exceed model.maxSeqLen", ".data.seqLen"),
+    ("self.parallelism.pipeline == 1 || self.parallelism.pipelineSchedule != 'DualPipeV' || (self.parallelism.microbatches > 0 ? "
+     "self.parallelism.microbatches : self.data.globalBatchSize / (self.parallelism.data * self.data.microBatchSize)) "
+     ">= 2 * self.parallelism.pipeline",
+     "DualPipeV needs at least 2 x parallelism.pipeline microbatches (parallelism.microbatches, else "
+     "data.globalBatchSize / (parallelism.data x data.microBatchSize))", ".parallelism.microbatches"),
+    ("!has(self.validation) || self.parallelism.pipeline == 1 || !(self.parallelism.pipelineSchedule in ['ZBVZeroBubble', 'DualPipeV'])",
+     "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble or DualPipeV (torch's forward-only "
+     "pipeline eval needs their backward): use InterleavedZeroBubble", ".validation"),
     ("!self.failurePolicy.retryableExitCodes.exists(c, c in self.failurePolicy.nonRetryableExitCodes)",
      "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),
 )

@@ -9,18 +9,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe,
+                                          ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble, ScheduleLoopedBFS,
+                                          ScheduleZBVZeroBubble)
 
 from .model import ModelArgs, Transformer
 
-SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B,
+             "LoopedBFS": ScheduleLoopedBFS, "InterleavedZeroBubble": ScheduleInterleavedZeroBubble,
+             "ZBVZeroBubble": ScheduleZBVZeroBubble, "DualPipeV": ScheduleDualPipeV}
+V_SHAPED = ("ZBVZeroBubble", "DualPipeV")  # rank r holds stages r and 2 pp - 1 - r
 
 
 def stages_per_rank(schedule: str) -> int:
-    return 2 if schedule == "Interleaved1F1B" else 1
+    return 1 if schedule in ("GPipe", "1F1B") else 2
 
 
 def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
+    if schedule in V_SHAPED:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
     return [pp_rank + v * pp for v in range(stages_per_rank(schedule))]
 
 
@@ -56,7 +63,7 @@ def build_schedule(parts: list[nn.Module], ids: list[int], pp: int, schedule: st
     n = pp * stages_per_rank(schedule)
     stages = [PipelineStage(p, s, n, torch.device(device), group=group) for p, s in zip(parts, ids)]
     cls = SCHEDULES[schedule]
-    if schedule == "Interleaved1F1B":
+    if stages_per_rank(schedule) == 2:
         return cls(stages, n_microbatches=n_micro, loss_fn=loss_fn), stages
     return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn), stages
 

@@ -92,6 +92,9 @@ def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
         raise ConfigError(f"model.moe.topK ({moe.topK}) must not exceed model.moe.experts ({moe.experts})")
     if spec.lora is not None and moe is not None:
         raise ConfigError("lora with model.moe is not supported: LoRA adapts dense attention and MLP projections only")
+    if spec.validation and p.pipeline > 1 and p.pipelineSchedule in pipeline.V_SHAPED:
+        raise ConfigError(f"validation does not run under parallelism.pipelineSchedule {p.pipelineSchedule} (torch's "
+                          "forward-only pipeline eval needs its backward): use InterleavedZeroBubble")
     if p.data * p.tensor * p.pipeline != world:
         raise ConfigError(f"parallelism.data x tensor x pipeline = {p.data * p.tensor * p.pipeline} but the world has "
                           f"{world} ranks (nodes x nprocPerNode under torchrun)")
@@ -188,8 +191,12 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         n_micro = p.microbatches or per_rank // spec.data.microBatchSize
         if per_rank % n_micro:
             raise ConfigError(f"parallelism.microbatches ({n_micro}) must divide the per-rank batch ({per_rank})")
-        schedule, _ = pipeline.build_schedule(parts, ids, p.pipeline, p.pipelineSchedule, n_micro, device,
-                                              mesh["pp"].get_group())
+        try:
+            schedule, _ = pipeline.build_schedule(parts, ids, p.pipeline, p.pipelineSchedule, n_micro, device,
+                                                  mesh["pp"].get_group())
+        except ValueError as e:  # a schedule's own rule on the layout (DualPipeV: microbatches >= stages)
+            raise ConfigError(f"parallelism.pipelineSchedule {p.pipelineSchedule} with {n_micro} microbatches "
+                              f"(parallelism.microbatches, else the per-rank batch / data.microBatchSize): {e}") from e
     return args, model, optim, mesh, schedule
 
 
