@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 BENCHES = ["control_plane", "pods", "gang_creation", "peers", "recovery", "trainer", "checkpoint_writer", "checkpoint_plan",
-           "moe_lora"]
+           "activation_checkpointing", "moe_lora"]
 
 
 def main(argv: list[str]) -> int:

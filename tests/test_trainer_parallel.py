@@ -75,11 +75,14 @@ def test_pipeline_x_data_x_tensor_2x2x2_on_8_processes_matches_a_single_process(
         assert abs(got[s] - want[s]) <= TOL, (s, got[s], want[s])
 
 
-def test_activation_checkpointing_and_keeping_gathered_parameters_keep_the_losses(tmp_path, reference):
-    cfg = write_config(tmp_path, nproc=2, data=2, steps=5,
-                       extra={"training": {"steps": 5, "logEverySteps": 1, "activationCheckpointing": "full"},
-                              "parallelism": {"data": 2, "tensor": 1, "pipeline": 1, "reshardAfterForward": False}})
-    run(cfg, 2, tmp_path / "losses.txt")
+@pytest.mark.parametrize("mode,nproc,tensor", [("full", 2, 1), ("selective", 4, 2)], ids=["full-fsdp2", "selective-fsdp2xtp2"])
+def test_activation_checkpointing_and_keeping_gathered_parameters_keep_the_losses(tmp_path, reference, mode, nproc, tensor):
+    # selective keeps the matrix products', attention's and tensor parallel's collectives' outputs.
+    cfg = write_config(tmp_path, nproc=nproc, data=2, tensor=tensor, steps=5,
+                       extra={"training": {"steps": 5, "logEverySteps": 1, "activationCheckpointing": mode},
+                              "parallelism": {"data": 2, "tensor": tensor, "pipeline": 1, "reshardAfterForward": False}})
+    r = run(cfg, nproc, tmp_path / "losses.txt")
+    assert f"activation checkpointing ({mode}): 4 decoder block(s) here" in r.stderr
     got = losses(tmp_path / "losses.txt")
     for step, want in reference.items():
         assert abs(got[step] - want) <= TOL, (step, got[step], want)

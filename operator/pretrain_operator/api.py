@@ -181,7 +181,10 @@ class Training(Model):
     seed: int = Field(1234, ge=0, le=2**31 - 1, description="Seed for weight init and data order (the same for any layout).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 mixed precision keeps fp32 master weights and reductions; CPU runs use fp32.")
     logEverySteps: int = Field(1, ge=1, le=1_000_000, description="Log and update metrics every N steps.")
-    activationCheckpointing: Literal["none", "full"] = Field("none", description="full: recompute each decoder block's activations in the backward pass (less memory, about a third more compute).")
+    activationCheckpointing: Literal["none", "full", "selective"] = Field("none", description=(
+        "full: recompute each decoder block's activations in the backward pass (less memory, about a third more compute). "
+        "selective: keep the outputs of the matrix products, attention and tensor-parallel collectives and recompute "
+        "the rest (torchtitan's op-level selective AC: most of full's saving of the cheap activations, little recompute)."))
     profile: Profile | None = Field(None, description="Profile a few steps with torch.profiler; absent: no profiling.")
     maxSkippedSteps: int = Field(5, ge=0, le=1_000_000, description=(
         "Steps in a row whose gradients are not finite (NaN or inf) that are skipped: no optimizer update, "

@@ -82,12 +82,38 @@ def _with_lora(block, plan: dict) -> dict:
 
 
 def apply_activation_checkpointing(model, mode: str) -> None:
-    """full: each decoder block recomputes its activations during the backward pass."""
-    if mode != "full":
+    """full: each decoder block recomputes its activations during the backward pass. selective
+    (torchtitan's op-level selective AC): the block keeps what is costly to recompute, the outputs
+    of its matrix products, attention and tensor-parallel collectives, and recomputes the rest
+    (norms, rotary embeddings, the SwiGLU activation, residual sums)."""
+    if mode == "none":
         return
+    from functools import partial
+
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_costly)} if mode == "selective" else {}
     for key, block in list(model.layers.items()):
-        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False)
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+    log.info("activation checkpointing (%s): %d decoder block(s) here", mode, len(model.layers))
+
+
+def _costly_ops() -> set:
+    ops = torch.ops.aten
+    names = [(ops, "mm"), (ops, "bmm"), (ops, "addmm"), (ops, "_scaled_dot_product_flash_attention"),
+             (ops, "_scaled_dot_product_efficient_attention"), (ops, "_scaled_dot_product_cudnn_attention"),
+             (ops, "_scaled_dot_product_flash_attention_for_cpu"), (ops, "_grouped_mm"),
+             (torch.ops._c10d_functional, "reduce_scatter_tensor"), (torch.ops._c10d_functional, "all_reduce"),
+             (torch.ops._c10d_functional, "all_to_all_single")]
+    return {getattr(ns, name).default for ns, name in names if hasattr(ns, name)}
+
+
+_COSTLY = _costly_ops()
+
+
+def _keep_costly(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return CheckpointPolicy.MUST_SAVE if op in _COSTLY else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_compile(model, enabled: bool) -> None:
