@@ -1,6 +1,6 @@
 """`prepare` is deterministic and its manifest changes when one input byte does; the loader's
 order is a pure function of the seed and its slices partition each global batch; data that cannot
-be used is a permanent error naming the field."""
+be used (a missing or too small folder, a checkpoint of other data) is a permanent error naming the field."""
 
 from __future__ import annotations
 
@@ -83,3 +83,23 @@ def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_
         # The container's termination message: the error of the rank that wrote first, whole (both failed).
         error = json.loads(message.read_text())["error"]
         assert error.split(": ", 1)[0] in ("rank 0", "rank 1") and says in error, error
+
+
+def test_a_checkpoint_of_other_data_or_too_little_data_is_a_permanent_error(tmp_path):
+    # Exit 85, not 1: a retry would meet the same data (before, SystemExit with a message: exit 1).
+    from tests.trainer_util import env, write_config
+    prepared = tmp_path / "prepared"
+    _prepare(_corpus(tmp_path), prepared)
+
+    def train(cfg) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], env=env(),
+                              capture_output=True, text=True, timeout=120)
+
+    assert train(write_config(tmp_path, steps=2, interval=2)).returncode == 0  # synthetic data, checkpoint at step 2
+    r = train(write_config(tmp_path, steps=4, extra={"data": {"path": str(prepared), "seqLen": 32, "globalBatchSize": 4}}))
+    assert r.returncode == 85 and "the checkpoint was made with other data" in r.stderr, r.stderr[-2000:]
+    few = tmp_path / "few"
+    few.mkdir()
+    r = train(write_config(few, steps=2, extra={"data": {"path": str(prepared), "seqLen": 32, "globalBatchSize": 100000,
+                                                         "microBatchSize": 1}}))
+    assert r.returncode == 85 and "fewer than one global batch (data.globalBatchSize 100000)" in r.stderr, r.stderr[-2000:]

@@ -198,8 +198,8 @@ class Loader:
         self.global_batch, self.micro = global_batch, micro_batch
         self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         if len(blend.sources) == 1 and blend.windows[0] < global_batch:
-            raise SystemExit(f"data: {len(blend.train[0])} training tokens make {blend.windows[0]} windows of {seq_len}, "
-                             f"fewer than one global batch ({global_batch})")
+            raise DataError(f"data: {len(blend.train[0])} training tokens make {blend.windows[0]} windows of data.seqLen "
+                            f"({seq_len}), fewer than one global batch (data.globalBatchSize {global_batch})")
         self.position = 0  # global samples consumed
         self.taken = [0] * len(blend.sources)  # of them, from each source: with the position, the whole state
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
@@ -238,6 +238,7 @@ class Loader:
 
     def load_state_dict(self, st: dict) -> None:
         if st.get("manifest") not in (None, self.blend.manifest_hash):
-            raise SystemExit("data: the checkpoint was made with other data (manifest hash differs)")
+            raise DataError("data: the checkpoint was made with other data (its manifest hash differs from this data.path's or "
+                            "data.sources'): give the data it was trained on, or a new checkpoint.path to start afresh")
         self.position = int(st["position"])
         self.taken = [int(x) for x in st.get("taken", [self.position])]  # before blends: one source

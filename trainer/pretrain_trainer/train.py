@@ -258,14 +258,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     args, model, optim, mesh, schedule = build(spec, device, world)
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
     source = open_data(spec, args.vocabSize)
-    loader = Loader(source, spec.data.seqLen, spec.data.globalBatchSize, spec.data.microBatchSize, dp_rank, dp_size,
-                    spec.training.seed)
     validator = None
-    if spec.validation:
-        try:
+    try:  # data that cannot serve this run: no retry will change it
+        loader = Loader(source, spec.data.seqLen, spec.data.globalBatchSize, spec.data.microBatchSize, dp_rank, dp_size,
+                        spec.training.seed)
+        if spec.validation:
             validator = validation.Validator(spec, source, dp_rank, dp_size, device)
-        except DataError as e:  # too little held-out data: no retry will add any
-            raise ConfigError(str(e)) from e
+    except DataError as e:
+        raise ConfigError(str(e)) from e
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
     ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
     problem = ckpt.shared_problem()
@@ -277,7 +277,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     tokens_seen = 0
     if extra:
         step, tokens_seen = extra["step"], extra["tokensSeen"]
-        loader.load_state_dict(extra["data"])
+        try:
+            loader.load_state_dict(extra["data"])
+        except DataError as e:  # a checkpoint of other data: resuming it would train on a mix
+            raise ConfigError(str(e)) from e
     if step < spec.training.steps - 1:  # a step before the last may save (on a request too): async
         ckpt.start_writer()
     podinfo = podinfo or os.environ.get(c.ENV_PODINFO, c.PODINFO_DIR)
