@@ -283,17 +283,35 @@ def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(
     assert out[("dp", 6)] < out[("dp", 3)]  # the later checkpoint is better on data it never saw
 
 
-def test_a_checkpoint_folder_not_shared_by_every_rank_is_a_clear_error_at_the_start(tmp_path):
-    # Two "nodes", each with its own folder at the checkpoint path (an emptyDir per pod).
+def _two_ranks(tmp_path: Path, folders: list[Path]) -> tuple[list[int], list[str]]:
+    """Two ranks of a data-parallel 2 job as two "nodes", each with its own checkpoint folder; their
+    exit codes and stderr."""
     cfg = write_config(tmp_path, nproc=2, data=2, steps=4)
     port = str(29300 + os.getpid() % 100)  # apart from trainer_util's 29600-29899 and the launcher tests' 29100-29299
     procs = []
-    for rank in (0, 1):
+    for rank, folder in enumerate(folders):
         e = {**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": port, c.ENV_CHECKPOINT_DIR: str(tmp_path / f"node{rank}")}
+             "MASTER_PORT": port, c.ENV_CHECKPOINT_DIR: str(folder)}
         procs.append(subprocess.Popen([*cmd(cfg, 1, tmp_path / "losses.txt")], env=e, stderr=subprocess.PIPE, text=True))
-    codes = [p.wait(120) for p in procs]
-    err = procs[1].stderr.read()
+    return [p.wait(120) for p in procs], [p.stderr.read() for p in procs]
+
+
+def test_a_checkpoint_folder_not_shared_by_every_rank_is_a_clear_error_at_the_start(tmp_path):
+    # Two "nodes", each with its own folder at the checkpoint path (an emptyDir per pod).
+    codes, errs = _two_ranks(tmp_path, [tmp_path / "node0", tmp_path / "node1"])
+    err = errs[1]
     assert codes == [c.EXIT_PERMANENT, c.EXIT_PERMANENT], err[-2000:]
     assert "is not shared by every rank" in err and "checkpoint.claimName" in err
+    assert not (tmp_path / "losses.txt").exists()  # nothing trained
+
+
+def test_a_checkpoint_folder_one_rank_cannot_write_stops_every_rank_at_the_start_naming_the_fields(tmp_path):
+    # Rank 0's checkpoint path lies under a regular file (as a volume that is not there, or not
+    # writable for the pod's user): exit 85 on both ranks, before training (before: a crash, exit 1,
+    # retried by the operator up to maxFailures).
+    (tmp_path / "a-file").write_text("")
+    codes, errs = _two_ranks(tmp_path, [tmp_path / "a-file" / "ckpt", tmp_path / "ckpt"])
+    assert codes == [c.EXIT_PERMANENT, c.EXIT_PERMANENT], errs[0][-2000:]
+    assert "a-file/ckpt is not writable (NotADirectoryError" in errs[0] and "checkpoint.claimName" in errs[0]
+    assert "the checkpoint folder is not writable on another rank" in errs[1]
     assert not (tmp_path / "losses.txt").exists()  # nothing trained

@@ -192,6 +192,25 @@ class Checkpointer:
         self.writer_error: BaseException | None = None
         self.async_checked = False  # the first async save's checks (`_async_ready`) done
 
+    def storage_problem(self) -> str | None:
+        """What keeps this run from checkpointing, found at the start (the same answer on every
+        rank) rather than at the first save: a folder some rank cannot write, or one not shared."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-probe-{self.rank}"
+            probe.write_text("ok")
+            probe.unlink()
+            problem = None
+        except OSError as e:
+            problem = (f"the checkpoint folder {self.root} is not writable ({type(e).__name__}: {e}): check "
+                       "checkpoint.path and checkpoint.claimName (the volume, and its permissions for user 1000)")
+        ok = torch.tensor([0 if problem else 1])
+        if self.world > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if int(ok) == 0:
+            return problem or "the checkpoint folder is not writable on another rank (its log says why)"
+        return self.shared_problem()
+
     def shared_problem(self) -> str | None:
         """Every rank must see the same checkpoint folder (rank 0 writes DCP's metadata and the
         marker; each rank its shards). An emptyDir on several nodes is not shared: say so at the

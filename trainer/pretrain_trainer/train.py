@@ -268,7 +268,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         raise ConfigError(str(e)) from e
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
     ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
-    problem = ckpt.shared_problem()
+    problem = ckpt.storage_problem()
     if problem:
         raise ConfigError(problem)
     extra = ckpt.load(model, optim)
