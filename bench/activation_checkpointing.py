@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {}
     for mode in ("none", "full", "selective"):
         r = subprocess.run([sys.executable, "-c", ONE_MODE.format(root=ROOT), mode, str(a.batch), str(a.seq)],
-                           capture_output=True, text=True, check=True, env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"})
+                           capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
     base = out["none"]
     print(f"activation checkpointing, model small, batch {a.batch} x seq {a.seq}, one step's forward and backward:")

@@ -12,6 +12,8 @@
    33-39 % on H100), checkpoint save against dd and async against sync saves (a 320 M model).
 6. `--compile`: the 8B-shaped model again, eager against training.compile (not measured yet: a
    few minutes more, the compile included).
+7. Activation checkpointing none, full and selective (bench/activation_checkpointing.py, model
+   small, seq 2048): peak memory and step time (not measured on a GPU yet).
 
 Limits: one GPU, so FSDP2, tensor and pipeline parallel over NCCL between ranks are not exercised
 here; the CPU test suite covers those layouts with gloo. It ends with a table; `--out` also gets
@@ -185,6 +187,15 @@ def main(argv: list[str]) -> int:
                                f"{100 * f['eager_model_flops'] / 989e12:.1f} %), step {f['compiled_step_s'] * 1000:.0f} ms vs "
                                f"{f['eager_step_s'] * 1000:.0f} ms; run {f['compiled_run_s']:.0f} s vs {f['eager_run_s']:.0f} s",
                                f["compiled_model_flops"] / 989e12 >= 0.33))
+        try:  # selective activation checkpointing on the GPU, where recomputing elementwise ops is cheap
+            import activation_checkpointing as bench_ac
+            res["activation_checkpointing"] = f = bench_ac.main(["--batch", "8", "--seq", "2048"])
+            ac = {m: (f[m]["mib"] / f["none"]["mib"], f[m]["step_s"] / f["none"]["step_s"]) for m in ("full", "selective")}
+            row("activation checkpointing, model small, batch 8 x seq 2048: peak memory and step against none",
+                "; ".join(f"{m} {mem:.2f}x memory, {t:.2f}x step" for m, (mem, t) in ac.items()),
+                ac["selective"][0] < 1 and ac["selective"][1] < ac["full"][1])
+        except Exception as e:  # noqa: BLE001
+            row("activation checkpointing", f"failed: {e}"[-600:], False)
     (out / "gpu.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     print(f"\n== bench/gpu.py on {res['gpu']}, torch {res['torch']}")
     for what, value, ok in rows:
