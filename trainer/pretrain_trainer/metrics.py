@@ -8,6 +8,7 @@ MoE runs add router statistics per MoE layer, over all ranks, since the previous
 
 from __future__ import annotations
 
+import resource
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,13 +19,22 @@ MOE_DROPPED = "pretrain_moe_dropped_fraction"
 MOE_AUX_LOSS = "pretrain_moe_aux_loss"
 
 
+def peak_memory_bytes(cuda: bool) -> int:
+    """The most memory this rank has held: on a GPU what the caching allocator reserved (what
+    decides an out-of-memory), on the CPU the process's peak resident size."""
+    if cuda:
+        import torch
+        return torch.cuda.max_memory_reserved()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class Metrics:
     def __init__(self):
         self.values: dict[str, float] = {
             c.METRIC_STEP: 0, c.METRIC_TOTAL_STEPS: 0, c.METRIC_LOSS: float("nan"), c.METRIC_TOKENS_PER_SECOND: 0,
             c.METRIC_LAST_CHECKPOINT_STEP: 0, c.METRIC_LAST_CHECKPOINT_TIME: 0, c.METRIC_CHECKPOINT_REQUESTS_SERVED: 0,
             c.METRIC_VALIDATION_LOSS: float("nan"), c.METRIC_VALIDATION_STEP: 0,
-            "pretrain_mfu": 0, "pretrain_grad_norm": 0, "pretrain_skipped_steps_total": 0, "pretrain_checkpoint_save_seconds": 0, "pretrain_checkpoint_blocked_seconds_total": 0,
+            "pretrain_mfu": 0, "pretrain_grad_norm": 0, "pretrain_skipped_steps_total": 0, "pretrain_memory_peak_bytes": 0, "pretrain_checkpoint_save_seconds": 0, "pretrain_checkpoint_blocked_seconds_total": 0,
         }
 
     def set(self, **kw: float) -> None:

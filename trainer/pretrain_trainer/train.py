@@ -40,7 +40,7 @@ from . import parallel, pipeline
 from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, load_weights
 from .data import Blend, DataError, Loader, TokenSource
-from .metrics import Metrics
+from .metrics import Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
 
 log = logging.getLogger("pretrain_trainer")
@@ -371,10 +371,11 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)
             t_log, tokens_at_log = now, tokens_seen
             mfu = tps * fpt / (peak * world)
+            mem = peak_memory_bytes(device == "cuda")
             metrics.set(**{c.METRIC_LOSS: loss_v, c.METRIC_TOKENS_PER_SECOND: tps, "pretrain_mfu": mfu,
-                           "pretrain_grad_norm": grad_norm})
-            log.info("step %d/%d loss %.4f grad norm %.3g lr %.2e tokens/s %.0f mfu %.1f%%", step, spec.training.steps, loss_v,
-                     grad_norm, lr, tps, 100 * mfu)
+                           "pretrain_grad_norm": grad_norm, "pretrain_memory_peak_bytes": mem})
+            log.info("step %d/%d loss %.4f grad norm %.3g lr %.2e tokens/s %.0f mfu %.1f%% peak memory %.2f GiB", step,
+                     spec.training.steps, loss_v, grad_norm, lr, tps, 100 * mfu, mem / 2**30)
             if moe is not None:
                 stats = moe_mod.router_stats(model, args.layers, moe.experts)
                 metrics.set_router_stats(stats)

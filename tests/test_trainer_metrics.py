@@ -1,0 +1,56 @@
+"""The trainer's metrics endpoint while it trains: the contract's metrics (step, loss, tokens per
+second, the last checkpoint, the last validation) and its own (gradient norm, skipped steps, peak
+memory, MFU), scraped over HTTP as Prometheus does, with values that follow the run.
+
+    .venv/bin/python -m pytest tests/test_trainer_metrics.py -q
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.operator_fixture import free_port
+from tests.trainer_util import cmd, env, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+
+def scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        text = r.read().decode()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
+
+
+def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_path):
+    port = free_port()
+    cfg = write_config(tmp_path, steps=3000, interval=5,
+                       extra={"validation": {"everySteps": 5, "batches": 1}, "training": {"steps": 3000, "logEverySteps": 1}})
+    proc = subprocess.Popen(cmd(cfg, 1, tmp_path / "losses.txt"), env={**env(), "PRETRAIN_METRICS_PORT": str(port)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, m = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and m.get("pretrain_validation_step", 0) < 10:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                m = scrape(port)
+            except OSError:
+                pass  # not serving yet
+            time.sleep(0.05)
+        assert m.get("pretrain_validation_step", 0) >= 10, m
+        assert m["pretrain_step"] >= m["pretrain_validation_step"] and m["pretrain_total_steps"] == 3000
+        assert 0 < m["pretrain_loss"] < 10 and 0 < m["pretrain_validation_loss"] < 10
+        assert m["pretrain_last_checkpoint_step"] >= 5 and m["pretrain_last_checkpoint_step"] % 5 == 0
+        assert m["pretrain_tokens_per_second"] > 0 and m["pretrain_mfu"] > 0
+        assert 0 < m["pretrain_grad_norm"] < 1000 and m["pretrain_skipped_steps_total"] == 0
+        assert m["pretrain_memory_peak_bytes"] > 100 * 2**20  # a process with torch and a model: more than 100 MiB
+        first = m["pretrain_step"]
+        time.sleep(0.5)
+        assert scrape(port)["pretrain_step"] > first  # it follows the run
+    finally:
+        proc.kill()
+        proc.wait()
