@@ -7,6 +7,7 @@ type, default and description, and every CEL rule with its message).
 from __future__ import annotations
 
 import sys
+import types
 import typing
 
 from pydantic import BaseModel
@@ -23,7 +24,7 @@ def _type(ann) -> str:
         return f"list of {_type(args[0])}"
     if origin in (dict,):
         return "map" if not args else f"map of {_type(args[1])}"
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin in (typing.Union, types.UnionType):  # X | None: optional, shown as X
         return " or ".join(_type(a) for a in args)
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return f"[{ann.__name__}](#{ann.__name__.lower()})"
