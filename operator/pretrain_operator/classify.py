@@ -76,7 +76,8 @@ def report(pod: dict | None) -> dict:
         if isinstance(doc.get(k), (int, float)) and not isinstance(doc[k], bool) and math.isfinite(doc[k]):
             out[k] = float(doc[k])
     if "validationLoss" not in out or "validationStep" not in out:  # one without the other says nothing
-        out.pop("validationLoss", None), out.pop("validationStep", None)
+        for k in ("validationLoss", "validationStep"):
+            out.pop(k, None)
     if isinstance(doc.get("error"), str) and doc["error"]:
         out["error"] = doc["error"][:1000]
     return out

@@ -1,8 +1,9 @@
 """`python -m pretrain_trainer eval --config job.yaml [--checkpoint DIR]`: the mean loss of a
 checkpoint's model on the held-out data (the last 5% of the token stream, never trained on), so
 checkpoints and layouts can be compared: its first 32 windows, or with `validation` in the config
-the windows a validation during training reads (the same loss as the one logged at that step). One process; loads the model part of any checkpoint,
-whatever layout saved it, or a Hugging Face folder (hf.py). Without --checkpoint: the newest good
+the windows a validation during training reads (the same loss as the one logged at that step).
+One process; loads the model part of any checkpoint, whatever layout saved it, or a Hugging Face
+folder (hf.py). Without --checkpoint: the newest good
 one under checkpoint.path. A LoRA job's checkpoint is its adapters on `lora.baseCheckpoint`."""
 
 from __future__ import annotations

@@ -68,7 +68,13 @@ def build_schedule(parts: list[nn.Module], ids: list[int], pp: int, schedule: st
     return cls(stages[0], n_microbatches=n_micro, loss_fn=loss_fn), stages
 
 
-def ends(schedule) -> tuple[bool, bool]:
-    """Whether this rank holds the first stage (feeds the inputs) and the last (computes the loss)."""
+def run(schedule, x: torch.Tensor, y: torch.Tensor, forward_only: bool = False) -> torch.Tensor | None:
+    """One pass of the schedule over this rank's batch (`step`, or the forward-only `eval`): the
+    first stage feeds `x`, the last computes the loss against `y`. Returns the loss of each
+    microbatch (float64, on the CPU) on the rank holding the last stage, None elsewhere."""
     stages = schedule._stages if hasattr(schedule, "_stages") else [schedule._stage]
-    return any(s.is_first for s in stages), any(s.is_last for s in stages)
+    first, last = any(s.is_first for s in stages), any(s.is_last for s in stages)
+    losses: list = []
+    (schedule.eval if forward_only else schedule.step)(*([x] if first else []), target=y if last else None,
+                                                        losses=losses if last else None)
+    return torch.stack([lo.detach().double().cpu() for lo in losses]) if last and losses else None

@@ -5,8 +5,8 @@ checkpoint folder, so that on a cluster the traces land on the job's volume besi
 
     training: {profile: {startStep: 100, steps: 3}}      # then open the files in ui.perfetto.dev
 
-Each step's events sit under "ProfilerStep#<step>". CPU activity always, CUDA kernels on a GPU; no shapes, no stacks, no memory (they make traces of a
-large model hundreds of MB per rank). Limits: one window per run; a run resumed past `startStep`
+Each step's events sit under "ProfilerStep#<step>". CPU activity always, CUDA kernels on a GPU; no
+shapes, no stacks, no memory (they make traces of a large model hundreds of MB per rank). Limits: one window per run; a run resumed past `startStep`
 does not profile (it says so).
 """
 

@@ -234,19 +234,8 @@ def mesh_group(mesh, dim: str):
 def step_pipeline(schedule, micro, device) -> torch.Tensor:
     """One pipelined step over this rank's whole batch; the loss (mean over microbatches) as known
     on the last stage, 0 elsewhere (the caller sums over the pipeline group)."""
-    x = torch.cat([m[0] for m in micro]).to(device)
-    y = torch.cat([m[1] for m in micro]).to(device)
-    first, last = pipeline.ends(schedule)
-    losses: list = []
-    if first:
-        schedule.step(x, target=y if last else None, losses=losses if last else None)
-    elif last:
-        schedule.step(target=y, losses=losses)
-    else:
-        schedule.step()
-    if last and losses:
-        return torch.stack([lo.detach().double().cpu() for lo in losses]).mean()
-    return torch.zeros((), dtype=torch.float64)
+    losses = pipeline.run(schedule, torch.cat([m[0] for m in micro]).to(device), torch.cat([m[1] for m in micro]).to(device))
+    return losses.mean() if losses is not None else torch.zeros((), dtype=torch.float64)
 
 
 def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:

@@ -5,8 +5,9 @@
 
 Each validation reads the same windows: the first `batches x data.globalBatchSize` windows of the
 held-out data (the last 5% of the token stream, which training never reads, of each source in a
-blend in its share; `data.Blend.heldout_rows`), each data-parallel rank its slice of each global batch, in the training's microbatches (through the
-pipeline schedule's forward-only `eval` under pipeline parallel). Forward only: no gradients, no
+blend in its share; `data.Blend.heldout_rows`), each data-parallel rank its slice of each global
+batch, in the training's microbatches (through the pipeline schedule's forward-only `eval` under
+pipeline parallel). Forward only: no gradients, no
 random numbers drawn, the MoE router statistics (and so its bias balancing) untouched, so a run
 trains exactly as it would without validation. The loss is the mean over those windows of each
 window's mean token loss: `python -m pretrain_trainer eval` of a checkpoint of the same step
@@ -42,7 +43,7 @@ class Validator:
             rows = blend.heldout_rows(self.n)
         except DataError as e:
             raise DataError(f"validation.batches ({spec.validation.batches}) x data.globalBatchSize "
-                          f"({spec.data.globalBatchSize}): {e}; lower validation.batches or give more data") from e
+                            f"({spec.data.globalBatchSize}): {e}; lower validation.batches or give more data") from e
         per_rank = spec.data.globalBatchSize // dp_size
         # This rank's slice of each global batch: the batches of training's layout, one per call.
         self.batches = [rows[b + dp_rank * per_rank:b + (dp_rank + 1) * per_rank]
@@ -82,10 +83,5 @@ class Validator:
     def _pipelined(schedule, x, y) -> torch.Tensor:
         """The same through the pipeline: its loss per microbatch is the mean over the microbatch's
         rows (all of one length), so times the rows it had."""
-        first, last = pipeline.ends(schedule)
-        losses: list = []
-        schedule.eval(*([x] if first else []), target=y if last else None, losses=losses if last else None)
-        if not (last and losses):
-            return torch.zeros((), dtype=torch.float64)
-        rows = len(x) / len(losses)
-        return torch.stack([lo.detach().double().cpu() for lo in losses]).sum() * rows
+        losses = pipeline.run(schedule, x, y, forward_only=True)
+        return losses.sum() * (len(x) / len(losses)) if losses is not None else torch.zeros((), dtype=torch.float64)
