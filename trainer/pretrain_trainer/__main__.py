@@ -41,6 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--tokenizer")
     a = ap.parse_args(argv)
+    try:
+        code = run(a)
+    except SystemExit:  # a decided exit (85: a ConfigError, reached alike by every rank)
+        leave_process_group()
+        raise
+    leave_process_group()
+    return code
+
+
+def run(a: argparse.Namespace) -> int:
     if a.cmd == "train":
         from . import report
         from .train import train
@@ -66,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prepared {m['totalTokens']} tokens from {len(m['files'])} files into {a.out} (manifest {m['sha256'][:12]})")
     return 0
 
+
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to the interpreter's own
+    teardown, gloo's (rank 0 also holds the rendezvous store) sometimes aborted the process with
+    "terminate called without an active exception" (SIGABRT), so a deliberate exit 85 read as -6."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     sys.exit(main())
