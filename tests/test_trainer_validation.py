@@ -2,7 +2,8 @@
 the last step, which is the `eval` of that step's checkpoint, the same under every layout (within
 1e-5), and which changes nothing in training: the losses stay bit for bit those of a run without it,
 MoE bias balancing and LoRA's adapter dropout included (and `eval` of a LoRA checkpoint on the
-seed's base works). Too little held-out data is a permanent error naming the field.
+seed's base works). Too little held-out data is a permanent error naming the field. A SIGTERM
+during a validation ends it, and that step is saved.
 
     .venv/bin/python -m pytest tests/test_trainer_validation.py -q
 """
@@ -10,13 +11,16 @@ seed's base works). Too little held-out data is a permanent error naming the fie
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from tests.trainer_util import cmd, env, losses, run, single_process_losses, write_config
+from pretrain_operator import contract as c
+from tests.trainer_util import cmd, env, losses, run, single_process_losses, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -125,3 +129,26 @@ def test_validation_under_a_v_shaped_pipeline_schedule_is_refused_naming_the_fie
     r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "exitcode  : 85" in r.stderr
     assert "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble" in r.stderr
+
+
+def test_a_sigterm_during_a_validation_ends_it_and_saves_that_step_on_every_rank(tmp_path):
+    # A long validation (96 forward passes of a 16-layer model) at step 5 of a data-parallel 2 run;
+    # one rank is signalled as soon as step 5 is logged, which is before its validation starts. Both
+    # ranks drop the validation at their next batch and save step 5 (before: the whole validation
+    # and step 6 first, time a termination notice's grace period may not have).
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000,
+                       extra={"model": {"layers": 16}, "data": {"seqLen": 16}, "validation": {"everySteps": 5, "batches": 48}})
+    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
+                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29900 + os.getpid() % 50)})
+    wait_for_step(tmp_path / "losses.txt", 1, p)
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, workers
+    wait_for_step(tmp_path / "losses.txt", 5, p)
+    os.kill(max(int(w) for w in workers), signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == c.EXIT_PREEMPTED, err[-3000:]
+    assert "stop requested (SIGTERM) during the validation of step 5: validation dropped" in err
+    assert "step 5 validation loss" not in err
+    saved = sorted(q.name for q in (tmp_path / "ckpt").glob("step-*") if (q / "COMMITTED").exists())
+    assert saved == ["step-00000005"]
+    assert max(losses(tmp_path / "losses.txt")) == 5  # nobody trained on

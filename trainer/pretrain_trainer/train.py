@@ -373,9 +373,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         profiler.step()
         # Validation before the save: a preemption's save (no validation then) must not wait for it.
         if validator is not None and not preempt and validator.due(step, step == spec.training.steps):
-            validated = step, validator.loss(model, schedule, mesh, autocast)
-            metrics.set(**{c.METRIC_VALIDATION_LOSS: validated[1], c.METRIC_VALIDATION_STEP: step})
-            log.info("step %d validation loss %.6f over %d held-out windows", step, validated[1], validator.n)
+            held_out = validator.loss(model, schedule, mesh, autocast, lambda: stop.requested)
+            if held_out is None:  # a SIGTERM while validating: this step's checkpoint now, not after another step
+                preempt = True
+                log.warning("stop requested (SIGTERM) during the validation of step %d: validation dropped", step)
+            else:
+                validated = step, held_out
+                metrics.set(**{c.METRIC_VALIDATION_LOSS: held_out, c.METRIC_VALIDATION_STEP: step})
+                log.info("step %d validation loss %.6f over %d held-out windows", step, held_out, validator.n)
         if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
             ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
                                            "seed": spec.training.seed, "lr": lr},

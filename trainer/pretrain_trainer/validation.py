@@ -13,11 +13,14 @@ trains exactly as it would without validation. The loss is the mean over those w
 window's mean token loss: `python -m pretrain_trainer eval` of a checkpoint of the same step
 prints the same number (it reads the same windows when the config has `validation`).
 
-Limits: the windows are fixed (the same ones every time, not a sample), and validation is skipped
-at a step that stops for a preemption (the checkpoint goes first).
+Limits: the windows are fixed (the same ones every time, not a sample). Validation is skipped at a
+step that stops for a preemption, and a stop requested while it runs ends it between two batches
+(no held-out loss for that step): the checkpoint goes first.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -52,15 +55,21 @@ class Validator:
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
 
-    def loss(self, model, schedule, mesh, autocast) -> float:
+    def loss(self, model, schedule, mesh, autocast, stop: Callable[[], bool] = lambda: False) -> float | None:
         """The mean held-out loss; every rank calls it at the same step (it runs the model's
-        collectives) and gets the same number."""
+        collectives) and gets the same number. None when `stop()` (a SIGTERM) became true on any
+        rank during it: the ranks agree before each batch, so a termination notice's checkpoint
+        waits for one batch, not for the whole validation."""
         was_training = model.training
         model.eval()
         total = torch.zeros((), dtype=torch.float64)
         try:
             with torch.no_grad(), autocast:
                 for batch in self.batches:
+                    stopping = torch.tensor([1.0 if stop() else 0.0])
+                    dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+                    if stopping.item():
+                        return None
                     x, y = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)
                     total += self._pipelined(schedule, x, y) if schedule is not None else self._direct(model, x, y)
         finally:
