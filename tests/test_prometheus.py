@@ -75,7 +75,9 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
     loss = _value(prometheus, f"max(pretrain_loss{{{sel}}})")
     assert loss is not None and loss > 0
     assert _value(prometheus, f"pretrain_operator_job_failures{{{sel}}}") == 0
-    assert _value(prometheus, f'pretrain_operator_job_phase{{{sel}, phase="Running"}}') == 1
+    # The operator's last scrape may predate attempt 2's Running (the preemptions came sooner): wait for one after it.
+    wait_for(lambda: _value(prometheus, f'pretrain_operator_job_phase{{{sel}, phase="Running"}}') == 1, timeout=30,
+             what="the job's phase Running in Prometheus")
     # Both attempts are in the history: the step series of attempt 1 and of attempt 2.
     attempts = {r["metric"]["attempt"] for r in prometheus.query(f"max by (attempt) (max_over_time(pretrain_step{{{sel}}}[10m]))")}
     assert attempts == {"1", "2"}
