@@ -87,6 +87,7 @@ INVALID = [
     ("bad toleration operator", _with("scheduling.tolerations", [{"key": "a", "operator": "Maybe"}]), "spec.scheduling.tolerations[0].operator"),
     ("start timeout zero", _with("scheduling.startTimeoutSeconds", 0), "spec.scheduling.startTimeoutSeconds"),
     ("negative ttl", _with("ttlSecondsAfterFinished", -5), "spec.ttlSecondsAfterFinished"),
+    ("active deadline zero", _with("activeDeadlineSeconds", 0), "spec.activeDeadlineSeconds"),
     ("moe topK zero", _with("model.moe", {"topK": 0}), "spec.model.moe.topK"),
     ("moe bias update rate above 1", _with("model.moe", {"biasUpdateRate": 2}), "spec.model.moe.biasUpdateRate"),
     ("shm size not a quantity", _with("template.shmSize", "lots"), "spec.template.shmSize"),

@@ -1,14 +1,17 @@
 """Failures spend the budget and stop at maxFailures; exit-code rules; a gang that cannot start
 within startTimeoutSeconds is retried; suspend checkpoints and removes the pods, resume continues
-as a new attempt from the checkpoint."""
+as a new attempt from the checkpoint; activeDeadlineSeconds fails the job after a checkpoint, its
+clock restarted by a resume."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from pretrain_operator import contract as c
+from pretrain_operator import api, contract as c, reconcile, render
 from tests.helpers import wait_for
-from tests.jobs import Jobs, job_manifest
+from tests.jobs import Jobs, job_manifest, observed_gang
 
 pytestmark = pytest.mark.cluster
 
@@ -99,3 +102,41 @@ def test_training_fields_are_immutable_while_the_job_runs(jobs):
     with pytest.raises(client.ApiException) as exc:  # an optional field, absent until now
         jobs.patch("fixed", {"spec": {"validation": {"everySteps": 10}}})
     assert exc.value.status == 422 and "immutable while the job runs" in exc.value.body
+
+
+def test_an_active_deadline_fails_the_job_after_a_checkpoint_and_a_resume_restarts_its_clock(jobs):
+    deadline = 8
+    jobs.create(job_manifest("capped", steps=3000, interval=1000, step_s=0.1, activeDeadlineSeconds=deadline))
+    jobs.wait_phase("capped", "Running", timeout=60)
+    first = reconcile.parse(jobs.status("capped")["startTime"])
+    jobs.patch("capped", {"spec": {"suspend": True}})
+    jobs.wait_phase("capped", "Suspended", timeout=30)
+    # Suspended past the deadline: a resume gets a new clock, as a Kubernetes Job does.
+    time.sleep(max(0.0, deadline + 1 - (time.time() - first.timestamp())))
+    jobs.patch("capped", {"spec": {"suspend": False}})
+    st = jobs.wait_phase("capped", "Running", "Failed", timeout=60, attempt=2)
+    assert st["phase"] == "Running", st.get("message")
+    start = reconcile.parse(st["startTime"])
+    assert start > first
+    resumed = jobs.resumed_step("capped", 2)
+    st = jobs.wait_phase("capped", "Failed", timeout=60)
+    cond = next(cd for cd in st["conditions"] if cd["type"] == "Failed")
+    assert cond["reason"] == "DeadlineExceeded" and f"activeDeadlineSeconds ({deadline} s)" in cond["message"]
+    assert st["failures"] == 0 and st["attempt"] == 2
+    # Within a few seconds of the deadline (status times are in whole seconds).
+    assert deadline <= (reconcile.parse(st["completionTime"]) - start).total_seconds() <= deadline + 4
+    jobs.wait_events("capped", "Failed")
+    wait_for(lambda: not jobs.pods("capped", live=False), timeout=30, what="the pods to be removed")
+    # Stopped with SIGTERM, the trainer checkpointed where it stood (intervalSteps 1000: no other save).
+    saved = [int(p.name.split("-")[1]) for p in jobs.claim_folder("capped-ckpt").glob("step-*") if (p / "COMMITTED").exists()]
+    assert max(saved) > resumed
+
+
+def test_a_running_job_has_a_pass_due_when_its_deadline_comes():
+    # Nothing else may happen then (no pod event; a resync is minutes on a real cluster).
+    job, _, pods, nodes, now = observed_gang("due")  # started 30 s ago
+    job["spec"]["activeDeadlineSeconds"] = 100
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(spec), now=now))
+    assert plan.status["phase"] == "Running" and 69 <= plan.requeue_after <= 70

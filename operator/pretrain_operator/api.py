@@ -354,6 +354,12 @@ class PretrainJobSpec(Model):
     failurePolicy: FailurePolicy = Field(default_factory=FailurePolicy)
     preemption: Preemption = Field(default_factory=Preemption)
     scheduling: Scheduling = Field(default_factory=Scheduling)
+    activeDeadlineSeconds: int | None = Field(
+        None, ge=1, le=31_536_000,
+        description="Fail the job (reason DeadlineExceeded) once it has been active this long since status.startTime, "
+                    "restarts and waits for capacity included: a cap on what a run may cost. Its pods get SIGTERM, so "
+                    "the trainer checkpoints first. Resuming from suspension restarts the clock (startTime is reset), "
+                    "as for a Kubernetes Job. May be changed while the job runs; absent: no deadline.")
     ttlSecondsAfterFinished: int | None = Field(None, ge=0, le=31_536_000, description="Delete the job this long after it Succeeded or Failed.")
     template: Template = Field(default_factory=Template)
 
@@ -414,7 +420,7 @@ class PretrainJobStatus(Model):
     progress: Progress | None = None
     restart: Restart | None = None
     attemptStartTime: str = ""
-    startTime: str = ""
+    startTime: str = Field("", description="When the job first started, or last resumed from suspension (activeDeadlineSeconds runs from it).")
     completionTime: str = ""
     observedGeneration: int = 0
     checkpointRequestedAt: str = Field("", description="<attempt>@<time> of the last checkpoint request on a termination notice.")

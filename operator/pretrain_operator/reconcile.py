@@ -9,13 +9,15 @@ The state machine (docs/preemption.md draws it):
                   |           v
                   +------ Restarting   (attempt + 1 recorded, old pods deleted and gone, new gang)
     any -> Suspended (suspend: true) -> Starting (resume: a new attempt)
-    any -> Failed (failures > maxFailures, preemptions > maxPreemptions, a non-retryable exit)
+    any -> Failed (failures > maxFailures, preemptions > maxPreemptions, a non-retryable exit,
+                   activeDeadlineSeconds passed)
 """
 
 from __future__ import annotations
 
 import copy
 import datetime as dt
+import math
 from dataclasses import dataclass, field
 
 from . import api, classify, contract as c, render
@@ -120,7 +122,24 @@ def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: i
         set_condition(status, phase, True, reason, message, now, gen)
 
 
+def deadline_left(spec: api.PretrainJobSpec, status: dict, now: dt.datetime) -> float | None:
+    """Seconds until activeDeadlineSeconds runs out (None: no deadline, or not started yet)."""
+    since = parse(status.get("startTime", ""))
+    if spec.activeDeadlineSeconds is None or since is None:
+        return None
+    return spec.activeDeadlineSeconds - (now - since).total_seconds()
+
+
 def decide(o: Observed) -> Plan:
+    plan = _decide(o)
+    left = deadline_left(o.spec, plan.status, o.now)
+    if left is not None and plan.status["phase"] not in (*TERMINAL, "Suspended"):
+        # Pod events and resyncs may not come when the deadline does: a pass at that time.
+        plan.requeue_after = min(math.inf if plan.requeue_after is None else plan.requeue_after, max(left, 0.5))
+    return plan
+
+
+def _decide(o: Observed) -> Plan:
     job, spec = o.job, o.spec
     name = job["metadata"]["name"]
     gen = job["metadata"].get("generation", 0)
@@ -173,6 +192,8 @@ def decide(o: Observed) -> Plan:
         return plan
     if status["phase"] == "Suspended":
         # Resume: a new attempt, from the latest checkpoint; counts as neither failure nor preemption.
+        # The active deadline's clock starts again (a Kubernetes Job resets its startTime alike).
+        status["startTime"] = now
         return _restart(plan, o, "Resume", "Resumed", "resumed from suspension", count=None)
 
     # 4. First attempt: record it, and create the gang in the same pass (nothing older can exist;
@@ -186,6 +207,14 @@ def decide(o: Observed) -> Plan:
         plan.events.append(("Normal", "Starting", f"starting attempt 1 with {spec.nodes} node(s) x {spec.nprocPerNode} process(es)"))
         plan.stage = "intent-recorded"
         current, old = [], list(o.pods)
+
+    # 4b. The active deadline: failed for good (a later pass would find the same time passed). The
+    #     pods are deleted gracefully, so the trainer's SIGTERM checkpoint keeps the work done.
+    left = deadline_left(spec, status, o.now)
+    if left is not None and left <= 0:
+        return _fail(plan, o, "DeadlineExceeded",
+                     f"active for more than activeDeadlineSeconds ({spec.activeDeadlineSeconds} s) since {status['startTime']}; "
+                     "the pods were stopped with SIGTERM (the trainer checkpoints on it)")
 
     # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
     if old:
