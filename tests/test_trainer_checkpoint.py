@@ -3,7 +3,8 @@ on CPU, the losses of the uninterrupted run (one process, MoE, LoRA, two pipelin
 is skipped for the previous one; a checkpoint loads into another layout; a checkpoint request in
 the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
 step with one checkpoint and the contract's exit code; a checkpoint folder that the ranks do not
-share is refused at the start."""
+share is refused at the start; a checkpoint of another model is refused, never partly loaded nor
+trained over."""
 
 from __future__ import annotations
 
@@ -315,3 +316,20 @@ def test_a_checkpoint_folder_one_rank_cannot_write_stops_every_rank_at_the_start
     assert "a-file/ckpt is not writable (NotADirectoryError" in errs[0] and "checkpoint.claimName" in errs[0]
     assert "the checkpoint folder is not writable on another rank" in errs[1]
     assert not (tmp_path / "losses.txt").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("change,says", [
+    ({"layers": 2}, "it holds 18 tensor(s) this model lacks (layers.2."),
+    ({"dim": 128}, "layers.0.attention.wk.weight is [32, 64] there, [64, 128] here"),
+])
+def test_a_checkpoint_of_another_model_is_a_permanent_error_naming_the_difference_and_is_kept(tmp_path, change, says):
+    # The model changed (while suspended, say) under the same checkpoint.path. Before: fewer layers
+    # resumed silently from part of the checkpoint (exit 0); another width crashed in DCP's load
+    # planner (exit 1, which the operator retries up to maxFailures).
+    run(write_config(tmp_path, steps=3, interval=3), 1, tmp_path / "losses.txt")
+    cfg = write_config(tmp_path, steps=6, interval=1, extra={"model": change})
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "again.txt"), env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == c.EXIT_PERMANENT, r.stderr[-2000:]
+    assert "step-00000003 holds another model than this config's model (" in r.stderr and says in r.stderr
+    assert not (tmp_path / "again.txt").exists()  # nothing trained
+    assert _committed(tmp_path) == ["step-00000003"]

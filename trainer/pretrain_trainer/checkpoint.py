@@ -9,7 +9,9 @@ world size it cannot carry over, so it is re-derived from the seed and the log s
 
 Resume picks the newest checkpoint that verifies (marker present, every file the marker lists with
 its recorded size) and that loads on every rank; otherwise it says why and falls back to the
-previous one. A folder without a marker (a save cut short) is never loaded.
+previous one. A folder without a marker (a save cut short) is never loaded. A checkpoint saved by
+another model (tensor names or shapes differ from this config's, read from DCP's metadata) is not
+skipped, and never partly loaded: `OtherModel`, which the trainer turns into exit 85.
 
 With frozen parameters (LoRA) only the trainable ones and their optimizer state are saved; the
 frozen base comes from its own checkpoint (`load_weights`) on every start.
@@ -74,6 +76,24 @@ def verify(d: Path) -> str | None:
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, the marker recorded {size}"
     return None
+
+
+class OtherModel(Exception):
+    """The newest good checkpoint was saved by another model (shapes or tensors differ): not a
+    corrupt checkpoint to skip, a config to fix (the trainer exits 85 with this message)."""
+
+
+def model_mismatch(d: Path, shapes: dict[str, tuple]) -> str | None:
+    """How the model saved in `d` differs from one with these tensors (FQN -> global shape), from
+    DCP's metadata alone; None when every name and shape is the same."""
+    meta = dcp.FileSystemReader(str(d)).read_metadata().state_dict_metadata
+    saved = {k.removeprefix("model."): tuple(m.size) for k, m in meta.items() if k.startswith("model.") and hasattr(m, "size")}
+    differ = sorted(k for k in saved.keys() & shapes.keys() if saved[k] != shapes[k])
+    lacks, adds = sorted(saved.keys() - shapes.keys()), sorted(shapes.keys() - saved.keys())
+    parts = ([f"{differ[0]} is {list(saved[differ[0]])} there, {list(shapes[differ[0]])} here"] if differ else []) + \
+        ([f"it holds {len(lacks)} tensor(s) this model lacks ({lacks[0]}, ...)"] if lacks else []) + \
+        ([f"it lacks {len(adds)} tensor(s) of this model ({adds[0]}, ...)"] if adds else [])
+    return "; ".join(parts) or None
 
 
 def newest_good(root: Path) -> Path | None:
@@ -304,6 +324,17 @@ class Checkpointer:
         groups = osd.pop("param_groups")
         return {"model": msd, "optim": osd}, groups
 
+    def _shapes(self, model) -> dict[str, tuple]:
+        """The model's tensors as a checkpoint names them (FQN -> global shape), from every rank:
+        under pipeline parallel each rank holds only its stages."""
+        msd = get_model_state_dict(model, options=self._options(model))
+        mine = {k: tuple(v.shape) for k, v in msd.items() if isinstance(v, torch.Tensor)}
+        if self.world == 1:
+            return mine
+        every: list = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return {k: v for d in every for k, v in d.items()}
+
     def _save_state(self, model, optim) -> dict:
         """`_state` for a save, reused from the previous save while it still holds the very tensors
         of the model and the optimizer: the optimizer updates them in place, so the previous state
@@ -483,10 +514,21 @@ class Checkpointer:
         """Load the newest good checkpoint; returns its extra dict, or None to start fresh."""
         root = self.root
         candidates = committed_steps(root)[::-1] if root.exists() else []
+        shapes = self._shapes(model) if candidates else {}
         for step in candidates:
             d = step_dir(root, step)
             problem = verify(d)
             ok = torch.tensor([0 if problem else 1])
+            if not problem:
+                try:
+                    other = model_mismatch(d, shapes)
+                except Exception as e:  # noqa: BLE001  (unreadable metadata: as any failure to load)
+                    other, problem, ok = None, f"{type(e).__name__}: {e}", torch.tensor([0])
+                if other:  # the same answer on every rank (the same files, the gathered shapes)
+                    raise OtherModel(
+                        f"{d} holds another model than this config's model{' and lora' if has_frozen(model) else ''} "
+                        f"({other}): a checkpoint resumes only into the model that saved it; set the config back, or "
+                        "give checkpoint.path a new folder (model.initFrom starts from an exported model)")
             if not problem:
                 try:
                     state, groups = self._state(model, optim)

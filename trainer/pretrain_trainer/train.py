@@ -38,7 +38,7 @@ from pretrain_operator import api, contract as c
 from . import moe as moe_mod
 from . import parallel, pipeline
 from . import lora, profiling, report, validation
-from .checkpoint import Checkpointer, load_weights
+from .checkpoint import Checkpointer, OtherModel, load_weights
 from .data import Blend, DataError, Loader, TokenSource
 from .metrics import Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
@@ -260,7 +260,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     problem = ckpt.storage_problem()
     if problem:
         raise ConfigError(problem)
-    extra = ckpt.load(model, optim)
+    try:
+        extra = ckpt.load(model, optim)
+    except OtherModel as e:  # resuming would train another model, or start over beside its checkpoints
+        raise ConfigError(str(e)) from e
     base_digest = lora.frozen_digest(model) if spec.lora else None
     step = 0
     tokens_seen = 0
