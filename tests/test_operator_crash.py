@@ -1,6 +1,7 @@
 """A restart is several writes (status: intent; delete the old pods; create the new gang). Kill
 the operator between them and a new one converges to exactly one live gang, with the counters
-counted once."""
+counted once. A failure for good is two (status Failed; delete the pods): the next operator
+removes the pods it left."""
 
 from __future__ import annotations
 
@@ -60,6 +61,24 @@ def test_killed_after_deleting_the_old_pods_before_creating_the_gang(jobs, core,
     wait_for(lambda: not jobs.pods("crashy", live=False), what="no pods at all between the writes")
     operator.start()
     _converged(jobs)
+
+
+def test_killed_after_recording_a_failure_before_deleting_the_pods(jobs, namespace, operator, tmp_path):
+    operator.stop()
+    faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=f"failed:status:{namespace}/capped")
+    try:
+        jobs.create(job_manifest("capped", steps=5000, activeDeadlineSeconds=6))  # fails for good at 6 s
+        assert faulty.wait_exit(60) == 17, faulty.log_path.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    st = jobs.status("capped")
+    assert st["phase"] == "Failed" and st["completionTime"]
+    assert len(jobs.pods("capped")) == 2, "the gang is still there: its deletes were never sent"
+    jobs.wait_events("capped", "Failed")
+    operator.start()
+    wait_for(lambda: not jobs.pods("capped", live=False), timeout=30, what="the next operator to remove the pods")
+    st = jobs.status("capped")
+    assert st["phase"] == "Failed" and any(cd["type"] == "Failed" and cd["reason"] == "DeadlineExceeded" for cd in st["conditions"])
 
 
 def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_path):

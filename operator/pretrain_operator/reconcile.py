@@ -61,7 +61,7 @@ class Plan:
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     delete_job: bool = False
     requeue_after: float | None = None
-    # Which write-point a restart passes, for the kill-the-operator tests (see handlers.CRASH_AT).
+    # Which write-point a restart or a failure passes, for the kill-the-operator tests (controller._crash_point).
     stage: str = ""
 
 
@@ -332,8 +332,9 @@ def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:
     st["completionTime"] = now
     st["readyNodes"] = f"0/{o.spec.nodes}"
     _phase(st, "Failed", reason, message, now, o.job["metadata"].get("generation", 0))
-    _remove(plan, o, o.pods)
+    _remove(plan, o, o.pods)  # again by every later pass while any is left (1. Terminal)
     plan.events.append(("Warning", "Failed", message))
+    plan.stage = "failed"
     return plan
 
 
