@@ -4,7 +4,7 @@ is skipped for the previous one; a checkpoint loads into another layout; a check
 the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
 step with one checkpoint and the contract's exit code; a checkpoint folder that the ranks do not
 share is refused at the start; a checkpoint of another model is refused, never partly loaded nor
-trained over."""
+trained over, when resuming and as initial weights."""
 
 from __future__ import annotations
 
@@ -333,3 +333,20 @@ def test_a_checkpoint_of_another_model_is_a_permanent_error_naming_the_differenc
     assert "step-00000003 holds another model than this config's model (" in r.stderr and says in r.stderr
     assert not (tmp_path / "again.txt").exists()  # nothing trained
     assert _committed(tmp_path) == ["step-00000003"]
+
+
+def test_initial_weights_from_a_checkpoint_of_another_model_are_a_permanent_error_naming_the_field(tmp_path):
+    # model.initFrom at a 4-layer checkpoint, for a 2-layer model in two pipeline stages of one
+    # layer each: every stage's tensors are in the checkpoint, so only the whole model shows that it
+    # holds more (before: each stage loaded its part and the run trained on, exit 0).
+    src = tmp_path / "src"
+    src.mkdir()
+    run(write_config(src, steps=1, interval=1), 1, src / "losses.txt")
+    d = tmp_path / "run"
+    d.mkdir()
+    cfg = write_config(d, nproc=2, pipeline=2, steps=2, extra={"model": {"layers": 2, "initFrom": str(src / "ckpt")}})
+    r = subprocess.run(cmd(cfg, 2, d / "losses.txt", launch=True), capture_output=True, text=True, timeout=120,
+                       env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29950 + os.getpid() % 40)})
+    assert r.returncode == c.EXIT_PERMANENT and "cannot load the initial weights (model.initFrom)" in r.stderr, r.stderr[-2000:]
+    assert "holds another model than this config's model (it holds 18 tensor(s) this model lacks (layers.2." in r.stderr
+    assert not (d / "losses.txt").exists()

@@ -103,8 +103,11 @@ def newest_good(root: Path) -> Path | None:
     return None
 
 
-def load_weights(model, path: str) -> Path:
-    """Model weights from a trainer checkpoint or a Hugging Face folder into an unsharded model."""
+def load_weights(model, path: str, whole: dict[str, tuple] | None = None) -> Path:
+    """Model weights from a trainer checkpoint or a Hugging Face folder into an unsharded model.
+    A trainer checkpoint must hold exactly this model's tensors (else a ValueError naming the first
+    difference), or with `whole` (FQN -> shape) those of the whole model `model` is a part of (a
+    pipeline stage)."""
     p = Path(path)
     if (p / "config.json").exists():
         from .hf import load_hf
@@ -119,6 +122,9 @@ def load_weights(model, path: str) -> Path:
         raise ValueError(f"checkpoint {d} does not verify: {problem}")
     opts = StateDictOptions(ignore_frozen_params=has_frozen(model))
     sd = {"model": get_model_state_dict(model, options=opts)}
+    other = model_mismatch(d, whole or {k: tuple(v.shape) for k, v in sd["model"].items()})
+    if other:  # DCP would load a subset silently, or fail in its planner
+        raise ValueError(f"checkpoint {d} holds another model than this config's model ({other})")
     dcp.load(sd, checkpoint_id=str(d))
     set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not opts.ignore_frozen_params))
     return d

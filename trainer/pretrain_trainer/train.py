@@ -160,14 +160,19 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
     else:
         ids, parts = [0], [Transformer(args)]
-    initial = (spec.lora.baseCheckpoint if spec.lora else "") or spec.model.initFrom
+    field, initial = (("lora.baseCheckpoint", spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint
+                      else ("model.initFrom", spec.model.initFrom))
+    whole = None
+    if initial and p.pipeline > 1:  # a stage's part: a checkpoint must hold the whole model (no memory taken)
+        with torch.device("meta"):
+            whole = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     for part in parts:
         init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
         if initial:
             try:
-                src = load_weights(part, initial)
+                src = load_weights(part, initial, whole)
             except (OSError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"cannot load initial weights from {initial}: {e}")
+                raise ConfigError(f"cannot load the initial weights ({field}) from {initial}: {e}")
             log.info("initial weights from %s", src)
         if spec.lora:
             lora.apply_lora(part, spec.lora, spec.training.seed)
