@@ -83,6 +83,11 @@ class OtherModel(Exception):
     corrupt checkpoint to skip, a config to fix (the trainer exits 85 with this message)."""
 
 
+def shapes_of(state: dict) -> dict[str, tuple]:
+    """A state dict's tensors as FQN -> (global) shape: what `model_mismatch` compares."""
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def model_mismatch(d: Path, shapes: dict[str, tuple]) -> str | None:
     """How the model saved in `d` differs from one with these tensors (FQN -> global shape), from
     DCP's metadata alone; None when every name and shape is the same."""
@@ -122,7 +127,7 @@ def load_weights(model, path: str, whole: dict[str, tuple] | None = None) -> Pat
         raise ValueError(f"checkpoint {d} does not verify: {problem}")
     opts = StateDictOptions(ignore_frozen_params=has_frozen(model))
     sd = {"model": get_model_state_dict(model, options=opts)}
-    other = model_mismatch(d, whole or {k: tuple(v.shape) for k, v in sd["model"].items()})
+    other = model_mismatch(d, whole or shapes_of(sd["model"]))
     if other:  # DCP would load a subset silently, or fail in its planner
         raise ValueError(f"checkpoint {d} holds another model than this config's model ({other})")
     dcp.load(sd, checkpoint_id=str(d))
@@ -333,8 +338,7 @@ class Checkpointer:
     def _shapes(self, model) -> dict[str, tuple]:
         """The model's tensors as a checkpoint names them (FQN -> global shape), from every rank:
         under pipeline parallel each rank holds only its stages."""
-        msd = get_model_state_dict(model, options=self._options(model))
-        mine = {k: tuple(v.shape) for k, v in msd.items() if isinstance(v, torch.Tensor)}
+        mine = shapes_of(get_model_state_dict(model, options=self._options(model)))
         if self.world == 1:
             return mine
         every: list = [None] * self.world
@@ -525,25 +529,23 @@ class Checkpointer:
             d = step_dir(root, step)
             problem = verify(d)
             ok = torch.tensor([0 if problem else 1])
+            other = None
             if not problem:
                 try:
                     other = model_mismatch(d, shapes)
-                except Exception as e:  # noqa: BLE001  (unreadable metadata: as any failure to load)
-                    other, problem, ok = None, f"{type(e).__name__}: {e}", torch.tensor([0])
-                if other:  # the same answer on every rank (the same files, the gathered shapes)
-                    raise OtherModel(
-                        f"{d} holds another model than this config's model{' and lora' if has_frozen(model) else ''} "
-                        f"({other}): a checkpoint resumes only into the model that saved it; set the config back, or "
-                        "give checkpoint.path a new folder (model.initFrom starts from an exported model)")
-            if not problem:
-                try:
-                    state, groups = self._state(model, optim)
-                    dcp.load(state, checkpoint_id=str(d))
-                    set_state_dict(model, optim, model_state_dict=state["model"],
-                                   optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
+                    if not other:
+                        state, groups = self._state(model, optim)
+                        dcp.load(state, checkpoint_id=str(d))
+                        set_state_dict(model, optim, model_state_dict=state["model"],
+                                       optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
                 except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
                     problem = f"{type(e).__name__}: {e}"
                     ok = torch.tensor([0])
+            if other:  # the same answer on every rank (the same files, the gathered shapes)
+                raise OtherModel(
+                    f"{d} holds another model than this config's model{' and lora' if has_frozen(model) else ''} "
+                    f"({other}): a checkpoint resumes only into the model that saved it; set the config back, or "
+                    "give checkpoint.path a new folder (model.initFrom starts from an exported model)")
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             if int(ok) == 1:
                 extra = json.loads((d / "extra.json").read_text())

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import load_weights, newest_good
@@ -58,7 +57,6 @@ def evaluate(config: str, checkpoint: str | None = None) -> float:
         for x, y in eval_batches(rows):
             total += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
             n += 1
-    dist.destroy_process_group()
     loss = total / max(n, 1)
     print(f"eval {d.name}: held-out loss {loss:.6f} over {n} windows of {spec.data.seqLen}")
     return loss

@@ -38,7 +38,7 @@ from pretrain_operator import api, contract as c
 from . import moe as moe_mod
 from . import parallel, pipeline
 from . import lora, profiling, report, validation
-from .checkpoint import Checkpointer, OtherModel, load_weights
+from .checkpoint import Checkpointer, OtherModel, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
 from .metrics import Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
@@ -165,7 +165,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
     whole = None
     if initial and p.pipeline > 1:  # a stage's part: a checkpoint must hold the whole model (no memory taken)
         with torch.device("meta"):
-            whole = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+            whole = shapes_of(Transformer(args).state_dict())
     for part in parts:
         init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
         if initial:
@@ -406,8 +406,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             if rank == 0:
                 report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
-            dist.destroy_process_group()
-            return c.EXIT_PREEMPTED
+            return c.EXIT_PREEMPTED  # the command line leaves the process group (__main__.leave_process_group)
     profiler.close()
     ckpt.close()
     if base_digest is not None:
@@ -416,5 +415,4 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
     log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
              ckpt.blocked_seconds)
-    dist.destroy_process_group()
     return c.EXIT_SUCCESS
