@@ -3,7 +3,8 @@ the last step, which is the `eval` of that step's checkpoint, the same under eve
 1e-5), and which changes nothing in training: the losses stay bit for bit those of a run without it,
 MoE bias balancing and LoRA's adapter dropout included (and `eval` of a LoRA checkpoint on the
 seed's base works). Too little held-out data is a permanent error naming the field. A SIGTERM
-during a validation ends it, and that step is saved.
+during a validation ends it, and that step is saved; the next attempt validates that step before
+training (a SIGTERM then stops it before its first step), the last step's included.
 
     .venv/bin/python -m pytest tests/test_trainer_validation.py -q
 """
@@ -131,15 +132,16 @@ def test_validation_under_a_v_shaped_pipeline_schedule_is_refused_naming_the_fie
     assert "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble" in r.stderr
 
 
-def test_a_sigterm_during_a_validation_ends_it_and_saves_that_step_on_every_rank(tmp_path):
+def test_a_sigterm_during_a_validation_ends_it_saves_that_step_and_the_next_attempts_validate_it_first(tmp_path):
     # A long validation (96 forward passes of a 16-layer model) at step 5 of a data-parallel 2 run;
     # one rank is signalled as soon as step 5 is logged, which is before its validation starts. Both
     # ranks drop the validation at their next batch and save step 5 (before: the whole validation
     # and step 6 first, time a termination notice's grace period may not have).
     cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000,
                        extra={"model": {"layers": 16}, "data": {"seqLen": 16}, "validation": {"everySteps": 5, "batches": 48}})
-    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
-                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29900 + os.getpid() % 50)})
+    launch_env = {**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29900 + os.getpid() % 50),
+                  "PRETRAIN_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination-log")}
+    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True, env=launch_env)
     wait_for_step(tmp_path / "losses.txt", 1, p)
     workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2, workers
@@ -151,4 +153,41 @@ def test_a_sigterm_during_a_validation_ends_it_and_saves_that_step_on_every_rank
     assert "step 5 validation loss" not in err
     from pretrain_trainer.checkpoint import committed_steps  # after the torch check above
     assert committed_steps(tmp_path / "ckpt") == [5]
-    assert max(losses(tmp_path / "losses.txt")) == 5  # nobody trained on
+    trained = losses(tmp_path / "losses.txt")
+    assert max(trained) == 5  # nobody trained on
+
+    # The next attempt validates step 5 before training; a SIGTERM then (the rank signalled as
+    # soon as rank 0 says it is about to start) ends that validation too, and every rank stops
+    # before step 6: exit 83, nothing saved, the checkpoint of step 5 still the one to resume.
+    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True, env=launch_env)
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if "training tiny on 2 rank(s)" in line:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(max(int(w) for w in workers), signal.SIGTERM)
+    err = "".join(seen) + p.communicate(timeout=120)[1]
+    assert p.returncode == c.EXIT_PREEMPTED, err[-3000:]
+    assert "stop requested (SIGTERM) during the validation of step 5: validation dropped" in err
+    assert f"stop requested (SIGTERM) before step 6: no step trained, checkpoint of step 5 kept; exiting {c.EXIT_PREEMPTED}" in err
+    assert committed_steps(tmp_path / "ckpt") == [5] and max(losses(tmp_path / "losses.txt")) == 5
+    assert json.loads((tmp_path / "termination-log").read_text())["step"] == 5
+
+    # The same job cut to 5 steps: step 5 is now the last, its checkpoint already there. The attempt
+    # trains nothing, validates step 5 (before: exit 0 with no held-out loss and no loss in the
+    # final report), and its report has step 5's training loss from the checkpoint.
+    short = write_config(tmp_path, nproc=2, data=2, steps=5, interval=1000,
+                         extra={"model": {"layers": 16}, "data": {"seqLen": 16}, "validation": {"everySteps": 5, "batches": 48}})
+    r = subprocess.run(cmd(short, 2, tmp_path / "losses.txt", launch=True), capture_output=True, text=True, env=launch_env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    val = re.findall(r"step 5 validation loss ([0-9.]+) over 192 held-out windows", r.stderr)
+    assert len(val) == 1, r.stderr[-3000:]
+    report = json.loads((tmp_path / "termination-log").read_text())
+    assert report["step"] == 5 and report["validationStep"] == 5 and abs(report["validationLoss"] - float(val[0])) < 1e-6
+    assert abs(report["loss"] - trained[5]) < 1e-9
+    # ... and it is the held-out loss of step 5's weights: `eval` of that checkpoint, in one process.
+    e = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(short)], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert abs(float(re.search(r"held-out loss ([0-9.]+) over 192 windows", e.stdout).group(1)) - float(val[0])) <= TOL

@@ -126,6 +126,13 @@ class Stop:
         self.requested = True
 
 
+def stopped(stop: Stop) -> bool:
+    """Whether any rank was asked to stop (one all-reduce; every rank gets the same answer)."""
+    flag = torch.tensor([1.0 if stop.requested else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def checkpoint_request(podinfo: str) -> str | None:
     try:
         for line in (Path(podinfo) / "annotations").read_text().splitlines():
@@ -245,6 +252,9 @@ def step_pipeline(schedule, micro, device) -> torch.Tensor:
 
 def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:
     spec = load_spec(config)
+    # Before anything slow (the build, the checkpoint's load): a SIGTERM during start-up is a
+    # preemption too, answered before the first step (`stopped`), not a death by 143.
+    stop = Stop()
     rank, world, local, device = setup_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s")
@@ -272,8 +282,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     base_digest = lora.frozen_digest(model) if spec.lora else None
     step = 0
     tokens_seen = 0
+    loss_v = None
+    validated = None  # (step, held-out loss) of the last validation
     if extra:
         step, tokens_seen = extra["step"], extra["tokensSeen"]
+        # What the final report and the metrics show until this attempt's first step: its step's
+        # (a resume at the last step trains none). Checkpoints from before these were saved lack them.
+        loss_v = extra.get("loss")
+        validated = tuple(extra["validated"]) if extra.get("validated") else None
         try:
             loader.load_state_dict(extra["data"])
         except DataError as e:  # a checkpoint of other data: resuming it would train on a mix
@@ -284,12 +300,15 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     metrics = Metrics()
     metrics.set(**{c.METRIC_TOTAL_STEPS: spec.training.steps, c.METRIC_STEP: step,
                    c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time})
+    if loss_v is not None:
+        metrics.set(**{c.METRIC_LOSS: loss_v})
+    if validated:
+        metrics.set(**{c.METRIC_VALIDATION_LOSS: validated[1], c.METRIC_VALIDATION_STEP: validated[0]})
     if local == 0 and os.environ.get(c.ENV_METRICS_PORT, str(c.METRICS_PORT)) != "0":
         try:
             metrics.serve(int(os.environ.get(c.ENV_METRICS_PORT, c.METRICS_PORT)))
         except OSError as e:
             log.warning("metrics not served: %s", e)
-    stop = Stop()
     seen_request = checkpoint_request(podinfo)
     served = 0
     fpt = flops_per_token(args, spec.data.seqLen)
@@ -313,9 +332,36 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # first full one (run inside the first checkpoint save, which pauses the collector) took 0.4 s.
     gc.collect()
     gc.freeze()
-    loss_v = None
     grad_norm, skipped, skipped_in_row = 0.0, 0, 0
-    validated = None  # (step, held-out loss) of the last validation
+
+    def validate(at: int) -> tuple[int, float] | None:
+        """Step `at`'s validation: (at, held-out loss), or None when a SIGTERM ended it."""
+        held_out = validator.loss(model, schedule, mesh, autocast, lambda: stop.requested)
+        if held_out is None:
+            log.warning("stop requested (SIGTERM) during the validation of step %d: validation dropped", at)
+            return None
+        metrics.set(**{c.METRIC_VALIDATION_LOSS: held_out, c.METRIC_VALIDATION_STEP: at})
+        log.info("step %d validation loss %.6f over %d held-out windows", at, held_out, validator.n)
+        return at, held_out
+
+    def finish(code: int) -> int:
+        profiler.close()
+        ckpt.close()
+        if rank == 0:
+            report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
+        return code  # the command line leaves the process group (__main__.leave_process_group)
+
+    # A checkpoint of a step due for validation whose validation did not happen (a SIGTERM ended
+    # it, or came with that step): it runs now, on the same weights, so no held-out loss is lost,
+    # the last step's included (the final report's). It draws no random number: training is unchanged.
+    if validator is not None and step and validator.due(step, step == spec.training.steps) and (validated or (0,))[0] != step:
+        validated = validate(step) or validated
+    # One collective before the first step: a SIGTERM during start-up (on any rank) stops every
+    # rank here. Nothing new to save: the latest checkpoint stays the one to resume.
+    if stopped(stop):
+        log.warning("stop requested (SIGTERM) before step %d: no step trained, checkpoint of step %d kept; exiting %d",
+                    step + 1, ckpt.last_step, c.EXIT_PREEMPTED)
+        return finish(c.EXIT_PREEMPTED)
     while step < spec.training.steps:
         step += 1
         lr = lr_at(step, spec.optimizer, spec.training.steps)
@@ -381,17 +427,13 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         profiler.step()
         # Validation before the save: a preemption's save (no validation then) must not wait for it.
         if validator is not None and not preempt and validator.due(step, step == spec.training.steps):
-            held_out = validator.loss(model, schedule, mesh, autocast, lambda: stop.requested)
-            if held_out is None:  # a SIGTERM while validating: this step's checkpoint now, not after another step
-                preempt = True
-                log.warning("stop requested (SIGTERM) during the validation of step %d: validation dropped", step)
-            else:
-                validated = step, held_out
-                metrics.set(**{c.METRIC_VALIDATION_LOSS: held_out, c.METRIC_VALIDATION_STEP: step})
-                log.info("step %d validation loss %.6f over %d held-out windows", step, held_out, validator.n)
+            v = validate(step)
+            preempt = v is None  # a SIGTERM while validating: this step's checkpoint now, not after another step
+            validated = v or validated
         if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
             ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
-                                           "seed": spec.training.seed, "lr": lr},
+                                           "seed": spec.training.seed, "lr": lr, "loss": loss_v,
+                                           "validated": list(validated) if validated else None},
                       final=preempt or step == spec.training.steps)
             if requested:
                 served += 1
@@ -401,18 +443,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                        c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
                        "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
         if preempt:
-            profiler.close()
-            ckpt.close()
-            if rank == 0:
-                report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
-            return c.EXIT_PREEMPTED  # the command line leaves the process group (__main__.leave_process_group)
-    profiler.close()
-    ckpt.close()
+            return finish(c.EXIT_PREEMPTED)
     if base_digest is not None:
         check_frozen_base(model, base_digest)
-    if rank == 0:
-        report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
     log.info("done: %d steps, %d tokens; checkpoint saves blocked training for %.2f s", step, tokens_seen,
              ckpt.blocked_seconds)
-    return c.EXIT_SUCCESS
+    return finish(c.EXIT_SUCCESS)

@@ -15,7 +15,8 @@ prints the same number (it reads the same windows when the config has `validatio
 
 Limits: the windows are fixed (the same ones every time, not a sample). Validation is skipped at a
 step that stops for a preemption, and a stop requested while it runs ends it between two batches
-(no held-out loss for that step): the checkpoint goes first.
+(no held-out loss for that step): the checkpoint goes first. The next attempt validates that step
+before its first step (train.py), so only a run that never resumes loses it.
 """
 
 from __future__ import annotations
