@@ -252,9 +252,6 @@ def step_pipeline(schedule, micro, device) -> torch.Tensor:
 
 def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = None, losses_out: str | None = None) -> int:
     spec = load_spec(config)
-    # Before anything slow (the build, the checkpoint's load): a SIGTERM during start-up is a
-    # preemption too, answered before the first step (`stopped`), not a death by 143.
-    stop = Stop()
     rank, world, local, device = setup_distributed()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s")
@@ -309,6 +306,11 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             metrics.serve(int(os.environ.get(c.ENV_METRICS_PORT, c.METRICS_PORT)))
         except OSError as e:
             log.warning("metrics not served: %s", e)
+    # From here on a SIGTERM is answered (exit 83), before the first step too (`stopped` below). Until
+    # here (the build, the process group's rendezvous, the checkpoint's load) it keeps its default
+    # action, the process ends at once: nothing new to save, and a rank blocked on a lost peer
+    # must not hold its pod for the whole grace period.
+    stop = Stop()
     seen_request = checkpoint_request(podinfo)
     served = 0
     fpt = flops_per_token(args, spec.data.seqLen)
@@ -356,8 +358,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # the last step's included (the final report's). It draws no random number: training is unchanged.
     if validator is not None and step and validator.due(step, step == spec.training.steps) and (validated or (0,))[0] != step:
         validated = validate(step) or validated
-    # One collective before the first step: a SIGTERM during start-up (on any rank) stops every
-    # rank here. Nothing new to save: the latest checkpoint stays the one to resume.
+    # One collective before the first step: a SIGTERM since `Stop()` (on any rank; that validation
+    # included) stops every rank here. Nothing new to save: the latest checkpoint stays the one to resume.
     if stopped(stop):
         log.warning("stop requested (SIGTERM) before step %d: no step trained, checkpoint of step %d kept; exiting %d",
                     step + 1, ckpt.last_step, c.EXIT_PREEMPTED)
