@@ -6,7 +6,8 @@ A pod of attempt A, node rank R of a job J gets:
 - torchrun's settings as PET_* environment variables (torchrun reads them as defaults for its
   flags): PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_RDZV_BACKEND=c10d,
   PET_RDZV_ENDPOINT=<J>-n0.<J>:RDZV_PORT (rank 0's stable DNS name), PET_RDZV_ID=<job uid>-a<A>;
-- ENV_ATTEMPT, ENV_JOB_NAME, ENV_CHECKPOINT_DIR, ENV_METRICS_PORT, ENV_PODINFO;
+- ENV_ATTEMPT, ENV_JOB_NAME, ENV_JOB_UID, ENV_CHECKPOINT_DIR, ENV_METRICS_PORT, ENV_PODINFO (the job's
+  uid and the attempt also fence its checkpoint folder against a stale attempt's pods);
 - the pod's annotations as a file (downward API) at PODINFO_DIR/annotations: when the operator
   wants a checkpoint now it sets ANN_CHECKPOINT_REQUEST to a request id; the trainer saves at its
   next step boundary and reports the step under METRIC_LAST_CHECKPOINT_STEP.
@@ -28,6 +29,7 @@ PODINFO_ANNOTATIONS = f"{PODINFO_DIR}/annotations"
 ENV_CONFIG = "PRETRAIN_CONFIG"
 ENV_ATTEMPT = "PRETRAIN_ATTEMPT"
 ENV_JOB_NAME = "PRETRAIN_JOB_NAME"
+ENV_JOB_UID = "PRETRAIN_JOB_UID"
 ENV_CHECKPOINT_DIR = "PRETRAIN_CHECKPOINT_DIR"
 ENV_METRICS_PORT = "PRETRAIN_METRICS_PORT"
 ENV_PODINFO = "PRETRAIN_PODINFO_DIR"

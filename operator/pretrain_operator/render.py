@@ -92,6 +92,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": c.ENV_CONFIG, "value": c.CONFIG_PATH},
         {"name": c.ENV_ATTEMPT, "value": str(attempt)},
         {"name": c.ENV_JOB_NAME, "value": name},
+        {"name": c.ENV_JOB_UID, "value": uid},
         {"name": c.ENV_CHECKPOINT_DIR, "value": spec.checkpoint.path},
         {"name": c.ENV_METRICS_PORT, "value": str(c.METRICS_PORT)},
         {"name": c.ENV_PODINFO, "value": c.PODINFO_DIR},

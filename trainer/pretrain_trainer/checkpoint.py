@@ -13,6 +13,9 @@ previous one. A folder without a marker (a save cut short) is never loaded. A ch
 another model (tensor names or shapes differ from this config's, read from DCP's metadata) is not
 skipped, and never partly loaded: `OtherModel`, which the trainer turns into exit 85.
 
+Under the operator, only the newest attempt of a job commits into the folder (fence.py): a stale
+one, still running on a lost node, commits nothing once replaced; each marker names its writer.
+
 With frozen parameters (LoRA) only the trainable ones and their optimizer state are saved; the
 frozen base comes from its own checkpoint (`load_weights`) on every start.
 
@@ -43,6 +46,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.utils.serialization import config as serialization_config
+
+from .fence import Fence
 
 log = logging.getLogger("pretrain_trainer.checkpoint")
 MARKER = "COMMITTED"
@@ -205,8 +210,9 @@ def staging_problem(state: dict, shm: str = SHM) -> str | None:
 
 
 class Checkpointer:
-    def __init__(self, root: str, keep: int, rank: int, world: int, async_save: bool = False):
+    def __init__(self, root: str, keep: int, rank: int, world: int, async_save: bool = False, fence: Fence | None = None):
         self.root = Path(root)
+        self.fence = fence or Fence(self.root, None)  # rank 0 checks it before each commit (fence.py)
         self.keep, self.rank, self.world = keep, rank, world
         self.async_save = async_save
         self.pending = None  # (future, step, rank 0's commit: a future, else None) of an async save
@@ -489,10 +495,15 @@ class Checkpointer:
 
     def _mark(self, step: int, extra: dict, t0: float) -> None:
         d = step_dir(self.root, step)
+        taken = self.fence.taken_by(now=True)
+        if taken:  # a stale attempt: its save stays uncommitted, never loaded, removed by the next commit
+            log.warning("checkpoint step %d not committed: %s has claimed %s since this attempt started", step, taken, self.root)
+            return
         (d / "extra.json").write_text(json.dumps(extra))
         files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
         tmp = d / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files}))
+        owner = dict(zip(("job", "attempt"), self.fence.owner)) if self.fence.owner else {}
+        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files, **owner}))
         os.replace(tmp, d / MARKER)
         latest_tmp = self.root / "latest.tmp"
         latest_tmp.write_text(d.name)

@@ -40,6 +40,7 @@ from . import parallel, pipeline
 from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, OtherModel, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
+from .fence import Fence
 from .metrics import Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
 
@@ -126,11 +127,11 @@ class Stop:
         self.requested = True
 
 
-def stopped(stop: Stop) -> bool:
-    """Whether any rank was asked to stop (one all-reduce; every rank gets the same answer)."""
-    flag = torch.tensor([1.0 if stop.requested else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce; every rank gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def checkpoint_request(podinfo: str) -> str | None:
@@ -268,10 +269,17 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     except DataError as e:
         raise ConfigError(str(e)) from e
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
-    ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave)
+    ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave, Fence.from_env(Path(ckpt_root)))
     problem = ckpt.storage_problem()
     if problem:
         raise ConfigError(problem)
+    # The folder is this attempt's from now on (fence.py), claimed before the load so that a stale
+    # attempt commits nothing this one could miss. A stale attempt itself stops here, and not as a
+    # failure: the operator replaced its pods, and should it see this exit, restarts the gang.
+    stale = ckpt.fence.claim() if rank == 0 else None
+    if any_rank(stale is not None):
+        log.warning("%s: stopping before training; exiting %d", stale or "this attempt is stale", c.EXIT_PREEMPTED)
+        return c.EXIT_PREEMPTED
     try:
         extra = ckpt.load(model, optim)
     except OtherModel as e:  # resuming would train another model, or start over beside its checkpoints
@@ -306,7 +314,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             metrics.serve(int(os.environ.get(c.ENV_METRICS_PORT, c.METRICS_PORT)))
         except OSError as e:
             log.warning("metrics not served: %s", e)
-    # From here on a SIGTERM is answered (exit 83), before the first step too (`stopped` below). Until
+    # From here on a SIGTERM is answered (exit 83), before the first step too (`any_rank` below). Until
     # here (the build, the process group's rendezvous, the checkpoint's load) it keeps its default
     # action, the process ends at once: nothing new to save, and a rank blocked on a lost peer
     # must not hold its pod for the whole grace period.
@@ -360,7 +368,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         validated = validate(step) or validated
     # One collective before the first step: a SIGTERM since `Stop()` (on any rank; that validation
     # included) stops every rank here. Nothing new to save: the latest checkpoint stays the one to resume.
-    if stopped(stop):
+    if any_rank(stop.requested):
         log.warning("stop requested (SIGTERM) before step %d: no step trained, checkpoint of step %d kept; exiting %d",
                     step + 1, ckpt.last_step, c.EXIT_PREEMPTED)
         return finish(c.EXIT_PREEMPTED)
@@ -398,11 +406,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         for m in moe_mod.moe_layers(model).values():
             m.update_bias(mesh_group(mesh, "dp"))
         tokens_seen += spec.data.globalBatchSize * spec.data.seqLen
-        # One collective per step: the mean loss over data parallel, the stop flag and a new
-        # checkpoint request (MAX over ranks, so every rank acts on the same step).
+        # One collective per step: the mean loss over data parallel, the stop flag, a new
+        # checkpoint request and the fence taken (MAX over ranks, so every rank acts on the same step).
         req = checkpoint_request(podinfo)
+        taken = ckpt.fence.taken_by() if rank == 0 else None
         flags = torch.tensor([float(total) / dp_size, 1.0 if stop.requested else 0.0,
-                              1.0 if req and req != seen_request else 0.0], dtype=torch.float64)
+                              1.0 if req and req != seen_request else 0.0, 1.0 if taken else 0.0], dtype=torch.float64)
         dist.all_reduce(flags[:1], op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
         dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
         loss_v = float(flags[0])
@@ -411,6 +420,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         if losses:
             losses.write(f"{step} {loss_v:.10f}\n")
             losses.flush()
+        if flags[3]:  # a stale attempt: its replacement owns the folder; saving now would race it
+            log.warning("%s has claimed %s since this attempt started: stopping at step %d without saving; exiting %d",
+                        taken or "another attempt", ckpt_root, step, c.EXIT_PREEMPTED)
+            return finish(c.EXIT_PREEMPTED)
         if step % spec.training.logEverySteps == 0 or step == spec.training.steps:
             now = time.monotonic()
             tps = (tokens_seen - tokens_at_log) / max(now - t_log, 1e-9)

@@ -1,0 +1,84 @@
+"""The checkpoint folder's fence (trainer/pretrain_trainer/fence.py): a stale attempt, still running
+after the operator replaced its pods (a node that lost its kubelet keeps its containers), stops
+and commits nothing once the new attempt has claimed the folder; the new attempt resumes exactly;
+an attempt older than the folder's stops before training; another job takes the folder over.
+Real trainer processes on one shared folder, as two attempts' pods on one volume would be.
+
+    .venv/bin/python -m pytest tests/test_trainer_fencing.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from pretrain_operator import contract as c
+from tests.trainer_util import cmd, env, losses, wait_for_step, write_config
+
+pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+
+UID = "6f1c0d1e-job-one"
+
+
+def attempt_env(attempt: int, uid: str = UID) -> dict:
+    return {**env(), c.ENV_JOB_UID: uid, c.ENV_ATTEMPT: str(attempt)}
+
+
+def markers(root) -> dict[int, dict]:
+    return {int(p.parent.name.split("-")[1]): json.loads(p.read_text()) for p in root.glob("step-*/COMMITTED")}
+
+
+def test_a_stale_attempt_stops_without_committing_once_the_next_one_claims_the_folder(tmp_path):
+    # 8 layers: about 4 steps a second per process here, so attempt 1 is still training when
+    # attempt 2 has started (a few seconds) and trains 300 steps in all.
+    cfg = write_config(tmp_path, steps=300, interval=5, keep=100, extra={"model": {"layers": 8}})
+    root = tmp_path / "ckpt"
+    one = subprocess.Popen(cmd(cfg, 1, tmp_path / "a1.txt"), stderr=subprocess.PIPE, text=True, env=attempt_env(1))
+    wait_for_step(tmp_path / "a1.txt", 12, one)
+    two = subprocess.Popen(cmd(cfg, 1, tmp_path / "a2.txt"), stderr=subprocess.PIPE, text=True, env=attempt_env(2))
+    err1 = one.communicate(timeout=120)[1]
+    assert one.returncode == c.EXIT_PREEMPTED, err1[-3000:]
+    assert f"job {UID} attempt 2 has claimed {root} since this attempt started: stopping at step" in err1
+    err2 = two.communicate(timeout=300)[1]
+    assert two.returncode == 0, err2[-3000:]
+
+    # Attempt 2 resumed from attempt 1's newest commit before the claim; every checkpoint after
+    # that step is attempt 2's, though attempt 1 trained past it.
+    resumed = int(err2.split(f"resumed from {root}/step-")[1][:8])
+    a1, a2 = losses(tmp_path / "a1.txt"), losses(tmp_path / "a2.txt")
+    assert max(a1) > resumed and min(a2) == resumed + 1
+    owners = markers(root)
+    assert all(m["attempt"] == 1 for s, m in owners.items() if s <= resumed)
+    assert all(m["attempt"] == 2 and m["job"] == UID for s, m in owners.items() if s > resumed)
+    assert max(owners) == 300 and all(s in owners for s in range(resumed + 5 - resumed % 5, 301, 5))
+    # ... and it trains exactly as attempt 1 did over the steps both trained: the stale attempt's
+    # writes disturbed nothing.
+    both = sorted(set(a1) & set(a2))
+    assert both and all(a1[s] == a2[s] for s in both), [(s, a1[s], a2[s]) for s in both if a1[s] != a2[s]]
+    assert json.loads((root / "ATTEMPT").read_text())["attempt"] == 2
+
+    # A pod of attempt 1 starting now (the folder is attempt 2's) trains nothing and changes nothing.
+    before = sorted(root.iterdir())
+    late = subprocess.run(cmd(cfg, 1, tmp_path / "late.txt"), capture_output=True, text=True, env=attempt_env(1), timeout=120)
+    assert late.returncode == c.EXIT_PREEMPTED, late.stderr[-3000:]
+    assert f"attempt 2 of this job has claimed {root} since: attempt 1 is stale" in late.stderr
+    assert not (tmp_path / "late.txt").exists() and sorted(root.iterdir()) == before
+
+    # Another job given the folder (the job deleted and created again) takes it over and resumes
+    # from it: step 300 is the last, so it trains nothing and succeeds.
+    other = subprocess.run(cmd(cfg, 1, tmp_path / "other.txt"), capture_output=True, text=True,
+                           env=attempt_env(1, uid="another-job"), timeout=120)
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert f"checkpoint folder {root} was job {UID}'s (attempt 2): this job (another-job) takes it over" in other.stderr
+    assert json.loads((root / "ATTEMPT").read_text()) | {"time": 0} == {"job": "another-job", "attempt": 1, "time": 0}
+
+
+def test_without_the_operators_identity_nothing_is_fenced(tmp_path):
+    # Plain torchrun (no PRETRAIN_JOB_UID / PRETRAIN_ATTEMPT): no fence file, markers as before.
+    cfg = write_config(tmp_path, steps=6, interval=3)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "l.txt"), capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / "ATTEMPT").exists()
+    assert sorted(markers(tmp_path / "ckpt")) == [3, 6] and all("attempt" not in m for m in markers(tmp_path / "ckpt").values())
