@@ -4,10 +4,16 @@ the job checkpoints on the notice, restarts as attempt 2 without spending its fa
 resumes from that checkpoint, and succeeds; its per-step losses equal, bit for bit, those of the
 same job's configuration trained without interruption (torchrun, same layout), and no step is
 trained twice; the status ends with the last step's loss and held-out (validation) loss (the notice is longer than one step plus one save). A pod whose /dev/shm (its
-spec.template.shmSize) cannot hold an async save's staging saves synchronously and says why."""
+spec.template.shmSize) cannot hold an async save's staging saves synchronously and says why. A
+node whose kubelet dies keeps its pod's trainer running after the operator replaced it: the new
+attempt fences the checkpoint folder and the stale trainer stops, having committed nothing since.
+
+    .venv/bin/python -m pytest tests/test_e2e_trainer.py -q
+"""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 
@@ -17,6 +23,7 @@ import yaml
 from pretrain_localcluster import nodes
 from pretrain_operator import contract as c
 from pretrain_operator import render
+from tests.helpers import wait_for
 from tests.jobs import Jobs
 from tests.trainer_util import cmd, env, losses
 
@@ -91,3 +98,47 @@ def test_a_trainer_pod_whose_shm_cannot_hold_async_staging_saves_synchronously_a
     log = jobs.logs("small-shm-a1-n0")
     assert "/dev/shm has 1 MiB free: raise spec.template.shmSize" in log and "saving synchronously from now on" in log, log[-3000:]
     assert st["lastCheckpoint"]["step"] == 6 and st["failures"] == 0
+
+
+def test_a_trainer_left_running_on_a_node_whose_kubelet_died_is_fenced_off_by_the_next_attempt(cluster, api, namespace, operator, core):
+    # One pod (the gang a stale attempt can outlive: no peer of its own gang to lose), 8 layers so
+    # that it trains about 5 steps a second, each attempt's losses in a file of its own.
+    jobs = Jobs(api, namespace)
+    label = namespace[-5:] + "-kd"
+    pool = [nodes.add_node(cluster.state_dir, spot=False, labels={"pretrain.dev/test-pool": label}) for _ in range(2)]
+    try:
+        jobs.create({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "stale"},
+                     "spec": {"nodes": 1, "nprocPerNode": 1, "model": {"preset": "tiny", "layers": 8},
+                              "data": {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2},
+                              "training": {"steps": 300}, "optimizer": {"warmupSteps": 2},
+                              "checkpoint": {"intervalSteps": 5, "keep": 100},
+                              "scheduling": {"nodeSelector": {"pretrain.dev/test-pool": label}},
+                              "template": {"command": [*render.default_command(), "--losses-out",
+                                                       "/checkpoints/losses-a$(PRETRAIN_ATTEMPT).txt"]}}})
+        jobs.wait("stale", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, timeout=180, what="a checkpoint")
+        pod = jobs.pods("stale", attempt=1)[0]
+        nodes.kubelet_down(cluster.state_dir, pod.spec.node_name)
+        st = jobs.wait_phase("stale", "Succeeded", timeout=300)
+        assert st["attempt"] == 2 and st["preemptions"] == 1 and st["failures"] == 0
+
+        # The stale trainer ran on after its pod was force-deleted, until attempt 2 claimed the
+        # folder; then it stopped (exit 83) without committing anything more.
+        pod_dir = cluster.state_dir / "pods" / pod.metadata.uid
+        exit_file = wait_for(lambda: next(pod_dir.glob("containers/*/*/exit.json"), None), timeout=60,
+                             what="the stale trainer's exit")
+        assert json.loads(exit_file.read_text())["exitCode"] == c.EXIT_PREEMPTED
+        stale_log = "".join(p.read_text() for p in pod_dir.glob("logs/*/*") if p.is_file())
+        assert "has claimed /checkpoints since this attempt started: stopping at step" in stale_log
+        volume = jobs.claim_folder("stale-ckpt")
+        log2 = jobs.logs("stale-a2-n0")
+        resumed = int(log2.split("resumed from /checkpoints/step-")[1][:8])
+        a1, a2 = losses(volume / "losses-a1.txt"), losses(volume / "losses-a2.txt")
+        assert resumed < max(a1) < 300, (resumed, max(a1))  # it trained past the step attempt 2 resumed from
+        markers = {int(m.parent.name[5:]): json.loads(m.read_text()) for m in volume.glob("step-*/COMMITTED")}
+        assert all(m["attempt"] == 2 for step, m in markers.items() if step > resumed), markers
+        assert max(markers) == 300
+        both = sorted(set(a1) & set(a2))
+        assert both and all(a1[s] == a2[s] for s in both)  # the same training, bit for bit, where both trained
+    finally:
+        for n in pool:
+            nodes.remove_node(cluster.state_dir, n)

@@ -1,7 +1,8 @@
 """Spot drills take capacity away as clouds do: a preemption with a termination notice (pods
 evicted with a DisruptionTarget condition, the Node deleted), a node failure without notice (the
-Node goes NotReady), `kubectl drain`, capacity added back; and a restarted node agent adopts the
-pods it left running. Each drill runs on a node it adds, so the other tests keep their capacity."""
+Node goes NotReady), a node whose kubelet died (NotReady, its pods' processes running on),
+`kubectl drain`, capacity added back; and a restarted node agent adopts the pods it left running.
+Each drill runs on a node it adds, so the other tests keep their capacity."""
 
 from __future__ import annotations
 
@@ -77,6 +78,30 @@ def test_a_failed_node_goes_not_ready(cluster, core, namespace, fresh_node):
     # The node-lifecycle controller marks the pod not ready and taints the node.
     wait_for(lambda: any(t.key == "node.kubernetes.io/unreachable" for t in core.read_node(fresh_node).spec.taints or []),
              timeout=20, what="the unreachable taint")
+
+
+TICK = "import time\nwhile True: print('tick', flush=True); time.sleep(0.1)\n"
+
+
+def test_a_node_whose_kubelet_died_goes_not_ready_and_its_pods_processes_run_on_until_it_is_removed(cluster, core, namespace,
+                                                                                                  fresh_node):
+    create_pod(core, namespace, pod_manifest("unwatched", ["python", "-c", TICK], node=fresh_node))
+    pod = wait_phase(core, namespace, "unwatched", "Running")
+    logs = cluster.state_dir / "pods" / pod.metadata.uid / "logs"
+
+    def ticks() -> int:
+        return sum(p.read_text().count("tick") for p in logs.glob("*/*") if p.is_file())
+
+    nodes.kubelet_down(cluster.state_dir, fresh_node)
+    wait_for(lambda: _node_ready(core, fresh_node) == "Unknown", timeout=30, what="the node to go NotReady")
+    # Even force-deleted (what the operator does to pods of a lost node), its process runs on.
+    core.delete_namespaced_pod("unwatched", namespace, grace_period_seconds=0)
+    wait_for(lambda: phase(core, namespace, "unwatched") is None, timeout=10, what="the pod object to be gone")
+    before = ticks()
+    wait_for(lambda: ticks() >= before + 10, timeout=10, what="the process to go on printing")
+    nodes.remove_node(cluster.state_dir, fresh_node)  # the node goes for good: now it is killed
+    wait_for(lambda: not os.path.exists(f"/var/run/netns/ptp-{pod.metadata.uid.replace('-', '')[:12]}"),
+             timeout=10, what="the pod's processes and namespace to be gone")
 
 
 def test_kubectl_drain_evicts_the_pods_of_a_node(cluster, core, namespace, fresh_node):

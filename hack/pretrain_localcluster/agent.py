@@ -558,6 +558,12 @@ class PodWorker(threading.Thread):
         shutil.rmtree(self.dir, ignore_errors=True)
         self.agent.forget(self.uid)
 
+    def detach(self) -> None:
+        """The node's kubelet died, its containers did not: no more status, no reaction to the
+        API (a deletion included), the processes left running."""
+        self.frozen = True
+        self.stopped.set()
+
     def freeze(self) -> None:
         """The node failed or was terminated: kill everything, say nothing more."""
         self.frozen = True
@@ -759,6 +765,14 @@ class Agent:
                         if w.node == name:
                             w.freeze()
                             self.workers.pop(w.uid, None)
+            elif status == "kubelet-down" and was != status:
+                # Workers stay registered (so the orphan clean-up leaves their processes alone) but
+                # do nothing more; a later "terminated" (remove_node) kills what still runs.
+                log.info("node %s lost its kubelet: its pods' processes run on, unwatched", name)
+                with self.lock:
+                    for w in self.workers.values():
+                        if w.node == name:
+                            w.detach()
 
     def register(self, n: dict) -> None:
         kube = self.node_kube(n["name"])

@@ -5,6 +5,7 @@
     hack/local-cluster down                          # stop what `up` started, remove the state
     hack/local-cluster preempt NODE [--notice S] [--notice-taint aws|gke|karpenter]
     hack/local-cluster fail-node NODE                # no notice: the node goes NotReady
+    hack/local-cluster kubelet-down NODE             # NotReady too, but its pods' processes run on
     hack/local-cluster add-node [--spot] [--taint key=value:Effect]
 """
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--notice-taint", choices=sorted(NOTICE_TAINTS), default="aws")
     fail = sub.add_parser("fail-node", help="the node dies without notice (goes NotReady)")
     fail.add_argument("node")
+    kd = sub.add_parser("kubelet-down", help="the node's kubelet dies, its pods' processes run on (NotReady, unwatched)")
+    kd.add_argument("node")
     add = sub.add_parser("add-node", help="bring capacity back")
     add.add_argument("--spot", action="store_true")
     add.add_argument("--taint", action="append", default=[], metavar="KEY=VALUE:EFFECT")
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.operator_port:
                 print(f"operator metrics registered at {register_host_operator(cluster, args.operator_port)}")
             print(f"prometheus: {Prometheus(cluster).up()}")
-        elif args.cmd in ("preempt", "fail-node", "add-node"):
+        elif args.cmd in ("preempt", "fail-node", "kubelet-down", "add-node"):
             if not cluster.state():
                 print(f"no local cluster in {cfg.state_dir}; start one with `make cluster-up`", file=sys.stderr)
                 return 1
@@ -77,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                 nodes.fail_node(cfg.state_dir, args.node)
                 print(f"{args.node}: failed (heartbeats stopped, processes killed); NotReady within "
                       f"{cfg.node_monitor_grace_period}")
+            elif args.cmd == "kubelet-down":
+                nodes.kubelet_down(cfg.state_dir, args.node)
+                print(f"{args.node}: kubelet down (heartbeats and status stopped, its pods' processes still running); "
+                      f"NotReady within {cfg.node_monitor_grace_period}")
             else:
                 print(f"added {nodes.add_node(cfg.state_dir, args.spot, args.taint)}")
         elif args.cmd == "down":

@@ -4,6 +4,7 @@ agent, and taking capacity away the way clouds do.
     hack/local-cluster up --nodes 4 --spot 2
     hack/local-cluster preempt spot-0 --notice 5 [--notice-taint aws|gke|karpenter]
     hack/local-cluster fail-node ondemand-1      # no notice: heartbeats stop, processes die
+    hack/local-cluster kubelet-down ondemand-1   # the kubelet dies, the pods' processes run on
     hack/local-cluster add-node [--spot]
 
 The same functions are the pytest helpers (`tests/` import them)."""
@@ -148,6 +149,13 @@ def fail_node(state_dir: Path, node: str) -> None:
     """No notice: heartbeats stop and every process of the node's pods dies. The node-lifecycle
     controller marks the Node NotReady after --node-monitor-grace-period (8 s here)."""
     _set_status(state_dir, node, "failed")
+
+
+def kubelet_down(state_dir: Path, node: str) -> None:
+    """The node's kubelet dies, its containers do not: heartbeats and pod status stop, the pods'
+    processes run on, and nothing on the node reacts to the API any more (a pod deleted there, even
+    with grace period 0, keeps running). NotReady after 8 s, as `fail_node`. `remove_node` ends it."""
+    _set_status(state_dir, node, "kubelet-down")
 
 
 def remove_node(state_dir: Path, node: str) -> None:
