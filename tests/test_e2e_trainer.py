@@ -120,6 +120,7 @@ def test_a_trainer_left_running_on_a_node_whose_kubelet_died_is_fenced_off_by_th
         nodes.kubelet_down(cluster.state_dir, pod.spec.node_name)
         st = jobs.wait_phase("stale", "Succeeded", timeout=300)
         assert st["attempt"] == 2 and st["preemptions"] == 1 and st["failures"] == 0
+        jobs.wait_events("stale", "PodForceDeleted")
 
         # The stale trainer ran on after its pod was force-deleted, until attempt 2 claimed the
         # folder; then it stopped (exit 83) without committing anything more.

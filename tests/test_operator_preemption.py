@@ -74,6 +74,10 @@ def test_a_not_ready_node_is_a_preemption(cluster, jobs, pool):
     # within the settle window, so the whole attempt counts as a preemption, not a failure.
     nodes.fail_node(cluster.state_dir, node)
     _assert_preempted_once(jobs, "unready", ("NodeNotReady", "PodDeleted", "DeletionByTaintManager"))
+    # Its pod there could never finish a graceful deletion: force-deleted, and the Event says why.
+    jobs.wait_events("unready", "PodForceDeleted")
+    msg = next(e.message for e in jobs.events("unready") if e.reason == "PodForceDeleted")
+    assert msg.startswith(f"node {node} is ") and "force-deleted (grace period 0)" in msg and "checkpoint fence" in msg
 
 
 def test_a_termination_notice_asks_for_a_checkpoint_then_the_reclaim_is_a_preemption(cluster, jobs, pool):

@@ -310,12 +310,19 @@ def _decide(o: Observed) -> Plan:
 
 def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
     """Delete pods gracefully (SIGTERM: the trainer checkpoints); force those on a lost node, which
-    would otherwise stay Terminating forever and block the next gang (Kueue's KEP-6757 does the same)."""
+    would otherwise stay Terminating forever and block the next gang (Kueue's KEP-6757 does the same).
+    A force-deleted pod's containers may still run on a node that is only cut off (its kubelet dead):
+    the Event says so, and the trainer's checkpoint fence (trainer/pretrain_trainer/fence.py) stops
+    them from writing once the next attempt starts."""
     for p in pods:
         node_name = (p.get("spec") or {}).get("nodeName")
         prob = classify.node_problem(o.nodes.get(node_name), node_name, []) if node_name else None
         if prob and prob[0] in ("NodeDeleted", "NodeNotReady"):
             plan.force_delete_pods.append(p["metadata"]["name"])
+            plan.events.append(("Warning", "PodForceDeleted", (
+                f"{prob[1]}: pod {p['metadata']['name']} force-deleted (grace period 0) so that the next gang can start"
+                + ("; should its containers still run there, the trainer's checkpoint fence stops them once the next "
+                   "attempt starts" if prob[0] == "NodeNotReady" else ""))))
         elif not p["metadata"].get("deletionTimestamp"):
             plan.delete_pods.append(p["metadata"]["name"])
 
