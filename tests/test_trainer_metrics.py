@@ -1,12 +1,15 @@
 """The trainer's metrics endpoint while it trains: the contract's metrics (step, loss, tokens per
 second, the last checkpoint, the last validation) and its own (gradient norm, skipped steps, peak
-memory, MFU), scraped over HTTP as Prometheus does, with values that follow the run.
+memory, MFU), scraped over HTTP as Prometheus does, with values that follow the run. Under the
+operator, the pod's grace period is served beside the save time, and a save outlasting it is
+logged once.
 
     .venv/bin/python -m pytest tests/test_trainer_metrics.py -q
 """
 
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 import urllib.request
@@ -15,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.operator_fixture import free_port
+from pretrain_operator import contract as c
 from tests.trainer_util import cmd, env, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
@@ -48,9 +52,34 @@ def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_pa
         assert m["pretrain_tokens_per_second"] > 0 and m["pretrain_mfu"] > 0
         assert 0 < m["pretrain_grad_norm"] < 1000 and m["pretrain_skipped_steps_total"] == 0
         assert m["pretrain_memory_peak_bytes"] > 100 * 2**20  # a process with torch and a model: more than 100 MiB
+        assert math.isnan(m["pretrain_termination_grace_seconds"])  # no operator: no grace period known
         first = m["pretrain_step"]
         time.sleep(0.5)
         assert scrape(port)["pretrain_step"] > first  # it follows the run
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_under_the_operator_a_save_longer_than_the_pods_grace_period_is_served_and_logged_once(tmp_path):
+    # A grace period of 0 s: every save outlasts it, as a large model's would a short grace.
+    port = free_port()
+    cfg = write_config(tmp_path, steps=3000, interval=5, extra={"template": {"terminationGracePeriodSeconds": 0}})
+    proc = subprocess.Popen(cmd(cfg, 1, tmp_path / "losses.txt"),
+                            env={**env(), "PRETRAIN_METRICS_PORT": str(port), c.ENV_JOB_UID: "u1", c.ENV_ATTEMPT: "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, m = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and m.get("pretrain_last_checkpoint_step", 0) < 10:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                m = scrape(port)
+            except OSError:
+                pass
+            time.sleep(0.05)
+        assert m["pretrain_termination_grace_seconds"] == 0 and m["pretrain_checkpoint_save_seconds"] > 0
+    finally:
+        proc.kill()
+        err = proc.communicate()[1]
+    warned = [ln for ln in err.splitlines() if "more than spec.template.terminationGracePeriodSeconds (0 s)" in ln]
+    assert len(warned) == 1 and "checkpoint step 5 took" in warned[0], warned

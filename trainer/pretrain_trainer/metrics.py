@@ -17,6 +17,9 @@ from pretrain_operator import contract as c
 MOE_EXPERT_LOAD = "pretrain_moe_expert_load"
 MOE_DROPPED = "pretrain_moe_dropped_fraction"
 MOE_AUX_LOSS = "pretrain_moe_aux_loss"
+# The pod's spec.template.terminationGracePeriodSeconds, beside pretrain_checkpoint_save_seconds:
+# a save longer than the grace would be killed before it commits (alert PretrainCheckpointOutlastsGrace).
+GRACE = "pretrain_termination_grace_seconds"
 
 
 def peak_memory_bytes(cuda: bool) -> int:
@@ -35,6 +38,7 @@ class Metrics:
             c.METRIC_LAST_CHECKPOINT_STEP: 0, c.METRIC_LAST_CHECKPOINT_TIME: 0, c.METRIC_CHECKPOINT_REQUESTS_SERVED: 0,
             c.METRIC_VALIDATION_LOSS: float("nan"), c.METRIC_VALIDATION_STEP: 0,
             "pretrain_mfu": 0, "pretrain_grad_norm": 0, "pretrain_skipped_steps_total": 0, "pretrain_memory_peak_bytes": 0, "pretrain_checkpoint_save_seconds": 0, "pretrain_checkpoint_blocked_seconds_total": 0,
+            GRACE: float("nan"),  # known under the operator only
         }
 
     def set(self, **kw: float) -> None:

@@ -41,7 +41,7 @@ from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, OtherModel, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
 from .fence import Fence
-from .metrics import Metrics, peak_memory_bytes
+from .metrics import GRACE, Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
 
 log = logging.getLogger("pretrain_trainer")
@@ -305,6 +305,11 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     metrics = Metrics()
     metrics.set(**{c.METRIC_TOTAL_STEPS: spec.training.steps, c.METRIC_STEP: step,
                    c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time})
+    # Under the operator the pod's grace period bounds a SIGTERM's save: served beside the save time.
+    grace = spec.template.terminationGracePeriodSeconds if ckpt.fence.owner else None
+    if grace is not None:
+        metrics.set(**{GRACE: grace})
+    grace_unsaid = grace is not None  # a save outlasting it is logged once
     if loss_v is not None:
         metrics.set(**{c.METRIC_LOSS: loss_v})
     if validated:
@@ -457,6 +462,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         metrics.set(**{c.METRIC_LAST_CHECKPOINT_STEP: ckpt.last_step, c.METRIC_LAST_CHECKPOINT_TIME: ckpt.last_time,
                        c.METRIC_CHECKPOINT_REQUESTS_SERVED: served, "pretrain_checkpoint_save_seconds": ckpt.save_seconds,
                        "pretrain_checkpoint_blocked_seconds_total": ckpt.blocked_seconds})
+        if grace_unsaid and ckpt.save_seconds > grace:  # rank 0 commits, so only rank 0 knows
+            log.warning("checkpoint step %d took %.1f s to commit, more than spec.template.terminationGracePeriodSeconds "
+                        "(%d s): a save on SIGTERM (a preemption) would be killed before it commits, losing the steps since "
+                        "the last checkpoint. Raise the grace period, or rely on termination notices (their checkpoint "
+                        "comes before the SIGTERM)", ckpt.last_step, ckpt.save_seconds, grace)
+            grace_unsaid = False
         if preempt:
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             return finish(c.EXIT_PREEMPTED)
