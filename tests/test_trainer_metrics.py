@@ -30,6 +30,20 @@ def scrape(port: int) -> dict[str, float]:
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples if not s.labels}
 
 
+def scrape_until(port: int, proc: subprocess.Popen, name: str, at_least: float, timeout: float = 120) -> dict[str, float]:
+    """Scrape the running trainer until metric `name` reaches `at_least`; the last scrape."""
+    deadline, m = time.monotonic() + timeout, {}
+    while time.monotonic() < deadline and m.get(name, 0) < at_least:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        try:
+            m = scrape(port)
+        except OSError:
+            pass  # not serving yet
+        time.sleep(0.05)
+    assert m.get(name, 0) >= at_least, m
+    return m
+
+
 def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_path):
     port = free_port()
     cfg = write_config(tmp_path, steps=3000, interval=5,
@@ -37,15 +51,7 @@ def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_pa
     proc = subprocess.Popen(cmd(cfg, 1, tmp_path / "losses.txt"), env={**env(), "PRETRAIN_METRICS_PORT": str(port)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, m = time.monotonic() + 120, {}
-        while time.monotonic() < deadline and m.get("pretrain_validation_step", 0) < 10:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                m = scrape(port)
-            except OSError:
-                pass  # not serving yet
-            time.sleep(0.05)
-        assert m.get("pretrain_validation_step", 0) >= 10, m
+        m = scrape_until(port, proc, "pretrain_validation_step", 10)
         assert m["pretrain_step"] >= m["pretrain_validation_step"] and m["pretrain_total_steps"] == 3000
         assert 0 < m["pretrain_loss"] < 10 and 0 < m["pretrain_validation_loss"] < 10
         assert m["pretrain_last_checkpoint_step"] >= 5 and m["pretrain_last_checkpoint_step"] % 5 == 0
@@ -69,14 +75,7 @@ def test_under_the_operator_a_save_longer_than_the_pods_grace_period_is_served_a
                             env={**env(), "PRETRAIN_METRICS_PORT": str(port), c.ENV_JOB_UID: "u1", c.ENV_ATTEMPT: "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, m = time.monotonic() + 120, {}
-        while time.monotonic() < deadline and m.get("pretrain_last_checkpoint_step", 0) < 10:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
-            try:
-                m = scrape(port)
-            except OSError:
-                pass
-            time.sleep(0.05)
+        m = scrape_until(port, proc, "pretrain_last_checkpoint_step", 10)
         assert m["pretrain_termination_grace_seconds"] == 0 and m["pretrain_checkpoint_save_seconds"] > 0
     finally:
         proc.kill()
