@@ -1,8 +1,9 @@
 """The checkpoint folder's fence (trainer/pretrain_trainer/fence.py): a stale attempt, still running
 after the operator replaced its pods (a node that lost its kubelet keeps its containers), stops
 and commits nothing once the new attempt has claimed the folder; the new attempt resumes exactly;
-an attempt older than the folder's stops before training; another job takes the folder over.
-Real trainer processes on one shared folder, as two attempts' pods on one volume would be.
+an attempt older than the folder's stops before training; another job fails for good (exit 85)
+on a folder a live trainer holds, and takes over the folder of a finished job. Real trainer
+processes on one shared folder, as two attempts' pods on one volume would be.
 
     .venv/bin/python -m pytest tests/test_trainer_fencing.py -q
 """
@@ -66,13 +67,38 @@ def test_a_stale_attempt_stops_without_committing_once_the_next_one_claims_the_f
     assert f"attempt 2 of this job has claimed {root} since: attempt 1 is stale" in late.stderr
     assert not (tmp_path / "late.txt").exists() and sorted(root.iterdir()) == before
 
-    # Another job given the folder (the job deleted and created again) takes it over and resumes
-    # from it: step 300 is the last, so it trains nothing and succeeds.
+    # Another job given the folder of this finished one (continual pretraining, or the job created
+    # again) takes it over and resumes from it: step 300 is the last, so it trains nothing.
+    assert json.loads((root / "ATTEMPT").read_text())["released"] is True  # attempt 2 exited 0
     other = subprocess.run(cmd(cfg, 1, tmp_path / "other.txt"), capture_output=True, text=True,
                            env=attempt_env(1, uid="another-job"), timeout=120)
     assert other.returncode == 0, other.stderr[-3000:]
-    assert f"checkpoint folder {root} was job {UID}'s (attempt 2): this job (another-job) takes it over" in other.stderr
-    assert json.loads((root / "ATTEMPT").read_text()) | {"time": 0} == {"job": "another-job", "attempt": 1, "time": 0}
+    assert f"checkpoint folder {root} was job {UID}'s (attempt 2, finished): this job (another-job) takes it over" in other.stderr
+    assert json.loads((root / "ATTEMPT").read_text()) | {"time": 0} == {"job": "another-job", "attempt": 1, "time": 0,
+                                                                      "released": True}
+
+
+def test_a_second_job_on_a_folder_a_live_trainer_holds_fails_for_good_naming_it_and_the_first_trains_on(tmp_path):
+    # Two PretrainJobs given one claim (a copied manifest): they would fence each other off and
+    # restart for ever. The second fails at once (85, the operator's non-retryable code), naming
+    # the first, which loses nothing.
+    cfg = write_config(tmp_path, steps=300, interval=5, extra={"model": {"layers": 8}})
+    root = tmp_path / "ckpt"
+    first = subprocess.Popen(cmd(cfg, 1, tmp_path / "a.txt"), stderr=subprocess.PIPE, text=True, env=attempt_env(1))
+    try:
+        wait_for_step(tmp_path / "a.txt", 12, first)
+        second = subprocess.run(cmd(cfg, 1, tmp_path / "b.txt"), capture_output=True, text=True,
+                                env=attempt_env(1, uid="copied-job"), timeout=120)
+        assert second.returncode == 85, second.stderr[-3000:]
+        assert (f"the checkpoint folder {root} is in use by job {UID} (attempt 1, its trainer alive" in second.stderr
+                and "give this job its own checkpoint.path or checkpoint.claimName" in second.stderr)
+        assert not (tmp_path / "b.txt").exists()
+        at = max(losses(tmp_path / "a.txt"))
+        wait_for_step(tmp_path / "a.txt", at + 5, first)  # the first trains on
+        assert json.loads((root / "ATTEMPT").read_text())["job"] == UID
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_without_the_operators_identity_nothing_is_fenced(tmp_path):

@@ -13,21 +13,32 @@ Each attempt claims it as it starts, before it loads a checkpoint. Rank 0 reads 
 once a second while training, and before each commit: once another attempt (or another job) has
 claimed the folder, the stale attempt commits nothing more and every rank stops at its next step
 without saving (exit 83). An attempt that starts after a newer attempt of its job stops at once.
-A new job (another uid) given the folder of a deleted one takes it over, and resumes from it.
 
-Limits: a stale attempt trains on for up to a second (the read's interval) after it was replaced,
-and the save it may have begun before then is written but never committed (its folder has no
-marker, so it is never loaded, and the next commit's clean-up removes it). A file system that
-caches attributes (NFS's actimeo) can delay the read by its cache time. Two saves of the same step
-at the same moment, one stale, one new, are not prevented: the new attempt reaches that step only
-after its start and a checkpoint's load, later than the stale one notices.
+Another job: two PretrainJobs on one folder would fence each other off, restart, and do it again.
+So rank 0 of the holder touches the file every BEAT_S seconds (a thread, so a long load counts as
+alive too), and an attempt of another job that finds the folder held by a live trainer (touched
+within LIVE_S) fails for good (exit 85, naming the job that holds it); the running job loses
+nothing. A folder whose job finished (its trainer marks it released as it exits 0), or whose
+trainer has not been alive for LIVE_S (a deleted or failed job), is taken over: a new job resumes
+from it (continual pretraining from a finished run's folder).
+
+Limits: a job that is restarting (no trainer alive for LIVE_S) can lose its folder to another
+job; its next attempt then fails for good, saying which job took it. A stale attempt trains on
+for up to a second (the read's interval) after it was replaced, and the save it may have begun
+before then is written but never committed (its folder has no marker, so it is never loaded, and
+the next commit's clean-up removes it). A file system that caches attributes (NFS's actimeo) can
+delay the read by its cache time. Two saves of the same step at the same moment, one stale, one
+new, are not prevented: the new attempt reaches that step only after its start and a
+checkpoint's load, later than the stale one notices.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +46,12 @@ from pretrain_operator import contract as c
 
 log = logging.getLogger("pretrain_trainer.fence")
 FENCE = "ATTEMPT"
+BEAT_S = 10.0  # how often the holder's rank 0 touches the fence
+LIVE_S = 60.0  # touched this recently: its trainer is alive
+
+
+class InUse(Exception):
+    """The folder is held by a live trainer of another job: a config to fix (exit 85)."""
 
 
 class Fence:
@@ -44,6 +61,8 @@ class Fence:
         self.every_s = every_s
         self.read_at = -float("inf")
         self.taken: str | None = None
+        self.stop = threading.Event()
+        self.beat: threading.Thread | None = None
 
     @classmethod
     def from_env(cls, root: Path) -> Fence:
@@ -57,9 +76,19 @@ class Fence:
             return {}
         return doc if isinstance(doc, dict) else {}
 
+    def _mine(self, held: dict) -> bool:
+        return (held.get("job"), held.get("attempt")) == self.owner
+
+    def _write(self, **doc) -> None:
+        uid, attempt = self.owner
+        tmp = self.path.with_name(f"{FENCE}.tmp-{uid}-{attempt}")
+        tmp.write_text(json.dumps({"job": uid, "attempt": attempt, "time": time.time(), **doc}))
+        os.replace(tmp, self.path)
+
     def claim(self) -> str | None:
-        """Claim the folder for this attempt (rank 0, before loading). Returns why this attempt must
-        not run (a newer attempt of its job has claimed it), else None."""
+        """Claim the folder for this attempt (rank 0, before loading) and keep it alive. Returns why
+        this attempt must not run (a newer attempt of its job has claimed it), else None; raises
+        InUse when a live trainer of another job holds it."""
         if self.owner is None:
             return None
         uid, attempt = self.owner
@@ -68,12 +97,31 @@ class Fence:
             return (f"attempt {held['attempt']} of this job has claimed {self.path.parent} since: attempt {attempt} "
                     "is stale (a pod the operator replaced)")
         if held.get("job") not in (None, uid):
-            log.warning("checkpoint folder %s was job %s's (attempt %s): this job (%s) takes it over",
-                        self.path.parent, held.get("job"), held.get("attempt"), uid)
-        tmp = self.path.with_name(f"{FENCE}.tmp-{uid}-{attempt}")
-        tmp.write_text(json.dumps({"job": uid, "attempt": attempt, "time": time.time()}))
-        os.replace(tmp, self.path)
+            try:
+                alive = time.time() - self.path.stat().st_mtime
+            except OSError:
+                alive = math.inf
+            if not held.get("released") and alive < LIVE_S:
+                raise InUse(f"the checkpoint folder {self.path.parent} is in use by job {held['job']} (attempt "
+                            f"{held.get('attempt')}, its trainer alive {alive:.0f} s ago): two PretrainJobs cannot share one; "
+                            "give this job its own checkpoint.path or checkpoint.claimName (a folder is taken over once its "
+                            f"job has finished, or {LIVE_S:.0f} s after its trainer was last alive)")
+            log.warning("checkpoint folder %s was job %s's (attempt %s, %s): this job (%s) takes it over", self.path.parent,
+                        held.get("job"), held.get("attempt"), "finished" if held.get("released") else f"last alive {alive:.0f} s ago", uid)
+        self._write()
+        self.beat = threading.Thread(target=self._beat, name="checkpoint-fence", daemon=True)
+        self.beat.start()
         return None
+
+    def _beat(self) -> None:
+        """Touch the fence while it is this attempt's (a newer attempt's is left alone)."""
+        while not self.stop.wait(BEAT_S):
+            if not self._mine(self._read()):
+                return
+            try:
+                os.utime(self.path)
+            except OSError as e:  # the next beat tries again; LIVE_S allows a few misses
+                log.warning("checkpoint fence %s not touched: %s", self.path, e)
 
     def taken_by(self, now: bool = False) -> str | None:
         """Who has claimed the folder since this attempt did ("job U attempt N"), or None. Reads the
@@ -85,6 +133,13 @@ class Fence:
             return None
         self.read_at = t
         held = self._read()
-        if held and (held.get("job"), held.get("attempt")) != self.owner:
+        if held and not self._mine(held):
             self.taken = f"job {held.get('job')} attempt {held.get('attempt')}"
         return self.taken
+
+    def close(self, finished: bool = False) -> None:
+        """Stop keeping the fence alive; `finished` (the run's last step is committed): mark it
+        released, so that another job may continue from the folder at once."""
+        self.stop.set()
+        if self.owner is not None and finished and self.beat is not None and self._mine(self._read()):
+            self._write(released=True)

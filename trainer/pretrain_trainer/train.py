@@ -40,7 +40,7 @@ from . import parallel, pipeline
 from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, OtherModel, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
-from .fence import Fence
+from .fence import Fence, InUse
 from .metrics import GRACE, Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
 
@@ -132,6 +132,23 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def claim_folder(ckpt: Checkpointer, rank: int, world: int) -> str | None:
+    """Rank 0 claims the checkpoint folder for this attempt (fence.py); every rank gets the verdict:
+    why this attempt is stale, or None. A live trainer of another job holding the folder is a
+    ConfigError (exit 85): two jobs on one folder would fence each other off for ever."""
+    verdict = [None, None]  # (stale, in use)
+    if rank == 0:
+        try:
+            verdict[0] = ckpt.fence.claim()
+        except InUse as e:
+            verdict[1] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[1]:
+        raise ConfigError(verdict[1])
+    return verdict[0]
 
 
 def checkpoint_request(podinfo: str) -> str | None:
@@ -276,9 +293,9 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # The folder is this attempt's from now on (fence.py), claimed before the load so that a stale
     # attempt commits nothing this one could miss. A stale attempt itself stops here, and not as a
     # failure: the operator replaced its pods, and should it see this exit, restarts the gang.
-    stale = ckpt.fence.claim() if rank == 0 else None
-    if any_rank(stale is not None):
-        log.warning("%s: stopping before training; exiting %d", stale or "this attempt is stale", c.EXIT_PREEMPTED)
+    stale = claim_folder(ckpt, rank, world)
+    if stale:
+        log.warning("%s: stopping before training; exiting %d", stale, c.EXIT_PREEMPTED)
         return c.EXIT_PREEMPTED
     try:
         extra = ckpt.load(model, optim)
@@ -362,6 +379,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     def finish(code: int) -> int:
         profiler.close()
         ckpt.close()
+        ckpt.fence.close(finished=code == c.EXIT_SUCCESS)  # a finished run's folder is free for another job
         if rank == 0:
             report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
         return code  # the command line leaves the process group (__main__.leave_process_group)
