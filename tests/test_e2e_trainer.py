@@ -7,6 +7,7 @@ trained twice; the status ends with the last step's loss and held-out (validatio
 spec.template.shmSize) cannot hold an async save's staging saves synchronously and says why. A
 node whose kubelet dies keeps its pod's trainer running after the operator replaced it: the new
 attempt fences the checkpoint folder and the stale trainer stops, having committed nothing since.
+A second job given a running job's checkpoint claim fails for good, saying which job holds it.
 
     .venv/bin/python -m pytest tests/test_e2e_trainer.py -q
 """
@@ -143,3 +144,23 @@ def test_a_trainer_left_running_on_a_node_whose_kubelet_died_is_fenced_off_by_th
     finally:
         for n in pool:
             nodes.remove_node(cluster.state_dir, n)
+
+
+def test_a_job_given_a_running_jobs_checkpoint_claim_fails_for_good_naming_it_and_the_first_runs_on(api, namespace, operator):
+    jobs = Jobs(api, namespace)
+    spec = {"nodes": 1, "nprocPerNode": 1, "model": {"preset": "tiny", "layers": 8},
+            "data": {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2},
+            "training": {"steps": 2000}, "checkpoint": {"intervalSteps": 5}}
+    first = jobs.create({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "first"}, "spec": spec})
+    jobs.wait("first", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 5, timeout=180, what="a checkpoint")
+    # A copied manifest, its claimName kept.
+    jobs.create({"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "copy"},
+                 "spec": {**spec, "checkpoint": {"intervalSteps": 5, "claimName": "first-ckpt"}}})
+    st = jobs.wait_phase("copy", "Failed", timeout=120)
+    failed = next(cd for cd in st["conditions"] if cd["type"] == "Failed")
+    assert failed["reason"] == "NonRetryableExitCode", failed
+    assert f"the checkpoint folder /checkpoints is in use by job {first['metadata']['uid']} (attempt 1" in failed["message"], failed
+    assert st["attempt"] == 1 and st["preemptions"] == 0  # failed at once: no retry would change it
+    before = jobs.status("first")["progress"]["step"]
+    st1 = jobs.wait("first", lambda s: (s.get("progress") or {}).get("step", 0) > before + 10, timeout=60, what="the first job training on")
+    assert st1["phase"] == "Running" and st1["attempt"] == 1 and st1["preemptions"] == 0
