@@ -11,6 +11,7 @@ processes on one shared folder, as two attempts' pods on one volume would be.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 
 import pytest
@@ -19,6 +20,7 @@ from pretrain_operator import contract as c
 from tests.trainer_util import cmd, env, losses, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
+from pretrain_trainer.checkpoint import committed_steps  # noqa: E402  (after the torch check)
 
 UID = "6f1c0d1e-job-one"
 
@@ -69,16 +71,16 @@ def test_a_stale_attempt_stops_without_committing_once_the_next_one_claims_the_f
 
     # Another job given the folder of this finished one (continual pretraining, or the job created
     # again) takes it over and resumes from it: step 300 is the last, so it trains nothing.
-    assert json.loads((root / "ATTEMPT").read_text())["released"] is True  # attempt 2 exited 0
+    assert json.loads((root / "ATTEMPT").read_text())["released"] is True  # attempt 2 has exited
     other = subprocess.run(cmd(cfg, 1, tmp_path / "other.txt"), capture_output=True, text=True,
                            env=attempt_env(1, uid="another-job"), timeout=120)
     assert other.returncode == 0, other.stderr[-3000:]
-    assert f"checkpoint folder {root} was job {UID}'s (attempt 2, finished): this job (another-job) takes it over" in other.stderr
+    assert f"checkpoint folder {root} was job {UID}'s (attempt 2, its trainer has exited): this job (another-job) takes it over" in other.stderr
     assert json.loads((root / "ATTEMPT").read_text()) | {"time": 0} == {"job": "another-job", "attempt": 1, "time": 0,
                                                                       "released": True}
 
 
-def test_a_second_job_on_a_folder_a_live_trainer_holds_fails_for_good_naming_it_and_the_first_trains_on(tmp_path):
+def test_a_second_job_on_a_folder_a_live_trainer_holds_fails_for_good_naming_it_and_takes_it_over_once_that_trainer_ended(tmp_path):
     # Two PretrainJobs given one claim (a copied manifest): they would fence each other off and
     # restart for ever. The second fails at once (85, the operator's non-retryable code), naming
     # the first, which loses nothing.
@@ -96,9 +98,20 @@ def test_a_second_job_on_a_folder_a_live_trainer_holds_fails_for_good_naming_it_
         at = max(losses(tmp_path / "a.txt"))
         wait_for_step(tmp_path / "a.txt", at + 5, first)  # the first trains on
         assert json.loads((root / "ATTEMPT").read_text())["job"] == UID
+        # The first job deleted (SIGTERM: it saves and exits 83): its trainer released the folder as
+        # it ended, so the copy, created again, takes it over at once and resumes from its last step.
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(60) == c.EXIT_PREEMPTED
     finally:
         first.kill()
         first.wait()
+    assert json.loads((root / "ATTEMPT").read_text())["released"] is True
+    last = max(committed_steps(root))
+    again = subprocess.run(cmd(write_config(tmp_path, steps=last, interval=5, extra={"model": {"layers": 8}}), 1, tmp_path / "b.txt"),
+                           capture_output=True, text=True, env=attempt_env(1, uid="copied-job"), timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"was job {UID}'s (attempt 1, its trainer has exited): this job (copied-job) takes it over" in again.stderr
+    assert f"resumed from {root}/step-{last:08d}" in again.stderr
 
 
 def test_without_the_operators_identity_nothing_is_fenced(tmp_path):

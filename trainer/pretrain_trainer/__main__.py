@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit:  # a decided exit (85: a ConfigError, reached alike by every rank)
         leave_process_group()
         raise
+    finally:  # whatever ends the process: its checkpoint folder is free for another job (fence.py)
+        release_fences()
     leave_process_group()
     return code
 
@@ -75,6 +77,12 @@ def run(a: argparse.Namespace) -> int:
     m = prepare(a.input, a.out, a.vocab_size, a.tokenizer)
     print(f"prepared {m['totalTokens']} tokens from {len(m['files'])} files into {a.out} (manifest {m['sha256'][:12]})")
     return 0
+
+
+def release_fences() -> None:
+    fence = sys.modules.get("pretrain_trainer.fence")  # imported by train only
+    if fence is not None:
+        fence.release_held()
 
 
 def leave_process_group() -> None:

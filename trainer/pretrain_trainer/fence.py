@@ -18,12 +18,13 @@ Another job: two PretrainJobs on one folder would fence each other off, restart,
 So rank 0 of the holder touches the file every BEAT_S seconds (a thread, so a long load counts as
 alive too), and an attempt of another job that finds the folder held by a live trainer (touched
 within LIVE_S) fails for good (exit 85, naming the job that holds it); the running job loses
-nothing. A folder whose job finished (its trainer marks it released as it exits 0), or whose
-trainer has not been alive for LIVE_S (a deleted or failed job), is taken over: a new job resumes
-from it (continual pretraining from a finished run's folder).
+nothing. The trainer marks the fence released as its process ends (`release_held`, from the
+command line, whatever the exit); a released fence, or one untouched for LIVE_S (a trainer killed
+outright), is taken over by another job, which resumes from the folder (continual pretraining from
+a finished run's folder, a job created again after a fix).
 
-Limits: a job that is restarting (no trainer alive for LIVE_S) can lose its folder to another
-job; its next attempt then fails for good, saying which job took it. A stale attempt trains on
+Limits: a job between two attempts (no trainer running) can lose its folder to another job
+started then; its next attempt then fails for good, saying which job took it. A stale attempt trains on
 for up to a second (the read's interval) after it was replaced, and the save it may have begun
 before then is written but never committed (its folder has no marker, so it is never loaded, and
 the next commit's clean-up removes it). A file system that caches attributes (NFS's actimeo) can
@@ -48,6 +49,15 @@ log = logging.getLogger("pretrain_trainer.fence")
 FENCE = "ATTEMPT"
 BEAT_S = 10.0  # how often the holder's rank 0 touches the fence
 LIVE_S = 60.0  # touched this recently: its trainer is alive
+
+
+_HELD: list[Fence] = []  # claimed by this process, released as it ends
+
+
+def release_held() -> None:
+    """Release what this process claimed (the command line calls it as the process ends)."""
+    while _HELD:
+        _HELD.pop().close()
 
 
 class InUse(Exception):
@@ -107,10 +117,12 @@ class Fence:
                             "give this job its own checkpoint.path or checkpoint.claimName (a folder is taken over once its "
                             f"job has finished, or {LIVE_S:.0f} s after its trainer was last alive)")
             log.warning("checkpoint folder %s was job %s's (attempt %s, %s): this job (%s) takes it over", self.path.parent,
-                        held.get("job"), held.get("attempt"), "finished" if held.get("released") else f"last alive {alive:.0f} s ago", uid)
+                        held.get("job"), held.get("attempt"),
+                        "its trainer has exited" if held.get("released") else f"its trainer last alive {alive:.0f} s ago", uid)
         self._write()
         self.beat = threading.Thread(target=self._beat, name="checkpoint-fence", daemon=True)
         self.beat.start()
+        _HELD.append(self)
         return None
 
     def _beat(self) -> None:
@@ -137,9 +149,9 @@ class Fence:
             self.taken = f"job {held.get('job')} attempt {held.get('attempt')}"
         return self.taken
 
-    def close(self, finished: bool = False) -> None:
-        """Stop keeping the fence alive; `finished` (the run's last step is committed): mark it
-        released, so that another job may continue from the folder at once."""
+    def close(self) -> None:
+        """Stop keeping the fence alive and, while it is still this attempt's, mark it released:
+        another job may continue from the folder at once."""
         self.stop.set()
-        if self.owner is not None and finished and self.beat is not None and self._mine(self._read()):
+        if self.owner is not None and self.beat is not None and self._mine(self._read()):
             self._write(released=True)

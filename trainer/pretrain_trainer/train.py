@@ -379,7 +379,6 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     def finish(code: int) -> int:
         profiler.close()
         ckpt.close()
-        ckpt.fence.close(finished=code == c.EXIT_SUCCESS)  # a finished run's folder is free for another job
         if rank == 0:
             report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
         return code  # the command line leaves the process group (__main__.leave_process_group)
