@@ -49,8 +49,6 @@ log = logging.getLogger("pretrain_trainer.fence")
 FENCE = "ATTEMPT"
 BEAT_S = 10.0  # how often the holder's rank 0 touches the fence
 LIVE_S = 60.0  # touched this recently: its trainer is alive
-
-
 _HELD: list[Fence] = []  # claimed by this process, released as it ends
 
 
@@ -114,8 +112,8 @@ class Fence:
             if not held.get("released") and alive < LIVE_S:
                 raise InUse(f"the checkpoint folder {self.path.parent} is in use by job {held['job']} (attempt "
                             f"{held.get('attempt')}, its trainer alive {alive:.0f} s ago): two PretrainJobs cannot share one; "
-                            "give this job its own checkpoint.path or checkpoint.claimName (a folder is taken over once its "
-                            f"job has finished, or {LIVE_S:.0f} s after its trainer was last alive)")
+                            "give this job its own checkpoint.path or checkpoint.claimName (a folder is taken over once no "
+                            f"trainer of that job runs, or {LIVE_S:.0f} s after one was last alive)")
             log.warning("checkpoint folder %s was job %s's (attempt %s, %s): this job (%s) takes it over", self.path.parent,
                         held.get("job"), held.get("attempt"),
                         "its trainer has exited" if held.get("released") else f"its trainer last alive {alive:.0f} s ago", uid)
