@@ -64,6 +64,7 @@ class Metrics(http.server.BaseHTTPRequestHandler):
             # The real trainer's own metrics too (trainer/pretrain_trainer/metrics.py), so dashboards
             # built on them can be checked against what Prometheus scrapes from stand-ins.
             "pretrain_mfu 0.01", "pretrain_checkpoint_save_seconds 0.01", "pretrain_checkpoint_blocked_seconds_total 0.0",
+            f"pretrain_termination_grace_seconds {(cfg.get('template') or {}).get('terminationGracePeriodSeconds', 60)}",
             ""]).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")

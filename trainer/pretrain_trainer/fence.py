@@ -23,14 +23,14 @@ command line, whatever the exit); a released fence, or one untouched for LIVE_S 
 outright), is taken over by another job, which resumes from the folder (continual pretraining from
 a finished run's folder, a job created again after a fix).
 
-Limits: a job between two attempts (no trainer running) can lose its folder to another job
-started then; its next attempt then fails for good, saying which job took it. A stale attempt trains on
-for up to a second (the read's interval) after it was replaced, and the save it may have begun
-before then is written but never committed (its folder has no marker, so it is never loaded, and
-the next commit's clean-up removes it). A file system that caches attributes (NFS's actimeo) can
-delay the read by its cache time. Two saves of the same step at the same moment, one stale, one
-new, are not prevented: the new attempt reaches that step only after its start and a
-checkpoint's load, later than the stale one notices.
+Limits: a job between two attempts (no trainer running) can lose its folder to another job started
+then; its next attempt then fails for good, saying which job took it. A stale attempt trains on for
+up to a second (the read's interval) after it was replaced, and the save it may have begun before
+then is written but never committed (its folder has no marker, so it is never loaded, and the next
+commit's clean-up removes it). Every read opens the file, which NFS revalidates (close-to-open
+consistency); one mounted `nocto` can delay what a read sees by its cache time. Two saves of the
+same step at the same moment, one stale, one new, are not prevented: the new attempt reaches that
+step only after its start and a checkpoint's load, later than the stale one notices.
 """
 
 from __future__ import annotations
@@ -78,11 +78,17 @@ class Fence:
         return cls(root, (uid, int(attempt)) if uid and attempt and attempt.isdigit() else None)
 
     def _read(self) -> dict:
+        return self._read_with_age()[0]
+
+    def _read_with_age(self) -> tuple[dict, float]:
+        """The fence and how long ago it was last touched. Both from one open file: an open
+        revalidates NFS's cached attributes (close-to-open consistency), a bare stat may not."""
         try:
-            doc = json.loads(self.path.read_text())
+            with open(self.path) as f:
+                doc, age = json.loads(f.read()), time.time() - os.fstat(f.fileno()).st_mtime
         except (OSError, ValueError):  # none yet (or a user removed it): nobody else holds it
-            return {}
-        return doc if isinstance(doc, dict) else {}
+            return {}, math.inf
+        return (doc, age) if isinstance(doc, dict) else ({}, math.inf)
 
     def _mine(self, held: dict) -> bool:
         return (held.get("job"), held.get("attempt")) == self.owner
@@ -100,15 +106,11 @@ class Fence:
         if self.owner is None:
             return None
         uid, attempt = self.owner
-        held = self._read()
+        held, alive = self._read_with_age()
         if held.get("job") == uid and isinstance(held.get("attempt"), int) and held["attempt"] > attempt:
             return (f"attempt {held['attempt']} of this job has claimed {self.path.parent} since: attempt {attempt} "
                     "is stale (a pod the operator replaced)")
         if held.get("job") not in (None, uid):
-            try:
-                alive = time.time() - self.path.stat().st_mtime
-            except OSError:
-                alive = math.inf
             if not held.get("released") and alive < LIVE_S:
                 raise InUse(f"the checkpoint folder {self.path.parent} is in use by job {held['job']} (attempt "
                             f"{held.get('attempt')}, its trainer alive {alive:.0f} s ago): two PretrainJobs cannot share one; "
