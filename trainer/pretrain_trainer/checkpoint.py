@@ -502,8 +502,7 @@ class Checkpointer:
         (d / "extra.json").write_text(json.dumps(extra))
         files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
         tmp = d / (MARKER + ".tmp")
-        owner = dict(zip(("job", "attempt"), self.fence.owner)) if self.fence.owner else {}
-        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files, **owner}))
+        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files, **self.fence.fields()}))
         os.replace(tmp, d / MARKER)
         latest_tmp = self.root / "latest.tmp"
         latest_tmp.write_text(d.name)

@@ -90,13 +90,16 @@ class Fence:
             return {}, math.inf
         return (doc, age) if isinstance(doc, dict) else ({}, math.inf)
 
+    def fields(self) -> dict:
+        """The owner as the fence file and each checkpoint's marker name it ({} when not fenced)."""
+        return dict(zip(("job", "attempt"), self.owner)) if self.owner else {}
+
     def _mine(self, held: dict) -> bool:
-        return (held.get("job"), held.get("attempt")) == self.owner
+        return self.owner is not None and {k: held.get(k) for k in ("job", "attempt")} == self.fields()
 
     def _write(self, **doc) -> None:
-        uid, attempt = self.owner
-        tmp = self.path.with_name(f"{FENCE}.tmp-{uid}-{attempt}")
-        tmp.write_text(json.dumps({"job": uid, "attempt": attempt, "time": time.time(), **doc}))
+        tmp = self.path.with_name(f"{FENCE}.tmp-{self.owner[0]}-{self.owner[1]}")
+        tmp.write_text(json.dumps({**self.fields(), "time": time.time(), **doc}))
         os.replace(tmp, self.path)
 
     def claim(self) -> str | None:

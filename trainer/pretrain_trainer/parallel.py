@@ -152,6 +152,13 @@ def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool 
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (one all-reduce; every rank gets the same answer)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def clip_grad_norm_(params, max_norm: float, pp_group=None, expert_params=(), ep_group=None) -> float:
     """Gradient-norm clipping over the whole mesh. Parameters live on different meshes (2-D for
     tensor-parallel weights, data-parallel only for norms and embeddings): the norm is computed per

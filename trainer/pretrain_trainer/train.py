@@ -127,13 +127,6 @@ class Stop:
         self.requested = True
 
 
-def any_rank(flag: bool) -> bool:
-    """Whether `flag` is true on any rank (one all-reduce; every rank gets the same answer)."""
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def claim_folder(ckpt: Checkpointer, rank: int, world: int) -> str | None:
     """Rank 0 claims the checkpoint folder for this attempt (fence.py); every rank gets the verdict:
     why this attempt is stale, or None. A live trainer of another job holding the folder is a
@@ -336,7 +329,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             metrics.serve(int(os.environ.get(c.ENV_METRICS_PORT, c.METRICS_PORT)))
         except OSError as e:
             log.warning("metrics not served: %s", e)
-    # From here on a SIGTERM is answered (exit 83), before the first step too (`any_rank` below). Until
+    # From here on a SIGTERM is answered (exit 83), before the first step too (`parallel.any_rank` below). Until
     # here (the build, the process group's rendezvous, the checkpoint's load) it keeps its default
     # action, the process ends at once: nothing new to save, and a rank blocked on a lost peer
     # must not hold its pod for the whole grace period.
@@ -390,7 +383,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         validated = validate(step) or validated
     # One collective before the first step: a SIGTERM since `Stop()` (on any rank; that validation
     # included) stops every rank here. Nothing new to save: the latest checkpoint stays the one to resume.
-    if any_rank(stop.requested):
+    if parallel.any_rank(stop.requested):
         log.warning("stop requested (SIGTERM) before step %d: no step trained, checkpoint of step %d kept; exiting %d",
                     step + 1, ckpt.last_step, c.EXIT_PREEMPTED)
         return finish(c.EXIT_PREEMPTED)

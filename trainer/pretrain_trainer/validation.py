@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from pretrain_operator import api
 
-from . import pipeline
+from . import parallel, pipeline
 from .data import Blend, DataError
 
 
@@ -67,9 +67,7 @@ class Validator:
         try:
             with torch.no_grad(), autocast:
                 for batch in self.batches:
-                    stopping = torch.tensor([1.0 if stop() else 0.0])
-                    dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-                    if stopping.item():
+                    if parallel.any_rank(stop()):
                         return None
                     x, y = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)
                     total += self._pipelined(schedule, x, y) if schedule is not None else self._direct(model, x, y)
