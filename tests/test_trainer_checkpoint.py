@@ -1,6 +1,6 @@
 """Checkpoints resume exactly: a run stopped by SIGTERM at step k and resumed gives, bit for bit
 on CPU, the losses of the uninterrupted run (one process, MoE, LoRA, two pipeline stages); a newest checkpoint that is corrupt or half-written
-is skipped for the previous one; a checkpoint loads into another layout; a checkpoint request in
+is skipped for the previous one and set aside, so that saves made after it are kept; a checkpoint loads into another layout; a checkpoint request in
 the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
 step with one checkpoint and the contract's exit code; a checkpoint folder that the ranks do not
 share is refused at the start; a checkpoint of another model is refused, never partly loaded nor
@@ -90,21 +90,47 @@ def test_moe_and_lora_runs_stopped_by_sigterm_resume_bit_for_bit(tmp_path, extra
     assert losses(part / "losses.txt") == want
 
 
-def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def _corrupt(shard: Path, how: str) -> None:
+    if how == "truncated":  # the marker's size no longer matches
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:  # the same size, a record's header zeroed: only loading finds it (DCP's CheckpointException)
+        with open(shard, "r+b") as f:
+            f.write(bytes(64))
+
+
+@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_and_is_set_aside(tmp_path, how):
     cfg = write_config(tmp_path, steps=6, interval=3)
     run(cfg, 1, tmp_path / "first.txt")
     first = losses(tmp_path / "first.txt")
     assert _committed(tmp_path) == ["step-00000003", "step-00000006"]
-    shard = next((tmp_path / "ckpt" / "step-00000006").glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:100])  # truncated: the marker's size no longer matches
+    _corrupt(next((tmp_path / "ckpt" / "step-00000006").glob("*.distcp")), how)
     half = tmp_path / "ckpt" / "step-00000009"
     half.mkdir()  # a save cut short: no marker
     (half / "__0_0.distcp").write_bytes(b"partial")
     r = run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "again.txt")
     assert "step-00000006 is not usable" in r.stderr and "falling back" in r.stderr
+    assert "set step-00000006 aside as step-00000006.unusable" in r.stderr
     again = losses(tmp_path / "again.txt")
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == first[s] for s in again)
+    assert (tmp_path / "ckpt" / "step-00000006.unusable" / "COMMITTED").exists()  # kept for inspection
+
+
+def test_saves_after_a_fallback_are_kept_in_place_of_the_unusable_newer_checkpoint(tmp_path):
+    # The unusable step 30 once stayed the newest committed folder: with keep 1, every save made
+    # after falling back to step 27 was pruned at once, and the next start found only step 30.
+    run(write_config(tmp_path, steps=30, interval=3), 1, tmp_path / "first.txt")
+    _corrupt(next((tmp_path / "ckpt" / "step-00000030").glob("*.distcp")), "overwritten")
+    cfg = write_config(tmp_path, steps=200, interval=1, keep=1)
+    p = subprocess.Popen(cmd(cfg, 1, tmp_path / "again.txt"), env=env(), stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "again.txt", 31, p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == c.EXIT_PREEMPTED, p.stderr.read()[-3000:]
+    last = max(losses(tmp_path / "again.txt"))
+    assert min(losses(tmp_path / "again.txt")) == 28 and last >= 31
+    assert set(_committed(tmp_path)) == {f"step-{last:08d}", "step-00000030.unusable"}
+    assert (tmp_path / "ckpt" / "latest").read_text() == f"step-{last:08d}"
 
 
 def test_a_pipeline_parallel_run_resumes_in_its_own_layout_bit_for_bit(tmp_path):

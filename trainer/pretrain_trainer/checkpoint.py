@@ -9,7 +9,10 @@ world size it cannot carry over, so it is re-derived from the seed and the log s
 
 Resume picks the newest checkpoint that verifies (marker present, every file the marker lists with
 its recorded size) and that loads on every rank; otherwise it says why and falls back to the
-previous one. A folder without a marker (a save cut short) is never loaded. A checkpoint saved by
+previous one. A committed checkpoint skipped that way is set aside (renamed `step-N.unusable`,
+kept for inspection): otherwise it would stay the newest, and pruning after the next commits would
+keep it in place of the good ones this run saves. A folder without a marker (a save cut short) is
+never loaded. A checkpoint saved by
 another model (tensor names or shapes differ from this config's, read from DCP's metadata) is not
 skipped, and never partly loaded: `OtherModel`, which the trainer turns into exit 85.
 
@@ -41,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
@@ -51,6 +55,10 @@ from .fence import Fence
 
 log = logging.getLogger("pretrain_trainer.checkpoint")
 MARKER = "COMMITTED"
+UNUSABLE = ".unusable"
+# What a checkpoint that does not load raises: DCP gathers every rank's failure into a
+# CheckpointException, a BaseException (it escapes `except Exception`).
+LOAD_ERRORS = (Exception, CheckpointException)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -135,7 +143,10 @@ def load_weights(model, path: str, whole: dict[str, tuple] | None = None) -> Pat
     other = model_mismatch(d, whole or shapes_of(sd["model"]))
     if other:  # DCP would load a subset silently, or fail in its planner
         raise ValueError(f"checkpoint {d} holds another model than this config's model ({other})")
-    dcp.load(sd, checkpoint_id=str(d))
+    try:
+        dcp.load(sd, checkpoint_id=str(d))
+    except CheckpointException as e:  # a damaged file: its callers report a ValueError as a bad input
+        raise ValueError(f"checkpoint {d} does not load: {e}") from e
     set_model_state_dict(model, sd["model"], options=StateDictOptions(strict=not opts.ignore_frozen_params))
     return d
 
@@ -548,7 +559,7 @@ class Checkpointer:
                         dcp.load(state, checkpoint_id=str(d))
                         set_state_dict(model, optim, model_state_dict=state["model"],
                                        optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
-                except Exception as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
+                except LOAD_ERRORS as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
                     problem = f"{type(e).__name__}: {e}"
                     ok = torch.tensor([0])
             if other:  # the same answer on every rank (the same files, the gathered shapes)
@@ -577,4 +588,19 @@ class Checkpointer:
             if self.rank == 0:
                 log.warning("checkpoint %s is not usable (%s); falling back to the previous one", d,
                             problem or "another rank could not load it")
+                self._set_aside(d)
         return None
+
+    def _set_aside(self, d: Path) -> None:
+        """Rename a committed checkpoint that did not load out of the run's steps, once every rank
+        is done with it (after the all-reduce), so that it is never counted as the newest again:
+        pruning keeps the last `keep` committed steps, and it would have kept this one in place of a
+        good one saved after the fallback (with keep 1, every new save was deleted). An older
+        folder set aside under the same name is replaced."""
+        aside = d.with_name(d.name + UNUSABLE)
+        try:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(d, aside)
+            log.warning("set %s aside as %s", d.name, aside.name)
+        except OSError as e:  # the run goes on; the next save of this step replaces the folder
+            log.warning("could not set %s aside (%s)", d, e)
