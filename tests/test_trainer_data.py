@@ -60,6 +60,57 @@ def test_the_loader_partitions_each_global_batch_over_data_parallel_ranks(tmp_pa
     assert not torch.equal(rows, torch.cat([x for x, _ in other]))
 
 
+def test_shards_are_read_where_a_window_falls_never_copied_into_memory_whole(tmp_path, monkeypatch):
+    # A 100 GB corpus cannot be read into every rank's memory: the shards stay memory-mapped, and a
+    # window across a shard boundary reads the same tokens as a single shard would hold.
+    import tracemalloc
+
+    import numpy as np
+    import torch
+    from pretrain_trainer import data
+    src = _corpus(tmp_path)
+    data.prepare(str(src), str(tmp_path / "one"), vocab_size=300)
+    monkeypatch.setattr(data, "SHARD_TOKENS", 997)  # many shards, boundaries at odd places
+    data.prepare(str(src), str(tmp_path / "many"), vocab_size=300)
+    one, many = (data.TokenSource(str(tmp_path / d), 512, seed=0) for d in ("one", "many"))
+    shards = json.loads((tmp_path / "many" / "manifest.json").read_text())["shards"]
+    assert len(shards) > 10 and len(one.tokens) == len(many.tokens) == sum(s["tokens"] for s in shards)
+    whole = one.tokens[:]
+    for a in range(0, len(whole), 331):
+        assert np.array_equal(many.tokens[a:a + 700], whole[a:a + 700])
+    blends = [data.Blend([s], [1.0], 32) for s in (one, many)]
+    loaders = [data.Loader(b, 32, 8, 2, 0, 1, seed=3) for b in blends]
+    for _ in range(20):
+        x, y = (torch.cat([t for t, _ in ld.next_batch()]) for ld in loaders)
+        assert torch.equal(x, y)
+    assert torch.equal(blends[0].heldout_rows(8), blends[1].heldout_rows(8))
+    # An 8 MB folder by hand (the same format): opening it and reading windows allocates a small
+    # fraction of that (numpy reports its allocations to tracemalloc; memory-mapped pages are not allocations).
+    big = tmp_path / "big"
+    big.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 512, size=1 << 22).astype(np.uint16)
+    cuts = [0, 1, 600_000, 600_001, 2_000_000, 3_500_000, 1 << 22]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        tokens[a:b].tofile(big / f"tokens-{i:05d}.bin")
+    (big / "manifest.json").write_text(json.dumps({
+        "vocabSize": 512, "dtype": "uint16", "sha256": "big", "totalTokens": len(tokens),
+        "shards": [{"file": f"tokens-{i:05d}.bin", "tokens": b - a} for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]}))
+    tracemalloc.start()
+    try:
+        blend = data.Blend([data.TokenSource(str(big), 512, seed=0)], [1.0], 1024)
+        loader = data.Loader(blend, 1024, 8, 8, 0, 1, seed=0)
+        rows = [loader.next_batch() for _ in range(3)] + [blend.heldout_rows(8)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < tokens.nbytes // 20, f"{peak} bytes allocated opening a {tokens.nbytes}-byte corpus"
+    train = blend.train[0]
+    for a in cuts[1:-1]:  # windows across each boundary
+        assert np.array_equal(train[a - 5:a + 5], tokens[a - 5:a + 5])
+    assert len(rows) == 4 and len(train) + len(blend.held[0]) == len(tokens)
+    assert np.array_equal(blend.held[0][:], tokens[len(train):])
+
+
 def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_path):
     # Exit 85: the operator fails the job at once instead of retrying a run that cannot succeed.
     from pretrain_operator import contract as c

@@ -93,9 +93,49 @@ class DataError(ValueError):
     """The data cannot be used as configured: the run cannot succeed until someone fixes it."""
 
 
+class Tokens:
+    """A token stream stored in pieces (a prepared folder's memory-mapped shards, or one in-memory
+    array), read as one: `tokens[a:b]` is an array of the tokens a..b-1 read from only the shards
+    the window touches (a window across a boundary joins its two pieces), `tokens[i]` one token, and
+    `part(a, b)` a sub-stream without reading anything. The corpus is never copied into memory
+    whole; the operating system pages in what is read."""
+
+    def __init__(self, shards: list[np.ndarray], start: int = 0, stop: int | None = None):
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # shard k: offsets[k]..offsets[k+1]-1
+        self.start = start
+        self.stop = int(self.offsets[-1]) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _range(self, key: slice) -> tuple[int, int]:
+        a, b, step = key.indices(len(self))
+        if step != 1:
+            raise IndexError("Tokens: only contiguous slices")
+        return self.start + a, self.start + max(a, b)
+
+    def part(self, a: int | None = None, b: int | None = None) -> "Tokens":
+        """Tokens a..b-1 of this stream (numpy's slice rules) as a stream over the same shards."""
+        lo, hi = self._range(slice(a, b))
+        return Tokens(self.shards, lo, hi)
+
+    def __getitem__(self, key: int | slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            i = range(len(self))[key]  # IndexError out of range, negative from the end
+            return self[i:i + 1][0]
+        lo, hi = self._range(key)
+        first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
+        last = int(np.searchsorted(self.offsets, hi, side="left"))  # shards first..last-1 hold lo..hi-1
+        pieces = [self.shards[k][max(lo - self.offsets[k], 0):hi - self.offsets[k]] for k in range(max(first, 0), last)]
+        if not pieces:
+            return self.shards[0][:0]
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
 class TokenSource:
-    """All tokens of a prepared folder as one array (memory-mapped shards), or a synthetic corpus.
-    `field` names it in errors (data.path, data.sources[i])."""
+    """The tokens of a prepared folder (its shards memory-mapped, read where a window falls), or a
+    synthetic corpus, as `tokens` (`Tokens`). `field` names it in errors (data.path, data.sources[i])."""
 
     def __init__(self, path: str, vocab_size: int, seed: int, synthetic_tokens: int = 1 << 16, field: str = "data.path"):
         if path:
@@ -108,7 +148,7 @@ class TokenSource:
             if man["vocabSize"] > vocab_size:
                 raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
             try:
-                self.tokens = np.concatenate([np.memmap(d / s["file"], dtype=man["dtype"], mode="r") for s in man["shards"]])
+                self.tokens = Tokens([np.memmap(d / s["file"], dtype=man["dtype"], mode="r") for s in man["shards"]])
             except (OSError, ValueError) as e:
                 raise DataError(f"{field} {path}: a shard its manifest lists cannot be read ({e})") from e
             self.manifest_hash, self.tokenizer_hash = man["sha256"], man.get("tokenizerSha256", "")
@@ -117,14 +157,14 @@ class TokenSource:
             base = g.integers(0, vocab_size, size=97)
             noise = g.integers(0, vocab_size, size=synthetic_tokens)
             keep = g.random(synthetic_tokens) < 0.9
-            self.tokens = np.where(keep, np.resize(base, synthetic_tokens), noise).astype(np.int64)
+            self.tokens = Tokens([np.where(keep, np.resize(base, synthetic_tokens), noise).astype(np.int64)])
             self.manifest_hash, self.tokenizer_hash = "synthetic", "synthetic"
 
 
-def split_holdout(tokens, seq_len: int):
+def split_holdout(tokens: Tokens, seq_len: int) -> tuple[Tokens, Tokens]:
     """The last 5% of the stream (at least 8 windows) is held out from training for `eval`."""
     n = max(len(tokens) // 20, 8 * (seq_len + 1))
-    return tokens[:-n], tokens[-n:]
+    return tokens.part(None, -n), tokens.part(-n, None)
 
 
 def eval_batches(rows: torch.Tensor):
@@ -133,7 +173,7 @@ def eval_batches(rows: torch.Tensor):
         yield row[:, :-1], row[:, 1:]
 
 
-def _window(tokens, w: int, seq_len: int) -> np.ndarray:
+def _window(tokens: Tokens, w: int, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[w * seq_len:w * seq_len + seq_len + 1], dtype=np.int64)
 
 
