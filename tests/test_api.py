@@ -1,6 +1,8 @@
 """The PretrainJob API: the committed CRD is the generated one; the real API server rejects bad
 specs with a message naming the field (a table of them); every example in examples/ is accepted;
-the trainer's config and the operator's spec are one model."""
+the trainer's config and the operator's spec are one model; the CRD's rules across fields, checked
+in Python where no API server runs (the trainer's --config), refuse the same table with the same
+messages."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from kubernetes import client
 
 from pretrain_localcluster import binaries
 from pretrain_localcluster.config import REPO_ROOT
-from pretrain_operator import api as ptapi, crdgen, render
+from pretrain_operator import api as ptapi, cel, crdgen, render
 
 CRD_FILE = REPO_ROOT / "crds" / "pretrain.dev_pretrainjobs.yaml"
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
@@ -66,6 +68,7 @@ INVALID = [
     ("expert degree without moe", _with("parallelism", {"data": 2, "tensor": 2, "expert": 2}), "parallelism.expert needs model.moe"),
     ("expert degree does not divide data parallelism", _with("model.moe", {"experts": 8}, _with("parallelism", {"data": 2, "tensor": 2, "expert": 4})), "must divide parallelism.data"),
     ("topK above experts", _with("model.moe", {"experts": 2, "topK": 3}), "model.moe.topK must not exceed model.moe.experts"),
+    ("lora with moe", _with("lora", {"rank": 8}, _with("model.moe", {"experts": 4})), "lora with model.moe is not supported"),
     ("batch not divisible", _with("data", {"globalBatchSize": 6, "microBatchSize": 2}), "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize"),
     ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
     ("seqLen above maxSeqLen", _with("data.seqLen", 4096), "data.seqLen must not exceed model.maxSeqLen"),
@@ -99,6 +102,32 @@ INVALID = [
     ("data source of weight zero", _with("data.sources", [{"path": "/data/a", "weight": 0}]), "spec.data.sources[0].weight"),
     ("data source without a path", _with("data.sources", [{"weight": 2}]), "spec.data.sources[0].path"),
 ]
+
+
+def _cel_case(spec: dict) -> ptapi.PretrainJobSpec | None:
+    """The spec, when only a CEL rule can refuse it (the models accept it)."""
+    try:
+        return ptapi.PretrainJobSpec.model_validate(spec)
+    except ValueError:
+        return None
+
+
+CEL_CASES = [(case, spec, message) for case, spec, message in INVALID if _cel_case(spec) is not None]
+
+
+@pytest.mark.parametrize("case,spec,message", CEL_CASES, ids=[c[0] for c in CEL_CASES])
+def test_the_crds_rules_checked_in_python_refuse_what_the_api_server_does_with_its_message(case, spec, message):
+    pytest.importorskip("celpy", reason="cel-python is in the trainer extra, installed by `make test`")
+    assert any(message in v for v in cel.violations(_cel_case(spec))), cel.violations(_cel_case(spec))
+
+
+def test_the_crds_rules_checked_in_python_accept_a_valid_spec_and_every_example():
+    pytest.importorskip("celpy", reason="cel-python is in the trainer extra, installed by `make test`")
+    assert len(CEL_CASES) >= 15 and cel.violations(ptapi.PretrainJobSpec.model_validate(BASE)) == []
+    for example in sorted((REPO_ROOT / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(example.read_text()):
+            if doc and doc.get("kind") == ptapi.KIND:
+                assert cel.violations(ptapi.PretrainJobSpec.model_validate(doc["spec"])) == [], example
 
 
 def _body(spec: dict, name: str = "") -> dict:

@@ -147,7 +147,7 @@ def test_the_trainer_refuses_an_expert_degree_that_does_not_divide_data_parallel
     r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], capture_output=True,
                        text=True, env=env())
     assert r.returncode == 85
-    assert "parallelism.expert (2) needs model.moe and must divide parallelism.data (1)" in r.stderr
+    assert "spec.parallelism.expert: parallelism.expert needs model.moe and must divide parallelism.data" in r.stderr
 
 
 def test_examples_moe_yaml_expert_parallel_2_with_fsdp2_over_each_experts_pair_matches_one_process(

@@ -302,6 +302,8 @@ _SPEC_RULES = _rules(
      "parallelism.expert needs model.moe and must divide parallelism.data", ".parallelism.expert"),
     ("!has(self.model.moe) || self.model.moe.topK <= self.model.moe.experts",
      "model.moe.topK must not exceed model.moe.experts", ".model.moe.topK"),
+    ("!has(self.lora) || !has(self.model.moe)",
+     "lora with model.moe is not supported: LoRA adapts dense attention and MLP projections only", ".lora"),
     ("self.data.globalBatchSize % (self.parallelism.data * self.data.microBatchSize) == 0",
      "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize", ".data.globalBatchSize"),
     ("self.optimizer.minLr <= self.optimizer.lr", "optimizer.minLr must not exceed optimizer.lr", ".optimizer.minLr"),

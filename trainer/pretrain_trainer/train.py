@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from pretrain_operator import api, contract as c
+from pretrain_operator import api, cel, contract as c
 
 from . import moe as moe_mod
 from . import parallel, pipeline
@@ -55,16 +55,33 @@ class ConfigError(SystemExit):
 
 
 def load_spec(path: str) -> api.PretrainJobSpec:
+    """The job's spec from --config: a spec alone, or a manifest as `kubectl apply` takes it (a
+    PretrainJob, possibly among other documents such as its PersistentVolumeClaim)."""
     try:
-        doc = yaml.safe_load(Path(path).read_text())
+        docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
     except OSError as e:
         raise ConfigError(f"cannot read --config {path}: {e}")
-    if isinstance(doc, dict) and doc.get("kind") == api.KIND:
-        doc = doc.get("spec") or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path} is not valid YAML: {e}")
+    jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == api.KIND]
+    if len(jobs) > 1:
+        names = ", ".join(str((j.get("metadata") or {}).get("name", "?")) for j in jobs)
+        raise ConfigError(f"--config {path} holds {len(jobs)} {api.KIND}s ({names}): give a file with one")
+    if jobs:
+        doc = jobs[0].get("spec") or {}
+    elif len(docs) > 1:
+        kinds = ", ".join(str(d.get("kind", "?")) if isinstance(d, dict) else type(d).__name__ for d in docs)
+        raise ConfigError(f"--config {path} holds {len(docs)} documents ({kinds}) and no {api.KIND}")
+    else:
+        doc = docs[0] if docs else {}
     try:
-        return api.PretrainJobSpec.model_validate(doc or {})
+        spec = api.PretrainJobSpec.model_validate(doc)
     except Exception as e:  # noqa: BLE001  (pydantic's message names the field)
         raise ConfigError(f"invalid config {path}: {e}")
+    broken = cel.violations(spec)  # the rules across fields, as the API server would check them
+    if broken:
+        raise ConfigError(f"invalid config {path}: " + "; ".join(broken))
+    return spec
 
 
 def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> Blend:
@@ -79,28 +96,13 @@ def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> Blend:
 
 
 def check_layout(spec: api.PretrainJobSpec, world: int) -> None:
+    """What only the run itself can check: the world torchrun gave it. The rules across fields
+    (layers over pipeline stages, expert degree, batch sizes...) are the CRD's, checked by
+    `load_spec` as the API server does."""
     p = spec.parallelism
-    layers = spec.model.resolved()["layers"]
-    n_stages = p.pipeline * pipeline.stages_per_rank(p.pipelineSchedule)
-    if p.pipeline > 1 and layers % n_stages:
-        raise ConfigError(f"model.layers ({layers}) must be divisible by the {n_stages} pipeline stages")
-    moe = spec.model.moe
-    if p.expert > 1 and (moe is None or p.data % p.expert or moe.experts % p.expert):
-        raise ConfigError(f"parallelism.expert ({p.expert}) needs model.moe and must divide parallelism.data ({p.data}) "
-                          f"and model.moe.experts ({moe.experts if moe else 0}): experts are split over groups of "
-                          f"data-parallel ranks")
-    if moe is not None and moe.topK > moe.experts:
-        raise ConfigError(f"model.moe.topK ({moe.topK}) must not exceed model.moe.experts ({moe.experts})")
-    if spec.lora is not None and moe is not None:
-        raise ConfigError("lora with model.moe is not supported: LoRA adapts dense attention and MLP projections only")
-    if spec.validation and p.pipeline > 1 and p.pipelineSchedule in pipeline.V_SHAPED:
-        raise ConfigError(f"validation does not run under parallelism.pipelineSchedule {p.pipelineSchedule} (torch's "
-                          "forward-only pipeline eval needs its backward): use InterleavedZeroBubble")
     if p.data * p.tensor * p.pipeline != world:
         raise ConfigError(f"parallelism.data x tensor x pipeline = {p.data * p.tensor * p.pipeline} but the world has "
                           f"{world} ranks (nodes x nprocPerNode under torchrun)")
-    if spec.data.globalBatchSize % (p.data * spec.data.microBatchSize):
-        raise ConfigError("data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize")
 
 
 def lr_at(step: int, o: api.Optimizer, total: int) -> float:
