@@ -19,7 +19,7 @@ import pytest
 
 from pretrain_operator import contract as c
 from tests.helpers import wait_for
-from tests.trainer_util import cmd, env, losses, run, single_process_losses, wait_for_step, write_config
+from tests.trainer_util import TORCHRUN, cmd, env, losses, run, single_process_losses, wait_for_step, write_config
 
 torch = pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -183,6 +183,32 @@ def test_a_checkpoint_request_in_the_annotations_file_saves_without_stopping(tmp
     saved = _committed(tmp_path)
     assert saved[-1] == "step-00000040" and len(saved) == 2, saved  # the requested one, and the final one
     assert 2 < int(saved[0].split("-")[1]) < 40
+
+
+def test_a_checkpoint_request_reaching_each_pods_annotations_at_its_own_time_saves_once(tmp_path):
+    # Two pods (torchrun nodes) each see the annotation through their own downward-API file, which
+    # the kubelet updates at its own time: the second pod's copy once made a second save.
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=300, interval=1000)
+    podinfo = [tmp_path / f"podinfo-{i}" for i in range(2)]
+    procs = []
+    for i, d in enumerate(podinfo):
+        d.mkdir()
+        (d / "annotations").write_text('other="x"\n')
+        procs.append(subprocess.Popen(
+            [TORCHRUN, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+             "--master_port", str(29990 + os.getpid() % 10), "-m", "pretrain_trainer", "train", "--config", str(cfg),
+             "--losses-out", str(tmp_path / "losses.txt")], env=env(d), stderr=subprocess.PIPE, text=True))
+    wait_for_step(tmp_path / "losses.txt", 3, procs[0])
+    (podinfo[0] / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\nother="x"\n')
+    wait_for(lambda: _committed(tmp_path), timeout=60)
+    at = max(losses(tmp_path / "losses.txt"))
+    (podinfo[1] / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\nother="x"\n')
+    wait_for_step(tmp_path / "losses.txt", at + 5, procs[0])
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:]
+    saved = _committed(tmp_path)
+    assert len(saved) == 2 and saved[-1] == "step-00000300", saved  # the requested one, and the final one
+    assert errs[0].count("checkpoint requested by the operator") == 1
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):

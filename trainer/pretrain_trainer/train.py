@@ -336,7 +336,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # action, the process ends at once: nothing new to save, and a rank blocked on a lost peer
     # must not hold its pod for the whole grace period.
     stop = Stop()
-    seen_request = checkpoint_request(podinfo)
+    seen_requests = {checkpoint_request(podinfo)}  # one there at the start was an earlier attempt's
     served = 0
     fpt = flops_per_token(args, spec.data.seqLen)
     peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
@@ -428,12 +428,15 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         req = checkpoint_request(podinfo)
         taken = ckpt.fence.taken_by() if rank == 0 else None
         flags = torch.tensor([float(total) / dp_size, 1.0 if stop.requested else 0.0,
-                              1.0 if req and req != seen_request else 0.0, 1.0 if taken else 0.0], dtype=torch.float64)
+                              0.0 if req in seen_requests else 1.0, 1.0 if taken else 0.0], dtype=torch.float64)
         dist.all_reduce(flags[:1], op=dist.ReduceOp.SUM, group=mesh["dp"].get_group())
         dist.all_reduce(flags[1:], op=dist.ReduceOp.MAX)
         loss_v = float(flags[0])
         preempt, requested = bool(flags[1]), bool(flags[2])
-        seen_request = req or seen_request
+        if requested:  # each pod's annotations file shows the request at its own time: served once, by all
+            ids: list[str | None] = [None] * world
+            dist.all_gather_object(ids, req)
+            seen_requests.update(ids)
         if losses:
             losses.write(f"{step} {loss_v:.10f}\n")
             losses.flush()
