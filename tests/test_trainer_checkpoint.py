@@ -222,10 +222,13 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoi
     assert len(workers) == 2, workers
     victim = max(int(w) for w in workers)
     os.kill(victim, signal.SIGTERM)
-    assert p.wait(120) == c.EXIT_PREEMPTED, p.stderr.read()[-3000:]
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == c.EXIT_PREEMPTED, err[-3000:]
     saved = _committed(tmp_path)
     assert len(saved) == 1
     step = int(saved[0].split("-")[1])
+    for rank in (0, 1):  # each rank's own exit, not only the launcher's verdict
+        assert f"[rank {rank}] stop requested (SIGTERM): checkpoint of step {step} saved; exiting 83" in err, err[-3000:]
     assert max(losses(tmp_path / "losses.txt")) == step  # nobody trained past the saved step
 
 

@@ -9,7 +9,8 @@ rank, with two differences:
   The launcher touches no GPU before forking, and freezes what it made out of the ranks' garbage
   collectors, so the ranks keep sharing its pages: 8 ranks took 938 MiB (PSS) instead of 1481.
 - It exits with the workers' own exit code when they agree on one of the contract's (83 preempted,
-  85 permanent): plain torchrun turns any worker failure into exit 1.
+  85 permanent; ranks the agent killed after them do not count): plain torchrun turns any worker
+  failure into exit 1. A rank that crashed (any other code) makes it 1.
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ def launch(args: list[str]) -> int:
     try:
         torchrun.run(parsed)
     except ChildFailedError as e:
+        # The ranks that failed first agree on a contract code; the agent kills the rest (a signal,
+        # a negative code). Any other code (a crash) is a failure, whatever the others said.
         codes = {f.exitcode for f in e.failures.values()}
         for code in (c.EXIT_PERMANENT, c.EXIT_PREEMPTED):
-            if code in codes:
+            if code in codes and all(x == code or x < 0 for x in codes):
                 return code
         return 1
     finally:
