@@ -59,7 +59,7 @@ def pretrain(
         micro_batch_size: samples per forward pass on one rank
         lr: peak learning rate (AdamW)
         warmup_steps: linear warm-up steps (-1: 10, or steps when fewer)
-        data: token shards folder or text file inside the pod; empty: a small synthetic corpus
+        data: a prepared folder inside the pod (python -m pretrain_trainer prepare); empty: a small synthetic corpus
         tensor: tensor-parallel degree (data parallelism takes the rest of nodes x nproc_per_node)
         pipeline: pipeline-parallel stages
         precision: fp32 or bf16
