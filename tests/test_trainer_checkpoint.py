@@ -171,6 +171,24 @@ def test_a_checkpoint_loads_into_another_layout(tmp_path):
         assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
 
 
+def test_a_3d_checkpoint_of_8_ranks_resumes_on_4_data_parallel_ranks_and_says_the_rng_is_re_derived(tmp_path):
+    # The example: pipeline 2 x data 2 x tensor 2 on 8 ranks, resumed as data parallel 4 on
+    # 4 ranks. Per-rank RNG cannot carry over to another world size: re-derived, and the log says so.
+    batch = {"micro": 1, "global_batch": 8}
+    want = single_process_losses(tmp_path / "ref", steps=6, interval=100, **batch)
+    d = tmp_path / "reshard"
+    d.mkdir()
+    run(write_config(d, nproc=8, data=2, tensor=2, pipeline=2, steps=6, interval=3, **batch), 8, d / "losses.txt")
+    shutil.rmtree(d / "ckpt" / "step-00000006")  # resume from step 3
+    r = run(write_config(d, nproc=4, data=4, steps=6, interval=3, **batch), 4, d / "losses.txt")
+    assert "resumed from" in r.stderr and "step-00000003" in r.stderr
+    assert "resuming step 3 saved by 8 ranks on 4: per-rank RNG re-derived from the seed" in r.stderr
+    got = losses(d / "losses.txt")
+    assert sorted(got) == list(range(1, 7))
+    for s in got:
+        assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])
+
+
 def test_a_checkpoint_request_in_the_annotations_file_saves_without_stopping(tmp_path):
     podinfo = tmp_path / "podinfo"
     podinfo.mkdir()
