@@ -1,6 +1,6 @@
 """The trainer's metrics endpoint while it trains: the contract's metrics (step, loss, tokens per
-second, the last checkpoint, the last validation) and its own (gradient norm, skipped steps, peak
-memory, MFU), scraped over HTTP as Prometheus does, with values that follow the run. Under the
+second, the last checkpoint, the last validation, checkpoint requests served) and its own (time
+blocked by saves, gradient norm, skipped steps, peak memory, MFU), scraped over HTTP as Prometheus does, with values that follow the run. Under the
 operator, the pod's grace period is served beside the save time, and a save outlasting it is
 logged once.
 
@@ -48,10 +48,15 @@ def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_pa
     port = free_port()
     cfg = write_config(tmp_path, steps=3000, interval=5,
                        extra={"validation": {"everySteps": 5, "batches": 1}, "training": {"steps": 3000, "logEverySteps": 1}})
-    proc = subprocess.Popen(cmd(cfg, 1, tmp_path / "losses.txt"), env={**env(), "PRETRAIN_METRICS_PORT": str(port)},
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "annotations").write_text('other="x"\n')
+    proc = subprocess.Popen(cmd(cfg, 1, tmp_path / "losses.txt"), env={**env(podinfo), "PRETRAIN_METRICS_PORT": str(port)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         m = scrape_until(port, proc, "pretrain_validation_step", 10)
+        assert m[c.METRIC_CHECKPOINT_REQUESTS_SERVED] == 0
+        assert m["pretrain_checkpoint_blocked_seconds_total"] > 0 and m["pretrain_checkpoint_save_seconds"] > 0  # sync saves block
         assert m["pretrain_step"] >= m["pretrain_validation_step"] and m["pretrain_total_steps"] == 3000
         assert 0 < m["pretrain_loss"] < 10 and 0 < m["pretrain_validation_loss"] < 10
         assert m["pretrain_last_checkpoint_step"] >= 5 and m["pretrain_last_checkpoint_step"] % 5 == 0
@@ -62,6 +67,9 @@ def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_pa
         first = m["pretrain_step"]
         time.sleep(0.5)
         assert scrape(port)["pretrain_step"] > first  # it follows the run
+        (podinfo / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\nother="x"\n')
+        m = scrape_until(port, proc, c.METRIC_CHECKPOINT_REQUESTS_SERVED, 1)
+        assert m[c.METRIC_CHECKPOINT_REQUESTS_SERVED] == 1
     finally:
         proc.kill()
         proc.wait()
