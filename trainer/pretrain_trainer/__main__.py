@@ -16,8 +16,16 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["launch"]:
+        import os
+
         from .launch import launch
-        return launch(argv[1:])
+        code = launch(argv[1:])
+        # The launcher's interpreter teardown only printed nanobind's leak report of triton's
+        # bindings (torch imports triton), a hundred lines at the end of every pod's log: its
+        # ranks have ended and nothing of its own is left to flush but the standard streams.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     ap = argparse.ArgumentParser(prog="pretrain_trainer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -58,6 +58,8 @@ def launch(args: list[str]) -> int:
         import torch
 
         importlib.import_module(f"{__package__}.train")  # imported once here, inherited by every forked rank
+        from pretrain_operator import cel
+        cel.compile_rules()  # and the config's rules, compiled once
         # What the ranks inherit, out of their collectors' sight (Python's gc docs, for fork without
         # exec): a collection in a rank would write to every inherited object's header, copying
         # the launcher's pages into each rank.
