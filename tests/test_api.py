@@ -72,6 +72,7 @@ INVALID = [
     ("batch not divisible", _with("data", {"globalBatchSize": 6, "microBatchSize": 2}), "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize"),
     ("micro batch zero", _with("data.microBatchSize", 0), "spec.data.microBatchSize"),
     ("seqLen above maxSeqLen", _with("data.seqLen", 4096), "data.seqLen must not exceed model.maxSeqLen"),
+    ("seqLen not divisible by tensor", _with("data.seqLen", 33), "data.seqLen must be divisible by parallelism.tensor"),
     ("lr zero", _with("optimizer.lr", 0), "spec.optimizer.lr"),
     ("validation under a V-shaped pipeline", _with("validation", {"everySteps": 10}, {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "pipelineSchedule": "DualPipeV"}}), "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble or DualPipeV"),
     ("DualPipeV with too few microbatches", {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "pipelineSchedule": "DualPipeV"}, "data": {"globalBatchSize": 2}}, "DualPipeV needs at least 2 x parallelism.pipeline microbatches"),

@@ -53,10 +53,12 @@ def test_a_manifest_with_its_volume_claim_trains_as_the_spec_alone_does(tmp_path
     ([_job({"data": {"seqLen": 256}})], "spec.data.seqLen: data.seqLen must not exceed model.maxSeqLen"),
     ([_job({"model": {"preset": "custom", "dim": 64}})], "spec.model: model.preset 'custom' needs model.dim"),  # was KeyError 'layers'
     ([_job({"nodes": 1, "nprocPerNode": 3, "parallelism": {"pipeline": 3}})], "model.layers must be divisible by parallelism.pipeline"),
+    ([_job({"nodes": 1, "nprocPerNode": 2, "parallelism": {"tensor": 2}, "data": {"seqLen": 33}})],
+     "spec.data.seqLen: data.seqLen must be divisible by parallelism.tensor"),  # sequence parallel's slices
     ([_job({}, "a"), _job({}, "b")], "holds 2 PretrainJobs (a, b): give a file with one"),
     ([PVC, {"kind": "ConfigMap"}], "holds 2 documents (PersistentVolumeClaim, ConfigMap) and no PretrainJob"),
     ("spec: {nodes: [1, 2}", "is not valid YAML"),
-], ids=["rule seqLen", "rule custom preset", "rule layers", "two jobs", "no job", "not yaml"])
+], ids=["rule seqLen", "rule custom preset", "rule layers", "rule sequence split", "two jobs", "no job", "not yaml"])
 def test_a_config_the_api_server_would_refuse_exits_85_naming_the_field_before_training(tmp_path, docs, says):
     config = tmp_path / "job.yaml"
     config.write_text(docs if isinstance(docs, str) else yaml.safe_dump_all(docs))

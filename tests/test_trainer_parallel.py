@@ -7,6 +7,7 @@ checkpoints resume in an eager run."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -49,7 +50,7 @@ def test_a_parallel_layout_matches_the_single_process_losses(tmp_path, reference
 def test_the_trainer_refuses_a_layout_that_does_not_fit_the_world(tmp_path):
     import subprocess
     import sys
-    cfg = write_config(tmp_path, nproc=1, data=2)
+    cfg = write_config(tmp_path, nproc=2, data=2)  # a valid spec (nprocPerNode 2), run without torchrun
     r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 85
     assert "parallelism.data x tensor x pipeline = 2 but the world has 1 ranks" in r.stderr
@@ -61,7 +62,8 @@ def test_a_schedule_that_refuses_the_layout_is_a_permanent_error_naming_the_fiel
     cfg = write_config(tmp_path, nproc=2, pipeline=2, schedule="DualPipeV")  # 2 microbatches for 4 stages
     r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "exitcode  : 85" in r.stderr  # not a crash to retry
-    assert "parallelism.pipelineSchedule DualPipeV with 2 microbatches (parallelism.microbatches" in r.stderr
+    # The CRD's rule, checked by the trainer's load_spec as the API server would (pretrain_operator.cel).
+    assert "DualPipeV needs at least 2 x parallelism.pipeline microbatches (parallelism.microbatches" in r.stderr
 
 
 def test_pipeline_x_data_x_tensor_2x2x2_on_8_processes_matches_a_single_process(tmp_path):
@@ -107,3 +109,65 @@ def test_compiled_blocks_keep_the_losses_and_their_checkpoints_resume_without_co
     assert sorted(after) == [4, 5]
     for step in after:
         assert abs(after[step] - reference[step]) <= TOL, (step, after[step], reference[step])
+
+
+SEQUENCE_PROBE = '''
+import sys
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pretrain_trainer import train
+from pretrain_trainer.model import RMSNorm, Transformer, init_weights
+
+spec = train.load_spec(sys.argv[1])
+rank, world, _, device = train.setup_distributed()
+args, model, optim, mesh, schedule = train.build(spec, device, world)
+seen = []
+for name, mod in model.named_modules():
+    if isinstance(mod, RMSNorm):
+        mod.register_forward_pre_hook(lambda m, inp: seen.append(tuple(getattr(inp[0], "_local_tensor", inp[0]).shape)))
+g = torch.Generator().manual_seed(1)
+x, y = (torch.randint(0, args.vocabSize, (2, spec.data.seqLen), generator=g) for _ in range(2))
+logits = model(x)
+F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+ref = Transformer(args)
+init_weights(ref, spec.training.seed)
+want = ref(x)
+F.cross_entropy(want.flatten(0, 1), y.flatten()).backward()
+grad_err = max(float(((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) - q.grad).abs().max())
+               for p, q in zip(model.parameters(), ref.parameters()))
+print(f"rank {rank}: norm inputs {sorted(set(seen))} x {len(seen)}; logits {tuple(logits.shape)} "
+      f"error {float((logits - want).abs().max()):.1e}; gradient error {grad_err:.1e}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_sequence_parallel_norms_see_sequence_slices_and_keep_the_losses(tmp_path, reference):
+    # Under tensor parallel the RMSNorms (and the residual stream) hold each tensor rank's half of
+    # the sequence: hooks on the trainer's own build see local inputs of seqLen / 2 tokens, while
+    # the logits (whole sequence, as the loss needs) and every gradient match the single model.
+    import re
+    import subprocess
+    from tests.trainer_util import TORCHRUN, env
+    cfg = write_config(tmp_path, nproc=2, tensor=2)
+    probe = tmp_path / "probe.py"
+    probe.write_text(SEQUENCE_PROBE)
+    r = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29900 + os.getpid() % 90), str(probe), str(cfg)],
+                       env=env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = re.findall(r"rank \d: norm inputs (.*)", r.stdout)
+    assert len(lines) == 2, r.stdout
+    for line in lines:  # tiny: dim 64, 4 layers (2 norms each and the final one); seqLen 32 over 2 ranks
+        m = re.fullmatch(r"\[\(2, 16, 64\)\] x 9; logits \(2, 32, \d+\) error (\S+); gradient error (\S+)", line)
+        assert m, line
+        assert float(m[1]) <= TOL and float(m[2]) <= TOL, line
+    # And training over the sequence slices, also across pipeline stages (tensor 2 x pipeline 2:
+    # each stage boundary carries a rank's slice), gives the single process's losses.
+    d = tmp_path / "tp2xpp2"
+    d.mkdir()
+    r = run(write_config(d, nproc=4, tensor=2, pipeline=2, steps=5), 4, d / "losses.txt")
+    assert "tensor parallel 2 with sequence parallel" in r.stderr
+    got = losses(d / "losses.txt")
+    assert sorted(got) == sorted(reference)
+    for step, want in reference.items():
+        assert abs(got[step] - want) <= TOL, (step, got[step], want)

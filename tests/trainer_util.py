@@ -19,7 +19,7 @@ def write_config(d: Path, *, nproc: int = 1, data: int = 1, tensor: int = 1, pip
     spec = {"nodes": 1, "nprocPerNode": nproc,
             "parallelism": {"data": data, "tensor": tensor, "pipeline": pipeline, "pipelineSchedule": schedule},
             "model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": global_batch, "microBatchSize": micro},
-            "training": {"steps": steps, "logEverySteps": 1}, "optimizer": {"warmupSteps": 2},
+            "training": {"steps": steps, "logEverySteps": 1}, "optimizer": {"warmupSteps": min(2, steps)},
             "checkpoint": {"path": str(d / "ckpt"), "intervalSteps": interval, "keep": keep}}
     for k, v in (extra or {}).items():
         spec[k] = {**spec.get(k, {}), **v} if isinstance(v, dict) else v
