@@ -11,7 +11,8 @@ the adapters only, and checkpoints hold only them (and their optimizer state), s
 the base comes from `lora.baseCheckpoint` (a trainer checkpoint or a Hugging Face folder) on every
 start. Under tensor parallelism the adapter follows its base layer: for a column-wise layer lora_B
 is split by rows like the base weight, for a row-wise one lora_A is split by columns (its output
-all-reduced). FSDP2 shards adapters and frozen weights alike.
+reduce-scattered to the rank's slice of the sequence, as the base's: sequence parallel) and lora_B
+runs on that slice. FSDP2 shards adapters and frozen weights alike.
 
 Limits: MoE experts are not adapted (lora with model.moe is refused); dropout > 0 under tensor
 parallelism draws its mask per rank.
@@ -19,6 +20,7 @@ parallelism draws its mask per rank.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import math
@@ -58,22 +60,39 @@ def _targets(model: nn.Module, patterns: list[str]) -> list[str]:
     return out
 
 
+def adapter_init(fqn: str, shape: tuple[int, ...], seed: int) -> torch.Tensor | None:
+    """The initial value of an adapter weight (`<layer>.lora_A.weight`: Kaiming-uniform seeded by
+    (seed, its name), as nn.Linear and PEFT; `<layer>.lora_B.weight`: zero), None for any other
+    name."""
+    if fqn.endswith(".lora_A.weight"):
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63))
+        bound = 1 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) over in_features, as nn.Linear and PEFT
+        return torch.rand(shape, generator=g) * 2 * bound - bound
+    if fqn.endswith(".lora_B.weight"):
+        return torch.zeros(shape)
+    return None
+
+
 def apply_lora(model: nn.Module, spec, seed: int) -> int:
     """Wrap the targeted layers (after the base weights are in place, before any sharding) and
-    freeze everything else. Returns the number of wrapped layers."""
+    freeze everything else. Returns the number of wrapped layers. On a meta-device model the
+    adapters are made on the meta device too, without values (train.build fills them in with
+    `adapter_init` after sharding)."""
     names = _targets(model, spec.targetModules)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent_name, leaf = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        wrapped = LoRALinear(getattr(parent, leaf), spec.rank, spec.alpha, spec.dropout)
-        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}.lora_A.weight".encode())) % (2**63))
-        with torch.no_grad():
-            bound = 1 / math.sqrt(wrapped.lora_A.in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear and PEFT
-            wrapped.lora_A.weight.copy_(torch.rand(wrapped.lora_A.weight.shape, generator=g) * 2 * bound - bound)
-            wrapped.lora_B.weight.zero_()
-        wrapped.to(wrapped.base.weight.device)
+        base = getattr(parent, leaf)
+        with torch.device("meta") if base.weight.is_meta else contextlib.nullcontext():
+            wrapped = LoRALinear(base, spec.rank, spec.alpha, spec.dropout)
+        if not base.weight.is_meta:
+            with torch.no_grad():
+                for n in ("lora_A", "lora_B"):
+                    w = getattr(wrapped, n).weight
+                    w.copy_(adapter_init(f"{name}.{n}.weight", tuple(w.shape), seed))
+            wrapped.to(base.weight.device)
         setattr(parent, leaf, wrapped)
     return len(names)
 

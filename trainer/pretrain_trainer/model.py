@@ -124,6 +124,12 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocabSize, bias=False) if last else None
         self.register_buffer("rope", rope_cache(args), persistent=False)
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The rotary table again (after `to_empty` from the meta device), computed on the CPU as
+        in __init__."""
+        self.rope.copy_(rope_cache(self.args))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         for layer in self.layers.values():
@@ -133,20 +139,27 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)).float()
 
 
+def param_init(fqn: str, shape: tuple[int, ...], seed: int, layers: int) -> torch.Tensor:
+    """The initial value of the whole parameter named `fqn` (its name in an unwrapped model: no
+    LoRA `.base`, no checkpoint wrapper), generated on the CPU from a generator seeded by (seed,
+    FQN): norms 1, wo / w2 normal with std 0.02 / sqrt(2 layers), the rest normal with std 0.02."""
+    std_base = 0.02
+    if fqn.endswith("norm.weight") or fqn == "norm.weight":
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63))
+    if fqn.endswith(("wo.weight", "w2.weight")):
+        return torch.randn(shape, generator=g) * (std_base / math.sqrt(2 * layers))
+    return torch.randn(shape, generator=g) * std_base
+
+
 def init_weights(model: nn.Module, seed: int) -> None:
     """Per-parameter init seeded by (seed, FQN): identical whatever the layout or stage split.
-    Call before any sharding (on full tensors)."""
-    std_base = 0.02
+    Call before any sharding (on full tensors); train.build's meta-device path gives each rank
+    its piece of the same values (`param_init`)."""
+    layers = getattr(model, "args").layers
     with torch.no_grad():
         for fqn, p in model.named_parameters():
-            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(fqn.encode())) % (2**63))
-            if fqn.endswith("norm.weight") or fqn == "norm.weight":
-                p.fill_(1.0)
-            elif fqn.endswith(("wo.weight", "w2.weight")):
-                layers = getattr(model, "args").layers
-                p.copy_(torch.randn(p.shape, generator=g) * (std_base / math.sqrt(2 * layers)))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std_base)
+            p.copy_(param_init(fqn, tuple(p.shape), seed, layers))
 
 
 def num_params(args: ModelArgs, active: bool = False) -> int:

@@ -161,6 +161,13 @@ class MoE(nn.Module):
         self.register_buffer("stat_misc", torch.zeros(3, dtype=torch.float64), persistent=False)  # dropped, aux sum, calls
         self.register_buffer("bias_load", torch.zeros(spec.experts, dtype=torch.float64), persistent=False)
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The selection bias and the router statistics at their start, zero (after `to_empty` from
+        the meta device). The experts and the router are parameters: model.param_init."""
+        for b in self.buffers(recurse=False):
+            b.zero_()
+
     def shard_experts(self, ep_rank: int, ep_size: int, group) -> None:
         """Keep only this expert-parallel rank's block of experts (call after weight init)."""
         per = self.n_experts // ep_size

@@ -168,26 +168,69 @@ def setup_distributed() -> tuple[int, int, int, str]:
     return dist.get_rank(), dist.get_world_size(), local, "cuda" if cuda else "cpu"
 
 
+def init_sharded(part: torch.nn.Module, names: dict, seed: int, layers: int) -> None:
+    """A part built on the meta device, sharded, then `to_empty`: every parameter gets the value
+    init_weights / lora.apply_lora give it on the whole model, each generated whole on the CPU
+    from its (seed, name) generator, one at a time, and this rank's piece of it copied in (no
+    communication: every rank generates the same tensor); the buffers recomputed. `names` maps
+    each module to its name before any wrapper (LoRA's `.base`, the checkpoint wrapper): the name
+    that seeds its parameters. Host memory: the largest single tensor (twice, while scaled), not
+    the model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    from .model import param_init
+    with torch.no_grad():
+        for mod in part.modules():
+            for pname, param in mod.named_parameters(recurse=False):
+                if mod not in names:
+                    raise RuntimeError(f"no initial name for {type(mod).__name__}.{pname}: a module made after the build's "
+                                       f"naming pass")
+                fqn = f"{names[mod]}.{pname}" if names[mod] else pname
+                shape = tuple(param.shape)
+                full = lora.adapter_init(fqn, shape, seed)
+                if full is None:
+                    full = param_init(fqn, shape, seed, layers)
+                if isinstance(param, DTensor):
+                    param.to_local().copy_(distribute_tensor(full, param.device_mesh, param.placements,
+                                                             src_data_rank=None).to_local())
+                else:
+                    param.copy_(full)
+                del full
+            if hasattr(mod, "init_buffers"):
+                mod.init_buffers()
+
+
 def build(spec: api.PretrainJobSpec, device: str, world: int):
     """The model on this rank (the whole model, or its pipeline stages), sharded; the optimizer;
-    the mesh; and the pipeline schedule (None without pipeline parallelism)."""
+    the mesh; and the pipeline schedule (None without pipeline parallelism).
+
+    Without initial weights to load, as torchtitan: the parts are made on the meta device (no
+    memory), every parallelism applied to them, then `to_empty` allocates this rank's shards only
+    and `init_sharded` fills them with the values the whole model's init gives (the same in every
+    layout, bit for bit). With `model.initFrom` / `lora.baseCheckpoint` each rank still makes its
+    parts whole on the CPU, initialises and loads them (load_weights reads into an unsharded
+    model), then shards them: that start needs the whole model (or stage) in host memory."""
     p = spec.parallelism
     args = ModelArgs.from_spec(spec.model)
     torch.manual_seed(spec.training.seed)
     mesh = parallel.build_mesh(device, p.pipeline, p.data, p.tensor)
     emesh = parallel.build_expert_mesh(device, p.pipeline, p.data, p.tensor, p.expert) if p.expert > 1 else None
-    if p.pipeline > 1:
-        ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
-    else:
-        ids, parts = [0], [Transformer(args)]
     field, initial = (("lora.baseCheckpoint", spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint
                       else ("model.initFrom", spec.model.initFrom))
+    meta = not initial
+    with torch.device("meta" if meta else "cpu"):
+        if p.pipeline > 1:
+            ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
+        else:
+            ids, parts = [0], [Transformer(args)]
     whole = None
     if initial and p.pipeline > 1:  # a stage's part: a checkpoint must hold the whole model (no memory taken)
         with torch.device("meta"):
             whole = shapes_of(Transformer(args).state_dict())
     for part in parts:
-        init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
+        names = {m: n for n, m in part.named_modules()}  # before any wrapper: the names that seed the init
+        if not meta:
+            init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
         if initial:
             try:
                 src = load_weights(part, initial, whole)
@@ -196,13 +239,18 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
             log.info("initial weights from %s", src)
         if spec.lora:
             lora.apply_lora(part, spec.lora, spec.training.seed)
-        part.to(device)
+            names.update({m: n for n, m in part.named_modules() if m not in names})  # the adapters
+        if not meta:
+            part.to(device)
         if emesh is not None:
             parallel.apply_expert_parallel(part, emesh["ep"])
         parallel.apply_tensor_parallel(part, mesh["tp"])
         parallel.apply_activation_checkpointing(part, spec.training.activationCheckpointing)
         parallel.apply_compile(part, spec.training.compile)
         parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward, emesh["edp"] if emesh is not None else None)
+        if meta:
+            part.to_empty(device=device)
+            init_sharded(part, names, spec.training.seed, args.layers)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     model.expert_mesh = emesh
     trainable = [q for q in model.parameters() if q.requires_grad]
