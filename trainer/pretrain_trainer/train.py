@@ -12,7 +12,7 @@ every step, so every rank stops at the same step, saves, and exits 83. A checkpo
 pod's annotations file saves at the next step without stopping.
 
 MoE (`model.moe`, moe.py) with expert parallelism (`parallelism.expert`, borrowed from data
-parallelism; parallel.py) and LoRA (`lora`, lora.py) run under the same loop; weights can start
+parallelism; expert_parallel.py) and LoRA (`lora`, lora.py) run under the same loop; weights can start
 from a trainer checkpoint or a Hugging Face folder (`model.initFrom`, `lora.baseCheckpoint`; hf.py).
 """
 
@@ -36,7 +36,7 @@ import yaml
 from pretrain_operator import api, cel, contract as c
 
 from . import moe as moe_mod
-from . import parallel, pipeline
+from . import data_parallel, expert_parallel, parallel, pipeline, tensor_parallel
 from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, OtherModel, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
@@ -243,11 +243,11 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
         if not meta:
             part.to(device)
         if emesh is not None:
-            parallel.apply_expert_parallel(part, emesh["ep"])
-        parallel.apply_tensor_parallel(part, mesh["tp"])
+            expert_parallel.apply_expert_parallel(part, emesh["ep"])
+        tensor_parallel.apply_tensor_parallel(part, mesh["tp"])
         parallel.apply_activation_checkpointing(part, spec.training.activationCheckpointing)
         parallel.apply_compile(part, spec.training.compile)
-        parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward, emesh["edp"] if emesh is not None else None)
+        data_parallel.apply_data_parallel(part, mesh["dp"], p.reshardAfterForward, emesh["edp"] if emesh is not None else None)
         if meta:
             part.to_empty(device=device)
             init_sharded(part, names, spec.training.seed, args.layers)
@@ -457,7 +457,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                 (loss / len(micro)).backward()
                 total += loss.detach().double() / len(micro)  # on the device: no sync per microbatch
             total = total.cpu()
-        parallel.scale_expert_grads(model, spec.parallelism.expert)
+        expert_parallel.scale_expert_grads(model, spec.parallelism.expert)
         grad_norm = parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
                                              mesh["pp"].get_group() if schedule is not None else None, experts, ep_group)
         ckpt.wait_staging()  # an async save's copy must be taken before the weights change
