@@ -1,8 +1,8 @@
 """The trainer's metrics endpoint while it trains: the contract's metrics (step, loss, tokens per
 second, the last checkpoint, the last validation, checkpoint requests served) and its own (time
-blocked by saves, gradient norm, skipped steps, peak memory, MFU), scraped over HTTP as Prometheus does, with values that follow the run. Under the
-operator, the pod's grace period is served beside the save time, and a save outlasting it is
-logged once.
+blocked by saves, gradient norm, skipped steps, peak memory, MFU), scraped over HTTP as Prometheus
+does, with values that follow the run. Under the operator, the pod's grace period is served beside
+the save time, and a save outlasting it is logged once.
 
     .venv/bin/python -m pytest tests/test_trainer_metrics.py -q
 """
