@@ -112,6 +112,7 @@ def test_compiled_blocks_keep_the_losses_and_their_checkpoints_resume_without_co
 
 
 SEQUENCE_PROBE = '''
+import os
 import sys
 import torch
 import torch.distributed as dist
@@ -136,8 +137,9 @@ want = ref(x)
 F.cross_entropy(want.flatten(0, 1), y.flatten()).backward()
 grad_err = max(float(((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) - q.grad).abs().max())
                for p, q in zip(model.parameters(), ref.parameters()))
-print(f"rank {rank}: norm inputs {sorted(set(seen))} x {len(seen)}; logits {tuple(logits.shape)} "
-      f"error {float((logits - want).abs().max()):.1e}; gradient error {grad_err:.1e}", flush=True)
+line = (f"rank {rank}: norm inputs {sorted(set(seen))} x {len(seen)}; logits {tuple(logits.shape)} "
+        f"error {float((logits - want).abs().max()):.1e}; gradient error {grad_err:.1e}\\n")
+os.write(1, line.encode())  # one write: the ranks share the pipe (print's two writes interleaved once)
 dist.destroy_process_group()
 '''
 
