@@ -1,5 +1,6 @@
-"""The trainer's checkpoint writer (checkpoint.Writer: no zip CRC32s) against DCP's own
-FileSystemWriter, saving the same model + AdamW state.
+"""The trainer's checkpoint writer (checkpoint.Writer: no zip CRC32s, one zlib CRC32 per file)
+against DCP's own FileSystemWriter, saving the same model + AdamW state; and what the file CRC32s
+cost: the same writer without them, and a resume's check of them (reading the files back).
 
     .venv/bin/python bench/checkpoint_writer.py [--rounds 7] [--model '{"dim": 1024, "layers": 8, ...}']
 
@@ -7,7 +8,8 @@ One CPU process (gloo, world size 1), two writer threads each as the trainer use
 writers alternate, the folder is removed and the page cache flushed (`sync`) before each save, and
 the median of `--rounds` is printed, so a disk whose speed drifts during the run (this project's
 machine: 489 MiB/s to 1.5 GB/s within minutes) affects both alike. Limits: the save alone (no
-marker, no RNG files, no async staging); bench/trainer.py measures the trainer's whole save.
+marker, no RNG files, no async staging); bench/trainer.py measures the trainer's whole save. The
+check reads what the page cache still holds from the save (a resume on another node reads the disk).
 """
 
 from __future__ import annotations
@@ -59,30 +61,45 @@ def main(argv: list[str] | None = None) -> dict:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystem
 
-    from pretrain_trainer.checkpoint import Writer
+    from pretrain_trainer.checkpoint import Writer, file_crc
+
+    class NoFileCrc(Writer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.fs = FileSystem()
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port
     try:
         state = model_state(json.loads(a.model))
-        times: dict[str, list[float]] = {"FileSystemWriter": [], "checkpoint.Writer": []}
+        writers = {"FileSystemWriter": FileSystemWriter, "checkpoint.Writer": Writer, "no file CRC32": NoFileCrc}
+        times: dict[str, list[float]] = {k: [] for k in (*writers, "check")}
         with tempfile.TemporaryDirectory(prefix="bench-writer-") as tmp:
             d = Path(tmp) / "ckpt"
             for _ in range(a.rounds):
-                for name, cls in (("FileSystemWriter", FileSystemWriter), ("checkpoint.Writer", Writer)):
+                for name, cls in writers.items():
                     shutil.rmtree(d, ignore_errors=True)
                     os.sync()
                     t0 = time.monotonic()
                     dcp.save(state, storage_writer=cls(str(d), thread_count=2, sync_files=True))
                     times[name].append(time.monotonic() - t0)
+                    if name == "checkpoint.Writer":
+                        t0 = time.monotonic()
+                        for f in d.glob("*.distcp"):
+                            assert file_crc(f) == int(Path(f"{f}.crc32").read_text())
+                        times["check"].append(time.monotonic() - t0)
             size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
     finally:
         dist.destroy_process_group()
-    base, ours = (statistics.median(times[k]) for k in ("FileSystemWriter", "checkpoint.Writer"))
-    print(f"one save of {size / 2**20:.0f} MiB (model + AdamW), median of {a.rounds}:")
-    print(f"  DCP's FileSystemWriter      {base:6.3f} s  {size / 2**20 / base:6.0f} MiB/s")
-    print(f"  checkpoint.Writer (no CRC)  {ours:6.3f} s  {size / 2**20 / ours:6.0f} MiB/s   {base / ours:4.2f}x faster")
-    return {"bytes": size, "filesystemwriter_s": base, "writer_s": ours}
+    base, ours, bare, check = (statistics.median(times[k]) for k in (*writers, "check"))
+    mib = size / 2**20
+    print(f"one save of {mib:.0f} MiB (model + AdamW), median of {a.rounds}:")
+    print(f"  DCP's FileSystemWriter               {base:6.3f} s  {mib / base:6.0f} MiB/s")
+    print(f"  checkpoint.Writer                    {ours:6.3f} s  {mib / ours:6.0f} MiB/s   {base / ours:4.2f}x faster")
+    print(f"  checkpoint.Writer without file CRCs  {bare:6.3f} s  {mib / bare:6.0f} MiB/s   the CRCs cost {ours / bare:4.2f}x")
+    print(f"  a resume's check of the file CRCs    {check:6.3f} s  {mib / check:6.0f} MiB/s   {check / ours:4.2f}x a save")
+    return {"bytes": size, "filesystemwriter_s": base, "writer_s": ours, "writer_no_file_crc_s": bare, "check_s": check}
 
 
 if __name__ == "__main__":

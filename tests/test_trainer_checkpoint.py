@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -93,12 +95,21 @@ def test_moe_and_lora_runs_stopped_by_sigterm_resume_bit_for_bit(tmp_path, extra
 def _corrupt(shard: Path, how: str) -> None:
     if how == "truncated":  # the marker's size no longer matches
         shard.write_bytes(shard.read_bytes()[:100])
-    else:  # the same size, a record's header zeroed: only loading finds it (DCP's CheckpointException)
+    elif how == "overwritten":  # the same size, a record's header zeroed: loading alone finds it (DCP's CheckpointException)
         with open(shard, "r+b") as f:
             f.write(bytes(64))
+    else:  # one byte in the middle of this file's largest tensor: DCP and torch.load read it without a word
+        from torch.distributed.checkpoint import FileSystemReader
+        item = max((s for s in FileSystemReader(str(shard.parent)).read_metadata().storage_data.values()
+                    if s.relative_path == shard.name), key=lambda s: s.length)
+        with open(shard, "r+b") as f:
+            f.seek(item.offset + item.length // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0x40]))
 
 
-@pytest.mark.parametrize("how", ["truncated", "overwritten"])
+@pytest.mark.parametrize("how", ["truncated", "overwritten", "one byte changed"])
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_and_is_set_aside(tmp_path, how):
     cfg = write_config(tmp_path, steps=6, interval=3)
     run(cfg, 1, tmp_path / "first.txt")
@@ -115,6 +126,31 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_and_is_set_a
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == first[s] for s in again)
     assert (tmp_path / "ckpt" / "step-00000006.unusable" / "COMMITTED").exists()  # kept for inspection
+
+
+def test_ranks_that_share_the_checksum_reading_fall_back_together_when_one_finds_a_changed_byte(tmp_path):
+    # Each rank reads every world-th file; only the rank holding __1_0 finds it changed. Had the
+    # other gone on to load, the two would have stood in different collectives.
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=6, interval=3)
+    run(cfg, 2, tmp_path / "first.txt")
+    first = losses(tmp_path / "first.txt")
+    _corrupt(tmp_path / "ckpt" / "step-00000006" / "__1_0.distcp", "one byte changed")
+    r = run(cfg, 2, tmp_path / "again.txt")
+    assert "__1_0.distcp does not match its checksum" in r.stderr
+    assert "step-00000006 is not usable" in r.stderr and "resumed from" in r.stderr and "step-00000003" in r.stderr
+    again = losses(tmp_path / "again.txt")
+    assert sorted(again) == [4, 5, 6] and all(again[s] == first[s] for s in again)
+
+
+def test_eval_of_a_checkpoint_with_a_changed_byte_is_a_clear_error_naming_the_file(tmp_path):
+    cfg = write_config(tmp_path, steps=3, interval=3)
+    run(cfg, 1, tmp_path / "losses.txt")
+    step = tmp_path / "ckpt" / "step-00000003"
+    _corrupt(step / "__0_0.distcp", "one byte changed")
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(cfg), "--checkpoint", str(step)],
+                       capture_output=True, text=True, env=env())
+    assert r.returncode == c.EXIT_PERMANENT, r.stderr[-2000:]
+    assert "__0_0.distcp does not match its checksum" in r.stderr
 
 
 def test_saves_after_a_fallback_are_kept_in_place_of_the_unusable_newer_checkpoint(tmp_path):
@@ -262,6 +298,12 @@ def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
     # Neither the writer process (step 3) nor the trainer (step 9) spent time on zip CRC32s, which
     # torch.load never checks (checkpoint.Writer).
     assert _record_crcs(d / "ckpt" / "step-00000003") == _record_crcs(d / "ckpt" / "step-00000009") == {0}
+    # What each file's writer computed as the bytes went out (the writer process's at step 3, the
+    # trainer's at step 9) is the CRC32 of the file as read back, for every file in the marker.
+    for step in (3, 9):
+        marker = json.loads((d / "ckpt" / f"step-{step:08d}" / "COMMITTED").read_text())
+        assert {r for r in marker["crc32"] if r.endswith(".distcp")} == {"__0_0.distcp", "__0_1.distcp"}
+        assert marker["crc32"] == {r: zlib.crc32((d / "ckpt" / f"step-{step:08d}" / r).read_bytes()) for r in marker["crc32"]}
     # Steps 3 and 6 were async saves (staged in the background while the next step ran; the last
     # step's is synchronous). Step 6's reused step 3's state dict, views of the same tensors, which
     # the optimizer updated in place since. Resumed from each, the steps after come out the same:
@@ -341,7 +383,6 @@ def test_only_the_last_keep_checkpoints_stay_and_a_folder_cut_short_before_them_
 
 
 def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(tmp_path):
-    import sys
     out = {}
     for name, kw in (("dp", {"nproc": 2, "data": 2}), ("pp", {"nproc": 2, "pipeline": 2})):
         d = tmp_path / name

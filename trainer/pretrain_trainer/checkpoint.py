@@ -8,8 +8,11 @@ the data manifest's hash, and each rank's RNG state (`rng/rank-N.pt`; on resume 
 world size it cannot carry over, so it is re-derived from the seed and the log says so).
 
 Resume picks the newest checkpoint that verifies (marker present, every file the marker lists with
-its recorded size) and that loads on every rank; otherwise it says why and falls back to the
-previous one. A committed checkpoint skipped that way is set aside (renamed `step-N.unusable`,
+its recorded size and CRC32) and that loads on every rank; otherwise it says why and falls back to
+the previous one. The CRC32 of each data file is computed while it is written, by the process that
+writes it (`Writer`), and kept beside it (`__0_0.distcp.crc32`); the marker collects them. On
+resume the ranks share the reading: each checks every world-th file, so a byte changed at the same
+size (a disk, a copy, a volume restored half-way) is found before anything loads. A committed checkpoint skipped that way is set aside (renamed `step-N.unusable`,
 kept for inspection): otherwise it would stay the newest, and pruning after the next commits would
 keep it in place of the good ones this run saves. A folder without a marker (a save cut short) is
 never loaded. A checkpoint saved by
@@ -30,6 +33,7 @@ folder (hf.py). Every rank reads the whole model: call it before sharding.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import operator
@@ -37,6 +41,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -45,6 +50,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
@@ -56,6 +62,7 @@ from .fence import Fence
 log = logging.getLogger("pretrain_trainer.checkpoint")
 MARKER = "COMMITTED"
 UNUSABLE = ".unusable"
+CRC = ".crc32"  # beside each data file: its CRC32, from the process that wrote it
 # What a checkpoint that does not load raises: DCP gathers every rank's failure into a
 # CheckpointException, a BaseException (it escapes `except Exception`).
 LOAD_ERRORS = (Exception, CheckpointException)
@@ -88,6 +95,34 @@ def verify(d: Path) -> str | None:
             return f"missing {rel}"
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, the marker recorded {size}"
+    return None
+
+
+def file_crc(f: Path) -> int:
+    crc = 0
+    with open(f, "rb") as src:
+        while chunk := src.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def checksum_problem(d: Path, share: tuple[int, int] = (0, 1), only: set[str] | None = None) -> str | None:
+    """None if the files the marker has a CRC32 for still have it, else the first that does not.
+    It reads them whole: `share` (i, n) checks every n-th file from the i-th (of those sorted by
+    name, within `only` if given), so n ranks read a checkpoint once between them. A marker written
+    before checksums were kept has none: nothing to check."""
+    try:
+        crcs = json.loads((d / MARKER).read_text()).get("crc32", {})
+    except (OSError, ValueError) as e:
+        return f"unreadable marker ({e})"
+    rels = sorted(r for r in crcs if only is None or r in only)
+    for rel in rels[share[0]::share[1]]:
+        try:
+            got = file_crc(d / rel)
+        except OSError as e:
+            return f"{rel} is unreadable ({e})"
+        if got != crcs[rel]:
+            return f"{rel} does not match its checksum (CRC32 {got:08x}, {crcs[rel]:08x} when saved)"
     return None
 
 
@@ -135,7 +170,10 @@ def load_weights(model, path: str, whole: dict[str, tuple] | None = None) -> Pat
     if d is None:
         raise FileNotFoundError(f"{path}: neither a Hugging Face folder (config.json) nor a trainer checkpoint "
                                 f"(a step-N folder with {MARKER}, or a folder of them)")
-    problem = verify(d)
+    problem = verify(d) or checksum_problem(d, only={".metadata"})
+    if not problem:  # the files holding model tensors (the optimizer's and the RNG's are not read)
+        storage = dcp.FileSystemReader(str(d)).read_metadata().storage_data
+        problem = checksum_problem(d, only={s.relative_path for i, s in storage.items() if i.fqn.startswith("model.")})
     if problem:
         raise ValueError(f"checkpoint {d} does not verify: {problem}")
     opts = StateDictOptions(ignore_frozen_params=has_frozen(model))
@@ -156,18 +194,69 @@ def has_frozen(model) -> bool:
 
 
 class Writer(FileSystemWriter):
-    """DCP's file writer without the zip CRC32 that torch.save computes for every tensor record.
+    """DCP's file writer with one CRC32 per data file (what a resume checks), and without the zip
+    CRC32 that torch.save computes for every tensor record.
 
-    torch.load never checks those checksums (a flipped byte in a tensor loads: checked with torch
-    2.15), so they protect nothing here, and computing them (miniz, a byte table at a time) made a
-    1.27 GiB save 1.74x slower on this project's CPU, a 97 MiB one 1.07-1.19x slower
-    (bench/checkpoint_writer.py). What a resume does check is the marker: every file, at the size
-    it had when the save committed. The option is process-wide and set around the writes only, in
-    whichever process writes (the trainer's, or an async save's writer process)."""
+    torch.load never checks those record checksums (a flipped byte in a tensor loads: checked with
+    torch 2.15), so they protect nothing here, and computing them (miniz, a byte table at a time)
+    made a 1.27 GiB save 1.74x slower on this project's CPU, a 97 MiB one 1.07-1.19x slower
+    (bench/checkpoint_writer.py). The file's own CRC32 is zlib's (3.6 GB/s here), computed as the
+    bytes go out (`_ChecksumFileSystem`), in whichever process writes (the trainer's, or an async
+    save's writer process). The zip option is process-wide and set around the writes only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fs = _ChecksumFileSystem()
 
     def write_data(self, plan, planner):
         with _no_zip_crc32():
             return super().write_data(plan, planner)
+
+
+class _Checksummed(io.RawIOBase):
+    """A data file being written, with the CRC32 of the bytes written so far. DCP's writer only
+    writes, tells and flushes (torch.save into it neither seeks nor tells: checked with 2.15), so
+    this is the CRC32 of the whole file; the test suite checks it against the file read back."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f, self.crc = f, 0
+
+    def write(self, b) -> int:
+        self.crc = zlib.crc32(b, self.crc)
+        return self.f.write(b)
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes
+            self.f.close()
+
+
+class _ChecksumFileSystem(FileSystem):
+    """DCP's local file system, whose data files (`.distcp`) leave their CRC32 beside them once
+    written whole (not when a write fails: then the save fails and commits nothing)."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with super().create_stream(path, mode) as stream:
+            if mode != "wb" or not str(path).endswith(".distcp"):
+                yield stream
+                return
+            out = _Checksummed(stream)
+            yield out
+        Path(str(path) + CRC).write_text(str(out.crc))
 
 
 @contextlib.contextmanager
@@ -511,9 +600,15 @@ class Checkpointer:
             log.warning("checkpoint step %d not committed: %s has claimed %s since this attempt started", step, taken, self.root)
             return
         (d / "extra.json").write_text(json.dumps(extra))
-        files = {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file()}
+        paths = [p for p in sorted(d.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(d)): p.stat().st_size for p in paths}
+        # Data files' CRC32s come from their writers; the small files (DCP's metadata, each rank's
+        # RNG, extra.json) are read here.
+        crcs = {str(p.relative_to(d)): int(Path(str(p) + CRC).read_text()) if p.suffix == ".distcp" else file_crc(p)
+                for p in paths if p.suffix != CRC}
         tmp = d / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files, **self.fence.fields()}))
+        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files,
+                                   "crc32": crcs, **self.fence.fields()}))
         os.replace(tmp, d / MARKER)
         latest_tmp = self.root / "latest.tmp"
         latest_tmp.write_text(d.name)
@@ -548,10 +643,15 @@ class Checkpointer:
         shapes = self._shapes(model) if candidates else {}
         for step in candidates:
             d = step_dir(root, step)
-            problem = verify(d)
+            # Sizes on every rank (cheap, the same answer), contents shared: each rank reads its
+            # files; all must agree before any loads (DCP's load is a collective).
+            problem = verify(d) or checksum_problem(d, share=(self.rank, self.world))
+            if problem and self.rank != 0:
+                log.warning("checkpoint %s: %s", d, problem)
             ok = torch.tensor([0 if problem else 1])
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
             other = None
-            if not problem:
+            if int(ok) == 1:
                 try:
                     other = model_mismatch(d, shapes)
                     if not other:
@@ -587,7 +687,7 @@ class Checkpointer:
                 return extra
             if self.rank == 0:
                 log.warning("checkpoint %s is not usable (%s); falling back to the previous one", d,
-                            problem or "another rank could not load it")
+                            problem or "on another rank, whose log says why")
                 self._set_aside(d)
         return None
 
