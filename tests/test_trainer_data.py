@@ -111,6 +111,42 @@ def test_shards_are_read_where_a_window_falls_never_copied_into_memory_whole(tmp
     assert np.array_equal(blend.held[0][:], tokens[len(train):])
 
 
+def test_a_corpus_of_more_shards_than_a_containers_file_descriptors_reads_with_a_few_open(tmp_path):
+    # Each memory-mapped shard holds a file descriptor: a 100 GB corpus has about 12,800 shards at
+    # the default size, and a container's soft limit is often 1024. 300 shards under a limit of 200.
+    import numpy as np
+    d = tmp_path / "many"
+    d.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 512, size=300 * 50).astype(np.uint16)
+    for i in range(300):
+        tokens[i * 50:(i + 1) * 50].tofile(d / f"tokens-{i:05d}.bin")
+    (d / "manifest.json").write_text(json.dumps({
+        "vocabSize": 512, "dtype": "uint16", "sha256": "many", "totalTokens": len(tokens),
+        "shards": [{"file": f"tokens-{i:05d}.bin", "tokens": 50} for i in range(300)]}))
+    np.save(tmp_path / "want.npy", tokens)
+    script = f"""
+import resource, sys, numpy as np
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from pretrain_trainer.data import Blend, Loader, TokenSource
+src = TokenSource({str(d)!r}, 512, seed=0)
+want = np.load({str(tmp_path / "want.npy")!r})
+assert np.array_equal(src.tokens[:], want)  # every shard, in one read
+for a in range(0, len(want) - 120, 37):
+    assert np.array_equal(src.tokens[a:a + 120], want[a:a + 120])
+loader = Loader(Blend([src], [1.0], 32), 32, 8, 2, 0, 1, seed=0)
+for _ in range(30):
+    loader.next_batch()
+print("read", len(want))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert r.returncode == 0 and "read 15000" in r.stdout, r.stderr[-2000:]
+    # A shard that does not hold what the manifest says is found at the start, naming it.
+    (d / "tokens-00007.bin").write_bytes(b"xx")
+    from pretrain_trainer.data import DataError, TokenSource
+    with pytest.raises(DataError, match="tokens-00007.bin has 2 bytes, its manifest says 50 uint16 tokens"):
+        TokenSource(str(d), 512, seed=0)
+
+
 def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_path):
     # Exit 85: the operator fails the job at once instead of retrying a run that cannot succeed.
     from pretrain_operator import contract as c

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,36 @@ class DataError(ValueError):
     """The data cannot be used as configured: the run cannot succeed until someone fixes it."""
 
 
+class MappedShards:
+    """A prepared folder's shard files as a list of arrays, each memory-mapped when first read.
+    At most `max_open` stay mapped (the least recently read is let go): each mapping holds a file
+    descriptor, and a 100 GB corpus has about 12,800 shards at the default shard size, over the
+    1024 descriptors a container's soft limit often is. Lengths come from the manifest, so nothing
+    is opened to index the stream; each file's size is checked against them at the start."""
+
+    def __init__(self, files: list[Path], lengths: list[int], dtype: str, max_open: int = 64):
+        self.files, self.lengths, self.dtype, self.max_open = files, lengths, np.dtype(dtype), max_open
+        self.open: OrderedDict[int, np.ndarray] = OrderedDict()
+        for f, n in zip(files, lengths):
+            size = f.stat().st_size  # OSError: missing or unreadable
+            if size != n * self.dtype.itemsize:
+                raise ValueError(f"{f.name} has {size} bytes, its manifest says {n} {self.dtype} tokens")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if k in self.open:
+            self.open.move_to_end(k)
+            return self.open[k]
+        if self.lengths[k] == 0:  # nothing to map (an empty file cannot be)
+            return np.empty(0, self.dtype)
+        if len(self.open) >= self.max_open:
+            self.open.popitem(last=False)  # its mapping closes once no window read from it is held
+        arr = self.open[k] = np.memmap(self.files[k], dtype=self.dtype, mode="r", shape=(self.lengths[k],))
+        return arr
+
+
 class Tokens:
     """A token stream stored in pieces (a prepared folder's memory-mapped shards, or one in-memory
     array), read as one: `tokens[a:b]` is an array of the tokens a..b-1 read from only the shards
@@ -100,9 +131,10 @@ class Tokens:
     `part(a, b)` a sub-stream without reading anything. The corpus is never copied into memory
     whole; the operating system pages in what is read."""
 
-    def __init__(self, shards: list[np.ndarray], start: int = 0, stop: int | None = None):
+    def __init__(self, shards: list[np.ndarray] | MappedShards, start: int = 0, stop: int | None = None):
         self.shards = shards
-        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # shard k: offsets[k]..offsets[k+1]-1
+        lengths = shards.lengths if isinstance(shards, MappedShards) else [len(s) for s in shards]
+        self.offsets = np.cumsum([0] + lengths)  # shard k: offsets[k]..offsets[k+1]-1
         self.start = start
         self.stop = int(self.offsets[-1]) if stop is None else stop
 
@@ -127,10 +159,18 @@ class Tokens:
         lo, hi = self._range(key)
         first = int(np.searchsorted(self.offsets, lo, side="right")) - 1
         last = int(np.searchsorted(self.offsets, hi, side="left"))  # shards first..last-1 hold lo..hi-1
-        pieces = [self.shards[k][max(lo - self.offsets[k], 0):hi - self.offsets[k]] for k in range(max(first, 0), last)]
-        if not pieces:
-            return self.shards[0][:0]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        ks = range(max(first, 0), last)
+        if len(ks) <= 1:  # within one shard (or empty): a view, nothing copied
+            k = ks[0] if ks else 0
+            return self.shards[k][max(lo - self.offsets[k], 0):max(hi - self.offsets[k], 0)]
+        # Across shards: copied piece by piece, so that no more shards are held open at once than
+        # MappedShards keeps (a view would keep its mapping, and its file descriptor, alive).
+        out = np.empty(hi - lo, self.shards[ks[0]].dtype)
+        for k in ks:
+            piece = self.shards[k][max(lo - self.offsets[k], 0):hi - self.offsets[k]]
+            at = max(self.offsets[k] - lo, 0)
+            out[at:at + len(piece)] = piece
+        return out
 
 
 class TokenSource:
@@ -148,7 +188,8 @@ class TokenSource:
             if man["vocabSize"] > vocab_size:
                 raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
             try:
-                self.tokens = Tokens([np.memmap(d / s["file"], dtype=man["dtype"], mode="r") for s in man["shards"]])
+                self.tokens = Tokens(MappedShards([d / s["file"] for s in man["shards"]], [s["tokens"] for s in man["shards"]],
+                                                  man["dtype"]))
             except (OSError, ValueError) as e:
                 raise DataError(f"{field} {path}: a shard its manifest lists cannot be read ({e})") from e
             self.manifest_hash, self.tokenizer_hash = man["sha256"], man.get("tokenizerSha256", "")
