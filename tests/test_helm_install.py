@@ -199,7 +199,7 @@ def _can_i_table(r: Release, clusterwide: bool) -> list[tuple[str, str, str | No
     return [
         # What the operator does (controller.py, leader.py, kopf's watches).
         ("watch", "pretrainjobs.pretrain.dev", job, True), ("delete", "pretrainjobs.pretrain.dev", job, True),
-        ("patch", "pretrainjobs.pretrain.dev/status", job, True),
+        ("patch", "pretrainjobs.pretrain.dev/status", job, True), ("update", "pretrainjobs.pretrain.dev/finalizers", job, True),
         ("create", "pods", job, True), ("patch", "pods", job, True), ("delete", "pods", job, True), ("watch", "pods", job, True),
         ("create", "services", job, True), ("update", "configmaps", job, True), ("create", "events", job, True),
         ("watch", "nodes", None, True), ("get", "nodes", None, True), ("get", "namespaces", None, True),

@@ -62,6 +62,12 @@ with `kubectl auth can-i` as the ServiceAccount).
 - apiGroups: [pretrain.dev]
   resources: [pretrainjobs/status]
   verbs: [patch]
+{{- /* Children carry a controller ownerReference with blockOwnerDeletion: clusters with the
+OwnerReferencesPermissionEnforcement admission plugin (OpenShift's default) refuse their creation
+without update on the owner's finalizers. Nothing else is done with it. */}}
+- apiGroups: [pretrain.dev]
+  resources: [pretrainjobs/finalizers]
+  verbs: [update]
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, patch, delete]
