@@ -5,6 +5,7 @@ writes the final report as its termination message, and resumes from the newest 
 
 Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<n>:<code>"
 exits with <code> after <n> steps of this attempt on node rank <rank> in attempt <attempt> (* means any).
+STANDIN_NAN_LOSS_FROM=<step> serves a NaN loss from that step on (a diverging run).
 """
 
 import http.server
@@ -28,6 +29,7 @@ rank = int(os.environ["PET_NODE_RANK"])
 attempt = int(os.environ[c.ENV_ATTEMPT])
 step_s = float(os.environ.get("STANDIN_STEP_SECONDS", "0.2"))
 fail = os.environ.get("STANDIN_FAIL", "")
+nan_from = int(os.environ.get("STANDIN_NAN_LOSS_FROM", "1000000000"))  # the served loss is NaN from this step on
 annotations = Path(os.environ[c.ENV_PODINFO]) / "annotations"
 
 state = {"step": 0, "ckpt_step": 0, "ckpt_time": 0.0, "served": 0}
@@ -53,7 +55,7 @@ class Metrics(http.server.BaseHTTPRequestHandler):
         body = "\n".join([
             f"{c.METRIC_STEP} {state['step']}", f"{c.METRIC_TOTAL_STEPS} {steps}",
             # No loss before the first step, as the real trainer serves it (metrics.py): NaN.
-            f"{c.METRIC_LOSS} {loss(state['step']) if state['step'] else float('nan'):.4f}",
+            f"{c.METRIC_LOSS} {loss(state['step']) if state['step'] and state['step'] < nan_from else float('nan'):.4f}",
             f"{c.METRIC_TOKENS_PER_SECOND} {1234.5 if state['step'] else 0}",
             f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
             f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",

@@ -74,6 +74,65 @@ def test_a_gang_that_cannot_start_in_time_is_torn_down_and_retried(jobs):
              timeout=30, what="attempt 1's pods to be gone")
 
 
+def test_pods_the_api_server_refuses_for_now_are_said_once_and_created_once_allowed(jobs):
+    # A quota of one pod: the gang's second pod is refused (403). Said in status.message and one
+    # Event (not one per retry), retried with back-off, created as soon as the quota allows it.
+    from kubernetes import client
+    jobs.core.create_namespaced_resource_quota(jobs.ns, client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="one-pod"), spec=client.V1ResourceQuotaSpec(hard={"pods": "1"})))
+    wait_for(lambda: (jobs.core.read_namespaced_resource_quota("one-pod", jobs.ns).status or client.V1ResourceQuotaStatus()).hard,
+             timeout=30, what="the quota's status")
+    jobs.create(job_manifest("quota", steps=20))
+    st = jobs.wait("quota", lambda s: "refused the others" in (s.get("message") or ""), timeout=60, what="the refusal in status")
+    assert st["phase"] == "Starting" and "1/2 pod(s) created" in st["message"] and "exceeded quota" in st["message"], st
+    time.sleep(5)  # retries with back-off meanwhile
+    assert [e.reason for e in jobs.events("quota")].count("GangCreateFailed") == 1
+    jobs.core.delete_namespaced_resource_quota("one-pod", jobs.ns)
+    st = jobs.wait_phase("quota", "Succeeded", timeout=120)
+    assert st["attempt"] == 1 and st["failures"] == 0
+
+
+def test_pods_the_api_server_finds_invalid_fail_the_job_at_once_with_its_message(jobs):
+    # template.volumeMounts is passed through as-is (core/v1 VolumeMount): a mount of a volume
+    # the pod lacks (a typo in its name) passes the CRD and is refused by the API server (422) for
+    # every pod, in every attempt alike. Before, the job stayed in Starting for ever, retrying.
+    jobs.create(job_manifest("badvolume", steps=10, template={"volumeMounts": [{"name": "scrach", "mountPath": "/scratch"}]}))
+    st = jobs.wait_phase("badvolume", "Failed", timeout=60)
+    cond = next(cd for cd in st["conditions"] if cd["type"] == "Failed")
+    assert cond["reason"] == "PodInvalid" and 'volumeMounts[' in cond["message"] and 'Not found: "scrach"' in cond["message"], cond
+    assert st["failures"] == 0 and st["attempt"] == 1
+    jobs.wait_events("badvolume", "Failed")
+    assert not jobs.pods("badvolume", live=False)
+
+
+def test_a_new_gangs_start_timeout_counts_from_its_first_create_not_from_the_old_gangs_drain():
+    # The old gang may take its whole grace period to checkpoint and exit (up to an hour): the new
+    # gang's startTimeoutSeconds starts once it is created. It once started at the restart's
+    # decision, and a new gang created after a 700 s drain was torn down two seconds later.
+    import datetime as dt
+    job, spec, pods, nodes, now = observed_gang("drain")
+    job["spec"]["scheduling"] = {"startTimeoutSeconds": 600}
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+
+    def decide(status, pods, at):
+        job["status"] = status
+        return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                                   config_data=render.trainer_config(spec), now=now + dt.timedelta(seconds=at)))
+    pods[1]["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": c.EXIT_PREEMPTED}}}]}
+    plan = decide(job["status"], pods, 0)
+    assert plan.status["phase"] == "Restarting" and plan.status["attempt"] == 2
+    plan = decide(plan.status, pods[:1], 700)  # rank 0 still draining
+    assert not plan.create and plan.delete_pods == [pods[0]["metadata"]["name"]]
+    plan = decide(plan.status, [], 701)  # gone: the new gang is created
+    assert [p["metadata"]["name"] for p in plan.create] == ["drain-a2-n0", "drain-a2-n1"]
+    new = render.gang(job, spec, 2)
+    for p in new:
+        p["status"] = {"phase": "Pending"}
+    plan = decide(plan.status, new, 703)
+    assert plan.status["phase"] == "Restarting" and plan.status["attempt"] == 2, plan.events
+    assert 597 <= plan.requeue_after <= 599
+
+
 def test_suspend_checkpoints_and_removes_the_pods_and_resume_continues_from_it(jobs):
     jobs.create(job_manifest("pausable", steps=300, interval=1000, step_s=0.1))
     jobs.wait_phase("pausable", "Running", timeout=60)

@@ -64,6 +64,17 @@ def test_a_trainer_with_no_loss_yet_shows_its_step_in_status(jobs):
     assert "validationLoss" not in st["progress"] and "validationStep" not in st["progress"], st["progress"]
 
 
+def test_a_loss_that_becomes_nan_leaves_status_instead_of_staying_at_its_last_value(jobs):
+    # A diverging run serves NaN (no JSON for it): status.progress drops its loss. A merge patch of
+    # progress without `loss` once kept the last finite one, and kubectl showed a healthy loss.
+    jobs.create(job_manifest("diverging", steps=400, step_s=0.2,
+                             template={"env": [{"name": "STANDIN_STEP_SECONDS", "value": "0.2"},
+                                               {"name": "STANDIN_NAN_LOSS_FROM", "value": "15"}]}))
+    jobs.wait("diverging", lambda s: "loss" in (s.get("progress") or {}), timeout=60, what="a loss in status")
+    st = jobs.wait("diverging", lambda s: (s.get("progress") or {}).get("step", 0) >= 20, timeout=60, what="step 20")
+    assert "loss" not in st["progress"], st["progress"]
+
+
 def test_the_running_operator_never_loads_torch(jobs, operator):
     # The operator image carries no torch: not at import (tests/test_layout.py) and not on any
     # path a reconcile takes either (progress, checkpoints, restarts).

@@ -119,3 +119,19 @@ def test_an_evicted_pod_gone_before_the_reconcile_lists_it_keeps_its_eviction_re
     assert restart({})["reason"] == "PodDeleted"  # what the reconcile knew without the watch's memory
     r = restart({n0["metadata"]["name"]: n0})
     assert r["kind"] == "Preemption" and r["reason"] == "EvictionByEvictionAPI"
+
+
+@pytest.mark.parametrize("reason,message,kind", [
+    ("UnexpectedAdmissionError", "Allocate failed due to no healthy devices present; cannot allocate unhealthy devices nvidia.com/gpu", "Retryable"),
+    ("OutOfnvidia.com/gpu", "Node didn't have enough resource: nvidia.com/gpu, requested: 8, used: 8, capacity: 8", "Retryable"),
+    ("Evicted", "The node was low on resource: ephemeral-storage.", "Preemption"),
+])
+def test_a_pod_its_node_refused_or_evicted_before_it_ran_spends_no_failure(reason, message, kind):
+    """No cluster (reconcile.decide on the status a kubelet writes): phase Failed, no container
+    state. It once counted as `exited with code 1 (Error)` and spent the failure budget."""
+    job, spec, (n0, n1), ready, now = observed_gang("refused")
+    n1["status"] = {"phase": "Failed", "reason": reason, "message": message}
+    st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n0, n1], nodes=ready, service_exists=True,
+                                             config_data=None, now=now)).status
+    assert st["restart"]["kind"] == kind and st["restart"]["reason"] == reason and message in st["restart"]["message"], st["restart"]
+    assert st["failures"] == 0 and st["attempt"] == 2

@@ -248,7 +248,7 @@ class Scheduling(Model):
     priorityClassName: str = Field("", max_length=253)
     schedulerName: str = Field("", max_length=253, description="Empty: the default scheduler.")
     queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.")
-    startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this; otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
+    startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this, counted from its first pod create (status.attemptStartTime); otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
 
 
 class EnvVar(Model):

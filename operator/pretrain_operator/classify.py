@@ -100,6 +100,15 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         return End(PREEMPTION, prob[0], prob[1], name)
     if t is None and phase not in ("Failed", "Succeeded"):
         return End(RUNNING, pod=name)
+    if t is None and phase == "Failed":
+        # No container ever ran: the kubelet refused the pod (UnexpectedAdmissionError from a
+        # device plugin, OutOf<resource>, NodeAffinity, ...) or evicted it for node pressure. Not the
+        # trainer's failure, and no exit code to report: the gang is recreated without spending the
+        # failure budget (an eviction is a preemption, as with a DisruptionTarget condition).
+        st = pod.get("status") or {}
+        why = st.get("reason") or "Rejected"
+        said = f"pod {name} {'was evicted' if why == 'Evicted' else 'was refused by its node'} ({why}: {st.get('message') or 'no message'})"
+        return End(PREEMPTION if why == "Evicted" else RETRYABLE, why, said, name)
     code = t.get("exitCode", 1) if t else 1
     if code == c.EXIT_SUCCESS and phase != "Failed":
         return End(SUCCESS, pod=name)

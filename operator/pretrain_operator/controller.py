@@ -49,6 +49,7 @@ class Controller:
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job uid -> (generation, config) once its Service and ConfigMap exist
         self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
+        self.create_errors: dict = {}  # job key -> (attempt, HTTP status, message) of its last refused pod create
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -144,6 +145,7 @@ class Controller:
                 metrics.forget_job(ns, name)
                 self.last_progress.pop((ns, name), None)
                 self.disrupted.pop((ns, name), None)
+                self.create_errors.pop((ns, name), None)
                 self._update_phase_gauge()
                 return None  # deleted: ownerReferences garbage-collect the children
             raise
@@ -181,7 +183,8 @@ class Controller:
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
-                                      disrupted=dict(self.disrupted.get((ns, name), {})))
+                                      disrupted=dict(self.disrupted.get((ns, name), {})),
+                                      create_error=self._create_error(ns, name, job))
         # Decide.
         plan = reconcile.decide(observed)
         if plan.status.get("attempt", 0) > (job.get("status") or {}).get("attempt", 0) > 0 and self._namespace_terminating(ns):
@@ -233,7 +236,17 @@ class Controller:
         # ConfigMap, which are sent first: a node that sees a pod before its ConfigMap retries the mount.
         if any(o["kind"] == "Pod" for o in plan.create):
             self._crash_point(plan.stage, "before-create", job)
-        list(self.pool.map(lambda o: self._create(ns, o), sorted(plan.create, key=lambda o: o["kind"] == "Pod")))
+        key = (ns, job["metadata"]["name"])
+        try:
+            list(self.pool.map(lambda o: self._create(ns, o), sorted(plan.create, key=lambda o: o["kind"] == "Pod")))
+        except client.ApiException as e:
+            # Kept for the next pass's decision (status.message and an Event, or PodInvalid), then
+            # retried with back-off like any failed write.
+            if any(o["kind"] == "Pod" for o in plan.create):
+                self.create_errors[key] = (plan.status.get("attempt", 0), e.status, api_message(e))
+            raise
+        if any(o["kind"] == "Pod" for o in plan.create):
+            self.create_errors.pop(key, None)
         if plan.delete_job:
             self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {
                 "propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))
@@ -253,6 +266,13 @@ class Controller:
             owners = [o["uid"] for o in existing["metadata"].get("ownerReferences") or []]
             if obj["metadata"]["ownerReferences"][0]["uid"] not in owners:
                 raise RuntimeError(f"{kind} {ns}/{obj['metadata']['name']} exists and is not owned by this job")
+
+    def _create_error(self, ns: str, name: str, job: dict) -> tuple[int, str] | None:
+        """The last refused pod create of the job's current attempt (reconcile.Observed.create_error)."""
+        got = self.create_errors.get((ns, name))
+        if got and got[0] == (job.get("status") or {}).get("attempt", 0):
+            return got[1], got[2]
+        return None
 
     # ---- helpers ------------------------------------------------------------------------------------
     def _write(self, fn):
@@ -310,8 +330,9 @@ class Controller:
             log.debug("progress of %s/%s from %s: %s", key[0], key[1], ip, e)
             return
         now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
-        if c.METRIC_STEP in m:
-            prog = {"step": int(m[c.METRIC_STEP]), "totalSteps": int(m.get(c.METRIC_TOTAL_STEPS, job["spec"]["training"]["steps"]))}
+        if math.isfinite(m.get(c.METRIC_STEP, math.nan)):  # a custom trainer's NaN step: no progress
+            total = m.get(c.METRIC_TOTAL_STEPS, math.nan)
+            prog = {"step": int(m[c.METRIC_STEP]), "totalSteps": int(total) if math.isfinite(total) else job["spec"]["training"]["steps"]}
             # NaN and infinity are not JSON (the API server refuses the whole patch): left out.
             if math.isfinite(m.get(c.METRIC_LOSS, math.nan)):
                 prog["loss"] = round(m[c.METRIC_LOSS], 4)
@@ -321,7 +342,7 @@ class Controller:
                 prog["validationLoss"] = round(m[c.METRIC_VALIDATION_LOSS], 4)
                 prog["validationStep"] = int(m[c.METRIC_VALIDATION_STEP])
             reconcile.set_progress(st, prog, now)
-        if m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
+        if math.isfinite(m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0)) and m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
             step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])
             if (st.get("lastCheckpoint") or {}).get("step") != step:
                 t = m.get(c.METRIC_LAST_CHECKPOINT_TIME)
@@ -377,11 +398,15 @@ def _job_path(ns: str, name: str) -> str:
 
 
 def _patchable(old: dict, new: dict) -> dict:
-    """A merge patch from old to new status: removed keys become None."""
+    """A merge patch from old to new status: removed keys become None, at every depth (a merge
+    patch merges objects: status.progress without `loss`, once the loss became NaN, kept the last
+    finite loss on the server, and every later pass found it different and wrote again)."""
     patch = copy.deepcopy(new)
-    for k in old:
+    for k, v in old.items():
         if k not in new:
             patch[k] = None
+        elif isinstance(v, dict) and isinstance(new[k], dict):
+            patch[k] = _patchable(v, new[k])
     return patch
 
 

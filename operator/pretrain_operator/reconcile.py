@@ -8,9 +8,9 @@ The state machine (docs/preemption.md draws it):
                   ^           |-> (preemption | failure | retryable | start timeout)
                   |           v
                   +------ Restarting   (attempt + 1 recorded, old pods deleted and gone, new gang)
-    any -> Suspended (suspend: true) -> Starting (resume: a new attempt)
+    any -> Suspended (suspend: true) -> Restarting (resume: a new attempt)
     any -> Failed (failures > maxFailures, preemptions > maxPreemptions, a non-retryable exit,
-                   activeDeadlineSeconds passed)
+                   activeDeadlineSeconds passed, pods the API server finds invalid)
 """
 
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Observed:
     # Pods the watch saw with a DisruptionTarget condition, by name: an evicted pod may be gone
     # before the reconcile lists the pods, and its last state still says why it went.
     disrupted: dict[str, dict] = field(default_factory=dict)
+    # The API server's answer to the last pod create of this attempt that failed: (HTTP status,
+    # message); None once a create went through.
+    create_error: tuple[int, str] | None = None
 
 
 @dataclass
@@ -229,10 +232,28 @@ def _decide(o: Observed) -> Plan:
     if not status.get("gangCreated"):
         missing = [n for n in names if n not in by_name]
         if missing:
+            # The attempt's start clock runs from its first create: the old gang's drain (up to its
+            # grace period, an hour at most) is not the new gang's start.
+            status["attemptStartTime"] = status.get("attemptStartTime") or now
+            status["readyNodes"] = f"0/{spec.nodes}"
+            if o.create_error:
+                code, msg = o.create_error
+                if code == 422:  # the pod is invalid, and the same spec renders the same pod: fails for good
+                    return _fail(plan, o, "PodInvalid", f"the API server refused the pods of attempt {attempt}: {msg}")
+                # Refused for now (a quota, an admission policy, a missing PriorityClass): said once,
+                # retried; the start timeout below frees what part of the gang was created.
+                said = f"attempt {attempt}: {len(names) - len(missing)}/{spec.nodes} pod(s) created; the API server refused the others: {msg}"
+                if status.get("message") != said:
+                    status["message"] = said
+                    plan.events.append(("Warning", "GangCreateFailed", said))
+            waited = (o.now - parse(status["attemptStartTime"])).total_seconds()
+            if waited >= spec.scheduling.startTimeoutSeconds:
+                return _restart(plan, o, "StartTimeout", "GangStartTimeout",
+                                f"only {len(names) - len(missing)}/{spec.nodes} pod(s) created after "
+                                f"{spec.scheduling.startTimeoutSeconds} s" + (f" ({o.create_error[1]})" if o.create_error else ""), count=None)
             plan.create += [p for p in render.gang(job, spec, attempt) if p["metadata"]["name"] in missing]
             plan.stage = plan.stage or ("old-pods-gone" if status.get("restart") else "creating-gang")
             plan.requeue_after = 1.0
-            status["readyNodes"] = f"0/{spec.nodes}"
             return plan
         status["gangCreated"] = True
 
@@ -364,7 +385,7 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
     old_attempt = st["attempt"]
     st["attempt"] = old_attempt + 1
     st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now}
-    st["attemptStartTime"] = now
+    st.pop("attemptStartTime", None)  # set by the new gang's first create (step 6)
     st["gangCreated"] = False
     st.pop("failureSeenAt", None)
     st["readyNodes"] = f"0/{spec.nodes}"
