@@ -102,6 +102,16 @@ INVALID = [
     ("data path and sources both", _with("data", {"path": "/data/a", "sources": [{"path": "/data/b"}]}), "data.path and data.sources are exclusive"),
     ("data source of weight zero", _with("data.sources", [{"path": "/data/a", "weight": 0}]), "spec.data.sources[0].weight"),
     ("data source without a path", _with("data.sources", [{"weight": 2}]), "spec.data.sources[0].path"),
+    # What the pod API refuses, refused here instead (before, every pod of the job was refused).
+    ("toleration of an empty key with Equal", _with("scheduling.tolerations", [{"effect": "NoSchedule"}]), "a toleration with an empty key needs operator Exists"),
+    ("toleration Exists with a value", _with("scheduling.tolerations", [{"key": "a", "operator": "Exists", "value": "x"}]), "a toleration with operator Exists takes no value"),
+    ("tolerationSeconds without NoExecute", _with("scheduling.tolerations", [{"key": "spot", "tolerationSeconds": 60}]), "tolerationSeconds needs effect NoExecute"),
+    ("empty image", _with("image", ""), "spec.image"),
+    ("resource not a quantity", _with("resources.requests", {"cpu": "lots"}), "spec.resources.requests.cpu"),
+    ("volume named as the pod's own", _with("template.volumes", [{"name": "config", "emptyDir": {}}]), "template.volumes must not use the names of the pod's own volumes"),
+    ("mount over the trainer's config", _with("template.volumeMounts", [{"name": "x", "mountPath": "/etc/pretrain"}]), "template.volumeMounts must not mount over the pod's own"),
+    ("checkpoint path on /dev/shm", _with("checkpoint.path", "/dev/shm"), "checkpoint.path must not be a mount point of the pod's own"),
+    ("checkpoint path mounted again", _with("template.volumeMounts", [{"name": "x", "mountPath": "/checkpoints"}]), "checkpoint.path must not be a mount point"),
 ]
 
 

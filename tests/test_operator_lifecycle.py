@@ -75,6 +75,17 @@ def test_a_loss_that_becomes_nan_leaves_status_instead_of_staying_at_its_last_va
     assert "loss" not in st["progress"], st["progress"]
 
 
+def test_a_job_with_a_queue_name_makes_each_attempts_pods_one_kueue_pod_group(jobs):
+    # Without a pod group Kueue admits each plain pod on its own: no gang admission.
+    jobs.create(job_manifest("queued", steps=400, scheduling={"queueName": "team-a"}))
+    jobs.wait_phase("queued", "Running", timeout=60)
+    uid = jobs.get("queued")["metadata"]["uid"]
+    for p in jobs.pods("queued"):
+        assert p.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert p.metadata.labels["kueue.x-k8s.io/pod-group-name"] == f"{uid}-a1"
+        assert p.metadata.annotations["kueue.x-k8s.io/pod-group-total-count"] == "2"
+
+
 def test_the_running_operator_never_loads_torch(jobs, operator):
     # The operator image carries no torch: not at import (tests/test_layout.py) and not on any
     # path a reconcile takes either (progress, checkpoints, restarts).

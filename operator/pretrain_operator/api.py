@@ -11,7 +11,7 @@ the models (`x-kubernetes-validations`), each with a message naming the fields.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -232,7 +232,24 @@ class Preemption(Model):
     checkpointOnNotice: bool = Field(True, description="Ask the trainer for a checkpoint as soon as a node running the job gets a notice taint.")
 
 
+# What every trainer pod already has (render.pod): template.volumes and volumeMounts must not
+# reuse these names and paths (the API server would refuse every pod: duplicate names or mount
+# points). /dev/shm may be mounted over: a volume of the user's own there replaces the operator's.
+RESERVED_VOLUMES = ("config", "podinfo", "checkpoints", "pretrain-shm")
+RESERVED_MOUNT_PATHS = ("/etc/pretrain", "/etc/podinfo")
+# A Kubernetes resource quantity (apimachinery's), e.g. 8, 500m, 64Gi, 1e3.
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+
+
 class Toleration(Model):
+    """A core/v1 Toleration, with the pod API's own rules (refused there, every pod would be)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        ("self.key != '' || self.operator == 'Exists'", "a toleration with an empty key needs operator Exists (it then tolerates every taint)", ".key"),
+        ("self.operator != 'Exists' || self.value == ''", "a toleration with operator Exists takes no value", ".value"),
+        ("!has(self.tolerationSeconds) || self.effect == 'NoExecute'", "tolerationSeconds needs effect NoExecute", ".tolerationSeconds"),
+    ))
+
     key: str = Field("", max_length=316)
     operator: Literal["Exists", "Equal"] = "Equal"
     value: str = Field("", max_length=63)
@@ -247,7 +264,7 @@ class Scheduling(Model):
                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     priorityClassName: str = Field("", max_length=253)
     schedulerName: str = Field("", max_length=253, description="Empty: the default scheduler.")
-    queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label.")
+    queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label, and makes each attempt's pods one Kueue pod group (kueue.x-k8s.io/pod-group-name, pod-group-total-count: nodes), admitted all together. Kueue holds the pods until it admits them, and that wait counts toward startTimeoutSeconds: raise it to cover the time a job may queue.")
     startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this, counted from its first pod create (status.attemptStartTime); otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
 
 
@@ -259,12 +276,23 @@ class EnvVar(Model):
 class Template(Model):
     """A small escape hatch into the pod template."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        (f"!has(self.volumes) || self.volumes.all(v, !(v.name in {list(RESERVED_VOLUMES)}))",
+         f"template.volumes must not use the names of the pod's own volumes ({', '.join(RESERVED_VOLUMES)})", ".volumes"),
+        (f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in {list(RESERVED_MOUNT_PATHS)}))",
+         f"template.volumeMounts must not mount over the pod's own {' or '.join(RESERVED_MOUNT_PATHS)}", ".volumeMounts"),
+    ))
+
     command: list[str] = Field(default_factory=list, max_length=256, description="Overrides the container command (default: torchrun with the trainer).")
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
     volumes: list[dict] = Field(default_factory=list, max_length=64, description="Extra pod volumes (core/v1 Volume).",
-                                json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+                                json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "required": ["name"],
+                                                             "properties": {"name": {"type": "string", "maxLength": 63}}}})
     volumeMounts: list[dict] = Field(default_factory=list, max_length=64, description="Extra container volume mounts (core/v1 VolumeMount).",
-                                     json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+                                     json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                                                                  "required": ["name", "mountPath"],
+                                                                  "properties": {"name": {"type": "string", "maxLength": 63},
+                                                                                 "mountPath": {"type": "string", "maxLength": 4096}}}})
     terminationGracePeriodSeconds: int = Field(60, ge=0, le=3600, description="Time for an emergency checkpoint after SIGTERM.")
     shmSize: str = Field("", max_length=32, pattern=r"^([0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?)?$", description=(
         "Size limit of the memory-backed /dev/shm each trainer pod gets (an emptyDir with medium Memory), "
@@ -274,8 +302,9 @@ class Template(Model):
 
 
 class Resources(Model):
-    requests: dict[str, str] = Field(default_factory=dict, description="Per pod, e.g. {cpu: '8', memory: 64Gi, nvidia.com/gpu: '8'}.")
-    limits: dict[str, str] = Field(default_factory=dict)
+    requests: dict[str, Annotated[str, Field(pattern=QUANTITY, max_length=64)]] = Field(
+        default_factory=dict, description="Per pod, e.g. {cpu: '8', memory: 64Gi, nvidia.com/gpu: '8'}.")
+    limits: dict[str, Annotated[str, Field(pattern=QUANTITY, max_length=64)]] = Field(default_factory=dict)
 
 
 _SPEC_RULES = _rules(
@@ -322,6 +351,10 @@ _SPEC_RULES = _rules(
     ("!has(self.validation) || self.parallelism.pipeline == 1 || !(self.parallelism.pipelineSchedule in ['ZBVZeroBubble', 'DualPipeV'])",
      "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble or DualPipeV (torch's forward-only "
      "pipeline eval needs their backward): use InterleavedZeroBubble", ".validation"),
+    (f"!(self.checkpoint.path in {[*RESERVED_MOUNT_PATHS, '/dev/shm']}) && "
+     "!(has(self.template.volumeMounts) && self.template.volumeMounts.exists(m, m.mountPath == self.checkpoint.path))",
+     f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, '/dev/shm'])}) "
+     "nor one of template.volumeMounts", ".checkpoint.path"),
     ("!self.failurePolicy.retryableExitCodes.exists(c, c in self.failurePolicy.nonRetryableExitCodes)",
      "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),
 )
@@ -344,7 +377,7 @@ class PretrainJobSpec(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_SPEC_RULES)
 
     suspend: bool = Field(False, description="true: checkpoint, remove the pods, phase Suspended. false again: resume from the latest checkpoint as a new attempt (Kueue-style).")
-    image: str = Field("ghcr.io/pretrain-operator/trainer:0.1.0", max_length=1024, description="Trainer image.")
+    image: str = Field("ghcr.io/pretrain-operator/trainer:0.1.0", min_length=1, max_length=1024, description="Trainer image.")
     nodes: int = Field(1, ge=1, le=10000, description="Pods in the gang (torchrun nodes), one per machine.")
     nprocPerNode: int = Field(1, ge=1, le=64, description="Processes (ranks) per pod, usually its GPU count.")
     resources: Resources = Field(default_factory=Resources, description="Resources of each pod.")

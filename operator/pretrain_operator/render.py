@@ -120,8 +120,14 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
     resources = {k: v for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
     sched = spec.scheduling
     pod_labels = labels(job, attempt, rank)
+    annotations = {}
     if sched.queueName:
+        # Kueue's plain-pod groups: the attempt's pods are one workload, admitted all together or
+        # not at all (without a group, Kueue admits each pod on its own: no gang). A new attempt
+        # is a new group; the job's uid keeps the name unique and within a label's 63 characters.
         pod_labels["kueue.x-k8s.io/queue-name"] = sched.queueName
+        pod_labels["kueue.x-k8s.io/pod-group-name"] = f"{job['metadata']['uid']}-a{attempt}"
+        annotations["kueue.x-k8s.io/pod-group-total-count"] = str(spec.nodes)
     pod_spec: dict = {
         "hostname": hostname(name, rank),
         "subdomain": name,
@@ -160,7 +166,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": pod_name(name, attempt, rank), "namespace": ns, "labels": pod_labels,
-                     "annotations": {}, "ownerReferences": [owner_ref(job)]},
+                     "annotations": annotations, "ownerReferences": [owner_ref(job)]},
         "spec": pod_spec,
     }
 
