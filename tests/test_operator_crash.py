@@ -89,3 +89,27 @@ def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_p
     finally:
         second.stop()
     assert operator.metrics().get("pretrain_operator_leader") == 1.0
+
+
+def test_a_leader_cut_off_from_the_api_server_stops_acting_before_another_may_take_its_lease(api, namespace):
+    # Another replica takes the Lease once it has gone unrenewed for its duration; the cut-off
+    # leader once went on acting for as long as it was cut off (two leaders acting at once).
+    import time
+
+    from kubernetes import client
+
+    from pretrain_operator.kubeapi import KubeAPI
+    from pretrain_operator.leader import LeaderElector
+    elector = LeaderElector(api, namespace, "cut-off", duration_s=3.0, renew_s=0.2)
+    elector.start()
+    try:
+        wait_for(elector.leading, timeout=10, what="the Lease")
+        nowhere = client.Configuration()
+        nowhere.host = "http://127.0.0.1:9"  # nothing listens: every request fails at once
+        elector.kube = KubeAPI(client.ApiClient(nowhere))
+        t0 = time.monotonic()
+        wait_for(lambda: not elector.is_leader.is_set(), timeout=10, what="the cut-off leader to step down")
+        assert time.monotonic() - t0 < 3.0  # within the Lease's duration
+        assert not elector.leading()
+    finally:
+        elector.stopped.set()

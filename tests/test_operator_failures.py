@@ -105,6 +105,22 @@ def test_pods_the_api_server_finds_invalid_fail_the_job_at_once_with_its_message
     assert not jobs.pods("badvolume", live=False)
 
 
+def test_a_service_of_the_jobs_name_that_is_not_the_jobs_fails_it_naming_the_conflict_and_is_left_alone(jobs):
+    # The job's headless Service is named as the job; a user's Service of that name selects other
+    # pods (the rendezvous name would not resolve), and was used as if it were the job's.
+    from kubernetes import client
+    jobs.core.create_namespaced_service(jobs.ns, client.V1Service(
+        metadata=client.V1ObjectMeta(name="taken", labels={"app": "mine"}),
+        spec=client.V1ServiceSpec(selector={"app": "mine"}, ports=[client.V1ServicePort(port=80)])))
+    jobs.create(job_manifest("taken", steps=10))
+    st = jobs.wait_phase("taken", "Failed", timeout=60)
+    cond = next(cd for cd in st["conditions"] if cd["type"] == "Failed")
+    assert cond["reason"] == "NameConflict" and "Service taken already exists and is not this job's" in cond["message"], cond
+    svc = jobs.core.read_namespaced_service("taken", jobs.ns)
+    assert not svc.metadata.owner_references and svc.spec.selector == {"app": "mine"}
+    wait_for(lambda: not jobs.pods("taken", live=False), timeout=30, what="the job's pods to be removed")
+
+
 def test_a_new_gangs_start_timeout_counts_from_its_first_create_not_from_the_old_gangs_drain():
     # The old gang may take its whole grace period to checkpoint and exit (up to an hour): the new
     # gang's startTimeoutSeconds starts once it is created. It once started at the restart's

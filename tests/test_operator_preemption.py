@@ -135,3 +135,19 @@ def test_a_pod_its_node_refused_or_evicted_before_it_ran_spends_no_failure(reaso
                                              config_data=None, now=now)).status
     assert st["restart"]["kind"] == kind and st["restart"]["reason"] == reason and message in st["restart"]["message"], st["restart"]
     assert st["failures"] == 0 and st["attempt"] == 2
+
+
+def test_a_force_deleted_pod_kept_by_a_finalizer_is_announced_once():
+    """No cluster (reconcile.decide): a pod of a lost node that a finalizer keeps after its force
+    deletion (deletionGracePeriodSeconds 0) is deleted again at each pass, without an Event each
+    time: the PodForceDeleted Event once repeated every second."""
+    job, spec, (n0, n1), ready, now = observed_gang("kept")
+    job["status"].update(attempt=2, gangCreated=False)  # a restart: attempt 1's pods are old
+    del ready["spot-1"]  # n1's node is gone
+    first = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,
+                                                config_data=None, now=now))
+    assert first.force_delete_pods == [n1["metadata"]["name"]] and [e[1] for e in first.events] == ["PodForceDeleted"]
+    n1["metadata"].update(deletionTimestamp=reconcile.iso(now), deletionGracePeriodSeconds=0, finalizers=["example.com/keep"])
+    again = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,
+                                                config_data=None, now=now))
+    assert again.force_delete_pods == [n1["metadata"]["name"]] and not again.events

@@ -47,7 +47,7 @@ class Controller:
         self.running = 0  # jobs in phase Running, counted with the phase gauge
         self.restart_seen: dict = {}
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
-        self.children: dict = {}  # job uid -> (generation, config) once its Service and ConfigMap exist
+        self.children: dict = {}  # job key -> (uid, generation, config, when read) once its Service and ConfigMap exist
         self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
         self.create_errors: dict = {}  # job key -> (attempt, HTTP status, message) of its last refused pod create
 
@@ -105,7 +105,7 @@ class Controller:
             if key is None:
                 continue
             try:
-                if self.leader is not None and not self.leader.is_leader.is_set():
+                if self.leader is not None and not self.leader.leading():
                     self.queue.add(key, delay=1.0)  # not ours to act on; look again when we lead
                     continue
                 t0 = time.monotonic()
@@ -144,8 +144,13 @@ class Controller:
                 self.phases.pop((ns, name), None)
                 metrics.forget_job(ns, name)
                 self.last_progress.pop((ns, name), None)
-                self.disrupted.pop((ns, name), None)
-                self.create_errors.pop((ns, name), None)
+                # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
+                for memo in (self.disrupted, self.create_errors, self.children, self.restart_seen):
+                    memo.pop((ns, name), None)
+                for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
+                    self.node_jobs[node].discard((ns, name))
+                    if not self.node_jobs[node]:
+                        del self.node_jobs[node]
                 self._update_phase_gauge()
                 return None  # deleted: ownerReferences garbage-collect the children
             raise
@@ -170,8 +175,10 @@ class Controller:
                 nodes[nn] = self._node(nn)
                 self.node_jobs.setdefault(nn, set()).add((ns, name))
         # The Service and ConfigMap are re-read once a minute or when the spec changes: only we change them.
-        known = self.children.get(uid)
+        known = self.children.get((ns, name))
+        known = known[1:] if known and known[0] == uid else None  # a new job of the name: nothing known
         gen = job["metadata"].get("generation")
+        foreign = None
         if fresh:
             svc_exists, config_data = False, None
         elif known and known[0] == gen and time.monotonic() - known[2] < 60:
@@ -179,11 +186,14 @@ class Controller:
         else:
             svc = self.kube.get_or_none(core_path(ns, "services", name))
             cm = self.kube.get_or_none(core_path(ns, "configmaps", render.config_map_name(name)))
+            foreign = _not_owned(uid, ("Service", svc), ("ConfigMap", cm))
             svc_exists = svc is not None
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
-                                      disrupted=dict(self.disrupted.get((ns, name), {})),
+                                      disrupted={n: p for n, p in self.disrupted.get((ns, name), {}).items()
+                                                 if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid},
+                                      foreign=foreign,
                                       create_error=self._create_error(ns, name, job))
         # Decide.
         plan = reconcile.decide(observed)
@@ -195,8 +205,12 @@ class Controller:
         self._progress(job, plan, pods)
         # Record (first).
         if plan.status != (job.get("status") or {}):
-            self._write(lambda: self.kube.patch(_job_path(ns, name) + "/status",
-                                                {"status": _patchable(job.get("status") or {}, plan.status)}))
+            # Against the job as read (its resourceVersion): a status decided from a stale read (a
+            # second operator acting, the spec changed meanwhile) is refused with 409 and decided
+            # again from a new read, never written over a newer one (attempt N over N + 1).
+            self._write(lambda: self.kube.patch(_job_path(ns, name) + "/status", {
+                "metadata": {"resourceVersion": job["metadata"]["resourceVersion"]},
+                "status": _patchable(job.get("status") or {}, plan.status)}))
         # Tell, before acting: the decision is on record now, and an act that raises is retried by a
         # reconcile that finds the intent already recorded and decides nothing new, so Events emitted
         # after it would be lost (as they were when the act failed or the operator died in it).
@@ -207,7 +221,7 @@ class Controller:
         self._act(ns, job, plan)
         cm_obj = plan.update_config or next((o for o in plan.create if o["kind"] == "ConfigMap"), None)
         if not known or known[0] != gen or time.monotonic() - known[2] >= 60 or cm_obj:
-            self.children[uid] = (gen, cm_obj["data"][c.CONFIG_FILE] if cm_obj else observed.config_data, time.monotonic())
+            self.children[(ns, name)] = (uid, gen, cm_obj["data"][c.CONFIG_FILE] if cm_obj else observed.config_data, time.monotonic())
         self._observe_metrics(ns, name, job, plan)
         if plan.status.get("phase") == "Running":
             # Back for the trainer's progress (status.progress, lastCheckpoint) even when nothing
@@ -395,6 +409,17 @@ def progress_interval(interval_s: float, rate: float, running: int) -> float:
 
 def _job_path(ns: str, name: str) -> str:
     return f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{ns}/{api.PLURAL}/{name}"
+
+
+def _not_owned(uid: str, *children: tuple[str, dict | None]) -> str | None:
+    """Which of the job's deterministically named children exists without being the job's (a user's
+    Service named as the job, a copied ConfigMap): using it would point the rendezvous elsewhere or
+    overwrite it, and garbage collection would delete it with the job."""
+    for kind, obj in children:
+        if obj is not None and uid not in [o.get("uid") for o in obj["metadata"].get("ownerReferences") or []]:
+            return (f"{kind} {obj['metadata']['name']} already exists and is not this job's: the job needs that name "
+                    "for its own; rename the job or remove the other object")
+    return None
 
 
 def _patchable(old: dict, new: dict) -> dict:

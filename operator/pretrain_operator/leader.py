@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 
 from kubernetes import client
@@ -39,6 +40,7 @@ class LeaderElector:
         self.identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.is_leader = threading.Event()
         self.stopped = threading.Event()
+        self.renewed = 0.0  # time.monotonic() of the last successful renewal
 
     def _try(self) -> bool:
         now = _now()
@@ -74,11 +76,19 @@ class LeaderElector:
 
     def run(self) -> None:
         while not self.stopped.is_set():
+            started = time.monotonic()
             try:
                 ok = self._try()
-            except Exception as e:  # noqa: BLE001  (an API hiccup: keep what we had until it expires)
-                log.warning("leader election: %s", e)
-                ok = self.is_leader.is_set()
+                if ok:
+                    self.renewed = started  # renewTime was stamped at about this moment
+            except Exception as e:  # noqa: BLE001  (an API hiccup: keep what we had, for a while)
+                # Leadership is kept only while the Lease is surely still ours: another replica may
+                # take it once it has not been renewed for duration_s (by that replica's clock).
+                # Like client-go's RenewDeadline, stop acting at two thirds of it; before, a
+                # leader cut off from the API server went on acting for as long as it was cut off.
+                ok = self.is_leader.is_set() and started - self.renewed < self.duration_s * 2 / 3
+                log.warning("leader election: %s%s", e, "" if ok or not self.is_leader.is_set() else
+                            f"; the Lease was last renewed {started - self.renewed:.1f} s ago: stepping down")
             if ok and not self.is_leader.is_set():
                 log.info("became the leader (%s)", self.identity)
                 self.is_leader.set()
@@ -87,6 +97,11 @@ class LeaderElector:
                 self.is_leader.clear()
             metrics.IS_LEADER.set(1 if ok else 0)
             self.stopped.wait(self.renew_s)
+
+    def leading(self) -> bool:
+        """Whether to act now: the Lease is ours and was renewed within two thirds of its duration
+        (also while a renewal hangs on an API server that does not answer)."""
+        return self.is_leader.is_set() and time.monotonic() - self.renewed < self.duration_s * 2 / 3
 
     def release(self) -> None:
         """On a clean shutdown: hand the Lease back at once instead of letting it expire."""

@@ -50,6 +50,8 @@ class Observed:
     # The API server's answer to the last pod create of this attempt that failed: (HTTP status,
     # message); None once a create went through.
     create_error: tuple[int, str] | None = None
+    # A child of the job's name that is not the job's (controller._not_owned): what it is, or None.
+    foreign: str | None = None
 
 
 @dataclass
@@ -171,6 +173,11 @@ def _decide(o: Observed) -> Plan:
             else:
                 plan.requeue_after = (due - o.now).total_seconds()
         return plan
+
+    # 1b. Another object has the name of one of the job's children: using it would be wrong (another
+    #     Service, another config) and every create refused; it stays as the user made it.
+    if o.foreign:
+        return _fail(plan, o, "NameConflict", o.foreign)
 
     # 2. Shared children exist (idempotent creates; the config follows the spec between attempts).
     if not o.service_exists:
@@ -340,6 +347,8 @@ def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
         prob = classify.node_problem(o.nodes.get(node_name), node_name, []) if node_name else None
         if prob and prob[0] in ("NodeDeleted", "NodeNotReady"):
             plan.force_delete_pods.append(p["metadata"]["name"])
+            if p["metadata"].get("deletionGracePeriodSeconds") == 0:
+                continue  # force-deleted already, and still there (a finalizer): said once, not at every pass
             plan.events.append(("Warning", "PodForceDeleted", (
                 f"{prob[1]}: pod {p['metadata']['name']} force-deleted (grace period 0) so that the next gang can start"
                 + ("; should its containers still run there, the trainer's checkpoint fence stops them once the next "
