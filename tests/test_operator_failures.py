@@ -149,6 +149,75 @@ def test_a_new_gangs_start_timeout_counts_from_its_first_create_not_from_the_old
     assert 597 <= plan.requeue_after <= 599
 
 
+def test_pods_held_by_a_queues_scheduling_gate_do_not_run_down_the_start_timeout():
+    # Kueue gates a pod group until its quota admits it, for minutes or hours: that is queueing, not
+    # a gang failing to start. It was torn down at startTimeoutSeconds and queued again at the back.
+    import datetime as dt
+    job, spec, pods, nodes, now = observed_gang("queued")
+    job["spec"]["scheduling"] = {"startTimeoutSeconds": 600, "queueName": "team-a"}
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    job["status"].update(phase="Starting", attemptStartTime=reconcile.iso(now), readyNodes="0/2")
+
+    def decide(at):
+        plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                                   config_data=render.trainer_config(spec), now=now + dt.timedelta(seconds=at)))
+        job["status"] = plan.status
+        return plan
+    for p in pods:
+        p["status"] = {"phase": "Pending"}
+        p["spec"]["schedulingGates"] = [{"name": "kueue.x-k8s.io/admission"}]
+    plan = decide(700)  # queued past the start timeout
+    assert plan.status["phase"] == "Starting" and plan.status["attempt"] == 1, plan.events
+    assert "2/2 pod(s) held by scheduling gates (kueue.x-k8s.io/admission)" in plan.status["message"]
+    for p in pods:
+        del p["spec"]["schedulingGates"]  # admitted
+    plan = decide(800)
+    assert plan.status["attemptStartTime"] == reconcile.iso(now + dt.timedelta(seconds=800)) and not plan.status["admissionWaitSince"]
+    assert 599 <= plan.requeue_after <= 600
+    assert decide(1300).status["attempt"] == 1
+    plan = decide(1401)  # 601 s after the admission: now it is a gang that cannot start
+    assert plan.status["attempt"] == 2 and plan.status["restart"]["kind"] == "StartTimeout"
+
+
+def test_a_gang_gated_as_kueue_gates_it_waits_past_its_start_timeout_and_starts_once_ungated(jobs):
+    # On the local cluster, a MutatingAdmissionPolicy gates the namespace's pods as Kueue's webhook
+    # does, and the test lifts the gates as Kueue does when it admits the group.
+    from kubernetes import client
+    custom = client.CustomObjectsApi(jobs.core.api_client)
+    group, name = "admissionregistration.k8s.io", f"gate-{jobs.ns}"
+    custom.create_cluster_custom_object(group, "v1", "mutatingadmissionpolicies", {
+        "apiVersion": f"{group}/v1", "kind": "MutatingAdmissionPolicy", "metadata": {"name": name},
+        "spec": {"matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                                                         "resources": ["pods"]}]},
+                 "failurePolicy": "Fail", "reinvocationPolicy": "Never",
+                 "mutations": [{"patchType": "ApplyConfiguration", "applyConfiguration": {"expression":
+                     'Object{spec: Object.spec{schedulingGates: [Object.spec.schedulingGates{name: "example.com/queue"}]}}'}}]}})
+    custom.create_cluster_custom_object(group, "v1", "mutatingadmissionpolicybindings", {
+        "apiVersion": f"{group}/v1", "kind": "MutatingAdmissionPolicyBinding", "metadata": {"name": name},
+        "spec": {"policyName": name, "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": jobs.ns}}}}})
+    try:
+        probe = client.V1Pod(metadata=client.V1ObjectMeta(name="probe"), spec=client.V1PodSpec(
+            containers=[client.V1Container(name="c", image="x", security_context=client.V1SecurityContext(
+                allow_privilege_escalation=False, run_as_non_root=True, capabilities=client.V1Capabilities(drop=["ALL"]),
+                seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault")))]))
+        wait_for(lambda: jobs.core.create_namespaced_pod(jobs.ns, probe, dry_run="All").spec.scheduling_gates,
+                 timeout=30, what="the policy to gate pods")
+        jobs.create(job_manifest("gated", steps=20, scheduling={"startTimeoutSeconds": 3}))
+        st = jobs.wait("gated", lambda s: "held by scheduling gates" in (s.get("message") or ""), timeout=60, what="the gated gang")
+        assert "2/2 pod(s) held by scheduling gates (example.com/queue)" in st["message"]
+        time.sleep(8)  # well past startTimeoutSeconds
+        st = jobs.status("gated")
+        assert st["attempt"] == 1 and st["phase"] == "Starting" and st.get("admissionWaitSince"), st
+        jobs.patch("gated", {"spec": {"scheduling": {"startTimeoutSeconds": 120}}})  # time for the pods to start
+        for p in jobs.pods("gated"):
+            jobs.core.patch_namespaced_pod(p.metadata.name, jobs.ns, {"spec": {"schedulingGates": None}})
+        st = jobs.wait_phase("gated", "Succeeded", timeout=120)
+        assert st["attempt"] == 1 and st["failures"] == 0 and not st["admissionWaitSince"]
+    finally:
+        custom.delete_cluster_custom_object(group, "v1", "mutatingadmissionpolicybindings", name)
+        custom.delete_cluster_custom_object(group, "v1", "mutatingadmissionpolicies", name)
+
+
 def test_suspend_checkpoints_and_removes_the_pods_and_resume_continues_from_it(jobs):
     jobs.create(job_manifest("pausable", steps=300, interval=1000, step_s=0.1))
     jobs.wait_phase("pausable", "Running", timeout=60)

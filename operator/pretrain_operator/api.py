@@ -264,8 +264,8 @@ class Scheduling(Model):
                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
     priorityClassName: str = Field("", max_length=253)
     schedulerName: str = Field("", max_length=253, description="Empty: the default scheduler.")
-    queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label, and makes each attempt's pods one Kueue pod group (kueue.x-k8s.io/pod-group-name, pod-group-total-count: nodes), admitted all together. Kueue holds the pods until it admits them, and that wait counts toward startTimeoutSeconds: raise it to cover the time a job may queue.")
-    startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this, counted from its first pod create (status.attemptStartTime); otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
+    queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label, and makes each attempt's pods one Kueue pod group (kueue.x-k8s.io/pod-group-name, pod-group-total-count: nodes), admitted all together. Kueue holds the pods (a scheduling gate) until it admits them: that wait is not counted by startTimeoutSeconds.")
+    startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this, counted from its first pod create (status.attemptStartTime), or from their admission when scheduling gates held them (Kueue's); otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
 
 
 class EnvVar(Model):
@@ -464,6 +464,7 @@ class PretrainJobStatus(Model):
     checkpointRequestedAt: str = Field("", description="<attempt>@<time> of the last checkpoint request on a termination notice.")
     gangCreated: bool = Field(False, description="Every pod of the current attempt has been created (a missing one since is a preemption).")
     failureSeenAt: str = Field("", description="When a rank's failure was first seen (failurePolicy.failureSettleSeconds runs from it).")
+    admissionWaitSince: str = Field("", description="Since when the current attempt's pods are held by scheduling gates (a queue's admission); cleared at their admission.")
     message: str = ""
 
 

@@ -326,6 +326,20 @@ def _decide(o: Observed) -> Plan:
             _phase(status, "Running", "AllNodesRunning", f"attempt {attempt}: all {spec.nodes} node(s) running", now, gen)
             plan.events.append(("Normal", "Running", f"attempt {attempt}: all {spec.nodes} node(s) running"))
     else:
+        # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
+        # quota) are queued, not starting: the start clock waits for them, and starts again at
+        # their admission. Otherwise a job queued longer than startTimeoutSeconds was torn down
+        # and put at the back of the queue, again and again.
+        gated = [p for p in current if (p.get("spec") or {}).get("schedulingGates")]
+        if gated:
+            status["admissionWaitSince"] = status.get("admissionWaitSince") or now
+            status["message"] = (f"attempt {attempt}: {len(gated)}/{spec.nodes} pod(s) held by scheduling gates "
+                                 f"({', '.join(sorted({g['name'] for p in gated for g in p['spec']['schedulingGates']}))})")
+            return plan  # their ungating is a pod event: a pass then
+        if status.get("admissionWaitSince"):
+            status["admissionWaitSince"] = ""  # as the schema's default shows it (a removed key comes back so)
+            status["attemptStartTime"] = now
+            status["message"] = f"attempt {attempt}: admitted (scheduling gates lifted); starting"
         started = parse(status.get("attemptStartTime", "")) or o.now
         waited = (o.now - started).total_seconds()
         if waited >= spec.scheduling.startTimeoutSeconds:
