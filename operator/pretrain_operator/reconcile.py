@@ -239,29 +239,7 @@ def _decide(o: Observed) -> Plan:
     if not status.get("gangCreated"):
         missing = [n for n in names if n not in by_name]
         if missing:
-            # The attempt's start clock runs from its first create: the old gang's drain (up to its
-            # grace period, an hour at most) is not the new gang's start.
-            status["attemptStartTime"] = status.get("attemptStartTime") or now
-            status["readyNodes"] = f"0/{spec.nodes}"
-            if o.create_error:
-                code, msg = o.create_error
-                if code == 422:  # the pod is invalid, and the same spec renders the same pod: fails for good
-                    return _fail(plan, o, "PodInvalid", f"the API server refused the pods of attempt {attempt}: {msg}")
-                # Refused for now (a quota, an admission policy, a missing PriorityClass): said once,
-                # retried; the start timeout below frees what part of the gang was created.
-                said = f"attempt {attempt}: {len(names) - len(missing)}/{spec.nodes} pod(s) created; the API server refused the others: {msg}"
-                if status.get("message") != said:
-                    status["message"] = said
-                    plan.events.append(("Warning", "GangCreateFailed", said))
-            waited = (o.now - parse(status["attemptStartTime"])).total_seconds()
-            if waited >= spec.scheduling.startTimeoutSeconds:
-                return _restart(plan, o, "StartTimeout", "GangStartTimeout",
-                                f"only {len(names) - len(missing)}/{spec.nodes} pod(s) created after "
-                                f"{spec.scheduling.startTimeoutSeconds} s" + (f" ({o.create_error[1]})" if o.create_error else ""), count=None)
-            plan.create += [p for p in render.gang(job, spec, attempt) if p["metadata"]["name"] in missing]
-            plan.stage = plan.stage or ("old-pods-gone" if status.get("restart") else "creating-gang")
-            plan.requeue_after = 1.0
-            return plan
+            return _create_gang(plan, o, names, missing)
         status["gangCreated"] = True
 
     # 7. Observe the ranks.
@@ -350,6 +328,35 @@ def _decide(o: Observed) -> Plan:
     return plan
 
 
+def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) -> Plan:
+    """Step 6: create the attempt's missing pods; say why the API server refused some, fail for good
+    when it finds them invalid, tear down what was created at the start timeout."""
+    status, spec, attempt, now = plan.status, o.spec, plan.status["attempt"], iso(o.now)
+    # The attempt's start clock runs from its first create: the old gang's drain (up to its grace
+    # period, an hour at most) is not the new gang's start.
+    status["attemptStartTime"] = status.get("attemptStartTime") or now
+    status["readyNodes"] = f"0/{spec.nodes}"
+    created = f"{len(names) - len(missing)}/{spec.nodes} pod(s) created"
+    if o.create_error:
+        code, msg = o.create_error
+        if code == 422:  # the pod is invalid, and the same spec renders the same pod: fails for good
+            return _fail(plan, o, "PodInvalid", f"the API server refused the pods of attempt {attempt}: {msg}")
+        # Refused for now (a quota, an admission policy, a missing PriorityClass): said once, retried;
+        # the start timeout below frees what part of the gang was created.
+        said = f"attempt {attempt}: {created}; the API server refused the others: {msg}"
+        if status.get("message") != said:
+            status["message"] = said
+            plan.events.append(("Warning", "GangCreateFailed", said))
+    if (o.now - parse(status["attemptStartTime"])).total_seconds() >= spec.scheduling.startTimeoutSeconds:
+        return _restart(plan, o, "StartTimeout", "GangStartTimeout",
+                        f"only {created} after {spec.scheduling.startTimeoutSeconds} s"
+                        + (f" ({o.create_error[1]})" if o.create_error else ""), count=None)
+    plan.create += [p for p in render.gang(o.job, spec, attempt) if p["metadata"]["name"] in missing]
+    plan.stage = plan.stage or ("old-pods-gone" if status.get("restart") else "creating-gang")
+    plan.requeue_after = 1.0
+    return plan
+
+
 def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
     """Delete pods gracefully (SIGTERM: the trainer checkpoints); force those on a lost node, which
     would otherwise stay Terminating forever and block the next gang (Kueue's KEP-6757 does the same).
@@ -408,7 +415,7 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
     old_attempt = st["attempt"]
     st["attempt"] = old_attempt + 1
     st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now}
-    st.pop("attemptStartTime", None)  # set by the new gang's first create (step 6)
+    st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
     st["gangCreated"] = False
     st.pop("failureSeenAt", None)
     st["readyNodes"] = f"0/{spec.nodes}"
