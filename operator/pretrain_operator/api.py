@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import contract as c
+
 GROUP = "pretrain.dev"
 VERSION = "v1alpha1"
 KIND = "PretrainJob"
@@ -232,11 +234,12 @@ class Preemption(Model):
     checkpointOnNotice: bool = Field(True, description="Ask the trainer for a checkpoint as soon as a node running the job gets a notice taint.")
 
 
-# What every trainer pod already has (render.pod): template.volumes and volumeMounts must not
-# reuse these names and paths (the API server would refuse every pod: duplicate names or mount
-# points). /dev/shm may be mounted over: a volume of the user's own there replaces the operator's.
+# What every trainer pod already has (render.pod takes its volume names from here):
+# template.volumes and volumeMounts must not reuse these names and paths (the API server would
+# refuse every pod: duplicate names or mount points). /dev/shm may be mounted over: a volume of the
+# user's own there replaces the operator's.
 RESERVED_VOLUMES = ("config", "podinfo", "checkpoints", "pretrain-shm")
-RESERVED_MOUNT_PATHS = ("/etc/pretrain", "/etc/podinfo")
+RESERVED_MOUNT_PATHS = (c.CONFIG_DIR, c.PODINFO_DIR)
 # A Kubernetes resource quantity (apimachinery's), e.g. 8, 500m, 64Gi, 1e3.
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 
@@ -351,9 +354,9 @@ _SPEC_RULES = _rules(
     ("!has(self.validation) || self.parallelism.pipeline == 1 || !(self.parallelism.pipelineSchedule in ['ZBVZeroBubble', 'DualPipeV'])",
      "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble or DualPipeV (torch's forward-only "
      "pipeline eval needs their backward): use InterleavedZeroBubble", ".validation"),
-    (f"!(self.checkpoint.path in {[*RESERVED_MOUNT_PATHS, '/dev/shm']}) && "
+    (f"!(self.checkpoint.path in {[*RESERVED_MOUNT_PATHS, c.SHM_DIR]}) && "
      "!(has(self.template.volumeMounts) && self.template.volumeMounts.exists(m, m.mountPath == self.checkpoint.path))",
-     f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, '/dev/shm'])}) "
+     f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, c.SHM_DIR])}) "
      "nor one of template.volumeMounts", ".checkpoint.path"),
     ("!self.failurePolicy.retryableExitCodes.exists(c, c in self.failurePolicy.nonRetryableExitCodes)",
      "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),

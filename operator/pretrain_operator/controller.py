@@ -248,7 +248,8 @@ class Controller:
             self._write(lambda: self.kube.replace(core_path(ns, "configmaps", cm["metadata"]["name"]), cm))
         # The whole gang at once (all pods of an attempt together), concurrently with the Service and
         # ConfigMap, which are sent first: a node that sees a pod before its ConfigMap retries the mount.
-        if any(o["kind"] == "Pod" for o in plan.create):
+        creates_pods = any(o["kind"] == "Pod" for o in plan.create)
+        if creates_pods:
             self._crash_point(plan.stage, "before-create", job)
         key = (ns, job["metadata"]["name"])
         try:
@@ -256,10 +257,10 @@ class Controller:
         except client.ApiException as e:
             # Kept for the next pass's decision (status.message and an Event, or PodInvalid), then
             # retried with back-off like any failed write.
-            if any(o["kind"] == "Pod" for o in plan.create):
+            if creates_pods:
                 self.create_errors[key] = (plan.status.get("attempt", 0), e.status, api_message(e))
             raise
-        if any(o["kind"] == "Pod" for o in plan.create):
+        if creates_pods:
             self.create_errors.pop(key, None)
         if plan.delete_job:
             self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {

@@ -86,9 +86,9 @@ class LeaderElector:
                 # take it once it has not been renewed for duration_s (by that replica's clock).
                 # Like client-go's RenewDeadline, stop acting at two thirds of it; before, a
                 # leader cut off from the API server went on acting for as long as it was cut off.
-                ok = self.is_leader.is_set() and started - self.renewed < self.duration_s * 2 / 3
+                ok = self.leading()
                 log.warning("leader election: %s%s", e, "" if ok or not self.is_leader.is_set() else
-                            f"; the Lease was last renewed {started - self.renewed:.1f} s ago: stepping down")
+                            f"; the Lease was last renewed {time.monotonic() - self.renewed:.1f} s ago: stepping down")
             if ok and not self.is_leader.is_set():
                 log.info("became the leader (%s)", self.identity)
                 self.is_leader.set()

@@ -15,7 +15,7 @@ import yaml
 from . import api, contract as c
 
 
-SHM_VOLUME = "pretrain-shm"
+CONFIG_VOLUME, PODINFO_VOLUME, CHECKPOINT_VOLUME, SHM_VOLUME = api.RESERVED_VOLUMES
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
@@ -99,19 +99,19 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": c.ENV_TERMINATION_MESSAGE, "value": c.TERMINATION_MESSAGE_PATH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ] + [{"name": e.name, "value": e.value} for e in spec.template.env]
-    ckpt_volume = ({"name": "checkpoints", "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
-                   if spec.checkpoint.claimName else {"name": "checkpoints", "emptyDir": {}})
+    ckpt_volume = ({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
+                   if spec.checkpoint.claimName else {"name": CHECKPOINT_VOLUME, "emptyDir": {}})
     volumes = [
-        {"name": "config", "configMap": {"name": config_map_name(name)}},
-        {"name": "podinfo", "downwardAPI": {"items": [
+        {"name": CONFIG_VOLUME, "configMap": {"name": config_map_name(name)}},
+        {"name": PODINFO_VOLUME, "downwardAPI": {"items": [
             {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
             {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
         ckpt_volume,
     ] + list(spec.template.volumes)
     mounts = [
-        {"name": "config", "mountPath": c.CONFIG_DIR, "readOnly": True},
-        {"name": "podinfo", "mountPath": c.PODINFO_DIR, "readOnly": True},
-        {"name": "checkpoints", "mountPath": spec.checkpoint.path},
+        {"name": CONFIG_VOLUME, "mountPath": c.CONFIG_DIR, "readOnly": True},
+        {"name": PODINFO_VOLUME, "mountPath": c.PODINFO_DIR, "readOnly": True},
+        {"name": CHECKPOINT_VOLUME, "mountPath": spec.checkpoint.path},
     ] + list(spec.template.volumeMounts)
     if not any(posixpath.normpath(m.get("mountPath", "")) == c.SHM_DIR for m in spec.template.volumeMounts):
         shm = {"medium": "Memory", **({"sizeLimit": spec.template.shmSize} if spec.template.shmSize else {})}

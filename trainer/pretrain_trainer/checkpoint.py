@@ -83,12 +83,19 @@ def committed_steps(root: Path) -> list[int]:
     return sorted(out)
 
 
+def _marker(d: Path) -> tuple[dict, str | None]:
+    """The checkpoint's marker, or {} and why it cannot be read."""
+    try:
+        return json.loads((d / MARKER).read_text()), None
+    except (OSError, ValueError) as e:
+        return {}, f"unreadable marker ({e})"
+
+
 def verify(d: Path) -> str | None:
     """None if the checkpoint is complete as its marker describes, else what is wrong."""
-    try:
-        marker = json.loads((d / MARKER).read_text())
-    except (OSError, ValueError) as e:
-        return f"unreadable marker ({e})"
+    marker, problem = _marker(d)
+    if problem:
+        return problem
     for rel, size in marker.get("files", {}).items():
         f = d / rel
         if not f.exists():
@@ -111,10 +118,10 @@ def checksum_problem(d: Path, share: tuple[int, int] = (0, 1), only: set[str] | 
     It reads them whole: `share` (i, n) checks every n-th file from the i-th (of those sorted by
     name, within `only` if given), so n ranks read a checkpoint once between them. A marker written
     before checksums were kept has none: nothing to check."""
-    try:
-        crcs = json.loads((d / MARKER).read_text()).get("crc32", {})
-    except (OSError, ValueError) as e:
-        return f"unreadable marker ({e})"
+    marker, problem = _marker(d)
+    if problem:
+        return problem
+    crcs = marker.get("crc32", {})
     rels = sorted(r for r in crcs if only is None or r in only)
     for rel in rels[share[0]::share[1]]:
         try:
