@@ -153,6 +153,39 @@ def test_eval_of_a_checkpoint_with_a_changed_byte_is_a_clear_error_naming_the_fi
     assert "__0_0.distcp does not match its checksum" in r.stderr
 
 
+def test_initial_weights_and_eval_from_a_checkpoint_root_skip_a_newest_step_with_a_changed_byte(tmp_path):
+    # A folder of checkpoints (a run's checkpoint.path) as model.initFrom, or eval without
+    # --checkpoint: the newest step's changed byte is said and the previous step is read, as a
+    # resume would (before: exit 85 naming the file). An explicit step folder is still refused.
+    src = tmp_path / "src"
+    src.mkdir()
+    cfg = write_config(src, steps=6, interval=3)
+    run(cfg, 1, src / "losses.txt")
+    _corrupt(src / "ckpt" / "step-00000006" / "__0_0.distcp", "one byte changed")
+
+    def evaluate(*checkpoint):
+        r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(cfg), *checkpoint],
+                           capture_output=True, text=True, env=env(), timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    r = evaluate()
+    assert "skipping checkpoint" in r.stderr and "__0_0.distcp does not match its checksum" in r.stderr
+    assert r.stdout.startswith("eval step-00000003: held-out loss ")
+    assert r.stdout == evaluate("--checkpoint", str(src / "ckpt" / "step-00000003")).stdout
+
+    d = tmp_path / "run"
+    d.mkdir()
+    r = run(write_config(d, steps=1, interval=100, extra={"model": {"preset": "tiny", "initFrom": str(src / "ckpt")}}),
+            1, d / "losses.txt")
+    assert "skipping checkpoint" in r.stderr and f"initial weights from {src / 'ckpt' / 'step-00000003'}" in r.stderr
+    (tmp_path / "explicit").mkdir()
+    explicit = write_config(tmp_path / "explicit", steps=1, interval=100,
+                            extra={"model": {"preset": "tiny", "initFrom": str(src / "ckpt" / "step-00000006")}})
+    r = subprocess.run(cmd(explicit, 1, tmp_path / "explicit" / "losses.txt"), capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == c.EXIT_PERMANENT and "__0_0.distcp does not match its checksum" in r.stderr, r.stderr[-2000:]
+
+
 def test_saves_after_a_fallback_are_kept_in_place_of_the_unusable_newer_checkpoint(tmp_path):
     # The unusable step 30 once stayed the newest committed folder: with keep 1, every save made
     # after falling back to step 27 was pruned at once, and the next start found only step 30.

@@ -107,7 +107,7 @@ class ModelSpec(Model):
     ffnDim: int | None = Field(None, ge=8, le=262144, description="Feed-forward hidden size (SwiGLU).")
     maxSeqLen: int | None = Field(None, ge=8, le=1048576, description="Longest sequence (rotary embedding table).")
     moe: MoE | None = Field(None, description="Mixture-of-Experts blocks; absent for a dense model.")
-    initFrom: str = Field("", max_length=4096, description="Initial weights for a fresh run (continual pretraining): a checkpoint folder of this trainer or a Hugging Face Llama/Mixtral folder (config.json and safetensors); empty means the random init of the seed. A run that has its own checkpoints resumes from them instead.")
+    initFrom: str = Field("", max_length=4096, description="Initial weights for a fresh run (continual pretraining): a checkpoint folder of this trainer (one step-N folder, or a run's checkpoint.path: its newest step whose model files verify) or a Hugging Face Llama/Mixtral folder (config.json and safetensors); empty means the random init of the seed. A run that has its own checkpoints resumes from them instead.")
 
     def resolved(self) -> dict[str, int]:
         """Preset sizes overridden by explicit ones."""
@@ -127,7 +127,7 @@ class LoRA(Model):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     targetModules: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo"], max_length=32,
                                      description="Name patterns of the linear layers to adapt (attention: wq wk wv wo; MLP: w1 w2 w3).")
-    baseCheckpoint: str = Field("", max_length=4096, description="Base weights: a checkpoint folder of this trainer or a Hugging Face model folder; empty means the random init of the seed.")
+    baseCheckpoint: str = Field("", max_length=4096, description="Base weights: a checkpoint folder of this trainer (one step-N folder, or a run's checkpoint.path: its newest step whose model files verify) or a Hugging Face model folder; empty means the random init of the seed.")
 
 
 class DataSource(Model):

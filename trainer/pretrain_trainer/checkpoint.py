@@ -156,6 +156,43 @@ def model_mismatch(d: Path, shapes: dict[str, tuple]) -> str | None:
     return "; ".join(parts) or None
 
 
+def weights_problem(d: Path) -> str | None:
+    """None if the checkpoint is complete and the files holding its model tensors have their
+    CRC32s (the optimizer's and the RNG's files are not read for weights), else what is wrong."""
+    problem = verify(d) or checksum_problem(d, only={".metadata"})
+    if problem:
+        return problem
+    try:
+        storage = dcp.FileSystemReader(str(d)).read_metadata().storage_data
+    except Exception as e:  # a marker written before checksums: .metadata unchecked, and unpickling it failed
+        return f"unreadable .metadata ({type(e).__name__}: {e})"
+    return checksum_problem(d, only={s.relative_path for i, s in storage.items() if i.fqn.startswith("model.")})
+
+
+def weights_source(p: Path) -> Path:
+    """The checkpoint to read weights from. A step folder (one with a marker) is an explicit choice:
+    a ValueError if it does not verify. A folder of them (a run's checkpoint.path) gives its newest
+    that verifies, as a resume does: each newer one skipped is said in the log, with why; a
+    ValueError if none does; FileNotFoundError if there is none."""
+    if (p / MARKER).exists():
+        problem = weights_problem(p)
+        if problem:
+            raise ValueError(f"checkpoint {p} does not verify: {problem}")
+        return p
+    skipped = []
+    for s in committed_steps(p)[::-1] if p.exists() else []:
+        d = step_dir(p, s)
+        problem = weights_problem(d)
+        if problem is None:
+            return d
+        log.warning("skipping checkpoint %s for an older one: %s", d, problem)
+        skipped.append(f"{d.name}: {problem}")
+    if skipped:
+        raise ValueError(f"no checkpoint under {p} verifies ({'; '.join(skipped)})")
+    raise FileNotFoundError(f"{p}: neither a Hugging Face folder (config.json) nor a trainer checkpoint "
+                            f"(a step-N folder with {MARKER}, or a folder of them)")
+
+
 def newest_good(root: Path) -> Path | None:
     for s in committed_steps(root)[::-1] if root.exists() else []:
         if verify(step_dir(root, s)) is None:
@@ -167,22 +204,13 @@ def load_weights(model, path: str, whole: dict[str, tuple] | None = None) -> Pat
     """Model weights from a trainer checkpoint or a Hugging Face folder into an unsharded model.
     A trainer checkpoint must hold exactly this model's tensors (else a ValueError naming the first
     difference), or with `whole` (FQN -> shape) those of the whole model `model` is a part of (a
-    pipeline stage)."""
+    pipeline stage). Which checkpoint: `weights_source`."""
     p = Path(path)
     if (p / "config.json").exists():
         from .hf import load_hf
         load_hf(model, p)
         return p
-    d = p if (p / MARKER).exists() else newest_good(p)
-    if d is None:
-        raise FileNotFoundError(f"{path}: neither a Hugging Face folder (config.json) nor a trainer checkpoint "
-                                f"(a step-N folder with {MARKER}, or a folder of them)")
-    problem = verify(d) or checksum_problem(d, only={".metadata"})
-    if not problem:  # the files holding model tensors (the optimizer's and the RNG's are not read)
-        storage = dcp.FileSystemReader(str(d)).read_metadata().storage_data
-        problem = checksum_problem(d, only={s.relative_path for i, s in storage.items() if i.fqn.startswith("model.")})
-    if problem:
-        raise ValueError(f"checkpoint {d} does not verify: {problem}")
+    d = weights_source(p)
     opts = StateDictOptions(ignore_frozen_params=has_frozen(model))
     sd = {"model": get_model_state_dict(model, options=opts)}
     other = model_mismatch(d, whole or shapes_of(sd["model"]))

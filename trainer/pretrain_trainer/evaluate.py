@@ -3,8 +3,9 @@ checkpoint's model on the held-out data (the last 5% of the token stream, never 
 checkpoints and layouts can be compared: its first 32 windows, or with `validation` in the config
 the windows a validation during training reads (the same loss as the one logged at that step).
 One process; loads the model part of any checkpoint, whatever layout saved it, or a Hugging Face
-folder (hf.py). Without --checkpoint: the newest good
-one under checkpoint.path. A LoRA job's checkpoint is its adapters on `lora.baseCheckpoint`."""
+folder (hf.py). Without --checkpoint: the newest one under checkpoint.path whose model files
+verify (checkpoint.weights_source), saying which newer ones it skipped. A LoRA job's checkpoint
+is its adapters on `lora.baseCheckpoint`."""
 
 from __future__ import annotations
 
@@ -24,23 +25,23 @@ from .validation import windows
 
 def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Path]:
     """The whole model (one process) with the weights of `checkpoint` (a step folder or a Hugging
-    Face folder; default the newest good checkpoint under checkpoint.path). Needs a process group
+    Face folder; default the newest that verifies under checkpoint.path). Needs a process group
     (DCP loads through one): call setup_distributed() first."""
     args = ModelArgs.from_spec(spec.model)
     model = Transformer(args)
     init_weights(model, spec.training.seed)
-    d = Path(checkpoint) if checkpoint else newest_good(Path(spec.checkpoint.path))
-    if d is None:
+    target = Path(checkpoint or spec.checkpoint.path)
+    if not checkpoint and newest_good(target) is None:
         raise ConfigError(f"no committed checkpoint under {spec.checkpoint.path}")
     try:
-        if spec.lora and not (d / "config.json").exists():
+        if spec.lora and not (target / "config.json").exists():
             base = spec.lora.baseCheckpoint or spec.model.initFrom  # as the training's start (train.build)
             if base:  # else the seed's random init, as the training had
                 load_weights(model, base)
             apply_lora(model, spec.lora, spec.training.seed)
-        load_weights(model, str(d))
+        d = load_weights(model, str(target))
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load {d}: {e}")
+        raise ConfigError(f"cannot load {target}: {e}")
     model.eval()
     return model, d
 
