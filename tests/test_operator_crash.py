@@ -1,7 +1,8 @@
 """A restart is several writes (status: intent; delete the old pods; create the new gang). Kill
 the operator between them and a new one converges to exactly one live gang, with the counters
 counted once. A failure for good is two (status Failed; delete the pods): the next operator
-removes the pods it left."""
+removes the pods it left. A status decided from a stale read (another writer recorded a newer
+attempt in between) is refused and decided again, never written over the newer one."""
 
 from __future__ import annotations
 
@@ -113,3 +114,52 @@ def test_a_leader_cut_off_from_the_api_server_stops_acting_before_another_may_ta
         assert not elector.leading()
     finally:
         elector.stopped.set()
+
+
+def test_a_status_decided_from_a_stale_read_is_refused_and_decided_again_from_a_new_one(jobs, api, core, namespace, operator, monkeypatch):
+    # Two writers: this operator reads the job at attempt 1 and decides a restart (attempt 2);
+    # before it writes, another (a replica that took the Lease over a paused leader) has recorded
+    # attempt 3. Written over it, attempt 3 and a preemption would be lost and a gang of attempt 2
+    # made; the write carries the resourceVersion read, so it is refused and decided again.
+    from kubernetes import client
+
+    from pretrain_operator import api as papi
+    from pretrain_operator import reconcile
+    from pretrain_operator.controller import Controller
+    from pretrain_operator.settings import OperatorSettings
+    jobs.create(job_manifest("stale", steps=500))
+    jobs.wait_phase("stale", "Running", timeout=60)
+    operator.stop()
+    core.delete_namespaced_pod("stale-a1-n1", namespace, grace_period_seconds=0)  # a preemption
+    wait_for(lambda: len(jobs.pods("stale")) == 1, what="the preempted pod to go")
+    decide, other = reconcile.decide, []
+
+    def decide_then_another_writer_records_attempt_3(observed):
+        plan = decide(observed)
+        if not other:
+            st = plan.status
+            assert st["attempt"] == 2 and st["preemptions"] == 1  # this operator's decision
+            other.append({**st, "attempt": 3, "preemptions": 2})
+            jobs.custom.patch_namespaced_custom_object_status(papi.GROUP, papi.VERSION, namespace, papi.PLURAL, "stale",
+                                                              {"status": other[0]})
+        return plan
+    monkeypatch.setattr(reconcile, "decide", decide_then_another_writer_records_attempt_3)
+    ctl = Controller(api, OperatorSettings(metrics_port=0, health_port=0))
+    try:
+        with pytest.raises(client.ApiException) as refused:
+            ctl.reconcile(namespace, "stale")
+        assert refused.value.status == 409
+        st = jobs.status("stale")
+        assert (st["attempt"], st["preemptions"]) == (3, 2)  # the other writer's record stands
+        ctl.reconcile(namespace, "stale")  # decided again, from attempt 3: nothing counted twice
+        st = jobs.status("stale")
+        assert (st["attempt"], st["preemptions"], st["failures"]) == (3, 2, 0)
+    finally:
+        ctl.stopped.set()
+        ctl.pool.shutdown()
+    assert not jobs.pods("stale", attempt=2, live=False)
+    monkeypatch.undo()
+    operator.start()
+    st = jobs.wait_phase("stale", "Running", timeout=90, attempt=3)
+    assert (st["attempt"], st["preemptions"]) == (3, 2)
+    assert sorted(p.metadata.name for p in jobs.pods("stale")) == ["stale-a3-n0", "stale-a3-n1"]
