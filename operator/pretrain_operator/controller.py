@@ -377,6 +377,7 @@ class Controller:
             self.restart_seen[(ns, name)] = r.get("requestedAt")
             if st.get("phase") == "Restarting":
                 metrics.RESTARTS.labels(r.get("kind", ""), r.get("reason", "")).inc()
+                metrics.GANG_RESTARTS.labels(r.get("kind", "")).inc()
         if r and st.get("phase") == "Running" and (job.get("status") or {}).get("phase") != "Running":
             started = reconcile.parse(r.get("requestedAt", ""))
             if started:

@@ -13,6 +13,12 @@ RECONCILE_SECONDS = Histogram("pretrain_operator_reconcile_duration_seconds", "T
                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 JOBS = Gauge("pretrain_operator_jobs", "PretrainJobs by phase", ["phase"])
 RESTARTS = Counter("pretrain_operator_restarts_total", "Gang restarts by kind and reason", ["kind", "reason"])
+# The same restarts by kind only, every kind's series there from the start (at 0): a series that
+# first appears at 1 hides that restart from increase() and rate(), so alerts and dashboard panels
+# that count restarts read this one (reasons are open-ended: the restarts_total series cannot be made ahead).
+GANG_RESTARTS = Counter("pretrain_operator_gang_restarts_total", "Gang restarts by kind", ["kind"])
+for _kind in typing.get_args(api.Restart.model_fields["kind"].annotation):
+    GANG_RESTARTS.labels(_kind)
 RECOVERY_SECONDS = Histogram("pretrain_operator_recovery_seconds",
                              "From the end of an attempt (restart recorded) to the new gang running",
                              buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800))
