@@ -52,9 +52,8 @@ def controller() -> Controller:
     return STATE["controller"]
 
 
-@kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, **_):
-    s: OperatorSettings = STATE["settings"]
+def configure(settings: kopf.OperatorSettings, s: OperatorSettings) -> None:
+    """kopf's settings from ours."""
     # Our own prefixes from day one, in case change-detecting handlers are ever added.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kopf.pretrain.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="kopf.pretrain.dev",
@@ -62,8 +61,19 @@ def startup(settings: kopf.OperatorSettings, **_):
     settings.persistence.finalizer = "pretrain.dev/kopf-finalizer"
     settings.watching.server_timeout = s.watch_server_timeout_s
     settings.watching.client_timeout = s.watch_client_timeout_s
-    settings.batching.idle_timeout = s.watch_worker_idle_s
+    # The API server sends the pods of PretrainJobs only: a handler's `labels=` filter is applied
+    # by kopf after every pod of the cluster has been listed and streamed to it (tens of thousands
+    # on a shared cluster: the operator's memory and CPU would grow with them, not with its jobs).
+    settings.watching.label_selectors["", "v1", "pods"] = c.LABEL_JOB
+    settings.watching.chunk_size = s.watch_list_chunk  # the first lists in pages, not one response
+    settings.queueing.idle_timeout = s.watch_worker_idle_s
     settings.posting.enabled = False  # our Events are written by the controller, after the status
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_):
+    s: OperatorSettings = STATE["settings"]
+    configure(settings, s)
     apic = api_client(s)
     leader = LeaderElector(apic, s.lease_namespace, s.lease_name, s.lease_duration_s, s.lease_renew_s)
     ctl = Controller(apic, s, leader)
