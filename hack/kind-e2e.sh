@@ -76,10 +76,15 @@ if step 5 "install the chart into $ns (restricted Pod Security enforced)"; then
   run kubectl --context "$ctx" label --overwrite namespace "$ns" pod-security.kubernetes.io/enforce=restricted
   run helm upgrade --install pretrain-operator "$root/charts/pretrain-operator" --kube-context "$ctx" -n "$ns" \
     --set image.pullPolicy=IfNotPresent --wait --timeout 180s
-  for _ in $(seq 30); do
-    kubectl --context "$ctx" -n "$ns" logs deploy/pretrain-operator | grep "became the leader" && break
+  leader=""
+  for _ in $(seq 30); do  # (a loop's status is its last command's: test a flag, not the loop)
+    if kubectl --context "$ctx" -n "$ns" logs deploy/pretrain-operator | grep "became the leader"; then
+      leader=yes
+      break
+    fi
     sleep 2
-  done || die "the operator did not become the leader; see its log above"
+  done
+  [ -n "$leader" ] || die "the operator did not become the leader; see its log above"
 fi
 
 if step 6 "apply the quickstart in $jobs_ns"; then

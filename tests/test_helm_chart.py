@@ -137,7 +137,29 @@ def test_cluster_wide_mode_binds_one_cluster_role_and_namespaced_mode_a_role_per
     # The Lease: read and renewed by name, never created or deleted by the operator.
     (leader,) = [r for (ns, name), r in roles.items() if name.endswith("-leader-election")]
     assert leader["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                                "resourceNames": ["pretrain-operator"], "verbs": ["get", "update"]}]
+                                "resourceNames": ["po-pretrain-operator"], "verbs": ["get", "update"]}]
+
+
+def test_two_releases_in_one_namespace_hold_two_leases():
+    def lease(release, *args):
+        docs = template(*args, release=release)
+        env = {e["name"]: e.get("value") for e in _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]}
+        (rule,) = [r for role in of_kind(docs, "Role") for r in role["rules"] if r["resources"] == ["leases"]]
+        assert _one(docs, "Lease")["metadata"]["name"] == env["PRETRAIN_OPERATOR_LEASE_NAME"] == rule["resourceNames"][0]
+        return env["PRETRAIN_OPERATOR_LEASE_NAME"]
+    assert lease("pretrain-operator") == "pretrain-operator"  # the name releases of earlier charts held
+    assert lease("team-a") == "team-a-pretrain-operator" != lease("team-b")
+    assert lease("team-a", "--set", "operator.leaseName=mine") == "mine"
+
+
+def test_without_a_chart_made_service_account_one_must_be_named():
+    # Else the namespace's default ServiceAccount, which every pod there runs as, got the operator's rights.
+    r = helm("template", "po", str(CHART), "--set", "serviceAccount.create=false", check=False)
+    assert r.returncode != 0 and "serviceAccount.name" in r.stderr
+    docs = template("--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops-bot")
+    assert not of_kind(docs, "ServiceAccount")
+    assert _one(docs, "ClusterRoleBinding")["subjects"][0]["name"] == "ops-bot"
+    assert _one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-bot"
 
 
 def test_monitoring_objects_exist_only_where_monitoring_coreos_com_v1_is_served():
@@ -154,6 +176,11 @@ def test_monitoring_objects_exist_only_where_monitoring_coreos_com_v1_is_served(
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"  # the trainer pods' port name (render.py)
     pm = _one(template(*MONITORING, *NAMESPACED), "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    # A cluster that serves some of the API's kinds only (its CRDs installed one by one): the others
+    # are not rendered, or the whole install would fail on "no matches for kind".
+    some = template(*MONITORING, "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor",
+                    "--api-versions", "monitoring.coreos.com/v1/PodMonitor")
+    assert sorted(d["kind"] for d in some if d["kind"] in kinds) == ["PodMonitor", "ServiceMonitor"]
     off = template(*MONITORING, "--set", "metrics.serviceMonitor.enabled=false", "--set", "metrics.podMonitor.enabled=false",
                    "--set", "metrics.prometheusRule.enabled=false")
     assert not [d for d in off if d["kind"] in kinds]
@@ -170,6 +197,7 @@ BAD_VALUES = [
     (("--set", "operator.watchNamespaces=team-a"), "watchNamespaces"),
     (("--set", "metrics.serviceMonitor.interval=often"), "interval"),
     (("--set", "image.digest=latest"), "digest"),
+    (("--set", "operator.env[0].name=PRETRAIN_OPERATOR_RESYNC_S", "--set", "operator.env[0].value=60"), "/operator/env/0/value"),
 ]
 
 

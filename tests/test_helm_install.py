@@ -156,7 +156,7 @@ def test_the_operator_runs_in_a_pod_as_the_charts_service_account_with_in_cluste
     log = operator_log(core, release)
     assert f"as {release.sa} (in-cluster config)" in log, log
     assert "became the leader" in log
-    lease = client.CoordinationV1Api(core.api_client).read_namespaced_lease("pretrain-operator", release.ns)
+    lease = client.CoordinationV1Api(core.api_client).read_namespaced_lease(release.deployment, release.ns)  # the release's full name
     assert lease.spec.holder_identity.startswith(pod.metadata.name)
     # It was admitted where `restricted` is enforced.
     assert core.read_namespace(release.ns).metadata.labels["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -205,14 +205,14 @@ def _can_i_table(r: Release, clusterwide: bool) -> list[tuple[str, str, str | No
         ("watch", "nodes", None, True), ("get", "nodes", None, True), ("get", "namespaces", None, True),
         ("delete", "namespaces", None, False), ("update", "namespaces", None, False),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, True),
-        ("update", "leases.coordination.k8s.io#pretrain-operator", r.ns, True),
+        ("update", f"leases.coordination.k8s.io#{r.deployment}", r.ns, True),
         # What it must not.
         ("get", "secrets", job, False), ("list", "secrets", r.ns, False), ("list", "secrets", None, False),
         ("update", "nodes", None, False), ("patch", "nodes", None, False), ("delete", "nodes", None, False),
         ("create", "pods/exec", job, False), ("create", "pods/eviction", job, False),
         ("update", "pretrainjobs.pretrain.dev", job, False), ("create", "pretrainjobs.pretrain.dev", job, False),
         ("create", "leases.coordination.k8s.io", r.ns, False), ("update", "leases.coordination.k8s.io#other", r.ns, False),
-        ("delete", "leases.coordination.k8s.io#pretrain-operator", r.ns, False),
+        ("delete", f"leases.coordination.k8s.io#{r.deployment}", r.ns, False),
         ("create", "clusterrolebindings.rbac.authorization.k8s.io", None, False), ("impersonate", "serviceaccounts", r.ns, False),
         ("create", "persistentvolumeclaims", job, False), ("create", "deployments.apps", r.ns, False),
         # Namespaced mode: nothing outside the watched namespaces; cluster-wide: pods anywhere.

@@ -34,7 +34,26 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "pretrain-operator.fullname" .) .Values.serviceAccount.name -}}
 {{- else -}}
-{{- default "default" .Values.serviceAccount.name -}}
+{{- required "serviceAccount.name: name the ServiceAccount to run as when serviceAccount.create is false (else the namespace's default ServiceAccount, which every pod there runs as, would be given the operator's rights)" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pretrain-operator.leaseName" -}}
+{{- default (include "pretrain-operator.fullname" .) .Values.operator.leaseName -}}
+{{- end -}}
+
+{{/*
+Whether the cluster serves a kind of the Prometheus Operator's API (.kind: ServiceMonitor,
+PodMonitor or PrometheusRule): some install only some of its CRDs. A cluster's capabilities list
+each kind ("monitoring.coreos.com/v1/PrometheusRule"); `helm template --api-versions
+monitoring.coreos.com/v1` without any kind means all of them.
+*/}}
+{{- define "pretrain-operator.servesMonitoring" -}}
+{{- $caps := .root.Capabilities.APIVersions -}}
+{{- if $caps.Has (printf "monitoring.coreos.com/v1/%s" .kind) -}}
+true
+{{- else if and ($caps.Has "monitoring.coreos.com/v1") (not ($caps.Has "monitoring.coreos.com/v1/ServiceMonitor")) (not ($caps.Has "monitoring.coreos.com/v1/PodMonitor")) (not ($caps.Has "monitoring.coreos.com/v1/PrometheusRule")) -}}
+true
 {{- end -}}
 {{- end -}}
 
