@@ -23,8 +23,13 @@ def _job(name: str, steps: int) -> dict:
     job["spec"]["training"] = {**job["spec"].get("training", {}), "steps": steps, "logEverySteps": 1}
     job["spec"]["data"] = {**job["spec"]["data"], "seqLen": 32}
     job["spec"]["optimizer"] = {**job["spec"].get("optimizer", {}), "warmupSteps": 2}
-    job["spec"]["checkpoint"] = {"intervalSteps": 3}  # claim: the Jobs helper makes one per job
+    claim = {k: v for k, v in job["spec"].get("checkpoint", {}).items() if k == "claimName"}
+    job["spec"]["checkpoint"] = {**claim, "intervalSteps": 3}  # no claim: the Jobs helper makes one per job
     return job
+
+
+def _claim(name: str) -> dict:
+    return next(d for d in yaml.safe_load_all((EXAMPLES / name).read_text()) if d["kind"] == "PersistentVolumeClaim")
 
 
 def _succeeds(jobs: Jobs, name: str, steps: int) -> None:
@@ -43,16 +48,15 @@ def test_the_moe_example_trains_to_succeeded_under_the_operator(api, namespace, 
 
 def test_the_lora_example_trains_on_a_base_checkpoint_in_its_claim_under_the_operator(api, namespace, operator, core, tmp_path):
     jobs = Jobs(api, namespace)
-    core.create_namespaced_persistent_volume_claim(namespace, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "lora-ckpt"},
-        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    volume = jobs.claim_folder("lora-ckpt")
-    # The base: a checkpoint of the same model, at the path the example names (/checkpoints/base).
+    claim = _claim("lora.yaml")  # the example's own claim, as `kubectl apply -f` makes it
+    core.create_namespaced_persistent_volume_claim(namespace, claim)
+    volume = jobs.claim_folder(claim["metadata"]["name"])
+    # The base: a checkpoint of the same model, where the example's comment says (base/ in the claim).
     run(write_config(tmp_path, steps=2, interval=100, extra={"checkpoint": {"path": str(volume / "base")}}), 1,
         tmp_path / "losses.txt")
     job = _job("lora.yaml", steps=6)
     assert job["spec"]["lora"]["baseCheckpoint"] == "/checkpoints/base"
-    job["spec"]["checkpoint"]["claimName"] = "lora-ckpt"
+    assert job["spec"]["checkpoint"]["claimName"] == claim["metadata"]["name"]
     jobs.create(job, claim=False)
     _succeeds(jobs, "tiny-lora", 6)
     assert "frozen base weights bit-identical" in jobs.logs("tiny-lora-a1-n0")

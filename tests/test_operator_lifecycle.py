@@ -214,6 +214,24 @@ def _progress_steps(jobs, operator, tmp_path, name: str, seconds: float, **env) 
         operator.start()
 
 
+def test_a_running_trainer_whose_metrics_cannot_be_read_is_said_once_in_the_operators_log(jobs, operator):
+    # A NetworkPolicy or a mesh's mTLS between the operator and the trainers: status.progress
+    # stays empty, and the failed reads were logged at debug level only, so nobody knew why.
+    # (The operator reads once a second here: the warning comes after 12 failed reads in a row.)
+    start = operator.log_path.read_text().count("\n")
+    jobs.create(job_manifest("unread", steps=3, template={"command": ["sleep", "600"]}))  # serves no metrics
+    jobs.wait_phase("unread", "Running", timeout=60)
+
+    def said() -> list[str]:
+        return [line for line in operator.log_path.read_text().splitlines()[start:]
+                if "progress of" in line and "/unread:" in line and "failed in a row" in line]
+    wait_for(said, timeout=40, what="the operator's warning")
+    time.sleep(13)  # as many failed reads again
+    (line,) = said()
+    assert "WARNING" in line and f":{c.METRICS_PORT} failed" in line and "docs/install.md" in line, line
+    assert "progress" not in jobs.status("unread")
+
+
 def test_status_progress_follows_a_running_trainer_between_resyncs(jobs, operator, tmp_path):
     # On a real cluster nothing may touch a running gang for minutes (a kubelet writes an unchanged
     # node status every 5 min): the progress must not wait for the resync, nor for node churn.

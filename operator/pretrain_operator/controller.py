@@ -43,6 +43,7 @@ class Controller:
         self.stopped = threading.Event()
         self.reconciles = 0
         self.last_progress: dict = {}
+        self.progress_misses: dict = {}  # job key -> failed progress reads in a row (a warning at PROGRESS_MISSES_WARN)
         self.phases: dict = {}
         self.running = 0  # jobs in phase Running, counted with the phase gauge
         self.restart_seen: dict = {}
@@ -145,7 +146,7 @@ class Controller:
                 metrics.forget_job(ns, name)
                 self.last_progress.pop((ns, name), None)
                 # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
-                for memo in (self.disrupted, self.create_errors, self.children, self.restart_seen):
+                for memo in (self.disrupted, self.create_errors, self.children, self.restart_seen, self.progress_misses):
                     memo.pop((ns, name), None)
                 for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
                     self.node_jobs[node].discard((ns, name))
@@ -342,8 +343,15 @@ class Controller:
             with urllib.request.urlopen(f"http://{ip}:{c.METRICS_PORT}/metrics", timeout=1.0) as r:
                 m = parse_metrics(r.read().decode())
         except Exception as e:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
-            log.debug("progress of %s/%s from %s: %s", key[0], key[1], ip, e)
+            misses = self.progress_misses[key] = self.progress_misses.get(key, 0) + 1
+            # A trainer starts serving within seconds of its pod running; reads that keep failing
+            # are a network in the way (a NetworkPolicy, a mesh's mTLS): said once, not every pass.
+            (log.warning if misses == PROGRESS_MISSES_WARN else log.debug)(
+                "progress of %s/%s: %d reads of %s:%d failed in a row (%s); status.progress and "
+                "status.lastCheckpoint are not updated (docs/install.md: the operator must reach the "
+                "trainers' port)", key[0], key[1], misses, ip, c.METRICS_PORT, e)
             return
+        self.progress_misses.pop(key, None)
         now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
         if math.isfinite(m.get(c.METRIC_STEP, math.nan)):  # a custom trainer's NaN step: no progress
             total = m.get(c.METRIC_TOTAL_STEPS, math.nan)
@@ -400,6 +408,9 @@ class Controller:
             log.error("crash point %s reached: exiting (fault injection)", self.settings.crash_at)
             logging.shutdown()
             os._exit(17)
+
+
+PROGRESS_MISSES_WARN = 12  # failed progress reads in a row before a warning (a minute at the default interval)
 
 
 def progress_interval(interval_s: float, rate: float, running: int) -> float:
