@@ -107,6 +107,8 @@ def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
         assert env["PET_NNODES"] == "2" and env["PET_NODE_RANK"] == str(rank) and env["PET_NPROC_PER_NODE"] == "1"
         assert env["PET_RDZV_ENDPOINT"] == f"wired-n0.wired:{c.RDZV_PORT}"
         assert env["PET_RDZV_ID"] == f"{job['metadata']['uid']}-a1"
+        # torchrun's agent waits for the ranks' save on SIGTERM as long as the pod's grace period (not its 30 s).
+        assert env["PET_SHUTDOWN_TIMEOUT"] == str(p.spec.termination_grace_period_seconds) == "5"
         assert env[c.ENV_JOB_UID] == job["metadata"]["uid"] and env[c.ENV_ATTEMPT] == "1"  # the checkpoint fence's owner
         assert p.metadata.labels[c.LABEL_ATTEMPT] == "1"
         ref = p.metadata.owner_references[0]

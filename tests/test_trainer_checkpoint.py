@@ -272,6 +272,19 @@ def test_a_checkpoint_request_in_the_annotations_file_saves_without_stopping(tmp
     assert 2 < int(saved[0].split("-")[1]) < 40
 
 
+def test_a_checkpoint_request_already_there_at_the_start_is_served_after_the_first_step(tmp_path):
+    # A termination notice that came while the trainer started (a large checkpoint loading) was
+    # taken for an earlier attempt's and never served: a reclaim then lost every step since.
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1-2026"\nother="x"\n')
+    cfg = write_config(tmp_path, steps=6, interval=1000)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "losses.txt"), env=env(podinfo), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _committed(tmp_path) == ["step-00000001", "step-00000006"]  # the request's, once; the last step's
+    assert r.stderr.count("checkpoint requested by the operator") == 1
+
+
 def test_a_checkpoint_request_reaching_each_pods_annotations_at_its_own_time_saves_once(tmp_path):
     # Two pods (torchrun nodes) each see the annotation through their own downward-API file, which
     # the kubelet updates at its own time: the second pod's copy once made a second save.
@@ -317,6 +330,22 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoi
     for rank in (0, 1):  # each rank's own exit, not only the launcher's verdict
         assert f"[rank {rank}] stop requested (SIGTERM): checkpoint of step {step} saved; exiting 83" in err, err[-3000:]
     assert max(losses(tmp_path / "losses.txt")) == step  # nobody trained past the saved step
+
+
+def test_sigterm_to_the_launcher_as_a_pods_first_process_saves_and_exits_83(tmp_path):
+    # The kubelet signals the container's first process, the launcher: torchrun's agent forwards
+    # it to the ranks, which save and exit 83; the launcher exited 1 with a traceback (a failure
+    # spent from the budget), and its agent killed the ranks after 30 s whatever the grace period.
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000)
+    p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
+                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29914", "PET_SHUTDOWN_TIMEOUT": "60"})
+    wait_for_step(tmp_path / "losses.txt", 3, p)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == c.EXIT_PREEMPTED, err[-3000:]
+    assert "launcher: SIGTERM; the ranks exited [83]: exiting 83" in err
+    saved = _committed(tmp_path)
+    assert len(saved) == 1 and max(losses(tmp_path / "losses.txt")) == int(saved[0].split("-")[1])
 
 
 def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import wait_for
 from tests.trainer_util import cmd, env, losses, run, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
@@ -68,3 +69,37 @@ def test_spawn_start_method_runs_fresh_interpreters_with_the_same_losses(tmp_pat
     assert got == torchrun_losses, (got, time.monotonic() - t0)
     assert any("multiprocessing" in r for r in ranks) and not any("pretrain_trainer launch train" in r for r in ranks), ranks
     assert "1 CPU thread(s) per rank" in log
+
+
+def _sigterm_caught(pid: int) -> bool:
+    """Whether the process has a handler for SIGTERM (the kernel's SigCgt mask)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_forked_ranks_take_sigterms_default_action_until_the_trainer_answers_it(tmp_path):
+    # torchrun's agent answers SIGTERM by raising an exception; forked ranks inherited its handler,
+    # so a SIGTERM while a rank loaded a checkpoint raised in the middle of the load, which took it
+    # for a bad checkpoint and set a good one aside. A rank stopped in its start-up (here: opening
+    # a data manifest that is a FIFO nobody writes) must end at once instead.
+    data = tmp_path / "data"
+    data.mkdir()
+    os.mkfifo(data / "manifest.json")
+    d = tmp_path / "run"
+    d.mkdir()
+    c = cmd(write_config(d, extra={"data": {"path": str(data)}}), 1, d / "losses.txt", launch=True)
+    e = {**env(), "PET_NPROC_PER_NODE": "1", "PET_MASTER_PORT": str(29100 + os.getpid() % 200)}
+    p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True)
+    try:
+        def rank() -> int | None:
+            kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+            return next((int(k) for k in kids if Path(f"/proc/{k}/wchan").read_text() == "wait_for_partner"), None)
+        r = wait_for(rank, timeout=120, what="the rank to open the data manifest")
+        assert not _sigterm_caught(r)
+        os.kill(r, signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+        assert p.returncode == 1 and "failed (exitcode: -15)" in err, err[-2000:]  # ended by the signal itself
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)

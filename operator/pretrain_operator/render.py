@@ -89,6 +89,9 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": "PET_RDZV_ENDPOINT", "value": f"{hostname(name, 0)}.{name}:{c.RDZV_PORT}"},
         {"name": "PET_RDZV_ID", "value": f"{uid}-a{attempt}"},
         {"name": "PET_MAX_RESTARTS", "value": "0"},
+        # On the pod's SIGTERM torchrun's agent waits this long for the ranks' save (its default,
+        # 30 s, killed saves that the grace period left time for); the kubelet's SIGKILL ends it anyway.
+        {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(spec.template.terminationGracePeriodSeconds)},
         {"name": c.ENV_CONFIG, "value": c.CONFIG_PATH},
         {"name": c.ENV_ATTEMPT, "value": str(attempt)},
         {"name": c.ENV_JOB_NAME, "value": name},

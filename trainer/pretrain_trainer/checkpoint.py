@@ -200,17 +200,35 @@ def newest_good(root: Path) -> Path | None:
     return None
 
 
-def load_weights(model, path: str, whole: dict[str, tuple] | None = None) -> Path:
+def agreed_weights_source(path: str) -> str:
+    """`weights_source` decided once, by global rank 0, for every rank (each rank deciding for
+    itself could pick another step: a commit or a pruning in between, a rank's read error). A
+    Hugging Face folder is its own source. A ValueError or OSError (rank 0's) on every rank."""
+    got: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            p = Path(path)
+            got[0] = str(p if (p / "config.json").exists() else weights_source(p))
+        except (OSError, ValueError) as e:
+            got[1] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(got, src=0)
+    if got[1]:
+        raise ValueError(got[1])
+    return got[0]
+
+
+def load_weights(model, path: str, whole: dict[str, tuple] | None = None, verified: bool = False) -> Path:
     """Model weights from a trainer checkpoint or a Hugging Face folder into an unsharded model.
     A trainer checkpoint must hold exactly this model's tensors (else a ValueError naming the first
     difference), or with `whole` (FQN -> shape) those of the whole model `model` is a part of (a
-    pipeline stage). Which checkpoint: `weights_source`."""
+    pipeline stage). Which checkpoint: `weights_source`, unless `verified` (a step folder that
+    `agreed_weights_source` has checked)."""
     p = Path(path)
     if (p / "config.json").exists():
         from .hf import load_hf
         load_hf(model, p)
         return p
-    d = weights_source(p)
+    d = p if verified else weights_source(p)
     opts = StateDictOptions(ignore_frozen_params=has_frozen(model))
     sd = {"model": get_model_state_dict(model, options=opts)}
     other = model_mismatch(d, whole or shapes_of(sd["model"]))
@@ -516,7 +534,9 @@ class Checkpointer:
         dist.barrier()
         (d / "rng").mkdir(parents=True, exist_ok=True)
         torch.save({"cpu": torch.get_rng_state(), "world": self.world,
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    # This rank's own device only: all visible devices' states did not fit a resume
+                    # with fewer GPUs per pod (an IndexError on every attempt).
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                    d / "rng" / f"rank-{self.rank}.pt")
         state = self._save_state(model, optim)
         if self.async_save and not final and self._async_ready(state):
@@ -675,6 +695,13 @@ class Checkpointer:
         """Load the newest good checkpoint; returns its extra dict, or None to start fresh."""
         root = self.root
         candidates = committed_steps(root)[::-1] if root.exists() else []
+        if self.world > 1:
+            # Rank 0's list for every rank: each rank listing for itself could see other steps (a
+            # stale attempt committing meanwhile, a network file system's cached listing), and the
+            # agreement below would then pass with the ranks on different checkpoints.
+            box = [candidates]
+            dist.broadcast_object_list(box, src=0)
+            candidates = box[0]
         shapes = self._shapes(model) if candidates else {}
         for step in candidates:
             d = step_dir(root, step)
@@ -709,8 +736,12 @@ class Checkpointer:
                 saved = torch.load(rng, weights_only=False) if rng.exists() else None
                 if saved and saved["world"] == self.world:
                     torch.set_rng_state(saved["cpu"])
-                    if saved.get("cuda") and torch.cuda.is_available():
-                        torch.cuda.set_rng_state_all(saved["cuda"])
+                    cuda = saved.get("cuda")
+                    if isinstance(cuda, list):  # saved before: every visible device's state, this rank's at its index
+                        i = torch.cuda.current_device() if torch.cuda.is_available() else 0
+                        cuda = cuda[i] if i < len(cuda) else None
+                    if cuda is not None and torch.cuda.is_available():
+                        torch.cuda.set_rng_state(cuda)
                 else:
                     torch.manual_seed(extra.get("seed", 0) * 7919 + self.rank + step)
                     if self.rank == 0:

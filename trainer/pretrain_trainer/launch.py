@@ -1,6 +1,6 @@
 """`python -m pretrain_trainer launch [TORCHRUN OPTIONS] ARGS...`: torchrun (torch.distributed.run,
 its options and the PET_* variables the operator sets) running `pretrain_trainer ARGS...` on each
-rank, with two differences:
+rank, with three differences:
 
 - The workers are forked from the launcher once it has imported torch and the trainer, instead of
   each starting a fresh interpreter that imports them again: 2.7 CPU-seconds per rank saved, which is
@@ -10,7 +10,16 @@ rank, with two differences:
   collectors, so the ranks keep sharing its pages: 8 ranks took 938 MiB (PSS) instead of 1481.
 - It exits with the workers' own exit code when they agree on one of the contract's (83 preempted,
   85 permanent; ranks the agent killed after them do not count): plain torchrun turns any worker
-  failure into exit 1. A rank that crashed (any other code) makes it 1.
+  failure into exit 1. A rank that crashed (any other code) makes it 1. Also when the launcher itself is signalled (the kubelet's SIGTERM goes to the
+  container's first process): the agent forwards it to the ranks, waits for them up to its
+  shutdown timeout (`--shutdown-timeout`, `PET_SHUTDOWN_TIMEOUT`: the operator sets the pod's
+  grace period; torchrun's default is 30 s) and then kills them; ranks that saved and exited 83
+  make it 83 (plain torchrun: 1, with a traceback). Ranks that were killed make it 128 + the
+  signal's number, as a shell would.
+- The ranks start with the default action for SIGTERM, SIGINT, SIGHUP and SIGQUIT (the process
+  ends) until the trainer answers SIGTERM itself: forked ranks inherited the agent's handler, which
+  raised an exception in the middle of whatever the rank was doing (a checkpoint's load took it
+  for a bad checkpoint and set a good one aside).
 """
 
 from __future__ import annotations
@@ -18,15 +27,29 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import sys
 
 from pretrain_operator import contract as c
 
 SUBCOMMANDS = ("train", "eval", "export", "prepare")
+# What torchrun's agent handles (TORCHELASTIC_SIGNALS_TO_HANDLE's default) by raising SignalException.
+AGENT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def contract_code(codes: set[int]) -> int | None:
+    """The contract's code the ranks that ended first agree on (83 or 85; ranks the agent killed
+    after them, a negative code, do not count), or None."""
+    for code in (c.EXIT_PERMANENT, c.EXIT_PREEMPTED):
+        if code in codes and all(x == code or x < 0 for x in codes):
+            return code
+    return None
 
 
 def worker(*argv: str) -> None:
     """One rank, in a process forked (or spawned) by torchrun's agent: the trainer's own command line."""
+    for sig in AGENT_SIGNALS:  # the agent's handlers, inherited by a fork: the default until train.Stop
+        signal.signal(sig, signal.SIG_DFL)
     threads = os.environ.get("OMP_NUM_THREADS", "")
     if threads.isdigit():
         # A fresh interpreter reads the OMP_NUM_THREADS the agent set for its ranks (1 when there are
@@ -41,6 +64,7 @@ def worker(*argv: str) -> None:
 
 def launch(args: list[str]) -> int:
     import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing import api as mp_api
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # torchrun's options go before the trainer's subcommand; a --start-method among them wins over fork.
@@ -66,17 +90,30 @@ def launch(args: list[str]) -> int:
         gc.freeze()
         if torch.cuda.is_initialized():  # a forked child cannot use a CUDA context its parent made
             parsed.start_method = "spawn"
+    # The ranks' exit codes when the agent closes them after a signal (its SignalException carries none).
+    closed: dict[int, int | None] = {}
+    close = mp_api.MultiprocessContext._close
+
+    def recording_close(self, death_sig, timeout=30):
+        close(self, death_sig, timeout)
+        closed.update({i: p.exitcode for i, p in enumerate(self._pc.processes)} if self._pc else {})
+
     torchrun.config_from_args = function_entrypoint
+    mp_api.MultiprocessContext._close = recording_close
     try:
         torchrun.run(parsed)
     except ChildFailedError as e:
         # The ranks that failed first agree on a contract code; the agent kills the rest (a signal,
         # a negative code). Any other code (a crash) is a failure, whatever the others said.
-        codes = {f.exitcode for f in e.failures.values()}
-        for code in (c.EXIT_PERMANENT, c.EXIT_PREEMPTED):
-            if code in codes and all(x == code or x < 0 for x in codes):
-                return code
-        return 1
+        return contract_code({f.exitcode for f in e.failures.values()}) or 1
+    except mp_api.SignalException as e:
+        # Signalled itself (a pod's SIGTERM): the agent gave the ranks its shutdown timeout to
+        # save and exit 83, then killed the rest.
+        codes = {x if x is not None else -9 for x in closed.values()}
+        code = contract_code(codes) or 128 + int(e.sigval)
+        print(f"launcher: {e.sigval.name}; the ranks exited {sorted(codes)}: exiting {code}", file=sys.stderr, flush=True)
+        return code
     finally:
         torchrun.config_from_args = module_entrypoint
+        mp_api.MultiprocessContext._close = close
     return 0

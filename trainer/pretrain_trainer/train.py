@@ -38,7 +38,7 @@ from pretrain_operator import api, cel, contract as c
 from . import moe as moe_mod
 from . import data_parallel, expert_parallel, parallel, pipeline, tensor_parallel
 from . import lora, profiling, report, validation
-from .checkpoint import Checkpointer, OtherModel, load_weights, shapes_of
+from .checkpoint import Checkpointer, OtherModel, agreed_weights_source, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
 from .fence import Fence, InUse
 from .metrics import GRACE, Metrics, peak_memory_bytes
@@ -218,6 +218,11 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
     field, initial = (("lora.baseCheckpoint", spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint
                       else ("model.initFrom", spec.model.initFrom))
     meta = not initial
+    if initial:  # one source for every rank, checked once
+        try:
+            initial = agreed_weights_source(initial)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot load the initial weights ({field}) from {initial}: {e}")
     with torch.device("meta" if meta else "cpu"):
         if p.pipeline > 1:
             ids, parts = pipeline.build_parts(args, mesh["pp"].get_local_rank(), p.pipeline, p.pipelineSchedule)
@@ -233,8 +238,8 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
             init_weights(part, spec.training.seed)  # per-name seeds: the same weights as the whole model
         if initial:
             try:
-                src = load_weights(part, initial, whole)
-            except (OSError, ValueError, RuntimeError) as e:
+                src = load_weights(part, initial, whole, verified=True)
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
                 raise ConfigError(f"cannot load the initial weights ({field}) from {initial}: {e}")
             log.info("initial weights from %s", src)
         if spec.lora:
@@ -384,7 +389,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # action, the process ends at once: nothing new to save, and a rank blocked on a lost peer
     # must not hold its pod for the whole grace period.
     stop = Stop()
-    seen_requests = {checkpoint_request(podinfo)}  # one there at the start was an earlier attempt's
+    # A request already there at the start is this attempt's too (the operator annotates the live
+    # pods of the current attempt only, and pods are new each attempt): a termination notice that
+    # came while the checkpoint loaded is served after the first step, not ignored all attempt.
+    seen_requests: set[str | None] = {None}
     served = 0
     fpt = flops_per_token(args, spec.data.seqLen)
     peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
