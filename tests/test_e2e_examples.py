@@ -23,8 +23,7 @@ def _job(name: str, steps: int) -> dict:
     job["spec"]["training"] = {**job["spec"].get("training", {}), "steps": steps, "logEverySteps": 1}
     job["spec"]["data"] = {**job["spec"]["data"], "seqLen": 32}
     job["spec"]["optimizer"] = {**job["spec"].get("optimizer", {}), "warmupSteps": 2}
-    claim = {k: v for k, v in job["spec"].get("checkpoint", {}).items() if k == "claimName"}
-    job["spec"]["checkpoint"] = {**claim, "intervalSteps": 3}  # no claim: the Jobs helper makes one per job
+    job["spec"]["checkpoint"] = {**job["spec"]["checkpoint"], "intervalSteps": 3}  # on the example's own claim
     return job
 
 
@@ -39,9 +38,10 @@ def _succeeds(jobs: Jobs, name: str, steps: int) -> None:
     assert f"done: {steps} steps" in jobs.logs(f"{name}-a1-n0")
 
 
-def test_the_moe_example_trains_to_succeeded_under_the_operator(api, namespace, operator):
+def test_the_moe_example_trains_to_succeeded_under_the_operator(api, namespace, operator, core):
     jobs = Jobs(api, namespace)
-    jobs.create(_job("moe.yaml", steps=6))
+    core.create_namespaced_persistent_volume_claim(namespace, _claim("moe.yaml"))  # its own claim, as `kubectl apply -f` makes it
+    jobs.create(_job("moe.yaml", steps=6), claim=False)
     _succeeds(jobs, "tiny-moe", 6)
     assert "router:" in jobs.logs("tiny-moe-a1-n0")  # the router statistics are logged
 

@@ -1,11 +1,13 @@
 """`prepare` is deterministic and its manifest changes when one input byte does; the loader's
 order is a pure function of the seed and its slices partition each global batch; data that cannot
-be used (a missing or too small folder, a checkpoint of other data) is a permanent error naming the field."""
+be used (a missing or too small folder, a manifest without a key, a checkpoint of other data) is a
+permanent error naming the field; a resume with another seed or window length says so."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -153,9 +155,15 @@ def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_
     from tests.trainer_util import cmd, env, write_config
     prepared = tmp_path / "prepared"
     _prepare(_corpus(tmp_path), prepared)  # a 300-token vocabulary
+    other = tmp_path / "other-manifest"  # of another tool or version: exit 1 with a bare KeyError before
+    shutil.copytree(prepared, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    del manifest["dtype"]
+    (other / "manifest.json").write_text(json.dumps(manifest))
     for name, path, vocab, says in (
             ("missing", tmp_path / "nowhere", 512, f"data.path {tmp_path / 'nowhere'} is not a prepared folder"),
-            ("too-big", prepared, 256, "the tokenizer's vocabulary (300) exceeds model.vocabSize (256)")):
+            ("too-big", prepared, 256, "the tokenizer's vocabulary (300) exceeds model.vocabSize (256)"),
+            ("no-dtype", other, 512, f"data.path {other}: its manifest.json has no 'dtype'")):
         d = tmp_path / name
         d.mkdir()
         data_spec = {"seqLen": 32, "globalBatchSize": 4, "microBatchSize": 2, "path": str(path)}
@@ -190,3 +198,22 @@ def test_a_checkpoint_of_other_data_or_too_little_data_is_a_permanent_error(tmp_
     r = train(write_config(few, steps=2, extra={"data": {"path": str(prepared), "seqLen": 32, "globalBatchSize": 100000,
                                                          "microBatchSize": 1}}))
     assert r.returncode == 85 and "fewer than one global batch (data.globalBatchSize 100000)" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_resume_with_another_seed_or_window_length_says_the_data_order_changes(tmp_path):
+    # The position counts samples of this seed's order and this window length: with another, the
+    # run goes on from elsewhere in the data without a word (samples seen again, others never).
+    from tests.trainer_util import env, write_config
+
+    def train(**training) -> subprocess.CompletedProcess:
+        cfg = write_config(tmp_path, steps=training.pop("steps"), interval=2, extra={"training": training})
+        r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], env=env(),
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    train(steps=2, seed=1, logEverySteps=1)
+    r = train(steps=4, seed=1, logEverySteps=1)
+    assert "the checkpoint's was" not in r.stderr
+    r = train(steps=6, seed=2, logEverySteps=1)
+    assert "training.seed is 2, the checkpoint's was 1: the data position (16 samples) is carried over" in r.stderr

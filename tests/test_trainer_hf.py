@@ -11,6 +11,7 @@ here, nothing comes from the Hub.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -178,3 +179,39 @@ def test_a_hugging_face_folder_of_another_shape_is_refused_naming_the_fields(den
     spec.model.ffnDim = 128
     with pytest.raises(ValueError, match=r"model.ffnDim: 128 vs 192"):
         load_hf(Transformer(ModelArgs.from_spec(spec.model)), dense_hf)
+
+
+def test_a_hugging_face_folder_of_the_same_shapes_but_another_model_is_refused_naming_what_differs(tmp_path, dense, dense_hf):
+    # Llama 3's rotary base is 500000: a Meta-Llama-3-8B folder loaded into a 10000-base model
+    # without a word, and a bias tensor was dropped without one. Each made another model.
+    from safetensors.torch import load_file, save_file
+
+    from pretrain_trainer.hf import load_hf
+    from pretrain_trainer.model import ModelArgs, Transformer
+    from pretrain_trainer.train import load_spec
+    spec = load_spec(str(dense))
+
+    def variant(name: str, config: dict, extra_tensor: str | None = None) -> Path:
+        d = tmp_path / name
+        shutil.copytree(dense_hf, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(config)
+        (d / "config.json").write_text(json.dumps(cfg))
+        if extra_tensor:
+            sd = load_file(str(d / "model.safetensors"))
+            sd[extra_tensor] = torch.zeros(spec.model.resolved()["dim"])
+            save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d
+
+    def refused(folder: Path, match: str):
+        with pytest.raises(ValueError, match=match):
+            load_hf(Transformer(ModelArgs.from_spec(spec.model)), folder)
+
+    rope = variant("rope", {"rope_theta": 500000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
+    refused(rope, r"model.ropeTheta: 10000 vs 500000")
+    spec.model.ropeTheta = 500000.0  # the job says so: the folder loads
+    load_hf(Transformer(ModelArgs.from_spec(spec.model)), rope)
+    spec.model.ropeTheta = None
+    refused(variant("scaled", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), r"rope scaling 'llama3': this trainer has none")
+    refused(variant("eps", {"rms_norm_eps": 1e-6}), r"rms_norm_eps: 1e-05 \(this trainer's\) vs 1e-06")
+    refused(variant("bias", {}, "model.layers.0.self_attn.o_proj.bias"), r"tensor model.layers.0.self_attn.o_proj.bias has no place")

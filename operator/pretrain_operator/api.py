@@ -26,12 +26,13 @@ SHORT_NAMES = ["ptj"]
 
 # Model shapes by preset name; the trainer builds them, the CRD's CEL rules read their layer and
 # head counts (so `layers divisible by pipeline` holds for presets too).
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(dim=64, layers=4, heads=4, kvHeads=2, vocabSize=512, ffnDim=192, maxSeqLen=128),
-    "small": dict(dim=256, layers=8, heads=8, kvHeads=4, vocabSize=4096, ffnDim=768, maxSeqLen=512),
-    "llama3-1b": dict(dim=2048, layers=16, heads=32, kvHeads=8, vocabSize=128256, ffnDim=8192, maxSeqLen=8192),
-    "llama3-8b": dict(dim=4096, layers=32, heads=32, kvHeads=8, vocabSize=128256, ffnDim=14336, maxSeqLen=8192),
-    "llama3-70b": dict(dim=8192, layers=80, heads=64, kvHeads=8, vocabSize=128256, ffnDim=28672, maxSeqLen=8192),
+PRESETS: dict[str, dict[str, int | float]] = {
+    "tiny": dict(dim=64, layers=4, heads=4, kvHeads=2, vocabSize=512, ffnDim=192, maxSeqLen=128, ropeTheta=10000.0),
+    "small": dict(dim=256, layers=8, heads=8, kvHeads=4, vocabSize=4096, ffnDim=768, maxSeqLen=512, ropeTheta=10000.0),
+    # Llama 3's rotary base is 500000 (Meta's params.json, Hugging Face's rope_theta).
+    "llama3-1b": dict(dim=2048, layers=16, heads=32, kvHeads=8, vocabSize=128256, ffnDim=8192, maxSeqLen=8192, ropeTheta=500000.0),
+    "llama3-8b": dict(dim=4096, layers=32, heads=32, kvHeads=8, vocabSize=128256, ffnDim=14336, maxSeqLen=8192, ropeTheta=500000.0),
+    "llama3-70b": dict(dim=8192, layers=80, heads=64, kvHeads=8, vocabSize=128256, ffnDim=28672, maxSeqLen=8192, ropeTheta=500000.0),
 }
 
 # Taints that announce a node's imminent reclaim, watched by default.
@@ -106,13 +107,14 @@ class ModelSpec(Model):
     vocabSize: int | None = Field(None, ge=2, le=1048576, description="Vocabulary size.")
     ffnDim: int | None = Field(None, ge=8, le=262144, description="Feed-forward hidden size (SwiGLU).")
     maxSeqLen: int | None = Field(None, ge=8, le=1048576, description="Longest sequence (rotary embedding table).")
+    ropeTheta: float | None = Field(None, gt=0, le=1e9, description="Rotary embedding base (theta); the presets': 500000 for Llama 3, 10000 for tiny and small (and custom, unless given).")
     moe: MoE | None = Field(None, description="Mixture-of-Experts blocks; absent for a dense model.")
     initFrom: str = Field("", max_length=4096, description="Initial weights for a fresh run (continual pretraining): a checkpoint folder of this trainer (one step-N folder, or a run's checkpoint.path: its newest step whose model files verify) or a Hugging Face Llama/Mixtral folder (config.json and safetensors); empty means the random init of the seed. A run that has its own checkpoints resumes from them instead.")
 
-    def resolved(self) -> dict[str, int]:
+    def resolved(self) -> dict[str, int | float]:
         """Preset sizes overridden by explicit ones."""
         base = dict(PRESETS.get(self.preset, {}))
-        for k in ("dim", "layers", "heads", "kvHeads", "vocabSize", "ffnDim", "maxSeqLen"):
+        for k in ("dim", "layers", "heads", "kvHeads", "vocabSize", "ffnDim", "maxSeqLen", "ropeTheta"):
             v = getattr(self, k)
             if v is not None:
                 base[k] = v

@@ -18,6 +18,8 @@ from . import api
 def _type(ann) -> str:
     origin = typing.get_origin(ann)
     args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if origin is typing.Annotated:  # a type with constraints (a quantity's pattern): the type's name
+        return _type(typing.get_args(ann)[0])
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(ann))
     if origin in (list,):

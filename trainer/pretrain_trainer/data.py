@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger("pretrain_trainer.data")
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".html")
 SHARD_TOKENS = 1 << 22
@@ -56,8 +59,9 @@ def prepare(input_dir: str, out_dir: str, vocab_size: int = 4096, tokenizer_path
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-        texts = [p.read_text(errors="replace") for p in files]
-        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        # One file at a time (a generator): the corpus whole in memory did not fit a large one.
+        texts = (p.read_text(errors="replace") for p in files)
+        tok.train_from_iterator(texts, trainer=trainer, length=len(files))
     tok.save(str(out / "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
     if eot is None:
@@ -185,14 +189,19 @@ class TokenSource:
             except (OSError, ValueError) as e:
                 raise DataError(f"{field} {path} is not a prepared folder ({type(e).__name__}: {e}); make one with "
                                 f"`python -m pretrain_trainer prepare --input TEXT_DIR --out {path}`") from e
-            if man["vocabSize"] > vocab_size:
-                raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
             try:
-                self.tokens = Tokens(MappedShards([d / s["file"] for s in man["shards"]], [s["tokens"] for s in man["shards"]],
-                                                  man["dtype"]))
-            except (OSError, ValueError) as e:
-                raise DataError(f"{field} {path}: a shard its manifest lists cannot be read ({e})") from e
-            self.manifest_hash, self.tokenizer_hash = man["sha256"], man.get("tokenizerSha256", "")
+                if man["vocabSize"] > vocab_size:
+                    raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
+                try:
+                    self.tokens = Tokens(MappedShards([d / s["file"] for s in man["shards"]], [s["tokens"] for s in man["shards"]],
+                                                      man["dtype"]))
+                except (OSError, ValueError) as e:
+                    raise DataError(f"{field} {path}: a shard its manifest lists cannot be read ({e})") from e
+                self.manifest_hash, self.tokenizer_hash = man["sha256"], man.get("tokenizerSha256", "")
+            except (KeyError, TypeError) as e:  # a manifest of another tool or version, or hand-edited
+                what = f"has no {e}" if isinstance(e, KeyError) else f"holds a value of the wrong type ({e})"
+                raise DataError(f"{field} {path}: its manifest.json {what}; make the folder again with "
+                                f"`python -m pretrain_trainer prepare --input TEXT_DIR --out {path}`") from e
         else:
             g = np.random.default_rng(seed)
             base = g.integers(0, vocab_size, size=97)
@@ -315,11 +324,20 @@ class Loader:
         return [(t[i:i + self.micro, :-1], t[i:i + self.micro, 1:]) for i in range(0, self.per_rank, self.micro)]
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed, "manifest": self.blend.manifest_hash, "taken": list(self.taken)}
+        return {"position": self.position, "seed": self.seed, "seqLen": self.seq, "manifest": self.blend.manifest_hash,
+                "taken": list(self.taken)}
 
     def load_state_dict(self, st: dict) -> None:
         if st.get("manifest") not in (None, self.blend.manifest_hash):
             raise DataError("data: the checkpoint was made with other data (its manifest hash differs from this data.path's or "
                             "data.sources'): give the data it was trained on, or a new checkpoint.path to start afresh")
+        # The position counts samples in the order of this seed, of windows of this length: with
+        # another, training goes on from elsewhere in another order (samples seen again or never).
+        # Said, not refused: a longer context or a new order can be a deliberate choice.
+        for key, field, now in (("seed", "training.seed", self.seed), ("seqLen", "data.seqLen", self.seq)):
+            if st.get(key) is not None and st[key] != now and self.dp_rank == 0:
+                log.warning("%s is %s, the checkpoint's was %s: the data position (%d samples) is carried over, "
+                            "but its samples are taken in another order or cut otherwise from here on; some may be "
+                            "seen again, others not at all", field, now, st[key], int(st["position"]))
         self.position = int(st["position"])
         self.taken = [int(x) for x in st.get("taken", [self.position])]  # before blends: one source

@@ -97,6 +97,21 @@ def args_match(args: ModelArgs, cfg: dict) -> list[str]:
             "kvHeads": cfg.get("num_key_value_heads", cfg.get("num_attention_heads")), "vocabSize": cfg.get("vocab_size"),
             "ffnDim": cfg.get("intermediate_size")}
     out = [f"model.{k}: {getattr(args, k)} vs {v}" for k, v in want.items() if getattr(args, k) != v]
+    # What the shapes do not show, and would make another model of the same weights: the rotary
+    # base (Llama 3's 500000 against 10000), the norm's epsilon, a rotary scaling or biases, which
+    # this model does not have.
+    rope = cfg.get("rope_parameters") or {}
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    if float(theta) != args.ropeTheta:
+        out.append(f"model.ropeTheta: {args.ropeTheta:g} vs {float(theta):g}")
+    if float(cfg.get("rms_norm_eps", args.normEps)) != args.normEps:
+        out.append(f"rms_norm_eps: {args.normEps:g} (this trainer's) vs {float(cfg['rms_norm_eps']):g}")
+    scaling = cfg.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        out.append(f"rope scaling {scaling.get('rope_type', scaling.get('type'))!r}: this trainer has none")
+    for bias in ("attention_bias", "mlp_bias"):
+        if cfg.get(bias):
+            out.append(f"{bias}: this trainer's model has no biases")
     experts = cfg.get("num_local_experts")
     if (args.moe.experts if args.moe else None) != experts:
         out.append(f"model.moe.experts: {args.moe.experts if args.moe else 'none'} vs {experts or 'none'}")
@@ -151,16 +166,20 @@ def from_hf(hf_sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.
     top_inverse = {v: k for k, v in TOP_MAP.items()}
     out = {}
     for k, v in hf_sd.items():
+        if k.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some exporters write: this model computes its own
         m = re.match(r"model\.layers\.(\d+)\.(.+)\.weight$", k)
         if m:
             layer, mod = m.groups()
             e = re.match(r"block_sparse_moe\.experts\.(\d+)\.(w[123])$", mod)
+            if not e and mod not in inverse:
+                raise ValueError(f"tensor {k} has no place in this model (a module it does not have)")
             ours = f"layers.{layer}.feed_forward.experts.{e.group(1)}.{e.group(2)}.weight" if e else \
                 f"layers.{layer}.{inverse[mod]}.weight"
         else:
             top, tail = k.rsplit(".", 1)
-            if top not in top_inverse:
-                continue  # e.g. rotary buffers some exporters write
+            if top not in top_inverse or tail != "weight":  # a bias, say: loading without it is another model
+                raise ValueError(f"tensor {k} has no place in this model")
             ours = f"{top_inverse[top]}.{tail}"
         heads = _rope_heads(ours, args)
         out[ours] = _to_pairs(v, heads) if heads else v

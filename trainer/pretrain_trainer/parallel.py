@@ -40,7 +40,11 @@ def apply_activation_checkpointing(model, mode: str) -> None:
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     kwargs = {"context_fn": partial(create_selective_checkpoint_contexts, _keep_costly)} if mode == "selective" else {}
     for key, block in list(model.layers.items()):
-        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
+        # A block that draws random numbers (LoRA's dropout) must draw the same ones when it is
+        # recomputed, or its gradients are not those of its forward pass: the RNG state is kept
+        # for those only (a copy of the generator's state per block and step).
+        random = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in block.modules())
+        model.layers[key] = checkpoint_wrapper(block, preserve_rng_state=random, **kwargs)
     log.info("activation checkpointing (%s): %d decoder block(s) here", mode, len(model.layers))
 
 
