@@ -378,6 +378,29 @@ def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
         assert losses(d / f"from-{step}.txt") == {s: v for s, v in want.items() if s > step}
 
 
+def test_an_async_save_that_fails_on_one_rank_only_stops_every_rank_instead_of_hanging(tmp_path):
+    # The failing rank went on to save synchronously alone, in other collectives than its peers,
+    # whose saves were with their writers: the gang hung until its pods were killed. The fault is
+    # injected into DCP on rank 1 (a writer process killed, say), by a sitecustomize.
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.distributed.checkpoint as dcp\n"
+        "    def async_save(*a, **k):\n"
+        "        raise OSError('injected: the writer process is gone')\n"
+        "    dcp.async_save = async_save\n")
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=9, interval=3,
+                       extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
+    e = env()
+    e["PYTHONPATH"] = os.pathsep.join([str(inject), e.get("PYTHONPATH", "")])
+    r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=e, capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0
+    assert "the async checkpoint of step 3 failed on some ranks only (OSError: injected" in r.stderr, r.stderr[-3000:]
+    assert not _committed(tmp_path)
+
+
 def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_save_keeps_it(tmp_path):
     # Two ranks, async saves, no save due for thousands of steps: the operator's checkpoint request
     # (as on a termination notice) starts one. It is committed while training goes on, not at the

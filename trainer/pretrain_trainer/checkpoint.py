@@ -540,11 +540,20 @@ class Checkpointer:
                    d / "rng" / f"rank-{self.rank}.pt")
         state = self._save_state(model, optim)
         if self.async_save and not final and self._async_ready(state):
+            r, failed = None, None
             try:
                 r = dcp.async_save(state, storage_writer=self._writer(d), planner=self._planner(), **self._async_options())
             except Exception as e:  # noqa: BLE001  (a torch without this staging path: save synchronously)
-                log.warning("async checkpointing failed (%s: %s); saving synchronously from now on",
-                            type(e).__name__, str(e)[:200])
+                failed = f"{type(e).__name__}: {str(e)[:200]}"
+            # Agreed: a rank that went on to save synchronously alone would stand in other
+            # collectives than its peers, which handed their saves to their writers (a hang).
+            seen = torch.tensor([1.0 if failed else 0.0, 0.0 if failed else 1.0])  # [a rank failed, a rank did not]
+            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+            if seen[0] and seen[1]:  # this step cannot be committed, and the writers wait for peers that will not come
+                raise RuntimeError(f"the async checkpoint of step {step} failed on some ranks only "
+                                   f"({failed or 'on another rank, whose log says why'}): stopping this attempt")
+            if failed:
+                log.warning("async checkpointing failed (%s); saving synchronously from now on", failed)
                 self.async_save = False
             else:
                 if isinstance(r, AsyncSaveResponse):  # staging may go on in the background
