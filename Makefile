@@ -25,7 +25,9 @@ help:
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A virtualenv whose pip is missing (python3-venv absent when it was made) is made again.
+	@$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); } || \
+	  { echo "make: cannot make a virtualenv: install python3-venv (Debian/Ubuntu) and run make again" >&2; rm -rf $(VENV); exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@rm -f $(VENV)/.installed-*
@@ -40,14 +42,17 @@ binaries:
 cluster-up: venv binaries
 	hack/local-cluster up
 
-cluster-down: venv
+# Stopping or asking needs the virtualenv only, not an up-to-date one (no reinstall, no network).
+cluster-down:
+	@test -x $(PY) || $(MAKE) venv
 	hack/local-cluster down
 
-cluster-status: venv
+cluster-status:
+	@test -x $(PY) || $(MAKE) venv
 	hack/local-cluster status
 
 run-operator: cluster-up
-	hack/kubectl apply --server-side -f crds/
+	hack/kubectl apply --server-side --force-conflicts -f crds/
 	KUBECONFIG=$(CURDIR)/.local-cluster/kubeconfig $(PY) -m pretrain_operator
 
 demo: venv binaries

@@ -32,6 +32,9 @@ def cluster_with_crd() -> tuple[LocalCluster, bool, client.CoreV1Api, client.Cus
     lc = LocalCluster(ClusterConfig.load())
     started_here = not (lc.state() and lc.is_running())
     lc.up(log=lambda *_: None)
+    if lc.procs.running().get("operator"):  # `make demo`'s: it would hold the Lease the benchmark's operator needs
+        print("stopping the operator `make demo` left running: the benchmarks run their own", file=sys.stderr)
+        lc.procs.stop("operator")
     kubectl = str(binaries.locate(["kubectl"])["kubectl"])
     subprocess.run([kubectl, "--kubeconfig", str(lc.cfg.kubeconfig), "apply", "--server-side", "--force-conflicts",
                     "-f", str(REPO_ROOT / "crds")], check=True, capture_output=True)

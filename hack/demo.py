@@ -29,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "hack"))
 
-from pretrain_localcluster import binaries, nodes  # noqa: E402
+from pretrain_localcluster import binaries, network, nodes  # noqa: E402
 from pretrain_localcluster.config import ClusterConfig  # noqa: E402
 from pretrain_localcluster.controlplane import LocalCluster  # noqa: E402
 from pretrain_localcluster.monitoring import Prometheus, loss_curve, plot_loss, register_host_operator  # noqa: E402
@@ -123,7 +123,13 @@ def main() -> int:
     lc = LocalCluster(ClusterConfig.load())
     t_start = time.monotonic()
     phases: dict[str, float] = {}
+    if not network.can_manage():
+        print("make demo: process nodes need root and the `ip` command (iproute2): run it as root", file=sys.stderr)
+        return 2
     lc.up()
+    # A run before reclaimed a spot node for good: bring the nodes back (the demo reclaims one again).
+    nodes.top_up(lc.state_dir, lc.cfg.nodes.count, lc.cfg.nodes.spot, lc.cfg.nodes.spot_taints,
+                 log=lambda m: print(f"== {m}"))
     phases["cluster start"] = time.monotonic() - t_start
     kubectl(lc, "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     if not lc.procs.running().get("operator"):
@@ -216,8 +222,8 @@ def main() -> int:
           f"pretrain_operator_job_preemptions); operator: curl -s http://127.0.0.1:18000/metrics")
     phases["demo total"] = time.monotonic() - t_start
     print("   timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
-    print(f"   explore: export KUBECONFIG={lc.cfg.kubeconfig}; kubectl get ptj; kubectl describe ptj quickstart; "
-          f"kubectl logs quickstart-a{st.get('attempt')}-n0")
+    print(f"   explore: hack/kubectl get ptj; hack/kubectl describe ptj quickstart; "
+          f"hack/kubectl logs quickstart-a{st.get('attempt')}-n0  (or KUBECONFIG={lc.cfg.kubeconfig} for your kubectl)")
     print("   stop everything: make cluster-down")
     return 0 if st.get("phase") == "Succeeded" else 1
 

@@ -17,7 +17,7 @@ import warnings
 import pytest
 from kubernetes import client, config
 
-from pretrain_localcluster import binaries
+from pretrain_localcluster import binaries, network
 from pretrain_localcluster.config import REPO_ROOT, ClusterConfig
 from pretrain_localcluster.controlplane import LocalCluster
 from tests.kubeutil import pod_security_labels
@@ -26,9 +26,16 @@ from tests.operator_fixture import OperatorProcess
 
 @pytest.fixture(scope="session")
 def cluster() -> LocalCluster:
+    if not network.can_manage():
+        pytest.fail("the local cluster's process nodes need root and the `ip` command (iproute2): run the tests as root")
     lc = LocalCluster(ClusterConfig.load())
     started_here = not (lc.state() and lc.is_running())
     lc.up(log=lambda m: print(f"[local-cluster] {m}"))
+    if lc.procs.running().get("operator"):
+        # `make demo`'s operator: it holds the Lease the tests' own operators need, and would act
+        # on their jobs too. Stopped; `make demo` starts it again.
+        print("[local-cluster] stopping the operator `make demo` left running: the tests run their own")
+        lc.procs.stop("operator")
     yield lc
     if started_here and os.environ.get("KEEP_CLUSTER", "") not in ("1", "true"):
         lc.down(log=lambda m: print(f"[local-cluster] {m}"))

@@ -89,6 +89,8 @@ def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_p
             second.start(leader_timeout=10)  # 2.5x the Lease duration: the first keeps renewing it
     finally:
         second.stop()
+    # It says whom it waits for (before: nothing at all, an operator that seemed to do nothing).
+    assert "waiting for the leader Lease default/pretrain-operator, held by " in second.log_path.read_text()
     assert operator.metrics().get("pretrain_operator_leader") == 1.0
 
 

@@ -137,6 +137,20 @@ def add_node(state_dir: Path, spot: bool = False, taints: list[str] | None = Non
     return name
 
 
+def top_up(state_dir: Path, count: int, spot: int, spot_taints: list[str] | None = None, log=print) -> list[str]:
+    """Add nodes until `count` are active, `spot` of them spot (with `spot_taints`, as at start):
+    a reclaim takes a node away for good, as a cloud does, and a cluster autoscaler would bring a
+    new one. Returns the nodes added."""
+    path = state_dir / "nodes.json"
+    active = [n for n in (json.loads(path.read_text()) if path.exists() else []) if n.get("status") == "active"]
+    have_spot = sum(1 for n in active if n.get("spot"))
+    added = [add_node(state_dir, spot=True, taints=spot_taints) for _ in range(spot - have_spot)]
+    added += [add_node(state_dir) for _ in range((count - spot) - (len(active) - have_spot))]
+    if added:
+        log(f"{len(added)} node(s) added, back to {count} ({spot} spot): {', '.join(added)}")
+    return added
+
+
 def _set_status(state_dir: Path, node: str, status: str) -> None:
     with _locked_nodes(state_dir) as nodes:
         entry = next((n for n in nodes if n["name"] == node), None)

@@ -41,6 +41,8 @@ class LeaderElector:
         self.is_leader = threading.Event()
         self.stopped = threading.Event()
         self.renewed = 0.0  # time.monotonic() of the last successful renewal
+        self.holder = None  # another holder of the Lease, as last seen
+        self.said_holder = None
 
     def _try(self) -> bool:
         now = _now()
@@ -60,6 +62,7 @@ class LeaderElector:
         renew = _parse(old.get("renewTime"))
         expired = renew is None or (now - renew).total_seconds() > (old.get("leaseDurationSeconds") or self.duration_s)
         if holder != self.identity and not expired:
+            self.holder = holder
             return False
         lease["spec"] = {**old, **spec}
         if holder != self.identity:
@@ -95,6 +98,10 @@ class LeaderElector:
             elif not ok and self.is_leader.is_set():
                 log.warning("lost the leader Lease")
                 self.is_leader.clear()
+            elif not ok and self.holder != self.said_holder:  # a follower says once whom it waits for
+                log.info("waiting for the leader Lease %s, held by %s (it acts on nothing until then)",
+                         f"{self.path.rsplit('/', 2)[-2]}/{self.name}", self.holder)
+                self.said_holder = self.holder
             metrics.IS_LEADER.set(1 if ok else 0)
             self.stopped.wait(self.renew_s)
 
