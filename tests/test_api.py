@@ -112,6 +112,19 @@ INVALID = [
     ("mount over the trainer's config", _with("template.volumeMounts", [{"name": "x", "mountPath": "/etc/pretrain"}]), "template.volumeMounts must not mount over the pod's own"),
     ("checkpoint path on /dev/shm", _with("checkpoint.path", "/dev/shm"), "checkpoint.path must not be a mount point of the pod's own"),
     ("checkpoint path mounted again", _with("template.volumeMounts", [{"name": "x", "mountPath": "/checkpoints"}]), "checkpoint.path must not be a mount point"),
+    # The pods' metadata and identity: the operator's own keys and variables stay its own.
+    ("label with the operator's prefix", _with("template.labels", {"pretrain.dev/job": "other"}), "template.labels must not set the operator's own keys"),
+    ("Kueue's queue label by hand", _with("template.labels", {"kueue.x-k8s.io/queue-name": "q"}), "use scheduling.queueName"),
+    ("label key not a qualified name", _with("template.labels", {"cost center": "ml"}), "template.labels: each key must be a qualified name"),
+    ("label value not a label value", _with("template.labels", {"team": "ml research"}), "spec.template.labels.team"),
+    ("annotation with the operator's prefix", _with("template.annotations", {"pretrain.dev/checkpoint-request": "x"}), "template.annotations must not set the operator's own keys"),
+    ("annotation key not a qualified name", _with("template.annotations", {"/x": "y"}), "template.annotations: each key must be a qualified name"),
+    ("env with value and valueFrom", _with("template.env", [{"name": "K", "value": "v", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]), "template.env[] takes value or valueFrom, not both"),
+    ("env from two sources", _with("template.env", [{"name": "K", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}, "fieldRef": {"fieldPath": "metadata.name"}}}]), "takes exactly one of secretKeyRef, configMapKeyRef"),
+    ("env the operator sets", _with("template.env", [{"name": "PET_NNODES", "value": "4"}]), "template.env[].name must not be one the operator sets itself"),
+    ("envFrom of nothing", _with("template.envFrom", [{"prefix": "X_"}]), "template.envFrom[] takes exactly one of secretRef and configMapRef"),
+    ("service account not a name", _with("template.serviceAccountName", "Trainer_SA"), "spec.template.serviceAccountName"),
+    ("pull secret without a name", _with("template.imagePullSecrets", [{}]), "spec.template.imagePullSecrets[0].name"),
 ]
 
 
@@ -163,6 +176,28 @@ def test_the_api_server_rejects_an_invalid_spec_naming_the_field(api, crd, names
                                                 field_validation="Strict")  # what kubectl apply sends
     assert exc.value.status in (400, 422), exc.value.body  # 400: strict decoding of an unknown field
     assert message in exc.value.body, exc.value.body
+
+
+POD_METADATA = _with("template", {
+    "labels": {"team": "ml-research", "example.com/cost-center": "42"},
+    "annotations": {"sidecar.istio.io/inject": "false", "karpenter.sh/do-not-disrupt": "true"},
+    "serviceAccountName": "trainer", "imagePullSecrets": [{"name": "registry"}],
+    "env": [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+    "envFrom": [{"prefix": "HF_", "secretRef": {"name": "hf", "optional": True}}]})
+
+
+@pytest.mark.cluster
+def test_pod_labels_annotations_a_service_account_pull_secrets_and_env_from_secrets_are_accepted(api, crd, namespace):
+    obj = client.CustomObjectsApi(api).create_namespaced_custom_object(
+        "pretrain.dev", "v1alpha1", namespace, "pretrainjobs", _body(POD_METADATA), dry_run="All", field_validation="Strict")
+    assert obj["spec"]["template"]["env"][0]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "key"}}
+    assert cel_free(POD_METADATA)
+
+
+def cel_free(spec: dict) -> bool:
+    pytest.importorskip("celpy", reason="cel-python is in the trainer extra, installed by `make test`")
+    return cel.violations(ptapi.PretrainJobSpec.model_validate(spec)) == []
 
 
 @pytest.mark.cluster

@@ -14,7 +14,7 @@ from pretrain_operator.controller import progress_interval
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 from tests.kubeutil import pod_manifest
-from tests.operator_fixture import OperatorProcess
+from tests.operator_fixture import STANDIN, OperatorProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -84,6 +84,33 @@ def test_a_job_with_a_queue_name_makes_each_attempts_pods_one_kueue_pod_group(jo
         assert p.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
         assert p.metadata.labels["kueue.x-k8s.io/pod-group-name"] == f"{uid}-a1"
         assert p.metadata.annotations["kueue.x-k8s.io/pod-group-total-count"] == "2"
+
+
+def test_a_job_s_pods_carry_its_labels_annotations_service_account_and_secrets(jobs, core, namespace):
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "wandb"}, "stringData": {"key": "s3cret"}})
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "hf"}, "stringData": {"TOKEN": "t0ken"}})
+    # The trainer starts only if the Secrets' values and the ServiceAccount's token reached it.
+    check = ('test "$WANDB_API_KEY" = s3cret && test "$HF_TOKEN" = t0ken && test "$POD_NAME" = ident-a1-n0 '
+             f'&& test -s /var/run/secrets/kubernetes.io/serviceaccount/token && exec python {STANDIN}')
+    jobs.create(job_manifest("ident", nodes=1, steps=10, step_s=0.1, template={
+        "command": ["sh", "-c", check], "terminationGracePeriodSeconds": 5,
+        "labels": {"team": "ml-research"}, "annotations": {"sidecar.istio.io/inject": "false"},
+        "serviceAccountName": "trainer", "imagePullSecrets": [{"name": "registry"}],
+        "env": [{"name": "STANDIN_STEP_SECONDS", "value": "0.1"},
+                {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "envFrom": [{"prefix": "HF_", "secretRef": {"name": "hf"}}]}))
+    # Named before it exists: the ServiceAccount admission refuses the gang; said in status, retried.
+    jobs.wait("ident", lambda st: 'serviceaccount "trainer" not found' in (st.get("message") or ""), timeout=60,
+              what="the refused gang in status.message")
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "trainer"}})
+    jobs.wait_phase("ident", "Succeeded", timeout=90)
+    (p,) = jobs.pods("ident")
+    assert p.metadata.labels["team"] == "ml-research" and p.metadata.labels[c.LABEL_JOB] == "ident"
+    assert p.metadata.annotations["sidecar.istio.io/inject"] == "false"
+    assert p.spec.service_account_name == "trainer" and p.spec.automount_service_account_token is None
+    assert [s.name for s in p.spec.image_pull_secrets] == ["registry"]
+    assert "GangCreateFailed" in [e.reason for e in jobs.events("ident")]
 
 
 def test_the_running_operator_never_loads_torch(jobs, operator):

@@ -269,7 +269,7 @@ def test_an_appdef_maps_onto_nodes_resources_checkpoint_volume_and_scheduling():
         {"key": "gpu", "operator": "Exists", "value": "", "effect": ""}]
     assert (spec.checkpoint.claimName, spec.checkpoint.path) == ("ckpt", "/ckpt")
     assert spec.template.command == []  # the trainer's own command: the operator's default
-    assert {"name": "HF_HOME", "value": "/tmp/hf"} in [e.model_dump() for e in spec.template.env]
+    assert {"name": "HF_HOME", "value": "/tmp/hf"} in [e.model_dump(exclude_none=True) for e in spec.template.env]
     assert spec.model.preset == "small" and spec.training.steps == 50 and spec.optimizer.warmupSteps == 10
     assert job["metadata"]["namespace"] == "ml"
 

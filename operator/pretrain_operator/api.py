@@ -273,23 +273,135 @@ class Scheduling(Model):
     startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this, counted from its first pod create (status.attemptStartTime), or from their admission when scheduling gates held them (Kueue's); otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
 
 
+# A label or annotation key (a qualified name: an optional DNS-subdomain prefix and '/', then a
+# name of at most 63 characters) and a label value, as the API server checks them on a pod.
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
+# Pod label and annotation keys the operator sets itself: the job's own (its children are found by
+# them) and Kueue's, which follow scheduling.queueName (a queue label set by hand would make Kueue
+# admit each pod on its own: no gang).
+OPERATOR_KEY_PREFIX = "pretrain.dev/"
+KUEUE_KEYS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/pod-group-name", "kueue.x-k8s.io/pod-group-total-count")
+# Environment variables the operator sets in every trainer container (render.pod): torchrun's and
+# the contract's. template.env may not set them again (the pod would carry two values).
+OPERATOR_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT",
+                "PET_RDZV_ID", "PET_MAX_RESTARTS", "PET_SHUTDOWN_TIMEOUT", c.ENV_CONFIG, c.ENV_ATTEMPT,
+                c.ENV_JOB_NAME, c.ENV_JOB_UID, c.ENV_CHECKPOINT_DIR, c.ENV_METRICS_PORT, c.ENV_PODINFO,
+                c.ENV_TERMINATION_MESSAGE, "PYTHONUNBUFFERED")
+
+
+def _exactly_one(*fields: str) -> str:
+    return "[" + ", ".join(f"has(self.{f})" for f in fields) + "].filter(x, x).size() == 1"
+
+
+class KeyRef(Model):
+    """A key of a Secret or ConfigMap in the job's namespace (core/v1 SecretKeySelector)."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field(min_length=1, max_length=253)
+    optional: bool | None = Field(None, description="true: the variable is left unset when the key is missing.")
+
+
+class FieldRef(Model):
+    fieldPath: str = Field(min_length=1, max_length=256, description="e.g. metadata.name, status.podIP, spec.nodeName.")
+    apiVersion: str | None = Field(None, max_length=64)
+
+
+class ResourceFieldRef(Model):
+    resource: str = Field(min_length=1, max_length=256, description="e.g. limits.memory, requests.cpu.")
+    containerName: str | None = Field(None, max_length=63)
+    divisor: str | None = Field(None, pattern=QUANTITY, max_length=64)
+
+
+class EnvVarSource(Model):
+    """Where a variable's value comes from (core/v1 EnvVarSource): exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        (_exactly_one("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef"),
+         "template.env[].valueFrom takes exactly one of secretKeyRef, configMapKeyRef, fieldRef and resourceFieldRef", None),
+    ))
+
+    secretKeyRef: KeyRef | None = Field(None, description="A key of a Secret (e.g. WANDB_API_KEY, HF_TOKEN).")
+    configMapKeyRef: KeyRef | None = None
+    fieldRef: FieldRef | None = Field(None, description="A field of the pod (downward API).")
+    resourceFieldRef: ResourceFieldRef | None = Field(None, description="A resource of the container (downward API).")
+
+
 class EnvVar(Model):
-    name: str = Field(max_length=256)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        ("!has(self.valueFrom) || self.value == ''", "template.env[] takes value or valueFrom, not both", ".valueFrom"),
+        (f"!(self.name in {list(OPERATOR_ENV)})",
+         "template.env[].name must not be one the operator sets itself (torchrun's PET_NNODES, PET_NODE_RANK, "
+         "PET_RDZV_*, PET_MAX_RESTARTS, PET_SHUTDOWN_TIMEOUT, PET_NPROC_PER_NODE, the contract's PRETRAIN_* "
+         "variables and PYTHONUNBUFFERED): they follow the spec", ".name"),
+    ))
+
+    name: str = Field(min_length=1, max_length=256)
     value: str = Field("", max_length=32768)
+    valueFrom: EnvVarSource | None = Field(None, description="The value from a Secret, ConfigMap or the pod itself, instead of value.")
+
+
+class LocalObjectReference(Model):
+    name: str = Field(min_length=1, max_length=253)
+
+
+class SourceRef(Model):
+    name: str = Field(min_length=1, max_length=253)
+    optional: bool | None = Field(None, description="true: the pod starts without it when it is missing.")
+
+
+class EnvFromSource(Model):
+    """Every key of a Secret or ConfigMap as a variable (core/v1 EnvFromSource): exactly one of them."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        (_exactly_one("secretRef", "configMapRef"), "template.envFrom[] takes exactly one of secretRef and configMapRef", None),
+    ))
+
+    prefix: str = Field("", max_length=256, description="Put before each key's name.")
+    secretRef: SourceRef | None = None
+    configMapRef: SourceRef | None = None
 
 
 class Template(Model):
-    """A small escape hatch into the pod template."""
+    """What of the trainer pods the job sets itself: their command, environment, metadata, identity
+    and extra volumes (the rest follows the spec)."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        *[(f"!has(self.{f}) || self.{f}.all(k, k.matches('{LABEL_KEY}'))",
+           f"template.{f}: each key must be a qualified name (an optional DNS-subdomain prefix and '/', then at most "
+           "63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)", f".{f}") for f in ("labels", "annotations")],
+        *[(f"!has(self.{f}) || self.{f}.all(k, !k.startsWith('{OPERATOR_KEY_PREFIX}') && !(k in {list(KUEUE_KEYS)}))",
+           f"template.{f} must not set the operator's own keys ({OPERATOR_KEY_PREFIX}*, and Kueue's: use "
+           "scheduling.queueName)", f".{f}") for f in ("labels", "annotations")],
         (f"!has(self.volumes) || self.volumes.all(v, !(v.name in {list(RESERVED_VOLUMES)}))",
          f"template.volumes must not use the names of the pod's own volumes ({', '.join(RESERVED_VOLUMES)})", ".volumes"),
         (f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in {list(RESERVED_MOUNT_PATHS)}))",
          f"template.volumeMounts must not mount over the pod's own {' or '.join(RESERVED_MOUNT_PATHS)}", ".volumeMounts"),
     ))
 
+    labels: dict[str, Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]] = Field(
+        default_factory=dict, max_length=64,
+        description="Extra labels of each trainer pod (cost allocation, network policies, a mesh's opt-out). "
+                    "Keys under pretrain.dev/ and Kueue's are the operator's. Changes apply from the next attempt.")
+    annotations: dict[str, Annotated[str, Field(max_length=65536)]] = Field(
+        default_factory=dict, max_length=64,
+        description="Extra annotations of each trainer pod, e.g. sidecar.istio.io/inject: 'false' (a mesh's sidecar "
+                    "would keep a finished pod running) or karpenter.sh/do-not-disrupt: 'true'. Keys under "
+                    "pretrain.dev/ and Kueue's are the operator's. Changes apply from the next attempt.")
+    serviceAccountName: str = Field("", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY,
+        description="The pods' ServiceAccount (in the job's namespace), e.g. for a cloud's workload identity to reach "
+                    "object storage. Empty: the namespace's default, with no API token mounted; set: its token is "
+                    "mounted as the ServiceAccount's automountServiceAccountToken says. Until it exists the gang "
+                    "is refused and retried (status.message says so).")
+    imagePullSecrets: list[LocalObjectReference] = Field(default_factory=list, max_length=16,
+                                                         description="Secrets to pull a private trainer image with.")
     command: list[str] = Field(default_factory=list, max_length=256, description="Overrides the container command (default: torchrun with the trainer).")
-    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment variables.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description=(
+        "Extra environment variables. A value written here is also in the job's ConfigMap (the trainer's config is the "
+        "whole spec): take secrets from a Secret with valueFrom or envFrom."))
+    envFrom: list[EnvFromSource] = Field(default_factory=list, max_length=64,
+                                         description="Every key of these Secrets or ConfigMaps as an environment variable.")
     volumes: list[dict] = Field(default_factory=list, max_length=64, description="Extra pod volumes (core/v1 Volume).",
                                 json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "required": ["name"],
                                                              "properties": {"name": {"type": "string", "maxLength": 63}}}})

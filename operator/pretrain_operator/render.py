@@ -101,7 +101,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": c.ENV_PODINFO, "value": c.PODINFO_DIR},
         {"name": c.ENV_TERMINATION_MESSAGE, "value": c.TERMINATION_MESSAGE_PATH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ] + [{"name": e.name, "value": e.value} for e in spec.template.env]
+    ] + [e.model_dump(exclude_none=True, exclude={"value"} if e.valueFrom else set()) for e in spec.template.env]
     ckpt_volume = ({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
                    if spec.checkpoint.claimName else {"name": CHECKPOINT_VOLUME, "emptyDir": {}})
     volumes = [
@@ -122,8 +122,9 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         mounts.append({"name": SHM_VOLUME, "mountPath": c.SHM_DIR})
     resources = {k: v for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
     sched = spec.scheduling
-    pod_labels = labels(job, attempt, rank)
-    annotations = {}
+    # The user's first: the CRD refuses the operator's own keys there, and ours win regardless.
+    pod_labels = {**spec.template.labels, **labels(job, attempt, rank)}
+    annotations = dict(spec.template.annotations)
     if sched.queueName:
         # Kueue's plain-pod groups: the attempt's pods are one workload, admitted all together or
         # not at all (without a group, Kueue admits each pod on its own: no gang). A new attempt
@@ -135,7 +136,10 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         "hostname": hostname(name, rank),
         "subdomain": name,
         "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
+        # No API token unless the job names a ServiceAccount of its own; then that account's
+        # automountServiceAccountToken decides (a cloud's workload identity may need it).
+        **({"serviceAccountName": spec.template.serviceAccountName} if spec.template.serviceAccountName
+           else {"automountServiceAccountToken": False}),
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": spec.template.terminationGracePeriodSeconds,
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
@@ -145,6 +149,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
             "image": spec.image,
             "command": list(spec.template.command) or default_command(),
             "env": env,
+            **({"envFrom": [e.model_dump(exclude_defaults=True) for e in spec.template.envFrom]} if spec.template.envFrom else {}),
             "ports": [{"name": "rdzv", "containerPort": c.RDZV_PORT}, {"name": "metrics", "containerPort": c.METRICS_PORT}],
             "volumeMounts": mounts,
             "resources": resources,
@@ -156,6 +161,8 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         }],
         "volumes": volumes,
     }
+    if spec.template.imagePullSecrets:
+        pod_spec["imagePullSecrets"] = [r.model_dump() for r in spec.template.imagePullSecrets]
     if sched.nodeSelector:
         pod_spec["nodeSelector"] = dict(sched.nodeSelector)
     if sched.tolerations:
