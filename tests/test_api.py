@@ -249,3 +249,9 @@ def test_kubectl_get_shows_phase_step_loss_and_checkpoint_and_wide_the_held_out_
 def test_the_api_reference_is_generated_from_the_models():
     from pretrain_operator import apidoc
     assert (REPO_ROOT / "docs" / "api.md").read_text() == apidoc.render(), "run: python -m pretrain_operator.apidoc > docs/api.md"
+
+
+def test_the_env_names_the_crd_keeps_for_the_operator_are_exactly_those_it_sets():
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
+    pod = render.pod(job, ptapi.PretrainJobSpec.model_validate(BASE), attempt=1, rank=0)
+    assert sorted(e["name"] for e in pod["spec"]["containers"][0]["env"]) == sorted(ptapi.OPERATOR_ENV)
