@@ -130,6 +130,27 @@ def test_the_image_installs_its_own_extra_with_the_pinned_constraints(target):
                     assert (REPO_ROOT / src).exists(), src
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_dependencies_are_installed_in_a_layer_before_the_sources(target):
+    # Else every change to the code installs torch again (a 5 GB layer rebuilt and pushed).
+    build = f"build-{target}"
+    lines = DF.stages[build]
+    deps = next(i for i, ln in enumerate(lines) if ln.startswith("RUN ") and "-r /tmp/requirements.txt" in ln)
+    sources = next(i for i, ln in enumerate(lines) if ln.startswith("COPY --from=src"))
+    assert f"images/deps.py {TARGETS[target]}" in lines[deps] and deps < sources
+    # What that layer depends on: pyproject.toml and images/ alone (no package folder).
+    copied = [src for st in DF.lineage(build) if st != "src" for c in DF.instr(st, "COPY") if "--from" not in c
+              for src in c.split()[:-1]]
+    assert copied and all(src == "pyproject.toml" or src.startswith("images/") for src in copied), copied
+
+
+@pytest.mark.parametrize("extra", TARGETS.values())
+def test_deps_py_lists_the_projects_requirements_of_each_image(extra):
+    out = subprocess.run(["python3", "images/deps.py", extra], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    assert out.split("\n")[:-1] == project["dependencies"] + project["optional-dependencies"][extra]
+
+
 def test_the_images_copy_every_package_the_project_installs():
     # pip builds the whole project in either image: a package folder left out fails the build.
     copied = {c.split()[0].rstrip("/") for c in DF.instr("src", "COPY") if "--from" not in c}
