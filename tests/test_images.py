@@ -1,7 +1,8 @@
 """The operator and trainer images, checked without building them (no Docker engine here): bases
 pinned and shared, multi-stage, a non-root USER matching what the chart and the operator's pods run
-as, the dependencies and the package in layers of their own, the commands' entry points exist, the operator image never gets torch, and every Python
-package pinned once (images/constraints.txt) within pyproject.toml's ranges.
+as, the dependencies and the package in layers of their own, the commands' entry points exist, the
+operator image never gets torch, and every Python package pinned once (images/constraints.txt)
+within pyproject.toml's ranges.
 
     .venv/bin/pytest tests/test_images.py
 
