@@ -135,6 +135,13 @@ def test_ranks_that_share_the_checksum_reading_fall_back_together_when_one_finds
     run(cfg, 2, tmp_path / "first.txt")
     first = losses(tmp_path / "first.txt")
     _corrupt(tmp_path / "ckpt" / "step-00000006" / "__1_0.distcp", "one byte changed")
+    # Initial weights from that run's folder too: rank 1 reads __1_0 (rank 0 does not), and rank 0
+    # says why both take step 3.
+    (tmp_path / "init").mkdir()
+    r = run(write_config(tmp_path / "init", nproc=2, data=2, steps=1, interval=100,
+                         extra={"model": {"preset": "tiny", "initFrom": str(tmp_path / "ckpt")}}), 2, tmp_path / "init" / "losses.txt")
+    assert "skipping checkpoint" in r.stderr and "__1_0.distcp does not match its checksum" in r.stderr
+    assert f"initial weights from {tmp_path / 'ckpt' / 'step-00000003'}" in r.stderr
     r = run(cfg, 2, tmp_path / "again.txt")
     assert "__1_0.distcp does not match its checksum" in r.stderr
     assert "step-00000006 is not usable" in r.stderr and "resumed from" in r.stderr and "step-00000003" in r.stderr

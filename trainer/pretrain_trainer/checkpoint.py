@@ -156,9 +156,10 @@ def model_mismatch(d: Path, shapes: dict[str, tuple]) -> str | None:
     return "; ".join(parts) or None
 
 
-def weights_problem(d: Path) -> str | None:
+def weights_problem(d: Path, share: tuple[int, int] = (0, 1)) -> str | None:
     """None if the checkpoint is complete and the files holding its model tensors have their
-    CRC32s (the optimizer's and the RNG's files are not read for weights), else what is wrong."""
+    CRC32s (the optimizer's and the RNG's files are not read for weights), else what is wrong.
+    `share`: as for checksum_problem (each of n ranks reads its part of the model's files)."""
     problem = verify(d) or checksum_problem(d, only={".metadata"})
     if problem:
         return problem
@@ -166,26 +167,34 @@ def weights_problem(d: Path) -> str | None:
         storage = dcp.FileSystemReader(str(d)).read_metadata().storage_data
     except Exception as e:  # a marker written before checksums: .metadata unchecked, and unpickling it failed
         return f"unreadable .metadata ({type(e).__name__}: {e})"
-    return checksum_problem(d, only={s.relative_path for i, s in storage.items() if i.fqn.startswith("model.")})
+    return checksum_problem(d, share, only={s.relative_path for i, s in storage.items() if i.fqn.startswith("model.")})
 
 
-def weights_source(p: Path) -> Path:
+def is_hf_folder(p: Path) -> bool:
+    """A Hugging Face model folder (its config.json), read by hf.load_hf, not DCP."""
+    return (p / "config.json").exists()
+
+
+def weights_source(p: Path, problem_of=weights_problem, steps: list[int] | None = None, say: bool = True) -> Path:
     """The checkpoint to read weights from. A step folder (one with a marker) is an explicit choice:
     a ValueError if it does not verify. A folder of them (a run's checkpoint.path) gives its newest
     that verifies, as a resume does: each newer one skipped is said in the log, with why; a
-    ValueError if none does; FileNotFoundError if there is none."""
+    ValueError if none does; FileNotFoundError if there is none. `problem_of` checks one step
+    folder; `steps`, the committed steps when already listed, and `say`, whether this process
+    logs the skipped ones (agreed_weights_source: rank 0's list, rank 0 says)."""
     if (p / MARKER).exists():
-        problem = weights_problem(p)
+        problem = problem_of(p)
         if problem:
             raise ValueError(f"checkpoint {p} does not verify: {problem}")
         return p
     skipped = []
-    for s in committed_steps(p)[::-1] if p.exists() else []:
+    for s in (committed_steps(p) if steps is None else steps)[::-1]:
         d = step_dir(p, s)
-        problem = weights_problem(d)
+        problem = problem_of(d)
         if problem is None:
             return d
-        log.warning("skipping checkpoint %s for an older one: %s", d, problem)
+        if say:
+            log.warning("skipping checkpoint %s for an older one: %s", d, problem)
         skipped.append(f"{d.name}: {problem}")
     if skipped:
         raise ValueError(f"no checkpoint under {p} verifies ({'; '.join(skipped)})")
@@ -193,28 +202,29 @@ def weights_source(p: Path) -> Path:
                             f"(a step-N folder with {MARKER}, or a folder of them)")
 
 
-def newest_good(root: Path) -> Path | None:
-    for s in committed_steps(root)[::-1] if root.exists() else []:
-        if verify(step_dir(root, s)) is None:
-            return step_dir(root, s)
-    return None
-
-
 def agreed_weights_source(path: str) -> str:
-    """`weights_source` decided once, by global rank 0, for every rank (each rank deciding for
-    itself could pick another step: a commit or a pruning in between, a rank's read error). A
-    Hugging Face folder is its own source. A ValueError or OSError (rank 0's) on every rank."""
-    got: list = [None, None]
-    if dist.get_rank() == 0:
+    """`weights_source` decided by every rank together, the same for all (each rank deciding for
+    itself could pick another step: a commit or a pruning in between, a rank's read error).
+    Global rank 0 lists the steps; each rank reads its share of a candidate's model files (as a
+    resume does: n ranks read a 16 GB model once between them, not rank 0 alone) and the first
+    problem any rank found decides. A Hugging Face folder is its own source. The same ValueError
+    or FileNotFoundError on every rank."""
+    p = Path(path)
+    box = [[is_hf_folder(p), committed_steps(p)] if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    hf, steps = box[0]
+    if hf:
+        return str(p)
+
+    def problem_of(d: Path) -> str | None:
+        problems = [None] * dist.get_world_size()
         try:
-            p = Path(path)
-            got[0] = str(p if (p / "config.json").exists() else weights_source(p))
-        except (OSError, ValueError) as e:
-            got[1] = f"{type(e).__name__}: {e}"
-    dist.broadcast_object_list(got, src=0)
-    if got[1]:
-        raise ValueError(got[1])
-    return got[0]
+            mine = weights_problem(d, share=(dist.get_rank(), dist.get_world_size()))
+        except OSError as e:  # one rank raising would leave the others in the gather
+            mine = f"unreadable ({e})"
+        dist.all_gather_object(problems, mine)
+        return next((x for x in problems if x), None)
+    return str(weights_source(p, problem_of, steps, say=dist.get_rank() == 0))
 
 
 def load_weights(model, path: str, whole: dict[str, tuple] | None = None, verified: bool = False) -> Path:
@@ -224,7 +234,7 @@ def load_weights(model, path: str, whole: dict[str, tuple] | None = None, verifi
     pipeline stage). Which checkpoint: `weights_source`, unless `verified` (a step folder that
     `agreed_weights_source` has checked)."""
     p = Path(path)
-    if (p / "config.json").exists():
+    if is_hf_folder(p):
         from .hf import load_hf
         load_hf(model, p)
         return p

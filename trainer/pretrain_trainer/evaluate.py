@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_weights, newest_good
+from .checkpoint import committed_steps, is_hf_folder, load_weights
 from .data import eval_batches
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
@@ -31,10 +31,10 @@ def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Pa
     model = Transformer(args)
     init_weights(model, spec.training.seed)
     target = Path(checkpoint or spec.checkpoint.path)
-    if not checkpoint and newest_good(target) is None:
+    if not checkpoint and not committed_steps(target):
         raise ConfigError(f"no committed checkpoint under {spec.checkpoint.path}")
     try:
-        if spec.lora and not (target / "config.json").exists():
+        if spec.lora and not is_hf_folder(target):
             base = spec.lora.baseCheckpoint or spec.model.initFrom  # as the training's start (train.build)
             if base:  # else the seed's random init, as the training had
                 load_weights(model, base)
