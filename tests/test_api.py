@@ -125,6 +125,9 @@ INVALID = [
     ("envFrom of nothing", _with("template.envFrom", [{"prefix": "X_"}]), "template.envFrom[] takes exactly one of secretRef and configMapRef"),
     ("service account not a name", _with("template.serviceAccountName", "Trainer_SA"), "spec.template.serviceAccountName"),
     ("pull secret without a name", _with("template.imagePullSecrets", [{}]), "spec.template.imagePullSecrets[0].name"),
+    ("init container named as the trainer", _with("template.initContainers", [{"name": "trainer", "image": "busybox"}]), "template.initContainers[].name must be unique and not 'trainer'"),
+    ("two init containers of one name", _with("template.initContainers", [{"name": "a", "image": "x"}, {"name": "a", "image": "y"}]), "template.initContainers[].name must be unique"),
+    ("init container without an image", _with("template.initContainers", [{"name": "stage"}]), "spec.template.initContainers[0].image"),
 ]
 
 
@@ -255,3 +258,14 @@ def test_the_env_names_the_crd_keeps_for_the_operator_are_exactly_those_it_sets(
     job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
     pod = render.pod(job, ptapi.PretrainJobSpec.model_validate(BASE), attempt=1, rank=0)
     assert sorted(e["name"] for e in pod["spec"]["containers"][0]["env"]) == sorted(ptapi.OPERATOR_ENV)
+
+
+def test_an_init_container_gets_the_trainers_security_context_where_it_sets_none_and_may_ask_for_root():
+    spec = ptapi.PretrainJobSpec.model_validate(_with("template.initContainers", [
+        {"name": "stage", "image": "busybox", "command": ["true"]},
+        {"name": "chown", "image": "busybox", "securityContext": {"runAsUser": 0, "capabilities": {"add": ["CHOWN"]}}}]))
+    pod = render.pod({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}, spec, attempt=1, rank=0)
+    stage, chown = pod["spec"]["initContainers"]
+    assert stage["command"] == ["true"] and stage["securityContext"] == pod["spec"]["containers"][0]["securityContext"]
+    # Asked for root: no runAsNonRoot of ours (the kubelet would refuse to start it); its own keys win.
+    assert chown["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"add": ["CHOWN"]}, "runAsUser": 0}

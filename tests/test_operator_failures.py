@@ -12,6 +12,7 @@ import pytest
 from pretrain_operator import api, contract as c, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
+from tests.operator_fixture import STANDIN
 
 pytestmark = pytest.mark.cluster
 
@@ -54,6 +55,25 @@ def test_a_retryable_exit_code_restarts_without_spending_the_budget(jobs):
     st = jobs.wait_phase("transient", "Succeeded", timeout=90)
     assert st["attempt"] == 2 and st["failures"] == 0 and st["preemptions"] == 0
     assert st["restart"]["kind"] == "Retryable"
+
+
+STAGE = """if [ ! -e /ckpt/tried ]; then touch /ckpt/tried; echo 'no data yet' >&2; exit 3; fi
+echo staged > /stage/data"""
+
+
+def test_init_containers_run_before_the_trainer_and_one_that_fails_spends_the_budget_naming_it(jobs):
+    # Attempt 1's init container fails (its first run leaves a mark on the claim); attempt 2's stages
+    # a file the trainer needs before it starts.
+    jobs.create(job_manifest("staged", nodes=1, steps=10, step_s=0.1, template={
+        "command": ["sh", "-c", f"grep -q staged /stage/data && exec python {STANDIN}"], "terminationGracePeriodSeconds": 5,
+        "volumes": [{"name": "stage", "emptyDir": {}}], "volumeMounts": [{"name": "stage", "mountPath": "/stage"}],
+        "initContainers": [{"name": "stage", "image": "busybox:1.37", "command": ["sh", "-c", STAGE],
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                            "volumeMounts": [{"name": "stage", "mountPath": "/stage"}, {"name": "checkpoints", "mountPath": "/ckpt"}]}]}))
+    st = jobs.wait_phase("staged", "Succeeded", timeout=90)
+    assert st["attempt"] == 2 and st["failures"] == 1 and st["preemptions"] == 0
+    assert st["restart"]["kind"] == "Failure" and st["restart"]["reason"] == "InitContainerFailed"
+    assert "init container stage exited with code 3" in st["restart"]["message"] and "no data yet" in st["restart"]["message"]
 
 
 def test_the_trainers_preempted_exit_code_is_a_preemption(jobs):

@@ -363,6 +363,17 @@ class EnvFromSource(Model):
     configMapRef: SourceRef | None = None
 
 
+class InitContainer(Model):
+    """A core/v1 Container, passed through as-is, except its securityContext: the trainer's
+    (no privilege escalation, every capability dropped, non-root; the restricted Pod Security
+    level's) under the keys it leaves out."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    image: str = Field(min_length=1, max_length=1024)
+
+
 class Template(Model):
     """What of the trainer pods the job sets itself: their command, environment, metadata, identity
     and extra volumes (the rest follows the spec)."""
@@ -374,6 +385,9 @@ class Template(Model):
         *[(f"!has(self.{f}) || self.{f}.all(k, !k.startsWith('{OPERATOR_KEY_PREFIX}') && !(k in {list(KUEUE_KEYS)}))",
            f"template.{f} must not set the operator's own keys ({OPERATOR_KEY_PREFIX}*, and Kueue's: use "
            "scheduling.queueName)", f".{f}") for f in ("labels", "annotations")],
+        ("!has(self.initContainers) || self.initContainers.all(i, i.name != 'trainer' && "
+         "self.initContainers.exists_one(j, j.name == i.name))",
+         "template.initContainers[].name must be unique and not 'trainer' (the trainer's container)", ".initContainers"),
         (f"!has(self.volumes) || self.volumes.all(v, !(v.name in {list(RESERVED_VOLUMES)}))",
          f"template.volumes must not use the names of the pod's own volumes ({', '.join(RESERVED_VOLUMES)})", ".volumes"),
         (f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in {list(RESERVED_MOUNT_PATHS)}))",
@@ -402,6 +416,13 @@ class Template(Model):
         "whole spec): take secrets from a Secret with valueFrom or envFrom."))
     envFrom: list[EnvFromSource] = Field(default_factory=list, max_length=64,
                                          description="Every key of these Secrets or ConfigMaps as an environment variable.")
+    initContainers: list[InitContainer] = Field(
+        default_factory=list, max_length=16,
+        description="Containers that run to completion, in order, before the trainer of every pod of every attempt, "
+                    "e.g. to stage data on a node's local disk. They see the pod's volumes by name (checkpoints, "
+                    "config, podinfo and template.volumes) and run as the pod's user (uid 1000). One that fails fails "
+                    "the attempt (spending failurePolicy.maxFailures); their time counts towards "
+                    "scheduling.startTimeoutSeconds.")
     volumes: list[dict] = Field(default_factory=list, max_length=64, description="Extra pod volumes (core/v1 Volume).",
                                 json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "required": ["name"],
                                                              "properties": {"name": {"type": "string", "maxLength": 63}}}})

@@ -3,7 +3,7 @@
 Preemption (not the user's fault; never spends maxFailures): a DisruptionTarget condition of any
 reason, the pod deleted by anyone but the operator, its node deleted, NotReady or unreachable, a
 termination-notice taint on its node, or the trainer's EXIT_PREEMPTED (it checkpointed on notice).
-Failure: a non-zero exit without any of those, OOMKilled. Permanent: a non-retryable exit code.
+Failure: a non-zero exit without any of those (of the trainer or of an init container), OOMKilled. Permanent: a non-retryable exit code.
 Success: every rank exited 0. A preemption anywhere in the gang makes the whole attempt a
 preemption: the surviving ranks crash when a peer vanishes, and that is not their fault.
 """
@@ -59,6 +59,15 @@ def terminated(pod: dict) -> dict | None:
     return None
 
 
+def failed_init(pod: dict) -> dict | None:
+    """The status of the first init container that ended with a non-zero exit code, if any."""
+    for cs in (pod.get("status") or {}).get("initContainerStatuses") or []:
+        t = (cs.get("state") or {}).get("terminated")
+        if t and t.get("exitCode", 0) != 0:
+            return {"name": cs.get("name", "?"), "terminated": t}
+    return None
+
+
 def report(pod: dict | None) -> dict:
     """The trainer's final report, its termination message (contract.TERMINATION_MESSAGE_PATH):
     only the fields below, with the types they must have (`error` from a rank that failed); {} when
@@ -100,6 +109,12 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         return End(PREEMPTION, prob[0], prob[1], name)
     if t is None and phase not in ("Failed", "Succeeded"):
         return End(RUNNING, pod=name)
+    if t is None and phase == "Failed" and (init := failed_init(pod)):
+        # The job's own init container (template.initContainers) failed: the user's step, a failure.
+        msg = (init["terminated"].get("message") or "").strip()[-300:]
+        return End(FAILURE, "InitContainerFailed", f"pod {name}: init container {init['name']} exited with code "
+                   f"{init['terminated'].get('exitCode')} ({init['terminated'].get('reason') or 'Error'})"
+                   + (f": {msg}" if msg else ""), name)
     if t is None and phase == "Failed":
         # No container ever ran: the kubelet refused the pod (UnexpectedAdmissionError from a
         # device plugin, OutOf<resource>, NodeAffinity, ...) or evicted it for node pressure. Not the

@@ -89,6 +89,8 @@ def _convert(node: Any, defs: dict, extra_defaults: dict, def_name: str | None =
             out["maximum"], out["exclusiveMaximum"] = v, True
         elif k == "const":
             out["enum"] = [v]
+        elif k == "description" and isinstance(v, str):
+            out[k] = " ".join(v.split())  # a model's docstring: one paragraph, as kubectl explain shows it
         elif k == "additionalProperties" and v is True:
             out["x-kubernetes-preserve-unknown-fields"] = True
         elif k == "additionalProperties" and v is False:

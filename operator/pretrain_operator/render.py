@@ -18,6 +18,11 @@ from . import api, contract as c
 CONFIG_VOLUME, PODINFO_VOLUME, CHECKPOINT_VOLUME, SHM_VOLUME = api.RESERVED_VOLUMES
 
 
+# The trainer's container securityContext, and the default of the job's init containers: the
+# restricted Pod Security level's (a namespace enforcing it admits the pods).
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+
+
 def pod_name(job: str, attempt: int, rank: int) -> str:
     return f"{job}-a{attempt}-n{rank}"
 
@@ -156,11 +161,12 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
             # Rank 0's final report; a crash without one leaves its log's last lines there instead.
             "terminationMessagePath": c.TERMINATION_MESSAGE_PATH,
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-                                "runAsNonRoot": True},
+            "securityContext": dict(CONTAINER_SECURITY),
         }],
         "volumes": volumes,
     }
+    if spec.template.initContainers:
+        pod_spec["initContainers"] = [init_container(i) for i in spec.template.initContainers]
     if spec.template.imagePullSecrets:
         pod_spec["imagePullSecrets"] = [r.model_dump() for r in spec.template.imagePullSecrets]
     if sched.nodeSelector:
@@ -179,6 +185,17 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
                      "annotations": annotations, "ownerReferences": [owner_ref(job)]},
         "spec": pod_spec,
     }
+
+
+def init_container(i: api.InitContainer) -> dict:
+    """The job's init container with the trainer's securityContext under the keys it leaves out
+    (not runAsNonRoot when it asks for root: the kubelet would refuse to start it, and the gang
+    would wait out its start timeout)."""
+    own = i.model_extra.get("securityContext") or {}
+    sec = {**CONTAINER_SECURITY, **own}
+    if own.get("runAsUser") == 0 and "runAsNonRoot" not in own:
+        del sec["runAsNonRoot"]
+    return {**i.model_dump(), "securityContext": sec}
 
 
 def gang(job: dict, spec: api.PretrainJobSpec, attempt: int) -> list[dict]:
