@@ -77,6 +77,18 @@ def namespace(request, core) -> str:
 
 
 
+@pytest.fixture
+def pool(cluster):
+    """Three spot nodes of the test's own (a label its job selects: job_manifest(pool=label)),
+    removed afterwards: (label, node names)."""
+    from pretrain_localcluster import nodes
+    label = uuid.uuid4().hex[:8]
+    names = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(3)]
+    yield label, names
+    for n in names:
+        nodes.remove_node(cluster.state_dir, n)
+
+
 @pytest.fixture(scope="session")
 def crd(cluster):
     """The generated CRD, applied server-side as `make run-operator` does."""

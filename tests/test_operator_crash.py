@@ -1,7 +1,8 @@
 """A restart is several writes (status: intent; delete the old pods; create the new gang). Kill
 the operator between them and a new one converges to exactly one live gang, with the counters
 counted once. A failure for good is two (status Failed; delete the pods): the next operator
-removes the pods it left. A status decided from a stale read (another writer recorded a newer
+removes the pods it left. A termination notice's checkpoint request is two (status; annotate the
+pods): the next operator annotates the pods it did not. A status decided from a stale read (another writer recorded a newer
 attempt in between) is refused and decided again, never written over the newer one."""
 
 from __future__ import annotations
@@ -80,6 +81,36 @@ def test_killed_after_recording_a_failure_before_deleting_the_pods(jobs, namespa
     wait_for(lambda: not jobs.pods("capped", live=False), timeout=30, what="the next operator to remove the pods")
     st = jobs.status("capped")
     assert st["phase"] == "Failed" and any(cd["type"] == "Failed" and cd["reason"] == "DeadlineExceeded" for cd in st["conditions"])
+
+
+def test_killed_after_recording_a_notices_checkpoint_request_before_annotating_the_pods(jobs, core, namespace, operator,
+                                                                                         pool, tmp_path):
+    label, _ = pool
+    jobs.create(job_manifest("noticed", steps=5000, interval=100000, step_s=0.1, pool=label))
+    jobs.wait_phase("noticed", "Running", timeout=60)
+    rank0 = next(p for p in jobs.pods("noticed") if p.metadata.labels["pretrain.dev/node-rank"] == "0")
+    operator.stop()
+    faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=f"notice:status:{namespace}/noticed")
+    try:
+        # A notice that stays (no reclaim follows here): the request is the only thing that can happen.
+        node = core.read_node(rank0.spec.node_name)
+        core.patch_node(node.metadata.name, {"spec": {"taints": [t.to_dict() for t in node.spec.taints or []] + [
+            {"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}]}})
+        assert faulty.wait_exit(60) == 17, faulty.log_path.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    assert jobs.status("noticed")["checkpointRequestedAt"].startswith("1@")
+    assert all("pretrain.dev/checkpoint-request" not in (p.metadata.annotations or {}) for p in jobs.pods("noticed"))
+    jobs.wait_events("noticed", "TerminationNotice")
+    operator.start()
+    # The next operator finds the request recorded and the pods without it: it annotates them, and
+    # the trainer saves (before, it took the recorded request for done: no checkpoint on the notice).
+    wait_for(lambda: "checkpoint requested: saved step" in jobs.logs(rank0.metadata.name), timeout=30,
+             what="the trainer to serve the request")
+    st = jobs.wait("noticed", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=30,
+                   what="the checkpoint in status")
+    assert st["attempt"] == 1 and st["phase"] == "Running"
+    assert [e.reason for e in jobs.events("noticed")].count("TerminationNotice") == 1
 
 
 def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_path):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import uuid
 
 import pytest
 
 from pretrain_localcluster import nodes
 from pretrain_operator import reconcile
+from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
 
 pytestmark = pytest.mark.cluster
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture
 def jobs(api, namespace, operator) -> Jobs:
     return Jobs(api, namespace)
-
-
-@pytest.fixture
-def pool(cluster):
-    """Three spot nodes of this test's own (a label the job selects), removed afterwards."""
-    label = uuid.uuid4().hex[:8]
-    names = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(3)]
-    yield label, names
-    for n in names:
-        nodes.remove_node(cluster.state_dir, n)
 
 
 def _running_then_checkpoint(jobs: Jobs, name: str) -> tuple[dict, str]:
@@ -86,9 +76,12 @@ def test_a_termination_notice_asks_for_a_checkpoint_then_the_reclaim_is_a_preemp
     jobs.wait_phase("noticed", "Running", timeout=60)
     rank0 = next(p for p in jobs.pods("noticed", attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "0")
     t = threading.Thread(target=nodes.preempt, args=(cluster.state_dir, rank0.spec.node_name),
-                         kwargs={"notice_s": 4.0, "taint": "gke", "log": lambda *_: None})
+                         kwargs={"notice_s": 10.0, "taint": "gke", "log": lambda *_: None})
     t.start()
-    # During the notice: the operator asks, the trainer checkpoints (no interval checkpoint exists).
+    # During the notice, before any SIGTERM: the operator asks, the trainer checkpoints (no
+    # interval checkpoint exists; the SIGTERM's save would say "SIGTERM at step", not this).
+    wait_for(lambda: "checkpoint requested: saved step" in jobs.logs(rank0.metadata.name), timeout=20,
+             what="the trainer to checkpoint on the notice's request")
     st = jobs.wait("noticed", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=20,
                    what="a checkpoint taken on the notice")
     t.join(60)

@@ -261,11 +261,19 @@ def _decide(o: Observed) -> Plan:
         noticed = [classify.node_problem(o.nodes.get(p["spec"].get("nodeName")), p["spec"].get("nodeName"),
                                          spec.preemption.noticeTaints) for p in current if p["spec"].get("nodeName")]
         noticed = [x for x in noticed if x and x[0] == "TerminationNotice"]
-        if noticed and status.get("checkpointRequestedAt", "").split("@")[0] != str(attempt):
-            status["checkpointRequestedAt"] = f"{attempt}@{now}"
+        if noticed:
+            asked = status.get("checkpointRequestedAt", "")
+            if asked.split("@")[0] != str(attempt):
+                asked = status["checkpointRequestedAt"] = f"{attempt}@{now}"
+                plan.events.append(("Warning", "TerminationNotice", noticed[0][1] + "; checkpoint requested"))
+            # Which pods to annotate, from the pods themselves: an operator killed after recording
+            # the request and before annotating finds it recorded, and annotates the pods still
+            # without it (deciding from the status alone, it never would: the checkpoint was lost).
+            request = f"notice-{attempt}-{asked.split('@', 1)[1]}"
             for p in current:
-                plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"notice-{attempt}-{now}"}
-            plan.events.append(("Warning", "TerminationNotice", noticed[0][1] + "; checkpoint requested"))
+                if (p["metadata"].get("annotations") or {}).get(c.ANN_CHECKPOINT_REQUEST) != request:
+                    plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: request}
+                    plan.stage = plan.stage or "notice"
 
     if outcome.outcome == classify.SUCCESS:
         status["completionTime"] = now
