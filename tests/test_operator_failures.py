@@ -76,6 +76,19 @@ def test_init_containers_run_before_the_trainer_and_one_that_fails_spends_the_bu
     assert "init container stage exited with code 3" in st["restart"]["message"] and "no data yet" in st["restart"]["message"]
 
 
+def test_a_gang_waiting_on_a_missing_secret_says_so_and_starts_once_it_exists(jobs, core, namespace):
+    jobs.create(job_manifest("secretive", nodes=1, steps=10, step_s=0.1, template={
+        "command": ["python", STANDIN], "terminationGracePeriodSeconds": 5,
+        "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]}))
+    jobs.wait("secretive", lambda st: "CreateContainerConfigError" in (st.get("message") or ""), timeout=60,
+              what="the waiting container in status.message")
+    assert 'secret' in jobs.status("secretive")["message"] and "hf" in jobs.status("secretive")["message"]
+    jobs.wait_events("secretive", "PodsNotStarting")
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "hf"}, "stringData": {"token": "t"}})
+    st = jobs.wait_phase("secretive", "Succeeded", timeout=60)
+    assert st["attempt"] == 1 and st["failures"] == 0
+
+
 def test_the_trainers_preempted_exit_code_is_a_preemption(jobs):
     jobs.create(job_manifest("sigtermed", steps=15, fail=f"1:1:3:{c.EXIT_PREEMPTED}",
                              failurePolicy={"maxFailures": 0}))
@@ -304,3 +317,49 @@ def test_a_running_job_has_a_pass_due_when_its_deadline_comes():
     plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
                                                config_data=render.trainer_config(spec), now=now))
     assert plan.status["phase"] == "Running" and 69 <= plan.requeue_after <= 70
+
+
+def _decide(job, pods, nodes, now, **spec):
+    job["spec"].update(spec)
+    s = api.PretrainJobSpec.model_validate(job["spec"])
+    return reconcile.decide(reconcile.Observed(job=job, spec=s, pods=pods, nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(s), now=now))
+
+
+def _finished(pod: dict) -> None:
+    pod["status"] = {"phase": "Succeeded", "conditions": [{"type": "Ready", "status": "False"}],
+                     "containerStatuses": [{"name": "trainer", "ready": False, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}
+
+
+def test_a_rank_that_finished_first_is_no_slow_start_of_a_long_running_gang():
+    # Rank 1 exited 0 while rank 0 still writes its last checkpoint, 30 s after the attempt began
+    # with a 10 s start timeout: still Running (it was restarted as a StartTimeout at its very end).
+    job, _, (n0, n1), nodes, now = observed_gang("ending")
+    _finished(n1)
+    plan = _decide(job, [n0, n1], nodes, now, scheduling={"startTimeoutSeconds": 10})
+    assert plan.status["phase"] == "Running" and plan.status["attempt"] == 1 and not plan.delete_pods
+
+
+def test_a_finished_gang_is_succeeded_even_if_a_node_went_or_its_deadline_passed_before_it_was_seen():
+    job, _, (n0, n1), nodes, now = observed_gang("done")
+    _finished(n0), _finished(n1)
+    n1["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "DeletionByPodGC"})
+    del nodes["spot-1"]  # emptied by an autoscaler after the pod finished
+    plan = _decide(job, [n0, n1], nodes, now, activeDeadlineSeconds=20)  # started 30 s ago
+    assert plan.status["phase"] == "Succeeded" and plan.status["preemptions"] == 0 and plan.status["attempt"] == 1
+
+
+def test_a_pod_that_cannot_start_says_why_in_status_and_one_event():
+    job, _, (n0, n1), nodes, now = observed_gang("waits")
+    job["status"]["phase"] = "Starting"
+    n1["status"] = {"phase": "Pending", "containerStatuses": [{"name": "trainer", "ready": False, "state": {"waiting": {
+        "reason": "CreateContainerConfigError", "message": 'secret "wandb" not found'}}}]}
+    plan = _decide(job, [n0, n1], nodes, now)
+    said = 'attempt 1: 1/2 node(s) running; pod waits-a1-n1: container trainer is waiting (CreateContainerConfigError: secret "wandb" not found)'
+    assert plan.status["message"] == said and ("Warning", "PodsNotStarting", said) in plan.events
+    job["status"] = plan.status  # the next pass: the same, said already
+    assert not [e for e in _decide(job, [n0, n1], nodes, now).events if e[1] == "PodsNotStarting"]
+    n1["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["message"].endswith("pod waits-a1-n1 is unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")

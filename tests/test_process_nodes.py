@@ -309,6 +309,24 @@ def test_env_from_the_downward_api_configmaps_and_secrets_and_their_volumes_reac
     assert "2000" in lines[-1].split()
 
 
+def test_a_container_whose_env_names_a_missing_secret_waits_saying_so_and_starts_once_it_exists(core, namespace):
+    # As the kubelet does: waiting (CreateContainerConfigError), not a failed run, and tried again.
+    env = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "later", "key": "token"}}}]
+    create_pod(core, namespace, pod_manifest("patient", ["sh", "-c", "echo TOKEN=$TOKEN"], container={"env": env}))
+
+    def waiting():
+        st = core.read_namespaced_pod("patient", namespace).status
+        w = st.container_statuses and st.container_statuses[0].state.waiting
+        return w if w and w.reason == "CreateContainerConfigError" else None
+    w = wait_for(waiting, timeout=30, what="the container waiting on its Secret")
+    assert "later" in w.message, w.message
+    p = core.read_namespaced_pod("patient", namespace)
+    assert p.status.phase == "Pending" and p.status.container_statuses[0].restart_count == 0
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "later"}, "stringData": {"token": "t0ken"}})
+    assert wait_phase(core, namespace, "patient", "Succeeded", "Failed").status.phase == "Succeeded"
+    assert "TOKEN=t0ken" in logs(core, namespace, "patient")
+
+
 def test_readiness_probes_of_type_http_and_tcp_gate_the_ready_condition(core, namespace):
     # Answers 503 for its first 4 seconds, then 200.
     server = ("import http.server, time\n"

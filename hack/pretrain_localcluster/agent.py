@@ -57,6 +57,7 @@ NODE_STATUS_S = 10.0
 NODE_STATUS_REPORT_S = 60.0
 LEASE_REQUEST_TIMEOUT_S = 4.0
 BACKOFF_BASE_S, BACKOFF_MAX_S = 1.0, 60.0
+CONFIG_RETRY_S = 2.0  # a container whose env names a missing Secret or key: tried again this often
 
 
 def now() -> str:
@@ -105,6 +106,7 @@ class Container:
         self.next_probe = 0.0
         self.next_live = 0.0
         self.killing = False
+        self.config_error = ""  # why its last start could not make its environment (it waits, retried)
 
     @property
     def restart_count(self) -> int:
@@ -261,7 +263,7 @@ class PodWorker(threading.Thread):
             st = c.state()
             if st == "terminated" and c.exit_doc()["exitCode"] == 0:
                 continue
-            if st == "running":
+            if st == "running" or (st == "waiting" and time.monotonic() < c.next_start):
                 break
             if st == "terminated":
                 if self.policy == "Never":
@@ -274,7 +276,7 @@ class PodWorker(threading.Thread):
         else:
             for c in self.ctrs:
                 st = c.state()
-                if st == "waiting":
+                if st == "waiting" and time.monotonic() >= c.next_start:
                     self.start_container(c)
                 elif st == "terminated":
                     code = c.exit_doc()["exitCode"]
@@ -364,11 +366,13 @@ class PodWorker(threading.Thread):
                 node_alloc=self.agent.node_alloc(self.node), lookup=self.lookup,
                 api_host=self.agent.state["gateway"], api_port=self.agent.state["ports"]["apiserver"])
         except (KubeError, KeyError, ValueError) as e:
-            (run_dir / "exit.json").write_text(json.dumps({"exitCode": 128, "reason": "CreateContainerConfigError",
-                                                           "message": str(e), "startedAt": now_micro(),
-                                                           "finishedAt": now_micro()}))
-            c.runs.append(n)
+            # As the kubelet: no run; the container waits (CreateContainerConfigError, saying why)
+            # and is tried again, so it starts once the Secret or key it names exists.
+            shutil.rmtree(run_dir, ignore_errors=True)
+            c.config_error = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            c.next_start = time.monotonic() + CONFIG_RETRY_S
             return
+        c.config_error = ""
         cmd = list(c.spec.get("command") or []) + list(c.spec.get("args") or [])
         if not cmd:
             cmd = ["/bin/sh"]
@@ -583,9 +587,12 @@ class PodWorker(threading.Thread):
                "restartCount": c.restart_count, "ready": False, "started": False, "state": {}, "lastState": {}}
         if not c.runs:
             reason = "PodInitializing" if not c.init and self.init and not self.init_done() else "ContainerCreating"
+            message = self.sandbox_error
             if self.sandbox_error:
                 reason = "ContainerCreating"
-            out["state"] = {"waiting": {"reason": reason, **({"message": self.sandbox_error} if self.sandbox_error else {})}}
+            elif c.config_error:
+                reason, message = "CreateContainerConfigError", c.config_error
+            out["state"] = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
             return out
         out["containerID"] = f"local://{self.uid}/{c.name}/{c.runs[-1]}"
 

@@ -92,10 +92,21 @@ def report(pod: dict | None) -> dict:
     return out
 
 
+def succeeded(pod: dict) -> bool:
+    """The pod finished: phase Succeeded, its trainer exited 0 (the contract: the last step is
+    checkpointed). Whatever happens to it or its node afterwards does not undo that."""
+    t = terminated(pod)
+    return (pod.get("status") or {}).get("phase") == "Succeeded" and t is not None and t.get("exitCode") == 0
+
+
 def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.PretrainJobSpec) -> End:
     fp = spec.failurePolicy
     if pod is None:
         return End(PREEMPTION, "PodDeleted", f"pod {name} was deleted by someone other than the operator", name)
+    if succeeded(pod):
+        # Before the disruption checks: a rank that finished and whose node was then emptied
+        # (an autoscaler, PodGC's DisruptionTarget) is done, not preempted.
+        return End(SUCCESS, pod=name)
     dt = _cond(pod, "DisruptionTarget")
     if dt and dt.get("status") == "True":
         return End(PREEMPTION, dt.get("reason") or "DisruptionTarget", dt.get("message") or f"pod {name} was disrupted", name)

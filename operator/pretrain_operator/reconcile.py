@@ -199,6 +199,8 @@ def _decide(o: Observed) -> Plan:
                 plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
         _remove(plan, o, o.pods)
         status["readyNodes"] = f"0/{spec.nodes}"
+        if status.get("admissionWaitSince"):
+            status["admissionWaitSince"] = ""  # no pods wait for admission while suspended
         return plan
     if status["phase"] == "Suspended":
         # Resume: a new attempt, from the latest checkpoint; counts as neither failure nor preemption.
@@ -221,7 +223,8 @@ def _decide(o: Observed) -> Plan:
     # 4b. The active deadline: failed for good (a later pass would find the same time passed). The
     #     pods are deleted gracefully, so the trainer's SIGTERM checkpoint keeps the work done.
     left = deadline_left(spec, status, o.now)
-    if left is not None and left <= 0:
+    finished = len(current) == spec.nodes and all(classify.succeeded(p) for p in current)
+    if left is not None and left <= 0 and not finished:  # a gang that exited 0 in time is seen as done below
         return _fail(plan, o, "DeadlineExceeded",
                      f"active for more than activeDeadlineSeconds ({spec.activeDeadlineSeconds} s) since {status['startTime']}; "
                      "the pods were stopped with SIGTERM (the trainer checkpoints on it)")
@@ -306,8 +309,11 @@ def _decide(o: Observed) -> Plan:
     if outcome.outcome == classify.RETRYABLE:
         return _restart(plan, o, "Retryable", outcome.reason, outcome.message, count=None)
 
-    # 9. Still running: the gang must be up within startTimeoutSeconds.
-    if len(running) == spec.nodes:
+    # 9. Still running: the gang must be up within startTimeoutSeconds. A rank that has finished
+    #    (exit 0) while the others write their last checkpoint counts as up (it was counted as not
+    #    running: a job of hours, at its very end, was restarted for a slow start).
+    up = [p for p in current if _running(p) or classify.succeeded(p)]
+    if len(up) == spec.nodes:
         if status["phase"] != "Running":
             _phase(status, "Running", "AllNodesRunning", f"attempt {attempt}: all {spec.nodes} node(s) running", now, gen)
             plan.events.append(("Normal", "Running", f"attempt {attempt}: all {spec.nodes} node(s) running"))
@@ -326,6 +332,13 @@ def _decide(o: Observed) -> Plan:
             status["admissionWaitSince"] = ""  # as the schema's default shows it (a removed key comes back so)
             status["attemptStartTime"] = now
             status["message"] = f"attempt {attempt}: admitted (scheduling gates lifted); starting"
+        # What holds the others back, when a pod says (unschedulable, an image or a Secret missing):
+        # in status.message and one Event per change, not a silent timeout after startTimeoutSeconds.
+        why = not_starting(current)
+        said = f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {why}" if why else ""
+        if said and status.get("message") != said:
+            status["message"] = said
+            plan.events.append(("Warning", "PodsNotStarting", said))
         started = parse(status.get("attemptStartTime", "")) or o.now
         waited = (o.now - started).total_seconds()
         if waited >= spec.scheduling.startTimeoutSeconds:
@@ -386,6 +399,28 @@ def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
             plan.delete_pods.append(p["metadata"]["name"])
 
 
+# Waiting reasons of a container on its way (not a problem to report).
+_STARTING = ("ContainerCreating", "PodInitializing")
+
+
+def not_starting(pods: list[dict]) -> str:
+    """Why the first pod (by name) that is not running waits, when it says: unschedulable (the
+    scheduler's message), or a container waiting on a problem (an image that cannot be pulled, a
+    Secret or ConfigMap key its environment names missing, ...); "" when none says."""
+    for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        if _running(p):
+            continue
+        st, name = p.get("status") or {}, p["metadata"]["name"]
+        sched = next((x for x in st.get("conditions") or [] if x.get("type") == "PodScheduled"), None)
+        if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
+            return f"pod {name} is unschedulable: {sched.get('message') or 'no message'}"
+        for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            w = (cs.get("state") or {}).get("waiting") or {}
+            if w.get("reason") and w["reason"] not in _STARTING:
+                return f"pod {name}: container {cs.get('name')} is waiting ({w['reason']}: {w.get('message') or 'no message'})"
+    return ""
+
+
 def _running(p: dict) -> bool:
     st = p.get("status") or {}
     return st.get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") and all(
@@ -424,6 +459,7 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
     st["attempt"] = old_attempt + 1
     st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now}
     st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
+    st["admissionWaitSince"] = ""  # the new gang's pods wait (or not) anew
     st["gangCreated"] = False
     st.pop("failureSeenAt", None)
     st["readyNodes"] = f"0/{spec.nodes}"
