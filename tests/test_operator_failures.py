@@ -12,6 +12,7 @@ import pytest
 from pretrain_operator import api, contract as c, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
+from tests.kubeutil import pod_manifest
 from tests.operator_fixture import STANDIN
 
 pytestmark = pytest.mark.cluster
@@ -122,6 +123,43 @@ def test_pods_the_api_server_refuses_for_now_are_said_once_and_created_once_allo
     assert [e.reason for e in jobs.events("quota")].count("GangCreateFailed") == 1
     jobs.core.delete_namespaced_resource_quota("one-pod", jobs.ns)
     st = jobs.wait_phase("quota", "Succeeded", timeout=120)
+    assert st["attempt"] == 1 and st["failures"] == 0
+
+
+def test_pods_an_admission_policy_denies_are_retried_not_failed_for_good(jobs):
+    # A ValidatingAdmissionPolicy's denial is a 422 (reason Invalid) by default, as a pod the API
+    # server finds invalid is; but a policy can change, so the job waits and retries (it was Failed).
+    from kubernetes import client
+    adm = client.AdmissionregistrationV1Api(jobs.core.api_client)
+    name = f"deny-{jobs.ns}"[:63]
+    adm.create_validating_admission_policy({
+        "metadata": {"name": name},
+        "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": [
+                     {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}]},
+                 "validations": [{"expression": "object.metadata.labels[?'pretrain.dev/job'].orValue('') != 'vapped'",
+                                  "message": "no vapped pods here"}]}})
+    try:
+        adm.create_validating_admission_policy_binding({
+            "metadata": {"name": name},
+            "spec": {"policyName": name, "validationActions": ["Deny"],
+                     "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": jobs.ns}}}}})
+
+        def denied() -> bool:  # policies take effect a moment after they are made
+            probe = pod_manifest("probe", ["true"], metadata={"labels": {"pretrain.dev/job": "vapped"}})
+            try:
+                jobs.core.create_namespaced_pod(jobs.ns, probe, dry_run="All")
+            except client.ApiException as e:
+                return e.status == 422 and "ValidatingAdmissionPolicy" in e.body
+            return False
+        wait_for(denied, timeout=30, what="the policy to deny")
+        jobs.create(job_manifest("vapped", nodes=1, steps=10))
+        st = jobs.wait("vapped", lambda s: "no vapped pods here" in (s.get("message") or ""), timeout=60, what="the denial in status")
+        assert st["phase"] == "Starting" and st["failures"] == 0
+        assert "GangCreateFailed" in [e.reason for e in jobs.events("vapped")]
+    finally:
+        adm.delete_validating_admission_policy_binding(name)
+        adm.delete_validating_admission_policy(name)
+    st = jobs.wait_phase("vapped", "Succeeded", timeout=120)
     assert st["attempt"] == 1 and st["failures"] == 0
 
 

@@ -253,14 +253,18 @@ class Controller:
         if creates_pods:
             self._crash_point(plan.stage, "before-create", job)
         key = (ns, job["metadata"]["name"])
-        try:
-            list(self.pool.map(lambda o: self._create(ns, o), sorted(plan.create, key=lambda o: o["kind"] == "Pod")))
-        except client.ApiException as e:
-            # Kept for the next pass's decision (status.message and an Event, or PodInvalid), then
-            # retried with back-off like any failed write.
-            if creates_pods:
-                self.create_errors[key] = (plan.status.get("attempt", 0), e.status, api_message(e))
-            raise
+
+        def create(obj: dict) -> None:
+            try:
+                self._create(ns, obj)
+            except client.ApiException as e:
+                # A refused pod is kept for the next pass's decision (status.message and an Event,
+                # or PodInvalid), then retried with back-off like any failed write; a refused Service
+                # or ConfigMap only retried (its words are not the pods').
+                if obj["kind"] == "Pod":
+                    self.create_errors[key] = (plan.status.get("attempt", 0), e.status, api_message(e))
+                raise
+        list(self.pool.map(create, sorted(plan.create, key=lambda o: o["kind"] == "Pod")))
         if creates_pods:
             self.create_errors.pop(key, None)
         if plan.delete_job:

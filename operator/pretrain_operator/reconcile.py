@@ -360,7 +360,9 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
     created = f"{len(names) - len(missing)}/{spec.nodes} pod(s) created"
     if o.create_error:
         code, msg = o.create_error
-        if code == 422:  # the pod is invalid, and the same spec renders the same pod: fails for good
+        # The pod is invalid, and the same spec renders the same pod: fails for good. Not a
+        # ValidatingAdmissionPolicy's denial, 422 as well by default: a policy may change (retried).
+        if code == 422 and "ValidatingAdmissionPolicy" not in msg:
             return _fail(plan, o, "PodInvalid", f"the API server refused the pods of attempt {attempt}: {msg}")
         # Refused for now (a quota, an admission policy, a missing PriorityClass): said once, retried;
         # the start timeout below frees what part of the gang was created.
