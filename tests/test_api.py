@@ -269,3 +269,18 @@ def test_an_init_container_gets_the_trainers_security_context_where_it_sets_none
     assert stage["command"] == ["true"] and stage["securityContext"] == pod["spec"]["containers"][0]["securityContext"]
     # Asked for root: no runAsNonRoot of ours (the kubelet would refuse to start it); its own keys win.
     assert chown["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"add": ["CHOWN"]}, "runAsUser": 0}
+
+
+@pytest.mark.cluster
+def test_a_gpu_requested_without_a_limit_renders_a_pod_the_api_server_accepts(api, namespace):
+    # The pod API refuses an extended resource's request without its limit (every pod of such a
+    # job was refused as invalid: the job Failed at once).
+    spec = ptapi.PretrainJobSpec.model_validate(_with("resources", {
+        "requests": {"cpu": "2", "memory": "1Gi", "nvidia.com/gpu": "2", "vpc.amazonaws.com/efa": "1"},
+        "limits": {"memory": "1Gi"}}))
+    pod = render.pod({"metadata": {"name": "gpu", "namespace": namespace, "uid": "u"}}, spec, attempt=1, rank=0)
+    pod["metadata"]["ownerReferences"] = []  # no such owner here: a dry run of the pod alone
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"memory": "1Gi", "nvidia.com/gpu": "2", "vpc.amazonaws.com/efa": "1"}  # cpu: not extended
+    made = client.CoreV1Api(api).create_namespaced_pod(namespace, pod, dry_run="All")
+    assert made.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"

@@ -441,7 +441,9 @@ class Template(Model):
 
 class Resources(Model):
     requests: dict[str, Annotated[str, Field(pattern=QUANTITY, max_length=64)]] = Field(
-        default_factory=dict, description="Per pod, e.g. {cpu: '8', memory: 64Gi, nvidia.com/gpu: '8'}.")
+        default_factory=dict, description="Per pod, e.g. {cpu: '8', memory: 64Gi, nvidia.com/gpu: '8'}. An extended resource "
+                                         "(nvidia.com/gpu, vpc.amazonaws.com/efa) requested without a limit gets its request as its limit "
+                                         "(the pod API allows no other).")
     limits: dict[str, Annotated[str, Field(pattern=QUANTITY, max_length=64)]] = Field(default_factory=dict)
 
 

@@ -126,6 +126,11 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         volumes.append({"name": SHM_VOLUME, "emptyDir": shm})
         mounts.append({"name": SHM_VOLUME, "mountPath": c.SHM_DIR})
     resources = {k: v for k, v in (("requests", spec.resources.requests), ("limits", spec.resources.limits)) if v}
+    # An extended resource (nvidia.com/gpu, vpc.amazonaws.com/efa) cannot be overcommitted: the pod
+    # API refuses a request without its limit. Requested alone, its limit is the request.
+    extended = {k: v for k, v in spec.resources.requests.items() if is_extended(k) and k not in spec.resources.limits}
+    if extended:
+        resources["limits"] = {**spec.resources.limits, **extended}
     sched = spec.scheduling
     # The user's first: the CRD refuses the operator's own keys there, and ours win regardless.
     pod_labels = {**spec.template.labels, **labels(job, attempt, rank)}
@@ -185,6 +190,13 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
                      "annotations": annotations, "ownerReferences": [owner_ref(job)]},
         "spec": pod_spec,
     }
+
+
+def is_extended(resource: str) -> bool:
+    """An extended resource: a name with a domain other than kubernetes.io's (not cpu, memory,
+    ephemeral-storage, hugepages-*)."""
+    domain = resource.split("/", 1)[0] if "/" in resource else ""
+    return bool(domain) and domain != "kubernetes.io" and not domain.endswith(".kubernetes.io")
 
 
 def init_container(i: api.InitContainer) -> dict:
