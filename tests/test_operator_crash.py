@@ -55,6 +55,8 @@ def test_killed_after_recording_the_intent_before_deleting_the_old_pods(jobs, co
     jobs.wait_events("crashy", "Preemption")
     operator.start()
     _converged(jobs)
+    # Counted by the operator that decided it, not again by the one that took over.
+    assert operator.total("pretrain_operator_gang_restarts_total") == 0
 
 
 def test_killed_after_deleting_the_old_pods_before_creating_the_gang(jobs, core, namespace, operator, tmp_path):

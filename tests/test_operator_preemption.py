@@ -90,11 +90,13 @@ def test_a_termination_notice_asks_for_a_checkpoint_then_the_reclaim_is_a_preemp
     assert jobs.resumed_step("noticed", 2) >= st["lastCheckpoint"]["step"]
 
 
-def test_a_pod_deleted_by_someone_else_is_a_preemption(core, jobs, namespace):
+def test_a_pod_deleted_by_someone_else_is_a_preemption(core, jobs, namespace, operator):
     jobs.create(job_manifest("poked", steps=400))
     jobs.wait_phase("poked", "Running", timeout=60)
+    before = operator.total("pretrain_operator_gang_restarts_total")
     core.delete_namespaced_pod("poked-a1-n1", namespace)
     _assert_preempted_once(jobs, "poked", ("PodDeleted", "CheckpointedOnNotice"))
+    assert operator.total("pretrain_operator_gang_restarts_total") >= before + 1  # the alerts' series
 
 
 def test_an_evicted_pod_gone_before_the_reconcile_lists_it_keeps_its_eviction_reason():

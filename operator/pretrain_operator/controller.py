@@ -46,7 +46,6 @@ class Controller:
         self.progress_misses: dict = {}  # job key -> failed progress reads in a row (a warning at PROGRESS_MISSES_WARN)
         self.phases: dict = {}
         self.running = 0  # jobs in phase Running, counted with the phase gauge
-        self.restart_seen: dict = {}
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job key -> (uid, generation, config, when read) once its Service and ConfigMap exist
         self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
@@ -146,7 +145,7 @@ class Controller:
                 metrics.forget_job(ns, name)
                 self.last_progress.pop((ns, name), None)
                 # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
-                for memo in (self.disrupted, self.create_errors, self.children, self.restart_seen, self.progress_misses):
+                for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses):
                     memo.pop((ns, name), None)
                 for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
                     self.node_jobs[node].discard((ns, name))
@@ -385,11 +384,12 @@ class Controller:
         self._update_phase_gauge()
         metrics.observe_job(ns, name, st)
         r = st.get("restart")
-        if r and self.restart_seen.get((ns, name)) != r.get("requestedAt"):
-            self.restart_seen[(ns, name)] = r.get("requestedAt")
-            if st.get("phase") == "Restarting":
-                metrics.RESTARTS.labels(r.get("kind", ""), r.get("reason", "")).inc()
-                metrics.GANG_RESTARTS.labels(r.get("kind", "")).inc()
+        before = ((job.get("status") or {}).get("restart") or {}).get("requestedAt")
+        if r and st.get("phase") == "Restarting" and r.get("requestedAt") != before:
+            # Decided by this pass (its status write succeeded): counted once, also by an operator
+            # that took over while the job was Restarting (a memory of its own counted it again).
+            metrics.RESTARTS.labels(r.get("kind", ""), r.get("reason", "")).inc()
+            metrics.GANG_RESTARTS.labels(r.get("kind", "")).inc()
         if r and st.get("phase") == "Running" and (job.get("status") or {}).get("phase") != "Running":
             started = reconcile.parse(r.get("requestedAt", ""))
             if started:
