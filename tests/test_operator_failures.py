@@ -401,3 +401,28 @@ def test_a_pod_that_cannot_start_says_why_in_status_and_one_event():
                                                         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
     plan = _decide(job, [n0, n1], nodes, now)
     assert plan.status["message"].endswith("pod waits-a1-n1 is unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+
+
+def test_attempts_that_keep_ending_at_once_make_the_next_gang_wait_doubling():
+    assert [reconcile.restart_backoff(k) for k in range(8)] == [0, 0, 0, 10, 20, 40, 80, 160]
+    assert reconcile.restart_backoff(20) == 300
+    job, _, (n0, n1), nodes, now = observed_gang("loop")  # attempt 1 began 30 s ago
+    job["status"]["quickRestarts"] = 2
+    n1["status"] = {"phase": "Failed", "reason": "UnexpectedAdmissionError", "message": "device plugin refused"}
+    plan = _decide(job, [n0, n1], nodes, now)  # a retryable refusal: the third quick restart
+    assert plan.status["attempt"] == 2 and plan.status["quickRestarts"] == 3
+    # Attempt 1's pods gone: attempt 2's gang waits 10 s from the decision (in whole seconds), then is created.
+    job["status"] = plan.status
+    plan = _decide(job, [], nodes, now + reconcile.dt.timedelta(seconds=4))
+    assert not plan.create and 5.0 <= plan.requeue_after <= 6.1 and "waiting 10 s before creating the gang" in plan.status["message"]
+    plan = _decide(job, [], nodes, now + reconcile.dt.timedelta(seconds=10.5))
+    assert sorted(p["metadata"]["name"] for p in plan.create if p["kind"] == "Pod") == ["loop-a2-n0", "loop-a2-n1"]
+
+
+def test_an_attempt_that_ran_a_while_resets_the_quick_restarts():
+    job, _, (n0, n1), nodes, now = observed_gang("steady")
+    job["status"]["quickRestarts"] = 5
+    job["status"]["attemptStartTime"] = reconcile.iso(now - reconcile.dt.timedelta(hours=2))
+    n1["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"})
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["attempt"] == 2 and plan.status["quickRestarts"] == 0 and plan.status["preemptions"] == 1

@@ -605,6 +605,10 @@ class PretrainJobStatus(Model):
     gangCreated: bool = Field(False, description="Every pod of the current attempt has been created (a missing one since is a preemption).")
     failureSeenAt: str = Field("", description="When a rank's failure was first seen (failurePolicy.failureSettleSeconds runs from it).")
     admissionWaitSince: str = Field("", description="Since when the current attempt's pods are held by scheduling gates (a queue's admission); cleared at their admission.")
+    quickRestarts: int = Field(0, description=(
+        "Restarts in a row of attempts that ended within 60 s of their first pod create; from the third, "
+        "the next gang waits 10 s, doubling to 5 min (a node that refuses pods, an eviction storm, a trainer "
+        "that exits at once with a retryable code), instead of a new gang every few seconds."))
     message: str = ""
 
 

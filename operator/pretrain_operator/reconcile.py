@@ -349,10 +349,29 @@ def _decide(o: Observed) -> Plan:
     return plan
 
 
+QUICK_ATTEMPT_S = 60.0  # an attempt that ended sooner after its first create is a quick one
+
+
+def restart_backoff(quick_restarts: int) -> float:
+    """Seconds the next gang waits after this many quick restarts in a row: none for the first
+    two (a preemption right after a start is no loop), then 10 s doubling to 5 min."""
+    return 0.0 if quick_restarts < 3 else min(10.0 * 2 ** (quick_restarts - 3), 300.0)
+
+
 def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) -> Plan:
     """Step 6: create the attempt's missing pods; say why the API server refused some, fail for good
     when it finds them invalid, tear down what was created at the start timeout."""
     status, spec, attempt, now = plan.status, o.spec, plan.status["attempt"], iso(o.now)
+    # Attempts that keep ending at once: the next gang waits, doubling (a hot loop otherwise
+    # deletes and creates a whole gang every few seconds, forever for causes that spend no budget).
+    asked = parse((status.get("restart") or {}).get("requestedAt", ""))
+    wait = restart_backoff(status.get("quickRestarts", 0))
+    if wait and asked and not status.get("attemptStartTime") and (o.now - asked).total_seconds() < wait:
+        left = wait - (o.now - asked).total_seconds()
+        status["message"] = (f"attempt {attempt}: waiting {wait:.0f} s before creating the gang "
+                             f"({status['quickRestarts']} attempts in a row ended within {QUICK_ATTEMPT_S:.0f} s)")
+        plan.requeue_after = max(left, 0.5)
+        return plan
     # The attempt's start clock runs from its first create: the old gang's drain (up to its grace
     # period, an hour at most) is not the new gang's start.
     status["attemptStartTime"] = status.get("attemptStartTime") or now
@@ -458,6 +477,9 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
         if mp is not None and st["preemptions"] > mp:
             return _fail(plan, o, "MaxPreemptionsExceeded", f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {mp}")
     old_attempt = st["attempt"]
+    started = parse(st.get("attemptStartTime", ""))
+    quick = kind != "Resume" and started is not None and (o.now - started).total_seconds() < QUICK_ATTEMPT_S
+    st["quickRestarts"] = st.get("quickRestarts", 0) + 1 if quick else 0
     st["attempt"] = old_attempt + 1
     st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now}
     st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
