@@ -426,3 +426,10 @@ def test_an_attempt_that_ran_a_while_resets_the_quick_restarts():
     n1["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"})
     plan = _decide(job, [n0, n1], nodes, now)
     assert plan.status["attempt"] == 2 and plan.status["quickRestarts"] == 0 and plan.status["preemptions"] == 1
+
+
+def test_a_failed_job_is_looked_at_again_while_its_pods_go_and_then_left_to_its_events():
+    job, _, pods, nodes, now = observed_gang("over")
+    job["status"].update(phase="Failed", completionTime=reconcile.iso(now))
+    assert _decide(job, pods, nodes, now).requeue_after == 30.0
+    assert _decide(job, [], nodes, now).requeue_after is None  # controller.next_pass: the finished resync

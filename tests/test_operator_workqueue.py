@@ -1,5 +1,6 @@
 """The operator's work queue: one entry per job, never one job in two workers, delayed re-adds,
-and jobs not reconciled yet served before re-reconciles (so a burst of applies creates gangs first)."""
+and jobs not reconciled yet served before re-reconciles (so a burst of applies creates gangs first);
+when a job is looked at again (a finished one rarely)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,13 @@ def test_a_key_requeued_by_every_pass_keeps_one_delayed_entry_the_earliest():
     q.done("a")
     assert q.get(timeout=0.6) is None  # nothing else was waiting
     assert len(q) == 0
+
+
+def test_a_finished_job_with_nothing_left_is_looked_at_only_at_the_finished_resync():
+    from pretrain_operator.controller import next_pass
+    from pretrain_operator.settings import OperatorSettings
+    s = OperatorSettings(resync_s=30, finished_resync_s=600)
+    assert next_pass(None, "Succeeded", s) == next_pass(None, "Failed", s) == 600
+    assert next_pass(None, "Running", s) == 30 and next_pass(5.0, "Running", s) == 5.0
+    assert next_pass(900.0, "Starting", s) == 30  # a long timeout is still looked at
+    assert next_pass(2.0, "Failed", s) == 2.0  # pods still going, or a TTL due

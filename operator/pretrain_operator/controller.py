@@ -114,8 +114,7 @@ class Controller:
                 metrics.RECONCILES.labels("ok").inc()
                 if self.errors.pop(key, None):
                     self.queue.forget(key)
-                # Never later than the resync: a long timeout still gets looked at.
-                self.queue.add(key, delay=self.settings.resync_s if delay is None else min(delay, self.settings.resync_s))
+                self.queue.add(key, delay=next_pass(delay, self.phases.get(key, ""), self.settings))
             except client.ApiException as e:
                 # Conflicts and API hiccups are retried with back-off; the next pass re-observes
                 # everything, so nothing is lost. (A namespace being deleted answers 403 until the
@@ -415,6 +414,14 @@ class Controller:
 
 
 PROGRESS_MISSES_WARN = 12  # failed progress reads in a row before a warning (a minute at the default interval)
+
+
+def next_pass(delay: float | None, phase: str, settings: OperatorSettings) -> float:
+    """When to reconcile a job again: when it asked, never later than the resync (a long timeout
+    still gets looked at); a finished job that asked for nothing, only at the finished resync."""
+    if delay is None and phase in reconcile.TERMINAL:
+        return settings.finished_resync_s
+    return settings.resync_s if delay is None else min(delay, settings.resync_s)
 
 
 def progress_interval(interval_s: float, rate: float, running: int) -> float:

@@ -172,6 +172,10 @@ def _decide(o: Observed) -> Plan:
                 plan.delete_job = True
             else:
                 plan.requeue_after = (due - o.now).total_seconds()
+        if plan.delete_pods or plan.force_delete_pods or (status["phase"] == "Failed" and o.pods):
+            # Pods still going: looked at again as a running job is (a lost node's pod is force-deleted
+            # on a later pass); a finished job with nothing left waits for events (controller.next_pass).
+            plan.requeue_after = min(plan.requeue_after or 30.0, 30.0)
         return plan
 
     # 1b. Another object has the name of one of the job's children: using it would be wrong (another

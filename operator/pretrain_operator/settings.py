@@ -17,7 +17,10 @@ class OperatorSettings(BaseModel):
     lease_name: str = "pretrain-operator"
     lease_duration_s: float = 15.0
     lease_renew_s: float = 2.0
-    resync_s: float = 30.0
+    resync_s: float = Field(30.0, description="Every job is reconciled at least this often (events bring changes sooner).")
+    finished_resync_s: float = Field(600.0, description="The same for a Succeeded or Failed job with nothing left to do: a "
+                                                          "reconcile (a read and a pod list) every 30 s for each of thousands "
+                                                          "of finished jobs was load for nothing; their events still wake them.")
     progress_interval_s: float = Field(5.0, gt=0, description="How often a Running job's trainer metrics are mirrored into status.progress and status.lastCheckpoint (a reconcile this often).")
     progress_rate: float = Field(10.0, gt=0, description="At most this many progress reads (a reconcile, a metrics scrape and a status write each) a second over all Running jobs: with more than progress_rate x progress_interval_s of them (50 by default), each job's progress is read less often.")
     api_qps_pool: int = Field(64, description="HTTP connections to the API server.")
