@@ -151,6 +151,43 @@ def test_a_leader_cut_off_from_the_api_server_stops_acting_before_another_may_ta
         elector.stopped.set()
 
 
+def test_the_lease_expires_by_this_replicas_clock_not_by_the_holders_renew_time(api, namespace):
+    # The holder stamps renewTime with its own clock. One an hour behind made every renewal look
+    # expired to a follower, which took the Lease from a live leader (two leaders acting at once).
+    import datetime as dt
+    import threading
+    import time
+
+    from pretrain_operator.kubeapi import KubeAPI
+    from pretrain_operator.leader import LeaderElector, _stamp
+    kube, path = KubeAPI(api), f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+    kube.create(path, {"metadata": {"name": "skewed"}, "spec": {"holderIdentity": "behind", "leaseDurationSeconds": 2}})
+    alive = threading.Event()
+    alive.set()
+
+    def renew_an_hour_behind():
+        while alive.is_set():
+            lease = kube.get(f"{path}/skewed")
+            lease["spec"]["renewTime"] = _stamp(dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1))
+            kube.replace(f"{path}/skewed", lease)
+            time.sleep(0.3)
+    holder = threading.Thread(target=renew_an_hour_behind, daemon=True)
+    holder.start()
+    follower = LeaderElector(api, namespace, "skewed", duration_s=2.0, renew_s=0.2)
+    follower.start()
+    try:
+        time.sleep(5)  # 2.5 of the Lease's durations: the holder renews all along
+        assert not follower.is_leader.is_set() and follower.holder == "behind"
+        alive.clear()
+        holder.join(5)
+        t0 = time.monotonic()
+        wait_for(follower.leading, timeout=10, what="the follower to take the Lease the holder no longer renews")
+        assert time.monotonic() - t0 >= 1.5  # not before the Lease's duration without a renewal
+    finally:
+        alive.clear()
+        follower.stopped.set()
+
+
 def test_a_status_decided_from_a_stale_read_is_refused_and_decided_again_from_a_new_one(jobs, api, core, namespace, operator, monkeypatch):
     # Two writers: this operator reads the job at attempt 1 and decides a restart (attempt 2);
     # before it writes, another (a replica that took the Lease over a paused leader) has recorded

@@ -27,10 +27,6 @@ def _stamp(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(stamp: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(stamp) if stamp else None  # RFC 3339 (Python 3.11 reads the Z)
-
-
 class LeaderElector:
     def __init__(self, api: client.ApiClient, namespace: str, name: str, duration_s: float, renew_s: float):
         self.kube = KubeAPI(api)
@@ -43,6 +39,13 @@ class LeaderElector:
         self.renewed = 0.0  # time.monotonic() of the last successful renewal
         self.holder = None  # another holder of the Lease, as last seen
         self.said_holder = None
+        # The Lease's record as last seen, and when (by this process's clock): another holder's
+        # Lease has expired when its record has not changed for its duration (client-go's way),
+        # whatever its renewTime says; that time comes from the holder's clock, and a clock an
+        # hour behind made every renewal look expired (two leaders), one ahead made a dead
+        # leader's Lease look alive for that hour.
+        self.observed: tuple | None = None
+        self.observed_at = 0.0
 
     def _try(self) -> bool:
         now = _now()
@@ -59,8 +62,11 @@ class LeaderElector:
                 raise
         old = lease.get("spec") or {}  # empty when the Helm chart created it (so that uninstall removes it)
         holder = old.get("holderIdentity")
-        renew = _parse(old.get("renewTime"))
-        expired = renew is None or (now - renew).total_seconds() > (old.get("leaseDurationSeconds") or self.duration_s)
+        record = (holder, old.get("renewTime"), old.get("leaseTransitions"))
+        if record != self.observed:
+            self.observed, self.observed_at = record, time.monotonic()
+        # Free: never held, or handed back (release()); else expired by our clock, as above.
+        expired = not holder or time.monotonic() - self.observed_at > (old.get("leaseDurationSeconds") or self.duration_s)
         if holder != self.identity and not expired:
             self.holder = holder
             return False
@@ -118,7 +124,7 @@ class LeaderElector:
         try:
             lease = self.kube.get(f"{self.path}/{self.name}")
             if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
-                lease["spec"].update(holderIdentity="", renewTime=_stamp(_now() - dt.timedelta(hours=1)))
+                lease["spec"].update(holderIdentity="", renewTime=_stamp(_now()))
                 self.kube.replace(f"{self.path}/{self.name}", lease)
         except Exception as e:  # noqa: BLE001  (it expires anyway)
             log.warning("releasing the Lease: %s", e)
