@@ -33,7 +33,6 @@ from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 from tests.kubeutil import pod_security_labels
 from tests.operator_fixture import OperatorProcess
-from tests.test_operator_preemption import pool  # noqa: F401  (a fixture the preemption scenario uses)
 
 pytestmark = pytest.mark.cluster
 

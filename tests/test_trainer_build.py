@@ -9,14 +9,13 @@ checkpointing and compile; and a rank's host memory grows by about its shard, no
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 
 import pytest
 import yaml
 
-from tests.trainer_util import TORCHRUN, env
+from tests.trainer_util import TORCHRUN, env, free_port
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -121,7 +120,7 @@ def _spec(d, name: str, nproc: int, parallelism: dict, model: dict | None = None
 def _torchrun(d, nproc: int, script: str, *argv: str, timeout: float = 120) -> str:
     probe = d / "probe.py"
     probe.write_text(script)
-    r = subprocess.run([TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29300 + os.getpid() % 200),
+    r = subprocess.run([TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", free_port(),
                         str(probe), *argv], env=env(), capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout

@@ -21,7 +21,7 @@ import pytest
 
 from pretrain_operator import contract as c
 from tests.helpers import wait_for
-from tests.trainer_util import TORCHRUN, cmd, env, losses, run, single_process_losses, wait_for_step, write_config
+from tests.trainer_util import TORCHRUN, cmd, env, free_port, losses, run, single_process_losses, wait_for_step, write_config
 
 torch = pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -297,13 +297,13 @@ def test_a_checkpoint_request_reaching_each_pods_annotations_at_its_own_time_sav
     # the kubelet updates at its own time: the second pod's copy once made a second save.
     cfg = write_config(tmp_path, nproc=2, data=2, steps=300, interval=1000)
     podinfo = [tmp_path / f"podinfo-{i}" for i in range(2)]
-    procs = []
+    procs, port = [], free_port()  # the two nodes' rendezvous
     for i, d in enumerate(podinfo):
         d.mkdir()
         (d / "annotations").write_text('other="x"\n')
         procs.append(subprocess.Popen(
             [TORCHRUN, "--nnodes", "2", "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
-             "--master_port", str(29990 + os.getpid() % 10), "-m", "pretrain_trainer", "train", "--config", str(cfg),
+             "--master_port", port, "-m", "pretrain_trainer", "train", "--config", str(cfg),
              "--losses-out", str(tmp_path / "losses.txt")], env=env(d), stderr=subprocess.PIPE, text=True))
     wait_for_step(tmp_path / "losses.txt", 3, procs[0])
     (podinfo[0] / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\nother="x"\n')
@@ -321,7 +321,7 @@ def test_a_checkpoint_request_reaching_each_pods_annotations_at_its_own_time_sav
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
     cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000)
     p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
-                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29911"})
+                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port()})
     wait_for_step(tmp_path / "losses.txt", 3, p)
     # The ranks are the launcher's children (forked from it); only one gets the signal, as when
     # one container's process is signalled.
@@ -345,7 +345,7 @@ def test_sigterm_to_the_launcher_as_a_pods_first_process_saves_and_exits_83(tmp_
     # spent from the budget), and its agent killed the ranks after 30 s whatever the grace period.
     cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000)
     p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
-                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29914", "PET_SHUTDOWN_TIMEOUT": "60"})
+                         env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port(), "PET_SHUTDOWN_TIMEOUT": "60"})
     wait_for_step(tmp_path / "losses.txt", 3, p)
     p.send_signal(signal.SIGTERM)
     err = p.communicate(timeout=120)[1]
@@ -418,7 +418,7 @@ def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_
     cfg = write_config(tmp_path, nproc=2, data=2, steps=5000, interval=5000,
                        extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 5000, "async": True}})
     p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,
-                         start_new_session=True, env={**env(podinfo), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": "29913"})
+                         start_new_session=True, env={**env(podinfo), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port()})
     try:
         wait_for_step(tmp_path / "losses.txt", 2, p)
         # Each rank's writer process is started ahead, not by this first save: the seconds of its
@@ -494,7 +494,7 @@ def _two_ranks(tmp_path: Path, folders: list[Path]) -> tuple[list[int], list[str
     """Two ranks of a data-parallel 2 job as two "nodes", each with its own checkpoint folder; their
     exit codes and stderr."""
     cfg = write_config(tmp_path, nproc=2, data=2, steps=4)
-    port = str(29300 + os.getpid() % 100)  # apart from trainer_util's 29600-29899 and the launcher tests' 29100-29299
+    port = free_port()
     procs = []
     for rank, folder in enumerate(folders):
         e = {**env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -552,7 +552,7 @@ def test_initial_weights_from_a_checkpoint_of_another_model_are_a_permanent_erro
     d.mkdir()
     cfg = write_config(d, nproc=2, pipeline=2, steps=2, extra={"model": {"layers": 2, "initFrom": str(src / "ckpt")}})
     r = subprocess.run(cmd(cfg, 2, d / "losses.txt", launch=True), capture_output=True, text=True, timeout=120,
-                       env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29950 + os.getpid() % 40)})
+                       env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port()})
     assert r.returncode == c.EXIT_PERMANENT and "cannot load the initial weights (model.initFrom)" in r.stderr, r.stderr[-2000:]
     assert "holds another model than this config's model (it holds 18 tensor(s) this model lacks (layers.2." in r.stderr
     assert not (d / "losses.txt").exists()

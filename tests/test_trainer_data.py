@@ -6,7 +6,6 @@ permanent error naming the field; a resume with another seed or window length sa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -152,7 +151,7 @@ print("read", len(want))
 def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_path):
     # Exit 85: the operator fails the job at once instead of retrying a run that cannot succeed.
     from pretrain_operator import contract as c
-    from tests.trainer_util import cmd, env, write_config
+    from tests.trainer_util import cmd, env, free_port, write_config
     prepared = tmp_path / "prepared"
     _prepare(_corpus(tmp_path), prepared)  # a 300-token vocabulary
     other = tmp_path / "other-manifest"  # of another tool or version: exit 1 with a bare KeyError before
@@ -171,7 +170,7 @@ def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_
         message = d / "termination-log"
         # Two ranks through the pods' launcher (plain torchrun would turn 85 into 1).
         r = subprocess.run(cmd(cfg, 2, d / "losses.txt", launch=True), capture_output=True, text=True, timeout=120,
-                           env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29500 + os.getpid() % 90),
+                           env={**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port(),
                                 c.ENV_TERMINATION_MESSAGE: str(message)})
         assert r.returncode == c.EXIT_PERMANENT, r.stderr[-2000:]
         assert says in r.stderr, r.stderr[-2000:]

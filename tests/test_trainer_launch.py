@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_for
-from tests.trainer_util import cmd, env, losses, run, wait_for_step, write_config
+from tests.trainer_util import cmd, env, free_port, losses, run, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -25,9 +25,8 @@ def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
     """Train LAYOUT through the launcher; the per-step losses, the ranks' command lines, its log."""
     d.mkdir()
     c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True, launch_options=options)
-    # Its own port range (trainer_util's torchrun runs use 29600-29899): a run of another test
-    # still listening there must not become this one's rendezvous.
-    e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": str(29100 + os.getpid() % 200)}
+    # A port free now: a run of another test still listening must not become this one's rendezvous.
+    e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": free_port()}
     e.pop("OMP_NUM_THREADS")  # as in a pod: torchrun's agent sets it for the ranks
     p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True)
     try:
@@ -88,7 +87,7 @@ def test_forked_ranks_take_sigterms_default_action_until_the_trainer_answers_it(
     d = tmp_path / "run"
     d.mkdir()
     c = cmd(write_config(d, extra={"data": {"path": str(data)}}), 1, d / "losses.txt", launch=True)
-    e = {**env(), "PET_NPROC_PER_NODE": "1", "PET_MASTER_PORT": str(29100 + os.getpid() % 200)}
+    e = {**env(), "PET_NPROC_PER_NODE": "1", "PET_MASTER_PORT": free_port()}
     p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True)
     try:
         def rank() -> int | None:

@@ -7,7 +7,6 @@ checkpoints resume in an eager run."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
@@ -150,11 +149,11 @@ def test_sequence_parallel_norms_see_sequence_slices_and_keep_the_losses(tmp_pat
     # the logits (whole sequence, as the loss needs) and every gradient match the single model.
     import re
     import subprocess
-    from tests.trainer_util import TORCHRUN, env
+    from tests.trainer_util import TORCHRUN, env, free_port
     cfg = write_config(tmp_path, nproc=2, tensor=2)
     probe = tmp_path / "probe.py"
     probe.write_text(SEQUENCE_PROBE)
-    r = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(29900 + os.getpid() % 90), str(probe), str(cfg)],
+    r = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", free_port(), str(probe), str(cfg)],
                        env=env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = re.findall(r"rank \d: norm inputs (.*)", r.stdout)

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from pretrain_operator import contract as c
-from tests.trainer_util import cmd, env, losses, run, single_process_losses, wait_for_step, write_config
+from tests.trainer_util import cmd, env, free_port, losses, run, single_process_losses, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -139,7 +139,7 @@ def test_a_sigterm_during_a_validation_ends_it_saves_that_step_and_the_next_atte
     # and step 6 first, time a termination notice's grace period may not have).
     cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000,
                        extra={"model": {"layers": 16}, "data": {"seqLen": 16}, "validation": {"everySteps": 5, "batches": 48}})
-    launch_env = {**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": str(29900 + os.getpid() % 50),
+    launch_env = {**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port(),
                   "PRETRAIN_TERMINATION_MESSAGE_PATH": str(tmp_path / "termination-log")}
     p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True, env=launch_env)
     wait_for_step(tmp_path / "losses.txt", 1, p)

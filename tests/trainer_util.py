@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,14 @@ def write_config(d: Path, *, nproc: int = 1, data: int = 1, tensor: int = 1, pip
     return p
 
 
+def free_port() -> str:
+    """A TCP port free now (the kernel's pick), for a run's rendezvous: a fixed or pid-derived one
+    was shared by every test of a session, and a run left behind by a timed-out test held it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def env(podinfo: Path | None = None) -> dict:
     e = dict(os.environ, PRETRAIN_METRICS_PORT="0", OMP_NUM_THREADS="1")
     if podinfo:
@@ -43,7 +52,7 @@ def cmd(config: Path, nproc: int, losses: Path, launch: bool = False, launch_opt
         return [sys.executable, "-m", "pretrain_trainer", "launch", *launch_options, *args]
     if nproc == 1:
         return [sys.executable, "-m", "pretrain_trainer", *args]
-    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(29600 + os.getpid() % 300),
+    return [TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", free_port(),
             "-m", "pretrain_trainer", *args]
 
 
