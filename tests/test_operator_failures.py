@@ -433,3 +433,17 @@ def test_a_failed_job_is_looked_at_again_while_its_pods_go_and_then_left_to_its_
     job["status"].update(phase="Failed", completionTime=reconcile.iso(now))
     assert _decide(job, pods, nodes, now).requeue_after == 30.0
     assert _decide(job, [], nodes, now).requeue_after is None  # controller.next_pass: the finished resync
+
+
+def test_an_old_pod_that_does_not_go_is_said_once_since_the_next_gang_waits_for_it():
+    job, _, (n0, n1), nodes, now = observed_gang("sticky")
+    job["status"].update(attempt=2, phase="Restarting", gangCreated=False,
+                         restart={"fromAttempt": 1, "kind": "Preemption", "reason": "PodDeleted", "requestedAt": reconcile.iso(now)})
+    n1["metadata"].update(deletionTimestamp=reconcile.iso(now - reconcile.dt.timedelta(minutes=5)), finalizers=["example.com/audit"])
+    n0["metadata"]["deletionTimestamp"] = reconcile.iso(now)  # just deleted: on its way
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert not plan.create and plan.status["message"].startswith("attempt 2 waits: pod sticky-a1-n1 of attempt 1 was to be gone by ")
+    assert plan.status["message"].endswith("(finalizers: example.com/audit)")
+    assert [e[1] for e in plan.events] == ["OldPodsStuck"]
+    job["status"] = plan.status
+    assert not _decide(job, [n0, n1], nodes, now + reconcile.dt.timedelta(seconds=30)).events  # said once

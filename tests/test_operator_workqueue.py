@@ -42,9 +42,9 @@ def test_new_jobs_go_before_re_reconciles_in_arrival_order():
 
 def test_a_delayed_key_waits_its_delay_and_back_off_holds_it_against_events():
     q = WorkQueue()
-    q.add("a", delay=0.2)
+    q.add("a", delay=1.0)  # margins for a slow machine with CPU steal: delays of a second or more
     assert q.get(timeout=0.05) is None
-    assert q.get(timeout=1.0) == "a"
+    assert q.get(timeout=3.0) == "a"
     q.done("a")
     q.backoff("a", 0.3)
     t0 = time.monotonic()
@@ -56,13 +56,13 @@ def test_a_key_requeued_by_every_pass_keeps_one_delayed_entry_the_earliest():
     # Each reconcile requeues its key for later; events run extra passes. Without one entry per key,
     # every extra pass would start another self-renewing chain of reconciles.
     q = WorkQueue()
-    q.add("a", delay=0.6)
+    q.add("a", delay=3.0)
     q.add("a", delay=0.2)  # earlier: replaces it
-    q.add("a", delay=0.4)  # later than the one waiting: dropped
+    q.add("a", delay=2.0)  # later than the one waiting: dropped
     t0 = time.monotonic()
-    assert q.get(timeout=1.0) == "a" and time.monotonic() - t0 < 0.35
+    assert q.get(timeout=3.0) == "a" and time.monotonic() - t0 < 1.5
     q.done("a")
-    assert q.get(timeout=0.6) is None  # nothing else was waiting
+    assert q.get(timeout=3.5) is None  # nothing else was waiting (the 2.0 and 3.0 entries were not kept)
     assert len(q) == 0
 
 

@@ -239,6 +239,12 @@ def _decide(o: Observed) -> Plan:
         plan.requeue_after = 1.0
         plan.stage = "deleting-old-pods"
         status["readyNodes"] = f"0/{spec.nodes}"
+        stuck = overdue(old, o.now)
+        if stuck and status.get("message") != f"attempt {attempt} waits: {stuck}":
+            # A pod on a healthy node that does not go (someone's finalizer, a kubelet that does not
+            # finish it): said, since the next gang waits for it (no overlap of attempts).
+            status["message"] = f"attempt {attempt} waits: {stuck}"
+            plan.events.append(("Warning", "OldPodsStuck", status["message"]))
         return plan
 
     # 6. Create the gang, all of it at once (also what a killed operator left half-created).
@@ -422,6 +428,23 @@ def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
                    "attempt starts" if prob[0] == "NodeNotReady" else ""))))
         elif not p["metadata"].get("deletionTimestamp"):
             plan.delete_pods.append(p["metadata"]["name"])
+
+
+OVERDUE_S = 60.0  # a deleted pod still there this long after its grace period ended is stuck
+
+
+def overdue(pods: list[dict], now: dt.datetime) -> str:
+    """The first deleted pod still there OVERDUE_S after its grace period ended (its
+    deletionTimestamp), with its finalizers; "" when none. Worded without the time since, so the
+    same stuck pod is said once."""
+    for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        md = p["metadata"]
+        due = parse(md.get("deletionTimestamp") or "")
+        if due is not None and (now - due).total_seconds() > OVERDUE_S:
+            fin = md.get("finalizers") or []
+            return (f"pod {md['name']} of attempt {attempt_of(p)} was to be gone by {md['deletionTimestamp']} and is still there"
+                    + (f" (finalizers: {', '.join(fin)})" if fin else " (its node does not finish it)"))
+    return ""
 
 
 # Waiting reasons of a container on its way (not a problem to report).
