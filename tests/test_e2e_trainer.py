@@ -50,9 +50,12 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
         st = jobs.wait("real", lambda s: (s.get("progress") or {}).get("step", 0) >= 8, timeout=180, what="training progress")
         victim = next(p for p in jobs.pods("real", attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "1").spec.node_name
         t = threading.Thread(target=nodes.preempt, args=(cluster.state_dir, victim),
-                             kwargs={"notice_s": 4.0, "log": lambda *_: None})
+                             kwargs={"notice_s": 10.0, "log": lambda *_: None})
         t.start()
-        # No interval checkpoint exists (intervalSteps 1000): only the notice can make one.
+        # No interval checkpoint exists (intervalSteps 1000): the notice's request makes one, before
+        # any SIGTERM (whose own save would say "stop requested (SIGTERM)", not this).
+        wait_for(lambda: "checkpoint requested by the operator: saved step" in jobs.logs("real-a1-n0"), timeout=60,
+                 what="rank 0 to serve the notice's checkpoint request")
         ck = jobs.wait("real", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=60,
                        what="a checkpoint on the termination notice")["lastCheckpoint"]["step"]
         t.join(90)
