@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pretrain_localcluster import nodes
-from pretrain_operator import reconcile
+from pretrain_operator import api, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
 
@@ -146,3 +146,23 @@ def test_a_force_deleted_pod_kept_by_a_finalizer_is_announced_once():
     again = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,
                                                 config_data=None, now=now))
     assert again.force_delete_pods == [n1["metadata"]["name"]] and not again.events
+
+
+@pytest.mark.parametrize("taint,outcome", [("cloud.google.com/impending-node-termination", ("Preemption", 1, 0)),
+                                           ("aws-node-termination-handler/rebalance-recommendation", ("Failure", 0, 1))])
+def test_a_crash_on_a_noticed_node_is_a_preemption_unless_the_notice_is_only_advisory(taint, outcome):
+    # A rebalance recommendation (or a scale-down candidate) may stay on a node for hours: a trainer
+    # crashing there again and again must spend its failure budget, not restart forever.
+    job, spec, (n0, n1), nodes, now = observed_gang("crashy")
+    job["spec"]["failurePolicy"]["failureSettleSeconds"] = 0
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    nodes["spot-1"]["spec"] = {"taints": [{"key": taint, "effect": "NoSchedule"}]}
+    n1["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n0, n1], nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(spec), now=now))
+    kind, preemptions, failures = outcome
+    assert plan.status["restart"]["kind"] == kind and plan.status["preemptions"] == preemptions and plan.status["failures"] == failures
+    # Either notice asked for a checkpoint first (while the gang still ran).
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n0, observed_gang("crashy")[2][1]], nodes=nodes,
+                                               service_exists=True, config_data=render.trainer_config(spec), now=now))
+    assert plan.annotate_pods and plan.status["checkpointRequestedAt"].startswith("1@")

@@ -35,7 +35,9 @@ PRESETS: dict[str, dict[str, int | float]] = {
     "llama3-70b": dict(dim=8192, layers=80, heads=64, kvHeads=8, vocabSize=128256, ffnDim=28672, maxSeqLen=8192, ropeTheta=500000.0),
 }
 
-# Taints that announce a node's imminent reclaim, watched by default.
+# Taints that announce a node's imminent reclaim, watched by default. Two are advisory
+# (ADVISORY_NOTICE_TAINTS: a raised risk of interruption, a scale-down candidate): they ask for a
+# checkpoint too, but a crash on such a node is still a failure, since the node may stay for hours.
 DEFAULT_NOTICE_TAINTS = [
     "cloud.google.com/impending-node-termination",
     "aws-node-termination-handler/spot-itn",
@@ -45,6 +47,7 @@ DEFAULT_NOTICE_TAINTS = [
     "DeletionCandidateOfClusterAutoscaler",
     "ToBeDeletedByClusterAutoscaler",
 ]
+ADVISORY_NOTICE_TAINTS = ("aws-node-termination-handler/rebalance-recommendation", "DeletionCandidateOfClusterAutoscaler")
 
 
 def _rules(*rules: tuple[str, str, str | None]) -> dict:

@@ -18,6 +18,9 @@ from . import api, contract as c
 
 RUNNING, SUCCESS, PREEMPTION, FAILURE, PERMANENT, RETRYABLE = (
     "Running", "Success", "Preemption", "Failure", "Permanent", "Retryable")
+# A node's notice taints (node_problem's reasons): both ask for a checkpoint; only the first makes
+# a pod that ended there a preemption whatever its exit code.
+NOTICES = ("TerminationNotice", "AdvisoryNotice")
 # Which outcome wins when ranks disagree.
 _PRIORITY = [PREEMPTION, PERMANENT, FAILURE, RETRYABLE, RUNNING, SUCCESS]
 
@@ -42,7 +45,8 @@ def node_problem(node: dict | None, node_name: str | None, notice_taints: list[s
         return "NodeDeleted", f"node {node_name} was deleted"
     for t in (node.get("spec") or {}).get("taints") or []:
         if t.get("key") in notice_taints:
-            return "TerminationNotice", f"node {node_name} has termination-notice taint {t['key']}"
+            return ("AdvisoryNotice" if t["key"] in api.ADVISORY_NOTICE_TAINTS else "TerminationNotice",
+                    f"node {node_name} has termination-notice taint {t['key']}")
         if t.get("key") in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready") and t.get("effect") == "NoExecute":
             return "NodeNotReady", f"node {node_name} is {t['key'].split('/')[1]}"
     ready = _cond(node, "Ready")
@@ -116,7 +120,7 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
     prob = node_problem(node, node_name, spec.preemption.noticeTaints)
     t = terminated(pod)
     phase = (pod.get("status") or {}).get("phase")
-    if prob and prob[0] != "TerminationNotice":
+    if prob and prob[0] not in NOTICES:
         return End(PREEMPTION, prob[0], prob[1], name)
     if t is None and phase not in ("Failed", "Succeeded"):
         return End(RUNNING, pod=name)
@@ -140,7 +144,10 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         return End(SUCCESS, pod=name)
     if code == c.EXIT_PREEMPTED:
         return End(PREEMPTION, "CheckpointedOnNotice", f"pod {name} checkpointed and stopped (exit {code})", name)
-    if prob:  # a termination notice: whatever ended the pod, the node was going away
+    if prob and prob[0] == "TerminationNotice":
+        # A termination notice: whatever ended the pod, the node was going away. Not an advisory
+        # one (a rebalance recommendation, a scale-down candidate): such a node may stay for
+        # hours, and a trainer crashing there again and again would never spend its budget.
         return End(PREEMPTION, prob[0], prob[1], name)
     # What the trainer said ended it, when it could say (its report's error).
     err = report(pod).get("error")

@@ -273,7 +273,7 @@ def _decide(o: Observed) -> Plan:
     if spec.preemption.checkpointOnNotice and outcome.outcome == classify.RUNNING:
         noticed = [classify.node_problem(o.nodes.get(p["spec"].get("nodeName")), p["spec"].get("nodeName"),
                                          spec.preemption.noticeTaints) for p in current if p["spec"].get("nodeName")]
-        noticed = [x for x in noticed if x and x[0] == "TerminationNotice"]
+        noticed = [x for x in noticed if x and x[0] in classify.NOTICES]
         if noticed:
             asked = status.get("checkpointRequestedAt", "")
             if asked.split("@")[0] != str(attempt):
