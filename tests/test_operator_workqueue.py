@@ -74,3 +74,14 @@ def test_a_finished_job_with_nothing_left_is_looked_at_only_at_the_finished_resy
     assert next_pass(None, "Running", s) == 30 and next_pass(5.0, "Running", s) == 5.0
     assert next_pass(900.0, "Starting", s) == 30  # a long timeout is still looked at
     assert next_pass(2.0, "Failed", s) == 2.0  # pods still going, or a TTL due
+
+
+def test_events_during_a_failed_pass_wait_for_its_back_off():
+    q = WorkQueue()
+    q.add("a")
+    assert q.get(timeout=1.0) == "a"
+    q.add("a")  # an event while the pass runs
+    q.backoff("a", 1.5)  # the pass failed
+    q.done("a")
+    assert q.get(timeout=0.5) is None  # not at once
+    assert q.get(timeout=3.0) == "a"

@@ -93,10 +93,9 @@ class WorkQueue:
             self._active.discard(key)
             if key in self._dirty:
                 self._dirty.discard(key)
-                if key not in self._queued:
-                    self._queued.add(key)
-                    self._ready.append(key)
-                    self._cv.notify()
+                # Through add (the lock is re-entrant): a back-off set by the pass that just failed
+                # holds the events that came during it too (they re-ran it at once).
+                self.add(key)
 
     def close(self) -> None:
         with self._cv:
