@@ -127,6 +127,18 @@ def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_p
     assert operator.metrics().get("pretrain_operator_leader") == 1.0
 
 
+def test_a_clean_stop_hands_the_lease_back_at_once(api, operator):
+    # A stopped operator's successor need not wait out the Lease (docs/operations.md).
+    from pretrain_operator.kubeapi import KubeAPI
+    path = "/apis/coordination.k8s.io/v1/namespaces/default/leases/pretrain-operator"
+    assert KubeAPI(api).get(path)["spec"]["holderIdentity"]
+    operator.stop()
+    try:
+        assert KubeAPI(api).get(path)["spec"]["holderIdentity"] == ""
+    finally:
+        operator.start()
+
+
 def test_a_leader_cut_off_from_the_api_server_stops_acting_before_another_may_take_its_lease(api, namespace):
     # Another replica takes the Lease once it has gone unrenewed for its duration; the cut-off
     # leader once went on acting for as long as it was cut off (two leaders acting at once).

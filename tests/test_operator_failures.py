@@ -447,3 +447,19 @@ def test_an_old_pod_that_does_not_go_is_said_once_since_the_next_gang_waits_for_
     assert [e[1] for e in plan.events] == ["OldPodsStuck"]
     job["status"] = plan.status
     assert not _decide(job, [n0, n1], nodes, now + reconcile.dt.timedelta(seconds=30)).events  # said once
+
+
+def test_a_refusal_whose_words_change_is_one_event():
+    # A quota's message carries its usage, which changes between retries: one Event, status follows.
+    job, _, _, nodes, now = observed_gang("quota")
+    job["status"].update(phase="Starting", gangCreated=False, readyNodes="0/2")
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    events = []
+    for used in (3, 4):
+        o = reconcile.Observed(job=job, spec=spec, pods=[], nodes=nodes, service_exists=True, config_data=render.trainer_config(spec),
+                               now=now, create_error=(403, f"exceeded quota: pods, requested: 1, used: {used}, limited: 4"))
+        plan = reconcile.decide(o)
+        events += [e for e in plan.events if e[1] == "GangCreateFailed"]
+        assert plan.status["message"].endswith(f"used: {used}, limited: 4")
+        job["status"] = plan.status
+    assert len(events) == 1

@@ -395,10 +395,13 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
             return _fail(plan, o, "PodInvalid", f"the API server refused the pods of attempt {attempt}: {msg}")
         # Refused for now (a quota, an admission policy, a missing PriorityClass): said once, retried;
         # the start timeout below frees what part of the gang was created.
-        said = f"attempt {attempt}: {created}; the API server refused the others: {msg}"
-        if status.get("message") != said:
-            status["message"] = said
-            plan.events.append(("Warning", "GangCreateFailed", said))
+        refused = f"attempt {attempt}: {created}; the API server refused the others: "
+        if status.get("message") != refused + msg:
+            # The words follow the refusal (a quota's usage figures change); the Event is one per
+            # attempt and count of pods created, not one per wording.
+            if not (status.get("message") or "").startswith(refused):
+                plan.events.append(("Warning", "GangCreateFailed", refused + msg))
+            status["message"] = refused + msg
     if (o.now - parse(status["attemptStartTime"])).total_seconds() >= spec.scheduling.startTimeoutSeconds:
         return _restart(plan, o, "StartTimeout", "GangStartTimeout",
                         f"only {created} after {spec.scheduling.startTimeoutSeconds} s"
