@@ -239,12 +239,11 @@ def _decide(o: Observed) -> Plan:
         plan.requeue_after = 1.0
         plan.stage = "deleting-old-pods"
         status["readyNodes"] = f"0/{spec.nodes}"
+        # A pod on a healthy node that does not go (someone's finalizer, a kubelet that does not
+        # finish it): said, since the next gang waits for it (no overlap of attempts).
         stuck = overdue(old, o.now)
-        if stuck and status.get("message") != f"attempt {attempt} waits: {stuck}":
-            # A pod on a healthy node that does not go (someone's finalizer, a kubelet that does not
-            # finish it): said, since the next gang waits for it (no overlap of attempts).
-            status["message"] = f"attempt {attempt} waits: {stuck}"
-            plan.events.append(("Warning", "OldPodsStuck", status["message"]))
+        if stuck:
+            _say_once(plan, "OldPodsStuck", f"attempt {attempt} waits: {stuck}")
         return plan
 
     # 6. Create the gang, all of it at once (also what a killed operator left half-created).
@@ -345,10 +344,8 @@ def _decide(o: Observed) -> Plan:
         # What holds the others back, when a pod says (unschedulable, an image or a Secret missing):
         # in status.message and one Event per change, not a silent timeout after startTimeoutSeconds.
         why = not_starting(current)
-        said = f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {why}" if why else ""
-        if said and status.get("message") != said:
-            status["message"] = said
-            plan.events.append(("Warning", "PodsNotStarting", said))
+        if why:
+            _say_once(plan, "PodsNotStarting", f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {why}")
         started = parse(status.get("attemptStartTime", "")) or o.now
         waited = (o.now - started).total_seconds()
         if waited >= spec.scheduling.startTimeoutSeconds:
@@ -410,6 +407,14 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
     plan.stage = plan.stage or ("old-pods-gone" if status.get("restart") else "creating-gang")
     plan.requeue_after = 1.0
     return plan
+
+
+def _say_once(plan: Plan, reason: str, message: str) -> None:
+    """The message in status.message and a Warning Event, once: a later pass that finds the same
+    words there says nothing again."""
+    if plan.status.get("message") != message:
+        plan.status["message"] = message
+        plan.events.append(("Warning", reason, message))
 
 
 def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
