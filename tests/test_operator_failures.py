@@ -192,6 +192,51 @@ def test_a_service_of_the_jobs_name_that_is_not_the_jobs_fails_it_naming_the_con
     wait_for(lambda: not jobs.pods("taken", live=False), timeout=30, what="the job's pods to be removed")
 
 
+def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_children_to_go(jobs, core, namespace):
+    # docs/operations.md: delete a Failed job, re-apply it under the same name. `kubectl delete`
+    # leaves the children to garbage collection, in the background: a new job that met the old
+    # Service was failed as a NameConflict. Here a finalizer holds the old Service until released.
+    hold = "test.pretrain.dev/hold"
+    jobs.create(job_manifest("again", steps=3000, step_s=0.1))
+    old_uid = jobs.get("again")["metadata"]["uid"]
+    jobs.wait_phase("again", "Running", timeout=60)
+    core.patch_namespaced_service("again", namespace, {"metadata": {"finalizers": [hold]}})
+    try:
+        jobs.delete("again")
+        wait_for(lambda: jobs.get("again") is None, timeout=60, what="the first job to go")
+        jobs.create(job_manifest("again", steps=10), claim=False)
+        st = jobs.wait("again", lambda s: "still belongs to a deleted PretrainJob of this name" in s.get("message", ""),
+                       timeout=30, what="the new job to say what it waits for")
+        assert st["phase"] != "Failed" and old_uid in st["message"], st
+        time.sleep(3)  # passes go on (every 2 s): it waits, not fails, and makes no pod on the old config
+        new_uid = jobs.get("again")["metadata"]["uid"]
+        assert jobs.status("again")["phase"] != "Failed"
+        assert not [p for p in jobs.pods("again", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == new_uid]
+    finally:
+        core.patch_namespaced_service("again", namespace, {"metadata": {"finalizers": None}})
+    st = jobs.wait_phase("again", "Succeeded", timeout=120)
+    assert st["attempt"] == 1 and st["failures"] == 0
+    assert [o.uid for o in core.read_namespaced_service("again", namespace).metadata.owner_references] == [new_uid]
+
+
+def test_a_refused_create_is_remembered_for_its_own_job_not_for_a_new_one_of_the_same_name():
+    # A job whose pods were refused as invalid, deleted and re-applied fixed before a pass saw it
+    # gone, inherited the refusal of its attempt 1 and failed as PodInvalid without a create.
+    from kubernetes import client
+
+    from pretrain_operator.controller import Controller
+    from pretrain_operator.settings import OperatorSettings
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0))
+    try:
+        ctl.create_errors[("ns", "redo")] = ("uid-old", 1, 422, "spec.containers[0].volumeMounts[0].name: Not found")
+        old = {"metadata": {"uid": "uid-old"}, "status": {"attempt": 1}}
+        new = {"metadata": {"uid": "uid-new"}, "status": {"attempt": 1}}
+        assert ctl._create_error("ns", "redo", old) == (422, "spec.containers[0].volumeMounts[0].name: Not found")
+        assert ctl._create_error("ns", "redo", new) is None
+    finally:
+        ctl.pool.shutdown()
+
+
 def test_a_new_gangs_start_timeout_counts_from_its_first_create_not_from_the_old_gangs_drain():
     # The old gang may take its whole grace period to checkpoint and exit (up to an hour): the new
     # gang's startTimeoutSeconds starts once it is created. It once started at the restart's
@@ -210,13 +255,16 @@ def test_a_new_gangs_start_timeout_counts_from_its_first_create_not_from_the_old
     assert plan.status["phase"] == "Restarting" and plan.status["attempt"] == 2
     plan = decide(plan.status, pods[:1], 700)  # rank 0 still draining
     assert not plan.create and plan.delete_pods == [pods[0]["metadata"]["name"]]
-    plan = decide(plan.status, [], 701)  # gone: the new gang is created
+    plan = decide(plan.status, [], 701)  # gone: the new gang is created, and is Starting (docs/preemption.md)
     assert [p["metadata"]["name"] for p in plan.create] == ["drain-a2-n0", "drain-a2-n1"]
+    conds = {cd["type"]: cd for cd in plan.status["conditions"]}
+    assert plan.status["phase"] == "Starting" and conds["Restarting"]["status"] == "False"
+    assert plan.status["restart"]["kind"] == "Preemption"  # what ended attempt 1 stays on record
     new = render.gang(job, spec, 2)
     for p in new:
         p["status"] = {"phase": "Pending"}
     plan = decide(plan.status, new, 703)
-    assert plan.status["phase"] == "Restarting" and plan.status["attempt"] == 2, plan.events
+    assert plan.status["phase"] == "Starting" and plan.status["attempt"] == 2, plan.events
     assert 597 <= plan.requeue_after <= 599
 
 
@@ -307,7 +355,7 @@ def test_suspend_checkpoints_and_removes_the_pods_and_resume_continues_from_it(j
     assert jobs.wait_phase("pausable", "Succeeded", timeout=60)["progress"]["step"] == 40
 
 
-def test_training_fields_are_immutable_while_the_job_runs(jobs):
+def test_training_fields_are_immutable_while_the_job_runs(jobs, operator):
     from kubernetes import client
     jobs.create(job_manifest("fixed", steps=300))
     jobs.wait_phase("fixed", "Running", "Starting", timeout=60)
@@ -317,6 +365,19 @@ def test_training_fields_are_immutable_while_the_job_runs(jobs):
     with pytest.raises(client.ApiException) as exc:  # an optional field, absent until now
         jobs.patch("fixed", {"spec": {"validation": {"everySteps": 10}}})
     assert exc.value.status == 422 and "immutable while the job runs" in exc.value.body
+    # Suspended in the spec but not yet seen so (the operator down): its gang still runs the old
+    # spec. A suspend, an edit and a resume before the operator looked left it running the old
+    # model, and the next attempt loaded its checkpoints into the new one.
+    operator.stop()
+    try:
+        jobs.patch("fixed", {"spec": {"suspend": True}})
+        with pytest.raises(client.ApiException) as exc:
+            jobs.patch("fixed", {"spec": {"training": {"steps": 10}}})
+        assert exc.value.status == 422 and "wait for status.phase Suspended" in exc.value.body
+    finally:
+        operator.start()
+    jobs.wait_phase("fixed", "Suspended", timeout=30)
+    jobs.patch("fixed", {"spec": {"training": {"steps": 10}}})  # seen suspended: allowed
 
 
 def test_an_active_deadline_fails_the_job_after_a_checkpoint_and_a_resume_restarts_its_clock(jobs):
@@ -401,6 +462,16 @@ def test_a_pod_that_cannot_start_says_why_in_status_and_one_event():
                                                         "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]}
     plan = _decide(job, [n0, n1], nodes, now)
     assert plan.status["message"].endswith("pod waits-a1-n1 is unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")
+    assert [e[1] for e in plan.events] == ["PodsNotStarting"]  # another cause: said
+    # The same cause in other words (the scheduler's figures as an autoscaler adds nodes, fewer
+    # pods running): status.message follows, no new Event (a large gang's were hundreds).
+    job["status"] = plan.status
+    n1["status"]["conditions"][0]["message"] = "0/4 nodes are available: 1 node(s) had untolerated taint, 3 Insufficient nvidia.com/gpu."
+    n0["status"] = {"phase": "Pending"}
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["message"] == ("attempt 1: 0/2 node(s) running; pod waits-a1-n1 is unschedulable: 0/4 nodes are available: "
+                                      "1 node(s) had untolerated taint, 3 Insufficient nvidia.com/gpu.")
+    assert not [e for e in plan.events if e[1] == "PodsNotStarting"]
 
 
 def test_attempts_that_keep_ending_at_once_make_the_next_gang_wait_doubling():
@@ -463,3 +534,21 @@ def test_a_refusal_whose_words_change_is_one_event():
         assert plan.status["message"].endswith(f"used: {used}, limited: 4")
         job["status"] = plan.status
     assert len(events) == 1
+
+
+def test_a_job_created_suspended_starts_its_first_attempt_when_admitted_and_that_is_no_restart():
+    # Kueue creates jobs suspended and admits them by setting suspend: false. Nothing ran: the first
+    # attempt is no "Resume" (it was one, counted in the restart metrics with the queue's wait as
+    # a recovery time).
+    job, _, _, nodes, now = observed_gang("queued")
+    job["status"] = {}
+    plan = _decide(job, [], nodes, now, suspend=True)
+    assert plan.status["phase"] == "Suspended" and plan.status["attempt"] == 0 and not plan.create
+    assert [e[2] for e in plan.events] == ["created suspended: no pods until spec.suspend is false"]
+    job["status"] = plan.status
+    plan = _decide(job, [], nodes, now + reconcile.dt.timedelta(minutes=5), suspend=False)
+    assert plan.status["phase"] == "Starting" and plan.status["attempt"] == 1 and not plan.status.get("restart")
+    assert sorted(p["metadata"]["name"] for p in plan.create if p["kind"] == "Pod") == ["queued-a1-n0", "queued-a1-n1"]
+    assert [e[1] for e in plan.events] == ["Starting"]
+    conds = {cd["type"]: cd["status"] for cd in plan.status["conditions"]}
+    assert conds["Suspended"] == "False"

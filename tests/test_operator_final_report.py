@@ -85,3 +85,21 @@ def test_the_error_a_failed_rank_reported_is_in_the_restart_and_the_failure_mess
     assert st["restart"]["message"].endswith("exited with code 1 (Error): rank 2: RuntimeError: the loss is NaN")
     st = _decide(400, c.EXIT_PERMANENT, json.dumps({"error": "rank 0: data.path /d is not a prepared folder"}))
     assert st["phase"] == "Failed" and st["message"].endswith(": rank 0: data.path /d is not a prepared folder"), st
+
+
+def test_the_checkpoint_a_suspended_or_restarted_gang_saved_on_sigterm_is_the_jobs_last_checkpoint():
+    # Progress is mirrored only while Running: the SIGTERM checkpoint of a gang going (suspended,
+    # or an old attempt draining) was missing from status all through a suspension.
+    report = json.dumps({"step": 57, "totalSteps": 400, "loss": 3.0, "checkpointStep": 57})
+    for suspend in (True, False):
+        job, spec, pods, ready, now = observed_gang("going")
+        job["spec"]["suspend"] = suspend
+        if not suspend:  # a restart recorded: attempt 2, whose gang waits for attempt 1's to go
+            job["status"].update(attempt=2, phase="Restarting", gangCreated=False)
+        job["status"]["lastCheckpoint"] = {"step": 50, "time": "2026-11-30T00:00:00Z", "path": "/checkpoints/step-00000050"}
+        _ended(pods[0], c.EXIT_PREEMPTED, report)
+        pods[0]["metadata"]["deletionTimestamp"] = reconcile.iso(now)
+        spec = spec.model_copy(update={"suspend": suspend})
+        st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=ready, service_exists=True,
+                                                 config_data=None, now=now)).status
+        assert st["lastCheckpoint"]["step"] == 57 and st["progress"]["step"] == 57, (suspend, st)

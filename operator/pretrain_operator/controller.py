@@ -49,16 +49,20 @@ class Controller:
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job key -> (uid, generation, config, when read) once its Service and ConfigMap exist
         self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
-        self.create_errors: dict = {}  # job key -> (attempt, HTTP status, message) of its last refused pod create
+        self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
         name = node["metadata"]["name"]
         if deleted:
+            # Its jobs are told once, and the name forgotten: spot nodes' names are rarely reused,
+            # and the map grew by every node a job ever ran on.
             self.nodes.pop(name, None)
+            keys = self.node_jobs.pop(name, set())
         else:
             self.nodes[name] = node
-        for key in list(self.node_jobs.get(name, ())):
+            keys = self.node_jobs.get(name, set())
+        for key in list(keys):
             self.queue.add(key)
 
     def on_job(self, key: tuple[str, str]) -> None:
@@ -106,7 +110,11 @@ class Controller:
                 continue
             try:
                 if self.leader is not None and not self.leader.leading():
-                    self.queue.add(key, delay=1.0)  # not ours to act on; look again when we lead
+                    # Not ours to act on; look again when we lead. Its per-job series go: a replica
+                    # that lost the Lease would export them unchanged for ever (a deleted job's
+                    # Failed phase firing PretrainJobFailed, jobs counted by two replicas).
+                    self._forget_metrics(key)
+                    self.queue.add(key, delay=1.0)
                     continue
                 t0 = time.monotonic()
                 delay = self.reconcile(*key)
@@ -140,8 +148,7 @@ class Controller:
             job = self.kube.get(_job_path(ns, name))
         except client.ApiException as e:
             if e.status == 404:
-                self.phases.pop((ns, name), None)
-                metrics.forget_job(ns, name)
+                self._forget_metrics((ns, name))
                 self.last_progress.pop((ns, name), None)
                 # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
                 for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses):
@@ -150,7 +157,6 @@ class Controller:
                     self.node_jobs[node].discard((ns, name))
                     if not self.node_jobs[node]:
                         del self.node_jobs[node]
-                self._update_phase_gauge()
                 return None  # deleted: ownerReferences garbage-collect the children
             raise
         if job["metadata"].get("deletionTimestamp"):
@@ -177,7 +183,7 @@ class Controller:
         known = self.children.get((ns, name))
         known = known[1:] if known and known[0] == uid else None  # a new job of the name: nothing known
         gen = job["metadata"].get("generation")
-        foreign = None
+        foreign = predecessor = None
         if fresh:
             svc_exists, config_data = False, None
         elif known and known[0] == gen and time.monotonic() - known[2] < 60:
@@ -185,14 +191,14 @@ class Controller:
         else:
             svc = self.kube.get_or_none(core_path(ns, "services", name))
             cm = self.kube.get_or_none(core_path(ns, "configmaps", render.config_map_name(name)))
-            foreign = _not_owned(uid, ("Service", svc), ("ConfigMap", cm))
+            foreign, predecessor = _not_owned(job, ("Service", svc), ("ConfigMap", cm))
             svc_exists = svc is not None
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
                                       disrupted={n: p for n, p in self.disrupted.get((ns, name), {}).items()
                                                  if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid},
-                                      foreign=foreign,
+                                      foreign=foreign, predecessor=predecessor,
                                       create_error=self._create_error(ns, name, job))
         # Decide.
         plan = reconcile.decide(observed)
@@ -219,7 +225,9 @@ class Controller:
         # Act.
         self._act(ns, job, plan)
         cm_obj = plan.update_config or next((o for o in plan.create if o["kind"] == "ConfigMap"), None)
-        if not known or known[0] != gen or time.monotonic() - known[2] >= 60 or cm_obj:
+        if (foreign or predecessor) is None and (not known or known[0] != gen or time.monotonic() - known[2] >= 60 or cm_obj):
+            # Known as the job's own only: another's (or a deleted job's) was taken for ours, and
+            # the next pass made the pods on it.
             self.children[(ns, name)] = (uid, gen, cm_obj["data"][c.CONFIG_FILE] if cm_obj else observed.config_data, time.monotonic())
         self._observe_metrics(ns, name, job, plan)
         if plan.status.get("phase") == "Running":
@@ -260,9 +268,13 @@ class Controller:
                 # or PodInvalid), then retried with back-off like any failed write; a refused Service
                 # or ConfigMap only retried (its words are not the pods').
                 if obj["kind"] == "Pod":
-                    self.create_errors[key] = (plan.status.get("attempt", 0), e.status, api_message(e))
+                    self.create_errors[key] = (job["metadata"]["uid"], plan.status.get("attempt", 0), e.status, api_message(e))
                 raise
-        list(self.pool.map(create, sorted(plan.create, key=lambda o: o["kind"] == "Pod")))
+        # The Service and ConfigMap first, then the pods: a pod must not start on another job's
+        # config (a deleted job's of the same name, not garbage-collected yet: its create is
+        # refused, and no pod is made).
+        list(self.pool.map(create, [o for o in plan.create if o["kind"] != "Pod"]))
+        list(self.pool.map(create, [o for o in plan.create if o["kind"] == "Pod"]))
         if creates_pods:
             self.create_errors.pop(key, None)
         if plan.delete_job:
@@ -280,16 +292,20 @@ class Controller:
             if e.status != 409:
                 raise
             # AlreadyExists is success only if it is ours (same controller uid): names are deterministic.
+            # Otherwise a refusal like any other (said, retried): most often the child of a deleted
+            # job of the same name that garbage collection has not removed yet.
             existing = self.kube.get(core_path(ns, plural, obj["metadata"]["name"]))
             owners = [o["uid"] for o in existing["metadata"].get("ownerReferences") or []]
             if obj["metadata"]["ownerReferences"][0]["uid"] not in owners:
-                raise RuntimeError(f"{kind} {ns}/{obj['metadata']['name']} exists and is not owned by this job")
+                raise client.ApiException(status=409, reason=_whose(kind, existing, obj["metadata"]["ownerReferences"][0]["name"]))
 
     def _create_error(self, ns: str, name: str, job: dict) -> tuple[int, str] | None:
         """The last refused pod create of the job's current attempt (reconcile.Observed.create_error)."""
+        # Of this job, not of a deleted one of its name (a job re-applied at once, before the pass
+        # that found the old one gone, inherited its PodInvalid and failed without a create).
         got = self.create_errors.get((ns, name))
-        if got and got[0] == (job.get("status") or {}).get("attempt", 0):
-            return got[1], got[2]
+        if got and got[:2] == (job["metadata"]["uid"], (job.get("status") or {}).get("attempt", 0)):
+            return got[2], got[3]
         return None
 
     # ---- helpers ------------------------------------------------------------------------------------
@@ -394,6 +410,11 @@ class Controller:
             if started:
                 metrics.RECOVERY_SECONDS.observe((dt.datetime.now(dt.timezone.utc) - started).total_seconds())
 
+    def _forget_metrics(self, key: tuple[str, str]) -> None:
+        if self.phases.pop(key, None) is not None:
+            metrics.forget_job(*key)
+            self._update_phase_gauge()
+
     def _update_phase_gauge(self) -> None:
         counts: dict[str, int] = {}
         for ph in self.phases.values():
@@ -435,15 +456,33 @@ def _job_path(ns: str, name: str) -> str:
     return f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{ns}/{api.PLURAL}/{name}"
 
 
-def _not_owned(uid: str, *children: tuple[str, dict | None]) -> str | None:
-    """Which of the job's deterministically named children exists without being the job's (a user's
-    Service named as the job, a copied ConfigMap): using it would point the rendezvous elsewhere or
-    overwrite it, and garbage collection would delete it with the job."""
+def _predecessor(obj: dict, job_name: str) -> str | None:
+    """The uid of the PretrainJob of this name that owns obj (a deleted job's child that garbage
+    collection has not removed yet), or None."""
+    return next((o.get("uid") for o in obj["metadata"].get("ownerReferences") or []
+                 if o.get("kind") == api.KIND and o.get("name") == job_name), None)
+
+
+def _whose(kind: str, obj: dict, job_name: str) -> str:
+    old = _predecessor(obj, job_name)
+    if old:
+        return (f"{kind} {obj['metadata']['name']} still belongs to a deleted PretrainJob of this name (uid {old}); "
+                "waiting for garbage collection to remove it")
+    return (f"{kind} {obj['metadata']['name']} already exists and is not this job's: the job needs that name "
+            "for its own; rename the job or remove the other object")
+
+
+def _not_owned(job: dict, *children: tuple[str, dict | None]) -> tuple[str | None, str | None]:
+    """Which of the job's deterministically named children exists without being the job's, as
+    (foreign, predecessor). Foreign: a user's Service named as the job, a copied ConfigMap; using
+    it would point the rendezvous elsewhere or overwrite it, and garbage collection would delete it
+    with the job. Predecessor: the child of a deleted job of the same name (deleted in the
+    background, re-applied at once, as docs/operations.md has it), which goes by itself."""
+    uid, name = job["metadata"]["uid"], job["metadata"]["name"]
     for kind, obj in children:
         if obj is not None and uid not in [o.get("uid") for o in obj["metadata"].get("ownerReferences") or []]:
-            return (f"{kind} {obj['metadata']['name']} already exists and is not this job's: the job needs that name "
-                    "for its own; rename the job or remove the other object")
-    return None
+            return (None, _whose(kind, obj, name)) if _predecessor(obj, name) else (_whose(kind, obj, name), None)
+    return None, None
 
 
 def _patchable(old: dict, new: dict) -> dict:

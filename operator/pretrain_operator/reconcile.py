@@ -52,6 +52,8 @@ class Observed:
     create_error: tuple[int, str] | None = None
     # A child of the job's name that is not the job's (controller._not_owned): what it is, or None.
     foreign: str | None = None
+    # A child of the job's name that a deleted job of the same name still owns: what it is, or None.
+    predecessor: str | None = None
 
 
 @dataclass
@@ -113,6 +115,14 @@ def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str)
     step = rep.get("checkpointStep", 0)
     if step > (status.get("lastCheckpoint") or {}).get("step", 0):
         set_last_checkpoint(status, spec.checkpoint.path, step, now)
+
+
+def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, now: str) -> None:
+    """The final reports of rank-0 pods on their way out (a suspend's or a restart's checkpoint on
+    SIGTERM): lastCheckpoint showed the last step mirrored before, all through a suspension."""
+    for p in pods:
+        if (p["metadata"].get("labels") or {}).get(c.LABEL_NODE_RANK) == "0":
+            _record_report(status, classify.report(p), spec, now)
 
 
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
@@ -182,6 +192,13 @@ def _decide(o: Observed) -> Plan:
     #     Service, another config) and every create refused; it stays as the user made it.
     if o.foreign:
         return _fail(plan, o, "NameConflict", o.foreign)
+    # 1c. ... unless a deleted job of the same name still owns it: garbage collection removes it
+    #     (in the background, after `kubectl delete`) and the job waits; nothing is made before
+    #     (a pod would start with the old job's config). It was failed as a NameConflict.
+    if o.predecessor:
+        status["message"] = o.predecessor
+        plan.requeue_after = 2.0
+        return plan
 
     # 2. Shared children exist (idempotent creates; the config follows the spec between attempts).
     if not o.service_exists:
@@ -196,18 +213,25 @@ def _decide(o: Observed) -> Plan:
     if spec.suspend:
         live = [p for p in o.pods if not p["metadata"].get("deletionTimestamp")]
         if status["phase"] != "Suspended":
-            _phase(status, "Suspended", "JobSuspended", "suspended: pods removed after a checkpoint request", now, gen)
-            plan.events.append(("Normal", "Suspended", f"suspending attempt {attempt}: checkpoint requested, pods removed"))
+            if attempt == 0:  # created suspended (a queue admits it later): nothing ran, nothing to stop
+                _phase(status, "Suspended", "JobSuspended", "created suspended: no pods until spec.suspend is false", now, gen)
+                plan.events.append(("Normal", "Suspended", "created suspended: no pods until spec.suspend is false"))
+            else:
+                _phase(status, "Suspended", "JobSuspended", "suspended: pods removed after a checkpoint request", now, gen)
+                plan.events.append(("Normal", "Suspended", f"suspending attempt {attempt}: checkpoint requested, pods removed"))
         for p in live:
             if c.ANN_CHECKPOINT_REQUEST not in (p["metadata"].get("annotations") or {}):
                 plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
+        _record_reports(status, o.pods, spec, now)
         _remove(plan, o, o.pods)
         status["readyNodes"] = f"0/{spec.nodes}"
         if status.get("admissionWaitSince"):
             status["admissionWaitSince"] = ""  # no pods wait for admission while suspended
         return plan
-    if status["phase"] == "Suspended":
+    if status["phase"] == "Suspended" and attempt > 0:
         # Resume: a new attempt, from the latest checkpoint; counts as neither failure nor preemption.
+        # (A job created suspended, admitted by its queue, has no attempt to resume: its first is
+        # started by step 4, not counted as a restart.)
         # The active deadline's clock starts again (a Kubernetes Job resets its startTime alike).
         status["startTime"] = now
         return _restart(plan, o, "Resume", "Resumed", "resumed from suspension", count=None)
@@ -235,6 +259,7 @@ def _decide(o: Observed) -> Plan:
 
     # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
     if old:
+        _record_reports(status, old, spec, now)
         _remove(plan, o, old)
         plan.requeue_after = 1.0
         plan.stage = "deleting-old-pods"
@@ -343,9 +368,15 @@ def _decide(o: Observed) -> Plan:
             status["message"] = f"attempt {attempt}: admitted (scheduling gates lifted); starting"
         # What holds the others back, when a pod says (unschedulable, an image or a Secret missing):
         # in status.message and one Event per change, not a silent timeout after startTimeoutSeconds.
+        # The Event is one per pod and cause: the counts and the scheduler's words change as a large
+        # gang's nodes come (an autoscaler adding them), and an Event per wording was hundreds.
         why = not_starting(current)
         if why:
-            _say_once(plan, "PodsNotStarting", f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {why}")
+            cause, words = why
+            said = status.get("message") or ""
+            status["message"] = f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {words}"
+            if not (said.startswith(f"attempt {attempt}: ") and f"; {cause}" in said):
+                plan.events.append(("Warning", "PodsNotStarting", status["message"]))
         started = parse(status.get("attemptStartTime", "")) or o.now
         waited = (o.now - started).total_seconds()
         if waited >= spec.scheduling.startTimeoutSeconds:
@@ -379,6 +410,10 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
                              f"({status['quickRestarts']} attempts in a row ended within {QUICK_ATTEMPT_S:.0f} s)")
         plan.requeue_after = max(left, 0.5)
         return plan
+    if status["phase"] == "Restarting":
+        # The restart's intent is on record in status.restart; what happens now is the new gang starting.
+        _phase(status, "Starting", "GangStarting", f"creating the gang of attempt {attempt}", now,
+               o.job["metadata"].get("generation", 0))
     # The attempt's start clock runs from its first create: the old gang's drain (up to its grace
     # period, an hour at most) is not the new gang's start.
     status["attemptStartTime"] = status.get("attemptStartTime") or now
@@ -459,22 +494,25 @@ def overdue(pods: list[dict], now: dt.datetime) -> str:
 _STARTING = ("ContainerCreating", "PodInitializing")
 
 
-def not_starting(pods: list[dict]) -> str:
+def not_starting(pods: list[dict]) -> tuple[str, str] | None:
     """Why the first pod (by name) that is not running waits, when it says: unschedulable (the
     scheduler's message), or a container waiting on a problem (an image that cannot be pulled, a
-    Secret or ConfigMap key its environment names missing, ...); "" when none says."""
+    Secret or ConfigMap key its environment names missing, ...). Returns (cause, words), the words
+    starting with the cause (which pod, which container, what reason); None when none says."""
     for p in sorted(pods, key=lambda p: p["metadata"]["name"]):
         if _running(p):
             continue
         st, name = p.get("status") or {}, p["metadata"]["name"]
         sched = next((x for x in st.get("conditions") or [] if x.get("type") == "PodScheduled"), None)
         if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
-            return f"pod {name} is unschedulable: {sched.get('message') or 'no message'}"
+            cause = f"pod {name} is unschedulable"
+            return cause, f"{cause}: {sched.get('message') or 'no message'}"
         for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
             w = (cs.get("state") or {}).get("waiting") or {}
             if w.get("reason") and w["reason"] not in _STARTING:
-                return f"pod {name}: container {cs.get('name')} is waiting ({w['reason']}: {w.get('message') or 'no message'})"
-    return ""
+                cause = f"pod {name}: container {cs.get('name')} is waiting ({w['reason']}"
+                return cause, f"{cause}: {w.get('message') or 'no message'})"
+    return None
 
 
 def _running(p: dict) -> bool:
