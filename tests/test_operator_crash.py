@@ -163,6 +163,58 @@ def test_a_leader_cut_off_from_the_api_server_stops_acting_before_another_may_ta
         elector.stopped.set()
 
 
+def test_a_replica_whose_lease_renewal_hangs_says_it_does_not_lead_and_drops_its_jobs_series(api, namespace):
+    # A renewal on a connection the API server never answers (half-open after its failover): the
+    # leader gauge stayed 1 (set after each try, which never returned), so PretrainOperatorNoLeader
+    # kept quiet; and a replica that no longer leads exported its jobs' series unchanged for ever
+    # (a deleted job's Failed phase kept PretrainJobFailed firing, jobs counted by two replicas).
+    import socket
+
+    from kubernetes import client
+    from prometheus_client import REGISTRY
+
+    from pretrain_operator.controller import Controller
+    from pretrain_operator.kubeapi import KubeAPI
+    from pretrain_operator.leader import LeaderElector
+    from pretrain_operator.settings import OperatorSettings
+    elector = LeaderElector(api, namespace, "hangs", duration_s=3.0, renew_s=0.2)
+    elector.start()
+    ctl = Controller(api, OperatorSettings(metrics_port=0, health_port=0, workers=1), elector)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # connections are accepted by the kernel, and never answered
+    try:
+        wait_for(elector.leading, timeout=10, what="the Lease")
+        assert REGISTRY.get_sample_value("pretrain_operator_leader") == 1.0
+        Jobs(api, namespace).create(job_manifest("seen", steps=10, suspend=True), claim=False)
+        series = {"namespace": namespace, "pretrain_job": "seen", "phase": "Suspended"}
+
+        def reconciled():  # the running operator may write the same status first (409: read again)
+            try:
+                ctl.reconcile(namespace, "seen")
+            except client.ApiException as e:
+                if e.status != 409:
+                    raise
+            return REGISTRY.get_sample_value("pretrain_operator_job_phase", series) == 1.0
+        wait_for(reconciled, timeout=20, what="this replica to export the job's series")
+        silent_cfg = client.Configuration()
+        silent_cfg.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        elector.kube = KubeAPI(client.ApiClient(silent_cfg))
+        wait_for(lambda: REGISTRY.get_sample_value("pretrain_operator_leader") == 0.0, timeout=10,
+                 what="the gauge to say this replica does not lead")
+        assert elector.is_leader.is_set()  # its renewal hangs still: the gauge does not wait for it
+        ctl.start()
+        ctl.queue.add((namespace, "seen"))
+        wait_for(lambda: REGISTRY.get_sample_value("pretrain_operator_job_phase", series) is None, timeout=10,
+                 what="the job's series to go from a replica that does not lead")
+        assert REGISTRY.get_sample_value("pretrain_operator_jobs", {"phase": "Suspended"}) == 0.0
+    finally:
+        elector.stopped.set()
+        ctl.stopped.set()
+        ctl.pool.shutdown()
+        silent.close()
+
+
 def test_the_lease_expires_by_this_replicas_clock_not_by_the_holders_renew_time(api, namespace):
     # The holder stamps renewTime with its own clock. One an hour behind made every renewal look
     # expired to a follower, which took the Lease from a live leader (two leaders acting at once).

@@ -18,6 +18,10 @@ from kubernetes import client
 
 from .metrics import API_REQUESTS
 
+# (connect, read) seconds: a request the API server never answers (a half-open connection after
+# its failover) raises instead of holding a reconcile worker, or the Lease's renewal, forever.
+REQUEST_TIMEOUT = (10, 60)
+
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 
@@ -33,7 +37,8 @@ class KubeAPI:
             header_params={"Content-Type": content_type, "Accept": "application/json"}, body=body,
             auth_settings=["BearerToken"])
         API_REQUESTS.labels(method).inc()
-        resp = self.api.call_api(method, url, header_params=headers, body=data, post_params=post)
+        resp = self.api.call_api(method, url, header_params=headers, body=data, post_params=post,
+                                 _request_timeout=REQUEST_TIMEOUT)
         resp.read()
         if not 200 <= resp.status < 300:
             raise client.ApiException(http_resp=resp)

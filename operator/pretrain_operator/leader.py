@@ -108,7 +108,6 @@ class LeaderElector:
                 log.info("waiting for the leader Lease %s, held by %s (it acts on nothing until then)",
                          f"{self.path.rsplit('/', 2)[-2]}/{self.name}", self.holder)
                 self.said_holder = self.holder
-            metrics.IS_LEADER.set(1 if ok else 0)
             self.stopped.wait(self.renew_s)
 
     def leading(self) -> bool:
@@ -131,6 +130,9 @@ class LeaderElector:
         self.is_leader.clear()
 
     def start(self) -> threading.Thread:
+        # Read at each scrape, not set after each try: a renewal that hangs makes leading() false
+        # while run() still waits on it (the gauge stayed 1, and PretrainOperatorNoLeader silent).
+        metrics.IS_LEADER.set_function(lambda: 1.0 if self.leading() else 0.0)
         t = threading.Thread(target=self.run, daemon=True, name="leader-election")
         t.start()
         return t
