@@ -502,16 +502,24 @@ _SPEC_RULES = _rules(
      "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),
 )
 
-# Training fields are fixed while the job runs; change them while suspended.
+# Training fields are fixed while the job runs; change them once the operator has seen it
+# suspended (phase Suspended: its pods removed) or before it first acted on it. On the whole object,
+# not on spec: a rule on spec alone, reading oldSelf.suspend, let a user suspend, change the model,
+# and resume before the operator looked (it was down, or backing off): the running gang went on
+# with the old model, and the next attempt loaded its checkpoints into the new one.
 _IMMUTABLE = ["image", "nodes", "nprocPerNode", "parallelism", "model", "data", "optimizer", "training", "checkpoint"]
 _IMMUTABLE_OPTIONAL = ["lora", "validation"]  # absent or present alike
-_SPEC_RULES["x-kubernetes-validations"].append({
-    "rule": "oldSelf.suspend || (" + " && ".join(
-        [f"self.{f} == oldSelf.{f}" for f in _IMMUTABLE]
-        + [f"has(self.{f}) == has(oldSelf.{f}) && (!has(self.{f}) || self.{f} == oldSelf.{f})" for f in _IMMUTABLE_OPTIONAL]) + ")",
-    "message": "image, nodes, nprocPerNode, parallelism, model, lora, data, optimizer, training, validation and checkpoint "
-               "are immutable while the job runs; set suspend: true first, then change them",
-})
+ROOT_RULES = [
+    {"rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$')",
+     "message": "metadata.name must be a DNS-1035 label of at most 40 characters (pod names add -a<attempt>-n<rank>)"},
+    {"rule": "!has(oldSelf.status) || !has(oldSelf.status.phase) || oldSelf.status.phase in ['Pending', 'Suspended'] || (" + " && ".join(
+        [f"self.spec.{f} == oldSelf.spec.{f}" for f in _IMMUTABLE]
+        + [f"has(self.spec.{f}) == has(oldSelf.spec.{f}) && (!has(self.spec.{f}) || self.spec.{f} == oldSelf.spec.{f})"
+           for f in _IMMUTABLE_OPTIONAL]) + ")",
+     "fieldPath": ".spec",
+     "message": "spec.image, nodes, nprocPerNode, parallelism, model, lora, data, optimizer, training, validation and checkpoint "
+                "are immutable while the job runs; set spec.suspend: true, wait for status.phase Suspended, then change them"},
+]
 
 
 class PretrainJobSpec(Model):
@@ -519,7 +527,7 @@ class PretrainJobSpec(Model):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_SPEC_RULES)
 
-    suspend: bool = Field(False, description="true: checkpoint, remove the pods, phase Suspended. false again: resume from the latest checkpoint as a new attempt (Kueue-style).")
+    suspend: bool = Field(False, description="true: checkpoint, remove the pods, phase Suspended; the training fields (image, nodes, model, data, ...) may change once the phase is Suspended. false again: resume from the latest checkpoint as a new attempt. A job created suspended (a queue such as Kueue admits it by setting false) starts its first attempt then.")
     image: str = Field("ghcr.io/pretrain-operator/trainer:0.1.0", min_length=1, max_length=1024, description="Trainer image.")
     nodes: int = Field(1, ge=1, le=10000, description="Pods in the gang (torchrun nodes), one per machine.")
     nprocPerNode: int = Field(1, ge=1, le=64, description="Processes (ranks) per pod, usually its GPU count.")

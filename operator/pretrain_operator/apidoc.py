@@ -73,10 +73,9 @@ def render() -> str:
              "`python -m pretrain_operator.apidoc`; the CRD in `crds/` is generated from the same models, so every "
              "default below is applied by the API server and every rule is enforced by it.", "",
              "## Rules across fields (CEL)", "", "| rule | message |", "|---|---|"]
-    for r in api.PretrainJobSpec.model_config["json_schema_extra"]["x-kubernetes-validations"]:
+    for r in api.PretrainJobSpec.model_config["json_schema_extra"]["x-kubernetes-validations"] + api.ROOT_RULES:
         rule = (r["rule"][:160] + ("..." if len(r["rule"]) > 160 else "")).replace("|", "\\|")
         lines.append(f"| `{rule}` | {r['message']} |")
-    lines.append("| `self.metadata.name.matches(...)` | metadata.name must be a DNS-1035 label of at most 40 characters |")
     for title, root in (("Spec", api.PretrainJobSpec), ("Status", api.PretrainJobStatus)):
         lines += ["", f"## {title}", ""]
         for m in _models(root):

@@ -135,10 +135,7 @@ def crd() -> dict:
             "status": status_schema(),
         },
         "required": ["spec"],
-        "x-kubernetes-validations": [{
-            "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]{0,38}[a-z0-9])?$')",
-            "message": "metadata.name must be a DNS-1035 label of at most 40 characters (pod names add -a<attempt>-n<rank>)",
-        }],
+        "x-kubernetes-validations": api.ROOT_RULES,
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
