@@ -271,6 +271,19 @@ def test_an_init_container_gets_the_trainers_security_context_where_it_sets_none
     assert chown["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"add": ["CHOWN"]}, "runAsUser": 0}
 
 
+def test_a_rendered_pods_security_context_shares_nothing_with_the_next_pods():
+    """A caller (or a mutating step of the operator's) that edits one pod's securityContext in place
+    must not change every pod rendered after it."""
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
+    spec = ptapi.PretrainJobSpec.model_validate(_with("template.initContainers", [{"name": "stage", "image": "busybox"}]))
+    first = render.pod(job, spec, attempt=1, rank=0)
+    first["spec"]["containers"][0]["securityContext"]["capabilities"]["drop"].append("x")
+    first["spec"]["initContainers"][0]["securityContext"]["capabilities"]["drop"].append("y")
+    second = render.pod(job, spec, attempt=1, rank=1)
+    assert second["spec"]["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert second["spec"]["initContainers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
 @pytest.mark.cluster
 def test_a_gpu_requested_without_a_limit_renders_a_pod_the_api_server_accepts(api, namespace):
     # The pod API refuses an extended resource's request without its limit (every pod of such a

@@ -32,3 +32,24 @@ def test_the_pod_watch_asks_the_api_server_for_the_pods_of_pretrainjobs_only():
 def test_the_first_lists_come_in_pages():
     assert _kopf_settings().watching.chunk_size == 500
     assert _kopf_settings(watch_list_chunk=0).watching.chunk_size == 0
+
+
+def test_a_deleted_node_wakes_its_jobs_once_and_is_forgotten():
+    # Spot and Karpenter nodes get new names: the node -> jobs map kept every node a job ever ran
+    # on, and a node event of an old name woke jobs long gone from it.
+    from kubernetes import client
+
+    from pretrain_operator.controller import Controller
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0))
+    try:
+        ctl.on_pod({"metadata": {"name": "j-a1-n0", "namespace": "ml", "labels": {c.LABEL_JOB: "j"}}, "spec": {"nodeName": "spot-7"}})
+        assert ctl.queue.get(timeout=1) == ("ml", "j")
+        ctl.queue.done(("ml", "j"))
+        node = {"metadata": {"name": "spot-7"}}
+        ctl.on_node(node, deleted=False)
+        assert ctl.queue.get(timeout=1) == ("ml", "j")  # a node's change wakes the jobs with pods there
+        ctl.queue.done(("ml", "j"))
+        ctl.on_node(node, deleted=True)
+        assert ctl.queue.get(timeout=1) == ("ml", "j") and "spot-7" not in ctl.node_jobs and "spot-7" not in ctl.nodes
+    finally:
+        ctl.pool.shutdown()

@@ -21,7 +21,7 @@ def _parse(line: bytes) -> tuple[str, bytes, bool] | None:
     parts = line.rstrip(b"\n").split(b" ", 3)
     if len(parts) < 3:
         return None
-    ts, _stream, tag = parts[0].decode(), parts[1], parts[2]
+    ts, tag = parts[0].decode(), parts[2]  # parts[1]: the stream (stdout, stderr)
     content = parts[3] if len(parts) > 3 else b""
     return ts, content, tag == b"F"
 

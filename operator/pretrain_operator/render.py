@@ -8,6 +8,7 @@ attempts so rank 0's DNS name (the rendezvous endpoint) never changes.
 
 from __future__ import annotations
 
+import copy
 import posixpath
 
 import yaml
@@ -166,7 +167,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
             # Rank 0's final report; a crash without one leaves its log's last lines there instead.
             "terminationMessagePath": c.TERMINATION_MESSAGE_PATH,
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "securityContext": dict(CONTAINER_SECURITY),
+            "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         }],
         "volumes": volumes,
     }
@@ -204,7 +205,7 @@ def init_container(i: api.InitContainer) -> dict:
     (not runAsNonRoot when it asks for root: the kubelet would refuse to start it, and the gang
     would wait out its start timeout)."""
     own = i.model_extra.get("securityContext") or {}
-    sec = {**CONTAINER_SECURITY, **own}
+    sec = {**copy.deepcopy(CONTAINER_SECURITY), **own}
     if own.get("runAsUser") == 0 and "runAsNonRoot" not in own:
         del sec["runAsNonRoot"]
     return {**i.model_dump(), "securityContext": sec}
