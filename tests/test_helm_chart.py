@@ -174,6 +174,11 @@ def test_monitoring_objects_exist_only_where_monitoring_coreos_com_v1_is_served(
     pm = _one(docs, "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"  # the trainer pods' port name (render.py)
+    # Node rank 0's pods only, what the dashboard and alerts read (a gang's other pods repeat them).
+    keep = {"sourceLabels": ["__meta_kubernetes_pod_label_pretrain_dev_node_rank"], "regex": "0", "action": "keep"}
+    assert pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0] == keep
+    every = _one(template(*MONITORING, "--set", "metrics.podMonitor.allNodes=true"), "PodMonitor")
+    assert keep not in every["spec"]["podMetricsEndpoints"][0]["relabelings"]
     pm = _one(template(*MONITORING, *NAMESPACED), "PodMonitor")
     assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
     # A cluster that serves some of the API's kinds only (its CRDs installed one by one): the others
@@ -273,6 +278,14 @@ def test_every_alert_is_well_formed_and_queries_exported_metrics():
     assert "> 3600" in stale["expr"]
     unscraped = _one(template(*MONITORING, "--set", "metrics.serviceMonitor.enabled=false"), "PrometheusRule")
     assert "PretrainOperatorDown" not in [r["alert"] for g in unscraped["spec"]["groups"] for r in g["rules"]]
+    # A release's alerts read its own monitors' series (two releases, one per team, alerted on each other's).
+    by_name = {a["alert"]: a["expr"] for a in alerts}
+    assert 'job="ops/po-pretrain-operator-trainers"' in by_name["PretrainTrainingStalled"]
+    assert 'job="po-pretrain-operator-metrics"' in by_name["PretrainJobFailed"]
+    unmonitored = _one(template(*MONITORING, "--set", "metrics.serviceMonitor.enabled=false", "--set", "metrics.podMonitor.enabled=false"),
+                       "PrometheusRule")
+    for a in (r for g in unmonitored["spec"]["groups"] for r in g["rules"]):  # scraped by the user's own config: any job
+        assert 'job="' not in a["expr"], a
     storm = _one(template(*MONITORING, "--set", "metrics.prometheusRule.preemptionsPerHour=3"), "PrometheusRule")
     assert any(r["expr"].endswith("> 3") for g in storm["spec"]["groups"] for r in g["rules"] if r["alert"] == "PretrainPreemptionStorm")
 

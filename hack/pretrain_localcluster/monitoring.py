@@ -85,6 +85,9 @@ def config(kubeconfig: Path, rules: Path) -> dict:
                  {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_job"], "target_label": "pretrain_job"},
                  {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_attempt"], "target_label": "attempt"},
                  {"source_labels": ["__meta_kubernetes_pod_label_pretrain_dev_node_rank"], "target_label": "node_rank"},
+                 # As the Prometheus Operator labels a PodMonitor's targets (<namespace>/<name>): the
+                 # chart's alerts select the release's own.
+                 {"target_label": "job", "replacement": "pretrain-system/pretrain-operator-trainers"},
              ]},
         ],
     }
