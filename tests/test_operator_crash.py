@@ -252,6 +252,37 @@ def test_the_lease_expires_by_this_replicas_clock_not_by_the_holders_renew_time(
         follower.stopped.set()
 
 
+def test_a_spec_an_older_operator_does_not_understand_is_said_once_and_its_job_left_alone(jobs, api, namespace, operator, monkeypatch):
+    # The upgrade applies the new CRD first: an operator whose own upgrade lags (or failed) reads
+    # fields it does not know. It said so only in its log, once a minute, and the jobs looked managed.
+    from pydantic import ConfigDict, create_model
+
+    from pretrain_operator import api as papi
+    from pretrain_operator.controller import Controller
+    from pretrain_operator.settings import OperatorSettings
+    # This operator's spec model without `lora`: an older version's.
+    older = create_model("PretrainJobSpec", __config__=ConfigDict(extra="forbid", populate_by_name=True),
+                         **{k: (f.annotation, f) for k, f in papi.PretrainJobSpec.model_fields.items() if k != "lora"})
+    operator.stop()
+    ctl = Controller(api, OperatorSettings(metrics_port=0, health_port=0))
+    try:
+        monkeypatch.setattr(papi, "PretrainJobSpec", older)
+        jobs.create(job_manifest("newer", steps=10, lora={"rank": 4}), claim=False)
+        assert ctl.reconcile(namespace, "newer") == 60.0
+        assert ctl.reconcile(namespace, "newer") == 60.0  # said once
+        st = jobs.status("newer")
+        assert st["message"].startswith("spec not understood by this operator version (lora: Extra inputs are not permitted")
+        assert "upgrade the operator" in st["message"] and not st.get("attempt") and not jobs.pods("newer", live=False)
+        assert [e.reason for e in jobs.events("newer")] == ["SpecNotUnderstood"]
+    finally:
+        monkeypatch.undo()
+        ctl.stopped.set()
+        ctl.pool.shutdown()
+        operator.start()
+    st = jobs.wait_phase("newer", "Succeeded", timeout=90)  # the upgraded operator (this one) runs it
+    assert st["attempt"] == 1
+
+
 def test_a_status_decided_from_a_stale_read_is_refused_and_decided_again_from_a_new_one(jobs, api, core, namespace, operator, monkeypatch):
     # Two writers: this operator reads the job at attempt 1 and decides a restart (attempt 2);
     # before it writes, another (a replica that took the Lease over a paused leader) has recorded

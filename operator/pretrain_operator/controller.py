@@ -164,8 +164,17 @@ class Controller:
         try:
             spec = api.PretrainJobSpec.model_validate(job.get("spec") or {})
         except ValidationError as e:
-            # The CRD schema admits only valid specs; this means a newer CRD than this operator. Fail loudly, not forever.
-            log.error("%s/%s: spec not understood by this operator version: %s", ns, name, e)
+            # The CRD schema admits only valid specs; this means a newer CRD than this operator (the
+            # upgrade applies the CRD first: an operator whose own upgrade failed). Its gang is left
+            # as it is, and the job says so once (status.message, an Event), not only this log.
+            # Retried: the operator's upgrade ends it.
+            first = e.errors()[0]
+            msg = (f"spec not understood by this operator version ({'.'.join(str(x) for x in first['loc'])}: {first['msg']}; "
+                   f"{e.error_count()} error(s)): the CRD is newer than the operator; upgrade the operator (docs/install.md)")
+            log.error("%s/%s: %s", ns, name, msg)
+            if (job.get("status") or {}).get("message") != msg:
+                self._write(lambda: self.kube.patch(_job_path(ns, name) + "/status", {"status": {"message": msg}}))
+                self._event(job, "Warning", "SpecNotUnderstood", msg)
             return 60.0
         uid = job["metadata"]["uid"]
         # A job with no status was never acted on (the status is written before any child is made),
