@@ -1,6 +1,8 @@
-"""Checkpoints resume exactly: a run stopped by SIGTERM at step k and resumed gives, bit for bit
+"""Checkpoints resume exactly: a run stopped by SIGTERM at step k (exit 83) and resumed from step k gives, bit for bit
 on CPU, the losses of the uninterrupted run (one process, MoE, LoRA, two pipeline stages); a newest checkpoint that is corrupt or half-written
-is skipped for the previous one and set aside, so that saves made after it are kept; a checkpoint loads into another layout; a checkpoint request in
+is skipped for the previous one and set aside, so that saves made after it are kept; one that verifies but cannot be read or loaded
+stops the run with nothing set aside, and none verifying is exit 85; a resume at the last step says there is nothing to train; a
+checkpoint loads into another layout; a checkpoint request in
 the annotations file saves without stopping; SIGTERM on one rank stops every rank at the same
 step with one checkpoint and the contract's exit code; a checkpoint folder that the ranks do not
 share is refused at the start; a checkpoint of another model is refused, never partly loaded nor
@@ -21,7 +23,8 @@ import pytest
 
 from pretrain_operator import contract as c
 from tests.helpers import wait_for
-from tests.trainer_util import TORCHRUN, cmd, env, free_port, losses, run, single_process_losses, wait_for_step, write_config
+from tests.trainer_util import (TORCHRUN, cmd, env, free_port, loss_steps, losses, run, single_process_losses, wait_for_step,
+                                write_config)
 
 torch = pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -55,6 +58,32 @@ def _record_crcs(step_dir) -> set[int]:
     return crcs
 
 
+def _preempted(d: Path, cfg: Path, nproc: int, after: int) -> int:
+    """Train `cfg` in `d` (one process, or the pods' launcher over `nproc` ranks), SIGTERM it once
+    step `after` is trained, check that it exits with the contract's preempted code, and return
+    the step of the checkpoint it saved."""
+    launch = nproc > 1  # plain torchrun exits 1 on a SIGTERM, whatever its ranks did
+    e = {**env(), "PET_NPROC_PER_NODE": str(nproc), "PET_MASTER_PORT": free_port()} if launch else env()
+    p = subprocess.Popen(cmd(cfg, nproc, d / "losses.txt", launch=launch), env=e, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        wait_for_step(d / "losses.txt", after, p)
+        p.send_signal(signal.SIGTERM)  # the launcher's agent forwards it to the ranks
+        assert p.wait(60) == c.EXIT_PREEMPTED, p.stderr.read()[-3000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
+    return int(_committed(d)[-1].split("-")[1])
+
+
+def _resumed(r: subprocess.CompletedProcess, d: Path, k: int, steps: int) -> None:
+    """The run `r` resumed from step k: it says so, and trained k+1.. only (the losses file has
+    every step once, in order: the stopped run's 1..k, then its)."""
+    assert f"resumed from {d / 'ckpt' / f'step-{k:08d}'}" in r.stderr, r.stderr[-3000:]
+    assert loss_steps(d / "losses.txt") == list(range(1, steps + 1))
+
+
 def test_a_run_stopped_by_sigterm_and_resumed_matches_the_uninterrupted_run_bit_for_bit(tmp_path):
     # 40 steps: with 8, a fast machine finished the run before its signal took effect (assert 8 < 8).
     want = single_process_losses(tmp_path / "full", steps=40, interval=100)
@@ -62,13 +91,9 @@ def test_a_run_stopped_by_sigterm_and_resumed_matches_the_uninterrupted_run_bit_
     part = tmp_path / "part"
     part.mkdir()
     cfg = write_config(part, steps=40, interval=100)
-    p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
-    wait_for_step(part / "losses.txt", 3, p)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == c.EXIT_PREEMPTED
-    k = int(_committed(part)[-1].split("-")[1])
+    k = _preempted(part, cfg, 1, 3)
     assert 3 <= k < 40
-    run(cfg, 1, part / "losses.txt")
+    _resumed(run(cfg, 1, part / "losses.txt"), part, k, 40)
     got = losses(part / "losses.txt")
     assert got == want  # every step, before and after k, bit for bit
 
@@ -83,12 +108,9 @@ def test_moe_and_lora_runs_stopped_by_sigterm_resume_bit_for_bit(tmp_path, extra
     part = tmp_path / "part"
     part.mkdir()
     cfg = write_config(part, steps=40, interval=100, extra=extra)
-    p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
-    wait_for_step(part / "losses.txt", 3, p)
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == c.EXIT_PREEMPTED
-    assert 3 <= int(_committed(part)[-1].split("-")[1]) < 40
-    run(cfg, 1, part / "losses.txt")
+    k = _preempted(part, cfg, 1, 3)
+    assert 3 <= k < 40
+    _resumed(run(cfg, 1, part / "losses.txt"), part, k, 40)
     assert losses(part / "losses.txt") == want
 
 
@@ -209,6 +231,81 @@ def test_saves_after_a_fallback_are_kept_in_place_of_the_unusable_newer_checkpoi
     assert (tmp_path / "ckpt" / "latest").read_text() == f"step-{last:08d}"
 
 
+# Injected into the trainer by a sitecustomize (as an NFS read that fails): a DCP load that
+# writes part of the checkpoint into the live tensors and then fails, or a file that cannot be
+# read while its checksum is checked.
+INJECT_IO_ERROR = {
+    "load": "import torch.distributed.checkpoint as dcp\n"
+            "def load(state, **kw):\n"
+            "    next(iter(state['model'].values())).detach().fill_(float('nan'))\n"
+            "    raise OSError(5, 'injected: Input/output error')\n"
+            "dcp.load = load\n",
+    "verify": "import pretrain_trainer.checkpoint as ck\n"
+              "def file_crc(f):\n"
+              "    raise OSError(5, 'injected: Input/output error', str(f))\n"
+              "ck.file_crc = file_crc\n",
+}
+
+
+@pytest.mark.parametrize("where,says", [("load", "verifies but did not load"), ("verify", "could not be read")])
+def test_a_checkpoint_that_fails_to_read_or_load_stops_the_run_and_is_kept_for_the_next_attempt(tmp_path, where, says):
+    # An I/O error (or a collective's timeout, a torch refusing the format) was taken for a bad
+    # checkpoint: step 6 and then step 3 were set aside, and the run started over from step 0 on
+    # the weights the failed load had partly overwritten. Now nothing is set aside, nothing is
+    # trained, the exit is a crash (the operator retries it), and the next attempt resumes.
+    run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "first.txt")
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(INJECT_IO_ERROR[where])
+    cfg = write_config(tmp_path, steps=9, interval=3)
+    report = tmp_path / "termination-log"
+    e = {**env(), "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]),
+         c.ENV_TERMINATION_MESSAGE: str(report)}
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "again.txt"), env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode not in (0, c.EXIT_PREEMPTED, c.EXIT_PERMANENT), r.stderr[-3000:]
+    assert f"checkpoint {tmp_path / 'ckpt' / 'step-00000006'} {says} (OSError: [Errno 5] injected" in r.stderr, r.stderr[-3000:]
+    assert json.loads(report.read_text())["error"].startswith(f"rank 0: LoadFailed: checkpoint {tmp_path / 'ckpt' / 'step-00000006'}")
+    assert "falling back" not in r.stderr and not list((tmp_path / "ckpt").glob("*.unusable"))
+    assert _committed(tmp_path) == ["step-00000003", "step-00000006"]
+    assert not (tmp_path / "again.txt").exists()  # nothing trained
+    r = run(cfg, 1, tmp_path / "again.txt")  # the next attempt, the file system back
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-00000006'}" in r.stderr
+    assert loss_steps(tmp_path / "again.txt") == [7, 8, 9]
+
+
+def test_committed_checkpoints_of_which_none_verifies_stop_the_run_for_good_and_are_kept(tmp_path):
+    # Before: each was set aside in turn and the run started over from step 0 without a word of it
+    # but the fallbacks. Retraining the whole run is a person's decision: exit 85, saying how.
+    run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "first.txt")
+    for step in ("step-00000003", "step-00000006"):
+        _corrupt(tmp_path / "ckpt" / step / "__0_0.distcp", "truncated")
+    r = subprocess.run(cmd(write_config(tmp_path, steps=9, interval=3), 1, tmp_path / "again.txt"), env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == c.EXIT_PERMANENT, r.stderr[-3000:]
+    assert f"none of the 2 committed checkpoint(s) under {tmp_path / 'ckpt'} verifies (step-00000006: __0_0.distcp has 100 bytes" in r.stderr
+    assert "would start the run over from step 0: to do that, move them out of" in r.stderr
+    assert _committed(tmp_path) == ["step-00000003", "step-00000006"] and not list((tmp_path / "ckpt").glob("*.unusable"))
+    assert not (tmp_path / "again.txt").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("steps", [6, 4], ids=["at", "past"])
+def test_a_resume_at_or_past_training_steps_says_there_is_nothing_to_train(tmp_path, steps):
+    # The run had finished (a pod restarted after it), or training.steps was lowered since: it
+    # exited 0 without a word. The final report is the checkpoint's.
+    run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "first.txt")
+    first = losses(tmp_path / "first.txt")
+    report = tmp_path / "termination-log"
+    r = subprocess.run(cmd(write_config(tmp_path, steps=steps, interval=3), 1, tmp_path / "again.txt"),
+                       env={**env(), c.ENV_TERMINATION_MESSAGE: str(report)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint step 6 is at or past training.steps {steps}: nothing to train" in r.stderr, r.stderr[-3000:]
+    assert ("training.steps was lowered" in r.stderr) == (steps < 6) and "training tiny on" not in r.stderr
+    assert loss_steps(tmp_path / "again.txt") == [] and _committed(tmp_path) == ["step-00000003", "step-00000006"]
+    got = json.loads(report.read_text())
+    assert abs(got.pop("loss") - first[6]) < 1e-9
+    assert got == {"step": 6, "totalSteps": steps, "tokensSeen": 6 * 4 * 32, "checkpointStep": 6}
+
+
 def test_a_pipeline_parallel_run_resumes_in_its_own_layout_bit_for_bit(tmp_path):
     # Each stage's optimizer hyperparameters must come back to the rank holding that stage (the
     # trainer failed here with KeyError 'betas' once: only rank 0's param_groups were saved).
@@ -219,12 +316,9 @@ def test_a_pipeline_parallel_run_resumes_in_its_own_layout_bit_for_bit(tmp_path)
     d = tmp_path / "part"
     d.mkdir()
     cfg = write_config(d, nproc=2, pipeline=2, steps=30, interval=100)
-    p = subprocess.Popen(cmd(cfg, 2, d / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
-    wait_for_step(d / "losses.txt", 3, p)
-    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers (and exits 1 itself)
-    p.wait(60)
-    assert 3 <= int(_committed(d)[-1].split("-")[1]) < 30
-    run(cfg, 2, d / "losses.txt")
+    k = _preempted(d, cfg, 2, 3)
+    assert 3 <= k < 30
+    _resumed(run(cfg, 2, d / "losses.txt"), d, k, 30)
     assert losses(d / "losses.txt") == losses(full / "losses.txt")
 
 
@@ -234,14 +328,12 @@ def test_a_checkpoint_loads_into_another_layout(tmp_path):
     d = tmp_path / "reshard"
     d.mkdir()
     cfg = write_config(d, nproc=2, pipeline=2, steps=30, interval=3)  # saved by two pipeline stages
-    p = subprocess.Popen(cmd(cfg, 2, d / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
-    wait_for_step(d / "losses.txt", 4, p)
-    p.send_signal(signal.SIGTERM)  # torchrun forwards it to the workers
-    p.wait(60)
-    assert 3 <= int(_committed(d)[-1].split("-")[1]) < 30
+    k = _preempted(d, cfg, 2, 4)
+    assert 4 <= k < 30
     # Resume the pipeline-parallel checkpoint under tensor parallelism.
     r = run(write_config(d, nproc=2, tensor=2, steps=30, interval=3), 2, d / "losses.txt")
-    assert "resumed from" in r.stderr and "per-rank RNG re-derived" not in r.stderr  # same world size: the RNG carried over
+    _resumed(r, d, k, 30)
+    assert "per-rank RNG re-derived" not in r.stderr  # same world size: the RNG carried over
     got = losses(d / "losses.txt")
     for s in range(1, 31):
         assert abs(got[s] - want[s]) <= 1e-5, (s, got[s], want[s])

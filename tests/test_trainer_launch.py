@@ -1,7 +1,7 @@
 """The launcher (`python -m pretrain_trainer launch`, the pods' command): torchrun's agent with the
 ranks forked from one import of torch and the trainer, training bit for bit like torchrun's own
-freshly started ranks; `--start-method spawn` brings fresh interpreters back. (Its exit codes:
-test_trainer_checkpoint.py's SIGTERM test.)"""
+freshly started ranks; `--start-method spawn` brings fresh interpreters back; a SIGTERM to it after
+its ranks finished exits 0 at once. (Its other exit codes: test_trainer_checkpoint.py's SIGTERM tests.)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pretrain_operator import contract
+from pretrain_trainer.launch import signalled_code
 from tests.helpers import wait_for
 from tests.trainer_util import cmd, env, free_port, losses, run, wait_for_step, write_config
 
@@ -102,3 +104,41 @@ def test_forked_ranks_take_sigterms_default_action_until_the_trainer_answers_it(
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(30)
+
+
+
+def test_a_sigterm_to_the_launcher_after_every_rank_finished_exits_0_at_once(tmp_path):
+    # The kubelet's SIGTERM (a deletion, a drain) can reach the launcher after its ranks finished,
+    # the last step checkpointed, before the agent's next check of them: torchrun's wrapper kept
+    # them alive until then, the agent sent them SIGTERM (which a finished trainer ignores), killed
+    # them after the whole shutdown timeout, and the launcher exited 143: a finished job's pod read
+    # as a crash. A long --monitor-interval (the agent's checks) holds that window open.
+    d = tmp_path / "run"
+    d.mkdir()
+    c = cmd(write_config(d, nproc=2, data=2, steps=2, interval=100), 2, d / "losses.txt", launch=True,
+            launch_options=("--monitor-interval", "300"))
+    e = {**env(), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port(), "PET_SHUTDOWN_TIMEOUT": "60"}
+    with open(d / "stderr.txt", "w") as err:
+        p = subprocess.Popen(c, stderr=err, text=True, env=e, start_new_session=True)
+    try:
+        wait_for(lambda: "done: 2 steps" in (d / "stderr.txt").read_text() or p.poll() is not None, timeout=180,
+                 what="rank 0 to finish")
+        assert p.poll() is None  # the agent has not noticed yet
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
+    log = (d / "stderr.txt").read_text()
+    assert code == 0 and time.monotonic() - t0 < 30, (code, time.monotonic() - t0, log[-3000:])
+    assert "launcher: SIGTERM; the ranks exited [0]: exiting 0" in log, log[-3000:]
+    assert sorted(losses(d / "losses.txt")) == [1, 2] and (d / "ckpt" / "step-00000002" / "COMMITTED").exists()
+
+
+def test_the_launchers_code_when_signalled_follows_its_ranks():
+    assert signalled_code({0}, signal.SIGTERM) == 0  # every rank finished
+    assert signalled_code({contract.EXIT_PREEMPTED, -9}, signal.SIGTERM) == contract.EXIT_PREEMPTED  # saved; the rest killed after
+    assert signalled_code({0, -9}, signal.SIGTERM) == 128 + signal.SIGTERM  # a rank killed before it finished
+    assert signalled_code(set(), signal.SIGTERM) == 128 + signal.SIGTERM  # no rank started

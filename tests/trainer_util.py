@@ -71,6 +71,13 @@ def losses(path: Path) -> dict[int, float]:
     return out
 
 
+def loss_steps(path: Path) -> list[int]:
+    """The steps of `path`'s lines in the order they were written: a run resumed from step k
+    appends k+1, k+2...; one that ignored its checkpoint would append 1, 2... (which `losses`
+    hides: the later line for a step wins)."""
+    return [int(line.split()[0]) for line in path.read_text().splitlines()]
+
+
 def wait_for_step(path: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     """Return as soon as `path` shows `step` (polled every 5 ms: a tiny model trains a step in about
     10 ms, so a test that signals the run next needs it to have many steps left; 40 are plenty)."""

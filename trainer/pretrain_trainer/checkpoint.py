@@ -8,14 +8,18 @@ the data manifest's hash, and each rank's RNG state (`rng/rank-N.pt`; on resume 
 world size it cannot carry over, so it is re-derived from the seed and the log says so).
 
 Resume picks the newest checkpoint that verifies (marker present, every file the marker lists with
-its recorded size and CRC32) and that loads on every rank; otherwise it says why and falls back to
-the previous one. The CRC32 of each data file is computed while it is written, by the process that
+its recorded size and CRC32); one that does not is skipped for the previous one, saying why. The CRC32 of each data file is computed while it is written, by the process that
 writes it (`Writer`), and kept beside it (`__0_0.distcp.crc32`); the marker collects them. On
 resume the ranks share the reading: each checks every world-th file, so a byte changed at the same
 size (a disk, a copy, a volume restored half-way) is found before anything loads. A committed checkpoint skipped that way is set aside (renamed `step-N.unusable`,
-kept for inspection): otherwise it would stay the newest, and pruning after the next commits would
+kept for inspection) once an older one has loaded: otherwise it would stay the newest, and pruning after the next commits would
 keep it in place of the good ones this run saves. A folder without a marker (a save cut short) is
-never loaded. A checkpoint saved by
+never loaded. Only a failed verification skips a checkpoint: one that could not be read (an I/O
+error), or that verifies but does not load (a collective's timeout, a torch refusing its format),
+stops the run (`LoadFailed`, a crash the next attempt retries) with nothing set aside, since the
+load may have written part of it into the model and optimizer. Committed checkpoints of which none
+verifies are `NoneVerifies` (exit 85), kept as they are: starting over from step 0 is a person's
+decision, not a fallback. A checkpoint saved by
 another model (tensor names or shapes differ from this config's, read from DCP's metadata) is not
 skipped, and never partly loaded: `OtherModel`, which the trainer turns into exit 85.
 
@@ -83,17 +87,26 @@ def committed_steps(root: Path) -> list[int]:
     return sorted(out)
 
 
-def _marker(d: Path) -> tuple[dict, str | None]:
-    """The checkpoint's marker, or {} and why it cannot be read."""
+def io_error(e: BaseException) -> bool:
+    """A read that failed without saying anything about the file's contents (EIO, a stale network
+    file system handle, a permission): the next attempt may read it. A missing file is missing."""
+    return isinstance(e, OSError) and not isinstance(e, FileNotFoundError)
+
+
+def _marker(d: Path, raise_io: bool = False) -> tuple[dict, str | None]:
+    """The checkpoint's marker, or {} and why it cannot be read (`raise_io`: an `io_error` is raised)."""
     try:
         return json.loads((d / MARKER).read_text()), None
     except (OSError, ValueError) as e:
+        if raise_io and io_error(e):
+            raise
         return {}, f"unreadable marker ({e})"
 
 
-def verify(d: Path) -> str | None:
-    """None if the checkpoint is complete as its marker describes, else what is wrong."""
-    marker, problem = _marker(d)
+def verify(d: Path, raise_io: bool = False) -> str | None:
+    """None if the checkpoint is complete as its marker describes, else what is wrong. `raise_io`:
+    an `io_error` reading the marker is raised, not reported as a fault of the checkpoint."""
+    marker, problem = _marker(d, raise_io)
     if problem:
         return problem
     for rel, size in marker.get("files", {}).items():
@@ -113,12 +126,13 @@ def file_crc(f: Path) -> int:
     return crc
 
 
-def checksum_problem(d: Path, share: tuple[int, int] = (0, 1), only: set[str] | None = None) -> str | None:
+def checksum_problem(d: Path, share: tuple[int, int] = (0, 1), only: set[str] | None = None,
+                     raise_io: bool = False) -> str | None:
     """None if the files the marker has a CRC32 for still have it, else the first that does not.
     It reads them whole: `share` (i, n) checks every n-th file from the i-th (of those sorted by
     name, within `only` if given), so n ranks read a checkpoint once between them. A marker written
-    before checksums were kept has none: nothing to check."""
-    marker, problem = _marker(d)
+    before checksums were kept has none: nothing to check. `raise_io`: as for `verify`."""
+    marker, problem = _marker(d, raise_io)
     if problem:
         return problem
     crcs = marker.get("crc32", {})
@@ -127,6 +141,8 @@ def checksum_problem(d: Path, share: tuple[int, int] = (0, 1), only: set[str] | 
         try:
             got = file_crc(d / rel)
         except OSError as e:
+            if raise_io and io_error(e):
+                raise
             return f"{rel} is unreadable ({e})"
         if got != crcs[rel]:
             return f"{rel} does not match its checksum (CRC32 {got:08x}, {crcs[rel]:08x} when saved)"
@@ -136,6 +152,17 @@ def checksum_problem(d: Path, share: tuple[int, int] = (0, 1), only: set[str] | 
 class OtherModel(Exception):
     """The newest good checkpoint was saved by another model (shapes or tensors differ): not a
     corrupt checkpoint to skip, a config to fix (the trainer exits 85 with this message)."""
+
+
+class NoneVerifies(Exception):
+    """Committed checkpoints are there and none verifies: resuming from none would start the run
+    over from step 0, which a person decides (the trainer exits 85 with this message)."""
+
+
+class LoadFailed(RuntimeError):
+    """A checkpoint that verifies could not be read or loaded (an I/O error, a collective's timeout,
+    a torch refusing its format): not a bad checkpoint to skip, and the model and optimizer may hold
+    part of it. The run stops (a crash: the operator retries it, the next attempt loads it again)."""
 
 
 def shapes_of(state: dict) -> dict[str, tuple]:
@@ -711,7 +738,12 @@ class Checkpointer:
             self.pruner = None
 
     def load(self, model, optim) -> dict | None:
-        """Load the newest good checkpoint; returns its extra dict, or None to start fresh."""
+        """Load the newest checkpoint that verifies; returns its extra dict, or None to start fresh
+        (no committed checkpoint). Newer ones that do not verify are skipped, saying why, and set
+        aside once it has loaded. Raises `LoadFailed` when the one to load could not be read or
+        did not load (nothing set aside: the next attempt tries it again), `NoneVerifies` when
+        committed checkpoints are there and none verifies (none is loaded, none set aside), and
+        `OtherModel`."""
         root = self.root
         candidates = committed_steps(root)[::-1] if root.exists() else []
         if self.world > 1:
@@ -722,63 +754,103 @@ class Checkpointer:
             dist.broadcast_object_list(box, src=0)
             candidates = box[0]
         shapes = self._shapes(model) if candidates else {}
+        skipped: list[tuple[Path, str]] = []
         for step in candidates:
             d = step_dir(root, step)
-            # Sizes on every rank (cheap, the same answer), contents shared: each rank reads its
-            # files; all must agree before any loads (DCP's load is a collective).
-            problem = verify(d) or checksum_problem(d, share=(self.rank, self.world))
-            if problem and self.rank != 0:
-                log.warning("checkpoint %s: %s", d, problem)
-            ok = torch.tensor([0 if problem else 1])
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            other = None
-            if int(ok) == 1:
-                try:
-                    other = model_mismatch(d, shapes)
-                    if not other:
-                        state, groups = self._state(model, optim)
-                        dcp.load(state, checkpoint_id=str(d))
-                        set_state_dict(model, optim, model_state_dict=state["model"],
-                                       optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
-                except LOAD_ERRORS as e:  # noqa: BLE001  (any failure: try the previous checkpoint)
-                    problem = f"{type(e).__name__}: {e}"
-                    ok = torch.tensor([0])
-            if other:  # the same answer on every rank (the same files, the gathered shapes)
-                raise OtherModel(
-                    f"{d} holds another model than this config's model{' and lora' if has_frozen(model) else ''} "
-                    f"({other}): a checkpoint resumes only into the model that saved it; set the config back, or "
-                    "give checkpoint.path a new folder (model.initFrom starts from an exported model)")
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if int(ok) == 1:
-                extra = json.loads((d / "extra.json").read_text())
-                rng = d / "rng" / f"rank-{self.rank}.pt"
-                saved = torch.load(rng, weights_only=False) if rng.exists() else None
-                if saved and saved["world"] == self.world:
-                    torch.set_rng_state(saved["cpu"])
-                    cuda = saved.get("cuda")
-                    if isinstance(cuda, list):  # saved before: every visible device's state, this rank's at its index
-                        i = torch.cuda.current_device() if torch.cuda.is_available() else 0
-                        cuda = cuda[i] if i < len(cuda) else None
-                    if cuda is not None and torch.cuda.is_available():
-                        torch.cuda.set_rng_state(cuda)
-                else:
-                    torch.manual_seed(extra.get("seed", 0) * 7919 + self.rank + step)
-                    if self.rank == 0:
-                        log.warning("resuming step %d saved by %s ranks on %d: per-rank RNG re-derived from the seed",
-                                    step, saved["world"] if saved else "?", self.world)
-                self.last_step, self.last_time = step, json.loads((d / MARKER).read_text())["time"]
+            problem = self._agreed_problem(d)
+            if problem:
                 if self.rank == 0:
-                    log.info("resumed from %s", d)
-                return extra
-            if self.rank == 0:
-                log.warning("checkpoint %s is not usable (%s); falling back to the previous one", d,
-                            problem or "on another rank, whose log says why")
-                self._set_aside(d)
+                    log.warning("checkpoint %s is not usable (%s); falling back to the previous one", d, problem)
+                skipped.append((d, problem))
+                continue
+            extra = self._load_verified(d, step, model, optim, shapes)
+            if self.rank == 0:  # every rank is done with them: past the load's collectives
+                for bad, _ in skipped:
+                    self._set_aside(bad)
+            return extra
+        if skipped:
+            raise NoneVerifies(
+                f"none of the {len(skipped)} committed checkpoint(s) under {root} verifies "
+                f"({'; '.join(f'{d.name}: {why}' for d, why in skipped)}); they are kept as they are. Resuming from "
+                f"none would start the run over from step 0: to do that, move them out of {root} (or give "
+                "checkpoint.path a new folder); a good copy put back resumes as usual")
         return None
 
+    def _agreed_problem(self, d: Path) -> str | None:
+        """Why `d` does not verify on some rank (sizes on every rank, the checksums shared: each
+        rank reads its files), or None: the same answer on every rank, before any loads (DCP's
+        load is a collective). A file that could not be read (an I/O error) proves nothing about
+        the checkpoint: `LoadFailed`, on every rank."""
+        problem = unreadable = None
+        try:
+            problem = verify(d, raise_io=True) or checksum_problem(d, share=(self.rank, self.world), raise_io=True)
+        except OSError as e:
+            unreadable = f"{type(e).__name__}: {e}"
+        if (problem or unreadable) and self.rank != 0:
+            log.warning("checkpoint %s: %s", d, problem or unreadable)
+        seen = torch.tensor([1 if problem else 0, 1 if unreadable else 0])  # [does not verify, unreadable]
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0]:  # a fault found by one rank is the checkpoint's, whatever another could not read
+            return problem or "on another rank, whose log says why"
+        if seen[1]:
+            raise LoadFailed(f"checkpoint {d} could not be read ({unreadable or 'on another rank, whose log says why'}): "
+                             "stopping with nothing set aside; the next attempt reads it again")
+        return None
+
+    def _load_verified(self, d: Path, step: int, model, optim, shapes: dict[str, tuple]) -> dict:
+        """Load a checkpoint that verifies into the model and the optimizer, and this rank's RNG;
+        its extra dict. Any failure, on any rank, is `LoadFailed` on every rank (before: the
+        previous checkpoint was tried, and with none left the run started over from step 0 with
+        the model and optimizer partly overwritten by the failed load); another model is `OtherModel`."""
+        other = failed = None
+        try:
+            other = model_mismatch(d, shapes)
+            if not other:
+                state, groups = self._state(model, optim)
+                dcp.load(state, checkpoint_id=str(d))
+                set_state_dict(model, optim, model_state_dict=state["model"],
+                               optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
+        except LOAD_ERRORS as e:  # noqa: BLE001  (any failure: the run stops, below, on every rank)
+            failed = f"{type(e).__name__}: {e}"
+            if self.rank != 0:
+                log.error("checkpoint %s did not load: %s", d, failed)
+        seen = torch.tensor([1 if failed else 0, 1 if other else 0])  # [failed, another model]
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if other:  # the same answer on every rank that read the metadata (the same files, the gathered shapes)
+            raise OtherModel(
+                f"{d} holds another model than this config's model{' and lora' if has_frozen(model) else ''} "
+                f"({other}): a checkpoint resumes only into the model that saved it; set the config back, or "
+                "give checkpoint.path a new folder (model.initFrom starts from an exported model)")
+        if seen.any():
+            raise LoadFailed(
+                f"checkpoint {d} verifies but did not load ({failed or 'on another rank, whose log says why'}): "
+                "stopping with nothing set aside, as the model and optimizer may hold part of it; the next attempt "
+                f"loads it again. Should it be damaged in a way its marker cannot show (a marker without checksums), "
+                f"move it out of {self.root} to resume from the previous one")
+        extra = json.loads((d / "extra.json").read_text())
+        rng = d / "rng" / f"rank-{self.rank}.pt"
+        saved = torch.load(rng, weights_only=False) if rng.exists() else None
+        if saved and saved["world"] == self.world:
+            torch.set_rng_state(saved["cpu"])
+            cuda = saved.get("cuda")
+            if isinstance(cuda, list):  # saved before: every visible device's state, this rank's at its index
+                i = torch.cuda.current_device() if torch.cuda.is_available() else 0
+                cuda = cuda[i] if i < len(cuda) else None
+            if cuda is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(cuda)
+        else:
+            torch.manual_seed(extra.get("seed", 0) * 7919 + self.rank + step)
+            if self.rank == 0:
+                log.warning("resuming step %d saved by %s ranks on %d: per-rank RNG re-derived from the seed",
+                            step, saved["world"] if saved else "?", self.world)
+        self.last_step, self.last_time = step, json.loads((d / MARKER).read_text())["time"]
+        if self.rank == 0:
+            log.info("resumed from %s", d)
+        return extra
+
     def _set_aside(self, d: Path) -> None:
-        """Rename a committed checkpoint that did not load out of the run's steps, once every rank
-        is done with it (after the all-reduce), so that it is never counted as the newest again:
+        """Rename a committed checkpoint that did not verify out of the run's steps, once every rank
+        is done with it (an older one has loaded), so that it is never counted as the newest again:
         pruning keeps the last `keep` committed steps, and it would have kept this one in place of a
         good one saved after the fallback (with keep 1, every new save was deleted). An older
         folder set aside under the same name is replaced."""

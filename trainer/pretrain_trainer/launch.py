@@ -14,8 +14,10 @@ rank, with three differences:
   container's first process): the agent forwards it to the ranks, waits for them up to its
   shutdown timeout (`--shutdown-timeout`, `PET_SHUTDOWN_TIMEOUT`: the operator sets the pod's
   grace period; torchrun's default is 30 s) and then kills them; ranks that saved and exited 83
-  make it 83 (plain torchrun: 1, with a traceback). Ranks that were killed make it 128 + the
-  signal's number, as a shell would.
+  make it 83 (plain torchrun: 1, with a traceback). Ranks that had all finished (exit 0, the last
+  step checkpointed) before the agent noticed make it 0, at once (they were killed after the
+  shutdown timeout, and it exited 143). Ranks that were killed make it 128 + the signal's number,
+  as a shell would.
 - The ranks start with the default action for SIGTERM, SIGINT, SIGHUP and SIGQUIT (the process
   ends) until the trainer answers SIGTERM itself: forked ranks inherited the agent's handler, which
   raised an exception in the middle of whatever the rank was doing (a checkpoint's load took it
@@ -44,6 +46,27 @@ def contract_code(codes: set[int]) -> int | None:
         if code in codes and all(x == code or x < 0 for x in codes):
             return code
     return None
+
+
+def signalled_code(codes: set[int], sig: int) -> int:
+    """The launcher's exit code when it was signalled, from its ranks' codes: 0 when every rank had
+    exited 0 (the run finished before the signal: 128 + 15 made a finished, checkpointed job look
+    like a crash), the contract's code they agree on, else 128 + the signal's number."""
+    if codes == {0}:
+        return 0
+    return contract_code(codes) or 128 + sig
+
+
+def release_finished_ranks(context) -> None:
+    """Let the ranks that have returned exit (0) before the agent closes them. torchrun's worker
+    wrapper keeps a rank that returned alive until the agent's next check of its ranks tells it to
+    exit (an event); a signal to the agent before that check closed them instead: SIGTERM, which
+    a finished trainer ignores, the whole shutdown timeout (the pod's grace period), then SIGKILL,
+    and a finished job's launcher exited 143. Ranks still running are not concerned: the event only
+    ends the wait of those that returned."""
+    finished = getattr(context, "_worker_finished_event", None)  # torch's private field: without it, as before
+    if finished is not None:
+        finished.set()
 
 
 def worker(*argv: str) -> None:
@@ -95,6 +118,7 @@ def launch(args: list[str]) -> int:
     close = mp_api.MultiprocessContext._close
 
     def recording_close(self, death_sig, timeout=30):
+        release_finished_ranks(self)
         close(self, death_sig, timeout)
         closed.update({i: p.exitcode for i, p in enumerate(self._pc.processes)} if self._pc else {})
 
@@ -108,9 +132,9 @@ def launch(args: list[str]) -> int:
         return contract_code({f.exitcode for f in e.failures.values()}) or 1
     except mp_api.SignalException as e:
         # Signalled itself (a pod's SIGTERM): the agent gave the ranks its shutdown timeout to
-        # save and exit 83, then killed the rest.
+        # save and exit 83, then killed the rest; or they had finished before it noticed.
         codes = {x if x is not None else -9 for x in closed.values()}
-        code = contract_code(codes) or 128 + int(e.sigval)
+        code = signalled_code(codes, int(e.sigval))
         print(f"launcher: {e.sigval.name}; the ranks exited {sorted(codes)}: exiting {code}", file=sys.stderr, flush=True)
         return code
     finally:

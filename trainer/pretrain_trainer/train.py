@@ -38,7 +38,7 @@ from pretrain_operator import api, cel, contract as c
 from . import moe as moe_mod
 from . import data_parallel, expert_parallel, parallel, pipeline, tensor_parallel
 from . import lora, profiling, report, validation
-from .checkpoint import Checkpointer, OtherModel, agreed_weights_source, load_weights, shapes_of
+from .checkpoint import Checkpointer, NoneVerifies, OtherModel, agreed_weights_source, load_weights, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
 from .fence import Fence, InUse
 from .metrics import GRACE, Metrics, peak_memory_bytes
@@ -302,6 +302,14 @@ def skip_step(step: int, grad_norm: float, in_row: int, allowed: int, ckpt: Chec
                       f"step {ckpt.last_step}). Lower optimizer.lr, or check the data and the initial weights")
 
 
+def log_nothing_to_train(step: int, steps: int) -> None:
+    """A resume whose checkpoint is at or past training.steps (the run had finished, or the
+    config lowered training.steps since) trains nothing: said, instead of a silent exit 0. The
+    final report stays the checkpoint's: its step, loss, tokens and validation."""
+    log.info("checkpoint step %d is at or past training.steps %d: nothing to train%s", step, steps,
+             "" if step == steps else " (training.steps was lowered since it was saved; raise it to train on)")
+
+
 def mesh_group(mesh, dim: str):
     """The process group of a mesh dimension, or None when it has one rank (or there is no mesh)."""
     if mesh is None or mesh[dim].size() == 1:
@@ -345,9 +353,11 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     if stale:
         log.warning("%s: stopping before training; exiting %d", stale, c.EXIT_PREEMPTED)
         return c.EXIT_PREEMPTED
+    # A checkpoint that verifies but does not load raises checkpoint.LoadFailed, a crash: the next
+    # attempt loads it again (the model and optimizer may hold part of it: no training on them).
     try:
         extra = ckpt.load(model, optim)
-    except OtherModel as e:  # resuming would train another model, or start over beside its checkpoints
+    except (OtherModel, NoneVerifies) as e:  # resuming would train another model, or start over beside its checkpoints
         raise ConfigError(str(e)) from e
     base_digest = lora.frozen_digest(model) if spec.lora else None
     step = 0
@@ -398,9 +408,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16" and device == "cuda")
     losses = open(losses_out, "a") if losses_out and rank == 0 else None
-    log.info("training %s on %d rank(s): pipeline %d (%s) x data %d x tensor %d; steps %d..%d, %d microbatch(es) per step; "
-             "%d CPU thread(s) per rank", spec.model.preset, world, spec.parallelism.pipeline, spec.parallelism.pipelineSchedule,
-             dp_size, spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum, torch.get_num_threads())
+    if step >= spec.training.steps:
+        log_nothing_to_train(step, spec.training.steps)
+    else:
+        log.info("training %s on %d rank(s): pipeline %d (%s) x data %d x tensor %d; steps %d..%d, %d microbatch(es) per step; "
+                 "%d CPU thread(s) per rank", spec.model.preset, world, spec.parallelism.pipeline, spec.parallelism.pipelineSchedule,
+                 dp_size, spec.parallelism.tensor, step + 1, spec.training.steps, loader.accum, torch.get_num_threads())
     profiler = profiling.Profiler(spec, ckpt_root, rank, step)
     t_log = time.monotonic()
     tokens_at_log = tokens_seen
