@@ -1,6 +1,8 @@
-"""The MoE and LoRA examples run for real under the operator on process nodes: examples/moe.yaml
-(expert parallel 2 over 4 ranks on 2 pods) and examples/lora.yaml (adapters on a base checkpoint
-in the job's claim) each train to Succeeded, shortened for CPU, with no failure."""
+"""The examples run for real under the operator on process nodes: examples/quickstart.yaml (pipeline
+2 x data 2 x tensor 2 over 8 ranks on 2 pods, with its validation), examples/moe.yaml (expert
+parallel 2 over 4 ranks on 2 pods) and examples/lora.yaml (adapters on a base checkpoint in the
+job's claim) each train to Succeeded, shortened for CPU, with no failure. examples/spot-llama3-8b.yaml
+(an 8B model on GPUs) is checked by the API server only (tests/test_api.py)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,15 @@ def _succeeds(jobs: Jobs, name: str, steps: int) -> None:
     assert st["phase"] == "Succeeded" and st["failures"] == 0, st
     assert st["lastCheckpoint"]["step"] == steps
     assert f"done: {steps} steps" in jobs.logs(f"{name}-a1-n0")
+
+
+def test_the_quickstart_example_trains_to_succeeded_under_the_operator(api, namespace, operator, core):
+    jobs = Jobs(api, namespace)
+    core.create_namespaced_persistent_volume_claim(namespace, _claim("quickstart.yaml"))
+    jobs.create(_job("quickstart.yaml", steps=6), claim=False)
+    _succeeds(jobs, "quickstart", 6)
+    st = jobs.status("quickstart")
+    assert st["progress"]["validationStep"] == 6 and st["progress"]["validationLoss"] > 0  # its validation, at the last step
 
 
 def test_the_moe_example_trains_to_succeeded_under_the_operator(api, namespace, operator, core):
