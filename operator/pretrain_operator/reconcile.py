@@ -214,11 +214,12 @@ def _decide(o: Observed) -> Plan:
         live = [p for p in o.pods if not p["metadata"].get("deletionTimestamp")]
         if status["phase"] != "Suspended":
             if attempt == 0:  # created suspended (a queue admits it later): nothing ran, nothing to stop
-                _phase(status, "Suspended", "JobSuspended", "created suspended: no pods until spec.suspend is false", now, gen)
-                plan.events.append(("Normal", "Suspended", "created suspended: no pods until spec.suspend is false"))
+                said = told = "created suspended: no pods until spec.suspend is false"
             else:
-                _phase(status, "Suspended", "JobSuspended", "suspended: pods removed after a checkpoint request", now, gen)
-                plan.events.append(("Normal", "Suspended", f"suspending attempt {attempt}: checkpoint requested, pods removed"))
+                said, told = ("suspended: pods removed after a checkpoint request",
+                              f"suspending attempt {attempt}: checkpoint requested, pods removed")
+            _phase(status, "Suspended", "JobSuspended", said, now, gen)
+            plan.events.append(("Normal", "Suspended", told))
         for p in live:
             if c.ANN_CHECKPOINT_REQUEST not in (p["metadata"].get("annotations") or {}):
                 plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
@@ -367,9 +368,9 @@ def _decide(o: Observed) -> Plan:
             status["attemptStartTime"] = now
             status["message"] = f"attempt {attempt}: admitted (scheduling gates lifted); starting"
         # What holds the others back, when a pod says (unschedulable, an image or a Secret missing):
-        # in status.message and one Event per change, not a silent timeout after startTimeoutSeconds.
-        # The Event is one per pod and cause: the counts and the scheduler's words change as a large
-        # gang's nodes come (an autoscaler adding them), and an Event per wording was hundreds.
+        # in status.message and an Event, not a silent timeout after startTimeoutSeconds. The Event
+        # is one per pod and cause: the counts and the scheduler's words change as a large gang's
+        # nodes come (an autoscaler adding them), and an Event per wording was hundreds.
         why = not_starting(current)
         if why:
             cause, words = why
