@@ -155,7 +155,7 @@ def test_pods_an_admission_policy_denies_are_retried_not_failed_for_good(jobs):
         jobs.create(job_manifest("vapped", nodes=1, steps=10))
         st = jobs.wait("vapped", lambda s: "no vapped pods here" in (s.get("message") or ""), timeout=60, what="the denial in status")
         assert st["phase"] == "Starting" and st["failures"] == 0
-        assert "GangCreateFailed" in [e.reason for e in jobs.events("vapped")]
+        jobs.wait_events("vapped", "GangCreateFailed")  # emitted right after the status write that said it
     finally:
         adm.delete_validating_admission_policy_binding(name)
         adm.delete_validating_admission_policy(name)

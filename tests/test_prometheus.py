@@ -78,6 +78,12 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
     # The operator's last scrape may predate attempt 2's Running (the preemptions came sooner): wait for one after it.
     wait_for(lambda: _value(prometheus, f'pretrain_operator_job_phase{{{sel}, phase="Running"}}') == 1, timeout=30,
              what="the job's phase Running in Prometheus")
+    # What the preemption cost: attempt 1's time up is in status, and the gauge goes on from it.
+    st = jobs.status("watched")
+    assert st["runningSeconds"] >= 1 and st["restart"]["fromAttempt"] == 1
+    assert _value(prometheus, f"pretrain_operator_job_lost_steps{{{sel}}}") == st.get("lostSteps", 0)
+    wait_for(lambda: (_value(prometheus, f"pretrain_operator_job_running_seconds{{{sel}}}") or 0) > st["runningSeconds"],
+             timeout=30, what="the time running to go on in attempt 2")
     # Both attempts are in the history: the step series of attempt 1 and of attempt 2.
     attempts = {r["metric"]["attempt"] for r in prometheus.query(f"max by (attempt) (max_over_time(pretrain_step{{{sel}}}[10m]))")}
     assert attempts == {"1", "2"}

@@ -620,6 +620,14 @@ class PretrainJobStatus(Model):
         "Restarts in a row of attempts that ended within 60 s of their first pod create; from the third, "
         "the next gang waits 10 s, doubling to 5 min (a node that refuses pods, an eviction storm, a trainer "
         "that exits at once with a retryable code), instead of a new gang every few seconds."))
+    runningSeconds: int = Field(0, description=(
+        "Seconds the job spent Running (every node up) in the attempts before the current one's Running "
+        "stretch: with the time since its Running condition's lastTransitionTime, the time the gang was up. "
+        "Against the time since creation, what restarts, queueing and starts cost (goodput)."))
+    lostSteps: int = Field(0, description=(
+        "Steps trained and then lost to restarts: at each restart, how far the ending attempt's reported progress "
+        "was past the last checkpoint (the next attempt trains them again). A preemption whose notice or SIGTERM "
+        "checkpoint committed loses none."))
     message: str = ""
 
 

@@ -413,7 +413,7 @@ class Controller:
         st = plan.status
         self.phases[(ns, name)] = st.get("phase", "Pending")
         self._update_phase_gauge()
-        metrics.observe_job(ns, name, st)
+        metrics.observe_job(ns, name, st, reconcile.running_seconds(st, dt.datetime.now(dt.timezone.utc)))
         r = st.get("restart")
         before = ((job.get("status") or {}).get("restart") or {}).get("requestedAt")
         if r and st.get("phase") == "Restarting" and r.get("requestedAt") != before:

@@ -125,7 +125,34 @@ def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, n
             _record_report(status, classify.report(p), spec, now)
 
 
+def running_since(status: dict) -> dt.datetime | None:
+    """When the job became Running, while it is (its Running condition's transition)."""
+    if status.get("phase") != "Running":
+        return None
+    return parse(next((cd.get("lastTransitionTime", "") for cd in status.get("conditions") or []
+                       if cd.get("type") == "Running" and cd.get("status") == "True"), ""))
+
+
+def running_seconds(status: dict, now: dt.datetime) -> float:
+    """Seconds the job has spent Running (every node up) over all its attempts, until now."""
+    since = running_since(status)
+    return status.get("runningSeconds", 0) + (max((now - since).total_seconds(), 0.0) if since else 0.0)
+
+
+def lost_steps(status: dict) -> int:
+    """Steps the ending attempt trained past its last checkpoint: the next attempt trains them
+    again. Counted from progress reported in this attempt only (a restart before the new attempt
+    reported any would count the previous one's again)."""
+    prog, started = status.get("progress") or {}, parse(status.get("attemptStartTime", ""))
+    updated = parse(prog.get("updated", ""))
+    if not (updated and started and updated >= started):
+        return 0
+    return max(prog.get("step", 0) - (status.get("lastCheckpoint") or {}).get("step", 0), 0)
+
+
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
+    if phase != "Running" and running_since(status):
+        status["runningSeconds"] = int(running_seconds(status, parse(now)))
     status["phase"] = phase
     status["message"] = message
     set_condition(status, "Running", phase == "Running", reason if phase == "Running" else phase, message if phase == "Running" else "", now, gen)
@@ -321,7 +348,8 @@ def _decide(o: Observed) -> Plan:
         set_last_checkpoint(status, spec.checkpoint.path, spec.training.steps, now)
         status["readyNodes"] = f"0/{spec.nodes}"
         _phase(status, "Succeeded", "AllRanksSucceeded", f"all {spec.nodes} node(s) exited 0 in attempt {attempt}", now, gen)
-        plan.events.append(("Normal", "Succeeded", f"training finished in attempt {attempt}"))
+        plan.events.append(("Normal", "Succeeded", f"training finished in attempt {attempt}: {status.get('runningSeconds', 0)} s "
+                                                   f"running, {status.get('lostSteps', 0)} step(s) trained again after restarts"))
         return plan
     if outcome.outcome == classify.PERMANENT:
         return _fail(plan, o, outcome.reason, outcome.message)
@@ -550,6 +578,9 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
         mp = spec.failurePolicy.maxPreemptions
         if mp is not None and st["preemptions"] > mp:
             return _fail(plan, o, "MaxPreemptionsExceeded", f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {mp}")
+    lost = lost_steps(st)
+    if lost:
+        st["lostSteps"] = st.get("lostSteps", 0) + lost
     old_attempt = st["attempt"]
     started = parse(st.get("attemptStartTime", ""))
     quick = kind != "Resume" and started is not None and (o.now - started).total_seconds() < QUICK_ATTEMPT_S
