@@ -191,7 +191,8 @@ def main() -> int:
     print()
     pr = st.get("progress") or {}
     print(f"== {st.get('phase')}: final loss {pr.get('loss')} (held-out {pr.get('validationLoss')}), attempts {st.get('attempt')}, "
-          f"preemptions {st.get('preemptions')}, failures {st.get('failures')}")
+          f"preemptions {st.get('preemptions')}, failures {st.get('failures')}; status: {st.get('runningSeconds', 0)} s running, "
+          f"{st.get('lostSteps', 0)} step(s) trained again after restarts")
     if preempted:
         logs = kubectl(lc, "logs", "quickstart-a2-n0") if st.get("attempt", 1) >= 2 else ""
         r = [ln for ln in logs.splitlines() if "resumed from" in ln]
