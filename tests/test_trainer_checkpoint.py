@@ -23,7 +23,7 @@ import pytest
 
 from pretrain_operator import contract as c
 from tests.helpers import wait_for
-from tests.trainer_util import (TORCHRUN, cmd, env, free_port, loss_steps, losses, run, single_process_losses, wait_for_step,
+from tests.trainer_util import (TORCHRUN, cmd, env, free_port, injected, loss_steps, losses, run, single_process_losses, wait_for_step,
                                 write_config)
 
 torch = pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
@@ -254,13 +254,10 @@ def test_a_checkpoint_that_fails_to_read_or_load_stops_the_run_and_is_kept_for_t
     # the weights the failed load had partly overwritten. Now nothing is set aside, nothing is
     # trained, the exit is a crash (the operator retries it), and the next attempt resumes.
     run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "first.txt")
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(INJECT_IO_ERROR[where])
+    code = INJECT_IO_ERROR[where]
     cfg = write_config(tmp_path, steps=9, interval=3)
     report = tmp_path / "termination-log"
-    e = {**env(), "PYTHONPATH": os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")]),
-         c.ENV_TERMINATION_MESSAGE: str(report)}
+    e = injected(tmp_path, code, {**env(), c.ENV_TERMINATION_MESSAGE: str(report)})
     r = subprocess.run(cmd(cfg, 1, tmp_path / "again.txt"), env=e, capture_output=True, text=True, timeout=120)
     assert r.returncode not in (0, c.EXIT_PREEMPTED, c.EXIT_PERMANENT), r.stderr[-3000:]
     assert f"checkpoint {tmp_path / 'ckpt' / 'step-00000006'} {says} (OSError: [Errno 5] injected" in r.stderr, r.stderr[-3000:]
@@ -271,6 +268,46 @@ def test_a_checkpoint_that_fails_to_read_or_load_stops_the_run_and_is_kept_for_t
     r = run(cfg, 1, tmp_path / "again.txt")  # the next attempt, the file system back
     assert f"resumed from {tmp_path / 'ckpt' / 'step-00000006'}" in r.stderr
     assert loss_steps(tmp_path / "again.txt") == [7, 8, 9]
+
+
+def _gang(cfg: Path, e: dict, losses_out: Path, timeout: float = 150) -> tuple[list[int], list[str]]:
+    """Two ranks as two processes (RANK, WORLD_SIZE: no torchrun), each with its own stderr; their
+    exit codes and stderr. A rank still running after `timeout` s fails the test (both are killed)."""
+    port = free_port()
+    procs = [subprocess.Popen(cmd(cfg, 1, losses_out), stderr=subprocess.PIPE, text=True,
+                              env={**e, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": port}) for r in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+    return [p.returncode for p in procs], errs
+
+
+def test_a_metadata_read_failing_on_one_rank_stops_every_rank_before_the_load_instead_of_hanging(tmp_path):
+    # Each rank read DCP's metadata (the check for another model) in the same try as the load: a
+    # read failing on rank 1 alone sent it to the verdict's collective while rank 0 stood in the
+    # load's, a hang until the collective timeout (10 minutes). The ranks now agree on the check
+    # before either loads. The failure is injected into rank 1's reads of DCP's metadata.
+    run(write_config(tmp_path, nproc=2, data=2, steps=3, interval=3), 2, tmp_path / "first.txt")
+    code = (
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import torch.distributed.checkpoint as dcp\n"
+        "    def read_metadata(self, *a, **k):\n"
+        "        raise OSError(5, 'injected: Input/output error', '.metadata')\n"
+        "    dcp.FileSystemReader.read_metadata = read_metadata\n")
+    e = injected(tmp_path, code)
+    codes, errs = _gang(write_config(tmp_path, nproc=2, data=2, steps=6, interval=3), e, tmp_path / "again.txt")
+    step = tmp_path / "ckpt" / "step-00000003"
+    assert all(code not in (0, c.EXIT_PREEMPTED, c.EXIT_PERMANENT) for code in codes), errs[0][-3000:]
+    assert f"LoadFailed: checkpoint {step} verifies but did not load (OSError: [Errno 5] injected" in errs[1], errs[1][-3000:]
+    assert f"LoadFailed: checkpoint {step} verifies but did not load (rank 1: OSError: [Errno 5] injected" in errs[0], errs[0][-3000:]
+    assert _committed(tmp_path) == ["step-00000003"] and not list((tmp_path / "ckpt").glob("*.unusable"))
+    assert not (tmp_path / "again.txt").exists()  # nothing trained
 
 
 def test_committed_checkpoints_of_which_none_verifies_stop_the_run_for_good_and_are_kept(tmp_path):
@@ -481,9 +518,7 @@ def test_an_async_save_that_fails_on_one_rank_only_stops_every_rank_instead_of_h
     # The failing rank went on to save synchronously alone, in other collectives than its peers,
     # whose saves were with their writers: the gang hung until its pods were killed. The fault is
     # injected into DCP on rank 1 (a writer process killed, say), by a sitecustomize.
-    inject = tmp_path / "inject"
-    inject.mkdir()
-    (inject / "sitecustomize.py").write_text(
+    code = (
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
         "    import torch.distributed.checkpoint as dcp\n"
@@ -492,12 +527,65 @@ def test_an_async_save_that_fails_on_one_rank_only_stops_every_rank_instead_of_h
         "    dcp.async_save = async_save\n")
     cfg = write_config(tmp_path, nproc=2, data=2, steps=9, interval=3,
                        extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
-    e = env()
-    e["PYTHONPATH"] = os.pathsep.join([str(inject), e.get("PYTHONPATH", "")])
+    e = injected(tmp_path, code)
     r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=e, capture_output=True, text=True, timeout=180)
     assert r.returncode != 0
     assert "the async checkpoint of step 3 failed on some ranks only (OSError: injected" in r.stderr, r.stderr[-3000:]
     assert not _committed(tmp_path)
+
+
+def test_a_preemption_after_a_failed_async_write_still_saves_its_step_and_exits_83(tmp_path):
+    # The preemption's save first waited for the previous async save, whose failure it raised: the
+    # emergency checkpoint was never tried, and the exit was a crash (1), not 83. Injected, by a
+    # sitecustomize: step 3's files cannot be written (in the async writer process), and a SIGTERM
+    # comes as soon as that save is handed over, so step 4's save is the preemption's.
+    code = (
+        "import contextlib, os, signal\n"
+        "import pretrain_trainer.checkpoint as ck\n"
+        "create_stream = ck._ChecksumFileSystem.create_stream\n"
+        "@contextlib.contextmanager\n"
+        "def failing_for_step_3(self, path, mode):\n"
+        "    if 'step-00000003' in str(path) and str(path).endswith('.distcp'):\n"
+        "        raise OSError(5, 'injected: Input/output error', str(path))\n"
+        "    with create_stream(self, path, mode) as stream:\n"
+        "        yield stream\n"
+        "ck._ChecksumFileSystem.create_stream = failing_for_step_3\n"
+        "save = ck.Checkpointer.save\n"
+        "def save_then_sigterm(self, step, *a, **k):\n"
+        "    done = save(self, step, *a, **k)\n"
+        "    if step == 3:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return done\n"
+        "ck.Checkpointer.save = save_then_sigterm\n")
+    cfg = write_config(tmp_path, steps=40, interval=3, extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3,
+                                                                              "async": True}})
+    e = injected(tmp_path, code)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "losses.txt"), env=e, capture_output=True, text=True, timeout=180)
+    assert r.returncode == c.EXIT_PREEMPTED, r.stderr[-3000:]
+    assert "the async checkpoint of step 3 failed (rank 0: OSError: [Errno 5] injected" in r.stderr, r.stderr[-3000:]
+    assert "; saving step 4 synchronously anyway" in r.stderr
+    assert "stop requested (SIGTERM): checkpoint of step 4 saved; exiting 83" in r.stderr
+    assert _committed(tmp_path) == ["step-00000004"]
+    r = run(write_config(tmp_path, steps=5, interval=3), 1, tmp_path / "losses.txt")  # and it resumes
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-00000004'}" in r.stderr
+    assert loss_steps(tmp_path / "losses.txt") == [1, 2, 3, 4, 5]
+
+
+def test_closing_with_a_failed_async_save_pending_logs_it_instead_of_raising(tmp_path, caplog):
+    # close() comes as the run ends with a code of its own (83 for a fenced-off attempt, 85 for too
+    # many skipped steps): a pending async save's failure raised there made it a crash's.
+    from concurrent.futures import Future
+
+    from pretrain_trainer.checkpoint import Checkpointer
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=1, rank=0, world=1, async_save=True)
+    written: Future = Future()
+    written.set_exception(OSError(5, "injected: Input/output error"))
+    ckpt.pending = (written, 3, None)
+    with caplog.at_level("ERROR", logger="pretrain_trainer.checkpoint"):
+        ckpt.close()
+    assert ("the async checkpoint of step 3 failed (OSError: [Errno 5] injected: Input/output error); nothing more is saved"
+            in caplog.text)
+    assert ckpt.pending is None
 
 
 def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_save_keeps_it(tmp_path):
@@ -564,6 +652,64 @@ def test_only_the_last_keep_checkpoints_stay_and_a_folder_cut_short_before_them_
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000005", "step-00000006"]
     assert _committed(tmp_path) == ["step-00000005", "step-00000006"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "step-00000006"
+
+
+# Injected into the trainer by a sitecustomize: each fsync (the path of the file or folder synced),
+# rename and pruning, in order, into $CKPT_EVENTS.
+RECORD_SYNCS = (
+    "import os, threading\n"
+    "import pretrain_trainer.checkpoint as ck\n"
+    "events, lock = open(os.environ['CKPT_EVENTS'], 'a', buffering=1), threading.Lock()\n"
+    "def note(*what):\n"
+    "    with lock:\n"
+    "        events.write(' '.join(map(str, what)) + '\\n')\n"
+    "fsync, replace, prune = os.fsync, os.replace, ck.Checkpointer._prune\n"
+    "def noted_fsync(fd):\n"
+    "    fsync(fd)\n"
+    "    note('fsync', os.readlink(f'/proc/self/fd/{fd}'))\n"
+    "def noted_replace(src, dst, *a, **k):\n"
+    "    replace(src, dst, *a, **k)\n"
+    "    note('replace', src, dst)\n"
+    "def noted_prune(self, d):\n"
+    "    note('prune', d)\n"
+    "    prune(self, d)\n"
+    "os.fsync, os.replace, ck.Checkpointer._prune = noted_fsync, noted_replace, noted_prune\n")
+
+
+def test_every_file_a_marker_lists_and_the_folders_are_synced_before_the_marker_and_pruning_after(tmp_path):
+    # Only the data files and DCP's metadata were fsynced: after a node's crash the marker could
+    # list empty files (extra.json, the RNG, the .crc32 files) or be empty itself, so the checkpoint
+    # failed verification, and with keep 1 pruning had already deleted the previous one. A test
+    # cannot crash the node: this one checks, from the fsyncs and renames made, the order that
+    # makes a crash safe (every file the marker lists, then the folders' entries, then the marker
+    # and its rename, then `latest` and the root) and that pruning comes only after it.
+    code = RECORD_SYNCS
+    events = tmp_path / "events.txt"
+    e = injected(tmp_path, code, {**env(), "CKPT_EVENTS": str(events)})
+    r = subprocess.run(cmd(write_config(tmp_path, steps=3, interval=1, keep=1), 1, tmp_path / "losses.txt"), env=e,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _committed(tmp_path) == ["step-00000003"]  # steps 1 and 2 pruned (keep 1)
+    root = tmp_path / "ckpt"
+    listed = json.loads((root / "step-00000003" / "COMMITTED").read_text())["files"]  # the same names at every step
+    assert {"extra.json", "rng/rank-0.pt", ".metadata", "__0_0.distcp", "__0_0.distcp.crc32"} <= set(listed)
+    seen = [line.split(" ") for line in events.read_text().splitlines()]
+
+    def at(*event, after: int = -1) -> int:
+        return next(i for i, x in enumerate(seen) if i > after and x == list(event))
+
+    for step in (1, 2, 3):
+        d = root / f"step-{step:08d}"
+        marked = at("replace", f"{d}/COMMITTED.tmp", f"{d}/COMMITTED")
+        files = [i for i, x in enumerate(seen[:marked]) if x[0] == "fsync" and x[1].removesuffix(".tmp") in
+                 {f"{d}/{rel}" for rel in listed}]  # DCP syncs its .metadata.tmp before renaming it
+        assert {seen[i][1].removesuffix(".tmp") for i in files} == {f"{d}/{rel}" for rel in listed}, step
+        assert max(files) < at("fsync", f"{d}/rng") < marked and max(files) < at("fsync", str(d)) < marked
+        assert at("fsync", f"{d}/COMMITTED.tmp") < marked
+        folder = at("fsync", str(d), after=marked)  # the marker's rename
+        latest = at("replace", f"{root}/latest.tmp", f"{root}/latest", after=folder)
+        assert folder < at("fsync", f"{root}/latest.tmp", after=folder) < latest
+        assert latest < at("fsync", str(root), after=latest) < at("prune", str(d), after=marked), step
 
 
 def test_eval_gives_the_same_held_out_loss_for_checkpoints_of_different_layouts(tmp_path):

@@ -11,13 +11,14 @@ processes on one shared folder, as two attempts' pods on one volume would be.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 
 import pytest
 
 from pretrain_operator import contract as c
-from tests.trainer_util import cmd, env, losses, wait_for_step, write_config
+from tests.trainer_util import cmd, env, free_port, injected, losses, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 from pretrain_trainer.checkpoint import committed_steps  # noqa: E402  (after the torch check)
@@ -43,7 +44,9 @@ def test_a_stale_attempt_stops_without_committing_once_the_next_one_claims_the_f
     two = subprocess.Popen(cmd(cfg, 1, tmp_path / "a2.txt"), stderr=subprocess.PIPE, text=True, env=attempt_env(2))
     err1 = one.communicate(timeout=120)[1]
     assert one.returncode == c.EXIT_PREEMPTED, err1[-3000:]
-    assert f"job {UID} attempt 2 has claimed {root} since this attempt started: stopping at step" in err1
+    # At its next step, or at once when the claim refused a save's commit (fewer than 1 s apart here).
+    said = f"job {UID} attempt 2 has claimed {root} since this attempt started: "
+    assert f"{said}stopping at step" in err1 or re.search(re.escape(said) + r"checkpoint of step \d+ not committed; exiting 83", err1)
     err2 = two.communicate(timeout=300)[1]
     assert two.returncode == 0, err2[-3000:]
 
@@ -112,6 +115,65 @@ def test_a_second_job_on_a_folder_a_live_trainer_holds_fails_for_good_naming_it_
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"was job {UID}'s (attempt 1, its trainer has exited): this job (copied-job) takes it over" in again.stderr
     assert f"resumed from {root}/step-{last:08d}" in again.stderr
+
+
+def test_a_last_step_save_fenced_off_at_its_commit_exits_83_on_every_rank_not_0(tmp_path):
+    # Rank 0 reads the fence at most once a second while training: a new attempt claiming the folder
+    # within that second, as the last step's save began, made the commit refuse that save without a
+    # word, and the run exited 0 (the contract's "the last step checkpointed") with step 6 not
+    # committed. The claim is injected as that save begins, after the step's own read of the fence.
+    code = (
+        "import json\n"
+        "import pretrain_trainer.checkpoint as ck\n"
+        "save = ck.Checkpointer.save\n"
+        "def claimed_then_save(self, step, *a, final=False, **k):\n"
+        "    if final and self.rank == 0:  # attempt 2's pod claiming the folder as it starts\n"
+        f"        (self.root / 'ATTEMPT').write_text(json.dumps({{'job': '{UID}', 'attempt': 2, 'time': 0}}))\n"
+        "    return save(self, step, *a, final=final, **k)\n"
+        "ck.Checkpointer.save = claimed_then_save\n")
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=6, interval=3)
+    root = tmp_path / "ckpt"
+    e = injected(tmp_path, code, {**attempt_env(1), "PET_NPROC_PER_NODE": "2", "PET_MASTER_PORT": free_port()})
+    r = subprocess.run(cmd(cfg, 2, tmp_path / "l.txt", launch=True), capture_output=True, text=True, env=e, timeout=180)
+    assert r.returncode == c.EXIT_PREEMPTED, r.stderr[-3000:]
+    said = f"has claimed {root} since this attempt started: checkpoint of step 6 not committed; exiting 83"
+    assert f"[rank 0] job {UID} attempt 2 {said}" in r.stderr and f"[rank 1] another attempt {said}" in r.stderr
+    assert sorted(markers(root)) == [3]
+    assert json.loads((root / "ATTEMPT").read_text())["attempt"] == 2  # left to attempt 2, not released
+
+
+def test_an_older_attempts_release_racing_the_next_claim_leaves_the_folder_to_the_newer_attempt(tmp_path, monkeypatch, caplog):
+    # Attempt 1's trainer, as it ended, read the fence (its own), attempt 2 claimed the folder, then
+    # attempt 1 wrote the fence released with its own fields: attempt 2 read it as taken and stopped
+    # at its next step (83) without saving, and the released folder was free for another job. The
+    # claim is made between attempt 1's read and its write.
+    from pretrain_trainer import fence
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    one, two = fence.Fence(root, (UID, 1)), fence.Fence(root, (UID, 2))
+    assert one.claim() is None
+    read = one._read
+
+    def read_then_claimed() -> dict:
+        held = read()
+        assert two.claim() is None  # attempt 2's pod, starting meanwhile
+        return held
+
+    monkeypatch.setattr(one, "_read", read_then_claimed)
+    try:
+        one.close()
+        assert json.loads((root / "ATTEMPT").read_text())["attempt"] == 1  # the race: attempt 1's release over the claim
+        with caplog.at_level("WARNING", logger="pretrain_trainer.fence"):
+            assert two.taken_by(now=True) is None
+        assert ("was written by attempt 1 of this job after attempt 2 claimed it (released as its trainer ended): claimed again"
+                in caplog.text)
+        assert json.loads((root / "ATTEMPT").read_text()) | {"time": 0} == {"job": UID, "attempt": 2, "time": 0}
+        with pytest.raises(fence.InUse):  # held again: another job cannot take it from attempt 2's live trainer
+            fence.Fence(root, ("another-job", 1)).claim()
+    finally:
+        monkeypatch.undo()
+        fence.release_held()
+    assert json.loads((root / "ATTEMPT").read_text())["attempt"] == 2  # released by attempt 2 as it ends
 
 
 def test_without_the_operators_identity_nothing_is_fenced(tmp_path):

@@ -44,6 +44,17 @@ def env(podinfo: Path | None = None) -> dict:
     return e
 
 
+def injected(tmp_path: Path, code: str, base: dict | None = None) -> dict:
+    """An environment (`base`, else env()) whose Python processes run `code` at start-up, as a
+    sitecustomize: how the tests inject a fault into the trainer and its forked or spawned ranks."""
+    inject = tmp_path / "inject"
+    inject.mkdir(exist_ok=True)
+    (inject / "sitecustomize.py").write_text(code)
+    e = dict(base if base is not None else env())
+    e["PYTHONPATH"] = os.pathsep.join([str(inject), e.get("PYTHONPATH", "")])
+    return e
+
+
 def cmd(config: Path, nproc: int, losses: Path, launch: bool = False, launch_options: tuple[str, ...] = ()) -> list[str]:
     """The trainer's command line: one process, torchrun, or (launch) the pods' launcher with
     torchrun's options before the subcommand."""

@@ -1,6 +1,7 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): one `step-NNNNNNNN/` folder per save, a
 `COMMITTED` marker written last (after every rank's shards and DCP's `.metadata`), then a `latest`
-pointer; the last `keep` committed ones are kept.
+pointer; the last `keep` committed ones are kept. Every file the marker lists, the folder, the
+marker and `latest` are fsynced in that order, before any older checkpoint is pruned (`_mark`).
 
 Saved: model and optimizer (through `get_state_dict`, keyed by layout-independent FQNs, so a
 checkpoint loads into another layout), the LR schedule, the data position, step and tokens seen,
@@ -37,6 +38,7 @@ folder (hf.py). Every rank reads the whole model: call it before sharding.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
@@ -45,6 +47,7 @@ import os
 import shutil
 import threading
 import time
+import traceback
 import zlib
 from concurrent.futures import Future
 from pathlib import Path
@@ -70,6 +73,16 @@ CRC = ".crc32"  # beside each data file: its CRC32, from the process that wrote 
 # What a checkpoint that does not load raises: DCP gathers every rank's failure into a
 # CheckpointException, a BaseException (it escapes `except Exception`).
 LOAD_ERRORS = (Exception, CheckpointException)
+SAVE_ERRORS = LOAD_ERRORS  # an async save's, raised by its future
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as a log line: DCP's CheckpointException as each failed rank's exception (its
+    text otherwise starts with their tracebacks, the exception last)."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {traceback.format_exception_only(type(x), x)[-1].strip()}"
+                         for r, (x, _) in e.failures.items())
+    return f"{type(e).__name__}: {e}"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -116,6 +129,31 @@ def verify(d: Path, raise_io: bool = False) -> str | None:
         if f.stat().st_size != size:
             return f"{rel} has {f.stat().st_size} bytes, the marker recorded {size}"
     return None
+
+
+def sync(f) -> None:
+    """Flush an open file to the disk (not only to the OS's cache)."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        sync(f)
+
+
+def sync_folder(d: Path) -> None:
+    """fsync a folder: the files created and renamed in it since survive a crash of the node. A
+    file system that cannot (EINVAL from some FUSE and network ones) makes no such promise anyway."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def file_crc(f: Path) -> int:
@@ -346,7 +384,7 @@ class _ChecksumFileSystem(FileSystem):
                 return
             out = _Checksummed(stream)
             yield out
-        Path(str(path) + CRC).write_text(str(out.crc))
+        write_synced(Path(str(path) + CRC), str(out.crc))  # listed in the marker: as durable as the data file
 
 
 @contextlib.contextmanager
@@ -554,14 +592,22 @@ class Checkpointer:
             self.saved_state = live, self._state(model, optim)[0]
         return self.saved_state[1]
 
-    def save(self, step: int, model, optim, extra: dict, final: bool = False) -> None:
-        """Save (async: blocks only for staging); commit when the shards are written.
+    def save(self, step: int, model, optim, extra: dict, final: bool = False) -> bool:
+        """Save (async: blocks only for staging); commit when the shards are written. False, on every
+        rank, when a synchronous save was not committed: another attempt has claimed the folder since
+        this one last read the fence (fence.py), so this one is stale and stops (exit 83). An async
+        save commits later, in the background (True here): a fence taken meanwhile stops the loop at
+        its next step.
 
         A `final` save (the last step, a preemption) is synchronous: the run waits for it anyway,
-        and an async one would first start the writer process and stage a copy. Nor is it counted
-        in `blocked_seconds`, the time the training loop waited for saves before it went on."""
+        and an async one would first start the writer process and stage a copy. An earlier async
+        save that failed is logged, not raised, before it: it is saved all the same. Nor is it
+        counted in `blocked_seconds`, the time the training loop waited for saves before it went on."""
         t_blocked = time.monotonic()
-        self.wait(blocking=not final)  # waiting for the previous async save blocks training too
+        if final:  # the checkpoint that matters most: an earlier async save's failure must not keep it from being tried
+            self._wait_logging(f"saving step {step} synchronously anyway")
+        else:
+            self.wait()  # waiting for the previous async save blocks training too; its failure stops the run
         t0 = time.monotonic()
         d = step_dir(self.root, step)
         if self.rank == 0:
@@ -570,11 +616,13 @@ class Checkpointer:
             d.mkdir(parents=True)
         dist.barrier()
         (d / "rng").mkdir(parents=True, exist_ok=True)
-        torch.save({"cpu": torch.get_rng_state(), "world": self.world,
-                    # This rank's own device only: all visible devices' states did not fit a resume
-                    # with fewer GPUs per pod (an IndexError on every attempt).
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
-                   d / "rng" / f"rank-{self.rank}.pt")
+        # Synced by the rank that writes it: rank 0's fsync at the commit would not flush another node's cache.
+        with open(d / "rng" / f"rank-{self.rank}.pt", "wb") as f:
+            torch.save({"cpu": torch.get_rng_state(), "world": self.world,
+                        # This rank's own device only: all visible devices' states did not fit a resume
+                        # with fewer GPUs per pod (an IndexError on every attempt).
+                        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, f)
+            sync(f)
         state = self._save_state(model, optim)
         if self.async_save and not final and self._async_ready(state):
             r, failed = None, None
@@ -599,11 +647,12 @@ class Checkpointer:
                     fut = r
                 self.pending = (fut, step, self._commit_when_written(fut, step, extra, t0) if self.rank == 0 else None)
                 self._blocked(step, time.monotonic() - t_blocked, done=self.staging is None)
-                return
+                return True
         dcp.save(state, storage_writer=self._writer(d), planner=self._planner())
-        self._commit(step, extra, t0)
+        committed = self._commit(step, extra, t0)
         if not final:
             self._blocked(step, time.monotonic() - t_blocked)
+        return committed
 
     @staticmethod
     def _planner() -> DefaultSavePlanner:
@@ -649,11 +698,26 @@ class Checkpointer:
             self.blocked_this = 0.0
 
     def close(self) -> None:
-        self.wait(blocking=False)
+        """Wait for an async save still pending, and for pruning. The run ends with a code of its own
+        (83 for a fenced-off attempt, 85), which a pending save's failure raised here replaced with
+        a crash's: it is logged instead."""
+        self._wait_logging("nothing more is saved")
         self._join_pruner()
         if self.stager is not None:
             self.stager.close()
             self.stager = None
+
+    def _wait_logging(self, then: str) -> None:
+        """`wait` (not counted as blocking training), logging an earlier async save's failure instead
+        of raising it. For a final save: before, its `wait` raised that failure, so a preemption's
+        checkpoint was never attempted and the exit was a crash, not 83. Whatever its own writer
+        did, every rank goes on to the same synchronous save (the same collectives)."""
+        failed = self.pending[1] if self.pending else None
+        try:
+            self.wait(blocking=False)
+        except SAVE_ERRORS as e:  # noqa: BLE001  (any failure of that save: it is not committed)
+            self.staging = self.pending = None
+            log.error("the async checkpoint of step %s failed (%s); %s", failed, one_line(e), then)
 
     def wait(self, blocking: bool = True) -> None:
         """Wait until an async save is written and committed (`blocking`: the training loop waits);
@@ -687,33 +751,48 @@ class Checkpointer:
         fut.add_done_callback(done)
         return commit
 
-    def _commit(self, step: int, extra: dict, t0: float) -> None:
-        """Commit a synchronous save: every rank's shards and RNG file are on disk, then rank 0 marks it."""
+    def _commit(self, step: int, extra: dict, t0: float) -> bool:
+        """Commit a synchronous save: every rank's shards and RNG file are on disk, then rank 0 marks
+        it. Whether it did, on every rank: only rank 0 reads the fence, and a last step's save that
+        it refused went unsaid, the run exiting 0 with that step not checkpointed."""
         dist.barrier()
+        done = torch.tensor([0])
         if self.rank == 0:
-            self._mark(step, extra, t0)
-        dist.barrier()
+            done[0] = int(self._mark(step, extra, t0))
+        dist.broadcast(done, src=0)  # also what the barrier after the marker was: no rank goes on before it
+        return bool(done)
 
-    def _mark(self, step: int, extra: dict, t0: float) -> None:
+    def _mark(self, step: int, extra: dict, t0: float) -> bool:
+        """Rank 0 commits a written save; False when the fence is taken (nothing committed)."""
         d = step_dir(self.root, step)
         taken = self.fence.taken_by(now=True)
         if taken:  # a stale attempt: its save stays uncommitted, never loaded, removed by the next commit
             log.warning("checkpoint step %d not committed: %s has claimed %s since this attempt started", step, taken, self.root)
-            return
-        (d / "extra.json").write_text(json.dumps(extra))
+            return False
+        write_synced(d / "extra.json", json.dumps(extra))
         paths = [p for p in sorted(d.rglob("*")) if p.is_file()]
         files = {str(p.relative_to(d)): p.stat().st_size for p in paths}
         # Data files' CRC32s come from their writers; the small files (DCP's metadata, each rank's
         # RNG, extra.json) are read here.
         crcs = {str(p.relative_to(d)): int(Path(str(p) + CRC).read_text()) if p.suffix == ".distcp" else file_crc(p)
                 for p in paths if p.suffix != CRC}
+        # Durable in this order, or a node's crash could leave a marker listing files that are empty
+        # or gone (the checkpoint no longer verifies) while pruning had deleted the older ones: every
+        # file is synced by its writer (the data files and DCP's metadata by DCP, their .crc32 files,
+        # each rank's RNG, extra.json above); here the folders' entries, then the marker, then its
+        # rename, then `latest` and the step folder's own entry in the root. Pruning comes after.
+        if (d / "rng").is_dir():
+            sync_folder(d / "rng")
+        sync_folder(d)
         tmp = d / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files,
-                                   "crc32": crcs, **self.fence.fields()}))
+        write_synced(tmp, json.dumps({"step": step, "world": self.world, "time": time.time(), "files": files,
+                                      "crc32": crcs, **self.fence.fields()}))
         os.replace(tmp, d / MARKER)
+        sync_folder(d)
         latest_tmp = self.root / "latest.tmp"
-        latest_tmp.write_text(d.name)
+        write_synced(latest_tmp, d.name)
         os.replace(latest_tmp, self.root / "latest")
+        sync_folder(self.root)
         # Deleting old checkpoints took 0.1 s of every 97 MiB save's blocked time here (longer on
         # network file systems): a thread does it while training goes on. It only touches folders
         # older than this one; the next commit and `close` wait for it.
@@ -723,6 +802,7 @@ class Checkpointer:
         self.last_step, self.last_time = step, time.time()
         self.save_seconds = time.monotonic() - t0
         log.info("checkpoint step %d committed in %.2f s", step, self.save_seconds)
+        return True
 
     def _prune(self, d: Path) -> None:
         for old in committed_steps(self.root)[:-self.keep]:
@@ -802,31 +882,26 @@ class Checkpointer:
         its extra dict. Any failure, on any rank, is `LoadFailed` on every rank (before: the
         previous checkpoint was tried, and with none left the run started over from step 0 with
         the model and optimizer partly overwritten by the failed load); another model is `OtherModel`."""
-        other = failed = None
-        try:
-            other = model_mismatch(d, shapes)
-            if not other:
-                state, groups = self._state(model, optim)
-                dcp.load(state, checkpoint_id=str(d))
-                set_state_dict(model, optim, model_state_dict=state["model"],
-                               optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
-        except LOAD_ERRORS as e:  # noqa: BLE001  (any failure: the run stops, below, on every rank)
-            failed = f"{type(e).__name__}: {e}"
-            if self.rank != 0:
-                log.error("checkpoint %s did not load: %s", d, failed)
-        seen = torch.tensor([1 if failed else 0, 1 if other else 0])  # [failed, another model]
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        if other:  # the same answer on every rank that read the metadata (the same files, the gathered shapes)
+        other, failed = self._agreed_mismatch(d, shapes)
+        if other:  # found by a rank that read the metadata: the checkpoint's, whatever another could not read
             raise OtherModel(
                 f"{d} holds another model than this config's model{' and lora' if has_frozen(model) else ''} "
                 f"({other}): a checkpoint resumes only into the model that saved it; set the config back, or "
                 "give checkpoint.path a new folder (model.initFrom starts from an exported model)")
-        if seen.any():
-            raise LoadFailed(
-                f"checkpoint {d} verifies but did not load ({failed or 'on another rank, whose log says why'}): "
-                "stopping with nothing set aside, as the model and optimizer may hold part of it; the next attempt "
-                f"loads it again. Should it be damaged in a way its marker cannot show (a marker without checksums), "
-                f"move it out of {self.root} to resume from the previous one")
+        if failed:
+            raise self._load_failed(d, failed)
+        try:
+            state, groups = self._state(model, optim)
+            dcp.load(state, checkpoint_id=str(d))
+            set_state_dict(model, optim, model_state_dict=state["model"],
+                           optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
+        except LOAD_ERRORS as e:  # noqa: BLE001  (any failure: the run stops, below, on every rank)
+            failed = f"{type(e).__name__}: {e}"
+            if self.rank != 0:
+                log.error("checkpoint %s did not load: %s", d, failed)
+        failed = self._first(failed, self._gathered(failed))
+        if failed:
+            raise self._load_failed(d, failed)
         extra = json.loads((d / "extra.json").read_text())
         rng = d / "rng" / f"rank-{self.rank}.pt"
         saved = torch.load(rng, weights_only=False) if rng.exists() else None
@@ -847,6 +922,40 @@ class Checkpointer:
         if self.rank == 0:
             log.info("resumed from %s", d)
         return extra
+
+    def _agreed_mismatch(self, d: Path, shapes: dict[str, tuple]) -> tuple[str | None, str | None]:
+        """(how the model saved in `d` differs from this one, why DCP's metadata could not be read),
+        the same on every rank, before any rank enters DCP's load (a collective). Each rank reads the
+        metadata itself (as the load will); had one rank's read failed (a transient I/O error) while
+        the others went on, that rank stood in the verdict's collective and the others in the load's:
+        a hang until the collective timeout. Another rank's answer is named by its rank."""
+        other = failed = None
+        try:
+            other = model_mismatch(d, shapes)
+        except LOAD_ERRORS as e:  # noqa: BLE001  (an unreadable .metadata: LoadFailed on every rank)
+            failed = f"{type(e).__name__}: {e}"
+            if self.rank != 0:
+                log.error("checkpoint %s: DCP's metadata could not be read: %s", d, failed)
+        every = self._gathered((other, failed))
+        return self._first(other, [o for o, _ in every]), self._first(failed, [f for _, f in every])
+
+    def _gathered(self, mine):
+        """Every rank's `mine`, by rank (a collective: every rank calls it at the same point)."""
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        return every
+
+    @staticmethod
+    def _first(mine: str | None, every: list) -> str | None:
+        """This rank's answer, else the first other rank's, naming that rank."""
+        return mine or next((f"rank {r}: {x}" for r, x in enumerate(every) if x), None)
+
+    def _load_failed(self, d: Path, why: str) -> LoadFailed:
+        return LoadFailed(
+            f"checkpoint {d} verifies but did not load ({why}): "
+            "stopping with nothing set aside, as the model and optimizer may hold part of it; the next attempt "
+            f"loads it again. Should it be damaged in a way its marker cannot show (a marker without checksums), "
+            f"move it out of {self.root} to resume from the previous one")
 
     def _set_aside(self, d: Path) -> None:
         """Rename a committed checkpoint that did not verify out of the run's steps, once every rank

@@ -27,7 +27,12 @@ Limits: a job between two attempts (no trainer running) can lose its folder to a
 then; its next attempt then fails for good, saying which job took it. A stale attempt trains on for
 up to a second (the read's interval) after it was replaced, and the save it may have begun before
 then is written but never committed (its folder has no marker, so it is never loaded, and the next
-commit's clean-up removes it). Every read opens the file, which NFS revalidates (close-to-open
+commit's clean-up removes it; the attempt exits 83, the last step's save included). A release reads
+the fence, then writes it: a next attempt's claim in between is overwritten by the older attempt's
+released fence. The newer attempt's rank 0, finding an older attempt of its job there (which never
+takes the folder from it), claims it again at its next read (within a second while training,
+BEAT_S while loading); another job starting in between can take the folder over (the newer attempt
+then stops, 83). Every read opens the file, which NFS revalidates (close-to-open
 consistency); one mounted `nocto` can delay what a read sees by its cache time. Two saves of the
 same step at the same moment, one stale, one new, are not prevented: the new attempt reaches that
 step only after its start and a checkpoint's load, later than the stale one notices.
@@ -71,6 +76,7 @@ class Fence:
         self.taken: str | None = None
         self.stop = threading.Event()
         self.beat: threading.Thread | None = None
+        self.writing = threading.Lock()  # the beat's thread, the training loop and `close` may each write
 
     @classmethod
     def from_env(cls, root: Path) -> Fence:
@@ -98,9 +104,36 @@ class Fence:
         return self.owner is not None and {k: held.get(k) for k in ("job", "attempt")} == self.fields()
 
     def _write(self, **doc) -> None:
+        with self.writing:
+            self._put(doc)
+
+    def _put(self, doc: dict) -> None:
         tmp = self.path.with_name(f"{FENCE}.tmp-{self.owner[0]}-{self.owner[1]}")
         tmp.write_text(json.dumps({**self.fields(), "time": time.time(), **doc}))
         os.replace(tmp, self.path)
+
+    def _older_of_this_job(self, held: dict) -> bool:
+        """Written by an older attempt of this job, which never takes the folder from a newer one
+        (`claim` stops it): its release racing this attempt's claim (its `close` read the fence as
+        its own, this attempt claimed, then it wrote), or its claim racing this one's."""
+        attempt = held.get("attempt")
+        return (self.owner is not None and held.get("job") == self.owner[0] and isinstance(attempt, int)
+                and attempt < self.owner[1])
+
+    def _still_mine(self, held: dict) -> bool:
+        """Whether the folder is still this attempt's; an older attempt's write over this one's claim
+        is undone (the claim written again): left, it stopped the beat, and a released fence let
+        another job take the folder from a live trainer."""
+        if self._mine(held):
+            return True
+        if not self._older_of_this_job(held):
+            return False
+        log.warning("checkpoint fence %s was written by attempt %s of this job after attempt %s claimed it%s: claimed again",
+                    self.path, held.get("attempt"), self.owner[1], " (released as its trainer ended)" if held.get("released") else "")
+        with self.writing:
+            if not self.stop.is_set():  # this attempt's own release (`close` sets `stop` first) stands
+                self._put({})
+        return True
 
     def claim(self) -> str | None:
         """Claim the folder for this attempt (rank 0, before loading) and keep it alive. Returns why
@@ -131,7 +164,7 @@ class Fence:
     def _beat(self) -> None:
         """Touch the fence while it is this attempt's (a newer attempt's is left alone)."""
         while not self.stop.wait(BEAT_S):
-            if not self._mine(self._read()):
+            if not self._still_mine(self._read()):
                 return
             try:
                 os.utime(self.path)
@@ -148,7 +181,7 @@ class Fence:
             return None
         self.read_at = t
         held = self._read()
-        if held and not self._mine(held):
+        if held and not self._still_mine(held):
             self.taken = f"job {held.get('job')} attempt {held.get('attempt')}"
         return self.taken
 

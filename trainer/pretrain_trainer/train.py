@@ -535,10 +535,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             preempt = v is None  # a SIGTERM while validating: this step's checkpoint now, not after another step
             validated = v or validated
         if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
-            ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
-                                           "seed": spec.training.seed, "lr": lr, "loss": loss_v,
-                                           "validated": list(validated) if validated else None},
-                      final=preempt or step == spec.training.steps)
+            committed = ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
+                                                       "seed": spec.training.seed, "lr": lr, "loss": loss_v,
+                                                       "validated": list(validated) if validated else None},
+                                  final=preempt or step == spec.training.steps)
+            if not committed:  # the fence taken since its last read (at most a second ago): exit 0 would claim this step saved
+                log.warning("%s has claimed %s since this attempt started: checkpoint of step %d not committed; exiting %d",
+                            ckpt.fence.taken or "another attempt", ckpt_root, step, c.EXIT_PREEMPTED)
+                return finish(c.EXIT_PREEMPTED)
             if requested:
                 served += 1
                 log.info("checkpoint requested by the operator: saved step %d", step)
