@@ -157,12 +157,9 @@ def main() -> int:
     preempted = None
     t_preempt = t_reclaimed = None
     step_at_preemption = None
-    reached = {}  # attempt -> highest step seen
     last = ""
     while True:
         st = status(lc)
-        att = st.get("attempt", 0)
-        reached[att] = max(reached.get(att, 0), (st.get("progress") or {}).get("step", 0))
         ln = line(st)
         if ln != last:
             print(f"  [{time.monotonic() - t0:6.1f}s] {ln}", flush=True)
@@ -191,13 +188,12 @@ def main() -> int:
     print()
     pr = st.get("progress") or {}
     print(f"== {st.get('phase')}: final loss {pr.get('loss')} (held-out {pr.get('validationLoss')}), attempts {st.get('attempt')}, "
-          f"preemptions {st.get('preemptions')}, failures {st.get('failures')}; status: {st.get('runningSeconds', 0)} s running, "
-          f"{st.get('lostSteps', 0)} step(s) trained again after restarts")
+          f"preemptions {st.get('preemptions')}, failures {st.get('failures')}; {st.get('runningSeconds', 0)} s with every node up")
     if preempted:
         logs = kubectl(lc, "logs", "quickstart-a2-n0") if st.get("attempt", 1) >= 2 else ""
         r = [ln for ln in logs.splitlines() if "resumed from" in ln]
         from_step = int(r[0].rsplit("step-", 1)[1]) if r else 0
-        lost = max(reached.get(1, 0) - from_step, 0)
+        lost = st.get("lostSteps", 0)  # the operator's count, from rank 0's final report too (polling here misses steps)
         r = prom.query_range('max(pretrain_step{namespace="default", pretrain_job="quickstart", attempt="2"})',
                              t_preempt, time.time(), 1.0)
         first = [float(t) for t, v in (r[0]["values"] if r else []) if float(v) > from_step]
@@ -205,7 +201,7 @@ def main() -> int:
             phases["notice to first resumed step"] = first[0] - t_preempt
             phases["reclaim to first resumed step"] = first[0] - t_reclaimed
         print(f"   notice for {preempted} at step {step_at_preemption}; the trainer checkpointed on the notice and "
-              f"attempt 2 resumed from step {from_step}: {lost} step(s) lost (restart reason {resumed.get('reason')})")
+              f"attempt 2 resumed from step {from_step}: {lost} step(s) trained again (restart reason {resumed.get('reason')})")
     print(f"   checkpoints: PVC quickstart-checkpoints ({lc.state_dir}/volumes/), last step {(st.get('lastCheckpoint') or {}).get('step')}")
     phases["training (apply to Succeeded)"] = time.monotonic() - t0
     hf = export_hf(lc, st)

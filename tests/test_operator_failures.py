@@ -474,6 +474,20 @@ def test_a_pod_that_cannot_start_says_why_in_status_and_one_event():
     assert not [e for e in plan.events if e[1] == "PodsNotStarting"]
 
 
+def test_a_pod_on_its_way_in_the_attempts_first_seconds_is_not_said_not_to_start():
+    # A claim binding makes the scheduler say "unbound immediate PersistentVolumeClaims" for a
+    # second: make demo's every run began with that Warning. Said once the attempt is 10 s old.
+    job, _, (n0, n1), nodes, now = observed_gang("fresh")
+    job["status"].update(phase="Starting", attemptStartTime=reconcile.iso(now - reconcile.dt.timedelta(seconds=4)))
+    n1["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                        "message": "0/4 nodes are available: pod has unbound immediate PersistentVolumeClaims."}]}
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert not plan.events and "unschedulable" not in plan.status.get("message", "")
+    assert 5.0 <= plan.requeue_after <= 6.1  # back when the grace ends, should nothing else come
+    plan = _decide(job, [n0, n1], nodes, now + reconcile.dt.timedelta(seconds=7))
+    assert [e[1] for e in plan.events] == ["PodsNotStarting"] and "unbound immediate PersistentVolumeClaims" in plan.status["message"]
+
+
 def test_attempts_that_keep_ending_at_once_make_the_next_gang_wait_doubling():
     assert [reconcile.restart_backoff(k) for k in range(8)] == [0, 0, 0, 10, 20, 40, 80, 160]
     assert reconcile.restart_backoff(20) == 300

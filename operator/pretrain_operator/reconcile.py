@@ -399,24 +399,30 @@ def _decide(o: Observed) -> Plan:
         # in status.message and an Event, not a silent timeout after startTimeoutSeconds. The Event
         # is one per pod and cause: the counts and the scheduler's words change as a large gang's
         # nodes come (an autoscaler adding them), and an Event per wording was hundreds.
+        started = parse(status.get("attemptStartTime", "")) or o.now
+        waited = (o.now - started).total_seconds()
         why = not_starting(current)
-        if why:
+        early = why is not None and waited < NOT_STARTING_GRACE_S
+        if why and not early:
             cause, words = why
             said = status.get("message") or ""
             status["message"] = f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {words}"
             if not (said.startswith(f"attempt {attempt}: ") and f"; {cause}" in said):
                 plan.events.append(("Warning", "PodsNotStarting", status["message"]))
-        started = parse(status.get("attemptStartTime", "")) or o.now
-        waited = (o.now - started).total_seconds()
         if waited >= spec.scheduling.startTimeoutSeconds:
             return _restart(plan, o, "StartTimeout", "GangStartTimeout",
                             f"only {len(running)}/{spec.nodes} node(s) running after {spec.scheduling.startTimeoutSeconds} s", count=None)
-        # Pod and node events bring every change sooner; this is for the timeout itself.
-        plan.requeue_after = max(spec.scheduling.startTimeoutSeconds - waited, 0.5)
+        # Pod and node events bring every change sooner; this is for the timeout itself (and for
+        # the end of the grace before a waiting pod is said).
+        plan.requeue_after = max(min(spec.scheduling.startTimeoutSeconds - waited,
+                                     NOT_STARTING_GRACE_S - waited if early else math.inf), 0.5)
     return plan
 
 
 QUICK_ATTEMPT_S = 60.0  # an attempt that ended sooner after its first create is a quick one
+# A pod is said not to start (PodsNotStarting) once its attempt began this long ago: before, it is
+# most often on its way (a claim binding, an image pulling), and a Warning for it was noise.
+NOT_STARTING_GRACE_S = 10.0
 
 
 def restart_backoff(quick_restarts: int) -> float:
