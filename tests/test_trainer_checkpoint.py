@@ -231,6 +231,45 @@ def test_saves_after_a_fallback_are_kept_in_place_of_the_unusable_newer_checkpoi
     assert (tmp_path / "ckpt" / "latest").read_text() == f"step-{last:08d}"
 
 
+# Injected into the trainer by a sitecustomize: setting a checkpoint aside is refused (as a
+# read-only folder or a file system without renames would).
+REFUSE_SET_ASIDE = (
+    "import os\n"
+    "_replace = os.replace\n"
+    "def replace(src, dst, *a, **k):\n"
+    "    if str(dst).endswith('.unusable'):\n"
+    "        raise PermissionError(13, 'injected: Permission denied', str(dst))\n"
+    "    return _replace(src, dst, *a, **k)\n"
+    "os.replace = replace\n"
+)
+
+
+@pytest.mark.parametrize("rename", ["allowed", "refused"])
+def test_after_a_fallback_latest_names_the_checkpoint_resumed_from_and_saves_are_kept_even_if_setting_aside_fails(tmp_path, rename):
+    # Before: `latest` named the skipped step until the next commit, and a skipped step that could
+    # not be renamed stayed the newest committed one, so pruning (keep 1) deleted each new save.
+    run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "first.txt")
+    _corrupt(next((tmp_path / "ckpt" / "step-00000006").glob("*.distcp")), "overwritten")
+    e = injected(tmp_path, REFUSE_SET_ASIDE) if rename == "refused" else env()
+
+    def again(steps: int, out: str, skips: bool) -> str:
+        r = subprocess.run(cmd(write_config(tmp_path, steps=steps, interval=1, keep=1), 1, tmp_path / out),
+                           env=e, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("step-00000006 is not usable" in r.stderr) == skips and "resumed from" in r.stderr
+        return r.stderr
+
+    said = again(3, "nothing.txt", skips=True)  # resumes at step 3: nothing to train, nothing saved
+    assert "nothing to train" in said
+    assert ("could not set" in said) == (rename == "refused")
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step-00000003"
+    again(5, "more.txt", skips=rename == "refused")  # skipped again where it is still there
+    assert sorted(losses(tmp_path / "more.txt")) == [4, 5]
+    bad = "step-00000006" if rename == "refused" else "step-00000006.unusable"
+    assert set(_committed(tmp_path)) == {"step-00000005", bad}
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step-00000005"
+
+
 # Injected into the trainer by a sitecustomize (as an NFS read that fails): a DCP load that
 # writes part of the checkpoint into the live tensors and then fails, or a file that cannot be
 # read while its checksum is checked.

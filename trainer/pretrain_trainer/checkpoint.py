@@ -452,6 +452,9 @@ class Checkpointer:
         self.staging = None  # future of an async save's staging (the copy it writes from)
         self.stager = None
         self.pruner: threading.Thread | None = None  # rank 0 deleting what a commit made obsolete
+        # Committed steps that did not verify at the resume, set aside or not (a refused rename):
+        # pruning never counts them among the last `keep`, nor deletes them.
+        self.unusable: set[int] = set()
         self.saved_state: tuple[tuple, dict] | None = None  # (the tensors, state) of the last save
         self.writer_start: threading.Thread | None = None  # starting the async writer process ahead
         self.writer_error: BaseException | None = None
@@ -610,6 +613,7 @@ class Checkpointer:
             self.wait()  # waiting for the previous async save blocks training too; its failure stops the run
         t0 = time.monotonic()
         d = step_dir(self.root, step)
+        self.unusable.discard(step)  # saved anew: a checkpoint like any other
         if self.rank == 0:
             if d.exists():
                 shutil.rmtree(d)
@@ -789,10 +793,7 @@ class Checkpointer:
                                       "crc32": crcs, **self.fence.fields()}))
         os.replace(tmp, d / MARKER)
         sync_folder(d)
-        latest_tmp = self.root / "latest.tmp"
-        write_synced(latest_tmp, d.name)
-        os.replace(latest_tmp, self.root / "latest")
-        sync_folder(self.root)
+        self._point_latest(d)
         # Deleting old checkpoints took 0.1 s of every 97 MiB save's blocked time here (longer on
         # network file systems): a thread does it while training goes on. It only touches folders
         # older than this one; the next commit and `close` wait for it.
@@ -804,8 +805,15 @@ class Checkpointer:
         log.info("checkpoint step %d committed in %.2f s", step, self.save_seconds)
         return True
 
+    def _point_latest(self, d: Path) -> None:
+        """`latest` names `d`, durably (with the step folder's own entry in the root)."""
+        latest_tmp = self.root / "latest.tmp"
+        write_synced(latest_tmp, d.name)
+        os.replace(latest_tmp, self.root / "latest")
+        sync_folder(self.root)
+
     def _prune(self, d: Path) -> None:
-        for old in committed_steps(self.root)[:-self.keep]:
+        for old in [s for s in committed_steps(self.root) if s not in self.unusable][:-self.keep]:
             shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
         # Folders without a marker older than this one were cut short: remove them.
         for p in self.root.glob("step-*"):
@@ -842,11 +850,13 @@ class Checkpointer:
                 if self.rank == 0:
                     log.warning("checkpoint %s is not usable (%s); falling back to the previous one", d, problem)
                 skipped.append((d, problem))
+                self.unusable.add(step)
                 continue
             extra = self._load_verified(d, step, model, optim, shapes)
-            if self.rank == 0:  # every rank is done with them: past the load's collectives
+            if self.rank == 0 and skipped:  # every rank is done with them: past the load's collectives
                 for bad, _ in skipped:
                     self._set_aside(bad)
+                self._point_latest(d)  # it named a skipped one: the checkpoint resumed from is the newest usable
             return extra
         if skipped:
             raise NoneVerifies(
@@ -866,14 +876,12 @@ class Checkpointer:
             problem = verify(d, raise_io=True) or checksum_problem(d, share=(self.rank, self.world), raise_io=True)
         except OSError as e:
             unreadable = f"{type(e).__name__}: {e}"
-        if (problem or unreadable) and self.rank != 0:
-            log.warning("checkpoint %s: %s", d, problem or unreadable)
-        seen = torch.tensor([1 if problem else 0, 1 if unreadable else 0])  # [does not verify, unreadable]
-        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-        if seen[0]:  # a fault found by one rank is the checkpoint's, whatever another could not read
-            return problem or "on another rank, whose log says why"
-        if seen[1]:
-            raise LoadFailed(f"checkpoint {d} could not be read ({unreadable or 'on another rank, whose log says why'}): "
+        # A fault found by one rank is the checkpoint's, whatever another could not read.
+        problem, unreadable = self._agreed(problem, unreadable)
+        if problem:
+            return problem
+        if unreadable:
+            raise LoadFailed(f"checkpoint {d} could not be read ({unreadable}): "
                              "stopping with nothing set aside; the next attempt reads it again")
         return None
 
@@ -899,7 +907,7 @@ class Checkpointer:
             failed = f"{type(e).__name__}: {e}"
             if self.rank != 0:
                 log.error("checkpoint %s did not load: %s", d, failed)
-        failed = self._first(failed, self._gathered(failed))
+        (failed,) = self._agreed(failed)
         if failed:
             raise self._load_failed(d, failed)
         extra = json.loads((d / "extra.json").read_text())
@@ -934,16 +942,14 @@ class Checkpointer:
             other = model_mismatch(d, shapes)
         except LOAD_ERRORS as e:  # noqa: BLE001  (an unreadable .metadata: LoadFailed on every rank)
             failed = f"{type(e).__name__}: {e}"
-            if self.rank != 0:
-                log.error("checkpoint %s: DCP's metadata could not be read: %s", d, failed)
-        every = self._gathered((other, failed))
-        return self._first(other, [o for o, _ in every]), self._first(failed, [f for _, f in every])
+        return self._agreed(other, failed)
 
-    def _gathered(self, mine):
-        """Every rank's `mine`, by rank (a collective: every rank calls it at the same point)."""
+    def _agreed(self, *mine: str | None) -> tuple[str | None, ...]:
+        """Each of this rank's answers, else the first other rank's naming that rank: the same on
+        every rank (a collective: every rank calls it at the same point)."""
         every = [None] * self.world
         dist.all_gather_object(every, mine)
-        return every
+        return tuple(self._first(m, [e[i] for e in every]) for i, m in enumerate(mine))
 
     @staticmethod
     def _first(mine: str | None, every: list) -> str | None:
@@ -968,5 +974,5 @@ class Checkpointer:
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(d, aside)
             log.warning("set %s aside as %s", d.name, aside.name)
-        except OSError as e:  # the run goes on; the next save of this step replaces the folder
+        except OSError as e:  # the run goes on (pruning passes over it); the next save of this step replaces it
             log.warning("could not set %s aside (%s)", d, e)
