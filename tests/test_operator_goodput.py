@@ -29,6 +29,16 @@ def _decide(job, spec, pods, nodes, now) -> dict:
                                                config_data=None, now=now)).status
 
 
+def _next_gang(job, spec, pods, nodes, now, st: dict) -> dict:
+    """The passes after a restart was recorded in `st`: the old `pods` going (as seen), then gone and
+    the next gang created. The status after each."""
+    job = {**job, "status": st}
+    going = _decide(job, spec, pods, nodes, now + dt.timedelta(seconds=1))
+    created = _decide({**job, "status": going}, spec, [], nodes, now + dt.timedelta(seconds=2))
+    assert created["attemptStartTime"] and created["attempt"] == st["attempt"], created
+    return going, created
+
+
 def test_a_crash_past_the_last_checkpoint_counts_the_steps_the_next_attempt_trains_again():
     job, spec, pods, nodes, now = observed_gang("lossy")
     _running_for(job, now, 25)
@@ -37,8 +47,14 @@ def test_a_crash_past_the_last_checkpoint_counts_the_steps_the_next_attempt_trai
                          lastCheckpoint={"step": 50, "time": reconcile.iso(now), "path": "/checkpoints/step-00000050"})
     _preempt(pods[1])  # a rank's node reclaimed without notice: no checkpoint of its own
     st = _decide(job, spec, pods, nodes, now)
-    assert st["restart"]["kind"] == "Preemption" and st["attempt"] == 2
-    assert st["lostSteps"] == 3 + 7 and st["runningSeconds"] == 100 + 25
+    assert st["restart"]["kind"] == "Preemption" and st["attempt"] == 2 and st["runningSeconds"] == 100 + 25
+    assert st["restart"]["reachedStep"] == 57
+    _preempt(pods[0])  # stopped too, its last save not committed (its node gone first): no report
+    going, created = _next_gang(job, spec, pods, nodes, now, st)
+    assert going["lostSteps"] == 3  # counted when the next gang starts, from the checkpoint it starts from
+    assert created["lostSteps"] == 3 + 7 and created["runningSeconds"] == 100 + 25
+    # Counted once: a pass after the create (an operator killed after that write) adds nothing.
+    assert _decide({**job, "status": created}, spec, [], nodes, now + dt.timedelta(seconds=3))["lostSteps"] == 3 + 7
 
 
 def test_a_preemption_that_checkpointed_its_step_loses_nothing():
@@ -49,7 +65,27 @@ def test_a_preemption_that_checkpointed_its_step_loses_nothing():
     _preempt(pods[0], {"step": 58, "totalSteps": 400, "checkpointStep": 58})  # its SIGTERM checkpoint
     _preempt(pods[1])
     st = _decide(job, spec, pods, nodes, now)
-    assert st["restart"]["kind"] == "Preemption" and st.get("lostSteps", 0) == 0 and st["lastCheckpoint"]["step"] == 58
+    assert st["restart"]["kind"] == "Preemption" and st["lastCheckpoint"]["step"] == 58
+    assert _next_gang(job, spec, pods, nodes, now, st)[1].get("lostSteps", 0) == 0
+
+
+def test_a_sigterm_checkpoint_committed_after_the_restart_was_decided_loses_nothing():
+    # As in make demo: the restart is decided at the eviction, while rank 0 still trains (its
+    # progress 2 steps past the notice's checkpoint); the gang stops at its next step and saves it,
+    # and rank 0's final report, read as the old pods go, says so. Before: 2 steps counted lost.
+    job, spec, pods, nodes, now = observed_gang("evicted")
+    _running_for(job, now, 25)
+    job["status"].update(progress={"step": 84, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
+                         lastCheckpoint={"step": 82, "time": reconcile.iso(now), "path": "/checkpoints/step-00000082"})
+    pods[1]["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                                            "message": "Eviction API: evicting"})
+    st = _decide(job, spec, pods, nodes, now)
+    assert st["restart"]["kind"] == "Preemption" and st["restart"]["reachedStep"] == 84
+    for i, p in enumerate(pods):
+        _preempt(p, {"step": 86, "totalSteps": 400, "checkpointStep": 86} if i == 0 else None)
+    going, created = _next_gang(job, spec, pods, nodes, now, st)
+    assert going["lastCheckpoint"]["step"] == 86 and going["restart"]["reachedStep"] == 86
+    assert created.get("lostSteps", 0) == 0
 
 
 def test_a_restart_before_the_new_attempt_reported_progress_counts_nothing_again():
@@ -61,7 +97,27 @@ def test_a_restart_before_the_new_attempt_reported_progress_counts_nothing_again
                          lastCheckpoint={"step": 50, "time": reconcile.iso(now), "path": "/checkpoints/step-00000050"})
     _preempt(pods[1])
     st = _decide(job, spec, pods, nodes, now)
-    assert st["attempt"] == 2 and st["lostSteps"] == 7
+    assert st["attempt"] == 2 and st["restart"]["reachedStep"] == 0
+    assert _next_gang(job, spec, pods, nodes, now, st)[1]["lostSteps"] == 7
+
+
+def test_steps_of_an_attempt_whose_successor_never_started_are_counted_at_the_next_gang():
+    # Attempt 2 is replaced before its gang was created (suspended while it waited): attempt 1's
+    # steps past the checkpoint are carried to the gang of attempt 3, not dropped.
+    job, spec, pods, nodes, now = observed_gang("carried")
+    job["status"].update(attempt=2, phase="Restarting", attemptStartTime="", gangCreated=False,
+                         restart={"fromAttempt": 1, "kind": "Preemption", "reason": "Evicted", "message": "",
+                                  "requestedAt": reconcile.iso(now), "reachedStep": 57},
+                         progress={"step": 57, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=5))},
+                         lastCheckpoint={"step": 50, "time": reconcile.iso(now), "path": "/checkpoints/step-00000050"})
+    job["spec"]["suspend"] = True
+    suspended = _decide(job, spec.model_copy(update={"suspend": True}), [], nodes, now)
+    assert suspended["phase"] == "Suspended" and suspended.get("lostSteps", 0) == 0
+    job["spec"]["suspend"] = False
+    resumed = _decide({**job, "status": suspended}, spec, [], nodes, now + dt.timedelta(seconds=1))
+    assert resumed["attempt"] == 3 and resumed["restart"]["reachedStep"] == 57
+    created = _decide({**job, "status": resumed}, spec, [], nodes, now + dt.timedelta(seconds=2))
+    assert created["attemptStartTime"] and created["lostSteps"] == 7
 
 
 def test_a_job_that_finishes_says_what_its_restarts_cost():

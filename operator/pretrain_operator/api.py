@@ -595,6 +595,9 @@ class Restart(Model):
     reason: str = ""
     message: str = ""
     requestedAt: str = ""
+    reachedStep: int = Field(0, description=(
+        "The furthest step the replaced attempt reported (its progress, then its pods' final reports); when the "
+        "next gang is created, the steps past the checkpoint it starts from are added to status.lostSteps."))
 
 
 class PretrainJobStatus(Model):
@@ -625,9 +628,9 @@ class PretrainJobStatus(Model):
         "stretch: with the time since its Running condition's lastTransitionTime, the time the gang was up. "
         "Against the time since creation, what restarts, queueing and starts cost (goodput)."))
     lostSteps: int = Field(0, description=(
-        "Steps trained and then lost to restarts: at each restart, how far the ending attempt's reported progress "
-        "was past the last checkpoint (the next attempt trains them again). A preemption whose notice or SIGTERM "
-        "checkpoint committed loses none."))
+        "Steps trained and then lost to restarts: for each restart, how far the replaced attempt got (its reported "
+        "progress and its pods' final reports) past the checkpoint the next attempt starts from, which trains them "
+        "again; added when the next gang is created. A preemption whose notice or SIGTERM checkpoint committed loses none."))
     message: str = ""
 
 

@@ -119,10 +119,16 @@ def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str)
 
 def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, now: str) -> None:
     """The final reports of rank-0 pods on their way out (a suspend's or a restart's checkpoint on
-    SIGTERM): lastCheckpoint showed the last step mirrored before, all through a suspension."""
+    SIGTERM): lastCheckpoint showed the last step mirrored before, all through a suspension. The
+    step the replaced attempt reports raises the restart's `reachedStep` (its SIGTERM save's step
+    often comes after the restart was decided, at the eviction)."""
+    restart = status.get("restart") or {}
     for p in pods:
         if (p["metadata"].get("labels") or {}).get(c.LABEL_NODE_RANK) == "0":
-            _record_report(status, classify.report(p), spec, now)
+            rep = classify.report(p)
+            _record_report(status, rep, spec, now)
+            if restart and attempt_of(p) == restart.get("fromAttempt") and rep.get("step", 0) > restart.get("reachedStep", 0):
+                restart["reachedStep"] = rep["step"]
 
 
 def running_since(status: dict) -> dt.datetime | None:
@@ -139,15 +145,20 @@ def running_seconds(status: dict, now: dt.datetime) -> float:
     return status.get("runningSeconds", 0) + (max((now - since).total_seconds(), 0.0) if since else 0.0)
 
 
-def lost_steps(status: dict) -> int:
-    """Steps the ending attempt trained past its last checkpoint: the next attempt trains them
-    again. Counted from progress reported in this attempt only (a restart before the new attempt
-    reported any would count the previous one's again)."""
+def reached_step(status: dict) -> int:
+    """The step the current attempt's reported progress reached, or 0: progress reported by an
+    earlier attempt (a restart before the new attempt reported any) is not this one's."""
     prog, started = status.get("progress") or {}, parse(status.get("attemptStartTime", ""))
     updated = parse(prog.get("updated", ""))
-    if not (updated and started and updated >= started):
-        return 0
-    return max(prog.get("step", 0) - (status.get("lastCheckpoint") or {}).get("step", 0), 0)
+    return prog.get("step", 0) if updated and started and updated >= started else 0
+
+
+def lost_steps(status: dict) -> int:
+    """Steps the replaced attempt trained past the checkpoint the next attempt starts from (it
+    trains them again): counted when the next gang is created, once the old pods are gone and
+    their final reports read (a SIGTERM's checkpoint committed after the restart was decided)."""
+    reached = (status.get("restart") or {}).get("reachedStep", 0)
+    return max(reached - (status.get("lastCheckpoint") or {}).get("step", 0), 0)
 
 
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
@@ -450,8 +461,11 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
         _phase(status, "Starting", "GangStarting", f"creating the gang of attempt {attempt}", now,
                o.job["metadata"].get("generation", 0))
     # The attempt's start clock runs from its first create: the old gang's drain (up to its grace
-    # period, an hour at most) is not the new gang's start.
-    status["attemptStartTime"] = status.get("attemptStartTime") or now
+    # period, an hour at most) is not the new gang's start. The replaced attempt's lost steps are
+    # counted in the same status write (a killed operator's next pass does not count them again).
+    if not status.get("attemptStartTime"):
+        status["lostSteps"] = status.get("lostSteps", 0) + lost_steps(status)
+        status["attemptStartTime"] = now
     status["readyNodes"] = f"0/{spec.nodes}"
     created = f"{len(names) - len(missing)}/{spec.nodes} pod(s) created"
     if o.create_error:
@@ -584,15 +598,17 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
         mp = spec.failurePolicy.maxPreemptions
         if mp is not None and st["preemptions"] > mp:
             return _fail(plan, o, "MaxPreemptionsExceeded", f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {mp}")
-    lost = lost_steps(st)
-    if lost:
-        st["lostSteps"] = st.get("lostSteps", 0) + lost
+    # How far the ending attempt got; one whose gang was never created carries its predecessor's
+    # figure, not yet counted (that is done at a gang's first create).
+    pending = (st.get("restart") or {}).get("reachedStep", 0) if not st.get("attemptStartTime") else 0
+    reached = max(pending, reached_step(st))
     old_attempt = st["attempt"]
     started = parse(st.get("attemptStartTime", ""))
     quick = kind != "Resume" and started is not None and (o.now - started).total_seconds() < QUICK_ATTEMPT_S
     st["quickRestarts"] = st.get("quickRestarts", 0) + 1 if quick else 0
     st["attempt"] = old_attempt + 1
-    st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now}
+    st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now,
+                     "reachedStep": reached}
     st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
     st["admissionWaitSince"] = ""  # the new gang's pods wait (or not) anew
     st["gangCreated"] = False
