@@ -131,3 +131,26 @@ def test_a_job_that_finishes_says_what_its_restarts_cost():
     assert plan.status["phase"] == "Succeeded" and plan.status["runningSeconds"] == 630
     assert ("Normal", "Succeeded", "training finished in attempt 1: 630 s running, 12 step(s) trained again after restarts") in plan.events
     assert reconcile.running_seconds(plan.status, now + dt.timedelta(hours=1)) == 630  # no longer Running: no longer counted
+
+
+def test_the_final_report_of_an_evicted_rank_0_gone_before_the_next_pass_still_counts():
+    # As in make demo when the reclaimed node runs rank 0: its pod saves on the eviction's SIGTERM,
+    # exits and is deleted before the operator lists the pods again; the watch saw its last state.
+    # Before: its checkpoint was not seen, and steps were counted that the next attempt resumed after.
+    job, spec, pods, nodes, now = observed_gang("rank0-evicted")
+    _running_for(job, now, 25)
+    job["status"].update(progress={"step": 83, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
+                         lastCheckpoint={"step": 82, "time": reconcile.iso(now), "path": "/checkpoints/step-00000082"})
+    pods[0]["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                                            "message": "Eviction API: evicting"})
+    st = _decide(job, spec, pods, nodes, now)
+    assert st["restart"]["reachedStep"] == 83
+    _preempt(pods[0], {"step": 85, "totalSteps": 400, "checkpointStep": 85})
+    evicted = pods[0]
+    evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    going = reconcile.decide(reconcile.Observed(job={**job, "status": st}, spec=spec, pods=[pods[1]], nodes=nodes,
+                                                service_exists=True, config_data=None, now=now + dt.timedelta(seconds=1),
+                                                disrupted={evicted["metadata"]["name"]: evicted})).status
+    assert going["lastCheckpoint"]["step"] == 85 and going["restart"]["reachedStep"] == 85
+    created = _decide({**job, "status": going}, spec, [], nodes, now + dt.timedelta(seconds=2))
+    assert created["attemptStartTime"] and created.get("lostSteps", 0) == 0

@@ -297,6 +297,11 @@ def _decide(o: Observed) -> Plan:
                      "the pods were stopped with SIGTERM (the trainer checkpoints on it)")
 
     # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
+    if not status.get("attemptStartTime"):
+        # Until the next gang starts, the final reports of the replaced attempt's pods that the watch
+        # saw evicted and that were gone before this pass listed them (rank 0's on a reclaimed node:
+        # its SIGTERM checkpoint, the step the next attempt resumes from).
+        _record_reports(status, [p for n, p in o.disrupted.items() if n not in by_name and attempt_of(p) < attempt], spec, now)
     if old:
         _record_reports(status, old, spec, now)
         _remove(plan, o, old)
