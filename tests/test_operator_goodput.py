@@ -29,7 +29,7 @@ def _decide(job, spec, pods, nodes, now) -> dict:
                                                config_data=None, now=now)).status
 
 
-def _next_gang(job, spec, pods, nodes, now, st: dict) -> dict:
+def _next_gang(job, spec, pods, nodes, now, st: dict) -> tuple[dict, dict]:
     """The passes after a restart was recorded in `st`: the old `pods` going (as seen), then gone and
     the next gang created. The status after each."""
     job = {**job, "status": st}
@@ -154,3 +154,38 @@ def test_the_final_report_of_an_evicted_rank_0_gone_before_the_next_pass_still_c
     assert going["lastCheckpoint"]["step"] == 85 and going["restart"]["reachedStep"] == 85
     created = _decide({**job, "status": going}, spec, [], nodes, now + dt.timedelta(seconds=2))
     assert created["attemptStartTime"] and created.get("lostSteps", 0) == 0
+
+
+def test_a_report_read_in_the_pass_that_creates_the_next_gang_is_not_taken_for_the_new_attempts_progress():
+    # Every old pod gone at the first pass after the restart, rank 0 known from the watch: its
+    # report (its SIGTERM save refused) is read in the pass that creates attempt 2's gang. Attempt 2
+    # then ends before reporting anything: the same steps must not be counted again at attempt 3.
+    job, spec, pods, nodes, now = observed_gang("same-pass")
+    _running_for(job, now, 25)
+    job["status"].update(progress={"step": 84, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
+                         lastCheckpoint={"step": 82, "time": reconcile.iso(now), "path": "/checkpoints/step-00000082"})
+    pods[0]["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"})
+    st = _decide(job, spec, pods, nodes, now)
+    _preempt(pods[0], {"step": 86, "totalSteps": 400, "checkpointStep": 82})
+    pods[0]["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    later = now + dt.timedelta(seconds=1)
+    created = reconcile.decide(reconcile.Observed(job={**job, "status": st}, spec=spec, pods=[], nodes=nodes, service_exists=True,
+                                                  config_data=None, now=later, disrupted={pods[0]["metadata"]["name"]: pods[0]})).status
+    assert created["attemptStartTime"] and created["progress"]["step"] == 86 and created["lostSteps"] == 4
+    # Attempt 2's gang cannot start (its start timeout) before any progress of its own.
+    timed_out = _decide({**job, "status": created}, spec, [], nodes, later + dt.timedelta(seconds=spec.scheduling.startTimeoutSeconds + 1))
+    assert timed_out["attempt"] == 3 and timed_out["restart"]["reachedStep"] == 0
+    assert _decide({**job, "status": timed_out}, spec, [], nodes, later + dt.timedelta(seconds=spec.scheduling.startTimeoutSeconds + 2))["lostSteps"] == 4
+
+
+def test_an_older_attempts_evicted_pod_seen_by_the_watch_does_not_move_progress_back():
+    job, spec, pods, nodes, now = observed_gang("older")
+    _preempt(pods[0], {"step": 40, "totalSteps": 400, "checkpointStep": 40})  # attempt 1's rank 0, evicted long ago
+    job["status"].update(attempt=3, phase="Restarting", attemptStartTime="", gangCreated=False,
+                         restart={"fromAttempt": 2, "kind": "Preemption", "reason": "Evicted", "message": "",
+                                  "requestedAt": reconcile.iso(now), "reachedStep": 200},
+                         progress={"step": 200, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=5))},
+                         lastCheckpoint={"step": 200, "time": reconcile.iso(now), "path": "/checkpoints/step-00000200"})
+    st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[], nodes=nodes, service_exists=True, config_data=None,
+                                             now=now, disrupted={pods[0]["metadata"]["name"]: pods[0]})).status
+    assert st["progress"]["step"] == 200 and st["lastCheckpoint"]["step"] == 200 and st.get("lostSteps", 0) == 0

@@ -244,6 +244,20 @@ REFUSE_SET_ASIDE = (
 )
 
 
+REFUSE_LATEST = REFUSE_SET_ASIDE.replace("str(dst).endswith('.unusable')", "str(dst).endswith('/latest')")
+
+
+def test_a_latest_that_cannot_be_rewritten_after_a_fallback_does_not_stop_the_resume(tmp_path):
+    # Rank 0 rewrites it alone, past the load's collectives: raised there, it ended rank 0 while
+    # the other ranks went on into training (a hang until the collective timeout), at every attempt.
+    run(write_config(tmp_path, steps=6, interval=3), 1, tmp_path / "first.txt")
+    _corrupt(next((tmp_path / "ckpt" / "step-00000006").glob("*.distcp")), "overwritten")
+    r = subprocess.run(cmd(write_config(tmp_path, steps=3, interval=1), 1, tmp_path / "again.txt"),
+                       env=injected(tmp_path, REFUSE_LATEST), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "could not point latest at step-00000003" in r.stderr and "nothing to train" in r.stderr
+
+
 @pytest.mark.parametrize("rename", ["allowed", "refused"])
 def test_after_a_fallback_latest_names_the_checkpoint_resumed_from_and_saves_are_kept_even_if_setting_aside_fails(tmp_path, rename):
     # Before: `latest` named the skipped step until the next commit, and a skipped step that could

@@ -127,7 +127,9 @@ def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, n
         if (p["metadata"].get("labels") or {}).get(c.LABEL_NODE_RANK) == "0":
             rep = classify.report(p)
             _record_report(status, rep, spec, now)
-            if restart and attempt_of(p) == restart.get("fromAttempt") and rep.get("step", 0) > restart.get("reachedStep", 0):
+            # (A restart recorded by an operator before reachedStep: its steps were counted then.)
+            if ("reachedStep" in restart and attempt_of(p) == restart.get("fromAttempt")
+                    and rep.get("step", 0) > restart["reachedStep"]):
                 restart["reachedStep"] = rep["step"]
 
 
@@ -150,7 +152,9 @@ def reached_step(status: dict) -> int:
     earlier attempt (a restart before the new attempt reported any) is not this one's."""
     prog, started = status.get("progress") or {}, parse(status.get("attemptStartTime", ""))
     updated = parse(prog.get("updated", ""))
-    return prog.get("step", 0) if updated and started and updated >= started else 0
+    # Strictly after: a replaced attempt's final report read in the pass that creates the next gang
+    # is stamped with that pass's time, as attemptStartTime is.
+    return prog.get("step", 0) if updated and started and updated > started else 0
 
 
 def lost_steps(status: dict) -> int:
@@ -301,7 +305,9 @@ def _decide(o: Observed) -> Plan:
         # Until the next gang starts, the final reports of the replaced attempt's pods that the watch
         # saw evicted and that were gone before this pass listed them (rank 0's on a reclaimed node:
         # its SIGTERM checkpoint, the step the next attempt resumes from).
-        _record_reports(status, [p for n, p in o.disrupted.items() if n not in by_name and attempt_of(p) < attempt], spec, now)
+        # Only the replaced attempt's: an older one's report would move status.progress back.
+        replaced = (status.get("restart") or {}).get("fromAttempt")
+        _record_reports(status, [p for n, p in o.disrupted.items() if n not in by_name and attempt_of(p) == replaced], spec, now)
     if old:
         _record_reports(status, old, spec, now)
         _remove(plan, o, old)

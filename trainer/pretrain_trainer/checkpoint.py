@@ -613,7 +613,6 @@ class Checkpointer:
             self.wait()  # waiting for the previous async save blocks training too; its failure stops the run
         t0 = time.monotonic()
         d = step_dir(self.root, step)
-        self.unusable.discard(step)  # saved anew: a checkpoint like any other
         if self.rank == 0:
             if d.exists():
                 shutil.rmtree(d)
@@ -798,6 +797,9 @@ class Checkpointer:
         # network file systems): a thread does it while training goes on. It only touches folders
         # older than this one; the next commit and `close` wait for it.
         self._join_pruner()
+        # Saved anew over a skipped step: a checkpoint like any other, from now (not before the
+        # previous pruning is done: it would have counted the skipped folder still there as the newest).
+        self.unusable.discard(step)
         self.pruner = threading.Thread(target=self._prune, args=(d,), name="checkpoint-prune", daemon=True)
         self.pruner.start()
         self.last_step, self.last_time = step, time.time()
@@ -856,7 +858,10 @@ class Checkpointer:
             if self.rank == 0 and skipped:  # every rank is done with them: past the load's collectives
                 for bad, _ in skipped:
                     self._set_aside(bad)
-                self._point_latest(d)  # it named a skipped one: the checkpoint resumed from is the newest usable
+                try:  # it named a skipped one: the checkpoint resumed from is the newest usable
+                    self._point_latest(d)
+                except OSError as e:  # rank 0 alone, past the collectives: the run goes on (the next commit writes it)
+                    log.warning("could not point latest at %s (%s)", d.name, e)
             return extra
         if skipped:
             raise NoneVerifies(
