@@ -24,9 +24,33 @@ def _preempt(pod: dict, report: dict | None = None) -> None:
     pod["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": t}}]}
 
 
-def _decide(job, spec, pods, nodes, now) -> dict:
+def _decide(job, spec, pods, nodes, now, gone: list[dict] = ()) -> dict:
+    """The status after one pass; `gone`: pods deleted before it that the watch last saw."""
     return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
-                                               config_data=None, now=now)).status
+                                               config_data=None, now=now,
+                                               disrupted={p["metadata"]["name"]: p for p in gone})).status
+
+
+_DISRUPTION = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}
+
+
+def _evicted(name: str, rank: int, step: int, checkpoint: int):
+    """A running gang whose rank `rank` is being evicted while rank 0 reports `step`, its last
+    checkpoint at `checkpoint`, and the status of the pass that sees it (a restart recorded)."""
+    job, spec, pods, nodes, now = observed_gang(name)
+    _running_for(job, now, 25)
+    job["status"].update(progress={"step": step, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
+                         lastCheckpoint={"step": checkpoint, "time": reconcile.iso(now),
+                                         "path": f"/checkpoints/step-{checkpoint:08d}"})
+    pods[rank]["status"]["conditions"].append(dict(_DISRUPTION))
+    return job, spec, pods, nodes, now, _decide(job, spec, pods, nodes, now)
+
+
+def _exited_evicted(pod: dict, report: dict) -> dict:
+    """`pod` as the watch last saw it: exited preempted with `report`, its DisruptionTarget kept."""
+    _preempt(pod, report)
+    pod["status"]["conditions"] = [dict(_DISRUPTION)]
+    return pod
 
 
 def _next_gang(job, spec, pods, nodes, now, st: dict) -> tuple[dict, dict]:
@@ -73,13 +97,7 @@ def test_a_sigterm_checkpoint_committed_after_the_restart_was_decided_loses_noth
     # As in make demo: the restart is decided at the eviction, while rank 0 still trains (its
     # progress 2 steps past the notice's checkpoint); the gang stops at its next step and saves it,
     # and rank 0's final report, read as the old pods go, says so. Before: 2 steps counted lost.
-    job, spec, pods, nodes, now = observed_gang("evicted")
-    _running_for(job, now, 25)
-    job["status"].update(progress={"step": 84, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
-                         lastCheckpoint={"step": 82, "time": reconcile.iso(now), "path": "/checkpoints/step-00000082"})
-    pods[1]["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
-                                            "message": "Eviction API: evicting"})
-    st = _decide(job, spec, pods, nodes, now)
+    job, spec, pods, nodes, now, st = _evicted("evicted", rank=1, step=84, checkpoint=82)
     assert st["restart"]["kind"] == "Preemption" and st["restart"]["reachedStep"] == 84
     for i, p in enumerate(pods):
         _preempt(p, {"step": 86, "totalSteps": 400, "checkpointStep": 86} if i == 0 else None)
@@ -137,20 +155,10 @@ def test_the_final_report_of_an_evicted_rank_0_gone_before_the_next_pass_still_c
     # As in make demo when the reclaimed node runs rank 0: its pod saves on the eviction's SIGTERM,
     # exits and is deleted before the operator lists the pods again; the watch saw its last state.
     # Before: its checkpoint was not seen, and steps were counted that the next attempt resumed after.
-    job, spec, pods, nodes, now = observed_gang("rank0-evicted")
-    _running_for(job, now, 25)
-    job["status"].update(progress={"step": 83, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
-                         lastCheckpoint={"step": 82, "time": reconcile.iso(now), "path": "/checkpoints/step-00000082"})
-    pods[0]["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
-                                            "message": "Eviction API: evicting"})
-    st = _decide(job, spec, pods, nodes, now)
+    job, spec, pods, nodes, now, st = _evicted("rank0-evicted", rank=0, step=83, checkpoint=82)
     assert st["restart"]["reachedStep"] == 83
-    _preempt(pods[0], {"step": 85, "totalSteps": 400, "checkpointStep": 85})
-    evicted = pods[0]
-    evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
-    going = reconcile.decide(reconcile.Observed(job={**job, "status": st}, spec=spec, pods=[pods[1]], nodes=nodes,
-                                                service_exists=True, config_data=None, now=now + dt.timedelta(seconds=1),
-                                                disrupted={evicted["metadata"]["name"]: evicted})).status
+    evicted = _exited_evicted(pods[0], {"step": 85, "totalSteps": 400, "checkpointStep": 85})
+    going = _decide({**job, "status": st}, spec, [pods[1]], nodes, now + dt.timedelta(seconds=1), gone=[evicted])
     assert going["lastCheckpoint"]["step"] == 85 and going["restart"]["reachedStep"] == 85
     created = _decide({**job, "status": going}, spec, [], nodes, now + dt.timedelta(seconds=2))
     assert created["attemptStartTime"] and created.get("lostSteps", 0) == 0
@@ -160,17 +168,10 @@ def test_a_report_read_in_the_pass_that_creates_the_next_gang_is_not_taken_for_t
     # Every old pod gone at the first pass after the restart, rank 0 known from the watch: its
     # report (its SIGTERM save refused) is read in the pass that creates attempt 2's gang. Attempt 2
     # then ends before reporting anything: the same steps must not be counted again at attempt 3.
-    job, spec, pods, nodes, now = observed_gang("same-pass")
-    _running_for(job, now, 25)
-    job["status"].update(progress={"step": 84, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=1))},
-                         lastCheckpoint={"step": 82, "time": reconcile.iso(now), "path": "/checkpoints/step-00000082"})
-    pods[0]["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"})
-    st = _decide(job, spec, pods, nodes, now)
-    _preempt(pods[0], {"step": 86, "totalSteps": 400, "checkpointStep": 82})
-    pods[0]["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]
+    job, spec, pods, nodes, now, st = _evicted("same-pass", rank=0, step=84, checkpoint=82)
+    evicted = _exited_evicted(pods[0], {"step": 86, "totalSteps": 400, "checkpointStep": 82})
     later = now + dt.timedelta(seconds=1)
-    created = reconcile.decide(reconcile.Observed(job={**job, "status": st}, spec=spec, pods=[], nodes=nodes, service_exists=True,
-                                                  config_data=None, now=later, disrupted={pods[0]["metadata"]["name"]: pods[0]})).status
+    created = _decide({**job, "status": st}, spec, [], nodes, later, gone=[evicted])
     assert created["attemptStartTime"] and created["progress"]["step"] == 86 and created["lostSteps"] == 4
     # Attempt 2's gang cannot start (its start timeout) before any progress of its own.
     timed_out = _decide({**job, "status": created}, spec, [], nodes, later + dt.timedelta(seconds=spec.scheduling.startTimeoutSeconds + 1))
@@ -186,6 +187,5 @@ def test_an_older_attempts_evicted_pod_seen_by_the_watch_does_not_move_progress_
                                   "requestedAt": reconcile.iso(now), "reachedStep": 200},
                          progress={"step": 200, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=5))},
                          lastCheckpoint={"step": 200, "time": reconcile.iso(now), "path": "/checkpoints/step-00000200"})
-    st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[], nodes=nodes, service_exists=True, config_data=None,
-                                             now=now, disrupted={pods[0]["metadata"]["name"]: pods[0]})).status
+    st = _decide(job, spec, [], nodes, now, gone=[pods[0]])
     assert st["progress"]["step"] == 200 and st["lastCheckpoint"]["step"] == 200 and st.get("lostSteps", 0) == 0
