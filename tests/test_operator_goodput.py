@@ -119,23 +119,42 @@ def test_a_restart_before_the_new_attempt_reported_progress_counts_nothing_again
     assert _next_gang(job, spec, pods, nodes, now, st)[1]["lostSteps"] == 7
 
 
-def test_steps_of_an_attempt_whose_successor_never_started_are_counted_at_the_next_gang():
-    # Attempt 2 is replaced before its gang was created (suspended while it waited): attempt 1's
-    # steps past the checkpoint are carried to the gang of attempt 3, not dropped.
-    job, spec, pods, nodes, now = observed_gang("carried")
+def _carried(name: str):
+    """Attempt 2 replaced before its gang was created (suspended while it waited, attempt 1's pods
+    still going), then resumed as attempt 3. Returns (job, spec, pods, nodes, now, the status after
+    the suspend, the status after the resume)."""
+    job, spec, pods, nodes, now = observed_gang(name)
     job["status"].update(attempt=2, phase="Restarting", attemptStartTime="", gangCreated=False,
                          restart={"fromAttempt": 1, "kind": "Preemption", "reason": "Evicted", "message": "",
                                   "requestedAt": reconcile.iso(now), "reachedStep": 57},
                          progress={"step": 57, "totalSteps": 400, "updated": reconcile.iso(now - dt.timedelta(seconds=5))},
                          lastCheckpoint={"step": 50, "time": reconcile.iso(now), "path": "/checkpoints/step-00000050"})
     job["spec"]["suspend"] = True
-    suspended = _decide(job, spec.model_copy(update={"suspend": True}), [], nodes, now)
-    assert suspended["phase"] == "Suspended" and suspended.get("lostSteps", 0) == 0
+    suspended = _decide(job, spec.model_copy(update={"suspend": True}), pods, nodes, now)
     job["spec"]["suspend"] = False
-    resumed = _decide({**job, "status": suspended}, spec, [], nodes, now + dt.timedelta(seconds=1))
+    resumed = _decide({**job, "status": suspended}, spec, pods, nodes, now + dt.timedelta(seconds=1))
+    return job, spec, pods, nodes, now, suspended, resumed
+
+
+def test_steps_of_an_attempt_whose_successor_never_started_are_counted_at_the_next_gang():
+    # Attempt 1's steps past the checkpoint are carried to the gang of attempt 3, not dropped.
+    job, spec, pods, nodes, now, suspended, resumed = _carried("carried")
+    assert suspended["phase"] == "Suspended" and suspended.get("lostSteps", 0) == 0
     assert resumed["attempt"] == 3 and resumed["restart"]["reachedStep"] == 57
     created = _decide({**job, "status": resumed}, spec, [], nodes, now + dt.timedelta(seconds=2))
     assert created["attemptStartTime"] and created["lostSteps"] == 7
+
+
+def test_the_final_report_of_a_pod_whose_attempt_was_carried_past_a_never_started_one_still_counts():
+    # Attempt 1's rank 0 exits after the resume: its last step (its SIGTERM save refused) raises the
+    # figure carried to attempt 3. Before: only attempt 2's pods (it had none) were read for it.
+    job, spec, pods, nodes, now, _, resumed = _carried("carried-report")
+    assert resumed["attempt"] == 3 and resumed["restart"]["fromAttempt"] == 1
+    _preempt(pods[0], {"step": 60, "totalSteps": 400, "checkpointStep": 55})
+    _preempt(pods[1])
+    going, created = _next_gang(job, spec, pods, nodes, now, resumed)
+    assert going["restart"]["reachedStep"] == 60 and going["lastCheckpoint"]["step"] == 55
+    assert created["lostSteps"] == 60 - 55
 
 
 def test_a_job_that_finishes_says_what_its_restarts_cost():

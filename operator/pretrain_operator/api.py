@@ -590,7 +590,9 @@ class Progress(Model):
 class Restart(Model):
     """Intent recorded before acting: which attempt is being replaced, and why."""
 
-    fromAttempt: int = 0
+    fromAttempt: int = Field(0, description=(
+        "The attempt whose gang this restart replaces: the last one whose pods were created (an attempt replaced "
+        "before its gang was created, suspended while it waited, passes its own fromAttempt on)."))
     kind: Literal["Preemption", "Failure", "StartTimeout", "Resume", "Retryable"] = "Preemption"
     reason: str = ""
     message: str = ""

@@ -610,15 +610,16 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
         if mp is not None and st["preemptions"] > mp:
             return _fail(plan, o, "MaxPreemptionsExceeded", f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {mp}")
     # How far the ending attempt got; one whose gang was never created carries its predecessor's
-    # figure, not yet counted (that is done at a gang's first create).
-    pending = (st.get("restart") or {}).get("reachedStep", 0) if not st.get("attemptStartTime") else 0
-    reached = max(pending, reached_step(st))
+    # figure, not yet counted (that is done at a gang's first create), and its predecessor's pods:
+    # those still going are the ones replaced, whose final reports raise the figure.
+    carried = (st.get("restart") or {}) if not st.get("attemptStartTime") else {}
+    reached = max(carried.get("reachedStep", 0), reached_step(st))
     old_attempt = st["attempt"]
     started = parse(st.get("attemptStartTime", ""))
     quick = kind != "Resume" and started is not None and (o.now - started).total_seconds() < QUICK_ATTEMPT_S
     st["quickRestarts"] = st.get("quickRestarts", 0) + 1 if quick else 0
     st["attempt"] = old_attempt + 1
-    st["restart"] = {"fromAttempt": old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now,
+    st["restart"] = {"fromAttempt": carried.get("fromAttempt") or old_attempt, "kind": kind, "reason": reason, "message": message, "requestedAt": now,
                      "reachedStep": reached}
     st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
     st["admissionWaitSince"] = ""  # the new gang's pods wait (or not) anew
