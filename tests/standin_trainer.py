@@ -6,6 +6,8 @@ writes the final report as its termination message, and resumes from the newest 
 Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<n>:<code>"
 exits with <code> after <n> steps of this attempt on node rank <rank> in attempt <attempt> (* means any).
 STANDIN_NAN_LOSS_FROM=<step> serves a NaN loss from that step on (a diverging run).
+STANDIN_HANG="<attempt>:<step>" stops every rank at that step of that attempt, still serving metrics and
+deaf to SIGTERM (a collective that never returns: the flag SIGTERM sets is read at a step boundary).
 """
 
 import http.server
@@ -30,6 +32,7 @@ attempt = int(os.environ[c.ENV_ATTEMPT])
 step_s = float(os.environ.get("STANDIN_STEP_SECONDS", "0.2"))
 fail = os.environ.get("STANDIN_FAIL", "")
 nan_from = int(os.environ.get("STANDIN_NAN_LOSS_FROM", "1000000000"))  # the served loss is NaN from this step on
+hang = os.environ.get("STANDIN_HANG", "")
 annotations = Path(os.environ[c.ENV_PODINFO]) / "annotations"
 
 state = {"step": 0, "ckpt_step": 0, "ckpt_time": 0.0, "served": 0}
@@ -114,6 +117,11 @@ while state["step"] < steps:
         if (fa == "*" or int(fa) == attempt) and int(fr) == rank and int(fs) == s - start:
             print(f"failing at step {s} with exit code {code}", flush=True)
             sys.exit(int(code))
+    if hang and hang == f"{attempt}:{s}":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"hanging at step {s}", flush=True)
+        while True:
+            time.sleep(60)
     req = next((ln for ln in annotations.read_text().splitlines() if ln.startswith(c.ANN_CHECKPOINT_REQUEST)), None) \
         if annotations.exists() else None
     if req and req != seen_request:

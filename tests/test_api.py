@@ -86,6 +86,7 @@ INVALID = [
     ("keep zero", _with("checkpoint.keep", 0), "spec.checkpoint.keep"),
     ("negative maxFailures", _with("failurePolicy.maxFailures", -1), "spec.failurePolicy.maxFailures"),
     ("exit code in both lists", _with("failurePolicy", {"retryableExitCodes": [85]}), "must not share a code"),
+    ("progress deadline shorter than a progress read", _with("failurePolicy.progressDeadlineSeconds", 5), "spec.failurePolicy.progressDeadlineSeconds"),
     ("lora rank zero", _with("lora", {"rank": 0}), "spec.lora.rank"),
     ("lora dropout one", _with("lora", {"dropout": 1.0}), "spec.lora.dropout"),
     ("bad toleration operator", _with("scheduling.tolerations", [{"key": "a", "operator": "Maybe"}]), "spec.scheduling.tolerations[0].operator"),

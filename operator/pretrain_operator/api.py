@@ -231,6 +231,12 @@ class FailurePolicy(Model):
     retryableExitCodes: list[int] = Field(default_factory=list, max_length=64, description="Exit codes that restart the gang without counting as failures.")
     nonRetryableExitCodes: list[int] = Field(default_factory=lambda: [85], max_length=64, description="Exit codes that fail the job at once (85: the trainer's permanent error, e.g. a bad config).")
     failureSettleSeconds: int = Field(5, ge=0, le=600, description="After a rank fails, how long to look for a disruption signal (node loss, eviction) that makes it a preemption instead.")
+    progressDeadlineSeconds: int | None = Field(None, ge=10, le=604800, description=(
+        "A Running attempt whose step has not moved for this long (counted from its last step, or from the gang's "
+        "Running) is restarted as a failure, reason ProgressDeadlineExceeded: a hang (a collective waiting on a peer "
+        "that will never answer, a deadlock) that no pod's state shows. Judged only while the operator reads rank "
+        "0's metrics; not at the last step (the final save). Set it above the start (import, checkpoint load, "
+        "compile) and the slowest step, validation and checkpoint save. Absent: never."))
 
 
 class Preemption(Model):

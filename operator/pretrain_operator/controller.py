@@ -44,6 +44,7 @@ class Controller:
         self.reconciles = 0
         self.last_progress: dict = {}
         self.progress_misses: dict = {}  # job key -> failed progress reads in a row (a warning at PROGRESS_MISSES_WARN)
+        self.progress_read: dict = {}  # job key -> (attempt, when, progress) of the last read, if it succeeded
         self.phases: dict = {}
         self.running = 0  # jobs in phase Running, counted with the phase gauge
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
@@ -151,7 +152,7 @@ class Controller:
                 self._forget_metrics((ns, name))
                 self.last_progress.pop((ns, name), None)
                 # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
-                for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses):
+                for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses, self.progress_read):
                     memo.pop((ns, name), None)
                 for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
                     self.node_jobs[node].discard((ns, name))
@@ -208,7 +209,8 @@ class Controller:
                                       disrupted={n: p for n, p in self.disrupted.get((ns, name), {}).items()
                                                  if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid},
                                       foreign=foreign, predecessor=predecessor,
-                                      create_error=self._create_error(ns, name, job))
+                                      create_error=self._create_error(ns, name, job),
+                                      progress_read=self._progress_read((ns, name), job))
         # Decide.
         plan = reconcile.decide(observed)
         if plan.status.get("attempt", 0) > (job.get("status") or {}).get("attempt", 0) > 0 and self._namespace_terminating(ns):
@@ -371,6 +373,7 @@ class Controller:
         rank0 = next((p for p in pods if p["metadata"]["labels"].get(c.LABEL_NODE_RANK) == "0"
                       and int(p["metadata"]["labels"].get(c.LABEL_ATTEMPT, 0)) == st.get("attempt")), None)
         ip = ((rank0 or {}).get("status") or {}).get("podIP")
+        self.progress_read.pop(key, None)  # until this read succeeds
         if not ip:
             return
         try:
@@ -386,7 +389,8 @@ class Controller:
                 "trainers' port)", key[0], key[1], misses, ip, c.METRICS_PORT, e)
             return
         self.progress_misses.pop(key, None)
-        now = reconcile.iso(dt.datetime.now(dt.timezone.utc))
+        read = dt.datetime.now(dt.timezone.utc)
+        now = reconcile.iso(read)
         if math.isfinite(m.get(c.METRIC_STEP, math.nan)):  # a custom trainer's NaN step: no progress
             total = m.get(c.METRIC_TOTAL_STEPS, math.nan)
             prog = {"step": int(m[c.METRIC_STEP]), "totalSteps": int(total) if math.isfinite(total) else job["spec"]["training"]["steps"]}
@@ -399,12 +403,20 @@ class Controller:
                 prog["validationLoss"] = round(m[c.METRIC_VALIDATION_LOSS], 4)
                 prog["validationStep"] = int(m[c.METRIC_VALIDATION_STEP])
             reconcile.set_progress(st, prog, now)
+            self.progress_read[key] = (st.get("attempt"), read, prog)
         if math.isfinite(m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0)) and m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
             step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])
             if (st.get("lastCheckpoint") or {}).get("step") != step:
                 t = m.get(c.METRIC_LAST_CHECKPOINT_TIME)
                 reconcile.set_last_checkpoint(st, job["spec"]["checkpoint"]["path"], step,
                                               reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now)
+
+    def _progress_read(self, key: tuple[str, str], job: dict) -> dt.datetime | None:
+        """When rank 0's step of the job's current attempt was last read, if that read succeeded and
+        the job's status shows what it saw (its write refused, the status is older than the read)."""
+        attempt, when, prog = self.progress_read.get(key, (None, None, None))
+        st = job.get("status") or {}
+        return when if attempt == st.get("attempt") and reconcile.progress_of(st) == prog else None
 
     def _progress_interval(self) -> float:
         return progress_interval(self.settings.progress_interval_s, self.settings.progress_rate, self.running)

@@ -54,6 +54,9 @@ class Observed:
     foreign: str | None = None
     # A child of the job's name that a deleted job of the same name still owns: what it is, or None.
     predecessor: str | None = None
+    # When this operator last read rank 0's metrics of the current attempt, if that read (the
+    # latest tried) succeeded; None otherwise: a read that fails says nothing of the trainer.
+    progress_read: dt.datetime | None = None
 
 
 @dataclass
@@ -163,6 +166,28 @@ def lost_steps(status: dict) -> int:
     their final reports read (a SIGTERM's checkpoint committed after the restart was decided)."""
     reached = (status.get("restart") or {}).get("reachedStep", 0)
     return max(reached - (status.get("lastCheckpoint") or {}).get("step", 0), 0)
+
+
+def stalled(spec: api.PretrainJobSpec, status: dict, read: dt.datetime | None) -> str:
+    """Why the Running attempt counts as hung, or "": its step has not moved for
+    failurePolicy.progressDeadlineSeconds by rank 0's metrics last `read` (the status holds what
+    that read saw: `progress.updated` is stamped only when the progress changed)."""
+    deadline = spec.failurePolicy.progressDeadlineSeconds
+    since = running_since(status)
+    if deadline is None or read is None or since is None:
+        return ""  # no deadline; no reading to judge by (a network in the way); not Running
+    prog = status.get("progress") or {}
+    if prog.get("step", 0) >= spec.training.steps:
+        return ""  # the last step: the final save may take long, and the pods end by themselves
+    # From the later of the last change and the Running transition: an earlier attempt's
+    # progress (or none) leaves this attempt its start (import, checkpoint load) from Running.
+    changed = parse(prog.get("updated", ""))
+    since = max(since, changed) if changed else since
+    still = (read - since).total_seconds()
+    if still < deadline:
+        return ""
+    return (f"step {prog.get('step', 0)} has not moved for {int(still)} s (failurePolicy.progressDeadlineSeconds "
+            f"{deadline}): the pods run, the training does not (a hang)")
 
 
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
@@ -402,6 +427,10 @@ def _decide(o: Observed) -> Plan:
         if status["phase"] != "Running":
             _phase(status, "Running", "AllNodesRunning", f"attempt {attempt}: all {spec.nodes} node(s) running", now, gen)
             plan.events.append(("Normal", "Running", f"attempt {attempt}: all {spec.nodes} node(s) running"))
+        # 9b. Every pod runs, yet the step does not move: a hang no pod's state shows.
+        stuck = stalled(spec, status, o.progress_read)
+        if stuck:
+            return _restart(plan, o, "Failure", "ProgressDeadlineExceeded", stuck, count="failures")
     else:
         # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
         # quota) are queued, not starting: the start clock waits for them, and starts again at

@@ -1,0 +1,82 @@
+"""A hang: every pod runs, the step does not move (a collective waiting on a peer that never
+answers). With failurePolicy.progressDeadlineSeconds the operator restarts such an attempt as a
+failure, judged by rank 0's metrics as it reads them; reconcile.decide on observed state, then the
+stand-in trainer hung on the local cluster."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from pretrain_operator import reconcile
+from tests.jobs import Jobs, job_manifest, observed_gang
+
+pytestmark = pytest.mark.cluster
+
+
+def _hung(name: str, *, deadline: int | None = 60, running_s: int = 300, still_s: int = 70, step: int = 57):
+    """A gang Running for `running_s`, rank 0's step `step` unchanged for `still_s` by a read just now."""
+    job, spec, pods, nodes, now = observed_gang(name)
+    spec = spec.model_copy(update={"failurePolicy": spec.failurePolicy.model_copy(update={"progressDeadlineSeconds": deadline})})
+    job["status"]["conditions"] = [{"type": "Running", "status": "True", "reason": "AllNodesRunning", "message": "",
+                                    "lastTransitionTime": reconcile.iso(now - dt.timedelta(seconds=running_s))}]
+    job["status"]["progress"] = {"step": step, "totalSteps": spec.training.steps, "updated": reconcile.iso(now - dt.timedelta(seconds=still_s))}
+    return job, spec, pods, nodes, now
+
+
+def _decide(job, spec, pods, nodes, now, read) -> reconcile.Plan:
+    return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                               config_data=None, now=now, progress_read=read))
+
+
+def test_a_running_gang_whose_step_has_not_moved_past_the_deadline_is_restarted_as_a_failure():
+    job, spec, pods, nodes, now = _hung("hung")
+    plan = _decide(job, spec, pods, nodes, now, read=now)
+    st = plan.status
+    assert st["attempt"] == 2 and st["failures"] == 1 and st["preemptions"] == 0
+    assert st["restart"]["kind"] == "Failure" and st["restart"]["reason"] == "ProgressDeadlineExceeded"
+    assert "step 57 has not moved for 70 s (failurePolicy.progressDeadlineSeconds 60)" in st["restart"]["message"]
+    assert any(e[:2] == ("Warning", "Failure") and "ProgressDeadlineExceeded" in e[2] for e in plan.events), plan.events
+    # A step within the deadline: still Running, nothing said.
+    job, spec, pods, nodes, now = _hung("moving", still_s=50)
+    plan = _decide(job, spec, pods, nodes, now, read=now)
+    assert plan.status["attempt"] == 1 and plan.status["phase"] == "Running" and not plan.events
+
+
+def test_the_deadline_is_judged_at_the_last_successful_read_and_not_without_one():
+    # No read (a network in the way, an operator just started): nothing known of the trainer.
+    job, spec, pods, nodes, now = _hung("unread", still_s=600)
+    assert _decide(job, spec, pods, nodes, now, read=None).status["attempt"] == 1
+    # The last read 30 s after the last change, however late this pass is: within the deadline.
+    job, spec, pods, nodes, now = _hung("read-early", still_s=600)
+    assert _decide(job, spec, pods, nodes, now, read=now - dt.timedelta(seconds=570)).status["attempt"] == 1
+
+
+def test_a_new_attempts_clock_starts_when_its_gang_runs_not_at_the_previous_attempts_last_step():
+    job, spec, pods, nodes, now = _hung("started", running_s=40, still_s=900)  # its start: imports, checkpoint load
+    assert _decide(job, spec, pods, nodes, now, read=now).status["attempt"] == 1
+    job, spec, pods, nodes, now = _hung("never-stepped", running_s=70, still_s=900)
+    assert _decide(job, spec, pods, nodes, now, read=now).status["restart"]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_the_last_step_and_a_job_without_a_deadline_are_not_judged():
+    job, spec, pods, nodes, now = _hung("saving", step=400, still_s=900)  # the final save may take long
+    assert _decide(job, spec, pods, nodes, now, read=now).status["attempt"] == 1
+    job, spec, pods, nodes, now = _hung("no-deadline", deadline=None, still_s=3600)
+    assert _decide(job, spec, pods, nodes, now, read=now).status["attempt"] == 1
+
+
+def test_a_hung_gang_on_the_cluster_is_restarted_and_resumes_from_its_checkpoint(api, namespace, operator):
+    # Every rank stops at step 12 of attempt 1 (deaf to SIGTERM, as a stuck collective is), after
+    # the checkpoint of step 10; the pods keep running and rank 0 keeps serving its metrics.
+    jobs = Jobs(api, namespace)
+    body = job_manifest("stuck", steps=20, interval=5, failurePolicy={"progressDeadlineSeconds": 10})
+    body["spec"]["template"]["terminationGracePeriodSeconds"] = 2
+    body["spec"]["template"]["env"].append({"name": "STANDIN_HANG", "value": "1:12"})
+    jobs.create(body)
+    st = jobs.wait_phase("stuck", "Succeeded", timeout=120)
+    assert st["attempt"] == 2 and st["failures"] == 1 and st["preemptions"] == 0
+    assert st["restart"]["reason"] == "ProgressDeadlineExceeded" and "step 12 has not moved" in st["restart"]["message"]
+    assert "resuming at step 10 of 20" in jobs.logs("stuck-a2-n0")
+    jobs.wait_events("stuck", "Failure")
