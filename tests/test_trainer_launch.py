@@ -49,7 +49,7 @@ def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
 @pytest.fixture(scope="module")
 def torchrun_losses(tmp_path_factory):
     d = tmp_path_factory.mktemp("torchrun")
-    run(write_config(d, **LAYOUT), 4, d / "losses.txt")
+    run(write_config(d, **LAYOUT), 4, d / "losses.txt", torchrun=True)
     return losses(d / "losses.txt")
 
 
