@@ -80,3 +80,28 @@ def test_a_hung_gang_on_the_cluster_is_restarted_and_resumes_from_its_checkpoint
     assert st["restart"]["reason"] == "ProgressDeadlineExceeded" and "step 12 has not moved" in st["restart"]["message"]
     assert "resuming at step 10 of 20" in jobs.logs("stuck-a2-n0")
     jobs.wait_events("stuck", "Failure")
+
+
+def test_the_operator_judges_only_by_a_read_of_the_current_attempt_whose_progress_the_status_shows():
+    from kubernetes import client
+
+    from pretrain_operator.controller import Controller
+    from pretrain_operator.settings import OperatorSettings
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0))
+    try:
+        job, spec, pods, nodes, now = _hung("memo")
+        seen = reconcile.progress_of(job["status"])
+        key = ("ns", "memo")
+        ctl.progress_read[key] = ("u1", 1, now, seen)
+        assert ctl._progress_read(key, job) == now
+        # A status that does not show what was read (its write refused): the read is not used.
+        assert ctl._progress_read(key, {**job, "status": {**job["status"], "progress": {**seen, "step": 56}}}) is None
+        # Another attempt's read, or a deleted job's of the same name: not this one's.
+        assert ctl._progress_read(key, {**job, "status": {**job["status"], "attempt": 2}}) is None
+        assert ctl._progress_read(key, {**job, "metadata": {**job["metadata"], "uid": "u2"}}) is None
+        # A read that fails (nothing answers at rank 0's address) forgets the last one that did not.
+        pods[0]["status"]["podIP"] = "192.0.2.1"  # TEST-NET-1: never reached
+        ctl._progress(job, reconcile.Plan(status=job["status"]), pods)
+        assert key not in ctl.progress_read and ctl._progress_read(key, job) is None
+    finally:
+        ctl.pool.shutdown()

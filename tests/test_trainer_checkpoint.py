@@ -570,14 +570,17 @@ def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
 def test_an_async_save_that_fails_on_one_rank_only_stops_every_rank_instead_of_hanging(tmp_path):
     # The failing rank went on to save synchronously alone, in other collectives than its peers,
     # whose saves were with their writers: the gang hung until its pods were killed. The fault is
-    # injected into DCP on rank 1 (a writer process killed, say), by a sitecustomize.
+    # injected into DCP on rank 1 (a writer process killed, say), by a sitecustomize: the rank is
+    # asked at the call (the launcher's ranks are forked after the sitecustomize ran, without RANK).
     code = (
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import torch.distributed.checkpoint as dcp\n"
-        "    def async_save(*a, **k):\n"
+        "import torch.distributed as dist\n"
+        "import torch.distributed.checkpoint as dcp\n"
+        "_async_save = dcp.async_save\n"
+        "def async_save(*a, **k):\n"
+        "    if dist.get_rank() == 1:\n"
         "        raise OSError('injected: the writer process is gone')\n"
-        "    dcp.async_save = async_save\n")
+        "    return _async_save(*a, **k)\n"
+        "dcp.async_save = async_save\n")
     cfg = write_config(tmp_path, nproc=2, data=2, steps=9, interval=3,
                        extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
     e = injected(tmp_path, code)

@@ -44,7 +44,7 @@ class Controller:
         self.reconciles = 0
         self.last_progress: dict = {}
         self.progress_misses: dict = {}  # job key -> failed progress reads in a row (a warning at PROGRESS_MISSES_WARN)
-        self.progress_read: dict = {}  # job key -> (attempt, when, progress) of the last read, if it succeeded
+        self.progress_read: dict = {}  # job key -> (uid, attempt, when, progress) of the last read, if it succeeded
         self.phases: dict = {}
         self.running = 0  # jobs in phase Running, counted with the phase gauge
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
@@ -403,7 +403,7 @@ class Controller:
                 prog["validationLoss"] = round(m[c.METRIC_VALIDATION_LOSS], 4)
                 prog["validationStep"] = int(m[c.METRIC_VALIDATION_STEP])
             reconcile.set_progress(st, prog, now)
-            self.progress_read[key] = (st.get("attempt"), read, prog)
+            self.progress_read[key] = (job["metadata"].get("uid"), st.get("attempt"), read, prog)
         if math.isfinite(m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0)) and m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
             step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])
             if (st.get("lastCheckpoint") or {}).get("step") != step:
@@ -413,10 +413,12 @@ class Controller:
 
     def _progress_read(self, key: tuple[str, str], job: dict) -> dt.datetime | None:
         """When rank 0's step of the job's current attempt was last read, if that read succeeded and
-        the job's status shows what it saw (its write refused, the status is older than the read)."""
-        attempt, when, prog = self.progress_read.get(key, (None, None, None))
+        the job's status shows what it saw (its write refused, the status is older than the read);
+        not a deleted job's of the same name."""
+        uid, attempt, when, prog = self.progress_read.get(key, (None, None, None, None))
         st = job.get("status") or {}
-        return when if attempt == st.get("attempt") and reconcile.progress_of(st) == prog else None
+        mine = uid == job["metadata"].get("uid") and attempt == st.get("attempt")
+        return when if mine and reconcile.progress_of(st) == prog else None
 
     def _progress_interval(self) -> float:
         return progress_interval(self.settings.progress_interval_s, self.settings.progress_rate, self.running)
