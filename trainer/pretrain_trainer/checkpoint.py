@@ -633,6 +633,9 @@ class Checkpointer:
                 r = dcp.async_save(state, storage_writer=self._writer(d), planner=self._planner(), **self._async_options())
             except Exception as e:  # noqa: BLE001  (a torch without this staging path: save synchronously)
                 failed = f"{type(e).__name__}: {str(e)[:200]}"
+                # Said here, before the agreement: a peer that stops the attempt may get this rank
+                # killed (the launcher's agent ends the others) before its own error is printed.
+                log.warning("the async checkpoint of step %d failed on this rank (%s)", step, failed)
             # Agreed: a rank that went on to save synchronously alone would stand in other
             # collectives than its peers, which handed their saves to their writers (a hang).
             seen = torch.tensor([1.0 if failed else 0.0, 0.0 if failed else 1.0])  # [a rank failed, a rank did not]
