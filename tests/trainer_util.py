@@ -64,13 +64,14 @@ def cmd(config: Path, nproc: int, losses: Path, launch: bool = False, launch_opt
     environment (PET_*)."""
     args = ["train", "--config", str(config), "--losses-out", str(losses)]
     if launch:
-        return [sys.executable, "-m", "pretrain_trainer", "launch", *launch_options, *args]
-    if nproc == 1:
+        options = list(launch_options)
+    elif nproc == 1:
         return [sys.executable, "-m", "pretrain_trainer", *args]
-    ranks = ["--nproc_per_node", str(nproc), "--master_port", free_port()]
-    if torchrun:
-        return [TORCHRUN, *ranks, "-m", "pretrain_trainer", *args]
-    return [sys.executable, "-m", "pretrain_trainer", "launch", *ranks, *args]
+    else:
+        options = ["--nproc_per_node", str(nproc), "--master_port", free_port()]
+        if torchrun:
+            return [TORCHRUN, *options, "-m", "pretrain_trainer", *args]
+    return [sys.executable, "-m", "pretrain_trainer", "launch", *options, *args]
 
 
 def run(config: Path, nproc: int, losses: Path, timeout: float = 300, torchrun: bool = False) -> subprocess.CompletedProcess:
