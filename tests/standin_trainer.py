@@ -35,6 +35,13 @@ nan_from = int(os.environ.get("STANDIN_NAN_LOSS_FROM", "1000000000"))  # the ser
 hang = os.environ.get("STANDIN_HANG", "")
 annotations = Path(os.environ[c.ENV_PODINFO]) / "annotations"
 
+# The real trainer's layout check (train.check_layout): the config's ranks are torchrun's world.
+par = cfg.get("parallelism") or {}
+world = int(os.environ["PET_NNODES"]) * int(os.environ.get("PET_NPROC_PER_NODE", "1"))
+if par.get("data", 1) * par.get("tensor", 1) * par.get("pipeline", 1) != world or cfg.get("nodes", 1) != int(os.environ["PET_NNODES"]):
+    print(f"config layout {par} on {cfg.get('nodes')} node(s) does not match the world of {world} rank(s)", flush=True)
+    sys.exit(85)
+
 state = {"step": 0, "ckpt_step": 0, "ckpt_time": 0.0, "served": 0}
 
 

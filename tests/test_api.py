@@ -87,6 +87,10 @@ INVALID = [
     ("negative maxFailures", _with("failurePolicy.maxFailures", -1), "spec.failurePolicy.maxFailures"),
     ("exit code in both lists", _with("failurePolicy", {"retryableExitCodes": [85]}), "must not share a code"),
     ("progress deadline shorter than a progress read", _with("failurePolicy.progressDeadlineSeconds", 5), "spec.failurePolicy.progressDeadlineSeconds"),
+    ("elastic minNodes zero", _with("elastic", {"minNodes": 0}), "spec.elastic.minNodes"),
+    ("elastic minNodes above nodes", _with("elastic", {"minNodes": 3}), "elastic.minNodes must not exceed nodes"),
+    ("elastic minNodes with no whole layout", _with("elastic", {"minNodes": 1}, _with("parallelism", {"data": 1, "tensor": 4})),
+     "elastic.minNodes must give a whole layout"),
     ("lora rank zero", _with("lora", {"rank": 0}), "spec.lora.rank"),
     ("lora dropout one", _with("lora", {"dropout": 1.0}), "spec.lora.dropout"),
     ("bad toleration operator", _with("scheduling.tolerations", [{"key": "a", "operator": "Maybe"}]), "spec.scheduling.tolerations[0].operator"),
@@ -227,13 +231,13 @@ def test_every_example_is_accepted_by_the_api_server(cluster, crd, namespace, ex
 
 
 @pytest.mark.cluster
-def test_kubectl_get_shows_phase_step_loss_and_checkpoint_and_wide_the_held_out_loss(cluster, api, crd, namespace):
+def test_kubectl_get_shows_phase_step_loss_and_checkpoint_and_wide_the_held_out_loss_and_nodes(cluster, api, crd, namespace):
     kubectl = [str(binaries.locate(["kubectl"])["kubectl"]), "--kubeconfig", str(cluster.cfg.kubeconfig), "-n", namespace]
     # Suspended: an operator running in the same session (its tests ran first) leaves this status as
     # it is. A Running job without pods had its readyNodes set back to 0/2 by it.
     client.CustomObjectsApi(api).create_namespaced_custom_object("pretrain.dev", "v1alpha1", namespace, "pretrainjobs",
                                                                  _body(_with("suspend", True), "shown"))
-    status = {"status": {"phase": "Suspended", "readyNodes": "0/2", "attempt": 2, "preemptions": 1, "failures": 0,
+    status = {"status": {"phase": "Suspended", "readyNodes": "0/1", "nodes": 1, "attempt": 2, "preemptions": 1, "failures": 0,
                          "progress": {"step": 130, "totalSteps": 200, "loss": 4.8151, "validationLoss": 4.9354, "validationStep": 125},
                          "lastCheckpoint": {"step": 125, "path": "/checkpoints/step-00000125", "time": "2026-12-01T05:00:00Z"}}}
     subprocess.run([*kubectl, "patch", "ptj", "shown", "--subresource=status", "--type=merge", "-p", yaml.safe_dump(status)],
@@ -245,9 +249,10 @@ def test_kubectl_get_shows_phase_step_loss_and_checkpoint_and_wide_the_held_out_
         return dict(zip(head.split(), row.split()))
 
     assert {k: v for k, v in table().items() if k != "AGE"} == {
-        "NAME": "shown", "PHASE": "Suspended", "READY": "0/2", "ATTEMPT": "2", "STEP": "130", "LOSS": "4.8151",
+        "NAME": "shown", "PHASE": "Suspended", "READY": "0/1", "ATTEMPT": "2", "STEP": "130", "LOSS": "4.8151",
         "CHECKPOINT": "125", "PREEMPTIONS": "1", "FAILURES": "0"}
-    assert table("-o", "wide")["HELD-OUT"] == "4.9354"
+    wide = table("-o", "wide")
+    assert wide["HELD-OUT"] == "4.9354" and wide["NODES"] == "1"  # an elastic job's last attempt ran shrunk
 
 
 def test_the_api_reference_is_generated_from_the_models():

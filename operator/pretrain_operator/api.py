@@ -448,6 +448,19 @@ class Template(Model):
         "/dev/shm replaces it."))
 
 
+class Elastic(Model):
+    """Run on fewer nodes when capacity is short (spot), instead of waiting for the whole gang."""
+
+    minNodes: int = Field(ge=1, le=10000, description=(
+        "The fewest nodes the job may run on. When an attempt's gang is not all running within "
+        "scheduling.startTimeoutSeconds, the next attempt runs on as many nodes as were placed (at least "
+        "minNodes, at most one fewer than the attempt had), the largest such count that gives a whole layout: "
+        "parallelism.data shrinks with it (tensor and pipeline stay), data.globalBatchSize stays (gradient "
+        "accumulation makes up the rest), so the run continues from its checkpoint on the same loss curve, "
+        "only slower. Every later attempt (after a preemption, a failure, a resume) tries all nodes again. "
+        "status.nodes shows the current attempt's count."))
+
+
 class Resources(Model):
     requests: dict[str, Annotated[str, Field(pattern=QUANTITY, max_length=64)]] = Field(
         default_factory=dict, description="Per pod, e.g. {cpu: '8', memory: 64Gi, nvidia.com/gpu: '8'}. An extended resource "
@@ -504,6 +517,14 @@ _SPEC_RULES = _rules(
      "!(has(self.template.volumeMounts) && self.template.volumeMounts.exists(m, m.mountPath == self.checkpoint.path))",
      f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, c.SHM_DIR])}) "
      "nor one of template.volumeMounts", ".checkpoint.path"),
+    ("!has(self.elastic) || self.elastic.minNodes <= self.nodes", "elastic.minNodes must not exceed nodes", ".elastic.minNodes"),
+    ("!has(self.elastic) || ((self.elastic.minNodes * self.nprocPerNode) % (self.parallelism.tensor * self.parallelism.pipeline) == 0 "
+     "&& self.data.globalBatchSize % (self.elastic.minNodes * self.nprocPerNode / (self.parallelism.tensor * self.parallelism.pipeline) "
+     "* self.data.microBatchSize) == 0 && (self.elastic.minNodes * self.nprocPerNode / (self.parallelism.tensor * self.parallelism.pipeline)) "
+     "% self.parallelism.expert == 0)",
+     "elastic.minNodes must give a whole layout: minNodes x nprocPerNode divisible by parallelism.tensor x pipeline, and the "
+     "data degree that leaves, d = minNodes x nprocPerNode / (tensor x pipeline), divisible by parallelism.expert, and "
+     "data.globalBatchSize by d x data.microBatchSize", ".elastic.minNodes"),
     ("!self.failurePolicy.retryableExitCodes.exists(c, c in self.failurePolicy.nonRetryableExitCodes)",
      "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),
 )
@@ -555,6 +576,7 @@ class PretrainJobSpec(Model):
                     "restarts and waits for capacity included: a cap on what a run may cost. Its pods get SIGTERM, so "
                     "the trainer checkpoints first. Resuming from suspension restarts the clock (startTime is reset), "
                     "as for a Kubernetes Job. May be changed while the job runs; absent: no deadline.")
+    elastic: Elastic | None = Field(None, description="Shrink to fewer nodes when the whole gang cannot be placed; absent: always all nodes.")
     ttlSecondsAfterFinished: int | None = Field(None, ge=0, le=31_536_000, description="Delete the job this long after it Succeeded or Failed.")
     template: Template = Field(default_factory=Template)
 
@@ -635,6 +657,9 @@ class PretrainJobStatus(Model):
         "Seconds the job spent Running (every node up) in the attempts before the current one's Running "
         "stretch: with the time since its Running condition's lastTransitionTime, the time the gang was up. "
         "Against the time since creation, what restarts, queueing and starts cost (goodput)."))
+    nodes: int = Field(0, description=(
+        "Nodes (pods) of the current attempt's gang: spec.nodes, or fewer after an elastic shrink "
+        "(spec.elastic); 0 before the first attempt."))
     lostSteps: int = Field(0, description=(
         "Steps trained and then lost to restarts: for each restart, how far the replaced attempt got (its reported "
         "progress and its pods' final reports) past the checkpoint the next attempt starts from, which trains them "
@@ -645,6 +670,7 @@ class PretrainJobStatus(Model):
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.readyNodes"},
+    {"name": "Nodes", "type": "integer", "jsonPath": ".status.nodes", "priority": 1},  # -o wide: below spec.nodes when shrunk
     {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
     {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},

@@ -42,6 +42,8 @@ JOB_RUNNING_SECONDS = Gauge("pretrain_operator_job_running_seconds",
                             "Seconds the job has spent Running (every node up), all attempts (status.runningSeconds and the current stretch)",
                             JOB_LABELS)
 JOB_LOST_STEPS = Gauge("pretrain_operator_job_lost_steps", "Steps trained again after restarts (status.lostSteps)", JOB_LABELS)
+JOB_NODES = Gauge("pretrain_operator_job_nodes", "Nodes of the current attempt's gang (status.nodes): below spec.nodes "
+                  "while an elastic job runs shrunk", JOB_LABELS)
 JOB_PHASE = Gauge("pretrain_operator_job_phase", "1 for the job's current phase", JOB_LABELS + ["phase"])
 PHASES = typing.get_args(api.Phase)
 
@@ -50,6 +52,7 @@ def observe_job(ns: str, name: str, status: dict, running_s: float = 0.0) -> Non
     JOB_ATTEMPT.labels(ns, name).set(status.get("attempt", 0))
     JOB_RUNNING_SECONDS.labels(ns, name).set(running_s)
     JOB_LOST_STEPS.labels(ns, name).set(status.get("lostSteps", 0))
+    JOB_NODES.labels(ns, name).set(status.get("nodes", 0))
     JOB_PREEMPTIONS.labels(ns, name).set(status.get("preemptions", 0))
     JOB_FAILURES.labels(ns, name).set(status.get("failures", 0))
     JOB_CHECKPOINT_STEP.labels(ns, name).set((status.get("lastCheckpoint") or {}).get("step", 0))
@@ -58,7 +61,7 @@ def observe_job(ns: str, name: str, status: dict, running_s: float = 0.0) -> Non
 
 
 def forget_job(ns: str, name: str) -> None:
-    for g in (JOB_ATTEMPT, JOB_PREEMPTIONS, JOB_FAILURES, JOB_CHECKPOINT_STEP, JOB_RUNNING_SECONDS, JOB_LOST_STEPS):
+    for g in (JOB_ATTEMPT, JOB_PREEMPTIONS, JOB_FAILURES, JOB_CHECKPOINT_STEP, JOB_RUNNING_SECONDS, JOB_LOST_STEPS, JOB_NODES):
         try:
             g.remove(ns, name)
         except KeyError:

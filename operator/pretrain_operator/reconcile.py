@@ -18,9 +18,10 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import dataclasses
 from dataclasses import dataclass, field
 
-from . import api, classify, contract as c, render
+from . import api, classify, contract as c, elastic, render
 
 TERMINAL = ("Succeeded", "Failed")
 
@@ -57,6 +58,9 @@ class Observed:
     # When this operator last read rank 0's metrics of the current attempt, if that read (the
     # latest tried) succeeded; None otherwise: a read that fails says nothing of the trainer.
     progress_read: dt.datetime | None = None
+    # The job's spec as written, when `spec` is the current attempt's (decide sets both: an elastic
+    # attempt of fewer nodes runs with a smaller parallelism.data).
+    declared: api.PretrainJobSpec | None = None
 
 
 @dataclass
@@ -213,6 +217,10 @@ def deadline_left(spec: api.PretrainJobSpec, status: dict, now: dt.datetime) -> 
 
 
 def decide(o: Observed) -> Plan:
+    # The gang's size is the attempt's (status.nodes, recorded with the attempt): after an elastic
+    # shrink its pods, config and counts are those of the smaller gang.
+    size = (o.job.get("status") or {}).get("nodes") or o.spec.nodes
+    o = dataclasses.replace(o, spec=elastic.resized(o.spec, size), declared=o.spec)
     plan = _decide(o)
     left = deadline_left(o.spec, plan.status, o.now)
     if left is not None and plan.status["phase"] not in (*TERMINAL, "Suspended"):
@@ -311,6 +319,7 @@ def _decide(o: Observed) -> Plan:
         status["startTime"] = status.get("startTime") or now
         status["attemptStartTime"] = now
         status["gangCreated"] = False
+        status["nodes"] = spec.nodes
         _phase(status, "Starting", "GangStarting", "creating the gang of attempt 1", now, gen)
         plan.events.append(("Normal", "Starting", f"starting attempt 1 with {spec.nodes} node(s) x {spec.nprocPerNode} process(es)"))
         plan.stage = "intent-recorded"
@@ -425,8 +434,9 @@ def _decide(o: Observed) -> Plan:
     up = [p for p in current if _running(p) or classify.succeeded(p)]
     if len(up) == spec.nodes:
         if status["phase"] != "Running":
-            _phase(status, "Running", "AllNodesRunning", f"attempt {attempt}: all {spec.nodes} node(s) running", now, gen)
-            plan.events.append(("Normal", "Running", f"attempt {attempt}: all {spec.nodes} node(s) running"))
+            shrunk = f" ({spec.nodes} of the spec's {o.declared.nodes}: elastic)" if o.declared and o.declared.nodes != spec.nodes else ""
+            _phase(status, "Running", "AllNodesRunning", f"attempt {attempt}: all {spec.nodes} node(s) running{shrunk}", now, gen)
+            plan.events.append(("Normal", "Running", f"attempt {attempt}: all {spec.nodes} node(s) running{shrunk}"))
         # 9b. Every pod runs, yet the step does not move: a hang no pod's state shows.
         stuck = stalled(spec, status, o.progress_read)
         if stuck:
@@ -461,8 +471,8 @@ def _decide(o: Observed) -> Plan:
             if not (said.startswith(f"attempt {attempt}: ") and f"; {cause}" in said):
                 plan.events.append(("Warning", "PodsNotStarting", status["message"]))
         if waited >= spec.scheduling.startTimeoutSeconds:
-            return _restart(plan, o, "StartTimeout", "GangStartTimeout",
-                            f"only {len(running)}/{spec.nodes} node(s) running after {spec.scheduling.startTimeoutSeconds} s", count=None)
+            return _start_timeout(plan, o, current, f"only {len(running)}/{spec.nodes} node(s) running after "
+                                                    f"{spec.scheduling.startTimeoutSeconds} s")
         # Pod and node events bring every change sooner; this is for the timeout itself (and for
         # the end of the grace before a waiting pod is said).
         plan.requeue_after = max(min(spec.scheduling.startTimeoutSeconds - waited,
@@ -524,13 +534,27 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
                 plan.events.append(("Warning", "GangCreateFailed", refused + msg))
             status["message"] = refused + msg
     if (o.now - parse(status["attemptStartTime"])).total_seconds() >= spec.scheduling.startTimeoutSeconds:
-        return _restart(plan, o, "StartTimeout", "GangStartTimeout",
-                        f"only {created} after {spec.scheduling.startTimeoutSeconds} s"
-                        + (f" ({o.create_error[1]})" if o.create_error else ""), count=None)
+        current = [p for p in o.pods if attempt_of(p) == attempt]
+        return _start_timeout(plan, o, current, f"only {created} after {spec.scheduling.startTimeoutSeconds} s"
+                                                + (f" ({o.create_error[1]})" if o.create_error else ""))
     plan.create += [p for p in render.gang(o.job, spec, attempt) if p["metadata"]["name"] in missing]
     plan.stage = plan.stage or ("old-pods-gone" if status.get("restart") else "creating-gang")
     plan.requeue_after = 1.0
     return plan
+
+
+def _start_timeout(plan: Plan, o: Observed, current: list[dict], message: str) -> Plan:
+    """The attempt's gang did not all start in time: restart it, on fewer nodes when the job is
+    elastic and the scheduler placed fewer pods than the gang has (capacity is what is missing)."""
+    placed = sum(1 for p in current if (p.get("spec") or {}).get("nodeName") and not p["metadata"].get("deletionTimestamp"))
+    full = o.declared or o.spec
+    nodes = elastic.shrink_to(full, o.spec.nodes, placed)
+    if nodes is None:
+        return _restart(plan, o, "StartTimeout", "GangStartTimeout", message, count=None)
+    return _restart(plan, o, "StartTimeout", "ElasticShrink",
+                    f"{message}; {placed} pod(s) placed: the next attempt runs on {nodes} of {full.nodes} node(s) "
+                    f"(parallelism.data {elastic.data_degree(full, nodes)}, elastic.minNodes {full.elastic.minNodes})",
+                    count=None, nodes=nodes)
 
 
 def _say_once(plan: Plan, reason: str, message: str) -> None:
@@ -622,8 +646,10 @@ def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:
     return plan
 
 
-def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, count: str | None) -> Plan:
-    """Record the intent (attempt + 1, why, counters), then the next passes delete and recreate."""
+def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, count: str | None,
+             nodes: int | None = None) -> Plan:
+    """Record the intent (attempt + 1, why, counters, the next gang's size: `nodes`, else every node
+    of the spec), then the next passes delete and recreate."""
     st = plan.status
     spec = o.spec
     now = iso(o.now)
@@ -653,8 +679,9 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
     st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
     st["admissionWaitSince"] = ""  # the new gang's pods wait (or not) anew
     st["gangCreated"] = False
+    st["nodes"] = nodes or (o.declared or spec).nodes
     st.pop("failureSeenAt", None)
-    st["readyNodes"] = f"0/{spec.nodes}"
+    st["readyNodes"] = f"0/{st['nodes']}"
     _phase(st, "Restarting", reason, f"{kind.lower()}: {message}; starting attempt {st['attempt']}", now, gen)
     plan.events.append(("Warning" if kind in ("Failure", "Preemption", "StartTimeout") else "Normal", kind,
                         f"attempt {old_attempt} ended ({reason}: {message}); starting attempt {st['attempt']}"))

@@ -1,0 +1,195 @@
+"""Elastic gangs (spec.elastic.minNodes): a gang that cannot all be placed within its start timeout
+restarts on the nodes the scheduler found, with a smaller data-parallel degree and the same global
+batch, and the attempt after tries every node again. The sizes against the CRD's own rules, then
+reconcile.decide on observed state, then a gang on the local cluster whose fourth pod finds no room."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+import yaml
+
+from pretrain_operator import api, cel, contract as c, elastic, reconcile, render
+from tests.jobs import Jobs, job_manifest, observed_gang
+
+
+def _spec(nodes=4, nproc=1, minimum=1, **over) -> api.PretrainJobSpec:
+    body = {"nodes": nodes, "nprocPerNode": nproc, "elastic": {"minNodes": minimum},
+            "parallelism": {"data": nodes * nproc}, "data": {"globalBatchSize": 8 * nodes}}
+    for k, v in over.items():
+        body[k] = {**body.get(k, {}), **v}
+    return api.PretrainJobSpec.model_validate(body)
+
+
+LAYOUTS = [
+    ("data parallel, a batch 3 does not divide", _spec(nodes=4, data={"globalBatchSize": 32})),
+    ("tensor 2 over 2 ranks a node", _spec(nodes=4, nproc=2, parallelism={"data": 4, "tensor": 2}, data={"globalBatchSize": 24})),
+    ("tensor 4 spanning 2 nodes of 2 ranks", _spec(nodes=6, nproc=2, minimum=2, parallelism={"data": 3, "tensor": 4},
+                                                   data={"globalBatchSize": 12}, model={"preset": "small"})),
+    ("experts over 2 data ranks", _spec(nodes=6, minimum=2, parallelism={"data": 6, "expert": 2}, data={"globalBatchSize": 48},
+                                        model={"moe": {"experts": 4}})),
+    ("DualPipeV needs 4 microbatches", _spec(nodes=4, nproc=2, minimum=2, parallelism={"data": 4, "pipeline": 2,
+                                             "pipelineSchedule": "DualPipeV"}, data={"globalBatchSize": 16})),
+]
+
+
+def _at(spec: api.PretrainJobSpec, nodes: int) -> api.PretrainJobSpec | None:
+    """The spec on `nodes` nodes, built by hand (None when tensor x pipeline does not divide the ranks)."""
+    p = spec.parallelism
+    ranks = nodes * spec.nprocPerNode
+    if ranks % (p.tensor * p.pipeline):
+        return None
+    return spec.model_copy(update={"nodes": nodes, "elastic": None if nodes != spec.nodes else spec.elastic,
+                                   "parallelism": p.model_copy(update={"data": ranks // (p.tensor * p.pipeline)})})
+
+
+@pytest.mark.parametrize("case,spec", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_the_node_counts_a_job_may_shrink_to_are_those_the_crds_rules_accept(case, spec):
+    assert cel.violations(spec) == []
+    for n in range(1, spec.nodes + 1):
+        at = _at(spec, n)
+        assert elastic.fits(spec, n) == (at is not None and cel.violations(at) == []), (case, n)
+        if elastic.fits(spec, n):
+            assert elastic.resized(spec, n) == at
+    assert elastic.fits(spec, spec.elastic.minNodes)  # the CRD's rule on minNodes: always one to shrink to
+
+
+def test_explicit_pipeline_microbatches_must_divide_the_per_rank_batch_as_the_trainer_requires():
+    spec = _spec(nodes=4, nproc=2, minimum=2, parallelism={"data": 4, "pipeline": 2, "microbatches": 4}, data={"globalBatchSize": 16})
+    assert elastic.fits(spec, 4) and elastic.fits(spec, 2)  # per-rank batches 4 and 8
+    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"globalBatchSize": 12})})
+    assert not elastic.fits(spec, 2)  # 12 / 2 data ranks = 6 per rank: 4 microbatches do not divide it
+
+
+def test_the_next_count_is_the_largest_that_fits_between_min_nodes_and_the_pods_placed():
+    spec = LAYOUTS[0][1]  # 4 nodes, batch 32: 3 does not fit
+    assert elastic.shrink_to(spec, current=4, placed=3) == 2
+    assert elastic.shrink_to(spec, current=4, placed=0) == 1  # none placed: the fewest allowed
+    assert elastic.shrink_to(spec, current=2, placed=1) == 1  # a shrunk attempt shrinks further
+    assert elastic.shrink_to(spec, current=4, placed=4) is None  # all placed: capacity is not what is missing
+    assert elastic.shrink_to(spec.model_copy(update={"elastic": None}), current=4, placed=2) is None
+    assert elastic.shrink_to(spec.model_copy(update={"elastic": api.Elastic(minNodes=4)}), current=4, placed=2) is None
+
+
+def _gang(name: str, *, nodes: int = 4, placed: int = 3, waited: int = 70, minimum: int | None = 1):
+    """Attempt 1 of an elastic job of `nodes` (batch 8 x nodes, start timeout 60 s) begun `waited`
+    seconds ago: `placed` pods running, the others Pending, unschedulable."""
+    now = dt.datetime.now(dt.timezone.utc)
+    job, _, _, _, _ = observed_gang(name, now=now)
+    job["spec"].update(nodes=nodes, parallelism={"data": nodes}, data={"globalBatchSize": 8 * nodes},
+                       scheduling={"startTimeoutSeconds": 60})
+    if minimum:
+        job["spec"]["elastic"] = {"minNodes": minimum}
+    t = reconcile.iso(now - dt.timedelta(seconds=waited))
+    job["status"].update(phase="Starting", attemptStartTime=t, startTime=t, nodes=nodes, readyNodes=f"{placed}/{nodes}")
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    pods = render.gang(job, spec, 1)
+    for i, p in enumerate(pods):
+        if i < placed:
+            p["spec"]["nodeName"] = f"spot-{i}"
+            p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": t}}}]}
+        else:
+            p["status"] = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                               "message": "0/3 nodes are available: 3 Insufficient cpu."}]}
+    ready = {f"spot-{i}": {"metadata": {"name": f"spot-{i}"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+             for i in range(placed)}
+    return job, spec, pods, ready, now
+
+
+def _decide(job, spec, pods, nodes, now, config=None) -> reconcile.Plan:
+    return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                               config_data=config if config is not None else render.trainer_config(spec), now=now))
+
+
+def _env(pod: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def test_an_elastic_gang_that_cannot_all_start_restarts_on_the_nodes_the_scheduler_placed():
+    job, spec, pods, nodes, now = _gang("short")
+    plan = _decide(job, spec, pods, nodes, now)
+    st = plan.status
+    # The size is recorded with the restart's intent, before any pod is touched.
+    assert st["attempt"] == 2 and st["nodes"] == 2 and st["readyNodes"] == "0/2"
+    assert st["failures"] == 0 and st["preemptions"] == 0
+    assert st["restart"]["kind"] == "StartTimeout" and st["restart"]["reason"] == "ElasticShrink"
+    assert st["restart"]["message"] == ("only 3/4 node(s) running after 60 s; 3 pod(s) placed: the next attempt runs on 2 of 4 "
+                                        "node(s) (parallelism.data 2, elastic.minNodes 1)")
+    assert ("Warning", "StartTimeout", "attempt 1 ended (ElasticShrink: " + st["restart"]["message"] + "); starting attempt 2") in plan.events
+    # The next pass (an operator killed after that write decides the same from the status): the
+    # old gang goes; then the config is the 2-node layout and the gang 2 pods of it, in one pass.
+    job["status"] = st
+    plan = _decide(job, spec, pods, nodes, now)
+    assert sorted(plan.delete_pods + plan.force_delete_pods) == [p["metadata"]["name"] for p in pods] and not plan.create
+    job["status"] = plan.status
+    plan = _decide(job, spec, [], {}, now)
+    written = yaml.safe_load(plan.update_config["data"][c.CONFIG_FILE])
+    assert written["nodes"] == 2 and written["parallelism"]["data"] == 2 and written["data"]["globalBatchSize"] == 32
+    assert "elastic" not in written and cel.violations(api.PretrainJobSpec.model_validate(written)) == []  # the trainer's check
+    made = [p for p in plan.create if p["kind"] == "Pod"]
+    assert [p["metadata"]["name"] for p in made] == ["short-a2-n0", "short-a2-n1"]
+    assert all(_env(p)["PET_NNODES"] == "2" for p in made)
+    # Both running: Running, and said to be the elastic count.
+    job["status"] = plan.status
+    for i, p in enumerate(made):
+        p["spec"]["nodeName"] = f"spot-{i}"
+        p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+    plan = _decide(job, spec, made, nodes, now, config=plan.update_config["data"][c.CONFIG_FILE])
+    assert plan.status["phase"] == "Running" and plan.status["readyNodes"] == "2/2" and plan.update_config is None
+    assert ("Normal", "Running", "attempt 2: all 2 node(s) running (2 of the spec's 4: elastic)") in plan.events
+
+
+def test_without_elastic_or_with_every_pod_placed_the_gang_restarts_whole():
+    job, spec, pods, nodes, now = _gang("rigid", minimum=None)
+    st = _decide(job, spec, pods, nodes, now).status
+    assert st["restart"]["reason"] == "GangStartTimeout" and st["nodes"] == 4
+    # Every pod has a node, one still pulling its image: waiting on something other than capacity.
+    job, spec, pods, nodes, now = _gang("pulling")
+    pods[3]["spec"]["nodeName"] = "spot-2"
+    pods[3]["status"] = {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}]}
+    st = _decide(job, spec, pods, nodes, now).status
+    assert st["restart"]["reason"] == "GangStartTimeout" and st["nodes"] == 4
+
+
+def test_the_attempt_after_a_shrunk_one_tries_every_node_again():
+    job, spec, pods, nodes, now = _gang("regrow", placed=2)
+    st = _decide(job, spec, pods, nodes, now).status
+    assert st["nodes"] == 2
+    # Attempt 2 runs on 2 nodes; then one of them is reclaimed (its pod evicted).
+    job["status"] = {**st, "phase": "Running", "gangCreated": True, "attemptStartTime": reconcile.iso(now)}
+    small = render.gang(job, elastic.resized(spec, 2), 2)
+    for i, p in enumerate(small):
+        p["spec"]["nodeName"] = f"spot-{i}"
+        p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+    small[1]["status"] = {"phase": "Failed", "reason": "Evicted", "conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]}
+    st = _decide(job, spec, small, nodes, now).status
+    assert st["attempt"] == 3 and st["restart"]["kind"] == "Preemption" and st["preemptions"] == 1
+    assert st["nodes"] == 4 and st["readyNodes"] == "0/4"
+
+
+def test_a_job_from_before_elastic_gangs_runs_its_whole_gang():
+    # A status written by an operator without status.nodes (an upgrade mid-run): the spec's count.
+    job, spec, pods, nodes, now = observed_gang("older")
+    assert "nodes" not in job["status"]
+    plan = _decide(job, spec, pods, nodes, now)
+    assert plan.status["readyNodes"] == "2/2" and plan.status["phase"] == "Running" and not plan.create
+
+
+@pytest.mark.cluster
+def test_a_gang_with_no_room_for_every_pod_runs_shrunk_on_the_cluster_and_finishes(api, namespace, operator, pool):
+    # Three nodes of 8 CPUs for a gang of 4 pods of 5 CPUs: one pod each, the fourth unschedulable.
+    # 3 nodes give no whole layout for a batch of 32, so attempt 2 runs on 2 (the stand-in
+    # trainer exits 85 unless its config's layout is the world torchrun would give it).
+    label, _ = pool
+    jobs = Jobs(api, namespace)
+    body = job_manifest("roomless", nodes=4, steps=20, pool=label, elastic={"minNodes": 1},
+                        resources={"requests": {"cpu": "5"}})
+    body["spec"]["scheduling"]["startTimeoutSeconds"] = 8
+    jobs.create(body)
+    st = jobs.wait_phase("roomless", "Succeeded", timeout=120)
+    assert st["attempt"] == 2 and st["nodes"] == 2 and st["failures"] == 0 and st["preemptions"] == 0
+    assert st["restart"]["reason"] == "ElasticShrink" and "runs on 2 of 4 node(s)" in st["restart"]["message"]
+    assert sorted(p.metadata.name for p in jobs.pods("roomless", attempt=2, live=False)) == ["roomless-a2-n0", "roomless-a2-n1"]
+    jobs.wait_events("roomless", "StartTimeout", "Running")
