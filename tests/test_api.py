@@ -91,6 +91,7 @@ INVALID = [
     ("elastic minNodes above nodes", _with("elastic", {"minNodes": 3}), "elastic.minNodes must not exceed nodes"),
     ("elastic minNodes with no whole layout", _with("elastic", {"minNodes": 1}, _with("parallelism", {"data": 1, "tensor": 4})),
      "elastic.minNodes must give a whole layout"),
+    ("elastic regrow sooner than a minute", _with("elastic", {"minNodes": 1, "regrowAfterSeconds": 30}), "spec.elastic.regrowAfterSeconds"),
     ("lora rank zero", _with("lora", {"rank": 0}), "spec.lora.rank"),
     ("lora dropout one", _with("lora", {"dropout": 1.0}), "spec.lora.dropout"),
     ("bad toleration operator", _with("scheduling.tolerations", [{"key": "a", "operator": "Maybe"}]), "spec.scheduling.tolerations[0].operator"),

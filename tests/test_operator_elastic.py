@@ -169,6 +169,40 @@ def test_the_attempt_after_a_shrunk_one_tries_every_node_again():
     assert st["nodes"] == 4 and st["readyNodes"] == "0/4"
 
 
+def _shrunk_running(name: str, *, ran_s: int, regrow: int | None = 600, step: int = 57):
+    """Attempt 2 of a 4-node elastic job, Running on 2 nodes for `ran_s` seconds, at `step` of 400."""
+    job, spec, pods, nodes, now = observed_gang(name)
+    job["spec"].update(nodes=4, parallelism={"data": 4}, data={"globalBatchSize": 32},
+                       elastic={"minNodes": 1, **({"regrowAfterSeconds": regrow} if regrow else {})})
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    since = reconcile.iso(now - dt.timedelta(seconds=ran_s))
+    job["status"].update(attempt=2, nodes=2, progress={"step": step, "totalSteps": 400, "updated": reconcile.iso(now)},
+                         conditions=[{"type": "Running", "status": "True", "reason": "AllNodesRunning", "message": "",
+                                      "lastTransitionTime": since}])
+    pods = render.gang(job, elastic.resized(spec, 2), 2)
+    for i, p in enumerate(pods):
+        p["spec"]["nodeName"] = f"spot-{i}"
+        p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+    return job, spec, pods, nodes, now
+
+
+def test_a_shrunk_gang_tries_every_node_again_after_regrow_after_seconds_of_running():
+    job, spec, pods, nodes, now = _shrunk_running("regrown", ran_s=700)
+    plan = _decide(job, spec, pods, nodes, now, config=render.trainer_config(elastic.resized(spec, 2)))
+    st = plan.status
+    assert st["attempt"] == 3 and st["nodes"] == 4 and st["failures"] == 0 and st["preemptions"] == 0
+    assert st["restart"]["kind"] == "Regrow" and st["restart"]["reason"] == "ElasticRegrow"
+    assert st["restart"]["message"] == "ran on 2 of 4 node(s) for 700 s (elastic.regrowAfterSeconds 600): trying all 4 again"
+    assert [e[:2] for e in plan.events] == [("Normal", "Regrow")]
+    # Not yet; without regrowAfterSeconds; at the last step (it ends by itself): it runs on.
+    for kw in ({"ran_s": 500}, {"ran_s": 7000, "regrow": None}, {"ran_s": 7000, "step": 400}):
+        job, spec, pods, nodes, now = _shrunk_running("stays", **kw)
+        plan = _decide(job, spec, pods, nodes, now, config=render.trainer_config(elastic.resized(spec, 2)))
+        assert plan.status["attempt"] == 2 and plan.status["phase"] == "Running" and not plan.delete_pods, kw
+    # A whole gang is not regrown.
+    assert elastic.regrow_due(spec, 4, now - dt.timedelta(seconds=7000), now, 57) == ""
+
+
 def test_a_job_from_before_elastic_gangs_runs_its_whole_gang():
     # A status written by an operator without status.nodes (an upgrade mid-run): the spec's count.
     job, spec, pods, nodes, now = observed_gang("older")
@@ -177,19 +211,46 @@ def test_a_job_from_before_elastic_gangs_runs_its_whole_gang():
     assert plan.status["readyNodes"] == "2/2" and plan.status["phase"] == "Running" and not plan.create
 
 
-@pytest.mark.cluster
-def test_a_gang_with_no_room_for_every_pod_runs_shrunk_on_the_cluster_and_finishes(api, namespace, operator, pool):
-    # Three nodes of 8 CPUs for a gang of 4 pods of 5 CPUs: one pod each, the fourth unschedulable.
-    # 3 nodes give no whole layout for a batch of 32, so attempt 2 runs on 2 (the stand-in
-    # trainer exits 85 unless its config's layout is the world torchrun would give it).
-    label, _ = pool
-    jobs = Jobs(api, namespace)
-    body = job_manifest("roomless", nodes=4, steps=20, pool=label, elastic={"minNodes": 1},
-                        resources={"requests": {"cpu": "5"}})
+def _roomless(name: str, label: str) -> dict:
+    """Four pods of 5 CPUs for the pool's three nodes of 8: one pod each, the fourth unschedulable.
+    3 nodes give no whole layout for a batch of 32, so the job shrinks to 2 (the stand-in trainer
+    exits 85 unless its config's layout is the world torchrun would give it)."""
+    body = job_manifest(name, nodes=4, steps=20, pool=label, elastic={"minNodes": 1}, resources={"requests": {"cpu": "5"}})
     body["spec"]["scheduling"]["startTimeoutSeconds"] = 8
-    jobs.create(body)
-    st = jobs.wait_phase("roomless", "Succeeded", timeout=120)
+    return body
+
+
+def _ran_shrunk(jobs: Jobs, name: str) -> dict:
+    st = jobs.wait_phase(name, "Succeeded", timeout=120)
     assert st["attempt"] == 2 and st["nodes"] == 2 and st["failures"] == 0 and st["preemptions"] == 0
     assert st["restart"]["reason"] == "ElasticShrink" and "runs on 2 of 4 node(s)" in st["restart"]["message"]
-    assert sorted(p.metadata.name for p in jobs.pods("roomless", attempt=2, live=False)) == ["roomless-a2-n0", "roomless-a2-n1"]
+    assert sorted(p.metadata.name for p in jobs.pods(name, attempt=2, live=False)) == [f"{name}-a2-n0", f"{name}-a2-n1"]
+    return st
+
+
+@pytest.mark.cluster
+def test_a_gang_with_no_room_for_every_pod_runs_shrunk_on_the_cluster_and_finishes(api, namespace, operator, pool):
+    jobs = Jobs(api, namespace)
+    jobs.create(_roomless("roomless", pool[0]))
+    _ran_shrunk(jobs, "roomless")
     jobs.wait_events("roomless", "StartTimeout", "Running")
+
+
+@pytest.mark.cluster
+def test_an_operator_killed_between_the_shrunk_config_and_the_shrunk_gang_converges(api, core, namespace, operator, pool, tmp_path):
+    from tests.operator_fixture import OperatorProcess
+    jobs = Jobs(api, namespace)
+    operator.stop()
+    faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=f"old-pods-gone:before-create:{namespace}/killed")
+    try:
+        jobs.create(_roomless("killed", pool[0]))
+        assert faulty.wait_exit(90) == 17, faulty.log_path.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    # Between the writes: the shrink recorded, attempt 1's pods gone, the config the 2-node one, no gang.
+    st = jobs.status("killed")
+    assert st["attempt"] == 2 and st["nodes"] == 2 and not jobs.pods("killed", live=False)
+    config = yaml.safe_load(core.read_namespaced_config_map("killed-config", namespace).data[c.CONFIG_FILE])
+    assert config["nodes"] == 2 and config["parallelism"]["data"] == 2
+    operator.start()
+    _ran_shrunk(jobs, "killed")

@@ -459,6 +459,12 @@ class Elastic(Model):
         "accumulation makes up the rest), so the run continues from its checkpoint on the same loss curve, "
         "only slower. Every later attempt (after a preemption, a failure, a resume) tries all nodes again. "
         "status.nodes shows the current attempt's count."))
+    regrowAfterSeconds: int | None = Field(None, ge=60, le=604800, description=(
+        "An attempt running on fewer nodes than the spec's is restarted on all of them once it has run this long "
+        "(restart kind Regrow: no budget spent; its pods' SIGTERM checkpoint keeps the steps). Should the capacity "
+        "still be short, the start timeout shrinks it again, at the cost of that wait and two restarts: keep it "
+        "well above scheduling.startTimeoutSeconds. Absent: a shrunk job grows back only at its next restart "
+        "(a preemption, a failure, a resume)."))
 
 
 class Resources(Model):
@@ -621,7 +627,7 @@ class Restart(Model):
     fromAttempt: int = Field(0, description=(
         "The attempt whose gang this restart replaces: the last one whose pods were created (an attempt replaced "
         "before its gang was created, suspended while it waited, passes its own fromAttempt on)."))
-    kind: Literal["Preemption", "Failure", "StartTimeout", "Resume", "Retryable"] = "Preemption"
+    kind: Literal["Preemption", "Failure", "StartTimeout", "Resume", "Retryable", "Regrow"] = "Preemption"
     reason: str = ""
     message: str = ""
     requestedAt: str = ""

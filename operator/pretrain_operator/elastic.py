@@ -7,10 +7,13 @@ Only the data-parallel degree changes with the node count; tensor and pipeline d
 the global batch (gradient accumulation makes up for fewer data ranks) and the data order stay, so a
 shrunk attempt resumes from the same checkpoint (resharded on load) and follows the same loss curve.
 Limits: a shrink is decided only at a start timeout, from the pods the scheduler placed; growing back
-happens at the next attempt, which tries every node again.
+happens at the next attempt, which tries every node again, or after elastic.regrowAfterSeconds of
+running shrunk, which tries blindly (nothing here asks the scheduler whether the nodes are back).
 """
 
 from __future__ import annotations
+
+import datetime as dt
 
 from . import api
 
@@ -59,3 +62,18 @@ def shrink_to(spec: api.PretrainJobSpec, current: int, placed: int) -> int | Non
         return None
     low = spec.elastic.minNodes
     return next((n for n in range(min(max(placed, low), current - 1), low - 1, -1) if fits(spec, n)), None)
+
+
+def regrow_due(spec: api.PretrainJobSpec, nodes: int, running_since: dt.datetime | None, now: dt.datetime,
+               step: int) -> str:
+    """Why an attempt of `nodes` nodes, Running since `running_since` and at `step`, is to be
+    restarted on all of the spec's nodes now, or "": not shrunk, no elastic.regrowAfterSeconds, not
+    run that long yet, or at its last step (it ends by itself)."""
+    after = spec.elastic.regrowAfterSeconds if spec.elastic else None
+    if nodes >= spec.nodes or after is None or running_since is None or step >= spec.training.steps:
+        return ""
+    ran = (now - running_since).total_seconds()
+    if ran < after:
+        return ""
+    return (f"ran on {nodes} of {spec.nodes} node(s) for {int(ran)} s (elastic.regrowAfterSeconds {after}): "
+            f"trying all {spec.nodes} again")

@@ -5,9 +5,11 @@ the intent is on record before any child is touched), acts, then emits the event
 The state machine (docs/preemption.md draws it):
 
     Pending -> Starting -> Running -> Succeeded
-                  ^           |-> (preemption | failure | retryable | start timeout)
+                  ^           |-> (preemption | failure | retryable | start timeout | regrow)
                   |           v
-                  +------ Restarting   (attempt + 1 recorded, old pods deleted and gone, new gang)
+                  +------ Restarting   (attempt + 1 recorded, old pods deleted and gone, new gang;
+                                        spec.elastic: a start timeout's next gang may be smaller,
+                                        status.nodes, and elastic.py says how large)
     any -> Suspended (suspend: true) -> Restarting (resume: a new attempt)
     any -> Failed (failures > maxFailures, preemptions > maxPreemptions, a non-retryable exit,
                    activeDeadlineSeconds passed, pods the API server finds invalid)
@@ -16,9 +18,9 @@ The state machine (docs/preemption.md draws it):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import math
-import dataclasses
 from dataclasses import dataclass, field
 
 from . import api, classify, contract as c, elastic, render
@@ -441,6 +443,10 @@ def _decide(o: Observed) -> Plan:
         stuck = stalled(spec, status, o.progress_read)
         if stuck:
             return _restart(plan, o, "Failure", "ProgressDeadlineExceeded", stuck, count="failures")
+        # 9c. A gang shrunk for want of capacity tries all the spec's nodes again after a while.
+        regrow = elastic.regrow_due(o.declared or spec, spec.nodes, running_since(status), o.now, progress_of(status).get("step", 0))
+        if regrow:
+            return _restart(plan, o, "Regrow", "ElasticRegrow", regrow, count=None)
     else:
         # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
         # quota) are queued, not starting: the start clock waits for them, and starts again at
