@@ -33,36 +33,48 @@ pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `
 pytestmark = pytest.mark.cluster
 
 
+def _real_job(name: str, label: str, steps: int, **spec) -> dict:
+    """The real trainer on two pods of the test's pool: data 2 x tensor 2 on 4 ranks, writing each
+    step's loss to its checkpoint volume; no interval checkpoint (a notice's request makes one)."""
+    return {"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": name},
+            "spec": {"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 2, "tensor": 2},
+                     "data": {"seqLen": 32, "globalBatchSize": 8, "microBatchSize": 2},
+                     "training": {"steps": steps, "logEverySteps": 2}, "optimizer": {"warmupSteps": 5},
+                     "checkpoint": {"intervalSteps": 1000},
+                     "scheduling": {"nodeSelector": {"pretrain.dev/test-pool": label}},
+                     "template": {"terminationGracePeriodSeconds": 20,
+                                  "command": [*render.default_command(), "--losses-out", "/checkpoints/losses.txt"]},
+                     **spec}}
+
+
+def _reclaim_rank_1s_node(cluster, jobs: Jobs, name: str) -> int:
+    """Once attempt 1 is past step 8, reclaim rank 1's node after a 10 s termination notice; the
+    step of the checkpoint the notice asked for."""
+    jobs.wait_phase(name, "Running", timeout=120)
+    jobs.wait(name, lambda s: (s.get("progress") or {}).get("step", 0) >= 8, timeout=180, what="training progress")
+    victim = next(p for p in jobs.pods(name, attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "1").spec.node_name
+    t = threading.Thread(target=nodes.preempt, args=(cluster.state_dir, victim), kwargs={"notice_s": 10.0, "log": lambda *_: None})
+    t.start()
+    # No interval checkpoint exists (intervalSteps 1000): the notice's request makes one, before
+    # any SIGTERM (whose own save would say "stop requested (SIGTERM)", not this).
+    wait_for(lambda: "checkpoint requested by the operator: saved step" in jobs.logs(f"{name}-a1-n0"), timeout=60,
+             what="rank 0 to serve the notice's checkpoint request")
+    ck = jobs.wait(name, lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=60,
+                   what="a checkpoint on the termination notice")["lastCheckpoint"]["step"]
+    t.join(90)
+    assert ck >= 8
+    return ck
+
+
 def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, operator, core, tmp_path):
     jobs = Jobs(api, namespace)
     label = namespace[-5:]
     pool = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(3)]
     try:
-        body = {"apiVersion": "pretrain.dev/v1alpha1", "kind": "PretrainJob", "metadata": {"name": "real"},
-                "spec": {"nodes": 2, "nprocPerNode": 2, "parallelism": {"data": 2, "tensor": 2},
-                         "data": {"seqLen": 32, "globalBatchSize": 8, "microBatchSize": 2},
-                         "training": {"steps": 40, "logEverySteps": 2}, "optimizer": {"warmupSteps": 5},
-                         "checkpoint": {"intervalSteps": 1000}, "validation": {"everySteps": 10, "batches": 1},
-                         "scheduling": {"nodeSelector": {"pretrain.dev/test-pool": label}},
-                         "template": {"terminationGracePeriodSeconds": 20,
-                                      "command": [*render.default_command(), "--losses-out", "/checkpoints/losses.txt"]}}}
-        jobs.create(body)
-        jobs.wait_phase("real", "Running", timeout=120)
-        st = jobs.wait("real", lambda s: (s.get("progress") or {}).get("step", 0) >= 8, timeout=180, what="training progress")
-        victim = next(p for p in jobs.pods("real", attempt=1) if p.metadata.labels["pretrain.dev/node-rank"] == "1").spec.node_name
-        t = threading.Thread(target=nodes.preempt, args=(cluster.state_dir, victim),
-                             kwargs={"notice_s": 10.0, "log": lambda *_: None})
-        t.start()
-        # No interval checkpoint exists (intervalSteps 1000): the notice's request makes one, before
-        # any SIGTERM (whose own save would say "stop requested (SIGTERM)", not this).
-        wait_for(lambda: "checkpoint requested by the operator: saved step" in jobs.logs("real-a1-n0"), timeout=60,
-                 what="rank 0 to serve the notice's checkpoint request")
-        ck = jobs.wait("real", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) > 0, timeout=60,
-                       what="a checkpoint on the termination notice")["lastCheckpoint"]["step"]
-        t.join(90)
+        jobs.create(_real_job("real", label, steps=40, validation={"everySteps": 10, "batches": 1}))
+        ck = _reclaim_rank_1s_node(cluster, jobs, "real")
         st = jobs.wait_phase("real", "Succeeded", timeout=300)
         assert st["attempt"] == 2 and st["preemptions"] == 1 and st["failures"] == 0
-        assert ck >= 8
         # Attempt 2 resumed from a checkpoint at or after the notice's (the SIGTERM at eviction may save a later one).
         log = jobs.logs("real-a2-n0")
         resumed = int(log.split("resumed from")[1].split("step-")[1].split()[0])
@@ -85,6 +97,47 @@ def test_the_real_trainer_survives_a_spot_reclaim(cluster, api, namespace, opera
         val = float(r.stderr.split("step 40 validation loss ")[1].split()[0])
         assert st["progress"] == {**st["progress"], "step": 40, "loss": round(losses(volume / "losses.txt")[40], 4),
                                   "validationStep": 40, "validationLoss": round(val, 4)}
+    finally:
+        for n in pool:
+            nodes.remove_node(cluster.state_dir, n)
+
+
+def test_an_elastic_job_short_of_nodes_after_a_reclaim_trains_on_one_on_the_same_loss_curve(cluster, api, namespace, operator,
+                                                                                              core, tmp_path):
+    # Two nodes of 8 CPUs, one pod of 5 each. Rank 1's node is reclaimed (no new one comes):
+    # attempt 2 finds room for one pod, and at its start timeout the job shrinks to 1 node (data 1
+    # x tensor 2 on its 2 ranks, the global batch of 8 by gradient accumulation). Attempt 3 loads
+    # the 4-rank checkpoint on 2 ranks and trains the rest, no step twice, on the loss curve of an
+    # uninterrupted run (within 1e-5, as layouts agree: tests/test_trainer_checkpoint.py).
+    jobs = Jobs(api, namespace)
+    label = namespace[-5:]
+    pool = [nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": label}) for _ in range(2)]
+    try:
+        body = _real_job("shrinks", label, steps=30, elastic={"minNodes": 1}, resources={"requests": {"cpu": "5"}})
+        body["spec"]["scheduling"]["startTimeoutSeconds"] = 30
+        jobs.create(body)
+        ck = _reclaim_rank_1s_node(cluster, jobs, "shrinks")
+        st = jobs.wait_phase("shrinks", "Succeeded", timeout=400)
+        assert st["attempt"] == 3 and st["nodes"] == 1 and st["preemptions"] == 1 and st["failures"] == 0
+        assert st["restart"]["reason"] == "ElasticShrink" and "runs on 1 of 2 node(s) (parallelism.data 1" in st["restart"]["message"]
+        log = jobs.logs("shrinks-a3-n0")
+        assert int(log.split("resumed from")[1].split("step-")[1].split()[0]) >= ck
+        assert "done: 30 steps" in log
+        volume = jobs.claim_folder("shrinks-ckpt")
+        lines = [int(ln.split()[0]) for ln in (volume / "losses.txt").read_text().splitlines()]
+        assert lines == list(range(1, 31)), f"steps trained (a repeat is a step lost to the preemption): {lines}"
+        # The uninterrupted run: the config the shrunk attempt ran with (2 ranks), from step 1.
+        cfg = yaml.safe_load(core.read_namespaced_config_map(render.config_map_name("shrinks"), namespace).data[c.CONFIG_FILE])
+        assert cfg["nodes"] == 1 and cfg["parallelism"] == {**cfg["parallelism"], "data": 1, "tensor": 2}
+        cfg["checkpoint"]["path"] = str(tmp_path / "ckpt")
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(cfg))
+        r = subprocess.run(cmd(tmp_path / "job.yaml", 2, tmp_path / "want.txt"), env=env(), capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got, want = losses(volume / "losses.txt"), losses(tmp_path / "want.txt")
+        assert sorted(got) == sorted(want) == list(range(1, 31))
+        for step in want:
+            assert abs(got[step] - want[step]) <= 1e-5, (step, got[step], want[step])
     finally:
         for n in pool:
             nodes.remove_node(cluster.state_dir, n)

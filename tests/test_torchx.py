@@ -232,7 +232,7 @@ def _app(**role) -> specs.AppDef:
     (_app(mounts=[specs.BindMount("/data", "/data")]), "bind mount /data is not supported"),
     (_app(mounts=[specs.DeviceMount("/dev/fuse", "/dev/fuse")]), "device mount /dev/fuse is not supported"),
     (_app(mounts=[specs.VolumeMount("a", "/a"), specs.VolumeMount("b", "/b")]), "2 volume mounts"),
-    (_app(min_replicas=1), "min_replicas=1"),
+    (_app(min_replicas=3), "min_replicas=3 must be from 1 to num_replicas=2"),
     (_app(max_retries=2, retry_policy=specs.RetryPolicy.REPLICA), "retry_policy REPLICA"),
     (_app(args=["--rank", specs.macros.replica_id]), "${replica_id} is not supported"),
     (_app(env={"PET_NNODES": "4"}), "['PET_NNODES'] belongs to the operator's contract"),
@@ -272,6 +272,18 @@ def test_an_appdef_maps_onto_nodes_resources_checkpoint_volume_and_scheduling():
     assert {"name": "HF_HOME", "value": "/tmp/hf"} in [e.model_dump(exclude_none=True) for e in spec.template.env]
     assert spec.model.preset == "small" and spec.training.steps == 50 and spec.optimizer.warmupSteps == 10
     assert job["metadata"]["namespace"] == "ml"
+    assert spec.elastic is None  # no min_nodes: always the whole gang
+
+
+def test_min_replicas_below_num_replicas_is_an_elastic_gang():
+    app = pretrain(nodes=4, min_nodes=2, global_batch_size=8, checkpoint_claim="ckpt")
+    assert app.roles[0].min_replicas == 2
+    spec = api.PretrainJobSpec.model_validate(app_to_job(app, Opts(namespace="ml"), "pretrain-abc123")["spec"])
+    assert spec.nodes == 4 and spec.elastic.minNodes == 2
+    # Any AppDef's role (TorchX's own `-j 2:4`), beside elastic options given in the role's metadata.
+    app = _app(num_replicas=4, min_replicas=1, metadata={"pretrainjob": {"elastic": {"minNodes": 4, "regrowAfterSeconds": 3600}}})
+    spec = api.PretrainJobSpec.model_validate(app_to_job(app, Opts(namespace="ml"), "bad-abc123")["spec"])
+    assert spec.elastic.model_dump() == {"minNodes": 1, "regrowAfterSeconds": 3600}
 
 
 @pytest.mark.parametrize("phase, state", [

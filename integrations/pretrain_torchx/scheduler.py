@@ -13,7 +13,8 @@ user's guide. Reads the kubeconfig ($KUBECONFIG, else ~/.kube/config) or the in-
 How an AppDef becomes a PretrainJob (`app_to_job`, pure; the spec is built with the typed API
 models of `pretrain_operator.api`, and by default the API server dry-runs the create, so the CRD's schema and
 CEL rules judge it exactly as they judge `kubectl apply`):
-- exactly one role; its `num_replicas` pods are the gang's `nodes`;
+- exactly one role; its `num_replicas` pods are the gang's `nodes`; a `min_replicas` below it (TorchX's
+  elastic `-j MIN:MAX`) is `elastic.minNodes`: the gang may run on fewer when capacity is short;
 - the role's `metadata["pretrainjob"]` is a partial PretrainJobSpec (camelCase, as in the CRD):
   nprocPerNode, parallelism, model, data, ... (the `pretrain` component fills it); parallelism
   defaults to pure data parallelism over nodes x nprocPerNode;
@@ -28,8 +29,8 @@ CEL rules judge it exactly as they judge `kubectl apply`):
 - the macros `${app_id}` (the TorchX app id, `<namespace>:<job name>`) and `${img_root}` (empty)
   are substituted.
 Refused, with a message naming the feature: the trainer on several nodes without a checkpoint
-claim (its checkpoint folders are shared by every pod), several roles, `min_replicas` below `num_replicas`
-(no elasticity: the gang is all or nothing), a retry policy other than APPLICATION (a PretrainJob
+claim (its checkpoint folders are shared by every pod), several roles, `min_replicas` above `num_replicas`,
+a retry policy other than APPLICATION (a PretrainJob
 restarts the whole gang), `port_map`, bind and device mounts, more than one volume mount, a role
 workspace, `${replica_id}` and `${rank0_env}` (one pod template serves every rank: read
 PET_NODE_RANK and PET_RDZV_ENDPOINT instead), environment names of the operator's contract, role
@@ -155,9 +156,9 @@ def _refuse_unsupported(app: AppDef) -> Role:
     if app.metadata:
         raise AppDefError(f"app metadata is not supported by the pretrainjob scheduler: {sorted(app.metadata)}")
     role = app.roles[0]
-    if role.min_replicas is not None and role.min_replicas != role.num_replicas:
-        raise AppDefError(f"role {role.name!r}: min_replicas={role.min_replicas} (elastic size) is not supported: "
-                          "a PretrainJob's gang is all or nothing; leave min_replicas unset")
+    if role.min_replicas is not None and not 1 <= role.min_replicas <= role.num_replicas:
+        raise AppDefError(f"role {role.name!r}: min_replicas={role.min_replicas} must be from 1 to num_replicas="
+                          f"{role.num_replicas} (the fewest nodes an elastic gang may run on)")
     if role.retry_policy != RetryPolicy.APPLICATION:
         raise AppDefError(f"role {role.name!r}: retry_policy {role.retry_policy.value} is not supported: a PretrainJob "
                           "restarts the whole gang from its latest checkpoint (APPLICATION)")
@@ -242,6 +243,8 @@ def app_to_job(app: AppDef, cfg: Opts, name: str) -> dict:
         raise AppDefError(f"role {role.name!r}: metadata nodes={partial['nodes']} disagrees with num_replicas="
                           f"{role.num_replicas}; set num_replicas only")
     spec: dict[str, Any] = _merge(partial, {"nodes": role.num_replicas, "image": cfg.image or role.image})
+    if role.min_replicas is not None and role.min_replicas < role.num_replicas:
+        spec["elastic"] = {**(spec.get("elastic") or {}), "minNodes": role.min_replicas}
     par = spec.setdefault("parallelism", {})
     if "data" not in par:  # pure data parallelism over what tensor x pipeline leave
         try:

@@ -22,6 +22,7 @@ DEFAULT_IMAGE = api.PretrainJobSpec.model_fields["image"].default
 
 def pretrain(
     nodes: int = 1,
+    min_nodes: int = 0,
     nproc_per_node: int = 1,
     preset: str = "tiny",
     steps: int = 100,
@@ -51,6 +52,7 @@ def pretrain(
 
     Args:
         nodes: pods in the gang (torchrun nodes), one per machine
+        min_nodes: the fewest nodes the gang may run on when capacity is short (elastic.minNodes); 0: always all
         nproc_per_node: ranks per pod, usually its GPU count
         preset: model shape: tiny, small, llama3-1b, llama3-8b or llama3-70b
         steps: optimizer steps in all
@@ -95,6 +97,7 @@ def pretrain(
         args=argv[1:],
         env=dict(env or {}),
         num_replicas=nodes,
+        min_replicas=min_nodes or None,
         resource=specs.Resource(cpu=cpu, gpu=gpu, memMB=memMB),
         mounts=[specs.VolumeMount(src=checkpoint_claim, dst_path=checkpoint_path)] if checkpoint_claim else [],
         metadata={"pretrainjob": partial},
