@@ -214,8 +214,10 @@ def test_a_job_from_before_elastic_gangs_runs_its_whole_gang():
 def _roomless(name: str, label: str) -> dict:
     """Four pods of 5 CPUs for the pool's three nodes of 8: one pod each, the fourth unschedulable.
     3 nodes give no whole layout for a batch of 32, so the job shrinks to 2 (the stand-in trainer
-    exits 85 unless its config's layout is the world torchrun would give it)."""
-    body = job_manifest(name, nodes=4, steps=20, pool=label, elastic={"minNodes": 1}, resources={"requests": {"cpu": "5"}})
+    exits 85 unless its config's layout is the world torchrun would give it). 15 s of steps: the
+    stand-in's ranks do not wait for each other, and one that finished would make room for the fourth."""
+    body = job_manifest(name, nodes=4, steps=150, step_s=0.1, pool=label, elastic={"minNodes": 1},
+                        resources={"requests": {"cpu": "5"}})
     body["spec"]["scheduling"]["startTimeoutSeconds"] = 8
     return body
 
