@@ -40,8 +40,12 @@ def _at(spec: api.PretrainJobSpec, nodes: int) -> api.PretrainJobSpec | None:
     ranks = nodes * spec.nprocPerNode
     if ranks % (p.tensor * p.pipeline):
         return None
-    return spec.model_copy(update={"nodes": nodes, "elastic": None if nodes != spec.nodes else spec.elastic,
-                                   "parallelism": p.model_copy(update={"data": ranks // (p.tensor * p.pipeline)})})
+    return spec.model_copy(update={"nodes": nodes, "parallelism": p.model_copy(update={"data": ranks // (p.tensor * p.pipeline)})})
+
+
+def _trainer_refuses(spec: api.PretrainJobSpec) -> list[str]:
+    """What the trainer's check of its config (the ConfigMap's, rendered from `spec`) finds."""
+    return cel.violations(api.PretrainJobSpec.model_validate(yaml.safe_load(render.trainer_config(spec))))
 
 
 @pytest.mark.parametrize("case,spec", LAYOUTS, ids=[x[0] for x in LAYOUTS])
@@ -49,17 +53,36 @@ def test_the_node_counts_a_job_may_shrink_to_are_those_the_crds_rules_accept(cas
     assert cel.violations(spec) == []
     for n in range(1, spec.nodes + 1):
         at = _at(spec, n)
-        assert elastic.fits(spec, n) == (at is not None and cel.violations(at) == []), (case, n)
+        assert elastic.fits(spec, n) == (at is not None and _trainer_refuses(at) == []), (case, n)
         if elastic.fits(spec, n):
             assert elastic.resized(spec, n) == at
-    assert elastic.fits(spec, spec.elastic.minNodes)  # the CRD's rule on minNodes: always one to shrink to
+    assert elastic.fits(spec, spec.elastic.minNodes)  # the CRD's rule on minNodes (pipeline schedules' rules aside)
 
 
-def test_explicit_pipeline_microbatches_must_divide_the_per_rank_batch_as_the_trainer_requires():
+def test_explicit_pipeline_microbatches_keep_their_size_on_fewer_nodes():
+    # 16 samples over 4 data ranks in 4 microbatches: 1 sample each. On 2 nodes (data 2): 8 of 1
+    # sample, not 4 of 2 (twice the activations' memory).
     spec = _spec(nodes=4, nproc=2, minimum=2, parallelism={"data": 4, "pipeline": 2, "microbatches": 4}, data={"globalBatchSize": 16})
-    assert elastic.fits(spec, 4) and elastic.fits(spec, 2)  # per-rank batches 4 and 8
-    spec = spec.model_copy(update={"data": spec.data.model_copy(update={"globalBatchSize": 12})})
-    assert not elastic.fits(spec, 2)  # 12 / 2 data ranks = 6 per rank: 4 microbatches do not divide it
+    assert elastic.microbatches(spec, 4) == 4 and elastic.microbatches(spec, 2) == 8
+    assert elastic.resized(spec, 2).parallelism.microbatches == 8
+    assert _trainer_refuses(elastic.resized(spec, 2)) == []
+    # 24 samples in 2 microbatches of 3 on 4 data ranks: on 3 (data 3), 8 per rank is no whole count of 3.
+    spec = _spec(nodes=4, nproc=2, minimum=2, parallelism={"data": 4, "pipeline": 2, "microbatches": 2}, data={"globalBatchSize": 24})
+    assert elastic.microbatches(spec, 3) is None and not elastic.fits(spec, 3) and elastic.fits(spec, 2)
+
+
+def test_counts_torch_s_pipeline_schedules_refuse_are_skipped():
+    # Interleaved1F1B runs whole rounds of microbatches: 3 on 3 nodes (one round) is fine, 9 on
+    # 1 node (4 rounds of 2, one left over) torch refuses, and 2 nodes do not divide the batch of 9.
+    spec = _spec(nodes=3, nproc=2, parallelism={"data": 3, "pipeline": 2, "pipelineSchedule": "Interleaved1F1B"},
+                 data={"globalBatchSize": 9})
+    assert cel.violations(spec) == [] and elastic.fits(spec, 3)
+    assert not elastic.fits(spec, 1) and not elastic.fits(spec, 2)
+    assert elastic.shrink_to(spec, current=3, placed=1) is None
+    # 1F1B needs a microbatch per stage at least: 2 microbatches for 4 stages do not run.
+    spec = _spec(nodes=2, nproc=4, parallelism={"data": 1, "pipeline": 4, "microbatches": 1}, data={"globalBatchSize": 2},
+                 model={"layers": 4})
+    assert not elastic.fits(spec, 1)
 
 
 def test_the_next_count_is_the_largest_that_fits_between_min_nodes_and_the_pods_placed():
@@ -70,6 +93,8 @@ def test_the_next_count_is_the_largest_that_fits_between_min_nodes_and_the_pods_
     assert elastic.shrink_to(spec, current=4, placed=4) is None  # all placed: capacity is not what is missing
     assert elastic.shrink_to(spec.model_copy(update={"elastic": None}), current=4, placed=2) is None
     assert elastic.shrink_to(spec.model_copy(update={"elastic": api.Elastic(minNodes=4)}), current=4, placed=2) is None
+    # Already at the fewest it may run on: that count again, not the whole gang (still short).
+    assert elastic.shrink_to(spec.model_copy(update={"elastic": api.Elastic(minNodes=2)}), current=2, placed=1) == 2
 
 
 def _gang(name: str, *, nodes: int = 4, placed: int = 3, waited: int = 70, minimum: int | None = 1):
@@ -127,6 +152,7 @@ def test_an_elastic_gang_that_cannot_all_start_restarts_on_the_nodes_the_schedul
     written = yaml.safe_load(plan.update_config["data"][c.CONFIG_FILE])
     assert written["nodes"] == 2 and written["parallelism"]["data"] == 2 and written["data"]["globalBatchSize"] == 32
     assert "elastic" not in written and cel.violations(api.PretrainJobSpec.model_validate(written)) == []  # the trainer's check
+    assert "elastic" not in yaml.safe_load(render.trainer_config(spec))  # the operator's field, at any size
     made = [p for p in plan.create if p["kind"] == "Pod"]
     assert [p["metadata"]["name"] for p in made] == ["short-a2-n0", "short-a2-n1"]
     assert all(_env(p)["PET_NNODES"] == "2" for p in made)
@@ -150,6 +176,13 @@ def test_without_elastic_or_with_every_pod_placed_the_gang_restarts_whole():
     pods[3]["status"] = {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "ContainerCreating"}}}]}
     st = _decide(job, spec, pods, nodes, now).status
     assert st["restart"]["reason"] == "GangStartTimeout" and st["nodes"] == 4
+    # Elastic and short, but no smaller count fits (minNodes 3; 3 nodes do not divide the batch of 32): said.
+    # (The CRD refuses this minNodes; pipeline schedules' rules, which it does not check, can leave a job so.)
+    job, spec, pods, nodes, now = _gang("nofit", minimum=3)
+    st = _decide(job, spec, pods, nodes, now).status
+    assert st["restart"]["reason"] == "GangStartTimeout" and st["nodes"] == 4
+    assert st["restart"]["message"].endswith("3 pod(s) placed, and no count from elastic.minNodes 3 below 4 fits the layout "
+                                             "(docs/operations.md): all 4 node(s) again")
 
 
 def test_the_attempt_after_a_shrunk_one_tries_every_node_again():
@@ -201,14 +234,23 @@ def test_a_shrunk_gang_tries_every_node_again_after_regrow_after_seconds_of_runn
         assert plan.status["attempt"] == 2 and plan.status["phase"] == "Running" and not plan.delete_pods, kw
     # A whole gang is not regrown.
     assert elastic.regrow_due(spec, 4, now - dt.timedelta(seconds=7000), now, 57) == ""
+    # A count the spec no longer allows (elastic removed, minNodes raised) is regrown at once.
+    for changed, why in ((None, "(removed)"), (api.Elastic(minNodes=3), "(minNodes 3)")):
+        job, spec, pods, nodes, now = _shrunk_running("changed", ran_s=10, regrow=None)
+        spec = spec.model_copy(update={"elastic": changed})
+        st = _decide(job, spec, pods, nodes, now, config=render.trainer_config(elastic.resized(spec, 2))).status
+        assert st["restart"]["kind"] == "Regrow" and st["nodes"] == 4
+        assert st["restart"]["message"] == f"running on 2 of 4 node(s), which spec.elastic no longer allows {why}: trying all 4 again"
 
 
 def test_a_job_from_before_elastic_gangs_runs_its_whole_gang():
-    # A status written by an operator without status.nodes (an upgrade mid-run): the spec's count.
+    # A status written by an operator without status.nodes (an upgrade mid-run): the spec's count,
+    # recorded (the gauge and the NODES column read it).
     job, spec, pods, nodes, now = observed_gang("older")
     assert "nodes" not in job["status"]
     plan = _decide(job, spec, pods, nodes, now)
     assert plan.status["readyNodes"] == "2/2" and plan.status["phase"] == "Running" and not plan.create
+    assert plan.status["nodes"] == 2
 
 
 def _roomless(name: str, label: str) -> dict:

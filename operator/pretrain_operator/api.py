@@ -457,8 +457,9 @@ class Elastic(Model):
         "minNodes, at most one fewer than the attempt had), the largest such count that gives a whole layout: "
         "parallelism.data shrinks with it (tensor and pipeline stay), data.globalBatchSize stays (gradient "
         "accumulation makes up the rest), so the run continues from its checkpoint on the same loss curve, "
-        "only slower. Every later attempt (after a preemption, a failure, a resume) tries all nodes again. "
-        "status.nodes shows the current attempt's count."))
+        "only slower and with more memory a rank (FSDP2 shards over fewer ranks). Every later attempt (after a "
+        "preemption, a failure, a resume) tries all nodes again. status.nodes shows the current attempt's count "
+        "(docs/operations.md: which counts fit)."))
     regrowAfterSeconds: int | None = Field(None, ge=60, le=604800, description=(
         "An attempt running on fewer nodes than the spec's is restarted on all of them once it has run this long "
         "(restart kind Regrow: no budget spent; its pods' SIGTERM checkpoint keeps the steps). Should the capacity "

@@ -241,6 +241,8 @@ def _decide(o: Observed) -> Plan:
     status.setdefault("failures", 0)
     status.setdefault("preemptions", 0)
     status.setdefault("phase", "Pending")
+    if status["attempt"] and not status.get("nodes"):
+        status["nodes"] = spec.nodes  # an attempt started by an operator before status.nodes: its size
     status["observedGeneration"] = gen
     plan = Plan(status=status)
     attempt = status["attempt"]
@@ -555,10 +557,16 @@ def _start_timeout(plan: Plan, o: Observed, current: list[dict], message: str) -
     placed = sum(1 for p in current if (p.get("spec") or {}).get("nodeName") and not p["metadata"].get("deletionTimestamp"))
     full = o.declared or o.spec
     nodes = elastic.shrink_to(full, o.spec.nodes, placed)
+    short = full.elastic is not None and placed < o.spec.nodes
     if nodes is None:
-        return _restart(plan, o, "StartTimeout", "GangStartTimeout", message, count=None)
+        # Not elastic, or not short of capacity: the whole gang again. Elastic and short, with no
+        # smaller count that fits: said, since the spec promised a smaller gang.
+        return _restart(plan, o, "StartTimeout", "GangStartTimeout", message + (
+            f"; {placed} pod(s) placed, and no count from elastic.minNodes {full.elastic.minNodes} below {o.spec.nodes} "
+            f"fits the layout (docs/operations.md): all {full.nodes} node(s) again" if short else ""), count=None)
+    said = "again runs" if nodes == o.spec.nodes else "runs"
     return _restart(plan, o, "StartTimeout", "ElasticShrink",
-                    f"{message}; {placed} pod(s) placed: the next attempt runs on {nodes} of {full.nodes} node(s) "
+                    f"{message}; {placed} pod(s) placed: the next attempt {said} on {nodes} of {full.nodes} node(s) "
                     f"(parallelism.data {elastic.data_degree(full, nodes)}, elastic.minNodes {full.elastic.minNodes})",
                     count=None, nodes=nodes)
 

@@ -64,8 +64,10 @@ def service(job: dict) -> dict:
 
 
 def trainer_config(spec: api.PretrainJobSpec) -> str:
-    """The trainer's configuration: the spec itself, as YAML (read back with PretrainJobSpec)."""
-    return yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True), sort_keys=True)
+    """The trainer's configuration: the spec itself, as YAML (read back with PretrainJobSpec), but
+    for `elastic`, the operator's alone (an attempt's config holds its own node count and layout;
+    a trainer image older than the field would refuse it)."""
+    return yaml.safe_dump(spec.model_dump(by_alias=True, exclude_none=True, exclude={"elastic"}), sort_keys=True)
 
 
 def config_map(job: dict, spec: api.PretrainJobSpec) -> dict:
