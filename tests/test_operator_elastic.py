@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pretrain_operator import api, cel, contract as c, elastic, reconcile, render
+from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
 
 
@@ -122,9 +123,10 @@ def _gang(name: str, *, nodes: int = 4, placed: int = 3, waited: int = 70, minim
     return job, spec, pods, ready, now
 
 
-def _decide(job, spec, pods, nodes, now, config=None) -> reconcile.Plan:
+def _decide(job, spec, pods, nodes, now, config=None, **observed) -> reconcile.Plan:
     return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
-                                               config_data=config if config is not None else render.trainer_config(spec), now=now))
+                                               config_data=config if config is not None else render.trainer_config(spec), now=now,
+                                               **observed))
 
 
 def _env(pod: dict) -> dict[str, str]:
@@ -220,12 +222,13 @@ def _shrunk_running(name: str, *, ran_s: int, regrow: int | None = 600, step: in
 
 
 def test_a_shrunk_gang_tries_every_node_again_after_regrow_after_seconds_of_running():
+    # An operator without a capacity probe image (PRETRAIN_OPERATOR_CAPACITY_PROBE_IMAGE=""): at once.
     job, spec, pods, nodes, now = _shrunk_running("regrown", ran_s=700)
     plan = _decide(job, spec, pods, nodes, now, config=render.trainer_config(elastic.resized(spec, 2)))
     st = plan.status
     assert st["attempt"] == 3 and st["nodes"] == 4 and st["failures"] == 0 and st["preemptions"] == 0
     assert st["restart"]["kind"] == "Regrow" and st["restart"]["reason"] == "ElasticRegrow"
-    assert st["restart"]["message"] == "ran on 2 of 4 node(s) for 700 s (elastic.regrowAfterSeconds 600): trying all 4 again"
+    assert st["restart"]["message"] == "ran on 2 of 4 node(s) for more than elastic.regrowAfterSeconds (600 s): trying all 4 again"
     assert [e[:2] for e in plan.events] == [("Normal", "Regrow")]
     # Not yet; without regrowAfterSeconds; at the last step (it ends by itself): it runs on.
     for kw in ({"ran_s": 500}, {"ran_s": 7000, "regrow": None}, {"ran_s": 7000, "step": 400}):
@@ -298,3 +301,182 @@ def test_an_operator_killed_between_the_shrunk_config_and_the_shrunk_gang_conver
     assert config["nodes"] == 2 and config["parallelism"]["data"] == 2
     operator.start()
     _ran_shrunk(jobs, "killed")
+
+
+PAUSE = "registry.k8s.io/pause:3.10"
+
+
+def _probing(name: str, placed: int, **over):
+    """_shrunk_running's job due to regrow (run 700 s of 600), its node selector, toleration and
+    priority, with capacity probes of its attempt: `placed` of `over.get("probes", 2)` on a node."""
+    job, spec, pods, nodes, now = _shrunk_running(name, ran_s=700)
+    job["spec"]["scheduling"] = {"nodeSelector": {"pool": "spot"}, "priorityClassName": "training",
+                                 "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]}
+    job["spec"]["resources"] = {"requests": {"cpu": "5", "nvidia.com/gpu": "8"}}
+    job["spec"].setdefault("checkpoint", {})["claimName"] = "checkpoints"
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    pods = render.gang(job, elastic.resized(spec, 2), 2)
+    for i, p in enumerate(pods):
+        p["spec"]["nodeName"] = f"spot-{i}"
+        p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+    probes = [render.probe(job, spec, 2, i, PAUSE) for i in range(over.get("probes", 2))]
+    nodes = {f"spot-{i}": {"metadata": {"name": f"spot-{i}"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+             for i in range(4)}
+    for i, p in enumerate(probes[:placed]):
+        p["spec"]["nodeName"] = f"spot-{2 + i}"
+    return job, spec, pods, nodes, now, probes
+
+
+def _probe_pass(job, spec, pods, nodes, now, probes, image=PAUSE) -> reconcile.Plan:
+    return _decide(job, spec, pods, nodes, now, config=render.trainer_config(elastic.resized(spec, 2)),
+                   probes=probes, probe_image=image)
+
+
+def test_a_probe_holds_the_room_of_one_more_trainer_pod_and_nothing_else():
+    job, spec, pods, _, _, _ = _probing("shape", 0)
+    probe, rank = render.probe(job, spec, 2, 1, PAUSE), pods[0]
+    assert probe["metadata"]["name"] == "shape-a2-p1"
+    assert probe["metadata"]["labels"][c.LABEL_PROBE] == "2" and probe["metadata"]["labels"][c.LABEL_JOB] == "shape"
+    # Not a rank: nothing reads it as one of the gang (its attempt's pods, rank 0's metrics).
+    assert c.LABEL_ATTEMPT not in probe["metadata"]["labels"] and c.LABEL_NODE_RANK not in probe["metadata"]["labels"]
+    (box,) = probe["spec"]["containers"]
+    assert box["image"] == PAUSE and "command" not in box and "env" not in box
+    assert box["resources"] == rank["spec"]["containers"][0]["resources"]
+    assert box["resources"]["limits"] == {"nvidia.com/gpu": "8"}
+    for key in ("nodeSelector", "tolerations", "priorityClassName", "securityContext"):
+        assert probe["spec"][key] == rank["spec"][key], key
+    assert "hostname" not in probe["spec"] and "subdomain" not in probe["spec"]
+    # The checkpoint claim (where a zonal volume can be attached), not the config or the podinfo.
+    assert [v["name"] for v in probe["spec"]["volumes"]] == [render.CHECKPOINT_VOLUME]
+    assert probe["spec"]["terminationGracePeriodSeconds"] == 0
+    # A job in a Kueue queue: its probes are not the queue's.
+    job["spec"]["scheduling"]["queueName"] = "team"
+    queued = render.probe(job, api.PretrainJobSpec.model_validate(job["spec"]), 2, 0, PAUSE)
+    assert not [k for k in {**queued["metadata"]["labels"], **queued["metadata"]["annotations"]} if k.startswith("kueue.x-k8s.io/")]
+
+
+def test_a_shrunk_gang_due_to_regrow_trains_on_until_probes_for_every_missing_node_are_placed():
+    # Due: a probe per missing node is created, the gang trains on, and the job says so once.
+    job, spec, pods, nodes, now, probes = _probing("probed", 0)
+    plan = _probe_pass(job, spec, pods, nodes, now, [])
+    st = plan.status
+    assert st["attempt"] == 2 and st["phase"] == "Running" and not plan.delete_pods
+    assert [p["metadata"]["name"] for p in plan.create] == ["probed-a2-p0", "probed-a2-p1"]
+    assert plan.create == probes
+    assert st["message"] == ("attempt 2: running on 2 of 4 node(s); ran on 2 of 4 node(s) for more than "
+                             "elastic.regrowAfterSeconds (600 s): waiting for room for 2 more (0/2 capacity probe pod(s) placed)")
+    assert [e[:2] for e in plan.events] == [("Normal", "CapacityProbe")] and plan.stage == "probing"
+    # One placed: nothing created or deleted, no Event again; the count in the message.
+    job, spec, pods, nodes, now, probes = _probing("probed", 1)
+    job["status"]["message"] = st["message"]
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["attempt"] == 2 and not plan.create and not plan.delete_pods and not plan.events
+    assert "(1/2 capacity probe pod(s) placed)" in plan.status["message"]
+    # Refused (a quota): said in the message.
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True, now=now,
+                                               config_data=render.trainer_config(elastic.resized(spec, 2)), probes=probes[:1],
+                                               probe_image=PAUSE, create_error=(403, "exceeded quota: gpus")))
+    assert plan.status["message"].endswith("; the API server refused the probes: exceeded quota: gpus")
+    # One placed whose container ended (an image that is not a pause image): it holds no room.
+    probes[0]["status"] = {"phase": "Succeeded"}
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["attempt"] == 2 and "(0/2 capacity probe pod(s) placed)" in plan.status["message"]
+    assert plan.status["message"].endswith(f"; probe probed-a2-p0 ended, and holds no room: the operator's capacity probe "
+                                           f"image must run until stopped ({PAUSE})")
+    # All placed: the regrow, recorded before anything is deleted.
+    job, spec, pods, nodes, now, probes = _probing("probed", 2)
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    st = plan.status
+    assert st["attempt"] == 3 and st["nodes"] == 4 and st["restart"]["kind"] == "Regrow" and st["failures"] == 0
+    assert st["restart"]["message"] == ("ran on 2 of 4 node(s) for more than elastic.regrowAfterSeconds (600 s), and the "
+                                        "scheduler placed 2 capacity probe pod(s) for the other 2 node(s): trying all 4 again")
+    assert not plan.delete_pods and not plan.create
+    # The next passes: the old gang and the probes go; the new gang waits for both.
+    job["status"] = st
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert sorted(plan.delete_pods) == ["probed-a2-n0", "probed-a2-n1", "probed-a2-p0", "probed-a2-p1"] and not plan.create
+    plan = _probe_pass(job, spec, [], nodes, now, probes)
+    assert sorted(plan.delete_pods) == ["probed-a2-p0", "probed-a2-p1"] and not plan.create
+    plan = _probe_pass(job, spec, [], nodes, now, [])
+    assert sorted(p["metadata"]["name"] for p in plan.create) == [f"probed-a3-n{r}" for r in range(4)]
+
+
+def test_probes_go_when_the_gang_no_longer_waits_for_them():
+    # Elastic removed while probing: the regrow at once, the probes deleted.
+    job, spec, pods, nodes, now, probes = _probing("gone", 1)
+    spec = spec.model_copy(update={"elastic": None})
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["restart"]["kind"] == "Regrow" and sorted(plan.delete_pods) == ["gone-a2-p0", "gone-a2-p1"]
+    # At its last step (it ends by itself), suspended, failed: no probes either.
+    job, spec, pods, nodes, now, probes = _probing("last", 1)
+    job["status"]["progress"]["step"] = 400
+    assert sorted(_probe_pass(job, spec, pods, nodes, now, probes).delete_pods) == ["last-a2-p0", "last-a2-p1"]
+    job, spec, pods, nodes, now, probes = _probing("held", 1)
+    plan = _probe_pass(job, spec.model_copy(update={"suspend": True}), pods, nodes, now, probes)
+    assert plan.status["phase"] == "Suspended" and {"held-a2-p0", "held-a2-p1"} <= set(plan.delete_pods)
+    job, spec, pods, nodes, now, probes = _probing("failed", 1)
+    job["status"]["phase"] = "Failed"
+    assert {"failed-a2-p0", "failed-a2-p1"} <= set(_probe_pass(job, spec, pods, nodes, now, probes).delete_pods)
+    # A probe of an earlier attempt; one more than the gang misses (minNodes changed): deleted.
+    job, spec, pods, nodes, now, probes = _probing("stale", 0, probes=3)
+    stale = render.probe(job, spec, 1, 0, PAUSE)
+    plan = _probe_pass(job, spec, pods, nodes, now, probes + [stale])
+    assert sorted(plan.delete_pods) == ["stale-a1-p0", "stale-a2-p2"] and plan.status["attempt"] == 2
+
+
+def test_a_job_in_a_kueue_queue_or_an_operator_without_a_probe_image_regrows_without_probing():
+    job, spec, pods, nodes, now, _ = _probing("blind", 0)
+    queued = spec.model_copy(update={"scheduling": spec.scheduling.model_copy(update={"queueName": "team"})})
+    for s, image in ((queued, PAUSE), (spec, "")):
+        plan = _probe_pass(job, s, pods, nodes, now, [], image=image)
+        assert plan.status["restart"]["kind"] == "Regrow" and not plan.create, image
+    # Against the same job with an image and no queue: probes.
+    assert [p["metadata"]["name"] for p in _probe_pass(job, spec, pods, nodes, now, []).create] == ["blind-a2-p0", "blind-a2-p1"]
+
+
+def _probes_of(core, namespace: str, name: str) -> list:
+    return [p for p in core.list_namespaced_pod(namespace, label_selector=f"{c.LABEL_JOB}={name},{c.LABEL_PROBE}").items
+            if not p.metadata.deletion_timestamp]
+
+
+@pytest.mark.cluster
+def test_a_shrunk_gang_regrows_once_probes_find_room_even_after_an_operator_killed_before_creating_them(
+        api, core, cluster, namespace, operator, pool, tmp_path):
+    from pretrain_localcluster import nodes as local_nodes
+    from tests.operator_fixture import OperatorProcess
+    jobs = Jobs(api, namespace)
+    body = _roomless("regrow", pool[0])
+    body["spec"]["training"]["steps"] = 1500  # 150 s of steps: it runs shrunk past regrowAfterSeconds
+    body["spec"]["elastic"]["regrowAfterSeconds"] = 60
+    operator.stop()
+    faulty = OperatorProcess(operator.kubeconfig, tmp_path).start(crash_at=f"probing:before-create:{namespace}/regrow")
+    try:
+        jobs.create(body)
+        assert faulty.wait_exit(150) == 17, faulty.log_path.read_text()[-3000:]
+    finally:
+        faulty.stop()
+    # Between the writes: the probing said, no probe made; the shrunk gang trains on meanwhile.
+    st = jobs.status("regrow")
+    assert st["attempt"] == 2 and st["nodes"] == 2 and st["phase"] == "Running"
+    assert "waiting for room for 2 more (0/2 capacity probe pod(s) placed)" in st["message"], st["message"]
+    assert not _probes_of(core, namespace, "regrow")
+    operator.start()
+    # The pool's third node has room for one probe; the other waits for a node that is not there.
+    wait_for(lambda: "(1/2 capacity probe pod(s) placed)" in jobs.status("regrow")["message"], timeout=60,
+             what="one probe placed")
+    placed = sorted(p.spec.node_name or "" for p in _probes_of(core, namespace, "regrow"))
+    assert placed[0] == "" and placed[1] in pool[1], placed
+    # The placed one holds its room: its pause container runs (the node's command for a pause image).
+    wait_for(lambda: sorted(p.status.phase for p in _probes_of(core, namespace, "regrow")) == ["Pending", "Running"],
+             timeout=30, what="the placed probe running")
+    assert jobs.status("regrow")["attempt"] == 2 and [p.status.phase for p in jobs.pods("regrow", attempt=2)] == ["Running"] * 2
+    # A fourth node comes (an autoscaler's answer to the pending probe): the gang regrows on all four.
+    extra = local_nodes.add_node(cluster.state_dir, spot=True, labels={"pretrain.dev/test-pool": pool[0]})
+    try:
+        st = jobs.wait_phase("regrow", "Succeeded", timeout=240)
+    finally:
+        local_nodes.remove_node(cluster.state_dir, extra)
+    assert st["attempt"] == 3 and st["nodes"] == 4 and st["failures"] == 0 and st["preemptions"] == 0
+    assert st["restart"]["kind"] == "Regrow" and "placed 2 capacity probe pod(s)" in st["restart"]["message"]
+    assert not _probes_of(core, namespace, "regrow")
+    jobs.wait_events("regrow", "StartTimeout", "CapacityProbe", "Regrow")

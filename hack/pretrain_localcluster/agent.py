@@ -13,7 +13,8 @@ Signals: SIGHUP re-reads nodes.json (drills add, fail and terminate nodes that w
 stops the agent and leaves pods running, as a kubelet does: a restarted agent adopts them from
 their folders under `<state>/pods/`, and cleans up those whose pod is gone.
 
-Limits: no images (commands run with this machine's files), CPU limits not enforced, no exec or
+Limits: no images (commands run with this machine's files; a container without a command runs
+/bin/sh, or a pause image's sleep), CPU limits not enforced, no exec or
 port-forward, no PID namespace, no ephemeral containers, sidecar init containers run as plain ones.
 """
 
@@ -375,7 +376,7 @@ class PodWorker(threading.Thread):
         c.config_error = ""
         cmd = list(c.spec.get("command") or []) + list(c.spec.get("args") or [])
         if not cmd:
-            cmd = ["/bin/sh"]
+            cmd = podspec.entrypoint(c.spec.get("image", ""))
         cmd = podspec.expand_args(cmd, env)
         uid, gid, groups = podspec.run_as(self.pod, c.spec)
         if uid not in (None, 0) and "HOME" not in env:

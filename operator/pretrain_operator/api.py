@@ -461,11 +461,12 @@ class Elastic(Model):
         "preemption, a failure, a resume) tries all nodes again. status.nodes shows the current attempt's count "
         "(docs/operations.md: which counts fit)."))
     regrowAfterSeconds: int | None = Field(None, ge=60, le=604800, description=(
-        "An attempt running on fewer nodes than the spec's is restarted on all of them once it has run this long "
-        "(restart kind Regrow: no budget spent; its pods' SIGTERM checkpoint keeps the steps). Should the capacity "
-        "still be short, the start timeout shrinks it again, at the cost of that wait and two restarts: keep it "
-        "well above scheduling.startTimeoutSeconds. Absent: a shrunk job grows back only at its next restart "
-        "(a preemption, a failure, a resume)."))
+        "An attempt running on fewer nodes than the spec's tries all of them again once it has run this long: "
+        "it trains on while capacity probes (placeholder pods shaped like its pods, one per missing node; pending, "
+        "an autoscaler's cue to add nodes) wait for room, and is restarted on all nodes once the scheduler has "
+        "placed every probe (restart kind Regrow: no budget spent; its pods' SIGTERM checkpoint keeps the steps). "
+        "Jobs in a Kueue queue, and operators without a probe image, restart without probing. Absent: a shrunk "
+        "job grows back only at its next restart (a preemption, a failure, a resume)."))
 
 
 class Resources(Model):

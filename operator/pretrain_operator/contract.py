@@ -49,6 +49,8 @@ LABEL_JOB = "pretrain.dev/job"
 LABEL_JOB_UID = "pretrain.dev/job-uid"
 LABEL_ATTEMPT = "pretrain.dev/attempt"
 LABEL_NODE_RANK = "pretrain.dev/node-rank"
+# On a capacity probe (not a rank: no attempt or node-rank label), the attempt it probes for.
+LABEL_PROBE = "pretrain.dev/capacity-probe"
 
 # ---- metrics the trainer serves (Prometheus text format) ---------------------------------------
 METRIC_STEP = "pretrain_step"

@@ -189,6 +189,8 @@ class Controller:
             if nn and nn not in nodes:
                 nodes[nn] = self._node(nn)
                 self.node_jobs.setdefault(nn, set()).add((ns, name))
+        probes = [p for p in pods if c.LABEL_PROBE in p["metadata"].get("labels", {})]
+        pods = [p for p in pods if c.LABEL_PROBE not in p["metadata"].get("labels", {})]
         # The Service and ConfigMap are re-read once a minute or when the spec changes: only we change them.
         known = self.children.get((ns, name))
         known = known[1:] if known and known[0] == uid else None  # a new job of the name: nothing known
@@ -210,7 +212,8 @@ class Controller:
                                                  if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid},
                                       foreign=foreign, predecessor=predecessor,
                                       create_error=self._create_error(ns, name, job),
-                                      progress_read=self._progress_read((ns, name), job))
+                                      progress_read=self._progress_read((ns, name), job),
+                                      probes=probes, probe_image=self.settings.capacity_probe_image)
         # Decide.
         plan = reconcile.decide(observed)
         if plan.status.get("attempt", 0) > (job.get("status") or {}).get("attempt", 0) > 0 and self._namespace_terminating(ns):

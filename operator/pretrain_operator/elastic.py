@@ -8,7 +8,10 @@ the global batch (gradient accumulation makes up for fewer data ranks) and the d
 shrunk attempt resumes from the same checkpoint (resharded on load) and follows the same loss curve.
 Limits: a shrink is decided only at a start timeout, from the pods the scheduler placed; growing back
 happens at the next attempt, which tries every node again, or after elastic.regrowAfterSeconds of
-running shrunk, which tries blindly (nothing here asks the scheduler whether the nodes are back).
+running shrunk, once capacity probes (render.probe: placeholder pods shaped like the gang's) are all
+placed: the scheduler's word that the missing nodes are back, and pending, an autoscaler's cue to
+bring them. The probes only show room at one moment: the whole gang may still miss it (another
+job's pods, taken in between), and then shrinks again at its start timeout.
 """
 
 from __future__ import annotations
@@ -89,20 +92,24 @@ def shrink_to(spec: api.PretrainJobSpec, current: int, placed: int) -> int | Non
 
 def regrow_due(spec: api.PretrainJobSpec, nodes: int, running_since: dt.datetime | None, now: dt.datetime,
                step: int) -> str:
-    """Why an attempt of `nodes` nodes, Running since `running_since` and at `step`, is to be
-    restarted on all of the spec's nodes now, or "": not shrunk, no elastic.regrowAfterSeconds, not
-    run that long yet, or at its last step (it ends by itself). At once when the spec no longer
-    allows that count (elastic removed, or minNodes raised above it, while it ran)."""
+    """Why an attempt of `nodes` nodes, Running since `running_since` and at `step`, is to try all of
+    the spec's nodes again, or "": not shrunk, no elastic.regrowAfterSeconds, not run that long yet,
+    or at its last step (it ends by itself). At once when the spec no longer allows that count
+    (elastic removed, or minNodes raised above it, while it ran): `allows` tells the two apart."""
     if nodes >= spec.nodes or running_since is None or step >= spec.training.steps:
         return ""
-    if spec.elastic is None or nodes < spec.elastic.minNodes:
+    if not allows(spec, nodes):
         return (f"running on {nodes} of {spec.nodes} node(s), which spec.elastic no longer allows"
-                + (f" (minNodes {spec.elastic.minNodes})" if spec.elastic else " (removed)") + f": trying all {spec.nodes} again")
+                + (f" (minNodes {spec.elastic.minNodes})" if spec.elastic else " (removed)"))
     after = spec.elastic.regrowAfterSeconds
     if after is None:
         return ""
     ran = (now - running_since).total_seconds()
     if ran < after:
         return ""
-    return (f"ran on {nodes} of {spec.nodes} node(s) for {int(ran)} s (elastic.regrowAfterSeconds {after}): "
-            f"trying all {spec.nodes} again")
+    return f"ran on {nodes} of {spec.nodes} node(s) for more than elastic.regrowAfterSeconds ({after} s)"
+
+
+def allows(spec: api.PretrainJobSpec, nodes: int) -> bool:
+    """Whether the spec lets an attempt run on `nodes` nodes (its own count, or an elastic one from minNodes)."""
+    return nodes == spec.nodes or (spec.elastic is not None and spec.elastic.minNodes <= nodes < spec.nodes)

@@ -63,6 +63,10 @@ class Observed:
     # The job's spec as written, when `spec` is the current attempt's (decide sets both: an elastic
     # attempt of fewer nodes runs with a smaller parallelism.data).
     declared: api.PretrainJobSpec | None = None
+    # The job's capacity probes (render.probe; not in `pods`), and the image they run: "" for none
+    # (a shrunk gang then regrows without asking the scheduler first).
+    probes: list[dict] = field(default_factory=list)
+    probe_image: str = ""
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Plan:
     requeue_after: float | None = None
     # Which write-point a restart or a failure passes, for the kill-the-operator tests (controller._crash_point).
     stage: str = ""
+    # The capacity probes the job is to have (step 9c); those it has and are not here are deleted.
+    probes: list[dict] = field(default_factory=list)
 
 
 def attempt_of(pod: dict) -> int:
@@ -224,6 +230,7 @@ def decide(o: Observed) -> Plan:
     size = (o.job.get("status") or {}).get("nodes") or o.spec.nodes
     o = dataclasses.replace(o, spec=elastic.resized(o.spec, size), declared=o.spec)
     plan = _decide(o)
+    _probes(plan, o)
     left = deadline_left(o.spec, plan.status, o.now)
     if left is not None and plan.status["phase"] not in (*TERMINAL, "Suspended"):
         # Pod events and resyncs may not come when the deadline does: a pass at that time.
@@ -338,7 +345,8 @@ def _decide(o: Observed) -> Plan:
                      f"active for more than activeDeadlineSeconds ({spec.activeDeadlineSeconds} s) since {status['startTime']}; "
                      "the pods were stopped with SIGTERM (the trainer checkpoints on it)")
 
-    # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous).
+    # 5. Old attempts must be gone before the new gang exists (no overlap, no split rendezvous), and
+    #    so must the capacity probes of a regrow (their room is the new gang's).
     if not status.get("attemptStartTime"):
         # Until the next gang starts, the final reports of the replaced attempt's pods that the watch
         # saw evicted and that were gone before this pass listed them (rank 0's on a reclaimed node:
@@ -346,7 +354,7 @@ def _decide(o: Observed) -> Plan:
         # Only the replaced attempt's: an older one's report would move status.progress back.
         replaced = (status.get("restart") or {}).get("fromAttempt")
         _record_reports(status, [p for n, p in o.disrupted.items() if n not in by_name and attempt_of(p) == replaced], spec, now)
-    if old:
+    if old or (o.probes and not status.get("attemptStartTime")):
         _record_reports(status, old, spec, now)
         _remove(plan, o, old)
         plan.requeue_after = 1.0
@@ -445,10 +453,14 @@ def _decide(o: Observed) -> Plan:
         stuck = stalled(spec, status, o.progress_read)
         if stuck:
             return _restart(plan, o, "Failure", "ProgressDeadlineExceeded", stuck, count="failures")
-        # 9c. A gang shrunk for want of capacity tries all the spec's nodes again after a while.
-        regrow = elastic.regrow_due(o.declared or spec, spec.nodes, running_since(status), o.now, progress_of(status).get("step", 0))
+        # 9c. A gang shrunk for want of capacity tries all the spec's nodes again after a while,
+        #     once capacity probes show room for them; at once when the spec no longer allows it.
+        full = o.declared or spec
+        regrow = elastic.regrow_due(full, spec.nodes, running_since(status), o.now, progress_of(status).get("step", 0))
+        if regrow and (not o.probe_image or spec.scheduling.queueName or not elastic.allows(full, spec.nodes)):
+            return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}: trying all {full.nodes} again", count=None)
         if regrow:
-            return _restart(plan, o, "Regrow", "ElasticRegrow", regrow, count=None)
+            return _probe_capacity(plan, o, regrow)
     else:
         # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
         # quota) are queued, not starting: the start clock waits for them, and starts again at
@@ -486,6 +498,44 @@ def _decide(o: Observed) -> Plan:
         plan.requeue_after = max(min(spec.scheduling.startTimeoutSeconds - waited,
                                      NOT_STARTING_GRACE_S - waited if early else math.inf), 0.5)
     return plan
+
+
+def _probe_capacity(plan: Plan, o: Observed, regrow: str) -> Plan:
+    """Step 9c of a shrunk gang due to regrow: one capacity probe per missing node (render.probe);
+    the restart on every node once the scheduler has placed them all. Until then the gang trains
+    on, and the probes wait in the scheduler's queue (an autoscaler's cue to add nodes)."""
+    status, spec, full, attempt = plan.status, o.spec, o.declared, plan.status["attempt"]
+    missing = full.nodes - spec.nodes
+    plan.probes = [render.probe(o.job, full, attempt, i, o.probe_image) for i in range(missing)]
+    wanted = {p["metadata"]["name"] for p in plan.probes}
+    mine = [p for p in o.probes if p["metadata"]["name"] in wanted and not p["metadata"].get("deletionTimestamp")]
+    # A probe that ended holds no room (its image does not run until stopped, as a pause image does).
+    ended = sorted(p["metadata"]["name"] for p in mine if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
+    placed = sum(1 for p in mine if (p.get("spec") or {}).get("nodeName") and p["metadata"]["name"] not in ended)
+    if placed == missing:
+        return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}, and the scheduler placed {missing} capacity probe "
+                        f"pod(s) for the other {missing} node(s): trying all {full.nodes} again", count=None)
+    said = status.get("message") or ""
+    # Worded to stay the same while nothing changes (a status write per pass otherwise).
+    status["message"] = (f"attempt {attempt}: running on {spec.nodes} of {full.nodes} node(s); {regrow}: waiting for room "
+                         f"for {missing} more ({placed}/{missing} capacity probe pod(s) placed)"
+                         + (f"; the API server refused the probes: {o.create_error[1]}" if o.create_error else "")
+                         + (f"; probe {ended[0]} ended, and holds no room: the operator's capacity probe image must run "
+                            f"until stopped ({o.probe_image})" if ended else ""))
+    if not said.startswith(f"attempt {attempt}: running on {spec.nodes} of {full.nodes} node(s); "):
+        plan.events.append(("Normal", "CapacityProbe", f"attempt {attempt}: {regrow}: {missing} capacity probe pod(s) "
+                                                       f"ask the scheduler for room for the other {missing} node(s)"))
+    plan.stage = plan.stage or "probing"
+    return plan
+
+
+def _probes(plan: Plan, o: Observed) -> None:
+    """The job's capacity probes as the plan wants them: the missing created, the others deleted
+    (a regrow started, the gang no longer shrunk or no longer due, the job ended or suspended)."""
+    have = {p["metadata"]["name"] for p in o.probes}
+    wanted = {p["metadata"]["name"] for p in plan.probes}
+    plan.create += [p for p in plan.probes if p["metadata"]["name"] not in have]
+    _remove(plan, o, [p for p in o.probes if p["metadata"]["name"] not in wanted])
 
 
 QUICK_ATTEMPT_S = 60.0  # an attempt that ended sooner after its first create is a quick one

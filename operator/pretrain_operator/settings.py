@@ -30,6 +30,10 @@ class OperatorSettings(BaseModel):
     watch_list_chunk: int = Field(500, ge=0, description="Objects per page of the watches' first lists (pods of jobs, nodes, PretrainJobs); 0: one response.")
     watch_server_timeout_s: int = 300
     watch_client_timeout_s: int = 330
+    capacity_probe_image: str = Field("registry.k8s.io/pause:3.10", description=(
+        "The image of the capacity probes a shrunk elastic gang places before it regrows (docs/operations.md: "
+        "a container that runs and does nothing; a mirror's copy where registry.k8s.io cannot be reached). "
+        "Empty: no probes, a shrunk gang regrows after elastic.regrowAfterSeconds whether or not there is room."))
     # Fault injection for the kill-the-operator tests: exit right after this write-point.
     crash_at: str = ""
 
