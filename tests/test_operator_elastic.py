@@ -168,6 +168,18 @@ def test_an_elastic_gang_that_cannot_all_start_restarts_on_the_nodes_the_schedul
     assert ("Normal", "Running", "attempt 2: all 2 node(s) running (2 of the spec's 4: elastic)") in plan.events
 
 
+def test_an_elastic_gang_a_quota_lets_only_part_of_be_created_shrinks_to_what_was_created_and_placed():
+    # A ResourceQuota with room for two pods of four: the API server refused the others; at the
+    # start timeout the two created (and placed) are what the next attempt runs on.
+    job, spec, pods, nodes, now = _gang("quota", placed=2)
+    job["status"]["gangCreated"] = False
+    refused = (403, 'pods "quota-a1-n2" is forbidden: exceeded quota: gpus')
+    st = _decide(job, spec, pods[:2], nodes, now, create_error=refused).status
+    assert st["attempt"] == 2 and st["nodes"] == 2 and st["restart"]["reason"] == "ElasticShrink"
+    assert st["restart"]["message"] == (f"only 2/4 pod(s) created after 60 s ({refused[1]}); 2 pod(s) placed: the next "
+                                        "attempt runs on 2 of 4 node(s) (parallelism.data 2, elastic.minNodes 1)")
+
+
 def test_without_elastic_or_with_every_pod_placed_the_gang_restarts_whole():
     job, spec, pods, nodes, now = _gang("rigid", minimum=None)
     st = _decide(job, spec, pods, nodes, now).status
