@@ -358,9 +358,19 @@ def test_a_probe_holds_the_room_of_one_more_trainer_pod_and_nothing_else():
     for key in ("nodeSelector", "tolerations", "priorityClassName", "securityContext"):
         assert probe["spec"][key] == rank["spec"][key], key
     assert "hostname" not in probe["spec"] and "subdomain" not in probe["spec"]
+    assert probe["spec"]["automountServiceAccountToken"] is False and "initContainers" not in probe["spec"]
     # The checkpoint claim (where a zonal volume can be attached), not the config or the podinfo.
     assert [v["name"] for v in probe["spec"]["volumes"]] == [render.CHECKPOINT_VOLUME]
     assert probe["spec"]["terminationGracePeriodSeconds"] == 0
+    # An init container's room is the pod's too: mirrored by a pause one (which never ends: the
+    # probe stays in Init, its room counted all the same), as a sidecar when it is one.
+    job["spec"]["template"]["initContainers"] = [
+        {"name": "stage", "image": "busybox", "command": ["cp"], "resources": {"requests": {"ephemeral-storage": "500Gi"}}},
+        {"name": "proxy", "image": "envoy", "restartPolicy": "Always", "resources": {"requests": {"cpu": "1"}}}]
+    staged = render.probe(job, api.PretrainJobSpec.model_validate(job["spec"]), 2, 0, PAUSE)["spec"]["initContainers"]
+    assert [(i["name"], i["image"], i["resources"], i.get("restartPolicy")) for i in staged] == [
+        ("stage", PAUSE, {"requests": {"ephemeral-storage": "500Gi"}}, None), ("proxy", PAUSE, {"requests": {"cpu": "1"}}, "Always")]
+    assert all("command" not in i for i in staged)
     # A job in a Kueue queue: its probes are not the queue's.
     job["spec"]["scheduling"]["queueName"] = "team"
     queued = render.probe(job, api.PretrainJobSpec.model_validate(job["spec"]), 2, 0, PAUSE)
@@ -378,6 +388,8 @@ def test_a_shrunk_gang_due_to_regrow_trains_on_until_probes_for_every_missing_no
     assert st["message"] == ("attempt 2: running on 2 of 4 node(s); ran on 2 of 4 node(s) for more than "
                              "elastic.regrowAfterSeconds (600 s): waiting for room for 2 more (0/2 capacity probe pod(s) placed)")
     assert [e[:2] for e in plan.events] == [("Normal", "CapacityProbe")] and plan.stage == "probing"
+    # The round's start, on record with the intent (a round lasts scheduling.startTimeoutSeconds).
+    assert st["capacityProbesSince"] == reconcile.iso(now) and plan.requeue_after == 600
     # One placed: nothing created or deleted, no Event again; the count in the message.
     job, spec, pods, nodes, now, probes = _probing("probed", 1)
     job["status"]["message"] = st["message"]
@@ -403,26 +415,72 @@ def test_a_shrunk_gang_due_to_regrow_trains_on_until_probes_for_every_missing_no
     assert st["restart"]["message"] == ("ran on 2 of 4 node(s) for more than elastic.regrowAfterSeconds (600 s), and the "
                                         "scheduler placed 2 capacity probe pod(s) for the other 2 node(s): trying all 4 again")
     assert not plan.delete_pods and not plan.create
-    # The next passes: the old gang and the probes go; the new gang waits for both.
+    # The next passes: the old gang goes, while the probes hold the room (its pods may take their
+    # whole grace period to checkpoint); then the probes; then the new gang, once both are gone.
     job["status"] = st
     plan = _probe_pass(job, spec, pods, nodes, now, probes)
-    assert sorted(plan.delete_pods) == ["probed-a2-n0", "probed-a2-n1", "probed-a2-p0", "probed-a2-p1"] and not plan.create
+    assert sorted(plan.delete_pods) == ["probed-a2-n0", "probed-a2-n1"] and not plan.create
     plan = _probe_pass(job, spec, [], nodes, now, probes)
     assert sorted(plan.delete_pods) == ["probed-a2-p0", "probed-a2-p1"] and not plan.create
     plan = _probe_pass(job, spec, [], nodes, now, [])
     assert sorted(p["metadata"]["name"] for p in plan.create) == [f"probed-a3-n{r}" for r in range(4)]
+    assert plan.status["capacityProbesSince"] == ""
+
+
+def test_a_probe_evicted_or_on_a_lost_node_is_replaced_and_not_counted():
+    job, spec, pods, nodes, now, probes = _probing("lost", 2)
+    job["status"]["capacityProbesSince"] = reconcile.iso(now)
+    probes[0]["status"] = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+    nodes["spot-3"]["status"]["conditions"][0]["status"] = "False"  # probes[1]'s node
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["attempt"] == 2 and "(0/2 capacity probe pod(s) placed)" in plan.status["message"]
+    # Deleted (the one on the lost node with grace period 0, and no Event about a gang there), and
+    # made again once gone.
+    assert plan.delete_pods == ["lost-a2-p0"] and plan.force_delete_pods == ["lost-a2-p1"] and not plan.create
+    assert not [e for e in plan.events if e[1] == "PodForceDeleted"]
+    assert [p["metadata"]["name"] for p in _probe_pass(job, spec, pods, nodes, now, []).create] == ["lost-a2-p0", "lost-a2-p1"]
+
+
+def test_a_round_of_probes_that_ends_short_gives_its_room_back_and_the_next_begins_after_a_pause():
+    # Half of the room, for a whole round: no partial set of probes holds it for longer.
+    job, spec, pods, nodes, now, probes = _probing("rounds", 1)
+    since = reconcile.parse(reconcile.iso(now - dt.timedelta(seconds=600)))  # whole seconds, as on record
+    job["status"]["capacityProbesSince"] = reconcile.iso(since)
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    pause = reconcile.probe_pause("u1", reconcile.iso(since), 600)
+    again = since + dt.timedelta(seconds=600 + pause)
+    assert sorted(plan.delete_pods) == ["rounds-a2-p0", "rounds-a2-p1"] and not plan.create and plan.status["attempt"] == 2
+    assert plan.status["message"].endswith("no room for 2 more within scheduling.startTimeoutSeconds (600 s); probing again "
+                                           f"at {reconcile.iso(again)}")
+    assert [e[:2] for e in plan.events] == [("Normal", "CapacityProbe")]
+    assert plan.requeue_after == pytest.approx((again - now).total_seconds())
+    # The pause: from one round to two, and not the same for another job (which may hold the other half).
+    assert 600 <= pause < 1200 and pause != reconcile.probe_pause("u2", reconcile.iso(since), 600)
+    # During it: nothing made, nothing said again; after it, a new round.
+    job["status"] = plan.status
+    plan = _probe_pass(job, spec, pods, nodes, now + dt.timedelta(seconds=60), [])
+    assert not plan.create and not plan.events
+    later = again + dt.timedelta(seconds=1)
+    plan = _probe_pass(job, spec, pods, nodes, later, [])
+    assert len(plan.create) == 2 and plan.status["capacityProbesSince"] == reconcile.iso(later)
 
 
 def test_probes_go_when_the_gang_no_longer_waits_for_them():
-    # Elastic removed while probing: the regrow at once, the probes deleted.
+    # Elastic removed while probing: the regrow at once, the probes deleted once the old gang is gone.
     job, spec, pods, nodes, now, probes = _probing("gone", 1)
     spec = spec.model_copy(update={"elastic": None})
     plan = _probe_pass(job, spec, pods, nodes, now, probes)
-    assert plan.status["restart"]["kind"] == "Regrow" and sorted(plan.delete_pods) == ["gone-a2-p0", "gone-a2-p1"]
+    assert plan.status["restart"]["kind"] == "Regrow" and not plan.delete_pods  # held while the old gang drains
+    job["status"] = plan.status
+    assert sorted(_probe_pass(job, spec, [], nodes, now, probes).delete_pods) == ["gone-a2-p0", "gone-a2-p1"]
     # At its last step (it ends by itself), suspended, failed: no probes either.
     job, spec, pods, nodes, now, probes = _probing("last", 1)
     job["status"]["progress"]["step"] = 400
-    assert sorted(_probe_pass(job, spec, pods, nodes, now, probes).delete_pods) == ["last-a2-p0", "last-a2-p1"]
+    job["status"].update(capacityProbesSince=reconcile.iso(now), message="attempt 2: running on 2 of 4 node(s); waiting")
+    job["status"]["conditions"][0]["message"] = "attempt 2: all 2 node(s) running (2 of the spec's 4: elastic)"
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert sorted(plan.delete_pods) == ["last-a2-p0", "last-a2-p1"] and plan.status["capacityProbesSince"] == ""
+    assert plan.status["message"] == "attempt 2: all 2 node(s) running (2 of the spec's 4: elastic)"  # no longer waiting
     job, spec, pods, nodes, now, probes = _probing("held", 1)
     plan = _probe_pass(job, spec.model_copy(update={"suspend": True}), pods, nodes, now, probes)
     assert plan.status["phase"] == "Suspended" and {"held-a2-p0", "held-a2-p1"} <= set(plan.delete_pods)
@@ -472,10 +530,20 @@ def test_a_shrunk_gang_regrows_once_probes_find_room_even_after_an_operator_kill
     assert st["attempt"] == 2 and st["nodes"] == 2 and st["phase"] == "Running"
     assert "waiting for room for 2 more (0/2 capacity probe pod(s) placed)" in st["message"], st["message"]
     assert not _probes_of(core, namespace, "regrow")
+    # A quota with room for one probe: the other is refused, said, and no reconcile of the job fails.
+    from kubernetes import client
+    core.create_namespaced_resource_quota(namespace, client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="three-pods"), spec=client.V1ResourceQuotaSpec(hard={"pods": "3"})))
+    wait_for(lambda: (core.read_namespaced_resource_quota("three-pods", namespace).status or client.V1ResourceQuotaStatus()).used,
+             timeout=30, what="the quota's status")
     operator.start()
+    st = jobs.wait("regrow", lambda s: "refused the probes" in (s.get("message") or ""), timeout=60, what="the refusal")
+    assert "exceeded quota" in st["message"] and st["attempt"] == 2, st["message"]
+    assert f"reconcile {namespace}/regrow" not in operator.log_path.read_text()
+    core.delete_namespaced_resource_quota("three-pods", namespace)
     # The pool's third node has room for one probe; the other waits for a node that is not there.
-    wait_for(lambda: "(1/2 capacity probe pod(s) placed)" in jobs.status("regrow")["message"], timeout=60,
-             what="one probe placed")
+    wait_for(lambda: jobs.status("regrow")["message"].endswith("(1/2 capacity probe pod(s) placed)"), timeout=60,
+             what="one probe placed, the other made")
     placed = sorted(p.spec.node_name or "" for p in _probes_of(core, namespace, "regrow"))
     assert placed[0] == "" and placed[1] in pool[1], placed
     # The placed one holds its room: its pause container runs (the node's command for a pause image).

@@ -127,9 +127,9 @@ def _expand(value: str, env: dict[str, str]) -> str:
 
 def entrypoint(image: str) -> list[str]:
     """The command of a container that names none: a pause image's (registry.k8s.io/pause, a
-    mirror's copy: placeholders that hold a node's room) sleeps until stopped; others /bin/sh."""
+    mirror's copy, pause-amd64: placeholders that hold a node's room) sleeps until stopped; others /bin/sh."""
     repo = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
-    return ["sleep", "infinity"] if repo == "pause" else ["/bin/sh"]
+    return ["sleep", "infinity"] if repo.startswith("pause") else ["/bin/sh"]
 
 
 def expand_args(args: list[str], env: dict[str, str]) -> list[str]:

@@ -463,10 +463,12 @@ class Elastic(Model):
     regrowAfterSeconds: int | None = Field(None, ge=60, le=604800, description=(
         "An attempt running on fewer nodes than the spec's tries all of them again once it has run this long: "
         "it trains on while capacity probes (placeholder pods shaped like its pods, one per missing node; pending, "
-        "an autoscaler's cue to add nodes) wait for room, and is restarted on all nodes once the scheduler has "
-        "placed every probe (restart kind Regrow: no budget spent; its pods' SIGTERM checkpoint keeps the steps). "
-        "Jobs in a Kueue queue, and operators without a probe image, restart without probing. Absent: a shrunk "
-        "job grows back only at its next restart (a preemption, a failure, a resume)."))
+        "an autoscaler's cue to add nodes) wait for room, in rounds of scheduling.startTimeoutSeconds, and is "
+        "restarted on all nodes once the scheduler has placed every probe of a round (restart kind Regrow: no "
+        "budget spent; its pods' SIGTERM checkpoint keeps the steps). Jobs in a Kueue queue, and operators without "
+        "a probe image, restart without probing: keep it well above scheduling.startTimeoutSeconds there (should "
+        "the capacity still be short, the start timeout shrinks the job again). Absent: a shrunk job grows back "
+        "only at its next restart (a preemption, a failure, a resume)."))
 
 
 class Resources(Model):
@@ -668,6 +670,9 @@ class PretrainJobStatus(Model):
     nodes: int = Field(0, description=(
         "Nodes (pods) of the current attempt's gang: spec.nodes, or fewer after an elastic shrink "
         "(spec.elastic); 0 before the first attempt."))
+    capacityProbesSince: str = Field("", description=(
+        "When the current round of capacity probes of a shrunk elastic attempt began (docs/operations.md: "
+        "elastic gangs); a round lasts scheduling.startTimeoutSeconds."))
     lostSteps: int = Field(0, description=(
         "Steps trained and then lost to restarts: for each restart, how far the replaced attempt got (its reported "
         "progress and its pods' final reports) past the checkpoint the next attempt starts from, which trains them "

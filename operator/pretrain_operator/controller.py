@@ -280,6 +280,7 @@ class Controller:
         if creates_pods:
             self._crash_point(plan.stage, "before-create", job)
         key = (ns, job["metadata"]["name"])
+        refused = []
 
         def create(obj: dict) -> None:
             try:
@@ -287,16 +288,20 @@ class Controller:
             except client.ApiException as e:
                 # A refused pod is kept for the next pass's decision (status.message and an Event,
                 # or PodInvalid), then retried with back-off like any failed write; a refused Service
-                # or ConfigMap only retried (its words are not the pods').
+                # or ConfigMap only retried (its words are not the pods'). A refused capacity probe
+                # is only said: the gang runs on, and its pass is no error (a quota that shrank
+                # the gang refuses its probes as long as it runs).
                 if obj["kind"] == "Pod":
+                    refused.append(obj)
                     self.create_errors[key] = (job["metadata"]["uid"], plan.status.get("attempt", 0), e.status, api_message(e))
-                raise
+                if c.LABEL_PROBE not in obj["metadata"]["labels"]:
+                    raise
         # The Service and ConfigMap first, then the pods: a pod must not start on another job's
         # config (a deleted job's of the same name, not garbage-collected yet: its create is
         # refused, and no pod is made).
         list(self.pool.map(create, [o for o in plan.create if o["kind"] != "Pod"]))
         list(self.pool.map(create, [o for o in plan.create if o["kind"] == "Pod"]))
-        if creates_pods:
+        if creates_pods and not refused:
             self.create_errors.pop(key, None)
         if plan.delete_job:
             self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {

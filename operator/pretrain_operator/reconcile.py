@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -362,7 +363,7 @@ def _decide(o: Observed) -> Plan:
         status["readyNodes"] = f"0/{spec.nodes}"
         # A pod on a healthy node that does not go (someone's finalizer, a kubelet that does not
         # finish it): said, since the next gang waits for it (no overlap of attempts).
-        stuck = overdue(old, o.now)
+        stuck = overdue(old + o.probes, o.now)
         if stuck:
             _say_once(plan, "OldPodsStuck", f"attempt {attempt} waits: {stuck}")
         return plan
@@ -461,6 +462,11 @@ def _decide(o: Observed) -> Plan:
             return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}: trying all {full.nodes} again", count=None)
         if regrow:
             return _probe_capacity(plan, o, regrow)
+        if status.get("capacityProbesSince"):
+            # No longer probing (regrowAfterSeconds removed or raised, the last step reached): the
+            # probes go (_probes), and the message is the Running one again.
+            status["capacityProbesSince"] = ""
+            status["message"] = next((cd["message"] for cd in status.get("conditions") or [] if cd["type"] == "Running"), "")
     else:
         # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
         # quota) are queued, not starting: the start clock waits for them, and starts again at
@@ -501,37 +507,75 @@ def _decide(o: Observed) -> Plan:
 
 
 def _probe_capacity(plan: Plan, o: Observed, regrow: str) -> Plan:
-    """Step 9c of a shrunk gang due to regrow: one capacity probe per missing node (render.probe);
-    the restart on every node once the scheduler has placed them all. Until then the gang trains
-    on, and the probes wait in the scheduler's queue (an autoscaler's cue to add nodes)."""
+    """Step 9c of a shrunk gang due to regrow: one capacity probe per missing node (render.probe),
+    in rounds of scheduling.startTimeoutSeconds; the restart on every node once the scheduler has
+    placed them all. The gang trains on meanwhile, and a probe not placed waits in the scheduler's
+    queue (an autoscaler's cue to add nodes). A round that ends short removes its probes (no partial
+    gang holds accelerators, nor does part of a set of probes) and the next begins after a pause
+    that differs by job: two shrunk jobs that each hold part of the room take turns."""
     status, spec, full, attempt = plan.status, o.spec, o.declared, plan.status["attempt"]
-    missing = full.nodes - spec.nodes
-    plan.probes = [render.probe(o.job, full, attempt, i, o.probe_image) for i in range(missing)]
-    wanted = {p["metadata"]["name"] for p in plan.probes}
-    mine = [p for p in o.probes if p["metadata"]["name"] in wanted and not p["metadata"].get("deletionTimestamp")]
-    # A probe that ended holds no room (its image does not run until stopped, as a pause image does).
-    ended = sorted(p["metadata"]["name"] for p in mine if (p.get("status") or {}).get("phase") in ("Succeeded", "Failed"))
-    placed = sum(1 for p in mine if (p.get("spec") or {}).get("nodeName") and p["metadata"]["name"] not in ended)
+    missing, window = full.nodes - spec.nodes, spec.scheduling.startTimeoutSeconds
+    head = f"attempt {attempt}: running on {spec.nodes} of {full.nodes} node(s); {regrow}: "
+    said = status.get("message") or ""
+    started = parse(status.get("capacityProbesSince", ""))
+    if started and (o.now - started).total_seconds() >= window:
+        again = started + dt.timedelta(seconds=window + probe_pause(o.job["metadata"]["uid"], status["capacityProbesSince"], window))
+        if o.now < again:
+            status["message"] = (head + f"no room for {missing} more within scheduling.startTimeoutSeconds ({window} s); "
+                                 f"probing again at {iso(again)}")
+            if status["message"] != said:
+                plan.events.append(("Normal", "CapacityProbe", status["message"]))
+            plan.requeue_after = max((again - o.now).total_seconds(), 0.5)
+            return plan  # its probes removed (_probes: none wanted)
+        started = None
+    if started is None:  # a round begins, on record before its probes are made
+        started, status["capacityProbesSince"] = o.now, iso(o.now)
+    rendered = [render.probe(o.job, full, attempt, i, o.probe_image) for i in range(missing)]
+    have = {p["metadata"]["name"]: p for p in o.probes if not p["metadata"].get("deletionTimestamp")}
+    # A probe evicted, refused by its kubelet, or on a node lost or under a reclaim notice holds no
+    # room that lasts: replaced (deleted now, made again once gone). One whose container exited by
+    # itself is kept and said: its image does not run until stopped, as a pause image does.
+    lost, ended, placed = set(), [], 0
+    for name, p in have.items():
+        node_name, st = (p.get("spec") or {}).get("nodeName"), p.get("status") or {}
+        prob = classify.node_problem(o.nodes.get(node_name), node_name, spec.preemption.noticeTaints) if node_name else None
+        if (prob and prob[0] != "AdvisoryNotice") or (st.get("phase") in ("Succeeded", "Failed") and st.get("reason")):
+            lost.add(name)
+        elif st.get("phase") in ("Succeeded", "Failed"):
+            ended.append(name)
+        elif node_name:
+            placed += 1
+    plan.probes = [p for p in rendered if p["metadata"]["name"] not in lost]
     if placed == missing:
         return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}, and the scheduler placed {missing} capacity probe "
                         f"pod(s) for the other {missing} node(s): trying all {full.nodes} again", count=None)
-    said = status.get("message") or ""
     # Worded to stay the same while nothing changes (a status write per pass otherwise).
-    status["message"] = (f"attempt {attempt}: running on {spec.nodes} of {full.nodes} node(s); {regrow}: waiting for room "
-                         f"for {missing} more ({placed}/{missing} capacity probe pod(s) placed)"
+    status["message"] = (head + f"waiting for room for {missing} more ({placed}/{missing} capacity probe pod(s) placed)"
                          + (f"; the API server refused the probes: {o.create_error[1]}" if o.create_error else "")
-                         + (f"; probe {ended[0]} ended, and holds no room: the operator's capacity probe image must run "
+                         + (f"; probe {min(ended)} ended, and holds no room: the operator's capacity probe image must run "
                             f"until stopped ({o.probe_image})" if ended else ""))
-    if not said.startswith(f"attempt {attempt}: running on {spec.nodes} of {full.nodes} node(s); "):
+    if not said.startswith(head + "waiting for room"):
         plan.events.append(("Normal", "CapacityProbe", f"attempt {attempt}: {regrow}: {missing} capacity probe pod(s) "
                                                        f"ask the scheduler for room for the other {missing} node(s)"))
     plan.stage = plan.stage or "probing"
+    plan.requeue_after = max(window - (o.now - started).total_seconds(), 0.5)
     return plan
+
+
+def probe_pause(uid: str, since: str, window: int) -> float:
+    """Seconds between a round of capacity probes that ended short and the next: from `window` to
+    twice that, by the job and the round (deterministic: a killed operator's successor waits the same)."""
+    return window * (1 + int(hashlib.sha256(f"{uid}/{since}".encode()).hexdigest()[:8], 16) / 2**32)
 
 
 def _probes(plan: Plan, o: Observed) -> None:
     """The job's capacity probes as the plan wants them: the missing created, the others deleted
-    (a regrow started, the gang no longer shrunk or no longer due, the job ended or suspended)."""
+    (the gang no longer shrunk or no longer due, the job ended or suspended), but for while a
+    restart's old pods drain (the probes hold the room the new gang is to take; step 5 waits
+    for them to go before it creates the gang)."""
+    st = plan.status
+    if st.get("phase") == "Restarting" and any(attempt_of(p) < st.get("attempt", 0) for p in o.pods):
+        return
     have = {p["metadata"]["name"] for p in o.probes}
     wanted = {p["metadata"]["name"] for p in plan.probes}
     plan.create += [p for p in plan.probes if p["metadata"]["name"] not in have]
@@ -642,6 +686,8 @@ def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
             plan.force_delete_pods.append(p["metadata"]["name"])
             if p["metadata"].get("deletionGracePeriodSeconds") == 0:
                 continue  # force-deleted already, and still there (a finalizer): said once, not at every pass
+            if c.LABEL_PROBE in (p["metadata"].get("labels") or {}):
+                continue  # a capacity probe: nothing of the job's runs there
             plan.events.append(("Warning", "PodForceDeleted", (
                 f"{prob[1]}: pod {p['metadata']['name']} force-deleted (grace period 0) so that the next gang can start"
                 + ("; should its containers still run there, the trainer's checkpoint fence stops them once the next "
@@ -743,6 +789,7 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
     st["attemptStartTime"] = ""  # set by the new gang's first create (step 6)
     st["admissionWaitSince"] = ""  # the new gang's pods wait (or not) anew
     st["gangCreated"] = False
+    st["capacityProbesSince"] = ""  # the next shrunk attempt's probing starts afresh
     st["nodes"] = nodes or (o.declared or spec).nodes
     st.pop("failureSeenAt", None)
     st["readyNodes"] = f"0/{st['nodes']}"

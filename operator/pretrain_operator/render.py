@@ -219,24 +219,30 @@ def probe_name(job: str, attempt: int, index: int) -> str:
 
 def probe(job: dict, spec: api.PretrainJobSpec, attempt: int, index: int, image: str) -> dict:
     """A capacity probe of a shrunk attempt (elastic.py): a pod that asks the scheduler for room for
-    one more of the gang's pods, and holds it while it runs (a pause container that does nothing).
-    It has the trainer pod's resources (the init containers' left out), node selector,
-    tolerations, affinity, priority, scheduler, labels and persistent volumes (zonal claims bind
-    where they can be attached); no command, environment, hostname or Kueue labels (its room is
-    not the queue's to grant: regrows of jobs in a queue do not probe)."""
+    one more of the gang's pods, and holds it while it runs a pause container that does nothing.
+    It has the trainer pod's resources (its init containers' too: each is mirrored by a pause one,
+    which never ends, so the probe never leaves Init; its room is counted all the same), node
+    selector, tolerations, affinity, priority, scheduler, labels and persistent volume claims
+    (zonal claims bind where they can be attached); no command, environment, hostname, API token or
+    Kueue labels (its room is not the queue's to grant: regrows of jobs in a queue do not probe)."""
     rank = pod(job, spec, attempt, 0)
     ps, trainer = rank["spec"], rank["spec"]["containers"][0]
-    keep = ("automountServiceAccountToken", "serviceAccountName", "enableServiceLinks", "securityContext", "imagePullSecrets",
+    keep = ("serviceAccountName", "enableServiceLinks", "securityContext", "imagePullSecrets",
             "nodeSelector", "tolerations", "affinity", "priorityClassName", "schedulerName")
-    pod_labels = {**spec.template.labels, **labels(job), c.LABEL_PROBE: str(attempt)}
+
+    def pause(name: str, c: dict) -> dict:
+        return {"name": name, "image": image, "resources": c.get("resources") or {},
+                **({"restartPolicy": c["restartPolicy"]} if c.get("restartPolicy") else {}),
+                "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": probe_name(job["metadata"]["name"], attempt, index), "namespace": rank["metadata"]["namespace"],
-                     "labels": pod_labels, "annotations": dict(spec.template.annotations),
-                     "ownerReferences": [owner_ref(job)]},
-        "spec": {**{k: ps[k] for k in keep if k in ps}, "restartPolicy": "Never", "terminationGracePeriodSeconds": 0,
-                 "containers": [{"name": "probe", "image": image, "resources": trainer["resources"],
-                                 "securityContext": copy.deepcopy(CONTAINER_SECURITY)}],
+                     "labels": {**spec.template.labels, **labels(job), c.LABEL_PROBE: str(attempt)},
+                     "annotations": dict(spec.template.annotations), "ownerReferences": [owner_ref(job)]},
+        "spec": {**{k: ps[k] for k in keep if k in ps}, "automountServiceAccountToken": False, "restartPolicy": "Never",
+                 "terminationGracePeriodSeconds": 0,
+                 **({"initContainers": [pause(i["name"], i) for i in ps["initContainers"]]} if ps.get("initContainers") else {}),
+                 "containers": [pause("probe", trainer)],
                  "volumes": [v for v in ps["volumes"] if "persistentVolumeClaim" in v]},
     }
 
