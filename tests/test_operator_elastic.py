@@ -530,6 +530,8 @@ def test_a_shrunk_gang_regrows_once_probes_find_room_even_after_an_operator_kill
     assert st["attempt"] == 2 and st["nodes"] == 2 and st["phase"] == "Running"
     assert "waiting for room for 2 more (0/2 capacity probe pod(s) placed)" in st["message"], st["message"]
     assert not _probes_of(core, namespace, "regrow")
+    # Rounds of probes last startTimeoutSeconds: 8 s was for the shrink; the rest of the test is one round.
+    jobs.patch("regrow", {"spec": {"scheduling": {"startTimeoutSeconds": 300}}})
     # A quota with room for one probe: the other is refused, said, and no reconcile of the job fails.
     from kubernetes import client
     core.create_namespaced_resource_quota(namespace, client.V1ResourceQuota(
