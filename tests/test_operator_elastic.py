@@ -439,6 +439,22 @@ def test_a_probe_evicted_or_on_a_lost_node_is_replaced_and_not_counted():
     assert plan.delete_pods == ["lost-a2-p0"] and plan.force_delete_pods == ["lost-a2-p1"] and not plan.create
     assert not [e for e in plan.events if e[1] == "PodForceDeleted"]
     assert [p["metadata"]["name"] for p in _probe_pass(job, spec, pods, nodes, now, []).create] == ["lost-a2-p0", "lost-a2-p1"]
+    # On a node under a termination notice: not counted, left to go with its node.
+    job, spec, pods, nodes, now, probes = _probing("noticed", 2)
+    nodes["spot-3"]["spec"] = {"taints": [{"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}]}
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["attempt"] == 2 and "(1/2 capacity probe pod(s) placed)" in plan.status["message"] and not plan.delete_pods
+
+
+def test_probes_of_an_older_spec_are_made_again():
+    # The request raised while the probes wait: probes of 8 GPUs say nothing of room for 16.
+    job, spec, pods, nodes, now, probes = _probing("changed", 2)
+    job["spec"]["resources"]["requests"]["nvidia.com/gpu"] = "16"
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["attempt"] == 2 and sorted(plan.delete_pods) == ["changed-a2-p0", "changed-a2-p1"]
+    made = _probe_pass(job, spec, pods, nodes, now, []).create
+    assert [p["spec"]["containers"][0]["resources"]["limits"] for p in made] == [{"nvidia.com/gpu": "16"}] * 2
 
 
 def test_a_round_of_probes_that_ends_short_gives_its_room_back_and_the_next_begins_after_a_pause():
@@ -456,6 +472,11 @@ def test_a_round_of_probes_that_ends_short_gives_its_room_back_and_the_next_begi
     assert plan.requeue_after == pytest.approx((again - now).total_seconds())
     # The pause: from one round to two, and not the same for another job (which may hold the other half).
     assert 600 <= pause < 1200 and pause != reconcile.probe_pause("u2", reconcile.iso(since), 600)
+    # A pass that comes late (an operator restarted across the round's end) and finds every probe
+    # placed regrows: the room is there.
+    job2, spec2, pods2, nodes2, _, probes2 = _probing("rounds", 2)
+    job2["status"]["capacityProbesSince"] = reconcile.iso(since)
+    assert _probe_pass(job2, spec2, pods2, nodes2, now, probes2).status["restart"]["kind"] == "Regrow"
     # During it: nothing made, nothing said again; after it, a new round.
     job["status"] = plan.status
     plan = _probe_pass(job, spec, pods, nodes, now + dt.timedelta(seconds=60), [])
@@ -463,6 +484,26 @@ def test_a_round_of_probes_that_ends_short_gives_its_room_back_and_the_next_begi
     later = again + dt.timedelta(seconds=1)
     plan = _probe_pass(job, spec, pods, nodes, later, [])
     assert len(plan.create) == 2 and plan.status["capacityProbesSince"] == reconcile.iso(later)
+
+
+def test_probes_are_held_through_a_regrow_s_drain_only():
+    # A preemption while probing: the next gang tries every node anyway; the probes go at once.
+    job, spec, pods, nodes, now, probes = _probing("preempted", 1)
+    job["status"].update(phase="Restarting", attempt=3, nodes=4, attemptStartTime="",
+                         restart={"kind": "Preemption", "fromAttempt": 2, "reason": "NodeDeleted", "requestedAt": reconcile.iso(now)})
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert {"preempted-a2-p0", "preempted-a2-p1"} <= set(plan.delete_pods)
+    # A regrow whose old pods are stuck (a finalizer): the room is not held for them, and that is said.
+    job["status"]["restart"]["kind"] = "Regrow"
+    for p in pods:
+        p["metadata"]["deletionTimestamp"] = reconcile.iso(now - dt.timedelta(seconds=120))
+        p["metadata"]["finalizers"] = ["example.com/hold"]
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert sorted(plan.delete_pods) == ["preempted-a2-p0", "preempted-a2-p1"]
+    assert "pod preempted-a2-n0 of attempt 2 was to be gone" in plan.status["message"]
+    # A probe stuck is said as one.
+    probes[0]["metadata"]["deletionTimestamp"] = reconcile.iso(now - dt.timedelta(seconds=120))
+    assert reconcile.overdue(probes, now).startswith("capacity probe preempted-a2-p0 was to be gone")
 
 
 def test_probes_go_when_the_gang_no_longer_waits_for_them():

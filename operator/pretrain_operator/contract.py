@@ -51,6 +51,8 @@ LABEL_ATTEMPT = "pretrain.dev/attempt"
 LABEL_NODE_RANK = "pretrain.dev/node-rank"
 # On a capacity probe (not a rank: no attempt or node-rank label), the attempt it probes for.
 LABEL_PROBE = "pretrain.dev/capacity-probe"
+# On a capacity probe, a digest of what it was made from (render.probe_digest).
+ANN_PROBE_SPEC = "pretrain.dev/probe-spec"
 
 # ---- metrics the trainer serves (Prometheus text format) ---------------------------------------
 METRIC_STEP = "pretrain_step"

@@ -51,6 +51,7 @@ class Controller:
         self.children: dict = {}  # job key -> (uid, generation, config, when read) once its Service and ConfigMap exist
         self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
         self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
+        self.probe_refusals: dict = {}  # job key -> (refused passes in a row, monotonic time of the last) of capacity probes
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -152,7 +153,8 @@ class Controller:
                 self._forget_metrics((ns, name))
                 self.last_progress.pop((ns, name), None)
                 # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
-                for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses, self.progress_read):
+                for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses, self.progress_read,
+                             self.probe_refusals):
                     memo.pop((ns, name), None)
                 for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
                     self.node_jobs[node].discard((ns, name))
@@ -276,10 +278,15 @@ class Controller:
             self._write(lambda: self.kube.replace(core_path(ns, "configmaps", cm["metadata"]["name"]), cm))
         # The whole gang at once (all pods of an attempt together), concurrently with the Service and
         # ConfigMap, which are sent first: a node that sees a pod before its ConfigMap retries the mount.
-        creates_pods = any(o["kind"] == "Pod" for o in plan.create)
+        key = (ns, job["metadata"]["name"])
+        # Capacity probes the API server refused (a quota, most often the one that shrank the gang)
+        # are tried again after a back-off, not at every pass of the Running job (every 5 s).
+        n, last = self.probe_refusals.get(key, (0, 0.0))
+        creates = [o for o in plan.create if not (c.LABEL_PROBE in o["metadata"].get("labels", {})
+                                                 and n and time.monotonic() - last < min(5.0 * 2 ** (n - 1), 300.0))]
+        creates_pods = any(o["kind"] == "Pod" for o in creates)
         if creates_pods:
             self._crash_point(plan.stage, "before-create", job)
-        key = (ns, job["metadata"]["name"])
         refused = []
 
         def create(obj: dict) -> None:
@@ -299,10 +306,13 @@ class Controller:
         # The Service and ConfigMap first, then the pods: a pod must not start on another job's
         # config (a deleted job's of the same name, not garbage-collected yet: its create is
         # refused, and no pod is made).
-        list(self.pool.map(create, [o for o in plan.create if o["kind"] != "Pod"]))
-        list(self.pool.map(create, [o for o in plan.create if o["kind"] == "Pod"]))
+        list(self.pool.map(create, [o for o in creates if o["kind"] != "Pod"]))
+        list(self.pool.map(create, [o for o in creates if o["kind"] == "Pod"]))
         if creates_pods and not refused:
             self.create_errors.pop(key, None)
+            self.probe_refusals.pop(key, None)
+        elif refused:
+            self.probe_refusals[key] = (n + 1, time.monotonic())
         if plan.delete_job:
             self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {
                 "propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))

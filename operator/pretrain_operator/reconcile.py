@@ -517,6 +517,29 @@ def _probe_capacity(plan: Plan, o: Observed, regrow: str) -> Plan:
     missing, window = full.nodes - spec.nodes, spec.scheduling.startTimeoutSeconds
     head = f"attempt {attempt}: running on {spec.nodes} of {full.nodes} node(s); {regrow}: "
     said = status.get("message") or ""
+    rendered = [render.probe(o.job, full, attempt, i, o.probe_image) for i in range(missing)]
+    want = {p["metadata"]["name"]: p for p in rendered}
+    # Placed: on a node that is there, running (or in Init), of the spec as it is now (a changed
+    # request or node selector makes other probes). Replaced (deleted now, made again once gone):
+    # one evicted, refused by its kubelet, on a lost node, or of an older spec. Not counted: one on
+    # a node under a reclaim notice (it goes with the node). Kept and said: one whose container
+    # exited by itself (its image does not run until stopped, as a pause image does).
+    lost, ended, placed = set(), [], 0
+    for p in o.probes:
+        name, node_name, st = p["metadata"]["name"], (p.get("spec") or {}).get("nodeName"), p.get("status") or {}
+        if name not in want or p["metadata"].get("deletionTimestamp"):
+            continue
+        prob = classify.node_problem(o.nodes.get(node_name), node_name, spec.preemption.noticeTaints) if node_name else None
+        if ((prob and prob[0] not in classify.NOTICES) or (st.get("phase") in ("Succeeded", "Failed") and st.get("reason"))
+                or render.probe_digest(p) != render.probe_digest(want[name])):
+            lost.add(name)
+        elif st.get("phase") in ("Succeeded", "Failed"):
+            ended.append(name)
+        elif node_name and (not prob or prob[0] == "AdvisoryNotice"):  # (an advisory one may stay for hours)
+            placed += 1
+    if placed == missing:  # (also in a pass that comes after its round's end: the room is there)
+        return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}, and the scheduler placed {missing} capacity probe "
+                        f"pod(s) for the other {missing} node(s): trying all {full.nodes} again", count=None)
     started = parse(status.get("capacityProbesSince", ""))
     if started and (o.now - started).total_seconds() >= window:
         again = started + dt.timedelta(seconds=window + probe_pause(o.job["metadata"]["uid"], status["capacityProbesSince"], window))
@@ -530,25 +553,7 @@ def _probe_capacity(plan: Plan, o: Observed, regrow: str) -> Plan:
         started = None
     if started is None:  # a round begins, on record before its probes are made
         started, status["capacityProbesSince"] = o.now, iso(o.now)
-    rendered = [render.probe(o.job, full, attempt, i, o.probe_image) for i in range(missing)]
-    have = {p["metadata"]["name"]: p for p in o.probes if not p["metadata"].get("deletionTimestamp")}
-    # A probe evicted, refused by its kubelet, or on a node lost or under a reclaim notice holds no
-    # room that lasts: replaced (deleted now, made again once gone). One whose container exited by
-    # itself is kept and said: its image does not run until stopped, as a pause image does.
-    lost, ended, placed = set(), [], 0
-    for name, p in have.items():
-        node_name, st = (p.get("spec") or {}).get("nodeName"), p.get("status") or {}
-        prob = classify.node_problem(o.nodes.get(node_name), node_name, spec.preemption.noticeTaints) if node_name else None
-        if (prob and prob[0] != "AdvisoryNotice") or (st.get("phase") in ("Succeeded", "Failed") and st.get("reason")):
-            lost.add(name)
-        elif st.get("phase") in ("Succeeded", "Failed"):
-            ended.append(name)
-        elif node_name:
-            placed += 1
     plan.probes = [p for p in rendered if p["metadata"]["name"] not in lost]
-    if placed == missing:
-        return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}, and the scheduler placed {missing} capacity probe "
-                        f"pod(s) for the other {missing} node(s): trying all {full.nodes} again", count=None)
     # Worded to stay the same while nothing changes (a status write per pass otherwise).
     status["message"] = (head + f"waiting for room for {missing} more ({placed}/{missing} capacity probe pod(s) placed)"
                          + (f"; the API server refused the probes: {o.create_error[1]}" if o.create_error else "")
@@ -571,10 +576,11 @@ def probe_pause(uid: str, since: str, window: int) -> float:
 def _probes(plan: Plan, o: Observed) -> None:
     """The job's capacity probes as the plan wants them: the missing created, the others deleted
     (the gang no longer shrunk or no longer due, the job ended or suspended), but for while a
-    restart's old pods drain (the probes hold the room the new gang is to take; step 5 waits
-    for them to go before it creates the gang)."""
+    regrow's old pods drain (the probes hold the room the new gang is to take; step 5 waits for
+    them to go before it creates the gang), unless those are stuck (OldPodsStuck)."""
     st = plan.status
-    if st.get("phase") == "Restarting" and any(attempt_of(p) < st.get("attempt", 0) for p in o.pods):
+    old = [p for p in o.pods if attempt_of(p) < st.get("attempt", 0)]
+    if st.get("phase") == "Restarting" and (st.get("restart") or {}).get("kind") == "Regrow" and old and not overdue(old, o.now):
         return
     have = {p["metadata"]["name"] for p in o.probes}
     wanted = {p["metadata"]["name"] for p in plan.probes}
@@ -708,7 +714,9 @@ def overdue(pods: list[dict], now: dt.datetime) -> str:
         due = parse(md.get("deletionTimestamp") or "")
         if due is not None and (now - due).total_seconds() > OVERDUE_S:
             fin = md.get("finalizers") or []
-            return (f"pod {md['name']} of attempt {attempt_of(p)} was to be gone by {md['deletionTimestamp']} and is still there"
+            what = (f"capacity probe {md['name']}" if c.LABEL_PROBE in (md.get("labels") or {})
+                    else f"pod {md['name']} of attempt {attempt_of(p)}")
+            return (f"{what} was to be gone by {md['deletionTimestamp']} and is still there"
                     + (f" (finalizers: {', '.join(fin)})" if fin else " (its node does not finish it)"))
     return ""
 

@@ -9,6 +9,8 @@ attempts so rank 0's DNS name (the rendezvous endpoint) never changes.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import posixpath
 
 import yaml
@@ -217,6 +219,12 @@ def probe_name(job: str, attempt: int, index: int) -> str:
     return f"{job}-a{attempt}-p{index}"
 
 
+def probe_digest(probe: dict) -> str:
+    """What a probe was made from (its annotation ANN_PROBE_SPEC): a probe of an older spec (a request
+    or node selector changed since) is made again."""
+    return (probe["metadata"].get("annotations") or {}).get(c.ANN_PROBE_SPEC, "")
+
+
 def probe(job: dict, spec: api.PretrainJobSpec, attempt: int, index: int, image: str) -> dict:
     """A capacity probe of a shrunk attempt (elastic.py): a pod that asks the scheduler for room for
     one more of the gang's pods, and holds it while it runs a pause container that does nothing.
@@ -234,16 +242,20 @@ def probe(job: dict, spec: api.PretrainJobSpec, attempt: int, index: int, image:
         return {"name": name, "image": image, "resources": c.get("resources") or {},
                 **({"restartPolicy": c["restartPolicy"]} if c.get("restartPolicy") else {}),
                 "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
+    body = {**{k: ps[k] for k in keep if k in ps}, "automountServiceAccountToken": False, "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            **({"initContainers": [pause(i["name"], i) for i in ps["initContainers"]]} if ps.get("initContainers") else {}),
+            "containers": [pause("probe", trainer)],
+            "volumes": [v for v in ps["volumes"] if "persistentVolumeClaim" in v]}
+    pod_labels = {**spec.template.labels, **labels(job), c.LABEL_PROBE: str(attempt)}
+    annotations = dict(spec.template.annotations)
+    digest = hashlib.sha256(json.dumps([pod_labels, annotations, body], sort_keys=True).encode()).hexdigest()[:16]
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": probe_name(job["metadata"]["name"], attempt, index), "namespace": rank["metadata"]["namespace"],
-                     "labels": {**spec.template.labels, **labels(job), c.LABEL_PROBE: str(attempt)},
-                     "annotations": dict(spec.template.annotations), "ownerReferences": [owner_ref(job)]},
-        "spec": {**{k: ps[k] for k in keep if k in ps}, "automountServiceAccountToken": False, "restartPolicy": "Never",
-                 "terminationGracePeriodSeconds": 0,
-                 **({"initContainers": [pause(i["name"], i) for i in ps["initContainers"]]} if ps.get("initContainers") else {}),
-                 "containers": [pause("probe", trainer)],
-                 "volumes": [v for v in ps["volumes"] if "persistentVolumeClaim" in v]},
+                     "labels": pod_labels, "annotations": {**annotations, c.ANN_PROBE_SPEC: digest},
+                     "ownerReferences": [owner_ref(job)]},
+        "spec": body,
     }
 
 
