@@ -216,11 +216,14 @@ def test_the_attempt_after_a_shrunk_one_tries_every_node_again():
     assert st["nodes"] == 4 and st["readyNodes"] == "0/4"
 
 
-def _shrunk_running(name: str, *, ran_s: int, regrow: int | None = 600, step: int = 57):
-    """Attempt 2 of a 4-node elastic job, Running on 2 nodes for `ran_s` seconds, at `step` of 400."""
+def _shrunk_running(name: str, *, ran_s: int, regrow: int | None = 600, step: int = 57, **spec_over):
+    """Attempt 2 of a 4-node elastic job (`spec_over` on its spec), Running on 2 nodes (spot-0 and
+    spot-1, of four ready) for `ran_s` seconds, at `step` of 400."""
     job, spec, pods, nodes, now = observed_gang(name)
     job["spec"].update(nodes=4, parallelism={"data": 4}, data={"globalBatchSize": 32},
-                       elastic={"minNodes": 1, **({"regrowAfterSeconds": regrow} if regrow else {})})
+                       elastic={"minNodes": 1, **({"regrowAfterSeconds": regrow} if regrow else {})}, **spec_over)
+    nodes = {f"spot-{i}": {"metadata": {"name": f"spot-{i}"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+             for i in range(4)}
     spec = api.PretrainJobSpec.model_validate(job["spec"])
     since = reconcile.iso(now - dt.timedelta(seconds=ran_s))
     job["status"].update(attempt=2, nodes=2, progress={"step": step, "totalSteps": 400, "updated": reconcile.iso(now)},
@@ -321,19 +324,12 @@ PAUSE = "registry.k8s.io/pause:3.10"
 def _probing(name: str, placed: int, **over):
     """_shrunk_running's job due to regrow (run 700 s of 600), its node selector, toleration and
     priority, with capacity probes of its attempt: `placed` of `over.get("probes", 2)` on a node."""
-    job, spec, pods, nodes, now = _shrunk_running(name, ran_s=700)
-    job["spec"]["scheduling"] = {"nodeSelector": {"pool": "spot"}, "priorityClassName": "training",
-                                 "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]}
-    job["spec"]["resources"] = {"requests": {"cpu": "5", "nvidia.com/gpu": "8"}}
-    job["spec"].setdefault("checkpoint", {})["claimName"] = "checkpoints"
-    spec = api.PretrainJobSpec.model_validate(job["spec"])
-    pods = render.gang(job, elastic.resized(spec, 2), 2)
-    for i, p in enumerate(pods):
-        p["spec"]["nodeName"] = f"spot-{i}"
-        p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+    job, spec, pods, nodes, now = _shrunk_running(
+        name, ran_s=700, resources={"requests": {"cpu": "5", "nvidia.com/gpu": "8"}},
+        scheduling={"nodeSelector": {"pool": "spot"}, "priorityClassName": "training",
+                    "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]},
+        checkpoint={"intervalSteps": 5, "claimName": "checkpoints"})
     probes = [render.probe(job, spec, 2, i, PAUSE) for i in range(over.get("probes", 2))]
-    nodes = {f"spot-{i}": {"metadata": {"name": f"spot-{i}"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
-             for i in range(4)}
     for i, p in enumerate(probes[:placed]):
         p["spec"]["nodeName"] = f"spot-{2 + i}"
     return job, spec, pods, nodes, now, probes
