@@ -251,7 +251,7 @@ def test_a_shrunk_gang_tries_every_node_again_after_regrow_after_seconds_of_runn
         plan = _decide(job, spec, pods, nodes, now, config=render.trainer_config(elastic.resized(spec, 2)))
         assert plan.status["attempt"] == 2 and plan.status["phase"] == "Running" and not plan.delete_pods, kw
     # A whole gang is not regrown.
-    assert elastic.regrow_due(spec, 4, now - dt.timedelta(seconds=7000), now, 57) == ""
+    assert elastic.regrow_due(spec, 4, now - dt.timedelta(seconds=7000), now, 57) == ("", False)
     # A count the spec no longer allows (elastic removed, minNodes raised) is regrown at once.
     for changed, why in ((None, "(removed)"), (api.Elastic(minNodes=3), "(minNodes 3)")):
         job, spec, pods, nodes, now = _shrunk_running("changed", ran_s=10, regrow=None)
@@ -519,8 +519,19 @@ def test_probes_go_when_the_gang_no_longer_waits_for_them():
     assert sorted(plan.delete_pods) == ["last-a2-p0", "last-a2-p1"] and plan.status["capacityProbesSince"] == ""
     assert plan.status["message"] == "attempt 2: all 2 node(s) running (2 of the spec's 4: elastic)"  # no longer waiting
     job, spec, pods, nodes, now, probes = _probing("held", 1)
+    job["status"]["capacityProbesSince"] = reconcile.iso(now)
     plan = _probe_pass(job, spec.model_copy(update={"suspend": True}), pods, nodes, now, probes)
     assert plan.status["phase"] == "Suspended" and {"held-a2-p0", "held-a2-p1"} <= set(plan.delete_pods)
+    assert plan.status["capacityProbesSince"] == ""  # the round ends with the run (status shows no probing)
+    # Every rank done mid-round: Succeeded, the probes deleted, no round left in status.
+    job, spec, pods, nodes, now, probes = _probing("done", 1)
+    job["status"]["capacityProbesSince"] = reconcile.iso(now)
+    for p in pods:
+        p["status"] = {"phase": "Succeeded", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 0}}}]}
+    plan = _probe_pass(job, spec, pods, nodes, now, probes)
+    assert plan.status["phase"] == "Succeeded" and plan.status["capacityProbesSince"] == ""
+    job["status"] = plan.status
+    assert {"done-a2-p0", "done-a2-p1"} <= set(_probe_pass(job, spec, [], nodes, now, probes).delete_pods)
     job, spec, pods, nodes, now, probes = _probing("failed", 1)
     job["status"]["phase"] = "Failed"
     assert {"failed-a2-p0", "failed-a2-p1"} <= set(_probe_pass(job, spec, pods, nodes, now, probes).delete_pods)

@@ -91,23 +91,21 @@ def shrink_to(spec: api.PretrainJobSpec, current: int, placed: int) -> int | Non
 
 
 def regrow_due(spec: api.PretrainJobSpec, nodes: int, running_since: dt.datetime | None, now: dt.datetime,
-               step: int) -> str:
+               step: int) -> tuple[str, bool]:
     """Why an attempt of `nodes` nodes, Running since `running_since` and at `step`, is to try all of
     the spec's nodes again, or "": not shrunk, no elastic.regrowAfterSeconds, not run that long yet,
-    or at its last step (it ends by itself). At once when the spec no longer allows that count
-    (elastic removed, or minNodes raised above it, while it ran): `allows` tells the two apart."""
+    or at its last step (it ends by itself); and whether at once, without asking the scheduler for
+    room first (capacity probes): when the spec no longer allows that count (elastic removed, or
+    minNodes raised above it, while it ran)."""
     if nodes >= spec.nodes or running_since is None or step >= spec.training.steps:
-        return ""
+        return "", False
     if not allows(spec, nodes):
         return (f"running on {nodes} of {spec.nodes} node(s), which spec.elastic no longer allows"
-                + (f" (minNodes {spec.elastic.minNodes})" if spec.elastic else " (removed)"))
+                + (f" (minNodes {spec.elastic.minNodes})" if spec.elastic else " (removed)")), True
     after = spec.elastic.regrowAfterSeconds
-    if after is None:
-        return ""
-    ran = (now - running_since).total_seconds()
-    if ran < after:
-        return ""
-    return f"ran on {nodes} of {spec.nodes} node(s) for more than elastic.regrowAfterSeconds ({after} s)"
+    if after is None or (now - running_since).total_seconds() < after:
+        return "", False
+    return f"ran on {nodes} of {spec.nodes} node(s) for more than elastic.regrowAfterSeconds ({after} s)", False
 
 
 def allows(spec: api.PretrainJobSpec, nodes: int) -> bool:

@@ -206,6 +206,8 @@ def stalled(spec: api.PretrainJobSpec, status: dict, read: dt.datetime | None) -
 def _phase(status: dict, phase: str, reason: str, message: str, now: str, gen: int) -> None:
     if phase != "Running" and running_since(status):
         status["runningSeconds"] = int(running_seconds(status, parse(now)))
+    if phase != "Running" and status.get("capacityProbesSince"):
+        status["capacityProbesSince"] = ""  # probing ends with the attempt's run; a next one starts afresh
     status["phase"] = phase
     status["message"] = message
     set_condition(status, "Running", phase == "Running", reason if phase == "Running" else phase, message if phase == "Running" else "", now, gen)
@@ -457,8 +459,8 @@ def _decide(o: Observed) -> Plan:
         # 9c. A gang shrunk for want of capacity tries all the spec's nodes again after a while,
         #     once capacity probes show room for them; at once when the spec no longer allows it.
         full = o.declared or spec
-        regrow = elastic.regrow_due(full, spec.nodes, running_since(status), o.now, progress_of(status).get("step", 0))
-        if regrow and (not o.probe_image or spec.scheduling.queueName or not elastic.allows(full, spec.nodes)):
+        regrow, at_once = elastic.regrow_due(full, spec.nodes, running_since(status), o.now, progress_of(status).get("step", 0))
+        if regrow and (at_once or not o.probe_image or spec.scheduling.queueName):
             return _restart(plan, o, "Regrow", "ElasticRegrow", f"{regrow}: trying all {full.nodes} again", count=None)
         if regrow:
             return _probe_capacity(plan, o, regrow)

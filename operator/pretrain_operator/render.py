@@ -238,9 +238,9 @@ def probe(job: dict, spec: api.PretrainJobSpec, attempt: int, index: int, image:
     keep = ("serviceAccountName", "enableServiceLinks", "securityContext", "imagePullSecrets",
             "nodeSelector", "tolerations", "affinity", "priorityClassName", "schedulerName")
 
-    def pause(name: str, c: dict) -> dict:
-        return {"name": name, "image": image, "resources": c.get("resources") or {},
-                **({"restartPolicy": c["restartPolicy"]} if c.get("restartPolicy") else {}),
+    def pause(name: str, of: dict) -> dict:
+        return {"name": name, "image": image, "resources": of.get("resources") or {},
+                **({"restartPolicy": of["restartPolicy"]} if of.get("restartPolicy") else {}),
                 "securityContext": copy.deepcopy(CONTAINER_SECURITY)}
     body = {**{k: ps[k] for k in keep if k in ps}, "automountServiceAccountToken": False, "restartPolicy": "Never",
             "terminationGracePeriodSeconds": 0,
