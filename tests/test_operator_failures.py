@@ -296,6 +296,15 @@ def test_pods_held_by_a_queues_scheduling_gate_do_not_run_down_the_start_timeout
     assert decide(1300).status["attempt"] == 1
     plan = decide(1401)  # 601 s after the admission: now it is a gang that cannot start
     assert plan.status["attempt"] == 2 and plan.status["restart"]["kind"] == "StartTimeout"
+    # Admitted, and every pod already running at the next pass: the wait ends there too (it stayed
+    # in status for the whole attempt).
+    job["status"].update(phase="Starting", attempt=1, attemptStartTime=reconcile.iso(now), admissionWaitSince=reconcile.iso(now),
+                         restart={})
+    for p in pods:
+        p["status"] = {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+    plan = decide(900)
+    assert plan.status["phase"] == "Running" and not plan.status["admissionWaitSince"]
+    assert plan.status["attemptStartTime"] == reconcile.iso(now + dt.timedelta(seconds=900))
 
 
 def test_a_gang_gated_as_kueue_gates_it_waits_past_its_start_timeout_and_starts_once_ungated(jobs):
@@ -435,6 +444,16 @@ def test_a_rank_that_finished_first_is_no_slow_start_of_a_long_running_gang():
     # with a 10 s start timeout: still Running (it was restarted as a StartTimeout at its very end).
     job, _, (n0, n1), nodes, now = observed_gang("ending")
     _finished(n1)
+    plan = _decide(job, [n0, n1], nodes, now, scheduling={"startTimeoutSeconds": 10})
+    assert plan.status["phase"] == "Running" and plan.status["attempt"] == 1 and not plan.delete_pods
+    # The same with a sidecar that keeps the pod Running (a native one: an init container with
+    # restartPolicy Always; a mesh's proxy) after its trainer exited 0.
+    n1["status"]["phase"] = "Running"
+    n1["status"]["initContainerStatuses"] = [{"name": "proxy", "state": {"running": {}}}]
+    plan = _decide(job, [n0, n1], nodes, now, scheduling={"startTimeoutSeconds": 10})
+    assert plan.status["phase"] == "Running" and plan.status["attempt"] == 1 and not plan.delete_pods
+    # ... and a second container, still running beside the exited trainer.
+    n1["status"]["containerStatuses"].append({"name": "proxy", "ready": True, "state": {"running": {}}})
     plan = _decide(job, [n0, n1], nodes, now, scheduling={"startTimeoutSeconds": 10})
     assert plan.status["phase"] == "Running" and plan.status["attempt"] == 1 and not plan.delete_pods
 

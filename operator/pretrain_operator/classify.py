@@ -96,11 +96,17 @@ def report(pod: dict | None) -> dict:
     return out
 
 
-def succeeded(pod: dict) -> bool:
-    """The pod finished: phase Succeeded, its trainer exited 0 (the contract: the last step is
-    checkpointed). Whatever happens to it or its node afterwards does not undo that."""
+def finished(pod: dict) -> bool:
+    """Its trainer exited 0 (the contract: the last step is checkpointed), the pod not Failed: it may
+    stay Running a while after, for a sidecar (a native one, a mesh's proxy) that still runs."""
     t = terminated(pod)
-    return (pod.get("status") or {}).get("phase") == "Succeeded" and t is not None and t.get("exitCode") == 0
+    return t is not None and t.get("exitCode") == 0 and (pod.get("status") or {}).get("phase") != "Failed"
+
+
+def succeeded(pod: dict) -> bool:
+    """The pod finished and is done (phase Succeeded). Whatever happens to it or its node afterwards
+    does not undo that."""
+    return (pod.get("status") or {}).get("phase") == "Succeeded" and finished(pod)
 
 
 def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.PretrainJobSpec) -> End:
@@ -140,7 +146,7 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         said = f"pod {name} {'was evicted' if why == 'Evicted' else 'was refused by its node'} ({why}: {st.get('message') or 'no message'})"
         return End(PREEMPTION if why == "Evicted" else RETRYABLE, why, said, name)
     code = t.get("exitCode", 1) if t else 1
-    if code == c.EXIT_SUCCESS and phase != "Failed":
+    if finished(pod):
         return End(SUCCESS, pod=name)
     if code == c.EXIT_PREEMPTED:
         return End(PREEMPTION, "CheckpointedOnNotice", f"pod {name} checkpointed and stopped (exit {code})", name)

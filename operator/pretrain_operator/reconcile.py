@@ -444,9 +444,18 @@ def _decide(o: Observed) -> Plan:
         return _restart(plan, o, "Retryable", outcome.reason, outcome.message, count=None)
 
     # 9. Still running: the gang must be up within startTimeoutSeconds. A rank that has finished
-    #    (exit 0) while the others write their last checkpoint counts as up (it was counted as not
-    #    running: a job of hours, at its very end, was restarted for a slow start).
-    up = [p for p in current if _running(p) or classify.succeeded(p)]
+    #    (exit 0) while the others write their last checkpoint counts as up, its pod Succeeded or
+    #    still Running for a sidecar (it was counted as not running: a job of hours, at its very
+    #    end, was restarted for a slow start).
+    up = [p for p in current if _running(p) or classify.finished(p)]
+    # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
+    # quota) are queued, not starting: the start clock waits for them, and starts again at their
+    # admission (also when the pass that sees it finds every pod up already).
+    gated = [p for p in current if (p.get("spec") or {}).get("schedulingGates")]
+    if not gated and status.get("admissionWaitSince"):
+        status["admissionWaitSince"] = ""  # as the schema's default shows it (a removed key comes back so)
+        status["attemptStartTime"] = now
+        status["message"] = f"attempt {attempt}: admitted (scheduling gates lifted); starting"
     if len(up) == spec.nodes:
         if status["phase"] != "Running":
             shrunk = f" ({spec.nodes} of the spec's {o.declared.nodes}: elastic)" if o.declared and o.declared.nodes != spec.nodes else ""
@@ -470,20 +479,13 @@ def _decide(o: Observed) -> Plan:
             status["capacityProbesSince"] = ""
             status["message"] = next((cd["message"] for cd in status.get("conditions") or [] if cd["type"] == "Running"), "")
     else:
-        # Pods held by scheduling gates (Kueue's admission gate: the whole pod group waits for its
-        # quota) are queued, not starting: the start clock waits for them, and starts again at
-        # their admission. Otherwise a job queued longer than startTimeoutSeconds was torn down
-        # and put at the back of the queue, again and again.
-        gated = [p for p in current if (p.get("spec") or {}).get("schedulingGates")]
+        # Queued pods: otherwise a job queued longer than startTimeoutSeconds was torn down and
+        # put at the back of the queue, again and again.
         if gated:
             status["admissionWaitSince"] = status.get("admissionWaitSince") or now
             status["message"] = (f"attempt {attempt}: {len(gated)}/{spec.nodes} pod(s) held by scheduling gates "
                                  f"({', '.join(sorted({g['name'] for p in gated for g in p['spec']['schedulingGates']}))})")
             return plan  # their ungating is a pod event: a pass then
-        if status.get("admissionWaitSince"):
-            status["admissionWaitSince"] = ""  # as the schema's default shows it (a removed key comes back so)
-            status["attemptStartTime"] = now
-            status["message"] = f"attempt {attempt}: admitted (scheduling gates lifted); starting"
         # What holds the others back, when a pod says (unschedulable, an image or a Secret missing):
         # in status.message and an Event, not a silent timeout after startTimeoutSeconds. The Event
         # is one per pod and cause: the counts and the scheduler's words change as a large gang's
