@@ -21,6 +21,7 @@ from tests.trainer_util import cmd, env, free_port, losses, run, wait_for_step, 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
 LAYOUT = dict(nproc=4, data=2, tensor=2, steps=4, global_batch=8)
+LAYOUT_SPEC = {"nodes": 2, "parallelism": {"data": 2}, "model": {"preset": "tiny"}, "data": {"globalBatchSize": 8}}
 
 
 def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
@@ -142,3 +143,23 @@ def test_the_launchers_code_when_signalled_follows_its_ranks():
     assert signalled_code({contract.EXIT_PREEMPTED, -9}, signal.SIGTERM) == contract.EXIT_PREEMPTED  # saved; the rest killed after
     assert signalled_code({0, -9}, signal.SIGTERM) == 128 + signal.SIGTERM  # a rank killed before it finished
     assert signalled_code(set(), signal.SIGTERM) == 128 + signal.SIGTERM  # no rank started
+
+
+
+def test_a_node_waits_for_rank_0s_rendezvous_as_long_as_the_operator_waits_for_the_gang(monkeypatch):
+    # Rank 0's pod still pending (no room yet) or pulling its image while another node's launcher
+    # runs: with torch's defaults that node gave up on rank 0's rendezvous store (60 s per try, one
+    # retry: it exited 1 after 105-170 s here) and a failure was spent on a slow start, which the
+    # operator's start timeout (and an elastic shrink) was there to judge. torchrun, given the
+    # pods' environment as the operator renders it, waits the start timeout and a minute more.
+    import torch.distributed.run as torchrun
+
+    from pretrain_operator import api, render
+    spec = api.PretrainJobSpec.model_validate({**LAYOUT_SPEC, "scheduling": {"startTimeoutSeconds": 1800}})
+    job = {"metadata": {"name": "late", "namespace": "ns", "uid": "u1"}, "spec": spec.model_dump()}
+    for e in render.pod(job, spec, 1, 1)["spec"]["containers"][0]["env"]:
+        if e["name"].startswith("PET_"):
+            monkeypatch.setenv(e["name"], e["value"])
+    config, _, _ = torchrun.config_from_args(torchrun.get_args_parser().parse_args(["-m", "pretrain_trainer", "train"]))
+    assert config.rdzv_backend == "c10d" and config.rdzv_endpoint == f"late-n0.late:{contract.RDZV_PORT}"
+    assert config.rdzv_configs["read_timeout"] == config.rdzv_configs["join_timeout"] == "1860"

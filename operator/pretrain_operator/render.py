@@ -87,6 +87,10 @@ def default_command() -> list[str]:
     return ["python", "-m", "pretrain_trainer", "launch", "train", "--config", c.CONFIG_PATH]
 
 
+def rdzv_timeout(spec: api.PretrainJobSpec) -> int:
+    return spec.scheduling.startTimeoutSeconds + 60
+
+
 def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
     name = job["metadata"]["name"]
     ns = job["metadata"]["namespace"]
@@ -99,6 +103,11 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": "PET_RDZV_ENDPOINT", "value": f"{hostname(name, 0)}.{name}:{c.RDZV_PORT}"},
         {"name": "PET_RDZV_ID", "value": f"{uid}-a{attempt}"},
         {"name": "PET_MAX_RESTARTS", "value": "0"},
+        # The rendezvous waits for rank 0 (the store's host) and for every node as long as the
+        # operator waits for the gang, and a minute more: the operator's start timeout decides a
+        # slow start, not torch's defaults (60 s to reach the store, 600 s to join), after which a
+        # node whose rank 0 was still pending or pulling its image exited 1, a failure spent.
+        {"name": "PET_RDZV_CONF", "value": f"join_timeout={rdzv_timeout(spec)},read_timeout={rdzv_timeout(spec)}"},
         # On the pod's SIGTERM torchrun's agent waits this long for the ranks' save (its default,
         # 30 s, killed saves that the grace period left time for); the kubelet's SIGKILL ends it anyway.
         {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(spec.template.terminationGracePeriodSeconds)},
