@@ -500,6 +500,45 @@ def test_a_checkpoint_request_reaching_each_pods_annotations_at_its_own_time_sav
     assert errs[0].count("checkpoint requested by the operator") == 1
 
 
+SIGTERM_AT_LAST_STEP = ("import os, signal\n"
+                        "import pretrain_trainer.train as t\n"
+                        "lr_at = t.lr_at\n"
+                        "def at(step, o, total):\n"
+                        "    if step == total:\n"
+                        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                        "    return lr_at(step, o, total)\n"
+                        "t.lr_at = at\n")
+SIGTERM_BEFORE_THE_FIRST_STEP = ("import os, signal\n"
+                                 "import pretrain_trainer.train as t\n"
+                                 "init = t.Stop.__init__\n"
+                                 "def answered(self):\n"
+                                 "    init(self)\n"
+                                 "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                                 "t.Stop.__init__ = answered\n")
+
+
+def test_a_sigterm_during_the_last_step_saves_it_and_exits_0(tmp_path):
+    # A spot reclaim or a suspend while the last step trains: that step is saved (as on any
+    # SIGTERM) and training is over. It exited 83: the operator counted a preemption (failing a
+    # finished job whose maxPreemptions was spent) and made a whole gang to log "nothing to train".
+    cfg = write_config(tmp_path, steps=4, interval=100)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "losses.txt"), env=injected(tmp_path, SIGTERM_AT_LAST_STEP),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stop requested (SIGTERM) during the last step: its checkpoint saved, training finished" in r.stderr
+    assert _committed(tmp_path) == ["step-00000004"] and loss_steps(tmp_path / "losses.txt") == [1, 2, 3, 4]
+    # The same SIGTERM before the first step of an attempt that resumes at the last: nothing to stop.
+    (tmp_path / "inject" / "sitecustomize.py").write_text(SIGTERM_BEFORE_THE_FIRST_STEP)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "again.txt"), env=injected(tmp_path, SIGTERM_BEFORE_THE_FIRST_STEP),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "exiting 83" not in r.stderr, r.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-00000004'}" in r.stderr and not (tmp_path / "again.txt").read_text()
+    # Not at the last step: the same injected SIGTERM stops a resumed attempt before its first step (83).
+    r = subprocess.run(cmd(write_config(tmp_path, steps=6, interval=100), 1, tmp_path / "again.txt"),
+                       env=injected(tmp_path, SIGTERM_BEFORE_THE_FIRST_STEP), capture_output=True, text=True, timeout=120)
+    assert r.returncode == c.EXIT_PREEMPTED and "stop requested (SIGTERM) before step 5" in r.stderr, r.stderr[-3000:]
+
+
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):
     cfg = write_config(tmp_path, nproc=2, data=2, steps=200, interval=1000)
     p = subprocess.Popen(cmd(cfg, 2, tmp_path / "losses.txt", launch=True), stderr=subprocess.PIPE, text=True,

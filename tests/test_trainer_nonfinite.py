@@ -74,3 +74,22 @@ def test_more_non_finite_steps_in_a_row_than_allowed_stop_every_rank_with_exit_8
     assert r.stderr.count("pretrain_trainer: step 3: the gradients were not finite (norm nan) for 3 steps in a row, "
                           "more than training.maxSkippedSteps (2)") == 2, r.stderr[-3000:]
     assert sorted(losses(tmp_path / "losses.txt")) == [1, 2]  # step 3 stopped before its loss was recorded
+
+
+def test_non_finite_steps_in_a_row_count_across_a_resume(tmp_path):
+    # Two skipped steps in the checkpoint, two more after its resume: four in a row, more than
+    # maxSkippedSteps (3), as in one run. The count started again at each attempt: a run preempted
+    # in the middle of a run of NaNs trained on past the limit, and its exit step differed.
+    base = poisoned_base(tmp_path / "base", norm=True)  # every batch
+
+    def train(steps: int) -> subprocess.CompletedProcess:
+        cfg = write_config(tmp_path, steps=steps, interval=100, micro=1, extra={
+            "model": {"preset": "tiny", "initFrom": str(base)}, "training": {"steps": steps, "logEverySteps": 1, "maxSkippedSteps": 3}})
+        return subprocess.run(cmd(cfg, 1, tmp_path / f"losses-{steps}.txt"), env=env(), capture_output=True, text=True, timeout=300)
+    r = train(2)
+    assert r.returncode == 0 and r.stderr.count("the gradient norm is nan: optimizer step skipped") == 2, r.stderr[-3000:]
+    r = train(10)
+    assert "resumed from" in r.stderr and r.returncode == 85, r.stderr[-3000:]
+    assert ("step 4: the gradients were not finite (norm nan) for 4 steps in a row, more than training.maxSkippedSteps (3)"
+            in r.stderr), r.stderr[-3000:]
+    assert sorted(losses(tmp_path / "losses-10.txt")) == [3]

@@ -364,12 +364,16 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     tokens_seen = 0
     loss_v = None
     validated = None  # (step, held-out loss) of the last validation
+    skipped, skipped_in_row = 0, 0
     if extra:
         step, tokens_seen = extra["step"], extra["tokensSeen"]
         # What the final report and the metrics show until this attempt's first step: its step's
         # (a resume at the last step trains none). Checkpoints from before these were saved lack them.
         loss_v = extra.get("loss")
         validated = tuple(extra["validated"]) if extra.get("validated") else None
+        # The skipped steps (non-finite gradients) so far and in a row: maxSkippedSteps counts across
+        # a resume as in one run (a preemption in the middle of a run of them reset it).
+        skipped, skipped_in_row = extra.get("skipped", 0), extra.get("skippedInRow", 0)
         try:
             loader.load_state_dict(extra["data"])
         except DataError as e:  # a checkpoint of other data: resuming it would train on a mix
@@ -428,7 +432,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # first full one (run inside the first checkpoint save, which pauses the collector) took 0.4 s.
     gc.collect()
     gc.freeze()
-    grad_norm, skipped, skipped_in_row = 0.0, 0, 0
+    grad_norm = 0.0
 
     def validate(at: int) -> tuple[int, float] | None:
         """Step `at`'s validation: (at, held-out loss), or None when a SIGTERM ended it."""
@@ -447,14 +451,23 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             report.progress(step, spec.training.steps, loss_v, tokens_seen, ckpt.last_step, validated)
         return code  # the command line leaves the process group (__main__.leave_process_group)
 
+    def unvalidated(at: int) -> bool:
+        """Step `at` is due for validation and has none (every rank agrees: validation's stop is agreed)."""
+        return validator is not None and validator.due(at, at == spec.training.steps) and (validated or (0,))[0] != at
+
+    def finished(at: int) -> bool:
+        """Step `at` is the last, checkpointed, nothing of it left to do: a SIGTERM now stops nothing
+        (exit 83 spent a preemption and a whole gang on an attempt with nothing to train)."""
+        return at >= spec.training.steps and not unvalidated(at)
+
     # A checkpoint of a step due for validation whose validation did not happen (a SIGTERM ended
     # it, or came with that step): it runs now, on the same weights, so no held-out loss is lost,
     # the last step's included (the final report's). It draws no random number: training is unchanged.
-    if validator is not None and step and validator.due(step, step == spec.training.steps) and (validated or (0,))[0] != step:
+    if step and unvalidated(step):
         validated = validate(step) or validated
     # One collective before the first step: a SIGTERM since `Stop()` (on any rank; that validation
     # included) stops every rank here. Nothing new to save: the latest checkpoint stays the one to resume.
-    if parallel.any_rank(stop.requested):
+    if parallel.any_rank(stop.requested) and not finished(step):
         log.warning("stop requested (SIGTERM) before step %d: no step trained, checkpoint of step %d kept; exiting %d",
                     step + 1, ckpt.last_step, c.EXIT_PREEMPTED)
         return finish(c.EXIT_PREEMPTED)
@@ -537,7 +550,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         if step % spec.checkpoint.intervalSteps == 0 or requested or preempt or step == spec.training.steps:
             committed = ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
                                                        "seed": spec.training.seed, "lr": lr, "loss": loss_v,
-                                                       "validated": list(validated) if validated else None},
+                                                       "validated": list(validated) if validated else None,
+                                                       "skipped": skipped, "skippedInRow": skipped_in_row},
                                   final=preempt or step == spec.training.steps)
             if not committed:  # the fence taken since its last read (at most a second ago): exit 0 would claim this step saved
                 log.warning("%s has claimed %s since this attempt started: checkpoint of step %d not committed; exiting %d",
@@ -556,7 +570,9 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                         "the last checkpoint. Raise the grace period, or rely on termination notices (their checkpoint "
                         "comes before the SIGTERM)", ckpt.last_step, ckpt.save_seconds, grace)
             grace_unsaid = False
-        if preempt:
+        if preempt and finished(step):
+            log.warning("stop requested (SIGTERM) during the last step: its checkpoint saved, training finished")
+        elif preempt:
             log.warning("stop requested (SIGTERM): checkpoint of step %d saved; exiting %d", step, c.EXIT_PREEMPTED)
             return finish(c.EXIT_PREEMPTED)
     if base_digest is not None:
