@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from pretrain_localcluster import nodes
-from pretrain_operator import api, reconcile, render
+from pretrain_operator import api, classify, contract as c, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
 
@@ -166,3 +166,38 @@ def test_a_crash_on_a_noticed_node_is_a_preemption_unless_the_notice_is_only_adv
     plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n0, observed_gang("crashy")[2][1]], nodes=nodes,
                                                service_exists=True, config_data=render.trainer_config(spec), now=now))
     assert plan.annotate_pods and plan.status["checkpointRequestedAt"].startswith("1@")
+
+
+def test_a_termination_notice_after_an_advisory_one_asks_for_a_checkpoint_again():
+    # A rebalance recommendation asked for a checkpoint; hours later the real notice comes (on that
+    # node or another): the request of hours ago does not save the steps since, so a new one. It
+    # was once per attempt: the real notice got no request, no Event.
+    job, spec, pods, ready, now = observed_gang("warned")
+
+    def decide(at: dt.datetime) -> reconcile.Plan:
+        plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=ready, service_exists=True,
+                                                   config_data=render.trainer_config(spec), now=at))
+        job["status"] = plan.status
+        for name, ann in plan.annotate_pods.items():  # as the controller's patch would
+            next(p for p in pods if p["metadata"]["name"] == name)["metadata"].setdefault("annotations", {}).update(ann)
+        return plan
+    ready["spot-0"]["spec"] = {"taints": [{"key": "aws-node-termination-handler/rebalance-recommendation", "effect": "NoSchedule"}]}
+    plan = decide(now)
+    assert plan.status["checkpointRequestedAt"] == f"1@{reconcile.iso(now)}/advisory" and len(plan.annotate_pods) == 2
+    first = pods[0]["metadata"]["annotations"][c.ANN_CHECKPOINT_REQUEST]
+    assert first == f"notice-1-{reconcile.iso(now)}" and [e[1] for e in plan.events] == ["TerminationNotice"]
+    later = now + dt.timedelta(hours=6)
+    plan = decide(later)  # still advisory only: nothing new
+    assert not plan.annotate_pods and not plan.events
+    ready["spot-1"]["spec"] = {"taints": [{"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}]}
+    plan = decide(later)
+    assert plan.status["checkpointRequestedAt"] == f"1@{reconcile.iso(later)}" and len(plan.annotate_pods) == 2
+    assert pods[1]["metadata"]["annotations"][c.ANN_CHECKPOINT_REQUEST] == f"notice-1-{reconcile.iso(later)}" != first
+    assert [e[1] for e in plan.events] == ["TerminationNotice"] and "spot-itn" in plan.events[0][2]
+    # Once asked on a termination notice, no more requests in this attempt (an advisory one now asks nothing).
+    plan = decide(later + dt.timedelta(seconds=30))
+    assert not plan.annotate_pods and not plan.events
+    # A node with both taints, the advisory one first: the termination notice is the one said.
+    both = [{"key": "aws-node-termination-handler/rebalance-recommendation", "effect": "NoSchedule"},
+            {"key": "aws-node-termination-handler/spot-itn", "effect": "NoSchedule"}]
+    assert classify.node_problem({"spec": {"taints": both}}, "n", spec.preemption.noticeTaints)[0] == "TerminationNotice"

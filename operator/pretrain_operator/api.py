@@ -655,7 +655,7 @@ class PretrainJobStatus(Model):
     startTime: str = Field("", description="When the job first started, or last resumed from suspension (activeDeadlineSeconds runs from it).")
     completionTime: str = ""
     observedGeneration: int = 0
-    checkpointRequestedAt: str = Field("", description="<attempt>@<time> of the last checkpoint request on a termination notice.")
+    checkpointRequestedAt: str = Field("", description="<attempt>@<time> of the last checkpoint request on a termination notice (<attempt>@<time>/advisory when only advisory notices asked for it: a termination notice asks again).")
     gangCreated: bool = Field(False, description="Every pod of the current attempt has been created (a missing one since is a preemption).")
     failureSeenAt: str = Field("", description="When a rank's failure was first seen (failurePolicy.failureSettleSeconds runs from it).")
     admissionWaitSince: str = Field("", description="Since when the current attempt's pods are held by scheduling gates (a queue's admission); cleared at their admission.")

@@ -43,7 +43,9 @@ def node_problem(node: dict | None, node_name: str | None, notice_taints: list[s
         return None
     if node is None:
         return "NodeDeleted", f"node {node_name} was deleted"
-    for t in (node.get("spec") or {}).get("taints") or []:
+    taints = (node.get("spec") or {}).get("taints") or []
+    # A termination notice before an advisory one the node also has (a rebalance recommendation first).
+    for t in sorted(taints, key=lambda t: t.get("key") in api.ADVISORY_NOTICE_TAINTS):
         if t.get("key") in notice_taints:
             return ("AdvisoryNotice" if t["key"] in api.ADVISORY_NOTICE_TAINTS else "TerminationNotice",
                     f"node {node_name} has termination-notice taint {t['key']}")

@@ -392,20 +392,23 @@ def _decide(o: Observed) -> Plan:
     #     and checkpoint, which the metrics mirrored every few seconds may have missed.
     _record_report(status, classify.report(by_name.get(names[0])), spec, now)
 
-    # 8. A termination notice on a node of ours: checkpoint now (once per attempt).
+    # 8. A termination notice on a node of ours: checkpoint now (once per attempt; once more when a
+    #    termination notice follows advisory ones, whose request may be hours old by then: an
+    #    advisory one is recorded as such, `<attempt>@<time>/advisory`).
     if spec.preemption.checkpointOnNotice and outcome.outcome == classify.RUNNING:
         noticed = [classify.node_problem(o.nodes.get(p["spec"].get("nodeName")), p["spec"].get("nodeName"),
                                          spec.preemption.noticeTaints) for p in current if p["spec"].get("nodeName")]
-        noticed = [x for x in noticed if x and x[0] in classify.NOTICES]
+        noticed = sorted((x for x in noticed if x and x[0] in classify.NOTICES), key=lambda x: x[0] != "TerminationNotice")
         if noticed:
             asked = status.get("checkpointRequestedAt", "")
-            if asked.split("@")[0] != str(attempt):
-                asked = status["checkpointRequestedAt"] = f"{attempt}@{now}"
+            advisory = noticed[0][0] != "TerminationNotice"
+            if asked.split("@")[0] != str(attempt) or (asked.endswith("/advisory") and not advisory):
+                asked = status["checkpointRequestedAt"] = f"{attempt}@{now}" + ("/advisory" if advisory else "")
                 plan.events.append(("Warning", "TerminationNotice", noticed[0][1] + "; checkpoint requested"))
             # Which pods to annotate, from the pods themselves: an operator killed after recording
             # the request and before annotating finds it recorded, and annotates the pods still
             # without it (deciding from the status alone, it never would: the checkpoint was lost).
-            request = f"notice-{attempt}-{asked.split('@', 1)[1]}"
+            request = f"notice-{attempt}-{asked.split('@', 1)[1].removesuffix('/advisory')}"
             for p in current:
                 if (p["metadata"].get("annotations") or {}).get(c.ANN_CHECKPOINT_REQUEST) != request:
                     plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: request}
