@@ -294,7 +294,7 @@ OPERATOR_KEY_PREFIX = "pretrain.dev/"
 KUEUE_KEYS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/pod-group-name", "kueue.x-k8s.io/pod-group-total-count")
 # Environment variables the operator sets in every trainer container (render.pod): torchrun's and
 # the contract's. template.env may not set them again (the pod would carry two values).
-OPERATOR_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT",
+OPERATOR_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT", "PET_RDZV_CONF",
                 "PET_RDZV_ID", "PET_MAX_RESTARTS", "PET_SHUTDOWN_TIMEOUT", c.ENV_CONFIG, c.ENV_ATTEMPT,
                 c.ENV_JOB_NAME, c.ENV_JOB_UID, c.ENV_CHECKPOINT_DIR, c.ENV_METRICS_PORT, c.ENV_PODINFO,
                 c.ENV_TERMINATION_MESSAGE, "PYTHONUNBUFFERED")
