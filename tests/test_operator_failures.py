@@ -458,6 +458,27 @@ def test_a_rank_that_finished_first_is_no_slow_start_of_a_long_running_gang():
     assert plan.status["phase"] == "Running" and plan.status["attempt"] == 1 and not plan.delete_pods
 
 
+def test_a_finished_rank_whose_pod_was_then_deleted_is_no_preemption():
+    # Rank 1 exited 0 while rank 0 writes its last checkpoint; its node, emptied, was removed by an
+    # autoscaler, and PodGC deleted the pod (no DisruptionTarget: it had ended). The watch saw it
+    # Succeeded: that is how it ended. It was a PodDeleted preemption, and rank 0's save SIGTERMed.
+    job, spec, (n0, n1), nodes, now = observed_gang("gcd")
+    _finished(n1)
+    del nodes["spot-1"]
+    s = api.PretrainJobSpec.model_validate(job["spec"])
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=s, pods=[n0], nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(s), now=now, last_seen={"gcd-a1-n1": n1}))
+    assert plan.status["phase"] == "Running" and plan.status["preemptions"] == 0 and not plan.delete_pods
+    _finished(n0)
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=s, pods=[n0], nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(s), now=now, last_seen={"gcd-a1-n1": n1}))
+    assert plan.status["phase"] == "Succeeded" and plan.status["preemptions"] == 0
+    # Unseen (the watch missed its end): a pod deleted by someone else, as before.
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=s, pods=[n0], nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(s), now=now))
+    assert plan.status["restart"]["reason"] == "PodDeleted"
+
+
 def test_a_finished_gang_is_succeeded_even_if_a_node_went_or_its_deadline_passed_before_it_was_seen():
     job, _, (n0, n1), nodes, now = observed_gang("done")
     _finished(n0), _finished(n1)

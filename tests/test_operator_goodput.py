@@ -28,7 +28,7 @@ def _decide(job, spec, pods, nodes, now, gone: list[dict] = ()) -> dict:
     """The status after one pass; `gone`: pods deleted before it that the watch last saw."""
     return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
                                                config_data=None, now=now,
-                                               disrupted={p["metadata"]["name"]: p for p in gone})).status
+                                               last_seen={p["metadata"]["name"]: p for p in gone})).status
 
 
 _DISRUPTION = {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}

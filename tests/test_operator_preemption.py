@@ -110,7 +110,7 @@ def test_an_evicted_pod_gone_before_the_reconcile_lists_it_keeps_its_eviction_re
 
     def restart(disrupted):
         return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,
-                                                   config_data=None, now=now, disrupted=disrupted)).status["restart"]
+                                                   config_data=None, now=now, last_seen=disrupted)).status["restart"]
     assert restart({})["reason"] == "PodDeleted"  # what the reconcile knew without the watch's memory
     r = restart({n0["metadata"]["name"]: n0})
     assert r["kind"] == "Preemption" and r["reason"] == "EvictionByEvictionAPI"

@@ -53,3 +53,25 @@ def test_a_deleted_node_wakes_its_jobs_once_and_is_forgotten():
         assert ctl.queue.get(timeout=1) == ("ml", "j") and "spot-7" not in ctl.node_jobs and "spot-7" not in ctl.nodes
     finally:
         ctl.pool.shutdown()
+
+
+def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
+    # A pod may be gone before the reconcile lists it: evicted (its DisruptionTarget says why), or
+    # finished and then deleted by PodGC once its node went (its Succeeded state says it is no
+    # preemption). A pod seen only running leaves nothing behind.
+    from kubernetes import client
+
+    from pretrain_operator.controller import Controller
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0))
+    meta = {"namespace": "ml", "labels": {c.LABEL_JOB: "j"}}
+    running = {"metadata": {**meta, "name": "j-a1-n0"}, "spec": {}, "status": {"phase": "Running"}}
+    done = {"metadata": {**meta, "name": "j-a1-n1"}, "spec": {},
+            "status": {"phase": "Succeeded", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 0}}}]}}
+    evicted = {"metadata": {**meta, "name": "j-a1-n2"}, "spec": {},
+               "status": {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}}
+    try:
+        for p in (running, done, evicted):
+            ctl.on_pod(p)
+        assert ctl.last_seen[("ml", "j")] == {"j-a1-n1": done, "j-a1-n2": evicted}
+    finally:
+        ctl.pool.shutdown()

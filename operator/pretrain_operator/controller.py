@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from kubernetes import client
 from pydantic import ValidationError
 
-from . import api, contract as c, metrics, reconcile, render
+from . import api, classify, contract as c, metrics, reconcile, render
 from .kubeapi import STRATEGIC, KubeAPI, api_message, core_path
 from .settings import OperatorSettings
 from .workqueue import WorkQueue
@@ -49,7 +49,7 @@ class Controller:
         self.running = 0  # jobs in phase Running, counted with the phase gauge
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job key -> (uid, generation, config, when read) once its Service and ConfigMap exist
-        self.disrupted: dict = {}  # job key -> {pod name: the pod last seen with a DisruptionTarget condition}
+        self.last_seen: dict = {}  # job key -> {pod name: the pod last seen disrupted (DisruptionTarget) or finished}
         self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
         self.probe_refusals: dict = {}  # job key -> (refused passes in a row, monotonic time of the last) of capacity probes
 
@@ -77,9 +77,9 @@ class Controller:
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
-        if any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
-               for cd in (pod.get("status") or {}).get("conditions") or []):
-            self.disrupted.setdefault(key, {})[pod["metadata"]["name"]] = pod
+        if classify.succeeded(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
+                                          for cd in (pod.get("status") or {}).get("conditions") or []):
+            self.last_seen.setdefault(key, {})[pod["metadata"]["name"]] = pod
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
             self.node_jobs.setdefault(node, set()).add(key)
@@ -153,7 +153,7 @@ class Controller:
                 self._forget_metrics((ns, name))
                 self.last_progress.pop((ns, name), None)
                 # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
-                for memo in (self.disrupted, self.create_errors, self.children, self.progress_misses, self.progress_read,
+                for memo in (self.last_seen, self.create_errors, self.children, self.progress_misses, self.progress_read,
                              self.probe_refusals):
                     memo.pop((ns, name), None)
                 for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
@@ -210,7 +210,7 @@ class Controller:
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
-                                      disrupted={n: p for n, p in self.disrupted.get((ns, name), {}).items()
+                                      last_seen={n: p for n, p in self.last_seen.get((ns, name), {}).items()
                                                  if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid},
                                       foreign=foreign, predecessor=predecessor,
                                       create_error=self._create_error(ns, name, job),

@@ -48,9 +48,11 @@ class Observed:
     service_exists: bool
     config_data: str | None              # the ConfigMap's config.yaml, None when missing
     now: dt.datetime
-    # Pods the watch saw with a DisruptionTarget condition, by name: an evicted pod may be gone
-    # before the reconcile lists the pods, and its last state still says why it went.
-    disrupted: dict[str, dict] = field(default_factory=dict)
+    # Pods the watch saw disrupted (a DisruptionTarget condition) or finished (Succeeded), by name, as
+    # last seen: such a pod may be gone before the reconcile lists the pods (evicted; deleted by
+    # PodGC once its node went, the node emptied by an autoscaler after the rank finished), and its
+    # last state still says how it ended (a finished rank is no preemption).
+    last_seen: dict[str, dict] = field(default_factory=dict)
     # The API server's answer to the last pod create of this attempt that failed: (HTTP status,
     # message); None once a create went through.
     create_error: tuple[int, str] | None = None
@@ -356,7 +358,7 @@ def _decide(o: Observed) -> Plan:
         # its SIGTERM checkpoint, the step the next attempt resumes from).
         # Only the replaced attempt's: an older one's report would move status.progress back.
         replaced = (status.get("restart") or {}).get("fromAttempt")
-        _record_reports(status, [p for n, p in o.disrupted.items() if n not in by_name and attempt_of(p) == replaced], spec, now)
+        _record_reports(status, [p for n, p in o.last_seen.items() if n not in by_name and attempt_of(p) == replaced], spec, now)
     if old or (o.probes and not status.get("attemptStartTime")):
         _record_reports(status, old, spec, now)
         _remove(plan, o, old)
@@ -381,7 +383,7 @@ def _decide(o: Observed) -> Plan:
     # 7. Observe the ranks.
     ends = []
     for n in names:
-        p = by_name.get(n) or o.disrupted.get(n)
+        p = by_name.get(n) or o.last_seen.get(n)
         node_name = ((p or {}).get("spec") or {}).get("nodeName")
         ends.append(classify.classify_pod(p, n, o.nodes.get(node_name) if node_name else None, spec))
     outcome = classify.classify_attempt(ends)
