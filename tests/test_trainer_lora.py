@@ -10,12 +10,14 @@ their optimizer state only, and a resumed run continues bit for bit.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.trainer_util import losses, run, write_config
+from tests.trainer_util import env, losses, run, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -81,6 +83,33 @@ def test_a_resumed_lora_run_continues_bit_for_bit(tmp_path, base, reference):
     r = run(_example(tmp_path, base, 1, {}), 1, tmp_path / "losses.txt")
     assert "resumed from" in r.stderr and "step-00000002" in r.stderr
     assert losses(tmp_path / "losses.txt") == {3: want[3], 4: want[4]}
+
+
+def test_a_resumed_lora_run_and_its_eval_keep_the_base_it_was_trained_on(tmp_path, reference):
+    # lora.baseCheckpoint is a run's checkpoint folder (examples/lora.yaml): its newest step that
+    # verifies, which moves while that run commits more. A preempted LoRA run resumed its adapters
+    # (and their AdamW moments) on the newer base, and eval and export of its checkpoints took
+    # whatever was newest then: a base and adapters that never trained together, without a word.
+    _, want = reference
+    b = tmp_path / "b"
+    b.mkdir()
+    run(write_config(b, steps=2, interval=100), 1, b / "losses.txt")  # the base fixture's, bit for bit, in a folder of its own
+    cfg = _example(tmp_path / "l", b / "ckpt", 1, {})
+    run(cfg, 1, tmp_path / "l" / "losses.txt")
+    shutil.rmtree(tmp_path / "l" / "ckpt" / "step-00000004")  # as if stopped after step 2
+    (tmp_path / "l" / "ckpt" / "latest").write_text("step-00000002")
+
+    def evaluate() -> str:
+        r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(cfg)],
+                           capture_output=True, text=True, env=env(), timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+    before = evaluate()
+    run(write_config(b, steps=4, interval=100), 1, b / "more.txt")  # the base run goes on: step 4 is its newest now
+    assert evaluate() == before
+    r = run(cfg, 1, tmp_path / "l" / "again.txt")
+    assert f"LoRA base {b / 'ckpt' / 'step-00000002'}: the one the checkpoints' adapters were trained on" in r.stderr
+    assert losses(tmp_path / "l" / "again.txt") == {3: want[3], 4: want[4]}
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

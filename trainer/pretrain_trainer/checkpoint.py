@@ -267,6 +267,25 @@ def weights_source(p: Path, problem_of=weights_problem, steps: list[int] | None 
                             f"(a step-N folder with {MARKER}, or a folder of them)")
 
 
+def pinned_base(root: Path, base: str) -> str | None:
+    """The frozen base a LoRA run's checkpoint (`root`: a step folder, else its newest committed
+    step) was trained on, as resolved at the run's first start (extra.json's "base"):
+    `lora.baseCheckpoint` given as a run's checkpoint folder means its newest step that verifies,
+    which moves as that run commits (or a step fails to verify), and the adapters belong to the one
+    they were trained on. None without checkpoints, with ones from before the pin, or when the
+    spec's `base` changed since (a choice of the user's: the new one is taken)."""
+    if not (root / MARKER).exists():
+        steps = committed_steps(root)
+        if not steps:
+            return None
+        root = step_dir(root, steps[-1])
+    try:
+        pin = json.loads((root / "extra.json").read_text()).get("base") or {}
+    except (OSError, ValueError):
+        return None  # the resume's verification says what is wrong with that checkpoint
+    return pin.get("source") if pin.get("spec") == base else None
+
+
 def agreed_weights_source(path: str) -> str:
     """`weights_source` decided by every rank together, the same for all (each rank deciding for
     itself could pick another step: a commit or a pruning in between, a rank's read error).

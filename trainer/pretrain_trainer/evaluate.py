@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import committed_steps, is_hf_folder, load_weights
+from .checkpoint import committed_steps, is_hf_folder, load_weights, pinned_base, weights_source
 from .data import eval_batches
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
@@ -34,12 +34,15 @@ def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Pa
     if not checkpoint and not committed_steps(target):
         raise ConfigError(f"no committed checkpoint under {spec.checkpoint.path}")
     try:
+        verified = False
         if spec.lora and not is_hf_folder(target):
-            base = spec.lora.baseCheckpoint or spec.model.initFrom  # as the training's start (train.build)
-            if base:  # else the seed's random init, as the training had
+            target, verified = weights_source(target), True  # the step, first: its adapters' base is pinned in it
+            # As the training's start (train.build): the base it was trained on, else the seed's random init.
+            base = pinned_base(target, spec.lora.baseCheckpoint) or spec.lora.baseCheckpoint or spec.model.initFrom
+            if base:
                 load_weights(model, base)
             apply_lora(model, spec.lora, spec.training.seed)
-        d = load_weights(model, str(target))
+        d = load_weights(model, str(target), verified=verified)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load {target}: {e}")
     model.eval()

@@ -38,7 +38,7 @@ from pretrain_operator import api, cel, contract as c
 from . import moe as moe_mod
 from . import data_parallel, expert_parallel, parallel, pipeline, tensor_parallel
 from . import lora, profiling, report, validation
-from .checkpoint import Checkpointer, NoneVerifies, OtherModel, agreed_weights_source, load_weights, shapes_of
+from .checkpoint import Checkpointer, NoneVerifies, OtherModel, agreed_weights_source, load_weights, pinned_base, shapes_of
 from .data import Blend, DataError, Loader, TokenSource
 from .fence import Fence, InUse
 from .metrics import GRACE, Metrics, peak_memory_bytes
@@ -200,7 +200,7 @@ def init_sharded(part: torch.nn.Module, names: dict, seed: int, layers: int) -> 
                 mod.init_buffers()
 
 
-def build(spec: api.PretrainJobSpec, device: str, world: int):
+def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None = None):
     """The model on this rank (the whole model, or its pipeline stages), sharded; the optimizer;
     the mesh; and the pipeline schedule (None without pipeline parallelism).
 
@@ -209,7 +209,9 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
     and `init_sharded` fills them with the values the whole model's init gives (the same in every
     layout, bit for bit). With `model.initFrom` / `lora.baseCheckpoint` each rank still makes its
     parts whole on the CPU, initialises and loads them (load_weights reads into an unsharded
-    model), then shards them: that start needs the whole model (or stage) in host memory."""
+    model), then shards them: that start needs the whole model (or stage) in host memory. `pinned`:
+    the LoRA base the run's checkpoints were trained on (checkpoint.pinned_base), instead of
+    resolving lora.baseCheckpoint again; the model's `lora_base` says which was loaded, for them."""
     p = spec.parallelism
     args = ModelArgs.from_spec(spec.model)
     torch.manual_seed(spec.training.seed)
@@ -218,6 +220,9 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
     field, initial = (("lora.baseCheckpoint", spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint
                       else ("model.initFrom", spec.model.initFrom))
     meta = not initial
+    if pinned:
+        log.info("LoRA base %s: the one the checkpoints' adapters were trained on (lora.baseCheckpoint %s)", pinned, initial)
+        field, initial = f"lora.baseCheckpoint {initial}, as its checkpoints were trained on", pinned
     if initial:  # one source for every rank, checked once
         try:
             initial = agreed_weights_source(initial)
@@ -258,6 +263,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int):
             init_sharded(part, names, spec.training.seed, args.layers)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     model.expert_mesh = emesh
+    model.lora_base = {"spec": spec.lora.baseCheckpoint, "source": initial} if spec.lora and spec.lora.baseCheckpoint else None
     trainable = [q for q in model.parameters() if q.requires_grad]
     o = spec.optimizer
     # CPU: the per-parameter loop (bit-for-bit the reference runs of the tests); GPU: the fused kernel.
@@ -330,7 +336,12 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     check_layout(spec, world)
-    args, model, optim, mesh, schedule = build(spec, device, world)
+    ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
+    pinned = [pinned_base(Path(ckpt_root), spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint and rank == 0
+              else None]
+    if world > 1:
+        dist.broadcast_object_list(pinned, src=0)  # rank 0's reading, for all
+    args, model, optim, mesh, schedule = build(spec, device, world, pinned[0])
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
     source = open_data(spec, args.vocabSize)
     validator = None
@@ -341,7 +352,6 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             validator = validation.Validator(spec, source, dp_rank, dp_size, device)
     except DataError as e:
         raise ConfigError(str(e)) from e
-    ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
     ckpt = Checkpointer(ckpt_root, spec.checkpoint.keep, rank, world, spec.checkpoint.asyncSave, Fence.from_env(Path(ckpt_root)))
     problem = ckpt.storage_problem()
     if problem:
@@ -551,7 +561,8 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
             committed = ckpt.save(step, model, optim, {"step": step, "tokensSeen": tokens_seen, "data": loader.state_dict(),
                                                        "seed": spec.training.seed, "lr": lr, "loss": loss_v,
                                                        "validated": list(validated) if validated else None,
-                                                       "skipped": skipped, "skippedInRow": skipped_in_row},
+                                                       "skipped": skipped, "skippedInRow": skipped_in_row,
+                                                       "base": model.lora_base},
                                   final=preempt or step == spec.training.steps)
             if not committed:  # the fence taken since its last read (at most a second ago): exit 0 would claim this step saved
                 log.warning("%s has claimed %s since this attempt started: checkpoint of step %d not committed; exiting %d",
