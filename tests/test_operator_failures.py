@@ -606,3 +606,14 @@ def test_a_job_created_suspended_starts_its_first_attempt_when_admitted_and_that
     assert [e[1] for e in plan.events] == ["Starting"]
     conds = {cd["type"]: cd["status"] for cd in plan.status["conditions"]}
     assert conds["Suspended"] == "False"
+
+
+def test_suspend_asks_for_its_own_checkpoint_even_after_a_notices():
+    # A notice's request, served hours ago: the suspend's is a new id, which the trainer serves
+    # (it serves each id once; the notice's left in place asked for nothing new).
+    job, _, (n0, n1), nodes, now = observed_gang("paused")
+    n0["metadata"]["annotations"] = {c.ANN_CHECKPOINT_REQUEST: "notice-1-2026-12-03T01:00:00Z"}
+    plan = _decide(job, [n0, n1], nodes, now, suspend=True)
+    assert plan.annotate_pods == {"paused-a1-n0": {c.ANN_CHECKPOINT_REQUEST: "suspend-1"},
+                                  "paused-a1-n1": {c.ANN_CHECKPOINT_REQUEST: "suspend-1"}}
+    assert plan.status["phase"] == "Suspended" and sorted(plan.delete_pods) == ["paused-a1-n0", "paused-a1-n1"]

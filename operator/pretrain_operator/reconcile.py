@@ -311,8 +311,8 @@ def _decide(o: Observed) -> Plan:
                               f"suspending attempt {attempt}: checkpoint requested, pods removed")
             _phase(status, "Suspended", "JobSuspended", said, now, gen)
             plan.events.append(("Normal", "Suspended", told))
-        for p in live:
-            if c.ANN_CHECKPOINT_REQUEST not in (p["metadata"].get("annotations") or {}):
+        for p in live:  # a new request, also over a notice's (served already: the trainer serves each id once)
+            if (p["metadata"].get("annotations") or {}).get(c.ANN_CHECKPOINT_REQUEST) != f"suspend-{attempt}":
                 plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
         _record_reports(status, o.pods, spec, now)
         _remove(plan, o, o.pods)
