@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pretrain_operator import api, contract as c, reconcile, render
+from pretrain_operator import api, classify, contract as c, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
 from tests.kubeutil import pod_manifest
@@ -477,6 +477,41 @@ def test_a_finished_rank_whose_pod_was_then_deleted_is_no_preemption():
     plan = reconcile.decide(reconcile.Observed(job=job, spec=s, pods=[n0], nodes=nodes, service_exists=True,
                                                config_data=render.trainer_config(s), now=now))
     assert plan.status["restart"]["reason"] == "PodDeleted"
+    # The same past the active deadline: done in time, not DeadlineExceeded.
+    job["status"]["startTime"] = reconcile.iso(now - reconcile.dt.timedelta(hours=2))
+    s = s.model_copy(update={"activeDeadlineSeconds": 3600})
+    plan = reconcile.decide(reconcile.Observed(job=job, spec=s, pods=[n0], nodes=nodes, service_exists=True,
+                                               config_data=render.trainer_config(s), now=now, last_seen={"gcd-a1-n1": n1}))
+    assert plan.status["phase"] == "Succeeded", plan.status["message"]
+
+
+def test_a_rank_is_what_its_trainer_container_did_not_its_sidecars():
+    # A mesh's proxy (a regular container) beside the trainer: the rank is done when the trainer
+    # exited 0, whatever the proxy does after (still running, killed); a log shipper that exited 0
+    # while the trainer trains finishes nothing.
+    job, spec, (n0, n1), nodes, now = observed_gang("meshed")
+    proxy = {"name": "istio-proxy", "ready": True, "state": {"running": {}}}
+    done = {"name": "trainer", "ready": False, "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
+    n1["status"]["containerStatuses"] = [done, proxy]
+    del nodes["spot-1"]  # its node then removed: no preemption, rank 0's last save goes on
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["phase"] == "Running" and plan.status["preemptions"] == 0 and not plan.delete_pods
+    # The proxy killed since (137): the pod Failed, the rank still done.
+    n1["status"] = {"phase": "Failed", "containerStatuses": [done, {**proxy, "state": {"terminated": {"exitCode": 137}}}]}
+    job["spec"]["failurePolicy"]["failureSettleSeconds"] = 0
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["phase"] == "Running" and plan.status["failures"] == 0 and not plan.delete_pods
+    _finished(n0)
+    n0["status"]["containerStatuses"].append({**proxy, "state": {"running": {}}})
+    n0["status"]["phase"] = "Running"
+    assert _decide(job, [n0, n1], nodes, now).status["phase"] == "Succeeded"
+    # A log shipper ended first, the trainer trains on: running, not finished.
+    job, spec, (n0, n1), nodes, now = observed_gang("shipped")
+    n1["status"]["containerStatuses"] = [{"name": "log-shipper", "state": {"terminated": {"exitCode": 0}}}] + \
+        n1["status"]["containerStatuses"]
+    assert not classify.finished(n1)
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["phase"] == "Running" and plan.status.get("completionTime") is None
 
 
 def test_a_finished_gang_is_succeeded_even_if_a_node_went_or_its_deadline_passed_before_it_was_seen():

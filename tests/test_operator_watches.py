@@ -73,5 +73,19 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
         for p in (running, done, evicted):
             ctl.on_pod(p)
         assert ctl.last_seen[("ml", "j")] == {"j-a1-n1": done, "j-a1-n2": evicted}
+        # A sidecar keeps it Running after its trainer exited 0: finished all the same. Only what
+        # decide reads is kept (a finished job's pods stayed whole in memory until its deletion).
+        meshed = {"metadata": {**meta, "name": "j-a1-n3", "annotations": {"big": "x" * 10000}}, "spec": {"nodeName": "n", "containers": []},
+                  "status": {"phase": "Running", "containerStatuses": [done["status"]["containerStatuses"][0],
+                                                                       {"name": "istio-proxy", "state": {"running": {}}}]}}
+        ctl.on_pod(meshed)
+        assert ctl.last_seen[("ml", "j")]["j-a1-n3"] == {"metadata": {**meta, "name": "j-a1-n3"}, "spec": {"nodeName": "n"},
+                                                         "status": meshed["status"]}
+        # Once the job is finished (its phase written): forgotten, and no more kept.
+        from pretrain_operator import reconcile
+        ctl._observe_metrics("ml", "j", {"metadata": {}, "status": {}}, reconcile.Plan(status={"phase": "Succeeded"}))
+        assert ("ml", "j") not in ctl.last_seen
+        ctl.on_pod(done)
+        assert ("ml", "j") not in ctl.last_seen
     finally:
         ctl.pool.shutdown()

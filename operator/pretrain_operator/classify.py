@@ -58,11 +58,12 @@ def node_problem(node: dict | None, node_name: str | None, notice_taints: list[s
 
 
 def terminated(pod: dict) -> dict | None:
-    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-        t = (cs.get("state") or {}).get("terminated")
-        if t:
-            return t
-    return None
+    """How the trainer's container ended (contract.TRAINER_CONTAINER; a status without names: the
+    first that ended), or None while it has not: not another container's (a log shipper that
+    exited 0 while the trainer runs, a sidecar killed after it finished)."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    mine = [cs for cs in statuses if cs.get("name") == c.TRAINER_CONTAINER] or [cs for cs in statuses if "name" not in cs]
+    return next(((cs.get("state") or {}).get("terminated") for cs in mine if (cs.get("state") or {}).get("terminated")), None)
 
 
 def failed_init(pod: dict) -> dict | None:
@@ -99,23 +100,19 @@ def report(pod: dict | None) -> dict:
 
 
 def finished(pod: dict) -> bool:
-    """Its trainer exited 0 (the contract: the last step is checkpointed), the pod not Failed: it may
-    stay Running a while after, for a sidecar (a native one, a mesh's proxy) that still runs."""
+    """Its trainer exited 0: the contract says the last step is checkpointed. Whatever happens to
+    the pod or its node afterwards does not undo that: the pod Succeeded, or Running still for a
+    sidecar (a native one, a mesh's proxy), or Failed by such a sidecar's end, or deleted (PodGC,
+    an emptied node removed), its node lost or noticed, a DisruptionTarget."""
     t = terminated(pod)
-    return t is not None and t.get("exitCode") == 0 and (pod.get("status") or {}).get("phase") != "Failed"
-
-
-def succeeded(pod: dict) -> bool:
-    """The pod finished and is done (phase Succeeded). Whatever happens to it or its node afterwards
-    does not undo that."""
-    return (pod.get("status") or {}).get("phase") == "Succeeded" and finished(pod)
+    return t is not None and t.get("exitCode") == 0
 
 
 def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.PretrainJobSpec) -> End:
     fp = spec.failurePolicy
     if pod is None:
         return End(PREEMPTION, "PodDeleted", f"pod {name} was deleted by someone other than the operator", name)
-    if succeeded(pod):
+    if finished(pod):
         # Before the disruption checks: a rank that finished and whose node was then emptied
         # (an autoscaler, PodGC's DisruptionTarget) is done, not preempted.
         return End(SUCCESS, pod=name)
@@ -148,8 +145,6 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         said = f"pod {name} {'was evicted' if why == 'Evicted' else 'was refused by its node'} ({why}: {st.get('message') or 'no message'})"
         return End(PREEMPTION if why == "Evicted" else RETRYABLE, why, said, name)
     code = t.get("exitCode", 1) if t else 1
-    if finished(pod):
-        return End(SUCCESS, pod=name)
     if code == c.EXIT_PREEMPTED:
         return End(PREEMPTION, "CheckpointedOnNotice", f"pod {name} checkpointed and stopped (exit {code})", name)
     if prob and prob[0] == "TerminationNotice":

@@ -65,6 +65,9 @@ METRIC_CHECKPOINT_REQUESTS_SERVED = "pretrain_checkpoint_requests_served_total"
 METRIC_VALIDATION_LOSS = "pretrain_validation_loss"  # spec.validation: the held-out loss ...
 METRIC_VALIDATION_STEP = "pretrain_validation_step"  # ... of the weights after this step
 
+# The trainer's container in each pod (its exit code is the rank's; other containers, sidecars, are not).
+TRAINER_CONTAINER = "trainer"
+
 # ---- exit codes ---------------------------------------------------------------------------------
 EXIT_SUCCESS = 0
 # Stopped on a termination notice or SIGTERM after committing a checkpoint: a preemption.

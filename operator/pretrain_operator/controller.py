@@ -77,9 +77,13 @@ class Controller:
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
-        if classify.succeeded(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
-                                          for cd in (pod.get("status") or {}).get("conditions") or []):
-            self.last_seen.setdefault(key, {})[pod["metadata"]["name"]] = pod
+        if self.phases.get(key) not in reconcile.TERMINAL and (classify.finished(pod) or any(
+                cd.get("type") == "DisruptionTarget" and cd.get("status") == "True" for cd in (pod.get("status") or {}).get("conditions") or [])):
+            # What decide reads of it (a finished job's pods would be kept whole until it is deleted).
+            md = pod["metadata"]
+            self.last_seen.setdefault(key, {})[md["name"]] = {
+                "metadata": {k: md[k] for k in ("name", "namespace", "labels", "deletionTimestamp") if k in md},
+                "spec": {k: v for k, v in (pod.get("spec") or {}).items() if k == "nodeName"}, "status": pod.get("status") or {}}
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
             self.node_jobs.setdefault(node, set()).add(key)
@@ -444,6 +448,8 @@ class Controller:
     def _observe_metrics(self, ns: str, name: str, job: dict, plan: reconcile.Plan) -> None:
         st = plan.status
         self.phases[(ns, name)] = st.get("phase", "Pending")
+        if st.get("phase") in reconcile.TERMINAL:
+            self.last_seen.pop((ns, name), None)  # read by no later pass: a finished job's phase is sticky
         self._update_phase_gauge()
         metrics.observe_job(ns, name, st, reconcile.running_seconds(st, dt.datetime.now(dt.timezone.utc)))
         r = st.get("restart")

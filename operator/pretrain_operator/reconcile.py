@@ -344,7 +344,8 @@ def _decide(o: Observed) -> Plan:
     # 4b. The active deadline: failed for good (a later pass would find the same time passed). The
     #     pods are deleted gracefully, so the trainer's SIGTERM checkpoint keeps the work done.
     left = deadline_left(spec, status, o.now)
-    finished = len(current) == spec.nodes and all(classify.succeeded(p) for p in current)
+    ranks = [by_name.get(n) or o.last_seen.get(n) for n in (render.pod_name(name, attempt, r) for r in range(spec.nodes))]
+    finished = all(p is not None and classify.finished(p) for p in ranks)
     if left is not None and left <= 0 and not finished:  # a gang that exited 0 in time is seen as done below
         return _fail(plan, o, "DeadlineExceeded",
                      f"active for more than activeDeadlineSeconds ({spec.activeDeadlineSeconds} s) since {status['startTime']}; "

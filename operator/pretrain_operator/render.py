@@ -169,7 +169,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
-            "name": "trainer",
+            "name": c.TRAINER_CONTAINER,
             "image": spec.image,
             "command": list(spec.template.command) or default_command(),
             "env": env,
