@@ -264,7 +264,11 @@ def test_the_api_reference_is_generated_from_the_models():
 def test_the_env_names_the_crd_keeps_for_the_operator_are_exactly_those_it_sets():
     job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}}
     pod = render.pod(job, ptapi.PretrainJobSpec.model_validate(BASE), attempt=1, rank=0)
-    assert sorted(e["name"] for e in pod["spec"]["containers"][0]["env"]) == sorted(ptapi.OPERATOR_ENV)
+    assert sorted(e["name"] for e in pod["spec"]["containers"][0]["env"]) == sorted(ptapi.OPERATOR_ENV + ptapi.OPERATOR_ENV_DEFAULTS)
+    # Those it sets unless the template does: the template's, once (a job from before the operator set them too).
+    mine = {"name": "PET_RDZV_CONF", "value": "join_timeout=3600,last_call_timeout=60"}
+    pod = render.pod(job, ptapi.PretrainJobSpec.model_validate(_with("template.env", [mine])), attempt=1, rank=0)
+    assert [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "PET_RDZV_CONF"] == [mine]
 
 
 def test_an_init_container_gets_the_trainers_security_context_where_it_sets_none_and_may_ask_for_root():

@@ -21,7 +21,6 @@ from tests.trainer_util import cmd, env, free_port, losses, run, wait_for_step, 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
 LAYOUT = dict(nproc=4, data=2, tensor=2, steps=4, global_batch=8)
-LAYOUT_SPEC = {"nodes": 2, "parallelism": {"data": 2}, "model": {"preset": "tiny"}, "data": {"globalBatchSize": 8}}
 
 
 def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
@@ -146,20 +145,66 @@ def test_the_launchers_code_when_signalled_follows_its_ranks():
 
 
 
-def test_a_node_waits_for_rank_0s_rendezvous_as_long_as_the_operator_waits_for_the_gang(monkeypatch):
+def test_a_node_waits_for_rank_0s_rendezvous_store_until_its_join_timeout(tmp_path):
     # Rank 0's pod still pending (no room yet) or pulling its image while another node's launcher
-    # runs: with torch's defaults that node gave up on rank 0's rendezvous store (60 s per try, one
-    # retry: it exited 1 after 105-170 s here) and a failure was spent on a slow start, which the
-    # operator's start timeout (and an elastic shrink) was there to judge. torchrun, given the
-    # pods' environment as the operator renders it, waits the start timeout and a minute more.
-    import torch.distributed.run as torchrun
+    # runs: torch gives up on rank 0's rendezvous store after 60 s and a retry (105-170 s here) and
+    # the node exited 1, a failure spent on a slow start, which the operator's start timeout (and an
+    # elastic shrink) was there to judge. The launcher tries again until the join timeout, which the
+    # operator sets from the start timeout (at least torch's 600 s). The store's timeout is cut to
+    # 5 s here (torch's 60 s in pods) to see the retry in seconds; the rest is the pods' environment.
+    import yaml
 
     from pretrain_operator import api, render
-    spec = api.PretrainJobSpec.model_validate({**LAYOUT_SPEC, "scheduling": {"startTimeoutSeconds": 1800}})
+    d = tmp_path / "run"
+    d.mkdir()
+    config = write_config(d, nproc=1, data=2, steps=2, interval=100, extra={"nodes": 2})
+    spec = api.PretrainJobSpec.model_validate({**yaml.safe_load(config.read_text()), "scheduling": {"startTimeoutSeconds": 1800}})
     job = {"metadata": {"name": "late", "namespace": "ns", "uid": "u1"}, "spec": spec.model_dump()}
-    for e in render.pod(job, spec, 1, 1)["spec"]["containers"][0]["env"]:
-        if e["name"].startswith("PET_"):
-            monkeypatch.setenv(e["name"], e["value"])
-    config, _, _ = torchrun.config_from_args(torchrun.get_args_parser().parse_args(["-m", "pretrain_trainer", "train"]))
-    assert config.rdzv_backend == "c10d" and config.rdzv_endpoint == f"late-n0.late:{contract.RDZV_PORT}"
-    assert config.rdzv_configs["read_timeout"] == config.rdzv_configs["join_timeout"] == "1860"
+    port = free_port()
+
+    def node(rank: int) -> subprocess.Popen:
+        pod_env = {e["name"]: e["value"] for e in render.pod(job, spec, 1, rank)["spec"]["containers"][0]["env"]
+                   if e["name"].startswith("PET_")}
+        assert pod_env["PET_RDZV_CONF"] == "join_timeout=1860"
+        pod_env["PET_RDZV_ENDPOINT"] = f"127.0.0.1:{port}"  # rank 0's name through the Service, in a pod
+        # On one machine every node would host the store; in pods only rank 0's name is its own.
+        pod_env["PET_RDZV_CONF"] += ",read_timeout=5" + (",is_host=false" if rank else "")
+        e = {**env(), **pod_env}
+        e.pop("OMP_NUM_THREADS")
+        with open(d / f"stderr-{rank}.txt", "w") as err:
+            return subprocess.Popen(cmd(config, 1, d / "losses.txt", launch=True), stderr=err, text=True, env=e,
+                                    start_new_session=True)
+
+    nodes = [node(1)]
+    try:
+        wait_for(lambda: "launcher: rank 0's rendezvous store" in (d / "stderr-1.txt").read_text() or nodes[0].poll() is not None,
+                 timeout=120, what="node 1's first try to fail")
+        assert nodes[0].poll() is None, (d / "stderr-1.txt").read_text()[-3000:]
+        assert f"launcher: rank 0's rendezvous store 127.0.0.1:{port} not reachable" in (d / "stderr-1.txt").read_text()
+        nodes.append(node(0))
+        codes = [p.wait(240) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(30)
+    assert codes == [0, 0], [(d / f"stderr-{r}.txt").read_text()[-2000:] for r in (1, 0)]
+    assert sorted(losses(d / "losses.txt")) == [1, 2]
+
+
+def test_the_launcher_gives_up_on_rank_0s_store_at_the_join_timeout(tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    config = write_config(d, nproc=1, data=2, steps=2, interval=100, extra={"nodes": 2})
+    e = {**env(), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ID": "x",
+         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": "join_timeout=12,read_timeout=3,is_host=false"}
+    e.pop("OMP_NUM_THREADS")
+    r = subprocess.run(cmd(config, 1, d / "losses.txt", launch=True), env=e, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 1 and "RendezvousConnectionError" in r.stderr, r.stderr[-3000:]
+    assert "launcher: rank 0's rendezvous store" in r.stderr  # tried again before giving up
+
+
+def test_the_join_timeout_comes_from_torchruns_rdzv_conf():
+    from pretrain_trainer.launch import join_timeout
+    assert join_timeout("join_timeout=1860") == 1860 and join_timeout("read_timeout=5,join_timeout=700,is_host=false") == 700
+    assert join_timeout("") == join_timeout("read_timeout=5") == 600

@@ -293,11 +293,13 @@ DNS_SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*
 OPERATOR_KEY_PREFIX = "pretrain.dev/"
 KUEUE_KEYS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/pod-group-name", "kueue.x-k8s.io/pod-group-total-count")
 # Environment variables the operator sets in every trainer container (render.pod): torchrun's and
-# the contract's. template.env may not set them again (the pod would carry two values).
-OPERATOR_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT", "PET_RDZV_CONF",
+# the contract's. template.env may not set them again (the pod would carry two values). Those it
+# sets unless template.env does (OPERATOR_ENV_DEFAULTS) are the user's to override.
+OPERATOR_ENV = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_RDZV_BACKEND", "PET_RDZV_ENDPOINT",
                 "PET_RDZV_ID", "PET_MAX_RESTARTS", "PET_SHUTDOWN_TIMEOUT", c.ENV_CONFIG, c.ENV_ATTEMPT,
                 c.ENV_JOB_NAME, c.ENV_JOB_UID, c.ENV_CHECKPOINT_DIR, c.ENV_METRICS_PORT, c.ENV_PODINFO,
                 c.ENV_TERMINATION_MESSAGE, "PYTHONUNBUFFERED")
+OPERATOR_ENV_DEFAULTS = ("PET_RDZV_CONF",)
 
 
 def _exactly_one(*fields: str) -> str:
@@ -342,7 +344,7 @@ class EnvVar(Model):
         ("!has(self.valueFrom) || self.value == ''", "template.env[] takes value or valueFrom, not both", ".valueFrom"),
         (f"!(self.name in {list(OPERATOR_ENV)})",
          "template.env[].name must not be one the operator sets itself (torchrun's PET_NNODES, PET_NODE_RANK, "
-         "PET_RDZV_*, PET_MAX_RESTARTS, PET_SHUTDOWN_TIMEOUT, PET_NPROC_PER_NODE, the contract's PRETRAIN_* "
+         "PET_RDZV_BACKEND, PET_RDZV_ENDPOINT, PET_RDZV_ID, PET_MAX_RESTARTS, PET_SHUTDOWN_TIMEOUT, PET_NPROC_PER_NODE, the contract's PRETRAIN_* "
          "variables and PYTHONUNBUFFERED): they follow the spec", ".name"),
     ))
 

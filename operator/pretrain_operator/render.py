@@ -88,7 +88,7 @@ def default_command() -> list[str]:
 
 
 def rdzv_timeout(spec: api.PretrainJobSpec) -> int:
-    return spec.scheduling.startTimeoutSeconds + 60
+    return max(600, spec.scheduling.startTimeoutSeconds + 60)
 
 
 def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
@@ -103,11 +103,6 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": "PET_RDZV_ENDPOINT", "value": f"{hostname(name, 0)}.{name}:{c.RDZV_PORT}"},
         {"name": "PET_RDZV_ID", "value": f"{uid}-a{attempt}"},
         {"name": "PET_MAX_RESTARTS", "value": "0"},
-        # The rendezvous waits for rank 0 (the store's host) and for every node as long as the
-        # operator waits for the gang, and a minute more: the operator's start timeout decides a
-        # slow start, not torch's defaults (60 s to reach the store, 600 s to join), after which a
-        # node whose rank 0 was still pending or pulling its image exited 1, a failure spent.
-        {"name": "PET_RDZV_CONF", "value": f"join_timeout={rdzv_timeout(spec)},read_timeout={rdzv_timeout(spec)}"},
         # On the pod's SIGTERM torchrun's agent waits this long for the ranks' save (its default,
         # 30 s, killed saves that the grace period left time for); the kubelet's SIGKILL ends it anyway.
         {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(spec.template.terminationGracePeriodSeconds)},
@@ -120,7 +115,14 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": c.ENV_PODINFO, "value": c.PODINFO_DIR},
         {"name": c.ENV_TERMINATION_MESSAGE, "value": c.TERMINATION_MESSAGE_PATH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ] + [e.model_dump(exclude_none=True, exclude={"value"} if e.valueFrom else set()) for e in spec.template.env]
+    ] + ([] if any(e.name == "PET_RDZV_CONF" for e in spec.template.env) else [
+        # A node waits for rank 0 (the rendezvous store's host: the launcher tries again until this)
+        # and for every node as long as the operator waits for the gang, and a minute more, at least
+        # torch's 600 s: the operator's start timeout decides a slow start, not torch (a node whose
+        # rank 0 was still pending or pulling its image exited 1 after 60 s and a retry, a failure
+        # spent). template.env may set its own (other rendezvous options; a job from before this).
+        {"name": "PET_RDZV_CONF", "value": f"join_timeout={rdzv_timeout(spec)}"},
+    ]) + [e.model_dump(exclude_none=True, exclude={"value"} if e.valueFrom else set()) for e in spec.template.env]
     ckpt_volume = ({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
                    if spec.checkpoint.claimName else {"name": CHECKPOINT_VOLUME, "emptyDir": {}})
     volumes = [

@@ -18,6 +18,11 @@ rank, with three differences:
   step checkpointed) before the agent noticed make it 0, at once (they were killed after the
   shutdown timeout, and it exited 143). Ranks that were killed make it 128 + the signal's number,
   as a shell would.
+- Until its node has joined the rendezvous it keeps trying to reach rank 0's rendezvous store,
+  for the rendezvous' `join_timeout` (`PET_RDZV_CONF`; the operator sets the gang's start timeout
+  and a minute more, at least torch's 600 s) from its own start: rank 0's pod may still be pending,
+  or pulling its image, and torch gives up on the store after 60 s and a retry (exit 1, a failure
+  spent on a slow start the operator's start timeout was there to judge).
 - The ranks start with the default action for SIGTERM, SIGINT, SIGHUP and SIGQUIT (the process
   ends) until the trainer answers SIGTERM itself: forked ranks inherited the agent's handler, which
   raised an exception in the middle of whatever the rank was doing (a checkpoint's load took it
@@ -31,6 +36,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 
 from pretrain_operator import contract as c
 
@@ -55,6 +61,15 @@ def signalled_code(codes: set[int], sig: int) -> int:
     if codes == {0}:
         return 0
     return contract_code(codes) or 128 + sig
+
+
+def join_timeout(rdzv_conf: str) -> float:
+    """The rendezvous' join_timeout from torchrun's --rdzv-conf (key=value,...), else torch's 600 s."""
+    for item in (rdzv_conf or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "join_timeout" and value.strip().isdigit():
+            return float(value)
+    return 600.0
 
 
 def release_finished_ranks(context) -> None:
@@ -89,6 +104,9 @@ def launch(args: list[str]) -> int:
     import torch.distributed.run as torchrun
     from torch.distributed.elastic.multiprocessing import api as mp_api
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousConnectionError
+
+    started = time.monotonic()
 
     # torchrun's options go before the trainer's subcommand; a --start-method among them wins over fork.
     at = next((i for i, a in enumerate(args) if a in SUBCOMMANDS), len(args))
@@ -125,7 +143,19 @@ def launch(args: list[str]) -> int:
     torchrun.config_from_args = function_entrypoint
     mp_api.MultiprocessContext._close = recording_close
     try:
-        torchrun.run(parsed)
+        while True:
+            try:
+                torchrun.run(parsed)
+                break
+            except RendezvousConnectionError as e:
+                # Rank 0's store not up yet (its pod pending, its image pulling): again, until the
+                # join timeout, unless this node's ranks ran (the store went away under a gang).
+                left = join_timeout(parsed.rdzv_conf) - (time.monotonic() - started)
+                if closed or left <= 0:
+                    raise
+                print(f"launcher: rank 0's rendezvous store {parsed.rdzv_endpoint} not reachable ({e.__cause__ or e}); "
+                      f"trying again for {left:.0f} s", file=sys.stderr, flush=True)
+                time.sleep(min(5.0, left))
     except ChildFailedError as e:
         # The ranks that failed first agree on a contract code; the agent kills the rest (a signal,
         # a negative code). Any other code (a crash) is a failure, whatever the others said.
