@@ -537,6 +537,16 @@ def test_a_sigterm_during_the_last_step_saves_it_and_exits_0(tmp_path):
     r = subprocess.run(cmd(write_config(tmp_path, steps=6, interval=100), 1, tmp_path / "again.txt"),
                        env=injected(tmp_path, SIGTERM_BEFORE_THE_FIRST_STEP), capture_output=True, text=True, timeout=120)
     assert r.returncode == c.EXIT_PREEMPTED and "stop requested (SIGTERM) before step 5" in r.stderr, r.stderr[-3000:]
+    # With a validation due at the last step, which a SIGTERM drops (the save first): 83, and the
+    # next attempt validates that step before anything else (trainer.md), then exits 0.
+    v = tmp_path / "validated"
+    v.mkdir()
+    cfg = write_config(v, steps=4, interval=100, extra={"validation": {"everySteps": 100, "batches": 1}})
+    r = subprocess.run(cmd(cfg, 1, v / "losses.txt"), env=injected(v, SIGTERM_AT_LAST_STEP), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == c.EXIT_PREEMPTED and "checkpoint of step 4 saved; exiting 83" in r.stderr, r.stderr[-3000:]
+    r = run(cfg, 1, v / "again.txt")
+    assert "step 4 validation loss" in r.stderr, r.stderr[-3000:]
 
 
 def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path):

@@ -138,3 +138,28 @@ def test_lora_dropout_under_activation_checkpointing_gives_the_gradients_of_its_
     assert want.keys() == got.keys() and want
     for n in want:
         assert torch.allclose(want[n], got[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_the_pin_is_read_from_the_newest_checkpoint_that_has_one_and_follows_the_specs_base(tmp_path):
+    # The newest step's extra.json unreadable (its verification will skip it): an older step pins
+    # alike (it re-resolved the base, and pinned the wrong one from then on). A base given by
+    # model.initFrom is a LoRA run's base too.
+    import json
+
+    from pretrain_operator import api
+    from pretrain_trainer.checkpoint import MARKER, pinned_base, step_dir
+    from pretrain_trainer.train import lora_base_spec
+    for s in (2, 4):
+        step_dir(tmp_path, s).mkdir()
+        (step_dir(tmp_path, s) / MARKER).write_text("{}")
+    (step_dir(tmp_path, 2) / "extra.json").write_text(json.dumps({"base": {"spec": "/b", "source": "/b/step-00000002"}}))
+    (step_dir(tmp_path, 4) / "extra.json").write_text('{"step": 4, "ba')  # half-written
+    assert pinned_base(tmp_path, "/b") == pinned_base(step_dir(tmp_path, 2), "/b") == "/b/step-00000002"
+    assert pinned_base(tmp_path, "/elsewhere") is None  # the spec's base changed: the user's choice
+    assert pinned_base(step_dir(tmp_path, 4), "/b") is None
+    lora = {"rank": 4, "targetModules": ["wq"]}
+    base = {"model": {"preset": "tiny"}, "lora": lora}
+    assert lora_base_spec(api.PretrainJobSpec.model_validate({**base, "model": {"preset": "tiny", "initFrom": "/hf"}})) == "/hf"
+    assert lora_base_spec(api.PretrainJobSpec.model_validate({**base, "lora": {**lora, "baseCheckpoint": "/b"}})) == "/b"
+    assert lora_base_spec(api.PretrainJobSpec.model_validate(base)) is None
+    assert lora_base_spec(api.PretrainJobSpec.model_validate({"model": {"preset": "tiny", "initFrom": "/hf"}})) is None

@@ -269,21 +269,19 @@ def weights_source(p: Path, problem_of=weights_problem, steps: list[int] | None 
 
 def pinned_base(root: Path, base: str) -> str | None:
     """The frozen base a LoRA run's checkpoint (`root`: a step folder, else its newest committed
-    step) was trained on, as resolved at the run's first start (extra.json's "base"):
+    step whose extra.json reads) was trained on, as resolved at the run's first start (extra.json's "base"):
     `lora.baseCheckpoint` given as a run's checkpoint folder means its newest step that verifies,
     which moves as that run commits (or a step fails to verify), and the adapters belong to the one
     they were trained on. None without checkpoints, with ones from before the pin, or when the
-    spec's `base` changed since (a choice of the user's: the new one is taken)."""
-    if not (root / MARKER).exists():
-        steps = committed_steps(root)
-        if not steps:
-            return None
-        root = step_dir(root, steps[-1])
-    try:
-        pin = json.loads((root / "extra.json").read_text()).get("base") or {}
-    except (OSError, ValueError):
-        return None  # the resume's verification says what is wrong with that checkpoint
-    return pin.get("source") if pin.get("spec") == base else None
+    spec's `base` (lora.baseCheckpoint, else model.initFrom) changed since (a choice of the user's:
+    the new one is taken)."""
+    for d in [root] if (root / MARKER).exists() else [step_dir(root, s) for s in committed_steps(root)[::-1]]:
+        try:
+            pin = json.loads((d / "extra.json").read_text()).get("base") or {}
+        except (OSError, ValueError):
+            continue  # the resume's verification says what is wrong with that one; an older one pins alike
+        return pin.get("source") if pin.get("spec") == base else None
+    return None
 
 
 def agreed_weights_source(path: str) -> str:

@@ -19,7 +19,7 @@ from .checkpoint import committed_steps, is_hf_folder, load_weights, pinned_base
 from .data import eval_batches
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
-from .train import ConfigError, load_spec, open_data, setup_distributed
+from .train import ConfigError, load_spec, lora_base_spec, open_data, setup_distributed
 from .validation import windows
 
 
@@ -38,7 +38,7 @@ def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Pa
         if spec.lora and not is_hf_folder(target):
             target, verified = weights_source(target), True  # the step, first: its adapters' base is pinned in it
             # As the training's start (train.build): the base it was trained on, else the seed's random init.
-            base = pinned_base(target, spec.lora.baseCheckpoint) or spec.lora.baseCheckpoint or spec.model.initFrom
+            base = pinned_base(target, lora_base_spec(spec)) or lora_base_spec(spec)
             if base:
                 load_weights(model, base)
             apply_lora(model, spec.lora, spec.training.seed)

@@ -200,6 +200,12 @@ def init_sharded(part: torch.nn.Module, names: dict, seed: int, layers: int) -> 
                 mod.init_buffers()
 
 
+def lora_base_spec(spec: api.PretrainJobSpec) -> str | None:
+    """Where a LoRA run's frozen base comes from, as the spec says (lora.baseCheckpoint, else
+    model.initFrom), or None: not LoRA, or on the seed's random init."""
+    return (spec.lora.baseCheckpoint or spec.model.initFrom or None) if spec.lora else None
+
+
 def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None = None):
     """The model on this rank (the whole model, or its pipeline stages), sharded; the optimizer;
     the mesh; and the pipeline schedule (None without pipeline parallelism).
@@ -221,8 +227,8 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
                       else ("model.initFrom", spec.model.initFrom))
     meta = not initial
     if pinned:
-        log.info("LoRA base %s: the one the checkpoints' adapters were trained on (lora.baseCheckpoint %s)", pinned, initial)
-        field, initial = f"lora.baseCheckpoint {initial}, as its checkpoints were trained on", pinned
+        log.info("LoRA base %s: the one the checkpoints' adapters were trained on (%s %s)", pinned, field, initial)
+        field, initial = f"{field} {initial}, as its checkpoints were trained on", pinned
     if initial:  # one source for every rank, checked once
         try:
             initial = agreed_weights_source(initial)
@@ -263,7 +269,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
             init_sharded(part, names, spec.training.seed, args.layers)
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     model.expert_mesh = emesh
-    model.lora_base = {"spec": spec.lora.baseCheckpoint, "source": initial} if spec.lora and spec.lora.baseCheckpoint else None
+    model.lora_base = {"spec": lora_base_spec(spec), "source": initial} if lora_base_spec(spec) else None
     trainable = [q for q in model.parameters() if q.requires_grad]
     o = spec.optimizer
     # CPU: the per-parameter loop (bit-for-bit the reference runs of the tests); GPU: the fused kernel.
@@ -337,8 +343,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     check_layout(spec, world)
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
-    pinned = [pinned_base(Path(ckpt_root), spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint and rank == 0
-              else None]
+    pinned = [pinned_base(Path(ckpt_root), lora_base_spec(spec)) if lora_base_spec(spec) and rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(pinned, src=0)  # rank 0's reading, for all
     args, model, optim, mesh, schedule = build(spec, device, world, pinned[0])
