@@ -504,14 +504,25 @@ def test_a_rank_is_what_its_trainer_container_did_not_its_sidecars():
     _finished(n0)
     n0["status"]["containerStatuses"].append({**proxy, "state": {"running": {}}})
     n0["status"]["phase"] = "Running"
-    assert _decide(job, [n0, n1], nodes, now).status["phase"] == "Succeeded"
-    # A log shipper ended first, the trainer trains on: running, not finished.
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["phase"] == "Succeeded"
+    # Its proxy holds rank 0's pod (and its accelerators): removed once the job is done.
+    job["status"] = plan.status
+    assert _decide(job, [n0, n1], nodes, now).delete_pods == ["meshed-a1-n0"]
+    # A log shipper ended first, the trainer trains on, hours into the attempt: running, not
+    # finished, and no slow start (the attempt's start timeout had long passed).
     job, spec, (n0, n1), nodes, now = observed_gang("shipped")
+    job["status"]["attemptStartTime"] = reconcile.iso(now - reconcile.dt.timedelta(hours=3))
     n1["status"]["containerStatuses"] = [{"name": "log-shipper", "state": {"terminated": {"exitCode": 0}}}] + \
         n1["status"]["containerStatuses"]
     assert not classify.finished(n1)
     plan = _decide(job, [n0, n1], nodes, now)
-    assert plan.status["phase"] == "Running" and plan.status.get("completionTime") is None
+    assert plan.status["phase"] == "Running" and plan.status.get("completionTime") is None and plan.status["attempt"] == 1
+    assert plan.status["readyNodes"] == "2/2"
+    # Any other pod not up in a gang that was all up: no start timeout either (its end is classified).
+    n1["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": "Unknown"}}}]
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["phase"] == "Running" and plan.status["attempt"] == 1
 
 
 def test_a_finished_gang_is_succeeded_even_if_a_node_went_or_its_deadline_passed_before_it_was_seen():

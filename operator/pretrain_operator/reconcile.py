@@ -266,6 +266,8 @@ def _decide(o: Observed) -> Plan:
     if status["phase"] in TERMINAL:
         if status["phase"] == "Failed":
             _remove(plan, o, o.pods)
+        else:  # pods whose trainer finished but a sidecar runs on (a mesh's proxy) would hold their room
+            _remove(plan, o, [p for p in o.pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")])
         status["readyNodes"] = f"0/{spec.nodes}"
         if spec.ttlSecondsAfterFinished is not None and status.get("completionTime"):
             due = parse(status["completionTime"]) + dt.timedelta(seconds=spec.ttlSecondsAfterFinished)
@@ -506,6 +508,10 @@ def _decide(o: Observed) -> Plan:
             status["message"] = f"attempt {attempt}: {len(running)}/{spec.nodes} node(s) running; {words}"
             if not (said.startswith(f"attempt {attempt}: ") and f"; {cause}" in said):
                 plan.events.append(("Warning", "PodsNotStarting", status["message"]))
+        if status["phase"] == "Running":
+            # All up once in this attempt, a pod not up since (classified above if it ended): no
+            # slow start, timed from the start of an attempt of hours (a sidecar's end did it).
+            return plan
         if waited >= spec.scheduling.startTimeoutSeconds:
             return _start_timeout(plan, o, current, f"only {len(running)}/{spec.nodes} node(s) running after "
                                                     f"{spec.scheduling.startTimeoutSeconds} s")
@@ -757,9 +763,13 @@ def not_starting(pods: list[dict]) -> tuple[str, str] | None:
 
 
 def _running(p: dict) -> bool:
+    """The pod runs its trainer (its other containers, sidecars, are theirs: a log shipper that
+    ended does not stop the rank; a status without names: every container)."""
     st = p.get("status") or {}
+    statuses = st.get("containerStatuses") or [{}]
+    mine = [cs for cs in statuses if cs.get("name") == c.TRAINER_CONTAINER] or statuses
     return st.get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") and all(
-        "running" in (cs.get("state") or {}) for cs in st.get("containerStatuses") or [{}])
+        "running" in (cs.get("state") or {}) for cs in mine)
 
 
 def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:
