@@ -136,7 +136,7 @@ def test_the_gang_is_wired_for_torchrun_and_locked_down(jobs, core, namespace):
         assert env["PET_RDZV_ID"] == f"{job['metadata']['uid']}-a1"
         # The rendezvous waits for rank 0 as long as the operator waits for the gang (a minute more).
         wait = max(600, api.PretrainJobSpec.model_validate(job["spec"]).scheduling.startTimeoutSeconds + 60)
-        assert env["PET_RDZV_CONF"] == f"join_timeout={wait}"
+        assert env["PET_RDZV_CONF"] == f"join_timeout={wait},read_timeout={wait}"
         # torchrun's agent waits for the ranks' save on SIGTERM as long as the pod's grace period (not its 30 s).
         assert env["PET_SHUTDOWN_TIMEOUT"] == str(p.spec.termination_grace_period_seconds) == "5"
         assert env[c.ENV_JOB_UID] == job["metadata"]["uid"] and env[c.ENV_ATTEMPT] == "1"  # the checkpoint fence's owner

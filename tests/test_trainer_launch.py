@@ -165,10 +165,10 @@ def test_a_node_waits_for_rank_0s_rendezvous_store_until_its_join_timeout(tmp_pa
     def node(rank: int) -> subprocess.Popen:
         pod_env = {e["name"]: e["value"] for e in render.pod(job, spec, 1, rank)["spec"]["containers"][0]["env"]
                    if e["name"].startswith("PET_")}
-        assert pod_env["PET_RDZV_CONF"] == "join_timeout=1860"
+        assert pod_env["PET_RDZV_CONF"] == "join_timeout=1860,read_timeout=1860"
         pod_env["PET_RDZV_ENDPOINT"] = f"127.0.0.1:{port}"  # rank 0's name through the Service, in a pod
         # On one machine every node would host the store; in pods only rank 0's name is its own.
-        pod_env["PET_RDZV_CONF"] += ",read_timeout=5" + (",is_host=false" if rank else "")
+        pod_env["PET_RDZV_CONF"] = "join_timeout=1860,read_timeout=5" + (",is_host=false" if rank else "")
         e = {**env(), **pod_env}
         e.pop("OMP_NUM_THREADS")
         with open(d / f"stderr-{rank}.txt", "w") as err:
@@ -204,7 +204,36 @@ def test_the_launcher_gives_up_on_rank_0s_store_at_the_join_timeout(tmp_path):
     assert "launcher: rank 0's rendezvous store" in r.stderr  # tried again before giving up
 
 
-def test_the_join_timeout_comes_from_torchruns_rdzv_conf():
-    from pretrain_trainer.launch import join_timeout
+def test_the_join_timeout_comes_from_torchruns_rdzv_conf_and_the_launcher_tries_in_steps():
+    from pretrain_trainer.launch import join_timeout, store_tries
     assert join_timeout("join_timeout=1860") == 1860 and join_timeout("read_timeout=5,join_timeout=700,is_host=false") == 700
     assert join_timeout("") == join_timeout("read_timeout=5") == 600
+    # The operator's read_timeout (for plain torchrun) is torch's 60 s per try in the launcher: it also
+    # bounds every later store call of the agent (a rank 0 lost under a running gang).
+    assert store_tries("join_timeout=1860,read_timeout=1860") == "read_timeout=60,join_timeout=1860"
+    assert store_tries("join_timeout=1860,read_timeout=5,is_host=false") == "join_timeout=1860,read_timeout=5,is_host=false"
+    assert store_tries("") == ""
+
+
+def test_a_sigterm_while_the_launcher_waits_for_rank_0s_store_ends_it_at_once(tmp_path):
+    # A pod's first process answers no signal it has no handler for: the launcher waiting for rank
+    # 0's store (torch's agent answers signals only once its ranks start) sat out its grace period.
+    d = tmp_path / "run"
+    d.mkdir()
+    config = write_config(d, nproc=1, data=2, steps=2, interval=100, extra={"nodes": 2})
+    e = {**env(), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ID": "x",
+         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": "join_timeout=600,read_timeout=2,is_host=false"}
+    e.pop("OMP_NUM_THREADS")
+    with open(d / "stderr.txt", "w") as err:
+        p = subprocess.Popen(cmd(config, 1, d / "losses.txt", launch=True), stderr=err, text=True, env=e, start_new_session=True)
+    try:
+        wait_for(lambda: "launcher: rank 0's rendezvous store" in (d / "stderr.txt").read_text() or p.poll() is not None,
+                 timeout=120, what="the launcher's first try to fail")
+        p.send_signal(signal.SIGTERM)
+        code = p.wait(30)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(30)
+    log = (d / "stderr.txt").read_text()
+    assert code == 143 and "launcher: SIGTERM; the ranks exited []: exiting 143" in log, log[-3000:]

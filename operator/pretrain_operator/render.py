@@ -116,12 +116,13 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         {"name": c.ENV_TERMINATION_MESSAGE, "value": c.TERMINATION_MESSAGE_PATH},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ] + ([] if any(e.name == "PET_RDZV_CONF" for e in spec.template.env) else [
-        # A node waits for rank 0 (the rendezvous store's host: the launcher tries again until this)
-        # and for every node as long as the operator waits for the gang, and a minute more, at least
-        # torch's 600 s: the operator's start timeout decides a slow start, not torch (a node whose
-        # rank 0 was still pending or pulling its image exited 1 after 60 s and a retry, a failure
-        # spent). template.env may set its own (other rendezvous options; a job from before this).
-        {"name": "PET_RDZV_CONF", "value": f"join_timeout={rdzv_timeout(spec)}"},
+        # A node waits for rank 0 (the rendezvous store's host) and for every node as long as the
+        # operator waits for the gang, and a minute more, at least torch's 600 s: the operator's
+        # start timeout decides a slow start, not torch (a node whose rank 0 was still pending or
+        # pulling its image exited 1 after 60 s and a retry, a failure spent). read_timeout for
+        # plain torchrun (a custom command); the trainer's launcher tries in steps of 60 s instead.
+        # template.env may set its own (other rendezvous options; a job from before this).
+        {"name": "PET_RDZV_CONF", "value": f"join_timeout={rdzv_timeout(spec)},read_timeout={rdzv_timeout(spec)}"},
     ]) + [e.model_dump(exclude_none=True, exclude={"value"} if e.valueFrom else set()) for e in spec.template.env]
     ckpt_volume = ({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": {"claimName": spec.checkpoint.claimName}}
                    if spec.checkpoint.claimName else {"name": CHECKPOINT_VOLUME, "emptyDir": {}})

@@ -18,11 +18,15 @@ rank, with three differences:
   step checkpointed) before the agent noticed make it 0, at once (they were killed after the
   shutdown timeout, and it exited 143). Ranks that were killed make it 128 + the signal's number,
   as a shell would.
-- Until its node has joined the rendezvous it keeps trying to reach rank 0's rendezvous store,
-  for the rendezvous' `join_timeout` (`PET_RDZV_CONF`; the operator sets the gang's start timeout
-  and a minute more, at least torch's 600 s) from its own start: rank 0's pod may still be pending,
-  or pulling its image, and torch gives up on the store after 60 s and a retry (exit 1, a failure
-  spent on a slow start the operator's start timeout was there to judge).
+- Until it reaches rank 0's rendezvous store it keeps trying, for the rendezvous' `join_timeout`
+  (`PET_RDZV_CONF`; the operator sets the gang's start timeout and a minute more, at least torch's
+  600 s) from its own start: rank 0's pod may still be pending, or pulling its image, and torch
+  gives up on the store after its `read_timeout` (exit 1, a failure spent on a slow start the
+  operator's start timeout was there to judge). The operator sets `read_timeout` as long, for
+  plain torchrun; the launcher tries in 60 s steps instead (torch's default: the store's timeout
+  also bounds every later store call of the agent, on a rank 0 lost under a running gang too), and
+  a SIGTERM meanwhile ends it at once (143), as a pod's first process that answers no signal would
+  not end before its grace period.
 - The ranks start with the default action for SIGTERM, SIGINT, SIGHUP and SIGQUIT (the process
   ends) until the trainer answers SIGTERM itself: forked ranks inherited the agent's handler, which
   raised an exception in the middle of whatever the rank was doing (a checkpoint's load took it
@@ -37,6 +41,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 
 from pretrain_operator import contract as c
 
@@ -63,13 +68,31 @@ def signalled_code(codes: set[int], sig: int) -> int:
     return contract_code(codes) or 128 + sig
 
 
-def join_timeout(rdzv_conf: str) -> float:
-    """The rendezvous' join_timeout from torchrun's --rdzv-conf (key=value,...), else torch's 600 s."""
+def rdzv_option(rdzv_conf: str, key: str, default: float) -> float:
+    """A number of torchrun's --rdzv-conf (key=value,...), else `default` (torch's)."""
     for item in (rdzv_conf or "").split(","):
-        key, _, value = item.partition("=")
-        if key.strip() == "join_timeout" and value.strip().isdigit():
+        k, _, value = item.partition("=")
+        if k.strip() == key and value.strip().isdigit():
             return float(value)
-    return 600.0
+    return default
+
+
+def join_timeout(rdzv_conf: str) -> float:
+    return rdzv_option(rdzv_conf, "join_timeout", 600.0)
+
+
+def store_tries(rdzv_conf: str) -> str:
+    """The conf the launcher's tries use: a read_timeout as long as the join timeout (set so that
+    plain torchrun waits for rank 0's store) is torch's 60 s, the launcher trying again instead."""
+    if rdzv_option(rdzv_conf, "read_timeout", 60.0) < join_timeout(rdzv_conf):
+        return rdzv_conf
+    return ",".join(["read_timeout=60"] + [x for x in rdzv_conf.split(",") if x.partition("=")[0].strip() != "read_timeout"])
+
+
+def store_unreachable(e: BaseException) -> bool:
+    """The rendezvous failed to reach rank 0's store at all (torch's _create_tcp_store), not in a
+    later call of the rendezvous (then it has marked itself closed in the store: no try again)."""
+    return any(f.name == "_create_tcp_store" for f in traceback.extract_tb(e.__traceback__))
 
 
 def release_finished_ranks(context) -> None:
@@ -140,8 +163,15 @@ def launch(args: list[str]) -> int:
         close(self, death_sig, timeout)
         closed.update({i: p.exitcode for i, p in enumerate(self._pc.processes)} if self._pc else {})
 
+    def signalled(signum, _frame):
+        # Until torch's agent answers signals itself (once its ranks start), as its handler does.
+        raise mp_api.SignalException(f"launcher {os.getpid()} got signal {signum}", sigval=signal.Signals(signum))
+
+    for sig in AGENT_SIGNALS:
+        signal.signal(sig, signalled)
     torchrun.config_from_args = function_entrypoint
     mp_api.MultiprocessContext._close = recording_close
+    parsed.rdzv_conf = store_tries(parsed.rdzv_conf)
     try:
         while True:
             try:
@@ -151,11 +181,11 @@ def launch(args: list[str]) -> int:
                 # Rank 0's store not up yet (its pod pending, its image pulling): again, until the
                 # join timeout, unless this node's ranks ran (the store went away under a gang).
                 left = join_timeout(parsed.rdzv_conf) - (time.monotonic() - started)
-                if closed or left <= 0:
+                if closed or left <= 0 or not store_unreachable(e):
                     raise
                 print(f"launcher: rank 0's rendezvous store {parsed.rdzv_endpoint} not reachable ({e.__cause__ or e}); "
                       f"trying again for {left:.0f} s", file=sys.stderr, flush=True)
-                time.sleep(min(5.0, left))
+            time.sleep(min(5.0, max(left, 0)))
     except ChildFailedError as e:
         # The ranks that failed first agree on a contract code; the agent kills the rest (a signal,
         # a negative code). Any other code (a crash) is a failure, whatever the others said.
