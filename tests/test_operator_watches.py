@@ -82,6 +82,12 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
         assert ctl.last_seen[("ml", "j")]["j-a1-n3"] == {"metadata": {**meta, "name": "j-a1-n3"}, "spec": {"nodeName": "n"},
                                                          "status": meshed["status"]}
         # Once the job is finished (its phase written): forgotten, and no more kept.
+        # Only the last attempts' (decide reads the replaced attempt's): a job preempted every hour
+        # kept every evicted pod it ever had.
+        for a in (2, 3, 4, 5):
+            ctl.on_pod({"metadata": {**meta, "name": f"j-a{a}-n0", "labels": {c.LABEL_JOB: "j", c.LABEL_ATTEMPT: str(a)}},
+                        "spec": {}, "status": evicted["status"]})
+        assert sorted(ctl.last_seen[("ml", "j")]) == ["j-a3-n0", "j-a4-n0", "j-a5-n0"]
         from pretrain_operator import reconcile
         ctl._observe_metrics("ml", "j", {"metadata": {}, "status": {}}, reconcile.Plan(status={"phase": "Succeeded"}))
         assert ("ml", "j") not in ctl.last_seen

@@ -50,6 +50,7 @@ class Controller:
         self.errors: dict = {}  # key -> consecutive errors, for exponential back-off
         self.children: dict = {}  # job key -> (uid, generation, config, when read) once its Service and ConfigMap exist
         self.last_seen: dict = {}  # job key -> {pod name: the pod last seen disrupted (DisruptionTarget) or finished}
+        self.memo_lock = threading.Lock()
         self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
         self.probe_refusals: dict = {}  # job key -> (refused passes in a row, monotonic time of the last) of capacity probes
 
@@ -77,17 +78,29 @@ class Controller:
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
-        if self.phases.get(key) not in reconcile.TERMINAL and (classify.finished(pod) or any(
-                cd.get("type") == "DisruptionTarget" and cd.get("status") == "True" for cd in (pod.get("status") or {}).get("conditions") or [])):
-            # What decide reads of it (a finished job's pods would be kept whole until it is deleted).
-            md = pod["metadata"]
-            self.last_seen.setdefault(key, {})[md["name"]] = {
-                "metadata": {k: md[k] for k in ("name", "namespace", "labels", "deletionTimestamp") if k in md},
-                "spec": {k: v for k, v in (pod.get("spec") or {}).items() if k == "nodeName"}, "status": pod.get("status") or {}}
+        if classify.finished(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
+                                         for cd in (pod.get("status") or {}).get("conditions") or []):
+            self._remember(key, pod)
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
             self.node_jobs.setdefault(node, set()).add(key)
         self.queue.add(key)
+
+    def _remember(self, key: tuple[str, str], pod: dict) -> None:
+        """Keep how the pod ended, for decide (Observed.last_seen): what it reads of it only (a
+        finished job's pods were kept whole until its deletion), its job's last attempts only (a
+        job preempted every hour kept every evicted pod it ever had), nothing for a finished job."""
+        md = pod["metadata"]
+        slim = {"metadata": {k: md[k] for k in ("name", "namespace", "labels", "deletionTimestamp") if k in md},
+                "spec": {k: v for k, v in (pod.get("spec") or {}).items() if k == "nodeName"}, "status": pod.get("status") or {}}
+        with self.memo_lock:  # against the pop once the job is finished (_observe_metrics)
+            if self.phases.get(key) in reconcile.TERMINAL:
+                return
+            memo = self.last_seen.setdefault(key, {})
+            memo[md["name"]] = slim
+            newest = max(reconcile.attempt_of(p) for p in memo.values())
+            for name in [n for n, p in memo.items() if reconcile.attempt_of(p) < newest - 2]:
+                del memo[name]
 
     # ---- workers ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -447,9 +460,10 @@ class Controller:
 
     def _observe_metrics(self, ns: str, name: str, job: dict, plan: reconcile.Plan) -> None:
         st = plan.status
-        self.phases[(ns, name)] = st.get("phase", "Pending")
-        if st.get("phase") in reconcile.TERMINAL:
-            self.last_seen.pop((ns, name), None)  # read by no later pass: a finished job's phase is sticky
+        with self.memo_lock:
+            self.phases[(ns, name)] = st.get("phase", "Pending")
+            if st.get("phase") in reconcile.TERMINAL:
+                self.last_seen.pop((ns, name), None)  # read by no later pass: a finished job's phase is sticky
         self._update_phase_gauge()
         metrics.observe_job(ns, name, st, reconcile.running_seconds(st, dt.datetime.now(dt.timezone.utc)))
         r = st.get("restart")
