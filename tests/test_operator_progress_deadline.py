@@ -42,6 +42,12 @@ def test_a_running_gang_whose_step_has_not_moved_past_the_deadline_is_restarted_
     job, spec, pods, nodes, now = _hung("moving", still_s=50)
     plan = _decide(job, spec, pods, nodes, now, read=now)
     assert plan.status["attempt"] == 1 and plan.status["phase"] == "Running" and not plan.events
+    # One pod not up any more, yet not ended (its trainer's state unknown to its kubelet): the same
+    # hang (no start timeout judges a gang that was all up).
+    job, spec, pods, nodes, now = _hung("half")
+    pods[1]["status"]["containerStatuses"] = [{"name": "trainer", "state": {"waiting": {"reason": "Unknown"}}}]
+    st = _decide(job, spec, pods, nodes, now, read=now).status
+    assert st["attempt"] == 2 and st["restart"]["reason"] == "ProgressDeadlineExceeded" and st["readyNodes"] == "0/2"
 
 
 def test_the_deadline_is_judged_at_the_last_successful_read_and_not_without_one():

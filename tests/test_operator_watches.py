@@ -88,6 +88,11 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
             ctl.on_pod({"metadata": {**meta, "name": f"j-a{a}-n0", "labels": {c.LABEL_JOB: "j", c.LABEL_ATTEMPT: str(a)}},
                         "spec": {}, "status": evicted["status"]})
         assert sorted(ctl.last_seen[("ml", "j")]) == ["j-a3-n0", "j-a4-n0", "j-a5-n0"]
+        # The job deleted and applied again (another uid): its predecessor's pods go, and do not
+        # prune the new job's attempts.
+        ctl.on_pod({"metadata": {**meta, "name": "j-a1-n0", "labels": {c.LABEL_JOB: "j", c.LABEL_ATTEMPT: "1", c.LABEL_JOB_UID: "new"}},
+                    "spec": {}, "status": evicted["status"]})
+        assert sorted(ctl.last_seen[("ml", "j")]) == ["j-a1-n0"] and ctl._last_seen(("ml", "j")) == ctl.last_seen[("ml", "j")]
         from pretrain_operator import reconcile
         ctl._observe_metrics("ml", "j", {"metadata": {}, "status": {}}, reconcile.Plan(status={"phase": "Succeeded"}))
         assert ("ml", "j") not in ctl.last_seen

@@ -149,9 +149,10 @@ def test_a_node_waits_for_rank_0s_rendezvous_store_until_its_join_timeout(tmp_pa
     # Rank 0's pod still pending (no room yet) or pulling its image while another node's launcher
     # runs: torch gives up on rank 0's rendezvous store after 60 s and a retry (105-170 s here) and
     # the node exited 1, a failure spent on a slow start, which the operator's start timeout (and an
-    # elastic shrink) was there to judge. The launcher tries again until the join timeout, which the
-    # operator sets from the start timeout (at least torch's 600 s). The store's timeout is cut to
-    # 5 s here (torch's 60 s in pods) to see the retry in seconds; the rest is the pods' environment.
+    # elastic shrink) was there to judge. The launcher waits for rank 0's store until the join
+    # timeout, which the operator sets from the start timeout (at least torch's 600 s), then starts
+    # torch's agent. The store's timeout is cut to 5 s here, so that torch alone would give up in
+    # seconds; the rest is the pods' environment.
     import yaml
 
     from pretrain_operator import api, render
@@ -178,7 +179,8 @@ def test_a_node_waits_for_rank_0s_rendezvous_store_until_its_join_timeout(tmp_pa
     nodes = [node(1)]
     try:
         wait_for(lambda: "launcher: rank 0's rendezvous store" in (d / "stderr-1.txt").read_text() or nodes[0].poll() is not None,
-                 timeout=120, what="node 1's first try to fail")
+                 timeout=120, what="node 1 to wait for rank 0's store")
+        time.sleep(8)  # past the store timeout (5 s) torch alone would have given up at
         assert nodes[0].poll() is None, (d / "stderr-1.txt").read_text()[-3000:]
         assert f"launcher: rank 0's rendezvous store 127.0.0.1:{port} not reachable" in (d / "stderr-1.txt").read_text()
         nodes.append(node(0))
@@ -204,15 +206,18 @@ def test_the_launcher_gives_up_on_rank_0s_store_at_the_join_timeout(tmp_path):
     assert "launcher: rank 0's rendezvous store" in r.stderr  # tried again before giving up
 
 
-def test_the_join_timeout_comes_from_torchruns_rdzv_conf_and_the_launcher_tries_in_steps():
-    from pretrain_trainer.launch import join_timeout, store_tries
+def test_the_join_timeout_comes_from_torchruns_rdzv_conf_and_the_agent_gets_torchs_store_timeout():
+    from pretrain_trainer.launch import agent_conf, hosts_store, join_timeout
     assert join_timeout("join_timeout=1860") == 1860 and join_timeout("read_timeout=5,join_timeout=700,is_host=false") == 700
     assert join_timeout("") == join_timeout("read_timeout=5") == 600
-    # The operator's read_timeout (for plain torchrun) is torch's 60 s per try in the launcher: it also
-    # bounds every later store call of the agent (a rank 0 lost under a running gang).
-    assert store_tries("join_timeout=1860,read_timeout=1860") == "read_timeout=60,join_timeout=1860"
-    assert store_tries("join_timeout=1860,read_timeout=5,is_host=false") == "join_timeout=1860,read_timeout=5,is_host=false"
-    assert store_tries("") == ""
+    # The operator's read_timeout (for plain torchrun) is torch's 60 s in the launcher's agent (which
+    # waited for the store itself): it also bounds every later store call of the agent (a rank 0
+    # lost under a running gang). A user's own (template.env) is kept.
+    assert agent_conf("join_timeout=1860,read_timeout=1860") == "read_timeout=60,join_timeout=1860"
+    for mine in ("join_timeout=1860,read_timeout=5,is_host=false", "join_timeout=600,read_timeout=900", ""):
+        assert agent_conf(mine) == mine
+    assert hosts_store("", "late-n0.late:29400", 0) and not hosts_store("is_host=false", "127.0.0.1:1", 0)
+    assert not hosts_store("", "late-n0.late:29400", 1) and hosts_store("is_host=true", "late-n0.late:29400", 1)
 
 
 def test_a_sigterm_while_the_launcher_waits_for_rank_0s_store_ends_it_at_once(tmp_path):
@@ -222,18 +227,21 @@ def test_a_sigterm_while_the_launcher_waits_for_rank_0s_store_ends_it_at_once(tm
     d.mkdir()
     config = write_config(d, nproc=1, data=2, steps=2, interval=100, extra={"nodes": 2})
     e = {**env(), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ID": "x",
-         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": "join_timeout=600,read_timeout=2,is_host=false"}
+         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": "join_timeout=600,read_timeout=600,is_host=false"}
     e.pop("OMP_NUM_THREADS")
     with open(d / "stderr.txt", "w") as err:
         p = subprocess.Popen(cmd(config, 1, d / "losses.txt", launch=True), stderr=err, text=True, env=e, start_new_session=True)
     try:
         wait_for(lambda: "launcher: rank 0's rendezvous store" in (d / "stderr.txt").read_text() or p.poll() is not None,
-                 timeout=120, what="the launcher's first try to fail")
+                 timeout=120, what="the launcher to wait for rank 0's store")
+        t0 = time.monotonic()
         p.send_signal(signal.SIGTERM)
         code = p.wait(30)
+        took = time.monotonic() - t0
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait(30)
     log = (d / "stderr.txt").read_text()
     assert code == 143 and "launcher: SIGTERM; the ranks exited []: exiting 143" in log, log[-3000:]
+    assert took < 10, took  # not at the end of a store timeout (600 s here, 60 s per try of torch's)

@@ -96,11 +96,16 @@ class Controller:
         with self.memo_lock:  # against the pop once the job is finished (_observe_metrics)
             if self.phases.get(key) in reconcile.TERMINAL:
                 return
-            memo = self.last_seen.setdefault(key, {})
+            uid = (md.get("labels") or {}).get(c.LABEL_JOB_UID)
+            # Another job of that name (deleted and applied again): its pods are not this one's.
+            memo = {n: p for n, p in self.last_seen.get(key, {}).items() if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid}
             memo[md["name"]] = slim
             newest = max(reconcile.attempt_of(p) for p in memo.values())
-            for name in [n for n, p in memo.items() if reconcile.attempt_of(p) < newest - 2]:
-                del memo[name]
+            self.last_seen[key] = {n: p for n, p in memo.items() if reconcile.attempt_of(p) >= newest - 2}
+
+    def _last_seen(self, key: tuple[str, str]) -> dict:
+        with self.memo_lock:  # a copy: the watch thread writes it meanwhile
+            return dict(self.last_seen.get(key, {}))
 
     # ---- workers ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -227,7 +232,7 @@ class Controller:
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
-                                      last_seen={n: p for n, p in self.last_seen.get((ns, name), {}).items()
+                                      last_seen={n: p for n, p in self._last_seen((ns, name)).items()
                                                  if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid},
                                       foreign=foreign, predecessor=predecessor,
                                       create_error=self._create_error(ns, name, job),

@@ -510,7 +510,11 @@ def _decide(o: Observed) -> Plan:
                 plan.events.append(("Warning", "PodsNotStarting", status["message"]))
         if status["phase"] == "Running":
             # All up once in this attempt, a pod not up since (classified above if it ended): no
-            # slow start, timed from the start of an attempt of hours (a sidecar's end did it).
+            # slow start, timed from the start of an attempt of hours (a sidecar's end did it); a
+            # hang all the same when the step stops moving (9b).
+            stuck = stalled(spec, status, o.progress_read)
+            if stuck:
+                return _restart(plan, o, "Failure", "ProgressDeadlineExceeded", stuck, count="failures")
             return plan
         if waited >= spec.scheduling.startTimeoutSeconds:
             return _start_timeout(plan, o, current, f"only {len(running)}/{spec.nodes} node(s) running after "

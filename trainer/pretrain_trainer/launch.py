@@ -18,15 +18,16 @@ rank, with three differences:
   step checkpointed) before the agent noticed make it 0, at once (they were killed after the
   shutdown timeout, and it exited 143). Ranks that were killed make it 128 + the signal's number,
   as a shell would.
-- Until it reaches rank 0's rendezvous store it keeps trying, for the rendezvous' `join_timeout`
-  (`PET_RDZV_CONF`; the operator sets the gang's start timeout and a minute more, at least torch's
-  600 s) from its own start: rank 0's pod may still be pending, or pulling its image, and torch
-  gives up on the store after its `read_timeout` (exit 1, a failure spent on a slow start the
-  operator's start timeout was there to judge). The operator sets `read_timeout` as long, for
-  plain torchrun; the launcher tries in 60 s steps instead (torch's default: the store's timeout
-  also bounds every later store call of the agent, on a rank 0 lost under a running gang too), and
-  a SIGTERM meanwhile ends it at once (143), as a pod's first process that answers no signal would
-  not end before its grace period.
+- A node that does not host the rendezvous store (rank 0's) first waits until the store's port
+  answers, for the rendezvous' `join_timeout` (`PET_RDZV_CONF`; the operator sets the gang's start
+  timeout and a minute more, at least torch's 600 s) from its own start: rank 0's pod may still be
+  pending, or pulling its image, and torch gives up on the store after its `read_timeout` (exit
+  1, a failure spent on a slow start the operator's start timeout was there to judge). The wait is
+  in Python, so a SIGTERM meanwhile ends it at once (143; torch's store connect answers it only at
+  its timeout, and a pod's first process without a handler sat out its grace period). The
+  operator's `read_timeout`, as long as the join timeout (for plain torchrun, a custom command, to
+  wait alike), becomes torch's 60 s here: it also bounds every later store call of the agent (a
+  rank 0 lost under a running gang). A `read_timeout` of the user's (template.env) is kept.
 - The ranks start with the default action for SIGTERM, SIGINT, SIGHUP and SIGQUIT (the process
   ends) until the trainer answers SIGTERM itself: forked ranks inherited the agent's handler, which
   raised an exception in the middle of whatever the rank was doing (a checkpoint's load took it
@@ -39,6 +40,7 @@ import gc
 import importlib
 import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -81,12 +83,44 @@ def join_timeout(rdzv_conf: str) -> float:
     return rdzv_option(rdzv_conf, "join_timeout", 600.0)
 
 
-def store_tries(rdzv_conf: str) -> str:
-    """The conf the launcher's tries use: a read_timeout as long as the join timeout (set so that
-    plain torchrun waits for rank 0's store) is torch's 60 s, the launcher trying again instead."""
-    if rdzv_option(rdzv_conf, "read_timeout", 60.0) < join_timeout(rdzv_conf):
+def agent_conf(rdzv_conf: str) -> str:
+    """The conf torch's agent gets: the operator's read_timeout, equal to the join timeout (so that
+    plain torchrun waits for rank 0's store), is torch's 60 s: the launcher waits for the store itself."""
+    if rdzv_option(rdzv_conf, "read_timeout", 60.0) != join_timeout(rdzv_conf):
         return rdzv_conf
     return ",".join(["read_timeout=60"] + [x for x in rdzv_conf.split(",") if x.partition("=")[0].strip() != "read_timeout"])
+
+
+def hosts_store(rdzv_conf: str, endpoint: str, node_rank: int) -> bool:
+    """Whether this node hosts the rendezvous store: the conf's is_host, else node rank 0 (the
+    operator's rank 0 is the endpoint's host) or torch's own test of the endpoint's name."""
+    for item in (rdzv_conf or "").split(","):
+        k, _, value = item.partition("=")
+        if k.strip() == "is_host":
+            return value.strip().lower() in ("1", "true", "yes", "y")
+    try:
+        from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
+    except ImportError:  # a torch without it: the operator's convention alone
+        return node_rank == 0
+    return node_rank == 0 or _matches_machine_hostname(endpoint.rpartition(":")[0] or endpoint)
+
+
+def wait_for_store(endpoint: str, deadline: float) -> None:
+    """Until rank 0's store accepts a connection, or the deadline (monotonic); says so meanwhile."""
+    host, sep, port = endpoint.rpartition(":")
+    if not sep:  # torch's default port
+        host, port = endpoint, "29400"
+    said = 0.0
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() - said >= 30:
+                said = time.monotonic()
+                print(f"launcher: rank 0's rendezvous store {endpoint} not reachable ({e}); waiting for "
+                      f"{deadline - said:.0f} s more", file=sys.stderr, flush=True)
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
 
 
 def store_unreachable(e: BaseException) -> bool:
@@ -171,8 +205,11 @@ def launch(args: list[str]) -> int:
         signal.signal(sig, signalled)
     torchrun.config_from_args = function_entrypoint
     mp_api.MultiprocessContext._close = recording_close
-    parsed.rdzv_conf = store_tries(parsed.rdzv_conf)
+    deadline = started + join_timeout(parsed.rdzv_conf)
     try:
+        if parsed.rdzv_backend == "c10d" and not hosts_store(parsed.rdzv_conf, parsed.rdzv_endpoint, parsed.node_rank):
+            wait_for_store(parsed.rdzv_endpoint, deadline)
+        parsed.rdzv_conf = agent_conf(parsed.rdzv_conf)
         while True:
             try:
                 torchrun.run(parsed)
@@ -180,7 +217,7 @@ def launch(args: list[str]) -> int:
             except RendezvousConnectionError as e:
                 # Rank 0's store not up yet (its pod pending, its image pulling): again, until the
                 # join timeout, unless this node's ranks ran (the store went away under a gang).
-                left = join_timeout(parsed.rdzv_conf) - (time.monotonic() - started)
+                left = deadline - time.monotonic()
                 if closed or left <= 0 or not store_unreachable(e):
                     raise
                 print(f"launcher: rank 0's rendezvous store {parsed.rdzv_endpoint} not reachable ({e.__cause__ or e}); "
