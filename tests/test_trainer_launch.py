@@ -194,14 +194,21 @@ def test_a_node_waits_for_rank_0s_rendezvous_store_until_its_join_timeout(tmp_pa
     assert sorted(losses(d / "losses.txt")) == [1, 2]
 
 
-def test_the_launcher_gives_up_on_rank_0s_store_at_the_join_timeout(tmp_path):
+def _node_1_alone(tmp_path: Path, rdzv_conf: str) -> tuple[Path, list[str], dict]:
+    """Node 1 of a 2-node job whose rank 0 never comes (its store's port free): the run folder, its
+    launcher's command line and environment."""
     d = tmp_path / "run"
     d.mkdir()
     config = write_config(d, nproc=1, data=2, steps=2, interval=100, extra={"nodes": 2})
     e = {**env(), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ID": "x",
-         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": "join_timeout=12,read_timeout=3,is_host=false"}
+         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": rdzv_conf + ",is_host=false"}
     e.pop("OMP_NUM_THREADS")
-    r = subprocess.run(cmd(config, 1, d / "losses.txt", launch=True), env=e, capture_output=True, text=True, timeout=180)
+    return d, cmd(config, 1, d / "losses.txt", launch=True), e
+
+
+def test_the_launcher_gives_up_on_rank_0s_store_at_the_join_timeout(tmp_path):
+    _, c, e = _node_1_alone(tmp_path, "join_timeout=12,read_timeout=3")
+    r = subprocess.run(c, env=e, capture_output=True, text=True, timeout=180)
     assert r.returncode == 1 and "RendezvousConnectionError" in r.stderr, r.stderr[-3000:]
     assert "launcher: rank 0's rendezvous store" in r.stderr  # tried again before giving up
 
@@ -223,14 +230,9 @@ def test_the_join_timeout_comes_from_torchruns_rdzv_conf_and_the_agent_gets_torc
 def test_a_sigterm_while_the_launcher_waits_for_rank_0s_store_ends_it_at_once(tmp_path):
     # A pod's first process answers no signal it has no handler for: the launcher waiting for rank
     # 0's store (torch's agent answers signals only once its ranks start) sat out its grace period.
-    d = tmp_path / "run"
-    d.mkdir()
-    config = write_config(d, nproc=1, data=2, steps=2, interval=100, extra={"nodes": 2})
-    e = {**env(), "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1", "PET_RDZV_BACKEND": "c10d", "PET_RDZV_ID": "x",
-         "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_CONF": "join_timeout=600,read_timeout=600,is_host=false"}
-    e.pop("OMP_NUM_THREADS")
+    d, c, e = _node_1_alone(tmp_path, "join_timeout=600,read_timeout=600")
     with open(d / "stderr.txt", "w") as err:
-        p = subprocess.Popen(cmd(config, 1, d / "losses.txt", launch=True), stderr=err, text=True, env=e, start_new_session=True)
+        p = subprocess.Popen(c, stderr=err, text=True, env=e, start_new_session=True)
     try:
         wait_for(lambda: "launcher: rank 0's rendezvous store" in (d / "stderr.txt").read_text() or p.poll() is not None,
                  timeout=120, what="the launcher to wait for rank 0's store")

@@ -57,13 +57,18 @@ def node_problem(node: dict | None, node_name: str | None, notice_taints: list[s
     return None
 
 
-def terminated(pod: dict) -> dict | None:
-    """How the trainer's container ended (contract.TRAINER_CONTAINER; a status without names: the
-    first that ended), or None while it has not: not another container's (a log shipper that
-    exited 0 while the trainer runs, a sidecar killed after it finished)."""
+def trainer_statuses(pod: dict) -> list[dict]:
+    """The status of the trainer's container (contract.TRAINER_CONTAINER), not another container's
+    (a log shipper, a mesh's proxy: sidecars); a status without names: every container's."""
     statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    mine = [cs for cs in statuses if cs.get("name") == c.TRAINER_CONTAINER] or [cs for cs in statuses if "name" not in cs]
-    return next(((cs.get("state") or {}).get("terminated") for cs in mine if (cs.get("state") or {}).get("terminated")), None)
+    return [cs for cs in statuses if cs.get("name") == c.TRAINER_CONTAINER] or statuses
+
+
+def terminated(pod: dict) -> dict | None:
+    """How the trainer's container ended, or None while it has not: not another container's (a log
+    shipper that exited 0 while the trainer runs, a sidecar killed after it finished)."""
+    return next(((cs.get("state") or {}).get("terminated") for cs in trainer_statuses(pod)
+                 if (cs.get("state") or {}).get("terminated")), None)
 
 
 def failed_init(pod: dict) -> dict | None:

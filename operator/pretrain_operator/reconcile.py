@@ -770,10 +770,8 @@ def _running(p: dict) -> bool:
     """The pod runs its trainer (its other containers, sidecars, are theirs: a log shipper that
     ended does not stop the rank; a status without names: every container)."""
     st = p.get("status") or {}
-    statuses = st.get("containerStatuses") or [{}]
-    mine = [cs for cs in statuses if cs.get("name") == c.TRAINER_CONTAINER] or statuses
     return st.get("phase") == "Running" and not p["metadata"].get("deletionTimestamp") and all(
-        "running" in (cs.get("state") or {}) for cs in mine)
+        "running" in (cs.get("state") or {}) for cs in classify.trainer_statuses(p) or [{}])
 
 
 def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:

@@ -120,7 +120,7 @@ def pod(job: dict, spec: api.PretrainJobSpec, attempt: int, rank: int) -> dict:
         # operator waits for the gang, and a minute more, at least torch's 600 s: the operator's
         # start timeout decides a slow start, not torch (a node whose rank 0 was still pending or
         # pulling its image exited 1 after 60 s and a retry, a failure spent). read_timeout for
-        # plain torchrun (a custom command); the trainer's launcher tries in steps of 60 s instead.
+        # plain torchrun (a custom command); the trainer's launcher waits for the store itself.
         # template.env may set its own (other rendezvous options; a job from before this).
         {"name": "PET_RDZV_CONF", "value": f"join_timeout={rdzv_timeout(spec)},read_timeout={rdzv_timeout(spec)}"},
     ]) + [e.model_dump(exclude_none=True, exclude={"value"} if e.valueFrom else set()) for e in spec.template.env]

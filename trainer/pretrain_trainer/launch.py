@@ -70,13 +70,15 @@ def signalled_code(codes: set[int], sig: int) -> int:
     return contract_code(codes) or 128 + sig
 
 
+def rdzv_options(rdzv_conf: str) -> dict[str, str]:
+    """torchrun's --rdzv-conf (key=value,...) as a dict."""
+    return {k.strip(): v.strip() for k, _, v in (item.partition("=") for item in (rdzv_conf or "").split(",")) if k.strip()}
+
+
 def rdzv_option(rdzv_conf: str, key: str, default: float) -> float:
-    """A number of torchrun's --rdzv-conf (key=value,...), else `default` (torch's)."""
-    for item in (rdzv_conf or "").split(","):
-        k, _, value = item.partition("=")
-        if k.strip() == key and value.strip().isdigit():
-            return float(value)
-    return default
+    """A number of torchrun's --rdzv-conf, else `default` (torch's)."""
+    value = rdzv_options(rdzv_conf).get(key, "")
+    return float(value) if value.isdigit() else default
 
 
 def join_timeout(rdzv_conf: str) -> float:
@@ -88,16 +90,15 @@ def agent_conf(rdzv_conf: str) -> str:
     plain torchrun waits for rank 0's store), is torch's 60 s: the launcher waits for the store itself."""
     if rdzv_option(rdzv_conf, "read_timeout", 60.0) != join_timeout(rdzv_conf):
         return rdzv_conf
-    return ",".join(["read_timeout=60"] + [x for x in rdzv_conf.split(",") if x.partition("=")[0].strip() != "read_timeout"])
+    return ",".join(["read_timeout=60"] + [f"{k}={v}" for k, v in rdzv_options(rdzv_conf).items() if k != "read_timeout"])
 
 
 def hosts_store(rdzv_conf: str, endpoint: str, node_rank: int) -> bool:
     """Whether this node hosts the rendezvous store: the conf's is_host, else node rank 0 (the
     operator's rank 0 is the endpoint's host) or torch's own test of the endpoint's name."""
-    for item in (rdzv_conf or "").split(","):
-        k, _, value = item.partition("=")
-        if k.strip() == "is_host":
-            return value.strip().lower() in ("1", "true", "yes", "y")
+    is_host = rdzv_options(rdzv_conf).get("is_host")
+    if is_host is not None:
+        return is_host.lower() in ("1", "true", "yes", "y")
     try:
         from torch.distributed.elastic.rendezvous.utils import _matches_machine_hostname
     except ImportError:  # a torch without it: the operator's convention alone
