@@ -129,6 +129,14 @@ def operator(operator_process):
     return operator_process
 
 
+def pytest_collection_modifyitems(items):
+    """`cluster` marks exactly the tests that need the local cluster (any fixture built on it), so
+    `-m "not cluster"` runs the pure ones in seconds; a hand-kept mark drifted both ways."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Under `make test` (PRETRAIN_REQUIRE_ALL=1), which installs every extra and runs as root, a
     skipped test is a failure of the run: an import that broke (torch's wheel, a missing library)

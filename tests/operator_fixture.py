@@ -41,7 +41,8 @@ class OperatorProcess:
         e = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
                  PRETRAIN_OPERATOR_METRICS_PORT=str(self.metrics_port), PRETRAIN_OPERATOR_HEALTH_PORT=str(free_port()),
                  PRETRAIN_OPERATOR_LEASE_DURATION_S="4", PRETRAIN_OPERATOR_LEASE_RENEW_S="1",
-                 PRETRAIN_OPERATOR_RESYNC_S="3", PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1",
+                 PRETRAIN_OPERATOR_RESYNC_S="3", PRETRAIN_OPERATOR_FINISHED_RESYNC_S="3",
+                 PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1",
                  PRETRAIN_OPERATOR_CRASH_AT=crash_at)
         e.update(env)  # a test's own settings over these
         self.log = open(self.log_dir / f"operator-{self.runs}.log", "w")
@@ -79,12 +80,12 @@ class OperatorProcess:
             return {}
 
     def total(self, name: str) -> float:
-        """The sum of every sample of a metric, whatever its labels."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
-                text = r.read().decode()
-        except OSError:
-            return 0.0
+        """The sum of every sample of a metric, whatever its labels (0 for a labelled family with no
+        sample yet). An operator that cannot be read, or does not export the family, is an error."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+        family = name.removesuffix("_total")
+        assert f"# TYPE {family} " in text or f"# TYPE {name} " in text, f"the operator exports no {name}"
         return sum(float(line.split()[-1]) for line in text.splitlines()
                    if line.startswith(name + "{") or line.startswith(name + " "))
 

@@ -12,7 +12,6 @@ from kubernetes import client
 from tests.helpers import wait_for
 from tests.kubeutil import restricted
 
-pytestmark = pytest.mark.cluster
 
 CRD_GROUP = "celtest.pretrain.dev"
 

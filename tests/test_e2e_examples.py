@@ -15,7 +15,6 @@ from tests.jobs import Jobs
 from tests.trainer_util import run, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
-pytestmark = pytest.mark.cluster
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -30,7 +30,6 @@ from tests.jobs import Jobs
 from tests.trainer_util import cmd, env, losses
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
-pytestmark = pytest.mark.cluster
 
 
 def _real_job(name: str, label: str, steps: int, **spec) -> dict:

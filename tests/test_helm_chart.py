@@ -257,7 +257,7 @@ def test_every_metric_the_dashboard_queries_is_exported():
         if v["type"] == "query":
             assert promql_metric_names(v["query"]["query"]) <= exported
     # What the issue asks the dashboard to show: phase, attempts, preemptions, loss, tokens/s, last checkpoint step.
-    assert {"pretrain_operator_jobs", "pretrain_operator_restarts_total", "pretrain_loss", "pretrain_tokens_per_second",
+    assert {"pretrain_operator_jobs", "pretrain_operator_gang_restarts_total", "pretrain_loss", "pretrain_tokens_per_second",
             "pretrain_last_checkpoint_step", "pretrain_step"} <= queried
     assert any("attempt" in t["expr"] for p in panels for t in p["targets"])
 

@@ -34,7 +34,6 @@ from tests.jobs import Jobs, job_manifest
 from tests.kubeutil import pod_security_labels
 from tests.operator_fixture import OperatorProcess
 
-pytestmark = pytest.mark.cluster
 
 # The operator's timings as in the other operator tests (tests/operator_fixture.py).
 FAST = [{"name": "PRETRAIN_OPERATOR_LEASE_DURATION_S", "value": "4"}, {"name": "PRETRAIN_OPERATOR_LEASE_RENEW_S", "value": "1"},
@@ -178,7 +177,9 @@ test_installed_operator_deletes_a_finished_job_after_its_ttl = lifecycle.test_tt
 def test_trainer_pods_run_with_no_api_token(jobs, core, release):
     jobs.create(job_manifest("notoken", steps=300))
     jobs.wait_phase("notoken", "Running", timeout=60)
-    for p in jobs.pods("notoken"):
+    pods = jobs.pods("notoken")
+    assert len(pods) == 2
+    for p in pods:
         assert p.spec.automount_service_account_token is False
         assert not [s for v in p.spec.volumes if v.projected for s in v.projected.sources if s.service_account_token]
         assert not any(m.mount_path.startswith("/var/run/secrets/kubernetes.io") for m in p.spec.containers[0].volume_mounts)

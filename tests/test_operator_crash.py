@@ -13,7 +13,6 @@ from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
 from tests.operator_fixture import OperatorProcess
 
-pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture

@@ -290,7 +290,6 @@ def _ran_shrunk(jobs: Jobs, name: str) -> dict:
     return st
 
 
-@pytest.mark.cluster
 def test_a_gang_with_no_room_for_every_pod_runs_shrunk_on_the_cluster_and_finishes(api, namespace, operator, pool):
     jobs = Jobs(api, namespace)
     jobs.create(_roomless("roomless", pool[0]))
@@ -298,7 +297,6 @@ def test_a_gang_with_no_room_for_every_pod_runs_shrunk_on_the_cluster_and_finish
     jobs.wait_events("roomless", "StartTimeout", "Running")
 
 
-@pytest.mark.cluster
 def test_an_operator_killed_between_the_shrunk_config_and_the_shrunk_gang_converges(api, core, namespace, operator, pool, tmp_path):
     from tests.operator_fixture import OperatorProcess
     jobs = Jobs(api, namespace)
@@ -557,7 +555,6 @@ def _probes_of(core, namespace: str, name: str) -> list:
             if not p.metadata.deletion_timestamp]
 
 
-@pytest.mark.cluster
 def test_a_shrunk_gang_regrows_once_probes_find_room_even_after_an_operator_killed_before_creating_them(
         api, core, cluster, namespace, operator, pool, tmp_path):
     from pretrain_localcluster import nodes as local_nodes

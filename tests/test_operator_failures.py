@@ -15,7 +15,6 @@ from tests.jobs import Jobs, job_manifest, observed_gang
 from tests.kubeutil import pod_manifest
 from tests.operator_fixture import STANDIN
 
-pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from pretrain_operator import api, classify, contract as c, reconcile, render
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest, observed_gang
 
-pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture
@@ -38,12 +37,17 @@ def _assert_preempted_once(jobs: Jobs, name: str, reason_in: tuple[str, ...]) ->
     return st
 
 
-def test_eviction_with_disruption_target_is_a_preemption_and_resumes_from_the_checkpoint(cluster, jobs, pool):
+def test_eviction_with_disruption_target_is_a_preemption_and_resumes_from_the_checkpoint(jobs, pool):
+    from kubernetes import client
     label, _ = pool
     jobs.create(job_manifest("evicted", steps=400, pool=label))
-    st, node = _running_then_checkpoint(jobs, "evicted")
-    nodes.preempt(cluster.state_dir, node, notice_s=0, log=lambda *_: None)
-    _assert_preempted_once(jobs, "evicted", ("EvictionByEvictionAPI", "TerminationNotice", "CheckpointedOnNotice", "NodeDeleted"))
+    st, _ = _running_then_checkpoint(jobs, "evicted")
+    # An eviction alone (a drain, a descheduler): no notice taint and the node stays, so only the
+    # pod's DisruptionTarget condition, which the Eviction API sets, can make it a preemption.
+    victim = jobs.pods("evicted", attempt=1)[1].metadata.name
+    jobs.core.create_namespaced_pod_eviction(victim, jobs.ns, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=victim, namespace=jobs.ns)))
+    _assert_preempted_once(jobs, "evicted", ("EvictionByEvictionAPI",))
     assert jobs.resumed_step("evicted", 2) >= st["lastCheckpoint"]["step"] > 0
     jobs.wait_events("evicted", "Preemption")
 

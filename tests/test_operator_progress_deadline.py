@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-import pytest
 
 from pretrain_operator import reconcile
 from tests.jobs import Jobs, job_manifest, observed_gang
 
-pytestmark = pytest.mark.cluster
 
 
 def _hung(name: str, *, deadline: int | None = 60, running_s: int = 300, still_s: int = 70, step: int = 57):

@@ -18,7 +18,6 @@ from pretrain_localcluster.volumes import VolumeBuilder
 from tests.helpers import wait_for
 from tests.kubeutil import RESTRICTED_POD, create_pod, kubectl, logs, phase, pod_manifest, restricted, wait_gone, wait_phase
 
-pytestmark = pytest.mark.cluster
 
 
 def test_a_pods_exit_code_and_reason_reach_its_status(core, namespace):
@@ -171,7 +170,7 @@ def test_deletion_delivers_sigterm_and_respects_the_grace_period(cluster, core, 
     assert term.exit_code == 0
     term, took = final["stubborn"]
     assert term.exit_code == 137  # SIGKILL after its 2 s grace period
-    assert took >= 1.9
+    assert 1.9 <= took < 6, took
 
 
 def test_the_downward_api_annotations_file_changes_after_an_annotation_patch(core, namespace):

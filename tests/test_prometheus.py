@@ -18,7 +18,6 @@ from pretrain_localcluster.monitoring import CHART, Prometheus, loss_curve, plot
 from tests.helpers import promql_metric_names, wait_for
 from tests.jobs import Jobs, job_manifest
 
-pytestmark = pytest.mark.cluster
 UNIT_TESTS = Path(__file__).parent / "prometheus_alerts_test.yml"
 
 

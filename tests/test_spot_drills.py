@@ -17,7 +17,6 @@ from pretrain_localcluster import nodes
 from tests.helpers import wait_for
 from tests.kubeutil import create_pod, kubectl, logs, phase, pod_manifest, wait_phase
 
-pytestmark = pytest.mark.cluster
 
 WAIT_TERM = ("import signal, sys, time\n"
              "signal.signal(signal.SIGTERM, lambda *_: (print('SIGTERM', flush=True), sys.exit(143)))\n"
@@ -139,9 +138,12 @@ def test_a_restarted_node_agent_adopts_the_pods_it_left_running(cluster, core, n
     assert after.status.phase == "Running"
     assert after.status.container_statuses[0].restart_count == 0
     assert after.status.container_statuses[0].container_id == before.status.container_statuses[0].container_id
-    # Adopted, not orphaned: deleting the pod still delivers SIGTERM through the new agent.
-    core.delete_namespaced_pod("survivor", namespace)
-    wait_for(lambda: phase(core, namespace, "survivor") is None, timeout=30, what="the pod to be deleted")
+    # Adopted, not orphaned: deleting the pod still delivers SIGTERM through the new agent. The
+    # process ends only on SIGTERM, so the pod is gone well before its 60 s grace period's SIGKILL,
+    # and its processes and network namespace with it.
+    core.delete_namespaced_pod("survivor", namespace, grace_period_seconds=60)
+    wait_for(lambda: phase(core, namespace, "survivor") is None, timeout=20, what="the pod to end on SIGTERM")
+    assert not os.path.exists(f"/var/run/netns/ptp-{after.metadata.uid.replace('-', '')[:12]}")
 
 
 def test_a_live_node_marked_not_ready_is_ready_again_within_a_status_check(core, fresh_node):

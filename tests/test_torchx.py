@@ -203,7 +203,7 @@ def test_cancel_leaves_no_pod_service_configmap_or_job(jobs, torchx, core, names
              and not [m for m in core.list_namespaced_config_map(namespace).items if m.metadata.name == f"{name}-config"],
              timeout=60, what="the job and its pods, Service and ConfigMap to be gone")
     r = torchx("status", handle, check=False)
-    assert r.returncode != 0 and "not" in (r.stdout + r.stderr).lower()
+    assert r.returncode != 0 and "does not exist or has been removed" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_a_spec_the_api_refuses_is_a_clear_error_before_anything_is_created(jobs, torchx, namespace):

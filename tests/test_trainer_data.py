@@ -204,8 +204,9 @@ def test_a_resume_with_another_seed_or_window_length_says_the_data_order_changes
     # run goes on from elsewhere in the data without a word (samples seen again, others never).
     from tests.trainer_util import env, write_config
 
-    def train(**training) -> subprocess.CompletedProcess:
-        cfg = write_config(tmp_path, steps=training.pop("steps"), interval=2, extra={"training": training})
+    def train(seq_len: int = 32, **training) -> subprocess.CompletedProcess:
+        cfg = write_config(tmp_path, steps=training.pop("steps"), interval=2,
+                           extra={"training": training, "data": {"seqLen": seq_len}})
         r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], env=env(),
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -216,3 +217,7 @@ def test_a_resume_with_another_seed_or_window_length_says_the_data_order_changes
     assert "the checkpoint's was" not in r.stderr
     r = train(steps=6, seed=2, logEverySteps=1)
     assert "training.seed is 2, the checkpoint's was 1: the data position (16 samples) is carried over" in r.stderr
+    assert "data.seqLen" not in r.stderr
+    r = train(steps=8, seed=2, logEverySteps=1, seq_len=16)
+    assert "data.seqLen is 16, the checkpoint's was 32: the data position (24 samples) is carried over" in r.stderr
+    assert "training.seed" not in r.stderr

@@ -84,6 +84,7 @@ def test_activation_checkpointing_and_keeping_gathered_parameters_keep_the_losse
                               "parallelism": {"data": 2, "tensor": tensor, "pipeline": 1, "reshardAfterForward": False}})
     r = run(cfg, nproc, tmp_path / "losses.txt")
     assert f"activation checkpointing ({mode}): 4 decoder block(s) here" in r.stderr
+    assert "FSDP2 over 2 data-parallel rank(s): 4 decoder block(s) here, parameters kept gathered" in r.stderr
     got = losses(tmp_path / "losses.txt")
     for step, want in reference.items():
         assert abs(got[step] - want) <= TOL, (step, got[step], want)

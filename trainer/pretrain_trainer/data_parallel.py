@@ -5,8 +5,12 @@ the ranks that hold the same experts.
 
 from __future__ import annotations
 
+import logging
+
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
+
+log = logging.getLogger("pretrain_trainer.data_parallel")
 
 
 def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool = True,
@@ -28,3 +32,6 @@ def apply_data_parallel(model, dp_mesh: DeviceMesh, reshard_after_forward: bool 
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored or None)
+    log.info("FSDP2 over %d data-parallel rank(s): %d decoder block(s) here, parameters %s", dp_mesh.size(),
+             len(model.layers), "resharded after forward" if reshard_after_forward else
+             "kept gathered from forward to backward (parallelism.reshardAfterForward false)")
