@@ -22,6 +22,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from pretrain_localcluster.config import REPO_ROOT
 from pretrain_operator import api, metrics as operator_metrics
+from pretrain_operator.settings import OperatorSettings
 from pretrain_trainer.metrics import Metrics as TrainerMetrics
 from tests.helmutil import CHART, helm, of_kind, template
 from tests.helpers import promql_metric_names
@@ -70,6 +71,29 @@ def test_the_deployment_is_one_recreate_replica_with_probes_and_restricted_secur
     assert env["PRETRAIN_OPERATOR_LEASE_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["PRETRAIN_OPERATOR_LEASE_NAME"]["value"] == _one(docs, "Lease")["metadata"]["name"]
     assert c["command"] == ["python", "-m", "pretrain_operator"]
+    # Each names a setting: the operator warns of one that does not (a misspelt operator.env).
+    assert not OperatorSettings.unknown_env(env)
+    assert OperatorSettings.unknown_env({**env, "PRETRAIN_OPERATOR_RESYNC": "5", "HOME": "/"}) == ["PRETRAIN_OPERATOR_RESYNC"]
+    # The names the chart sets are refused in operator.env (the pod would carry two).
+    refused = json.loads((CHART / "values.schema.json").read_text())["properties"]["operator"]["properties"]["env"]
+    assert set(refused["items"]["properties"]["name"]["not"]["enum"]) == set(env)
+
+
+def test_standby_replicas_roll_keep_one_pod_through_a_drain_and_spread_over_nodes():
+    assert not of_kind(template(), "PodDisruptionBudget")  # one pod: a budget would block every drain
+    docs = template("--set", "replicaCount=2")
+    dep = _one(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    # Never without an operator: a new pod (a standby, Ready on its metrics) before an old one goes.
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    (spread,) = dep["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": dep["spec"]["selector"]}
+    # The standbys wait on the one Lease the chart grants (rbac: that name only).
+    assert _one(docs, "Lease")["metadata"]["name"] in {e.get("value") for e in
+                                                       dep["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
 def test_the_image_tag_is_the_app_version_unless_a_tag_or_digest_is_given():
@@ -193,6 +217,7 @@ def test_monitoring_objects_exist_only_where_monitoring_coreos_com_v1_is_served(
 
 BAD_VALUES = [
     (("--set", "replicas=2"), "replicas"),
+    (("--set", "replicaCount=0"), "replicaCount"),
     (("--set", "operator.watchNamespace=a"), "watchNamespace"),
     (("--set", "metrics.serviceMonitor.scrapeTimeout=5s"), "scrapeTimeout"),
     (("--set", "operator.workers=many"), "workers"),
@@ -203,6 +228,9 @@ BAD_VALUES = [
     (("--set", "metrics.serviceMonitor.interval=often"), "interval"),
     (("--set", "image.digest=latest"), "digest"),
     (("--set", "operator.env[0].name=PRETRAIN_OPERATOR_RESYNC_S", "--set", "operator.env[0].value=60"), "/operator/env/0/value"),
+    (("--set", "operator.env[0].name=PRETRAIN_OPERATOR_WORKERS", "--set-string", "operator.env[0].value=4"), "/operator/env/0/name"),
+    (("--set", "operator.leaseName=Leader_Lease"), "leaseName"),
+    (("--set", "dashboard.namespace=Grafana NS"), "namespace"),
 ]
 
 
@@ -286,6 +314,12 @@ def test_every_alert_is_well_formed_and_queries_exported_metrics():
                        "PrometheusRule")
     for a in (r for g in unmonitored["spec"]["groups"] for r in g["rules"]):  # scraped by the user's own config: any job
         assert 'job="' not in a["expr"], a
+    # A cluster that serves PrometheusRule but neither monitor kind: the chart made no scrape, so no
+    # alert waits on one (PretrainOperatorDown would fire for ever, the trainers' never).
+    rules_only = _one(template("--api-versions", "monitoring.coreos.com/v1/PrometheusRule"), "PrometheusRule")
+    alerts_only = [r for g in rules_only["spec"]["groups"] for r in g["rules"]]
+    assert "PretrainOperatorDown" not in [a["alert"] for a in alerts_only]
+    assert alerts_only and all('job="' not in a["expr"] for a in alerts_only)
     storm = _one(template(*MONITORING, "--set", "metrics.prometheusRule.preemptionsPerHour=3"), "PrometheusRule")
     assert any(r["expr"].endswith("> 3") for g in storm["spec"]["groups"] for r in g["rules"] if r["alert"] == "PretrainPreemptionStorm")
 

@@ -205,6 +205,7 @@ def _can_i_table(r: Release, clusterwide: bool) -> list[tuple[str, str, str | No
         ("watch", "nodes", None, True), ("get", "nodes", None, True), ("get", "namespaces", None, True),
         ("delete", "namespaces", None, False), ("update", "namespaces", None, False),
         ("watch", "customresourcedefinitions.apiextensions.k8s.io", None, True),
+        ("get", "customresourcedefinitions.apiextensions.k8s.io", None, False),
         ("update", f"leases.coordination.k8s.io#{r.deployment}", r.ns, True),
         # What it must not.
         ("get", "secrets", job, False), ("list", "secrets", r.ns, False), ("list", "secrets", None, False),

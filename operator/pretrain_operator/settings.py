@@ -4,6 +4,7 @@ variables (`PRETRAIN_OPERATOR_<FIELD>`, upper case) and by `python -m pretrain_o
 from __future__ import annotations
 
 import os
+import typing
 
 from pydantic import BaseModel, Field
 
@@ -50,3 +51,10 @@ class OperatorSettings(BaseModel):
                 values[name] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    @classmethod
+    def unknown_env(cls, environ: typing.Mapping[str, str] = os.environ) -> list[str]:
+        """The PRETRAIN_OPERATOR_* variables that name no setting: a misspelt one (in the chart's
+        operator.env) is otherwise ignored without a word, the default kept."""
+        known = {f"PRETRAIN_OPERATOR_{name.upper()}" for name in cls.model_fields}
+        return sorted(k for k in environ if k.startswith("PRETRAIN_OPERATOR_") and k not in known)

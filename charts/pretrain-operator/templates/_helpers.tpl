@@ -57,6 +57,19 @@ true
 {{- end -}}
 {{- end -}}
 
+{{- /* The chart's own scrapes, rendered (and alerted on) only when enabled and the cluster serves the kind. */}}
+{{- define "pretrain-operator.monitorsOperator" -}}
+{{- if and .Values.metrics.service.enabled .Values.metrics.serviceMonitor.enabled (include "pretrain-operator.servesMonitoring" (dict "root" . "kind" "ServiceMonitor")) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "pretrain-operator.monitorsTrainers" -}}
+{{- if and .Values.metrics.podMonitor.enabled (include "pretrain-operator.servesMonitoring" (dict "root" . "kind" "PodMonitor")) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{- define "pretrain-operator.image" -}}
 {{- if .Values.image.digest -}}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
@@ -110,9 +123,10 @@ watches namespaces, to start its watches when a listed namespace appears.
 - apiGroups: [""]
   resources: [nodes]
   verbs: [get, list, watch]
+# list and watch: kopf's scan (a watcher, which lists first); it never reads one by name.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 # get: whether a job's namespace is being deleted (its pods going is then no preemption);
 # list and watch: kopf's namespace scan when watching listed namespaces.
 - apiGroups: [""]
