@@ -653,17 +653,7 @@ class Checkpointer:
                 # Said here, before the agreement: a peer that stops the attempt may get this rank
                 # killed (the launcher's agent ends the others) before its own error is printed.
                 log.warning("the async checkpoint of step %d failed on this rank (%s)", step, failed)
-            # Agreed: a rank that went on to save synchronously alone would stand in other
-            # collectives than its peers, which handed their saves to their writers (a hang).
-            seen = torch.tensor([1.0 if failed else 0.0, 0.0 if failed else 1.0])  # [a rank failed, a rank did not]
-            dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-            if seen[0] and seen[1]:  # this step cannot be committed, and the writers wait for peers that will not come
-                raise RuntimeError(f"the async checkpoint of step {step} failed on some ranks only "
-                                   f"({failed or 'on another rank, whose log says why'}): stopping this attempt")
-            if failed:
-                log.warning("async checkpointing failed (%s); saving synchronously from now on", failed)
-                self.async_save = False
-            else:
+            if not self._async_failed(step, failed):
                 if isinstance(r, AsyncSaveResponse):  # staging may go on in the background
                     self.staging, fut = r.staging_completion, r.upload_completion
                 else:
@@ -702,14 +692,45 @@ class Checkpointer:
                                                        use_async_staging=True, use_non_blocking_copy=cuda))
         return {"async_checkpointer_type": AsyncCheckpointerType.PROCESS, "async_stager": self.stager}
 
-    def wait_staging(self, blocking: bool = True) -> None:
-        """Block until an async save's copy of the state is taken (call before optimizer.step)."""
+    def _async_failed(self, step: int, failed: str | None) -> bool:
+        """Whether the async save of `step` failed, agreed by every rank (each calls this at the same
+        point): on every rank, each saves synchronously from now on, saying so; on some only, every
+        rank stops (this step cannot be committed, and the writers of the others wait for peers that
+        will not come). A rank that went on alone would stand in other collectives than its peers."""
+        seen = torch.tensor([1.0 if failed else 0.0, 0.0 if failed else 1.0])  # [a rank failed, a rank did not]
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        if seen[0] and seen[1]:
+            raise RuntimeError(f"the async checkpoint of step {step} failed on some ranks only "
+                               f"({failed or 'on another rank, whose log says why'}): stopping this attempt")
+        if failed:
+            log.warning("async checkpointing failed (%s); saving synchronously from now on", failed)
+            self.async_save = False
+        return bool(failed)
+
+    def wait_staging(self, blocking: bool = True, agree: bool = False) -> None:
+        """Block until an async save's copy of the state is taken (call before optimizer.step).
+        `agree` (the training loop's call, on every rank at the same step): a copy that failed is
+        `_async_failed`'s to judge; on every rank (a stager that cannot copy this state, as torch
+        2.11's could not) that save is dropped, never written nor committed, and the run goes on
+        saving synchronously (it raised here: every attempt crashed at its first save, spending
+        the job's failure budget). Elsewhere its failure is raised."""
         if self.staging is None:
             return
         t0 = time.monotonic()
-        self.staging.result()
-        self.staging = None
-        self._blocked(self.pending[1] if self.pending else 0, time.monotonic() - t0 if blocking else 0.0)
+        staging, self.staging = self.staging, None
+        step = self.pending[1] if self.pending else 0
+        if not agree:
+            staging.result()
+        else:
+            failed = None
+            try:
+                staging.result()
+            except Exception as e:  # noqa: BLE001  (whatever the copy raised: agreed on below)
+                failed = f"{type(e).__name__}: {one_line(e)[:200]}"
+                log.warning("the async checkpoint of step %d failed on this rank while staging (%s)", step, failed)
+            if self._async_failed(step, failed):
+                self.pending = None  # its writes waited for the copy and failed with it: nothing to commit
+        self._blocked(step, time.monotonic() - t0 if blocking else 0.0)
 
     def _blocked(self, step: int, seconds: float, done: bool = True) -> None:
         """Count time the training loop waited for a save; log each save's total once it is known

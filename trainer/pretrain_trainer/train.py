@@ -509,7 +509,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         expert_parallel.scale_expert_grads(model, spec.parallelism.expert)
         grad_norm = parallel.clip_grad_norm_(list(model.parameters()), spec.optimizer.gradClip,
                                              mesh["pp"].get_group() if schedule is not None else None, experts, ep_group)
-        ckpt.wait_staging()  # an async save's copy must be taken before the weights change
+        ckpt.wait_staging(agree=True)  # an async save's copy must be taken before the weights change
         if math.isfinite(grad_norm):  # the norm of the whole mesh: every rank decides alike
             optim.step()
             skipped_in_row = 0
