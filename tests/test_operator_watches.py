@@ -100,3 +100,52 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
         assert ("ml", "j") not in ctl.last_seen
     finally:
         ctl.pool.shutdown()
+
+
+def test_a_deleted_job_is_forgotten_by_a_standby_that_never_reconciles_it():
+    # A standby (not leading) never reads the 404 that makes the leader forget a job: it kept every
+    # deleted job's pods, node entries and queue key (polled every second) until it led.
+    import threading
+
+    from kubernetes import client
+
+    from pretrain_operator.controller import Controller
+
+    class Standby:
+        def leading(self) -> bool:
+            return False
+
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0, workers=1), Standby())
+    key = ("ml", "j")
+
+    def pod(name: str, uid: str) -> dict:
+        return {"metadata": {"name": name, "namespace": "ml", "labels": {c.LABEL_JOB: "j", c.LABEL_JOB_UID: uid, c.LABEL_ATTEMPT: "1"}},
+                "spec": {"nodeName": "spot-1"},
+                "status": {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}}
+    try:
+        ctl.on_job(key)
+        ctl.on_pod(pod("j-a1-n0", "old"))
+        assert ctl.last_seen[key] and ctl.node_jobs == {"spot-1": {key}}
+        ctl.start()  # its worker polls the key while it does not lead
+        ctl.on_job_deleted(key, "old")
+        assert key not in ctl.last_seen and not ctl.node_jobs
+        # The garbage collector's deletion of its pods comes after: not remembered.
+        ctl.on_pod(pod("j-a1-n1", "old"))
+        assert key not in ctl.last_seen and not ctl.node_jobs
+        # The standby's worker drops the key instead of polling it for ever.
+        deadline = threading.Event()
+        for _ in range(30):
+            if not len(ctl.queue):
+                break
+            deadline.wait(0.1)
+        assert not len(ctl.queue)
+        # Applied again under the name: the new job's pods are its own, and its key is polled.
+        ctl.on_job(key)
+        ctl.on_pod(pod("j-a1-n0", "new"))
+        assert sorted(ctl.last_seen[key]) == ["j-a1-n0"] and ctl.node_jobs == {"spot-1": {key}}
+        deadline.wait(1.5)
+        assert len(ctl.queue) == 1
+    finally:
+        ctl.stopped.set()
+        ctl.queue.close()
+        ctl.pool.shutdown()

@@ -53,6 +53,7 @@ class Controller:
         self.memo_lock = threading.Lock()
         self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
         self.probe_refusals: dict = {}  # job key -> (refused passes in a row, monotonic time of the last) of capacity probes
+        self.gone: dict = {}  # job key -> (uid, monotonic time) of a job whose deletion the watch saw (GONE_KEEP_S)
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -71,13 +72,48 @@ class Controller:
     def on_job(self, key: tuple[str, str]) -> None:
         # A job this operator has not reconciled yet (new, or new to it) goes before the re-reconciles
         # its peers' pod events queue: in a burst of applies, gangs are created first, bookkeeping after.
+        with self.memo_lock:
+            self.gone.pop(key, None)  # applied again under that name
         self.queue.add(key, first=key not in self.phases)
+
+    def on_job_deleted(self, key: tuple[str, str], uid: str) -> None:
+        """The watch saw the job deleted: forgotten on every replica, and its pods' last events (the
+        garbage collector's deletions) are not remembered. A standby never reconciles the 404 that
+        forgets a job, so it kept every deleted job's pods, node entries and queue key until it led."""
+        now = time.monotonic()
+        with self.memo_lock:
+            self.gone = {k: v for k, v in self.gone.items() if now - v[1] < GONE_KEEP_S}
+            self.gone[key] = (uid, now)
+        self._forget_job(key)
+        self.queue.add(key)  # the leader's pass reads the 404 (and forgets whatever came meanwhile)
+
+    def _gone(self, key: tuple[str, str], uid: str | None = None) -> bool:
+        """Whether the job of this key was deleted (of this uid, when given: a pod of a job applied
+        again under the name is the new job's)."""
+        with self.memo_lock:
+            seen = self.gone.get(key)
+        return seen is not None and (uid is None or seen[0] == uid)
+
+    def _forget_job(self, key: tuple[str, str]) -> None:
+        """Nothing of a deleted job outlives it (or reaches a new job of its name)."""
+        self._forget_metrics(key)
+        self.last_progress.pop(key, None)
+        with self.memo_lock:
+            self.last_seen.pop(key, None)
+        for memo in (self.create_errors, self.children, self.progress_misses, self.progress_read, self.probe_refusals):
+            memo.pop(key, None)
+        for node in [n for n, keys in self.node_jobs.items() if key in keys]:
+            self.node_jobs[node].discard(key)
+            if not self.node_jobs[node]:
+                del self.node_jobs[node]
 
     def on_pod(self, pod: dict) -> None:
         job = (pod["metadata"].get("labels") or {}).get(c.LABEL_JOB)
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
+        if self._gone(key, pod["metadata"]["labels"].get(c.LABEL_JOB_UID)):
+            return  # a deleted job's pod, going with it
         if classify.finished(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
                                          for cd in (pod.get("status") or {}).get("conditions") or []):
             self._remember(key, pod)
@@ -138,7 +174,8 @@ class Controller:
                     # that lost the Lease would export them unchanged for ever (a deleted job's
                     # Failed phase firing PretrainJobFailed, jobs counted by two replicas).
                     self._forget_metrics(key)
-                    self.queue.add(key, delay=1.0)
+                    if not self._gone(key):  # a deleted job's key would come back every second for ever
+                        self.queue.add(key, delay=1.0)
                     continue
                 t0 = time.monotonic()
                 delay = self.reconcile(*key)
@@ -172,16 +209,7 @@ class Controller:
             job = self.kube.get(_job_path(ns, name))
         except client.ApiException as e:
             if e.status == 404:
-                self._forget_metrics((ns, name))
-                self.last_progress.pop((ns, name), None)
-                # Forget the job, so that nothing of it outlives it (or reaches a new job of its name).
-                for memo in (self.last_seen, self.create_errors, self.children, self.progress_misses, self.progress_read,
-                             self.probe_refusals):
-                    memo.pop((ns, name), None)
-                for node in [n for n, keys in self.node_jobs.items() if (ns, name) in keys]:
-                    self.node_jobs[node].discard((ns, name))
-                    if not self.node_jobs[node]:
-                        del self.node_jobs[node]
+                self._forget_job((ns, name))
                 return None  # deleted: ownerReferences garbage-collect the children
             raise
         if job["metadata"].get("deletionTimestamp"):
@@ -507,6 +535,9 @@ class Controller:
             os._exit(17)
 
 
+# How long a deleted job's pods are not remembered (their deletions by the garbage collector come
+# within seconds; a minute-long pod grace period is the longest wait).
+GONE_KEEP_S = 600.0
 PROGRESS_MISSES_WARN = 12  # failed progress reads in a row before a warning (a minute at the default interval)
 
 

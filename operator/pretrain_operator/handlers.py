@@ -96,8 +96,11 @@ def cleanup(**_):
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
-def job_event(name, namespace, **_):
-    controller().on_job((namespace, name))
+def job_event(name, namespace, type, uid, **_):  # noqa: A002  (kopf's keyword)
+    if type == "DELETED":
+        controller().on_job_deleted((namespace, name), uid)
+    else:
+        controller().on_job((namespace, name))
 
 
 @kopf.on.event("", "v1", "pods", labels={c.LABEL_JOB: kopf.PRESENT})
