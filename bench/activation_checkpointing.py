@@ -3,6 +3,8 @@ take, and the step time, each mode in a fresh process, against `none` measured i
 
     .venv/bin/python bench/activation_checkpointing.py [--batch 8] [--seq 512]      # CPU, model 'small'
 
+Model `small` with its rotary table (maxSeqLen) raised to --seq when that is above the preset's 512.
+
 Memory: on a GPU the peak allocated during the steps; on the CPU the growth of the process's peak
 resident size over the steps (parameters, gradients and logits included in both, so the ratios
 understate the saving on activations alone). Time: the fastest of 3 steps. Limits: one process, no
@@ -29,7 +31,7 @@ from pretrain_trainer import parallel
 from pretrain_trainer.model import ModelArgs, Transformer, init_weights
 mode, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cuda = torch.cuda.is_available()
-args = ModelArgs.from_spec(ModelSpec(preset="small"))
+args = ModelArgs.from_spec(ModelSpec(preset="small", maxSeqLen=max(512, seq)))  # the preset's rotary table stops at 512
 model = Transformer(args).to("cuda" if cuda else "cpu")
 init_weights(model, 0)
 parallel.apply_activation_checkpointing(model, mode)
@@ -52,11 +54,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--logs", help="write each mode's stdout and stderr into this folder")
     a = ap.parse_args(argv or [])
     out = {}
     for mode in ("none", "full", "selective"):
         r = subprocess.run([sys.executable, "-c", ONE_MODE.format(root=ROOT), mode, str(a.batch), str(a.seq)],
-                           capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if a.logs:
+            Path(a.logs).mkdir(parents=True, exist_ok=True)
+            (Path(a.logs) / f"{mode}.stdout.txt").write_text(r.stdout)
+            (Path(a.logs) / f"{mode}.stderr.txt").write_text(r.stderr)
+        if r.returncode != 0:  # the child's own error, not only "non-zero exit status"
+            raise RuntimeError(f"activation checkpointing {mode}: exit {r.returncode}: {r.stderr[-2000:]}")
         out[mode] = json.loads(r.stdout.strip().splitlines()[-1])
     base = out["none"]
     print(f"activation checkpointing, model small, batch {a.batch} x seq {a.seq}, one step's forward and backward:")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -49,16 +50,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_operator(lc: LocalCluster) -> subprocess.Popen:
-    """`python -m pretrain_operator` against the cluster, once it leads (a previous holder's Lease may have to expire)."""
+def start_operator(lc: LocalCluster, timeout: float = 60) -> subprocess.Popen:
+    """`python -m pretrain_operator` against the cluster, once it leads: its metrics endpoint shows
+    `pretrain_operator_leader 1.0` (a previous holder's Lease may have to expire first, 4 s here).
+    An operator that exits, or does not lead within `timeout` s, is an error with its log's tail."""
     port = free_port()
     env = dict(os.environ, KUBECONFIG=str(lc.cfg.kubeconfig), PRETRAIN_OPERATOR_METRICS_PORT=str(port),
                PRETRAIN_OPERATOR_HEALTH_PORT="0", PRETRAIN_OPERATOR_LEASE_DURATION_S="4")
-    op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile(mode="w+")  # read only if it fails to start
+    op = subprocess.Popen([sys.executable, "-m", "pretrain_operator"], env=env, stdout=log, stderr=subprocess.STDOUT)
     op.metrics_url = f"http://127.0.0.1:{port}/metrics"
-    time.sleep(6)
-    return op
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if op.poll() is not None:
+            break
+        if is_leader(op):
+            return op
+        time.sleep(0.2)
+    if op.poll() is None:
+        op.terminate()
+        op.wait(20)
+    log.seek(0)
+    raise RuntimeError(f"the benchmark's operator did not become leader in {timeout:.0f} s (exit {op.returncode}): "
+                       f"{log.read()[-2000:]}")
+
+
+def is_leader(op: subprocess.Popen) -> bool:
+    """Whether the operator's metrics say it holds the leader Lease (pretrain_operator_leader 1.0)."""
+    try:
+        text = urllib.request.urlopen(op.metrics_url, timeout=2).read().decode()
+    except OSError:  # not serving yet
+        return False
+    return any(s.name == "pretrain_operator_leader" and s.value == 1.0
+               for f in text_string_to_metric_families(text) for s in f.samples)
 
 
 def api_requests(op: subprocess.Popen) -> dict[str, float]:
@@ -121,6 +145,14 @@ def delete_namespaces(core: client.CoreV1Api, names: list[str], timeout: float =
             core.delete_namespace(ns)
         except client.ApiException:
             pass
+    wait_namespaces_gone(core, names, timeout)
+
+
+def wait_namespaces_gone(core: client.CoreV1Api, names: list[str], timeout: float = 300) -> None:
+    """Wait until none of `names` is left (at most `timeout` s; then it says so and goes on)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(ns in {n.metadata.name for n in core.list_namespace().items} for ns in names):
+    while any(ns in {n.metadata.name for n in core.list_namespace().items} for ns in names):
+        if time.monotonic() > deadline:
+            print(f"namespaces still terminating after {timeout:.0f} s: {', '.join(names)}", file=sys.stderr)
+            return
         time.sleep(1)

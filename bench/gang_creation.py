@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     op = start_operator(lc)
     namespaces = []
     try:
+        print(f"operator RSS idle (leading, no jobs yet): {rss_mib(op.pid):.0f} MiB")
         print(f"{'case':<34}{'baseline (direct)':>20}{'operator':>12}{'ratio':>8}")
         for nodes in (4, 32):
             ns = new_ns(core); namespaces.append(ns)

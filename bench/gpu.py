@@ -1,6 +1,12 @@
 """GPU checks of the trainer on one CUDA device, and its figures there.
 
     python bench/gpu.py [--out DIR] [--quick] [--compile]   # on a machine with a GPU; about 8 minutes on an H200
+    PYTHONPATH=/tmp/site python bench/gpu.py --out $OUT     # the project not installed: its packages' wheels in /tmp/site
+
+Its child processes (the trainer, the plain loop, torchrun) get PYTHONPATH = the repository's
+trainer/ and operator/, then whatever PYTHONPATH it was given. A preflight first imports what the
+trainer needs (torch, pydantic, celpy, yaml, numpy, then the trainer itself) in such a child and
+stops, naming the missing module, before any GPU time is spent.
 
 1. fp32 on the GPU against fp32 on the CPU (model tiny): the largest relative loss difference.
 2. bf16 (autocast, fp32 master weights) against fp32, both on the GPU (model small): both fall,
@@ -13,17 +19,24 @@
 6. `--compile`: the 8B-shaped model again, eager against training.compile (not measured yet: a
    few minutes more, the compile included).
 7. Activation checkpointing none, full and selective (bench/activation_checkpointing.py, model
-   small, seq 2048): peak memory and step time (not measured on a GPU yet).
+   small with its rotary table raised to seq 2048): peak memory and step time (not measured on a
+   GPU yet).
+
+MFU is given against PRETRAIN_PEAK_FLOPS when set (as the trainer's logged MFU), else 989 T (the
+H100/H200 datasheet's dense bf16). The step runs are stopped once their last step is logged: the
+final checkpoint the trainer always saves (about 31 GiB for the 8B-shaped model) is not written.
 
 Limits: one GPU, so FSDP2, tensor and pipeline parallel over NCCL between ranks are not exercised
 here; the CPU test suite covers those layouts with gloo. It ends with a table; `--out` also gets
-the figures as JSON and the logs.
+the figures as JSON (gpu.json) and every child process's output under logs/ (logs/checks/NAME.stdout.txt
+and .stderr.txt for the checks, logs/NAME/ for each bench/trainer.py figure, logs/activation_checkpointing/).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -32,10 +45,29 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+# Children (`python -m pretrain_trainer`, the plain loop, torchrun's ranks) find the project through
+# PYTHONPATH: on a lent GPU machine it is not installed. What this process was given stays after it.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "trainer"), str(ROOT / "operator"),
+                                            *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "trainer"), str(ROOT / "operator")]
 
-from tests.trainer_util import cmd, env, losses, run, wait_for_step, write_config  # noqa: E402
-
+PREFLIGHT = r'''
+import importlib, sys
+missing = []
+for name in ("torch", "pydantic", "celpy", "yaml", "numpy"):
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if not missing:
+    try:  # what `python -m pretrain_trainer train` imports at its start
+        import pretrain_trainer.__main__, pretrain_trainer.train, pretrain_operator.cel
+        import celpy; celpy.Environment()
+    except ImportError as e:
+        missing.append(f"{e.name or '?'} ({type(e).__name__}: {e})")
+print("\n".join(missing))
+sys.exit(1 if missing else 0)
+'''
 NCCL_PAIR = r'''
 import os, torch, torch.distributed as dist
 dist.init_process_group("nccl")
@@ -49,9 +81,16 @@ dist.destroy_process_group()
 
 # Llama-3 8B's shapes (width, heads, FFN, vocabulary; seq 8192 as torchtitan's 8B figure) with 8 of
 # its 32 layers: the whole model with AdamW needs about 128 GB before activations, more than one GPU
-# holds. The checkpoint at the last step is about 34 GB on the machine's disk.
+# holds. Its step runs are stopped once their last step is logged (bench/trainer.py's step and compile
+# parts): the final checkpoint the trainer always saves, about 34 GB (31 GiB) never read, is not written.
 EIGHT_B_SHAPED = ["--preset", "llama3-8b", "--model", json.dumps({"layers": 8}), "--seq", "8192",
                   "--batch", "2", "--micro", "1", "--precision", "bf16", "--steps", "10"]
+
+
+def failed(e: BaseException) -> str:
+    """A failed row's text: the head and the tail of the error (a child's stderr ends with its cause)."""
+    t = f"{type(e).__name__}: {e}"
+    return "failed: " + (t if len(t) <= 700 else f"{t[:150]} ... {t[-550:]}")
 
 
 def rel(a: dict[int, float], b: dict[int, float]) -> float:
@@ -59,15 +98,39 @@ def rel(a: dict[int, float], b: dict[int, float]) -> float:
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
 
 
+def preflight() -> None:
+    """Stop at once, naming what is missing, when a child could not run the trainer."""
+    r = subprocess.run([sys.executable, "-c", PREFLIGHT], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0:
+        sys.exit(f"bench/gpu.py: the trainer cannot run here, missing: {r.stdout.strip() or r.stderr[-1500:]}\n"
+                 f"PYTHONPATH={os.environ['PYTHONPATH']}\n(on a lent machine: wheels of pydantic, cel-python and their "
+                 "dependencies in a folder on PYTHONPATH, e.g. PYTHONPATH=/tmp/site python bench/gpu.py --out $OUT)")
+
+
+LOGS = Path(tempfile.gettempdir())  # main() sets it to --out's logs/checks
+
+
+def child(name: str, argv: list[str], env: dict | None = None, timeout: float = 300,
+          check: bool = True) -> subprocess.CompletedProcess:
+    """Run a check's process; its stdout and stderr go to LOGS/NAME.stdout.txt and .stderr.txt.
+    `check`: a non-zero exit raises with the tail of its stderr."""
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    (LOGS / f"{name}.stdout.txt").write_text(r.stdout)
+    (LOGS / f"{name}.stderr.txt").write_text(r.stderr)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{name}: exit {r.returncode}: {r.stderr[-3000:]}")
+    return r
+
+
 def run_losses(d: Path, cpu: bool = False, launch: bool = False, **kw) -> dict[int, float]:
+    from tests.trainer_util import cmd, env, losses, write_config
     d.mkdir(parents=True)
     cfg = write_config(d, **kw)
     e = {**env(), "PET_NPROC_PER_NODE": "1"}
     if cpu:
         e["CUDA_VISIBLE_DEVICES"] = ""
-    r = subprocess.run(cmd(cfg, 1, d / "losses.txt", launch=launch), env=e, capture_output=True, text=True, timeout=300)
-    (d / "stderr.txt").write_text(r.stderr)
-    assert r.returncode == 0, r.stderr[-3000:]
+    child(d.name, cmd(cfg, 1, d / "losses.txt", launch=launch), env=e)
     return losses(d / "losses.txt")
 
 
@@ -78,10 +141,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--compile", action="store_true", help="also the 8B-shaped model with training.compile")
     ap.add_argument("--figures-only", action="store_true", help="scale figures only, no checks")
     a = ap.parse_args(argv)
+    preflight()
     import torch
     assert torch.cuda.is_available(), "no GPU: bench/gpu.py is for a machine with one"
+    from tests.trainer_util import cmd, env, losses, wait_for_step, write_config
+    global LOGS
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="gpu-"))
     out.mkdir(parents=True, exist_ok=True)
+    LOGS = out / "logs" / "checks"
+    print(f"bench/gpu.py: figures and logs in {out}", flush=True)
     res: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name()}
     rows = []
 
@@ -101,14 +169,14 @@ def main(argv: list[str]) -> int:
                 r = rel(g, c)
                 row("fp32 GPU vs CPU, tiny, 12 steps: max relative loss difference", f"{r:.2e}", r < 1e-3)
             except Exception as e:  # noqa: BLE001  (each check reports and the script goes on)
-                row("fp32 GPU vs CPU", f"failed: {e}"[:400], False)
+                row("fp32 GPU vs CPU", failed(e), False)
             try:
                 # The pods' launcher forks its ranks after importing torch: CUDA must first start in the rank.
                 f = run_losses(d / "forked", launch=True, steps=12, interval=100)
                 row("fp32 GPU, the launcher's forked rank vs a plain process, tiny, 12 steps", "identical" if f == g else
                     f"max relative difference {rel(f, g):.2e}", f == g)
             except Exception as e:  # noqa: BLE001
-                row("launcher (forked rank) on the GPU", f"failed: {e}"[:400], False)
+                row("launcher (forked rank) on the GPU", failed(e), False)
             try:
                 kw = dict(steps=30, interval=100, **small)
                 f32 = run_losses(d / "s32", **kw)
@@ -119,48 +187,60 @@ def main(argv: list[str]) -> int:
                 row(f"bf16 vs fp32 GPU, small, 30 steps: loss {b16[1]:.3f} -> {b16[30]:.3f} (fp32 {f32[30]:.3f}); "
                     "max relative difference", f"{r:.2e}", falls and r < 0.03)
             except Exception as e:  # noqa: BLE001
-                row("bf16 vs fp32", f"failed: {e}"[:400], False)
+                row("bf16 vs fp32", failed(e), False)
             try:
                 kw = dict(steps=300, interval=1000, extra={"training": {"precision": "bf16", "logEverySteps": 1}})
                 want = run_losses(d / "full", **kw)
                 part = d / "part"
                 part.mkdir()
                 cfg = write_config(part, **kw)
-                p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stderr=subprocess.PIPE, text=True)
-                wait_for_step(part / "losses.txt", 50, p)
-                p.send_signal(signal.SIGTERM)
-                code = p.wait(120)
+                LOGS.mkdir(parents=True, exist_ok=True)
+                with open(LOGS / "part.stdout.txt", "w") as o, open(LOGS / "part.stderr.txt", "w") as e_:
+                    p = subprocess.Popen(cmd(cfg, 1, part / "losses.txt"), env=env(), stdout=o, stderr=e_, text=True)
+                    try:
+                        wait_for_step(part / "losses.txt", 50, p)
+                        p.send_signal(signal.SIGTERM)
+                        code = p.wait(120)
+                    except (AssertionError, subprocess.TimeoutExpired) as e:
+                        raise RuntimeError(f"{e}: {(LOGS / 'part.stderr.txt').read_text()[-3000:]}") from e
+                    finally:
+                        if p.poll() is None:
+                            p.kill()
+                            p.wait()
                 stopped = max(losses(part / "losses.txt"))
-                run(cfg, 1, part / "losses.txt")
+                child("part-resumed", cmd(cfg, 1, part / "losses.txt"), env=env())
                 got = losses(part / "losses.txt")
                 diff = max(abs(got[k] - want[k]) for k in want)
                 row(f"bf16 GPU: SIGTERM at step {stopped} (exit {code}), resumed to 300 vs uninterrupted: max |loss diff|",
                     f"{diff:.3e} ({'bit for bit' if got == want else 'not identical'})", code == 83 and got == want)
             except Exception as e:  # noqa: BLE001
-                row("resume on GPU", f"failed: {e}"[:400], False)
+                row("resume on GPU", failed(e), False)
             try:
                 script = d / "nccl_pair.py"
                 script.write_text(NCCL_PAIR)
-                r = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script)],
-                                   capture_output=True, text=True, timeout=90)
+                r = child("nccl_pair", [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(script)],
+                          timeout=90, check=False)
                 tail = (r.stdout + r.stderr).strip().splitlines()
                 msg = next((ln for ln in tail if "allreduce" in ln or "Duplicate GPU" in ln or "Error" in ln), tail[-1] if tail else "")
                 row("NCCL, 2 ranks on 1 GPU (informational)", f"exit {r.returncode}: {msg[:200]}", True)
             except Exception as e:  # noqa: BLE001
-                row("NCCL pair (informational)", f"failed: {e}"[:300], True)
+                row("NCCL pair (informational)", failed(e), True)
             res["checks_s"] = time.monotonic() - t0
 
     if not a.quick:
         import trainer as bench_trainer
+        peak = res["peak_flops"] = bench_trainer.datasheet_peak()  # PRETRAIN_PEAK_FLOPS, else 989 T
+        pk = f"{peak / 1e12:.0f} T"
 
         def figures(key: str, argv: list[str], what: str, verdict) -> None:
-            """One bench/trainer.py run at scale: its figures under `key`, and a row from `verdict`
-            (figures -> (value, ok)); a failed run is a failed row with the trainer's stderr."""
+            """One bench/trainer.py run at scale: its figures under `key`, its children's output in
+            logs/`key`, and a row from `verdict` (figures -> (value, ok)); a failed run is a failed row
+            with the trainer's output."""
             try:
-                res[key] = f = bench_trainer.main(argv)
+                res[key] = f = bench_trainer.main([*argv, "--logs", str(out / "logs" / key)])
                 row(what, *verdict(f))
             except BaseException as e:  # noqa: BLE001  (SystemExit carries the trainer's stderr)
-                row(what, f"failed: {e}"[-600:], False)
+                row(what, failed(e), False)
 
         m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
         figures("checkpoint", ["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16", "--micro", "8",
@@ -171,31 +251,33 @@ def main(argv: list[str]) -> int:
                            f["dd_s"] / f["save_s"] >= 0.8 and f["async_blocked_s"] <= 0.05 * f["sync_blocked_s"]))
         figures("step", ["--preset", "llama3-1b", "--seq", "2048", "--batch", "16", "--micro", "4", "--precision", "bf16",
                          "--steps", "15", "--parts", "step"],
-                "llama3-1b bf16 seq 2048: tokens/s, MFU (datasheet 989 T)",
-                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / 989e12:.1f} %, "
+                f"llama3-1b bf16 seq 2048: tokens/s, MFU (of {pk})",
+                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / peak:.1f} %, "
                            f"step {f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
                            f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["trainer_step_s"] / f["plain_step_s"] <= 1.05))
         figures("step_8b_shaped", [*EIGHT_B_SHAPED, "--parts", "step"],
-                "Llama-3 8B-shaped (8 of 32 layers, 2.8 B parameters) bf16 seq 8192: tokens/s, MFU (torchtitan 8B on H100: 33-39 %)",
-                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / 989e12:.1f} %, step "
+                f"Llama-3 8B-shaped (8 of 32 layers, 2.8 B parameters) bf16 seq 8192: tokens/s, MFU of {pk} "
+                "(torchtitan 8B on H100: 33-39 %)",
+                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / peak:.1f} %, step "
                            f"{f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
-                           f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["model_flops"] / 989e12 >= 0.33))
+                           f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["model_flops"] / peak >= 0.33))
         if a.compile:  # the same, compiled (torchtitan's published figures compile the blocks)
             figures("compile_8b_shaped", [*EIGHT_B_SHAPED, "--parts", "compile"],
-                    "Llama-3 8B-shaped, training.compile: MFU, step against eager (torchtitan 8B on H100: 33-39 %)",
-                    lambda f: (f"MFU {100 * f['compiled_model_flops'] / 989e12:.1f} % (eager "
-                               f"{100 * f['eager_model_flops'] / 989e12:.1f} %), step {f['compiled_step_s'] * 1000:.0f} ms vs "
+                    f"Llama-3 8B-shaped, training.compile: MFU of {pk}, step against eager (torchtitan 8B on H100: 33-39 %)",
+                    lambda f: (f"MFU {100 * f['compiled_model_flops'] / peak:.1f} % (eager "
+                               f"{100 * f['eager_model_flops'] / peak:.1f} %), step {f['compiled_step_s'] * 1000:.0f} ms vs "
                                f"{f['eager_step_s'] * 1000:.0f} ms; run {f['compiled_run_s']:.0f} s vs {f['eager_run_s']:.0f} s",
-                               f["compiled_model_flops"] / 989e12 >= 0.33))
+                               f["compiled_model_flops"] / peak >= 0.33))
         try:  # selective activation checkpointing on the GPU, where recomputing elementwise ops is cheap
             import activation_checkpointing as bench_ac
-            res["activation_checkpointing"] = f = bench_ac.main(["--batch", "8", "--seq", "2048"])
+            res["activation_checkpointing"] = f = bench_ac.main(["--batch", "8", "--seq", "2048",
+                                                                  "--logs", str(out / "logs" / "activation_checkpointing")])
             ac = {m: (f[m]["mib"] / f["none"]["mib"], f[m]["step_s"] / f["none"]["step_s"]) for m in ("full", "selective")}
             row("activation checkpointing, model small, batch 8 x seq 2048: peak memory and step against none",
                 "; ".join(f"{m} {mem:.2f}x memory, {t:.2f}x step" for m, (mem, t) in ac.items()),
                 ac["selective"][0] < 1 and ac["selective"][1] < ac["full"][1])
         except Exception as e:  # noqa: BLE001
-            row("activation checkpointing", f"failed: {e}"[-600:], False)
+            row("activation checkpointing", failed(e), False)
     (out / "gpu.json").write_text(json.dumps({**res, "rows": rows}, indent=1))
     print(f"\n== bench/gpu.py on {res['gpu']}, torch {res['torch']}")
     for what, value, ok in rows:

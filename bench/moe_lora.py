@@ -5,8 +5,10 @@ experts; LoRA step time and checkpoint size against full training of the same mo
 
 Model `small` (seq 128), one CPU process. MoE: forward and backward of the whole model, the two
 expert implementations interleaved in one process, median of `--steps` rounds (robust to a busy
-machine). LoRA: trainer runs (batch 8, 2 microbatches); per-step times from two runs of different
-lengths (their difference cancels start-up), as bench/trainer.py does.
+machine). LoRA: one trainer run each (batch 8, 2 microbatches, 5 + 5 x (--steps // 5) steps),
+timed inside the process as bench/trainer.py does: the mean seconds per step of the trainer's log
+windows (a line every 5 steps), the first window (warm-up) left out, so start-up, the base
+checkpoint's load and the final save stay out of the figure.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer import timed  # noqa: E402  (bench/trainer.py)
+from trainer import step_seconds, timed  # noqa: E402  (bench/trainer.py)
+
+SEQ, BATCH = 128, 8
 
 
-def run(d: Path, name: str, steps: int, extra: dict, env: dict | None = None) -> float:
-    spec = {"model": {"preset": "small"}, "data": {"seqLen": 128, "globalBatchSize": 8, "microBatchSize": 4},
-            "training": {"steps": steps, "logEverySteps": 1000}, "optimizer": {"warmupSteps": 0},
+def run(d: Path, name: str, steps: int, extra: dict, env: dict | None = None) -> str:
+    """One trainer run of `steps` steps, logging every 5: its output."""
+    spec = {"model": {"preset": "small"}, "data": {"seqLen": SEQ, "globalBatchSize": BATCH, "microBatchSize": 4},
+            "training": {"steps": steps, "logEverySteps": 5}, "optimizer": {"warmupSteps": 0},
             "checkpoint": {"path": str(d / name / "ckpt"), "intervalSteps": 100000, "keep": 1}}
     for k, v in extra.items():
         spec[k] = {**spec.get(k, {}), **v}
@@ -34,15 +39,16 @@ def run(d: Path, name: str, steps: int, extra: dict, env: dict | None = None) ->
     (d / name).mkdir(parents=True)
     cfg = d / name / "job.yaml"
     cfg.write_text(yaml.safe_dump(spec))
-    t, _ = timed([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)],
-                 dict(os.environ, PRETRAIN_METRICS_PORT="0", **(env or {})))
-    return t
+    _, text = timed([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)],
+                    dict(os.environ, PRETRAIN_METRICS_PORT="0", **(env or {})))
+    return text
 
 
 def step_time(d: Path, name: str, steps: int, extra: dict, env: dict | None = None) -> float:
-    t1 = run(d, name, 3, extra, env)
-    t2 = run(d, name, 3 + steps, extra, env)
-    return (t2 - t1) / steps
+    """Mean step time after five warm-up steps, from the trainer's own log (bench/trainer.py's
+    step_seconds). The run ends with its final checkpoint: LoRA's base and the size figures use it."""
+    n = 5 + 5 * max(steps // 5, 1)
+    return step_seconds(run(d, name, n, extra, env), BATCH * SEQ)
 
 
 def moe_step_times(rounds: int) -> dict[str, float]:

@@ -101,9 +101,13 @@ def main(argv: list[str] | None = None) -> None:
         pid = lc.procs.pids()["node-agent"]
         print(f"node agent RSS with {args.pods + args.single} pods: {rss_mib(pid):.0f} MiB")
     finally:
+        # Gone before this returns (its pods' processes stopped): the next benchmark must not share
+        # the cores with the namespace controller and the node agent tearing down 55 pods.
         kube.delete(f"/api/v1/namespaces/{ns}")
+        deadline = time.monotonic() + 300
+        while kube.get_or_none(f"/api/v1/namespaces/{ns}") is not None and time.monotonic() < deadline:
+            time.sleep(1)
         if started_here:
-            time.sleep(5)
             lc.down(log=lambda *_: None)
 
 

@@ -18,15 +18,13 @@ import time
 import uuid
 from pathlib import Path
 
-from kubernetes import client
-
 from pretrain_localcluster import nodes
 from pretrain_localcluster.config import REPO_ROOT
 
 from pretrain_operator import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cluster_with_crd, new_namespace, start_operator  # noqa: E402
+from common import cluster_with_crd, delete_namespaces, new_namespace, start_operator  # noqa: E402
 
 STANDIN = str(REPO_ROOT / "tests" / "standin_trainer.py")
 
@@ -68,11 +66,14 @@ def one(lc, core, custom, run: int) -> tuple[float, float]:
         wait(lambda: (lambda s: s.get("phase") == "Running" and s.get("attempt") == 2)(status(custom, ns, "rec")))
         return first, time.monotonic() - t1
     finally:
-        core.delete_namespace(ns)
+        # The namespace gone (its pods ended on their nodes) before the pool goes and the next run
+        # starts: runs must not overlap. remove_node stops each node's agent too (deleting only the
+        # Node left it renewing a lease); the reclaimed node is gone already (a no-op).
+        delete_namespaces(core, [ns])
         for n in pool:
             try:
-                core.delete_node(n)
-            except client.ApiException:
+                nodes.remove_node(lc.state_dir, n)
+            except nodes.DrillError:  # no longer in the cluster's node list
                 pass
 
 

@@ -6,12 +6,18 @@ by async against sync saves.
     python bench/trainer.py --preset llama3-1b --seq 2048 --batch 16 --micro 4 --precision bf16
                                                                           # one GPU (bench/gpu.py)
 
-Runs on CUDA when torch sees a GPU, else on the CPU. Per-step times come from two runs of
-different lengths (their difference cancels start-up). Baselines, measured in the same run: a
-minimal loop (same model, batch, precision and AdamW; no loader state, no metrics, no
-collectives), `dd` writing the same number of bytes with fsync, and on a GPU a large bf16 matrix
-product (the measured peak that MFU is also given against). Limits: one process; it says nothing
-about multi-rank scaling.
+Runs on CUDA when torch sees a GPU, else on the CPU. Per-step times are measured inside each
+process after five warm-up steps, so start-up, the first steps' allocations and the final
+checkpoint stay out of them: the plain loop times its own steps, the trainer's are the mean of the
+seconds per step of its log windows (a line every 5 steps, the first window left out). The step
+and compile runs are stopped once their last step is logged: the final checkpoint (about 31 GiB
+for the 8B-shaped model of bench/gpu.py) is never written. Baselines, measured in the same run: a
+minimal loop (same model, batch, precision and AdamW; bf16 autocast on CUDA only, as the trainer;
+no loader state, no metrics, no collectives), `dd` writing the same number of bytes with fsync,
+and on a GPU a large bf16 matrix product (the measured peak that MFU is also given against). MFU
+is given against PRETRAIN_PEAK_FLOPS when set (as the trainer's logged MFU), else the H100/H200
+datasheet's dense bf16 989 TFLOP/s. `--logs DIR` keeps each child process's output. Limits: one
+process; it says nothing about multi-rank scaling.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +38,14 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+LOGS: Path | None = None  # --logs: each child process's output is written here
+
+
+def datasheet_peak() -> float:
+    """The peak FLOP/s that MFU is given against: PRETRAIN_PEAK_FLOPS when set, as the trainer's
+    own logged MFU (train.py), else the H100/H200 datasheet's dense bf16 989 T."""
+    return float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12"))
+
 
 PLAIN = r'''
 import json, sys, time, torch, torch.nn.functional as F
@@ -41,14 +56,16 @@ steps, preset, seq, batch, micro, bf16 = int(sys.argv[1]), sys.argv[2], int(sys.
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 args = ModelArgs.from_spec(ModelSpec(**json.loads(preset)))
 torch.manual_seed(0)
-m = Transformer(args); init_weights(m, 0); m.to(dev)
+with torch.device(dev):  # built where it trains: no copy from the CPU (the 8B-shaped model's fp32 weights: about 11 GB)
+    m = Transformer(args)
+init_weights(m, 0)  # each parameter generated on the CPU and copied in place, as the trainer's
 opt = torch.optim.AdamW(m.parameters(), lr=3e-4, betas=(0.9, 0.95), **({"fused": True} if dev == "cuda" else {"foreach": False}))
 x = torch.randint(0, args.vocabSize, (batch, seq + 1), device=dev)
 for step in range(1, steps + 1):
     if step == 6:
         t0 = time.monotonic()  # after five warm-up steps, as the trainer's figure
     for i in range(0, batch, micro):
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16 and dev == "cuda"):  # as the trainer (train.py)
             logits = m(x[i:i+micro, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), x[i:i+micro, 1:].flatten()) / (batch // micro)
         loss.backward()
@@ -71,18 +88,49 @@ def config(d: Path, a, steps: int, interval: int = 100000, async_save: bool = Fa
     return p
 
 
-def timed(argv: list[str], env: dict | None = None) -> tuple[float, str]:
+def timed(argv: list[str], env: dict | None = None, name: str | None = None, stop_at: str | None = None) -> tuple[float, str]:
+    """Run `argv`: its wall time and its output (stdout and stderr). With `stop_at`, a regular
+    expression, the process (and any child of it) is killed as soon as a line of its output matches,
+    and the wall time ends there. The output goes to LOGS/`name`.txt too when --logs is given."""
     t0 = time.monotonic()
-    r = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if r.returncode != 0:
-        raise SystemExit(r.stderr[-3000:])
-    return time.monotonic() - t0, r.stdout + r.stderr
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines, stopped = [], False
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            if stop_at and re.search(stop_at, line):
+                stopped = True
+                os.killpg(p.pid, signal.SIGKILL)
+                break
+        wall = time.monotonic() - t0
+        lines.append(p.stdout.read())
+        p.wait()
+    except BaseException:  # interrupted: leave nothing running
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        raise
+    text = "".join(lines)
+    if LOGS is not None and name:
+        LOGS.mkdir(parents=True, exist_ok=True)
+        path, i = LOGS / f"{name}.txt", 1
+        while path.exists():  # the same command again (eager in the step part and the compile part)
+            i += 1
+            path = LOGS / f"{name}-{i}.txt"
+        path.write_text(text)
+    if p.returncode != 0 and not stopped:
+        raise SystemExit(f"{' '.join(argv[:4])}...: exit {p.returncode}: {text[-3000:]}")
+    return wall, text
 
 
-def trainer_run(d: Path, a, steps: int, **kw) -> tuple[float, str]:
+def trainer_run(d: Path, a, steps: int, stop_at_last_step: bool = False, **kw) -> tuple[float, str]:
+    """One trainer process. `stop_at_last_step`: killed once its last step is logged, before the
+    final checkpoint it always saves (the run's wall time ends there too)."""
     shutil.rmtree(d / "ckpt", ignore_errors=True)
     env = dict(os.environ, PRETRAIN_METRICS_PORT="0")
-    return timed([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(config(d, a, steps, **kw))], env)
+    cfg = config(d, a, steps, **kw)
+    return timed([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], env, name=f"trainer-{cfg.stem}",
+                 stop_at=rf"step {steps}/{steps} loss " if stop_at_last_step else None)
 
 
 def matmul_peak() -> float:
@@ -117,7 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--save-every", type=int, default=5)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--logs", help="write each child process's output (plain loop, trainer runs) into this folder")
     a = ap.parse_args(argv or [])
+    global LOGS
+    LOGS = Path(a.logs) if a.logs else None
     a.model = {"preset": a.preset, **json.loads(a.model)}
     parts = a.parts.split(",")
     import torch
@@ -154,10 +205,11 @@ def step_part(d: Path, a, name: str, margs, where: str, cuda: bool) -> dict:
     n = 5 + 5 * max(a.steps // 5, 1)
     plain = d / "plain.py"
     plain.write_text(PLAIN.replace("{root}", str(ROOT)))
-    _, text = timed([sys.executable, str(plain), str(n), json.dumps(a.model), str(a.seq), str(a.batch), str(a.micro), a.precision])
+    _, text = timed([sys.executable, str(plain), str(n), json.dumps(a.model), str(a.seq), str(a.batch), str(a.micro), a.precision],
+                    name=f"plain-{n}")
     plain_step = float(re.findall(r"step_s ([0-9.e-]+)", text)[-1])
-    _, text = trainer_run(d, a, n, log_every=5)
-    trainer_step = step_seconds(a, text)
+    _, text = trainer_run(d, a, n, log_every=5, stop_at_last_step=True)  # the final checkpoint is not written
+    trainer_step = step_seconds(text, a.batch * a.seq)
     tps = a.batch * a.seq / trainer_step
     out.update(plain_step_s=plain_step, trainer_step_s=trainer_step, tokens_per_s=tps)
     print(f"step time, model {name} ({num_params(margs) / 1e6:.0f} M parameters; seq {a.seq}, batch {a.batch}, "
@@ -165,37 +217,42 @@ def step_part(d: Path, a, name: str, margs, where: str, cuda: bool) -> dict:
     print(f"  plain PyTorch loop   {plain_step * 1000:8.1f} ms")
     print(f"  pretrain_trainer     {trainer_step * 1000:8.1f} ms   ratio {trainer_step / plain_step:5.2f}x (goal <= 1.05)")
     if cuda:
-        peak = matmul_peak()
+        peak, sheet = matmul_peak(), datasheet_peak()
         mfu = tps * flops_per_token(margs, a.seq)
-        out.update(matmul_peak_flops=peak, model_flops=mfu)
-        print(f"  tokens/s {tps:,.0f}; model FLOP/s {mfu / 1e12:.0f} T = MFU {100 * mfu / 989e12:.1f} % of the "
-              f"989 T datasheet bf16 peak, {100 * mfu / peak:.1f} % of the {peak / 1e12:.0f} T measured 8192^3 bf16 matmul")
+        out.update(matmul_peak_flops=peak, model_flops=mfu, peak_flops=sheet)
+        print(f"  tokens/s {tps:,.0f}; model FLOP/s {mfu / 1e12:.0f} T = MFU {100 * mfu / sheet:.1f} % of the "
+              f"{sheet / 1e12:.0f} T peak (PRETRAIN_PEAK_FLOPS, else the datasheet's bf16), {100 * mfu / peak:.1f} % of the "
+              f"{peak / 1e12:.0f} T measured 8192^3 bf16 matmul")
 
     return out
 
 
-def step_seconds(a, text: str) -> float:
-    """The trainer's mean step time from its logged tokens/s, the first log line (warm-up) left out."""
+def step_seconds(text: str, tokens_per_step: int) -> float:
+    """The trainer's mean step time from its logged tokens/s, the first log line (warm-up) left out:
+    the mean of each window's seconds per step (tokens per step / its rate; equal windows), not the
+    step time of the mean rate, which a slow window would pull less than it weighs."""
     rates = [float(x) for x in re.findall(r"tokens/s ([0-9.]+)", text)][1:]
-    return a.batch * a.seq / (sum(rates) / len(rates))
+    if not rates:
+        raise SystemExit(f"no tokens/s logged after the first window: {text[-2000:]}")
+    return statistics.mean(tokens_per_step / r for r in rates)
 
 
 def compile_part(d: Path, a, name: str, margs, cuda: bool) -> dict:
     """training.compile against eager, the same model, batch and steps: the step time after the
-    first five steps (the first compiles), each run's whole wall time (start-up, compiling), and on
-    a GPU the model FLOP/s of each."""
+    first five steps (the first compiles), each run's wall time up to its last step (start-up,
+    compiling; not the final checkpoint, which is not written), and on a GPU the model FLOP/s of each."""
     from pretrain_trainer.model import flops_per_token
     n = 5 + 5 * max(a.steps // 5, 1)
     out = {}
     print(f"training.compile, model {name}, 1 process, {n} steps:")
     for mode in ("eager", "compiled"):
-        wall, text = trainer_run(d, a, n, log_every=5, compiled=mode == "compiled")
-        step = out[f"{mode}_step_s"] = step_seconds(a, text)
+        wall, text = trainer_run(d, a, n, log_every=5, compiled=mode == "compiled", stop_at_last_step=True)
+        step = out[f"{mode}_step_s"] = step_seconds(text, a.batch * a.seq)
         out[f"{mode}_run_s"] = wall
         mfu = ""
         if cuda:
             flops = out[f"{mode}_model_flops"] = a.batch * a.seq / step * flops_per_token(margs, a.seq)
-            mfu = f"   MFU {100 * flops / 989e12:.1f} % (989 T datasheet bf16)"
+            mfu = f"   MFU {100 * flops / datasheet_peak():.1f} % (of {datasheet_peak() / 1e12:.0f} T)"
         print(f"  {mode:9s}  step {step * 1000:8.1f} ms   run {wall:6.1f} s{mfu}")
     print(f"  step ratio {out['compiled_step_s'] / out['eager_step_s']:5.2f}x (below 1: faster)")
     return out
@@ -207,10 +264,7 @@ def checkpoint_part(d: Path, a) -> dict:
     _, err = trainer_run(d, a, 2, interval=1)
     save_s = float(re.findall(r"checkpoint step 2 committed in ([0-9.]+) s", err)[-1])
     size = sum(f.stat().st_size for f in (d / "ckpt" / "step-00000002").rglob("*") if f.is_file())
-    t0 = time.monotonic()
-    subprocess.run(["dd", "if=/dev/zero", f"of={d / 'dd.bin'}", "bs=1M", f"count={max(size >> 20, 1)}", "conv=fsync"],
-                   check=True, capture_output=True)
-    dd_s = time.monotonic() - t0
+    dd_s, _ = timed(["dd", "if=/dev/zero", f"of={d / 'dd.bin'}", "bs=1M", f"count={max(size >> 20, 1)}", "conv=fsync"], name="dd")
     (d / "dd.bin").unlink()
     out.update(checkpoint_bytes=size, save_s=save_s, dd_s=dd_s)
     print(f"checkpoint save of {size / 2**20:.0f} MiB (model + optimizer):")
