@@ -7,11 +7,14 @@ on the local cluster relies on.)"""
 
 from __future__ import annotations
 
+import time
+
 import kopf
 
 from pretrain_operator import contract as c
 from pretrain_operator.handlers import configure
 from pretrain_operator.settings import OperatorSettings
+from tests.helpers import wait_for
 
 PODS = kopf.Resource("", "v1", "pods", kind="Pod", namespaced=True)
 NODES = kopf.Resource("", "v1", "nodes", kind="Node", namespaced=False)
@@ -105,8 +108,6 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
 def test_a_deleted_job_is_forgotten_by_a_standby_that_never_reconciles_it():
     # A standby (not leading) never reads the 404 that makes the leader forget a job: it kept every
     # deleted job's pods, node entries and queue key (polled every second) until it led.
-    import threading
-
     from kubernetes import client
 
     from pretrain_operator.controller import Controller
@@ -123,7 +124,7 @@ def test_a_deleted_job_is_forgotten_by_a_standby_that_never_reconciles_it():
                 "spec": {"nodeName": "spot-1"},
                 "status": {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}}
     try:
-        ctl.on_job(key)
+        ctl.on_job(key, "old")
         ctl.on_pod(pod("j-a1-n0", "old"))
         assert ctl.last_seen[key] and ctl.node_jobs == {"spot-1": {key}}
         ctl.start()  # its worker polls the key while it does not lead
@@ -133,19 +134,46 @@ def test_a_deleted_job_is_forgotten_by_a_standby_that_never_reconciles_it():
         ctl.on_pod(pod("j-a1-n1", "old"))
         assert key not in ctl.last_seen and not ctl.node_jobs
         # The standby's worker drops the key instead of polling it for ever.
-        deadline = threading.Event()
-        for _ in range(30):
-            if not len(ctl.queue):
-                break
-            deadline.wait(0.1)
-        assert not len(ctl.queue)
+        wait_for(lambda: not len(ctl.queue), timeout=5, interval=0.1, what="the deleted job's key dropped")
         # Applied again under the name: the new job's pods are its own, and its key is polled.
-        ctl.on_job(key)
+        ctl.on_job(key, "new")
         ctl.on_pod(pod("j-a1-n0", "new"))
         assert sorted(ctl.last_seen[key]) == ["j-a1-n0"] and ctl.node_jobs == {"spot-1": {key}}
-        deadline.wait(1.5)
-        assert len(ctl.queue) == 1
+        # kopf watches each object on its own: the old job's deletion may be seen after the new
+        # job. It forgets nothing of the new one, and the old one's last pods are still not kept.
+        ctl.on_job_deleted(key, "old")
+        ctl.on_pod(pod("j-a1-n2", "old"))
+        assert sorted(ctl.last_seen[key]) == ["j-a1-n0"] and ctl.node_jobs == {"spot-1": {key}}
+        time.sleep(1.5)
+        assert len(ctl.queue) == 1  # still polled
     finally:
-        ctl.stopped.set()
-        ctl.queue.close()
+        ctl.stop(timeout=5)
+        ctl.pool.shutdown()
+
+
+def test_a_job_read_gone_is_not_read_again_until_an_event_of_it():
+    # After the 404 that forgets a job, its key came back at every resync for ever: a GET every 30 s
+    # for each job ever deleted in the operator's lifetime.
+    from kubernetes import client
+
+    from pretrain_operator import metrics
+    from pretrain_operator.controller import Controller
+
+    class Gone:
+        def get(self, path: str, **_):
+            raise client.ApiException(status=404, reason="Not Found")
+
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0, workers=1, resync_s=0.2))
+    ctl.kube = Gone()
+    before = metrics.RECONCILES.labels("ok")._value.get()
+    try:
+        ctl.start()
+        ctl.on_job(("ml", "j"), "u1")
+        wait_for(lambda: metrics.RECONCILES.labels("ok")._value.get() == before + 1, timeout=5, interval=0.05,
+                 what="the pass that reads the 404")
+        time.sleep(1.0)  # five resyncs
+        assert metrics.RECONCILES.labels("ok")._value.get() == before + 1 and not len(ctl.queue)
+        assert ("ml", "j") not in ctl.job_uids
+    finally:
+        ctl.stop(timeout=5)
         ctl.pool.shutdown()

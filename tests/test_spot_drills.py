@@ -143,7 +143,9 @@ def test_a_restarted_node_agent_adopts_the_pods_it_left_running(cluster, core, n
     # and its processes and network namespace with it.
     core.delete_namespaced_pod("survivor", namespace, grace_period_seconds=60)
     wait_for(lambda: phase(core, namespace, "survivor") is None, timeout=20, what="the pod to end on SIGTERM")
-    assert not os.path.exists(f"/var/run/netns/ptp-{after.metadata.uid.replace('-', '')[:12]}")
+    # The agent deletes the pod object, then tears its sandbox down.
+    wait_for(lambda: not os.path.exists(f"/var/run/netns/ptp-{after.metadata.uid.replace('-', '')[:12]}"),
+             timeout=10, what="the pod's network namespace to be gone")
 
 
 def test_a_live_node_marked_not_ready_is_ready_again_within_a_status_check(core, fresh_node):

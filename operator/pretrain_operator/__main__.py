@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per liveness probe otherwise
     for name in OperatorSettings.unknown_env():
-        logging.getLogger("pretrain_operator").warning("%s names no setting (docs/operations.md lists them): ignored", name)
+        logging.getLogger("pretrain_operator").warning("%s names no setting (operator/pretrain_operator/settings.py lists them): ignored", name)
     handlers.STATE["settings"] = s
     limit_malloc_arenas(s.malloc_arenas)
     liveness = f"http://0.0.0.0:{s.health_port}/healthz" if s.health_port else None

@@ -53,7 +53,9 @@ class Controller:
         self.memo_lock = threading.Lock()
         self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
         self.probe_refusals: dict = {}  # job key -> (refused passes in a row, monotonic time of the last) of capacity probes
-        self.gone: dict = {}  # job key -> (uid, monotonic time) of a job whose deletion the watch saw (GONE_KEEP_S)
+        self.job_uids: dict = {}  # job key -> uid of the job the watch last saw live under that key
+        self.dead_uids: dict = {}  # uid -> monotonic time the watch saw that job deleted (kept GONE_KEEP_S)
+        self.workers: list[threading.Thread] = []
 
     # ---- inputs from the watches ------------------------------------------------------------------
     def on_node(self, node: dict, deleted: bool) -> None:
@@ -61,77 +63,80 @@ class Controller:
         if deleted:
             # Its jobs are told once, and the name forgotten: spot nodes' names are rarely reused,
             # and the map grew by every node a job ever ran on.
-            self.nodes.pop(name, None)
-            keys = self.node_jobs.pop(name, set())
+            with self.memo_lock:
+                self.nodes.pop(name, None)
+                keys = self.node_jobs.pop(name, set())
         else:
             self.nodes[name] = node
-            keys = self.node_jobs.get(name, set())
-        for key in list(keys):
+            with self.memo_lock:
+                keys = set(self.node_jobs.get(name, ()))
+        for key in keys:
             self.queue.add(key)
 
-    def on_job(self, key: tuple[str, str]) -> None:
+    def on_job(self, key: tuple[str, str], uid: str | None = None) -> None:
         # A job this operator has not reconciled yet (new, or new to it) goes before the re-reconciles
         # its peers' pod events queue: in a burst of applies, gangs are created first, bookkeeping after.
-        with self.memo_lock:
-            self.gone.pop(key, None)  # applied again under that name
+        if uid:
+            with self.memo_lock:
+                self.job_uids[key] = uid
         self.queue.add(key, first=key not in self.phases)
 
     def on_job_deleted(self, key: tuple[str, str], uid: str) -> None:
         """The watch saw the job deleted: forgotten on every replica, and its pods' last events (the
-        garbage collector's deletions) are not remembered. A standby never reconciles the 404 that
-        forgets a job, so it kept every deleted job's pods, node entries and queue key until it led."""
+        garbage collector's deletions, a grace period's worth) are not remembered. A standby never
+        reconciles the 404 that forgets a job, so it kept every deleted job's pods, node entries and
+        queue key until it led. kopf watches each object on its own: a job deleted and applied again
+        under its name may be seen new before the old one is seen gone, so this is by uid."""
         now = time.monotonic()
         with self.memo_lock:
-            self.gone = {k: v for k, v in self.gone.items() if now - v[1] < GONE_KEEP_S}
-            self.gone[key] = (uid, now)
-        self._forget_job(key)
-        self.queue.add(key)  # the leader's pass reads the 404 (and forgets whatever came meanwhile)
-
-    def _gone(self, key: tuple[str, str], uid: str | None = None) -> bool:
-        """Whether the job of this key was deleted (of this uid, when given: a pod of a job applied
-        again under the name is the new job's)."""
-        with self.memo_lock:
-            seen = self.gone.get(key)
-        return seen is not None and (uid is None or seen[0] == uid)
+            self.dead_uids = {u: t for u, t in self.dead_uids.items() if now - t < GONE_KEEP_S}
+            self.dead_uids[uid] = now
+            ours = self.job_uids.get(key) in (None, uid)  # not a newer job of that name
+            if ours:
+                self.job_uids.pop(key, None)
+        if ours:
+            self._forget_job(key)
+        self.queue.add(key)  # the leader's pass reads the 404 (or the new job)
 
     def _forget_job(self, key: tuple[str, str]) -> None:
         """Nothing of a deleted job outlives it (or reaches a new job of its name)."""
         self._forget_metrics(key)
         self.last_progress.pop(key, None)
-        with self.memo_lock:
-            self.last_seen.pop(key, None)
         for memo in (self.create_errors, self.children, self.progress_misses, self.progress_read, self.probe_refusals):
             memo.pop(key, None)
-        for node in [n for n, keys in self.node_jobs.items() if key in keys]:
-            self.node_jobs[node].discard(key)
-            if not self.node_jobs[node]:
-                del self.node_jobs[node]
+        with self.memo_lock:  # the watches' threads write these too
+            self.last_seen.pop(key, None)
+            for node in [n for n, keys in self.node_jobs.items() if key in keys]:
+                self.node_jobs[node].discard(key)
+                if not self.node_jobs[node]:
+                    del self.node_jobs[node]
 
     def on_pod(self, pod: dict) -> None:
         job = (pod["metadata"].get("labels") or {}).get(c.LABEL_JOB)
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
-        if self._gone(key, pod["metadata"]["labels"].get(c.LABEL_JOB_UID)):
-            return  # a deleted job's pod, going with it
-        if classify.finished(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
-                                         for cd in (pod.get("status") or {}).get("conditions") or []):
-            self._remember(key, pod)
+        ended = classify.finished(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
+                                              for cd in (pod.get("status") or {}).get("conditions") or [])
         node = (pod.get("spec") or {}).get("nodeName")
-        if node:
-            self.node_jobs.setdefault(node, set()).add(key)
+        with self.memo_lock:  # one section with the deletion's check: on_job_deleted may run meanwhile
+            if pod["metadata"]["labels"].get(c.LABEL_JOB_UID) in self.dead_uids:
+                return  # a deleted job's pod, going with it
+            if ended:
+                self._remember(key, pod)
+            if node:
+                self.node_jobs.setdefault(node, set()).add(key)
         self.queue.add(key)
 
     def _remember(self, key: tuple[str, str], pod: dict) -> None:
         """Keep how the pod ended, for decide (Observed.last_seen): what it reads of it only (a
         finished job's pods were kept whole until its deletion), its job's last attempts only (a
-        job preempted every hour kept every evicted pod it ever had), nothing for a finished job."""
+        job preempted every hour kept every evicted pod it ever had), nothing for a finished job.
+        Called with memo_lock held (against the pop once the job is finished, _observe_metrics)."""
         md = pod["metadata"]
         slim = {"metadata": {k: md[k] for k in ("name", "namespace", "labels", "deletionTimestamp") if k in md},
                 "spec": {k: v for k, v in (pod.get("spec") or {}).items() if k == "nodeName"}, "status": pod.get("status") or {}}
-        with self.memo_lock:  # against the pop once the job is finished (_observe_metrics)
-            if self.phases.get(key) in reconcile.TERMINAL:
-                return
+        if self.phases.get(key) not in reconcile.TERMINAL:
             uid = (md.get("labels") or {}).get(c.LABEL_JOB_UID)
             # Another job of that name (deleted and applied again): its pods are not this one's.
             memo = {n: p for n, p in self.last_seen.get(key, {}).items() if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid}
@@ -146,9 +151,20 @@ class Controller:
     # ---- workers ------------------------------------------------------------------------------------
     def start(self) -> None:
         for i in range(self.settings.workers):
-            threading.Thread(target=self._worker, daemon=True, name=f"reconcile-{i}").start()
+            self.workers.append(threading.Thread(target=self._worker, daemon=True, name=f"reconcile-{i}"))
+            self.workers[-1].start()
         if self.settings.memory_trim_s > 0:
             threading.Thread(target=self._trim_memory, daemon=True, name="memory-trim").start()
+
+    def stop(self, timeout: float) -> None:
+        """Take no more work and wait, at most `timeout` s, for the passes in flight to end: a replica
+        that handed its Lease back while a pass still wrote (a gang's pods being created) acted beside
+        the standby that took it over."""
+        self.stopped.set()
+        self.queue.close()
+        deadline = time.monotonic() + timeout
+        for t in self.workers:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _trim_memory(self) -> None:
         """A burst of reconciles (100 jobs applied at once) leaves freed pages in glibc's heaps that
@@ -174,7 +190,7 @@ class Controller:
                     # that lost the Lease would export them unchanged for ever (a deleted job's
                     # Failed phase firing PretrainJobFailed, jobs counted by two replicas).
                     self._forget_metrics(key)
-                    if not self._gone(key):  # a deleted job's key would come back every second for ever
+                    if key in self.job_uids:  # a deleted job's key came back every second for ever
                         self.queue.add(key, delay=1.0)
                     continue
                 t0 = time.monotonic()
@@ -183,7 +199,8 @@ class Controller:
                 metrics.RECONCILES.labels("ok").inc()
                 if self.errors.pop(key, None):
                     self.queue.forget(key)
-                self.queue.add(key, delay=next_pass(delay, self.phases.get(key, ""), self.settings))
+                if delay != DELETED:  # a deleted job was read again at every resync for ever
+                    self.queue.add(key, delay=next_pass(delay, self.phases.get(key, ""), self.settings))
             except client.ApiException as e:
                 # Conflicts and API hiccups are retried with back-off; the next pass re-observes
                 # everything, so nothing is lost. (A namespace being deleted answers 403 until the
@@ -209,8 +226,10 @@ class Controller:
             job = self.kube.get(_job_path(ns, name))
         except client.ApiException as e:
             if e.status == 404:
+                with self.memo_lock:
+                    self.job_uids.pop((ns, name), None)  # its deletion's event missed (a watch restarted)
                 self._forget_job((ns, name))
-                return None  # deleted: ownerReferences garbage-collect the children
+                return DELETED  # ownerReferences garbage-collect the children; a new job's event queues it again
             raise
         if job["metadata"].get("deletionTimestamp"):
             return None
@@ -518,7 +537,7 @@ class Controller:
 
     def _update_phase_gauge(self) -> None:
         counts: dict[str, int] = {}
-        for ph in self.phases.values():
+        for ph in list(self.phases.values()):  # a copy: workers write it meanwhile
             counts[ph] = counts.get(ph, 0) + 1
         for ph in metrics.PHASES:
             metrics.JOBS.labels(ph).set(counts.get(ph, 0))
@@ -535,6 +554,7 @@ class Controller:
             os._exit(17)
 
 
+DELETED = -1.0  # reconcile's answer for a job that is gone: not looked at again until an event of its key
 # How long a deleted job's pods are not remembered (their deletions by the garbage collector come
 # within seconds; a minute-long pod grace period is the longest wait).
 GONE_KEEP_S = 600.0

@@ -89,8 +89,7 @@ def startup(settings: kopf.OperatorSettings, **_):
 def cleanup(**_):
     ctl = STATE.get("controller")
     if ctl:
-        ctl.stopped.set()
-        ctl.queue.close()
+        ctl.stop(timeout=ctl.settings.lease_duration_s)  # then the Lease: a standby takes it at once
         if ctl.leader:
             ctl.leader.release()
 
@@ -100,7 +99,7 @@ def job_event(name, namespace, type, uid, **_):  # noqa: A002  (kopf's keyword)
     if type == "DELETED":
         controller().on_job_deleted((namespace, name), uid)
     else:
-        controller().on_job((namespace, name))
+        controller().on_job((namespace, name), uid)
 
 
 @kopf.on.event("", "v1", "pods", labels={c.LABEL_JOB: kopf.PRESENT})
