@@ -177,3 +177,76 @@ def test_a_job_read_gone_is_not_read_again_until_an_event_of_it():
     finally:
         ctl.stop(timeout=5)
         ctl.pool.shutdown()
+
+
+def test_a_job_deleted_and_applied_again_keeps_the_new_one_whatever_order_its_events_come_in():
+    # kopf watches each object on its own: the new job's ADDED, a late MODIFIED of the old one and
+    # the old one's DELETED may interleave; a 404 read may race the new job's event.
+    from kubernetes import client
+
+    from pretrain_operator.controller import DELETED, Controller
+
+    key = ("ml", "j")
+    evicted = {"phase": "Running", "conditions": [{"type": "DisruptionTarget", "status": "True"}]}
+
+    def pod(name: str, uid: str) -> dict:
+        return {"metadata": {"name": name, "namespace": "ml", "labels": {c.LABEL_JOB: "j", c.LABEL_JOB_UID: uid, c.LABEL_ATTEMPT: "1"}},
+                "spec": {}, "status": evicted}
+
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0))
+    try:
+        ctl.on_job(key, "a")
+        ctl.on_job(key, "b")  # applied again
+        ctl.on_pod(pod("j-a1-n0", "b"))
+        ctl.on_job(key, "a")  # a late event of the old one
+        ctl.on_job_deleted(key, "a")
+        assert ctl.job_uids[key] == {"b"} and sorted(ctl.last_seen[key]) == ["j-a1-n0"]
+        ctl.on_job(key, "a")  # later still: a deleted job is not live again
+        assert ctl.job_uids[key] == {"b"}
+
+        class ReadGoneWhileApplied:  # the GET answers 404 for the old job; the new one's event comes meanwhile
+            def get(self, path: str, **_):
+                ctl.on_job(key, "c")
+                raise client.ApiException(status=404, reason="Not Found")
+        ctl.kube = ReadGoneWhileApplied()
+        ctl.on_job_deleted(key, "b")
+        ctl.on_job(key, "x")  # a job whose deletion the watch missed (it restarted)
+        ctl.on_pod(pod("j-a1-n1", "x"))
+        assert ctl.reconcile(*key) == DELETED
+        assert ctl.job_uids[key] == {"c"}, "the job applied during the read is kept"
+        ctl.on_pod(pod("j-a1-n2", "x"))  # the read-gone job's last pods: not remembered
+        assert "j-a1-n2" not in ctl.last_seen.get(key, {})
+    finally:
+        ctl.pool.shutdown()
+
+
+def test_a_stopping_operator_hands_its_lease_back_only_once_its_passes_in_flight_ended():
+    # Released at once, a pass still writing (a gang's pods being created) acted beside the standby
+    # that took the Lease over.
+    import threading
+
+    from kubernetes import client
+
+    from pretrain_operator.controller import Controller
+
+    answered = threading.Event()
+    reading = threading.Event()
+
+    class Slow:
+        def get(self, path: str, **_):
+            reading.set()
+            answered.wait(30)
+            raise client.ApiException(status=404, reason="Not Found")
+
+    ctl = Controller(client.ApiClient(), OperatorSettings(metrics_port=0, health_port=0, workers=1))
+    ctl.kube = Slow()
+    try:
+        ctl.start()
+        ctl.on_job(("ml", "j"), "u")
+        assert reading.wait(5)
+        assert ctl.stop(timeout=0.5) is False  # a pass in flight: the Lease is left to expire
+        answered.set()
+        assert ctl.stop(timeout=5) is True
+    finally:
+        answered.set()
+        ctl.pool.shutdown()

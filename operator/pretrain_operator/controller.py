@@ -53,7 +53,7 @@ class Controller:
         self.memo_lock = threading.Lock()
         self.create_errors: dict = {}  # job key -> (uid, attempt, HTTP status, message) of its last refused pod create
         self.probe_refusals: dict = {}  # job key -> (refused passes in a row, monotonic time of the last) of capacity probes
-        self.job_uids: dict = {}  # job key -> uid of the job the watch last saw live under that key
+        self.job_uids: dict = {}  # job key -> uids of the jobs the watch saw live under that key, not yet deleted
         self.dead_uids: dict = {}  # uid -> monotonic time the watch saw that job deleted (kept GONE_KEEP_S)
         self.workers: list[threading.Thread] = []
 
@@ -78,7 +78,8 @@ class Controller:
         # its peers' pod events queue: in a burst of applies, gangs are created first, bookkeeping after.
         if uid:
             with self.memo_lock:
-                self.job_uids[key] = uid
+                if uid not in self.dead_uids:  # a late event of a job seen deleted
+                    self.job_uids.setdefault(key, set()).add(uid)
         self.queue.add(key, first=key not in self.phases)
 
     def on_job_deleted(self, key: tuple[str, str], uid: str) -> None:
@@ -87,29 +88,35 @@ class Controller:
         reconciles the 404 that forgets a job, so it kept every deleted job's pods, node entries and
         queue key until it led. kopf watches each object on its own: a job deleted and applied again
         under its name may be seen new before the old one is seen gone, so this is by uid."""
+        self._forget_uids(key, {uid})
+        self.queue.add(key)  # the leader's pass reads the 404 (or the new job)
+
+    def _forget_uids(self, key: tuple[str, str], uids: set) -> None:
+        """These jobs of the key are deleted: their pods' events are not remembered from now on, and
+        the key's memos go unless a newer job of the name lives (seen in either order)."""
         now = time.monotonic()
         with self.memo_lock:
             self.dead_uids = {u: t for u, t in self.dead_uids.items() if now - t < GONE_KEEP_S}
-            self.dead_uids[uid] = now
-            ours = self.job_uids.get(key) in (None, uid)  # not a newer job of that name
-            if ours:
-                self.job_uids.pop(key, None)
-        if ours:
+            self.dead_uids.update(dict.fromkeys(uids, now))
+            live = self.job_uids.get(key, set()) - uids
+            if live:
+                self.job_uids[key] = live
+                return
+            self.job_uids.pop(key, None)
             self._forget_job(key)
-        self.queue.add(key)  # the leader's pass reads the 404 (or the new job)
 
     def _forget_job(self, key: tuple[str, str]) -> None:
-        """Nothing of a deleted job outlives it (or reaches a new job of its name)."""
+        """Nothing of a deleted job outlives it (or reaches a new job of its name). Called with
+        memo_lock held: the watches' threads write these too."""
         self._forget_metrics(key)
         self.last_progress.pop(key, None)
         for memo in (self.create_errors, self.children, self.progress_misses, self.progress_read, self.probe_refusals):
             memo.pop(key, None)
-        with self.memo_lock:  # the watches' threads write these too
-            self.last_seen.pop(key, None)
-            for node in [n for n, keys in self.node_jobs.items() if key in keys]:
-                self.node_jobs[node].discard(key)
-                if not self.node_jobs[node]:
-                    del self.node_jobs[node]
+        self.last_seen.pop(key, None)
+        for node in [n for n, keys in self.node_jobs.items() if key in keys]:
+            self.node_jobs[node].discard(key)
+            if not self.node_jobs[node]:
+                del self.node_jobs[node]
 
     def on_pod(self, pod: dict) -> None:
         job = (pod["metadata"].get("labels") or {}).get(c.LABEL_JOB)
@@ -156,15 +163,16 @@ class Controller:
         if self.settings.memory_trim_s > 0:
             threading.Thread(target=self._trim_memory, daemon=True, name="memory-trim").start()
 
-    def stop(self, timeout: float) -> None:
-        """Take no more work and wait, at most `timeout` s, for the passes in flight to end: a replica
-        that handed its Lease back while a pass still wrote (a gang's pods being created) acted beside
-        the standby that took it over."""
+    def stop(self, timeout: float) -> bool:
+        """Take no more work and wait, at most `timeout` s, for the passes in flight to end; whether
+        they did. A replica that handed its Lease back while a pass still wrote (a gang's pods being
+        created) acted beside the standby that took it over."""
         self.stopped.set()
         self.queue.close()
         deadline = time.monotonic() + timeout
         for t in self.workers:
             t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self.workers)
 
     def _trim_memory(self) -> None:
         """A burst of reconciles (100 jobs applied at once) leaves freed pages in glibc's heaps that
@@ -222,14 +230,16 @@ class Controller:
     # ---- one reconcile --------------------------------------------------------------------------------
     def reconcile(self, ns: str, name: str) -> float | None:
         # Observe.
+        with self.memo_lock:
+            known = set(self.job_uids.get((ns, name), ()))  # before the read: each is deleted if it reads 404
         try:
             job = self.kube.get(_job_path(ns, name))
         except client.ApiException as e:
             if e.status == 404:
-                with self.memo_lock:
-                    self.job_uids.pop((ns, name), None)  # its deletion's event missed (a watch restarted)
-                self._forget_job((ns, name))
-                return DELETED  # ownerReferences garbage-collect the children; a new job's event queues it again
+                # Also when the watch missed its deletion (a watch restarted); a job applied again
+                # since the read is kept (its event queued the key again).
+                self._forget_uids((ns, name), known)
+                return DELETED  # ownerReferences garbage-collect the children
             raise
         if job["metadata"].get("deletionTimestamp"):
             return None
@@ -259,7 +269,8 @@ class Controller:
             nn = (p.get("spec") or {}).get("nodeName")
             if nn and nn not in nodes:
                 nodes[nn] = self._node(nn)
-                self.node_jobs.setdefault(nn, set()).add((ns, name))
+                with self.memo_lock:  # the watches' threads read and write it too
+                    self.node_jobs.setdefault(nn, set()).add((ns, name))
         probes = [p for p in pods if c.LABEL_PROBE in p["metadata"].get("labels", {})]
         pods = [p for p in pods if c.LABEL_PROBE not in p["metadata"].get("labels", {})]
         # The Service and ConfigMap are re-read once a minute or when the spec changes: only we change them.

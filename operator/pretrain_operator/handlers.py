@@ -89,8 +89,9 @@ def startup(settings: kopf.OperatorSettings, **_):
 def cleanup(**_):
     ctl = STATE.get("controller")
     if ctl:
-        ctl.stop(timeout=ctl.settings.lease_duration_s)  # then the Lease: a standby takes it at once
-        if ctl.leader:
+        # Then the Lease, which a standby takes at once; with a pass still writing, it is left to
+        # expire instead (the process ends, and its daemon workers with it).
+        if ctl.stop(timeout=ctl.settings.lease_duration_s) and ctl.leader:
             ctl.leader.release()
 
 
