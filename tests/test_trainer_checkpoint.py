@@ -616,6 +616,14 @@ def test_an_async_save_commits_and_resumes_like_a_sync_one(tmp_path):
         assert losses(d / f"from-{step}.txt") == {s: v for s, v in want.items() if s > step}
 
 
+def _two_ranks_saving_async(tmp_path, code: str) -> subprocess.CompletedProcess:
+    """9 steps on 2 data-parallel ranks, an async save every 3, with `code` injected (a sitecustomize)."""
+    cfg = write_config(tmp_path, nproc=2, data=2, steps=9, interval=3,
+                       extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
+    return subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=injected(tmp_path, code), capture_output=True,
+                          text=True, timeout=180)
+
+
 def test_an_async_save_that_fails_on_one_rank_only_stops_every_rank_instead_of_hanging(tmp_path):
     # The failing rank went on to save synchronously alone, in other collectives than its peers,
     # whose saves were with their writers: the gang hung until its pods were killed. The fault is
@@ -630,10 +638,7 @@ def test_an_async_save_that_fails_on_one_rank_only_stops_every_rank_instead_of_h
         "        raise OSError('injected: the writer process is gone')\n"
         "    return _async_save(*a, **k)\n"
         "dcp.async_save = async_save\n")
-    cfg = write_config(tmp_path, nproc=2, data=2, steps=9, interval=3,
-                       extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
-    e = injected(tmp_path, code)
-    r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=e, capture_output=True, text=True, timeout=180)
+    r = _two_ranks_saving_async(tmp_path, code)
     assert r.returncode != 0
     # The failing rank's cause, said before the agreement (its error may be cut short by its peer's).
     assert "the async checkpoint of step 3 failed on this rank (OSError: injected" in r.stderr, r.stderr[-3000:]
@@ -661,10 +666,7 @@ def test_an_async_copy_that_fails_goes_on_saving_synchronously_or_stops_every_ra
         "        return f\n"
         "    return _stage(self, *a, **k)\n"
         "DefaultStager.stage = stage\n")
-    cfg = write_config(tmp_path, nproc=2, data=2, steps=9, interval=3,
-                       extra={"checkpoint": {"path": str(tmp_path / "ckpt"), "intervalSteps": 3, "async": True}})
-    r = subprocess.run(cmd(cfg, 2, tmp_path / "losses.txt"), env=injected(tmp_path, code), capture_output=True, text=True,
-                       timeout=180)
+    r = _two_ranks_saving_async(tmp_path, code)
     assert "the async checkpoint of step 3 failed on this rank while staging (KeyError: " in r.stderr, r.stderr[-3000:]
     if where == "rank 1":
         assert r.returncode != 0
