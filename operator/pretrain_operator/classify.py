@@ -37,6 +37,12 @@ def _cond(obj: dict, ctype: str) -> dict | None:
     return next((x for x in (obj.get("status") or {}).get("conditions") or [] if x.get("type") == ctype), None)
 
 
+def disrupted(pod: dict) -> dict | None:
+    """The pod's DisruptionTarget condition, when it is True (an eviction, a preemption, PodGC)."""
+    dt = _cond(pod, "DisruptionTarget")
+    return dt if dt and dt.get("status") == "True" else None
+
+
 def node_problem(node: dict | None, node_name: str | None, notice_taints: list[str]) -> tuple[str, str] | None:
     """(reason, message) when the node is gone, not ready, unreachable or under a reclaim notice."""
     if not node_name:
@@ -121,8 +127,8 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         # Before the disruption checks: a rank that finished and whose node was then emptied
         # (an autoscaler, PodGC's DisruptionTarget) is done, not preempted.
         return End(SUCCESS, pod=name)
-    dt = _cond(pod, "DisruptionTarget")
-    if dt and dt.get("status") == "True":
+    dt = disrupted(pod)
+    if dt:
         return End(PREEMPTION, dt.get("reason") or "DisruptionTarget", dt.get("message") or f"pod {name} was disrupted", name)
     if pod["metadata"].get("deletionTimestamp"):
         return End(PREEMPTION, "PodDeleted", f"pod {name} is being deleted by someone other than the operator", name)

@@ -123,8 +123,7 @@ class Controller:
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
-        ended = classify.finished(pod) or any(cd.get("type") == "DisruptionTarget" and cd.get("status") == "True"
-                                              for cd in (pod.get("status") or {}).get("conditions") or [])
+        ended = classify.finished(pod) or classify.disrupted(pod) is not None
         node = (pod.get("spec") or {}).get("nodeName")
         with self.memo_lock:  # one section with the deletion's check: on_job_deleted may run meanwhile
             if pod["metadata"]["labels"].get(c.LABEL_JOB_UID) in self.dead_uids:
