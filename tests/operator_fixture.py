@@ -23,6 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 class OperatorProcess:
     # Every operator process running now: a test of another operator (the Helm-installed one)
     # pauses these, since two leaders on different Leases would both act on the same jobs.
@@ -32,14 +41,18 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.proc: subprocess.Popen | None = None
-        self.metrics_port = 0
+        self.metrics_port = self.health_port = 0
+        self.host = "127.0.0.1"
         self.runs = 0
 
-    def start(self, crash_at: str = "", leader_timeout: float = 30, **env) -> "OperatorProcess":
-        self.metrics_port = free_port()
+    def start(self, crash_at: str = "", leader_timeout: float = 30, lead: bool = True, **env) -> "OperatorProcess":
+        """Start it and wait until it leads (lead=False: until it serves its metrics, leading or not)."""
+        self.metrics_port, self.health_port = free_port(), free_port()
         self.runs += 1
+        # Bound to IPv6 (PRETRAIN_OPERATOR_BIND_ADDRESS=::), its liveness port listens on IPv6 alone.
+        self.host = "[::1]" if ":" in env.get("PRETRAIN_OPERATOR_BIND_ADDRESS", "") else "127.0.0.1"
         e = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
-                 PRETRAIN_OPERATOR_METRICS_PORT=str(self.metrics_port), PRETRAIN_OPERATOR_HEALTH_PORT=str(free_port()),
+                 PRETRAIN_OPERATOR_METRICS_PORT=str(self.metrics_port), PRETRAIN_OPERATOR_HEALTH_PORT=str(self.health_port),
                  PRETRAIN_OPERATOR_LEASE_DURATION_S="4", PRETRAIN_OPERATOR_LEASE_RENEW_S="1",
                  PRETRAIN_OPERATOR_RESYNC_S="3", PRETRAIN_OPERATOR_FINISHED_RESYNC_S="3",
                  PRETRAIN_OPERATOR_PROGRESS_INTERVAL_S="1",
@@ -53,11 +66,11 @@ class OperatorProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"operator exited at start: {self.log_path.read_text()[-2000:]}")
-            if self.metrics().get("pretrain_operator_leader") == 1.0:
+            if self.metrics().get("pretrain_operator_leader") == (1.0 if lead else 0.0):
                 return self
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"operator did not become leader in {leader_timeout:.0f} s: {self.log_path.read_text()[-2000:]}")
+        raise RuntimeError(f"operator did not {'become leader' if lead else 'serve its metrics'} in {leader_timeout:.0f} s: {self.log_path.read_text()[-2000:]}")
 
     @property
     def running(self) -> bool:
@@ -74,7 +87,7 @@ class OperatorProcess:
 
     def metrics(self) -> dict[str, float]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+            with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=2) as r:
                 return parse_metrics(r.read().decode())
         except OSError:
             return {}
@@ -82,7 +95,7 @@ class OperatorProcess:
     def total(self, name: str) -> float:
         """The sum of every sample of a metric, whatever its labels (0 for a labelled family with no
         sample yet). An operator that cannot be read, or does not export the family, is an error."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=2) as r:
             text = r.read().decode()
         family = name.removesuffix("_total")
         assert f"# TYPE {family} " in text or f"# TYPE {name} " in text, f"the operator exports no {name}"

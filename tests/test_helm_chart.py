@@ -107,13 +107,15 @@ def test_the_image_tag_is_the_app_version_unless_a_tag_or_digest_is_given():
     assert image("--set", "image.tag=dev", "--set", f"image.digest={digest}") == f"ghcr.io/pretrain-operator/operator@{digest}"
 
 
-def test_scheduling_values_reach_the_operator_pod():
+def test_scheduling_command_and_bind_address_values_reach_the_operator_pod():
     vals = ("--set", "nodeSelector.pool=system", "--set", "priorityClassName=system-cluster-critical",
             "--set", "tolerations[0].key=dedicated", "--set", "tolerations[0].operator=Exists",
             "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=zone",
             "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
-            "--set", "operator.command={pretrain-operator}", "--set-json", 'operator.args=["--workers", "4"]', "--set", "operator.verbose=true")
+            "--set", "operator.command={pretrain-operator}", "--set-json", 'operator.args=["--workers", "4"]', "--set", "operator.verbose=true",
+            "--set", "operator.bindAddress=::")
     pod = _one(template(*vals), "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "PRETRAIN_OPERATOR_BIND_ADDRESS", "value": "::"} in pod["containers"][0]["env"]
     assert pod["nodeSelector"] == {"pool": "system"} and pod["priorityClassName"] == "system-cluster-critical"
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
     assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
@@ -231,6 +233,7 @@ BAD_VALUES = [
     (("--set", "operator.env[0].name=PRETRAIN_OPERATOR_WORKERS", "--set-string", "operator.env[0].value=4"), "/operator/env/0/name"),
     (("--set", "operator.leaseName=Leader_Lease"), "leaseName"),
     (("--set", "dashboard.namespace=Grafana NS"), "namespace"),
+    (("--set", "operator.bindAddress=localhost"), "bindAddress"),
 ]
 
 

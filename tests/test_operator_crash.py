@@ -7,11 +7,16 @@ attempt in between) is refused and decided again, never written over the newer o
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import urllib.request
+
 import pytest
 
 from tests.helpers import wait_for
 from tests.jobs import Jobs, job_manifest
-from tests.operator_fixture import OperatorProcess
+from tests.operator_fixture import OperatorProcess, has_ipv6_loopback
 
 
 
@@ -124,6 +129,28 @@ def test_a_second_operator_waits_while_the_first_holds_the_lease(operator, tmp_p
     # It says whom it waits for (before: nothing at all, an operator that seemed to do nothing).
     assert "waiting for the leader Lease default/pretrain-operator, held by " in second.log_path.read_text()
     assert operator.metrics().get("pretrain_operator_leader") == 1.0
+
+
+def test_a_setting_of_the_wrong_kind_stops_the_operator_at_once_naming_it():
+    r = subprocess.run([sys.executable, "-m", "pretrain_operator"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PRETRAIN_OPERATOR_BIND_ADDRESS="localhost", KUBECONFIG="/nonexistent"))
+    assert r.returncode == 2, r.stderr
+    assert "bad settings" in r.stderr and "bind_address" in r.stderr and "'localhost' does not appear to be an IPv4 or IPv6 address" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_an_operator_bound_to_ipv6_answers_its_liveness_probe_and_scrapes_there(operator, tmp_path):
+    # An IPv6-only cluster's kubelet probes and Prometheus reach the pod's IPv6 address, which the
+    # fixed 0.0.0.0 did not listen on: the pod was restarted for ever by its liveness probe.
+    standby = OperatorProcess(operator.kubeconfig, tmp_path)
+    try:
+        standby.start(lead=False, PRETRAIN_OPERATOR_BIND_ADDRESS="::")
+        with urllib.request.urlopen(f"http://[::1]:{standby.health_port}/healthz", timeout=5) as r:
+            assert r.status == 200
+        assert standby.total("pretrain_operator_leader") == 0  # scraped at [::1]; the first operator leads
+    finally:
+        standby.stop()
 
 
 def test_a_clean_stop_hands_the_lease_back_at_once(api, operator):

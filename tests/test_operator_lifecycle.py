@@ -264,7 +264,7 @@ def test_a_running_trainer_whose_metrics_cannot_be_read_is_said_once_in_the_oper
     wait_for(said, timeout=40, what="the operator's warning")
     time.sleep(13)  # as many failed reads again
     (line,) = said()
-    assert "WARNING" in line and f":{c.METRICS_PORT} failed" in line and "docs/install.md" in line, line
+    assert "WARNING" in line and f":{c.METRICS_PORT}/metrics failed" in line and "docs/install.md" in line, line
     assert "progress" not in jobs.status("unread")
 
 

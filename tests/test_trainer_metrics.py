@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.operator_fixture import free_port
+from tests.operator_fixture import free_port, has_ipv6_loopback
 from pretrain_operator import contract as c
 from tests.trainer_util import cmd, env, write_config
 
@@ -42,6 +42,24 @@ def scrape_until(port: int, proc: subprocess.Popen, name: str, at_least: float, 
         time.sleep(0.05)
     assert m.get(name, 0) >= at_least, m
     return m
+
+
+@pytest.mark.parametrize("ip", ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(
+    not has_ipv6_loopback(), reason="this host has no IPv6 loopback (the server then serves IPv4 alone)"))])
+def test_the_operator_reads_a_trainers_metrics_at_an_ipv4_or_ipv6_pod_ip(ip):
+    # An IPv6-only cluster's pods have IPv6 IPs alone: the trainer serves both families, and the
+    # operator's URL brackets the address (http://fd00::5:9400 names no port).
+    from pretrain_operator.controller import read_trainer_metrics
+    from pretrain_trainer.metrics import Metrics
+    m = Metrics()
+    m.set(**{c.METRIC_STEP: 7, c.METRIC_LOSS: 2.5})
+    srv = m.serve(free_port())
+    try:
+        read = read_trainer_metrics(ip, srv.server_address[1], timeout=5)
+        assert read[c.METRIC_STEP] == 7 and read[c.METRIC_LOSS] == 2.5
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_a_training_run_serves_its_progress_gradient_norm_and_peak_memory(tmp_path):

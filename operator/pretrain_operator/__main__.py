@@ -17,6 +17,7 @@ import logging
 import sys
 
 import kopf
+from pydantic import ValidationError
 
 from . import handlers
 from .settings import OperatorSettings
@@ -42,8 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lease-namespace")
     ap.add_argument("--verbose", "-v", action="store_true")
     a = ap.parse_args(argv)
-    s = OperatorSettings.from_env(namespaces=a.namespaces, workers=a.workers, metrics_port=a.metrics_port,
-                                  health_port=a.health_port, lease_namespace=a.lease_namespace)
+    try:
+        s = OperatorSettings.from_env(namespaces=a.namespaces, workers=a.workers, metrics_port=a.metrics_port,
+                                      health_port=a.health_port, lease_namespace=a.lease_namespace)
+    except ValidationError as e:  # a bad PRETRAIN_OPERATOR_* value or flag: say which, not a traceback
+        ap.error(f"bad settings (PRETRAIN_OPERATOR_<NAME> variables and flags): {e}")
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not a.verbose:
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pretrain_operator").warning("%s names no setting (operator/pretrain_operator/settings.py lists them): ignored", name)
     handlers.STATE["settings"] = s
     limit_malloc_arenas(s.malloc_arenas)
-    liveness = f"http://0.0.0.0:{s.health_port}/healthz" if s.health_port else None
+    host = f"[{s.bind_address}]" if ":" in s.bind_address else s.bind_address
+    liveness = f"http://{host}:{s.health_port}/healthz" if s.health_port else None
     asyncio.run(kopf.operator(standalone=True, clusterwide=not s.namespaces, namespaces=s.namespaces or (),
                               liveness_endpoint=liveness))
     return 0

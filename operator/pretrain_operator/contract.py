@@ -43,6 +43,13 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 RDZV_PORT = 29400
 METRICS_PORT = 9400
 
+
+def metrics_url(pod_ip: str, port: int = METRICS_PORT) -> str:
+    """Where a pod's trainer serves its metrics. An IPv6 pod IP (an IPv6-only or IPv6-first
+    dual-stack cluster) goes in brackets: `http://fd00::5:9400` names no port at all."""
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{port}/metrics"
+
 # ---- annotations and labels -------------------------------------------------------------------
 ANN_CHECKPOINT_REQUEST = "pretrain.dev/checkpoint-request"
 LABEL_JOB = "pretrain.dev/job"

@@ -474,16 +474,15 @@ class Controller:
         if not ip:
             return
         try:
-            with urllib.request.urlopen(f"http://{ip}:{c.METRICS_PORT}/metrics", timeout=1.0) as r:
-                m = parse_metrics(r.read().decode())
+            m = read_trainer_metrics(ip)
         except Exception as e:  # noqa: BLE001  (the trainer may not serve yet: try at the next pass)
             misses = self.progress_misses[key] = self.progress_misses.get(key, 0) + 1
             # A trainer starts serving within seconds of its pod running; reads that keep failing
             # are a network in the way (a NetworkPolicy, a mesh's mTLS): said once, not every pass.
             (log.warning if misses == PROGRESS_MISSES_WARN else log.debug)(
-                "progress of %s/%s: %d reads of %s:%d failed in a row (%s); status.progress and "
+                "progress of %s/%s: %d reads of %s failed in a row (%s); status.progress and "
                 "status.lastCheckpoint are not updated (docs/install.md: the operator must reach the "
-                "trainers' port)", key[0], key[1], misses, ip, c.METRICS_PORT, e)
+                "trainers' port)", key[0], key[1], misses, c.metrics_url(ip), e)
             return
         self.progress_misses.pop(key, None)
         read = dt.datetime.now(dt.timezone.utc)
@@ -630,6 +629,12 @@ def _patchable(old: dict, new: dict) -> dict:
         elif isinstance(v, dict) and isinstance(new[k], dict):
             patch[k] = _patchable(v, new[k])
     return patch
+
+
+def read_trainer_metrics(pod_ip: str, port: int = c.METRICS_PORT, timeout: float = 1.0) -> dict[str, float]:
+    """One scrape of a pod's trainer (IPv4 or IPv6 pod IP); raises what urllib raises."""
+    with urllib.request.urlopen(c.metrics_url(pod_ip, port), timeout=timeout) as r:
+        return parse_metrics(r.read().decode())
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -81,7 +81,7 @@ def startup(settings: kopf.OperatorSettings, **_):
     leader.start()
     ctl.start()
     if s.metrics_port:
-        start_http_server(s.metrics_port)
+        start_http_server(s.metrics_port, addr=s.bind_address)
     log.info("pretrain-operator started: %d workers, leader election on %s/%s", s.workers, s.lease_namespace, s.lease_name)
 
 

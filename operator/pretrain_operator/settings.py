@@ -3,10 +3,11 @@ variables (`PRETRAIN_OPERATOR_<FIELD>`, upper case) and by `python -m pretrain_o
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import typing
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class OperatorSettings(BaseModel):
@@ -14,6 +15,9 @@ class OperatorSettings(BaseModel):
     workers: int = Field(16, ge=1, le=256, description="Reconcile workers (jobs reconciled at once).")
     metrics_port: int = Field(8000, description="Prometheus metrics of the operator; 0 disables.")
     health_port: int = Field(8080, description="Liveness endpoint /healthz; 0 disables.")
+    bind_address: str = Field("0.0.0.0", description=(
+        "The address the metrics and liveness ports listen on: `::` in an IPv6-only cluster (its kubelet "
+        "probes and Prometheus reach the pod's IPv6 address, which 0.0.0.0 does not listen on)."))
     lease_namespace: str = Field("default", description="Namespace of the leader-election Lease.")
     lease_name: str = "pretrain-operator"
     lease_duration_s: float = 15.0
@@ -37,6 +41,12 @@ class OperatorSettings(BaseModel):
         "Empty: no probes, a shrunk gang regrows after elastic.regrowAfterSeconds whether or not there is room."))
     # Fault injection for the kill-the-operator tests: exit right after this write-point.
     crash_at: str = ""
+
+    @field_validator("bind_address")
+    @classmethod
+    def _an_ip_address(cls, v: str) -> str:
+        ipaddress.ip_address(v)  # its ValueError names the value; pydantic names the setting
+        return v
 
     @classmethod
     def from_env(cls, **overrides) -> "OperatorSettings":

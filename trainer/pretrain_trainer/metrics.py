@@ -9,6 +9,7 @@ MoE runs add router statistics per MoE layer, over all ranks, since the previous
 from __future__ import annotations
 
 import resource
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -70,7 +71,9 @@ class Metrics:
             out.append(f"{k} {v}\n")
         return "".join(out).encode()
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    def serve(self, port: int) -> ThreadingHTTPServer:
+        """On every address of both families (an IPv6-only cluster's pod has no IPv4 address to
+        scrape), or of IPv4 alone where the pod has no IPv6."""
         metrics = self
 
         class H(BaseHTTPRequestHandler):
@@ -85,6 +88,18 @@ class Metrics:
             def log_message(self, *a):
                 pass
 
-        srv = ThreadingHTTPServer((host, port), H)
+        try:
+            srv: ThreadingHTTPServer = _DualStackServer(("::", port), H)
+        except OSError:  # no IPv6 in this pod (the kernel's or the sysctl's choice)
+            srv = ThreadingHTTPServer(("0.0.0.0", port), H)
         threading.Thread(target=srv.serve_forever, daemon=True, name="metrics").start()
         return srv
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    """IPv6's wildcard with IPv4 mapped onto it, whatever the host's net.ipv6.bindv6only says."""
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
