@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -93,3 +94,39 @@ def test_non_finite_steps_in_a_row_count_across_a_resume(tmp_path):
     assert ("step 4: the gradients were not finite (norm nan) for 4 steps in a row, more than training.maxSkippedSteps (3)"
             in r.stderr), r.stderr[-3000:]
     assert sorted(losses(tmp_path / "losses-10.txt")) == [3]
+
+
+def test_a_save_before_any_optimizer_step_changes_neither_the_run_nor_its_resume(tmp_path):
+    # Every step so far skipped: the optimizer holds no state yet. torch's get_state_dict fills it by
+    # stepping AdamW with lr 0, so a save there (a checkpoint request, a notice) made each step
+    # count 1 in the run and the checkpoint: AdamW's bias correction one step off from then on.
+    from pretrain_operator import contract as c
+    from pretrain_trainer.data import Blend, Loader, TokenSource
+    loader = Loader(Blend([TokenSource("", 512, 1234)], [1.0], 32), 32, 4, 1, 0, 1, 1234)  # write_config's data
+    batches = [{int(t) for x, _ in loader.next_batch() for t in x.flatten()} for _ in range(8)]
+    row = min(batches[0] - set().union(*batches[1:]))
+    base = poisoned_base(tmp_path / "base", row=row)  # a token of step 1's batch alone: step 1 skipped, no other
+
+    def train(d, podinfo=None):
+        d.mkdir(exist_ok=True)
+        cfg = write_config(d, steps=8, interval=100, micro=1, extra={
+            "model": {"preset": "tiny", "initFrom": str(base)}, "training": {"steps": 8, "logEverySteps": 1, "maxSkippedSteps": 100}})
+        r = subprocess.run(cmd(cfg, 1, d / "losses.txt"), env=env(podinfo), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return losses(d / "losses.txt"), r.stderr
+
+    plain, log = train(tmp_path / "plain")
+    assert "step 1: the gradient norm is nan: optimizer step skipped" in log and "step 2: the gradient norm" not in log, log[-3000:]
+    podinfo = tmp_path / "podinfo"
+    podinfo.mkdir()
+    (podinfo / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\n')
+    requested, log = train(tmp_path / "requested", podinfo)  # saves step 1, then trains on
+    assert "checkpoint requested by the operator" in log
+    same = lambda a, b: a == b or (math.isnan(a) and math.isnan(b))  # noqa: E731
+    assert all(same(plain[s], requested[s]) for s in plain), (plain, requested)
+    # Its step-1 checkpoint resumed: the same losses after step 1, bit for bit.
+    (tmp_path / "resumed" / "ckpt").mkdir(parents=True)
+    shutil.copytree(tmp_path / "requested" / "ckpt" / "step-00000001", tmp_path / "resumed" / "ckpt" / "step-00000001")
+    resumed, log = train(tmp_path / "resumed")
+    assert "resumed from" in log and sorted(resumed) == list(range(2, 9)), log[-3000:]
+    assert all(resumed[s] == plain[s] for s in resumed), (plain, resumed)

@@ -584,8 +584,21 @@ class Checkpointer:
         same key on every rank, DCP keeps one rank's copy, and under pipeline parallel that copy
         names only the first stage's parameters (the other stages lost their hyperparameters on
         resume: KeyError 'betas'). They hold nothing a checkpoint must carry: one group, its
-        hyperparameters from the config, its lr set from the schedule at every step."""
+        hyperparameters from the config, its lr set from the schedule at every step.
+
+        An optimizer with no state yet (every step so far skipped as non-finite, or none taken) is
+        filled by get_state_dict with one AdamW step at lr 0: the weights unchanged, but each
+        parameter's step count 1, so a save there (a request, a notice) put AdamW's bias
+        correction one step off in the run and its checkpoint. The count goes back to 0, which is
+        AdamW's own first state (zero moments, step 0)."""
+        fresh = not optim.state
         msd, osd = get_state_dict(model, optim, options=self._options(model))
+        if fresh:
+            for st in (*optim.state.values(), *osd["state"].values()):
+                if torch.is_tensor(st.get("step")):
+                    st["step"].zero_()
+                elif "step" in st:
+                    st["step"] = 0
         groups = osd.pop("param_groups")
         return {"model": msd, "optim": osd}, groups
 
