@@ -8,6 +8,7 @@
 #   make cluster-down  stop it and remove its state
 #   make run-operator  run the operator against the local cluster (applies the CRD first)
 #   make bench         benchmarks (bench/), printed as ratios against a baseline of the same run
+#   make cluster-status  what of the local cluster runs;  make venv / make binaries: the set-up alone
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -20,7 +21,7 @@ PYTEST_ARGS ?=
 .PHONY: venv binaries demo test cluster-up cluster-down cluster-status bench help run-operator
 
 help:
-	@sed -n '1,12p' Makefile
+	@sed -n '1,11p' Makefile
 
 venv: $(STAMP)
 

@@ -215,8 +215,9 @@ def main() -> int:
                     f"quickstart: {st.get('attempt')} attempts, {st.get('preemptions')} preemption(s)", step_at_preemption,
                     held_out)
     print(f"   loss plot (from Prometheus range queries): {png}")
-    print(f"   metrics: {prom_url}/graph?g0.expr=pretrain_loss  (PromQL: pretrain_step, pretrain_loss, "
-          f"pretrain_operator_job_preemptions); operator: curl -s http://127.0.0.1:18000/metrics")
+    print(f"   metrics: {prom.query_command('pretrain_loss')}  (PromQL: pretrain_step, pretrain_loss, "
+          f"pretrain_operator_job_preemptions; alerts: curl -s {prom_url}/api/v1/alerts); "
+          f"operator: curl -s http://127.0.0.1:18000/metrics")
     phases["demo total"] = time.monotonic() - t_start
     print("   timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()))
     print(f"   explore: hack/kubectl get ptj; hack/kubectl describe ptj quickstart; "

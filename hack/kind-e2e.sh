@@ -7,6 +7,8 @@
 #   hack/kind-e2e.sh                      # everything; the cluster is deleted at the end
 #   KEEP_CLUSTER=1 hack/kind-e2e.sh       # keep it to look around (kind delete cluster --name pretrain-e2e)
 #   STEP=4 hack/kind-e2e.sh               # resume from step 4 against an existing cluster
+#   DOCKER_BUILD_FLAGS=--provenance=false hack/kind-e2e.sh   # Docker's containerd image store:
+#       `kind load` fails on the provenance attestation (ctr: content digest not found, kind#3795)
 #
 # Needs: docker, kind (>= 0.24), kubectl, helm (3 or 4). Time: the trainer image is about 5 GB
 # (torch with CUDA libraries), so the first build and `kind load` take several minutes; the
@@ -63,8 +65,10 @@ fi
 trap cleanup EXIT
 
 if step 3 "build the images ($operator_image, $trainer_image)"; then
-  run docker build -f "$root/images/Dockerfile" --target operator -t "$operator_image" "$root"
-  run docker build -f "$root/images/Dockerfile" --target trainer -t "$trainer_image" "$root"
+  # shellcheck disable=SC2086  # the flags are words
+  run docker build ${DOCKER_BUILD_FLAGS:-} -f "$root/images/Dockerfile" --target operator -t "$operator_image" "$root"
+  # shellcheck disable=SC2086
+  run docker build ${DOCKER_BUILD_FLAGS:-} -f "$root/images/Dockerfile" --target trainer -t "$trainer_image" "$root"
 fi
 
 if step 4 "load them into the cluster's nodes (no registry needed)"; then

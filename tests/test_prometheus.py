@@ -73,6 +73,9 @@ def test_prometheus_discovers_the_operator_and_the_pods_and_answers_for_step_los
              what="attempt 2's step")
     loss = _value(prometheus, f"max(pretrain_loss{{{sel}}})")
     assert loss is not None and loss > 0
+    # What make demo tells users to run (the Go-built Prometheus has no web UI) answers too.
+    r = subprocess.run(prometheus.query_command(f"pretrain_loss{{{sel}}}"), shell=True, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and 'pretrain_job="watched"' in r.stdout and "=>" in r.stdout, r.stdout + r.stderr
     assert _value(prometheus, f"pretrain_operator_job_failures{{{sel}}}") == 0
     # The operator's last scrape may predate attempt 2's Running (the preemptions came sooner): wait for one after it.
     wait_for(lambda: _value(prometheus, f'pretrain_operator_job_phase{{{sel}, phase="Running"}}') == 1, timeout=30,

@@ -22,6 +22,7 @@ Limits: a 2 s scrape interval (the demo is short); no Alertmanager (firing alert
 from __future__ import annotations
 
 import json
+import shlex
 import time
 import urllib.parse
 import urllib.request
@@ -139,6 +140,13 @@ class Prometheus:
     def down(self) -> None:
         self.lc.procs.stop("prometheus")
         self.info.unlink(missing_ok=True)
+
+    def query_command(self, promql: str) -> str:
+        """A shell command answering `promql` now. The Go-built Prometheus has no web UI (its pages
+        come from an npm build that `go install` does not run: /graph answers 500), so users
+        query it with promtool, built beside it, or its HTTP API."""
+        promtool = binaries.ensure(["prometheus"])["prometheus"].parent / "promtool"
+        return f"{shlex.quote(str(promtool))} query instant {self.url} {shlex.quote(promql)}"
 
     # ---- the HTTP API ----------------------------------------------------------------------------
     def _get(self, path: str, **params) -> dict:
