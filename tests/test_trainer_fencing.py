@@ -183,3 +183,32 @@ def test_without_the_operators_identity_nothing_is_fenced(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (tmp_path / "ckpt" / "ATTEMPT").exists()
     assert sorted(markers(tmp_path / "ckpt")) == [3, 6] and all("attempt" not in m for m in markers(tmp_path / "ckpt").values())
+
+
+def test_a_checkpoint_a_stale_attempt_prunes_while_the_next_one_checks_it_is_replaced_by_the_one_it_committed(tmp_path):
+    # A stale attempt past its fence check as the next one claims the folder still commits that save
+    # and prunes the older ones, maybe the one the next attempt is checking: its files vanish. With
+    # keep 1 none was left that verified: exit 85, a job failed for good with a good checkpoint there.
+    cfg = write_config(tmp_path, steps=8, interval=4, keep=2)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "losses.txt"), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and committed_steps(tmp_path / "ckpt") == [4, 8], r.stderr[-3000:]
+    held = tmp_path / "stale-step-8"
+    (tmp_path / "ckpt" / "step-00000008").rename(held)  # not yet committed when the next attempt lists them
+    code = f"""
+import shutil
+from pathlib import Path
+import pretrain_trainer.checkpoint as ck
+verify = ck.verify
+def racing(d, raise_io=False):
+    if d.name == "step-00000004" and Path({str(held)!r}).exists():
+        Path({str(held)!r}).rename(d.parent / "step-00000008")  # the stale attempt commits step 8
+        shutil.rmtree(d)  # and prunes step 4
+    return verify(d, raise_io)
+ck.verify = racing
+"""
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "resumed.txt"), env=injected(tmp_path, code), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step-00000004 is not usable (unreadable marker" in r.stderr
+    assert "changed while they were checked (['step-00000004'], now ['step-00000008']): checking them again" in r.stderr
+    assert re.search(r"resumed from \S*step-00000008", r.stderr), r.stderr[-3000:]
+    assert committed_steps(tmp_path / "ckpt") == [8]

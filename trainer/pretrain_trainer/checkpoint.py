@@ -70,6 +70,9 @@ log = logging.getLogger("pretrain_trainer.checkpoint")
 MARKER = "COMMITTED"
 UNUSABLE = ".unusable"
 CRC = ".crc32"  # beside each data file: its CRC32, from the process that wrote it
+# How often `load` lists the committed checkpoints again when they changed while none verified
+# (a stale attempt committing and pruning as this one starts: one round is all it can make).
+LIST_ROUNDS = 3
 # What a checkpoint that does not load raises: DCP gathers every rank's failure into a
 # CheckpointException, a BaseException (it escapes `except Exception`).
 LOAD_ERRORS = (Exception, CheckpointException)
@@ -887,20 +890,49 @@ class Checkpointer:
         aside once it has loaded. Raises `LoadFailed` when the one to load could not be read or
         did not load (nothing set aside: the next attempt tries it again), `NoneVerifies` when
         committed checkpoints are there and none verifies (none is loaded, none set aside), and
-        `OtherModel`."""
-        root = self.root
-        candidates = committed_steps(root)[::-1] if root.exists() else []
+        `OtherModel`.
+
+        A stale attempt (fenced off, docs/trainer-contract.md) that passed its fence check just
+        before this one claimed the folder still commits that save and prunes the older ones,
+        maybe the very one being verified here: its files vanish mid-check. When none verified,
+        the committed checkpoints are listed again, and checked again if they changed."""
+        candidates = self._committed()
+        shapes = self._shapes(model) if candidates else {}
+        for _ in range(LIST_ROUNDS):
+            extra, skipped = self._load_newest(candidates, model, optim, shapes)
+            if extra is not None or not candidates:
+                return extra
+            again = self._committed()
+            if again == candidates or not again:  # none left: not a fresh start, what was there did not verify
+                break
+            if self.rank == 0:
+                log.warning("the committed checkpoints under %s changed while they were checked (%s, now %s): "
+                            "checking them again", self.root, [step_dir(self.root, s).name for s in candidates],
+                            [step_dir(self.root, s).name for s in again])
+            candidates = again
+        raise NoneVerifies(
+            f"none of the {len(skipped)} committed checkpoint(s) under {self.root} verifies "
+            f"({'; '.join(f'{d.name}: {why}' for d, why in skipped)}); they are kept as they are. Resuming from "
+            f"none would start the run over from step 0: to do that, move them out of {self.root} (or give "
+            "checkpoint.path a new folder); a good copy put back resumes as usual")
+
+    def _committed(self) -> list[int]:
+        """The committed steps, newest first, as rank 0 lists them: each rank listing for itself
+        could see other steps (a stale attempt committing meanwhile, a network file system's cached
+        listing), and the agreement on each would then pass with the ranks on different checkpoints."""
+        candidates = committed_steps(self.root)[::-1] if self.root.exists() else []
         if self.world > 1:
-            # Rank 0's list for every rank: each rank listing for itself could see other steps (a
-            # stale attempt committing meanwhile, a network file system's cached listing), and the
-            # agreement below would then pass with the ranks on different checkpoints.
             box = [candidates]
             dist.broadcast_object_list(box, src=0)
             candidates = box[0]
-        shapes = self._shapes(model) if candidates else {}
+        return candidates
+
+    def _load_newest(self, candidates: list[int], model, optim, shapes: dict) -> tuple[dict | None, list[tuple[Path, str]]]:
+        """Load the first of `candidates` that verifies: (its extra dict, []), or (None, the ones
+        skipped and why) when none does."""
         skipped: list[tuple[Path, str]] = []
         for step in candidates:
-            d = step_dir(root, step)
+            d = step_dir(self.root, step)
             problem = self._agreed_problem(d)
             if problem:
                 if self.rank == 0:
@@ -916,14 +948,8 @@ class Checkpointer:
                     self._point_latest(d)
                 except OSError as e:  # rank 0 alone, past the collectives: the run goes on (the next commit writes it)
                     log.warning("could not point latest at %s (%s)", d.name, e)
-            return extra
-        if skipped:
-            raise NoneVerifies(
-                f"none of the {len(skipped)} committed checkpoint(s) under {root} verifies "
-                f"({'; '.join(f'{d.name}: {why}' for d, why in skipped)}); they are kept as they are. Resuming from "
-                f"none would start the run over from step 0: to do that, move them out of {root} (or give "
-                "checkpoint.path a new folder); a good copy put back resumes as usual")
-        return None
+            return extra, []
+        return None, skipped
 
     def _agreed_problem(self, d: Path) -> str | None:
         """Why `d` does not verify on some rank (sizes on every rank, the checksums shared: each
