@@ -5,7 +5,8 @@ writes the final report as its termination message, and resumes from the newest 
 
 Knobs (environment): STANDIN_STEP_SECONDS (default 0.2); STANDIN_FAIL="<attempt>:<rank>:<n>:<code>"
 exits with <code> after <n> steps of this attempt on node rank <rank> in attempt <attempt> (* means any).
-STANDIN_NAN_LOSS_FROM=<step> serves a NaN loss from that step on (a diverging run).
+STANDIN_NAN_LOSS_FROM=<step> serves a NaN loss from that step on (a diverging run), and a NaN
+checkpoint time (a custom trainer's nonsense).
 STANDIN_HANG="<attempt>:<step>" stops every rank at that step of that attempt, still serving metrics and
 deaf to SIGTERM (a collective that never returns: the flag SIGTERM sets is read at a step boundary).
 """
@@ -68,7 +69,7 @@ class Metrics(http.server.BaseHTTPRequestHandler):
             f"{c.METRIC_LOSS} {loss(state['step']) if state['step'] and state['step'] < nan_from else float('nan'):.4f}",
             f"{c.METRIC_TOKENS_PER_SECOND} {1234.5 if state['step'] else 0}",
             f"{c.METRIC_LAST_CHECKPOINT_STEP} {state['ckpt_step']}",
-            f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time']}",
+            f"{c.METRIC_LAST_CHECKPOINT_TIME} {state['ckpt_time'] if state['step'] < nan_from else float('nan')}",
             f"{c.METRIC_CHECKPOINT_REQUESTS_SERVED} {state['served']}",
             # A validation at each checkpoint (as spec.validation would): none (NaN, step 0) before the first.
             f"{c.METRIC_VALIDATION_LOSS} {validation_loss(state['ckpt_step']) if state['ckpt_step'] else float('nan'):.4f}",

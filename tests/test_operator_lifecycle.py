@@ -4,6 +4,7 @@ follows the trainer, at a rate capped over all Running jobs."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
@@ -72,6 +73,10 @@ def test_a_loss_that_becomes_nan_leaves_status_instead_of_staying_at_its_last_va
     jobs.wait("diverging", lambda s: "loss" in (s.get("progress") or {}), timeout=60, what="a loss in status")
     st = jobs.wait("diverging", lambda s: (s.get("progress") or {}).get("step", 0) >= 20, timeout=60, what="step 20")
     assert "loss" not in st["progress"], st["progress"]
+    # Its checkpoint time is NaN too from then on: the checkpoints are mirrored with the read's time
+    # (fromtimestamp(NaN) raised out of every pass: no progress past step 15, no progress deadline).
+    st = jobs.wait("diverging", lambda s: (s.get("lastCheckpoint") or {}).get("step", 0) >= 20, timeout=60, what="checkpoint 20")
+    assert dt.datetime.fromisoformat(st["lastCheckpoint"]["time"].replace("Z", "+00:00")), st["lastCheckpoint"]
 
 
 def test_a_job_with_a_queue_name_makes_each_attempts_pods_one_kueue_pod_group(jobs):
@@ -194,19 +199,24 @@ def test_deleting_the_job_leaves_no_pod_service_or_configmap(jobs, core, namespa
 def test_deleting_its_namespace_is_not_taken_for_a_preemption(jobs, core, namespace):
     # The namespace controller deletes the pods before the job: without a look at the namespace the
     # operator records a preemption and a new attempt, then retries a gang the API server refuses.
+    # A job with no preemption left failed instead (MaxPreemptionsExceeded, an Event, the alert).
     jobs.create(job_manifest("doomed", steps=500))
-    rv = jobs.wait_phase("doomed", "Running", timeout=60) and jobs.get("doomed")["metadata"]["resourceVersion"]
-    seen = []
+    jobs.create(job_manifest("budgetless", steps=500, failurePolicy={"maxPreemptions": 0, "failureSettleSeconds": 1}))
+    jobs.wait_phase("doomed", "Running", timeout=60)
+    jobs.wait_phase("budgetless", "Running", timeout=60)
+    rv = jobs.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)["metadata"]["resourceVersion"]
+    seen: dict[str, list] = {"doomed": [], "budgetless": []}
     w = watch.Watch()
     core.delete_namespace(namespace)
     for ev in w.stream(jobs.custom.list_namespaced_custom_object, api.GROUP, api.VERSION, namespace, api.PLURAL,
-                       field_selector="metadata.name=doomed", resource_version=rv, timeout_seconds=90):
+                       resource_version=rv, timeout_seconds=90):
         st = ev["object"].get("status") or {}
-        seen.append((ev["type"], st.get("phase"), st.get("attempt"), st.get("preemptions")))
-        if ev["type"] == "DELETED":
+        seen[ev["object"]["metadata"]["name"]].append((ev["type"], st.get("phase"), st.get("attempt"), st.get("preemptions")))
+        if all(s and s[-1][0] == "DELETED" for s in seen.values()):
             w.stop()
-    assert seen and seen[-1][0] == "DELETED", seen
-    assert all(attempt == 1 and preemptions == 0 for _, _, attempt, preemptions in seen), seen
+    assert all(s and s[-1][0] == "DELETED" for s in seen.values()), seen
+    assert all(attempt == 1 and preemptions == 0 and phase != "Failed"
+               for s in seen.values() for _, phase, attempt, preemptions in s), seen
 
 
 def test_ttl_after_finished_deletes_the_job(jobs):

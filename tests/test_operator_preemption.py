@@ -172,6 +172,28 @@ def test_a_crash_on_a_noticed_node_is_a_preemption_unless_the_notice_is_only_adv
     assert plan.annotate_pods and plan.status["checkpointRequestedAt"].startswith("1@")
 
 
+def test_a_noticed_node_that_goes_dark_is_a_preemption_at_once_even_when_a_peer_crashes():
+    # The node controller's unreachable taint comes after the notice's: the notice was found first,
+    # the dead node's pod (Running still: its kubelet is gone) was left to end on its own, and a
+    # peer's crash meanwhile spent the failure budget on a spot reclaim.
+    job, spec, (n0, n1), nodes, now = observed_gang("dark")
+    job["spec"]["failurePolicy"]["failureSettleSeconds"] = 0
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+    nodes["spot-1"]["spec"] = {"taints": [{"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"},
+                                          {"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]}
+    nodes["spot-1"]["status"] = {"conditions": [{"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown"}]}
+
+    def decide(*pods) -> dict:
+        return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=list(pods), nodes=nodes, service_exists=True,
+                                                   config_data=render.trainer_config(spec), now=now)).status
+    st = decide(n0, n1)  # both Running
+    assert st["restart"]["kind"] == "Preemption" and st["restart"]["reason"] == "NodeNotReady", st["restart"]
+    assert "node spot-1 is unreachable" in st["restart"]["message"]
+    n0["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+    st = decide(n0, n1)  # its peer lost its rendezvous and crashed
+    assert st["restart"]["kind"] == "Preemption" and st["preemptions"] == 1 and st["failures"] == 0, st["restart"]
+
+
 def test_a_termination_notice_after_an_advisory_one_asks_for_a_checkpoint_again():
     # A rebalance recommendation asked for a checkpoint; hours later the real notice comes (on that
     # node or another): the request of hours ago does not save the steps since, so a new one. It

@@ -50,16 +50,21 @@ def node_problem(node: dict | None, node_name: str | None, notice_taints: list[s
     if node is None:
         return "NodeDeleted", f"node {node_name} was deleted"
     taints = (node.get("spec") or {}).get("taints") or []
-    # A termination notice before an advisory one the node also has (a rebalance recommendation first).
-    for t in sorted(taints, key=lambda t: t.get("key") in api.ADVISORY_NOTICE_TAINTS):
-        if t.get("key") in notice_taints:
-            return ("AdvisoryNotice" if t["key"] in api.ADVISORY_NOTICE_TAINTS else "TerminationNotice",
-                    f"node {node_name} has termination-notice taint {t['key']}")
+    # A node gone dark first, whatever notice it had: its pods show Running still (their kubelet
+    # is gone), and as a notice the node was only asked for a checkpoint, its pods left to end on
+    # their own, a peer's crash (a failure) or the progress deadline first. The node controller
+    # adds its taint after the notice one, so the notice was always found first.
+    for t in taints:
         if t.get("key") in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready") and t.get("effect") == "NoExecute":
             return "NodeNotReady", f"node {node_name} is {t['key'].split('/')[1]}"
     ready = _cond(node, "Ready")
     if ready is not None and ready.get("status") != "True":
         return "NodeNotReady", f"node {node_name} is NotReady ({ready.get('reason', '')})"
+    # A termination notice before an advisory one the node also has (a rebalance recommendation first).
+    for t in sorted(taints, key=lambda t: t.get("key") in api.ADVISORY_NOTICE_TAINTS):
+        if t.get("key") in notice_taints:
+            return ("AdvisoryNotice" if t["key"] in api.ADVISORY_NOTICE_TAINTS else "TerminationNotice",
+                    f"node {node_name} has termination-notice taint {t['key']}")
     return None
 
 

@@ -297,9 +297,13 @@ class Controller:
                                       probes=probes, probe_image=self.settings.capacity_probe_image)
         # Decide.
         plan = reconcile.decide(observed)
-        if plan.status.get("attempt", 0) > (job.get("status") or {}).get("attempt", 0) > 0 and self._namespace_terminating(ns):
+        was = job.get("status") or {}
+        restarts = plan.status.get("attempt", 0) > was.get("attempt", 0) > 0
+        fails = plan.status.get("phase") == "Failed" != was.get("phase")  # a restart past its budget too
+        if (restarts or fails) and self._namespace_terminating(ns):
             # Absorbed: deleting a namespace deletes the job's pods before the job, which looks like a
-            # preemption; a new gang would be refused (403) and the job is about to go too.
+            # preemption (a failure, with no preemption left); a new gang would be refused (403) and
+            # the job is about to go too.
             log.info("%s/%s: its namespace is being deleted: no restart", ns, name)
             return None
         self._progress(job, plan, pods)
@@ -503,9 +507,8 @@ class Controller:
         if math.isfinite(m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0)) and m.get(c.METRIC_LAST_CHECKPOINT_STEP, 0) > 0:
             step = int(m[c.METRIC_LAST_CHECKPOINT_STEP])
             if (st.get("lastCheckpoint") or {}).get("step") != step:
-                t = m.get(c.METRIC_LAST_CHECKPOINT_TIME)
                 reconcile.set_last_checkpoint(st, job["spec"]["checkpoint"]["path"], step,
-                                              reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) if t else now)
+                                              checkpoint_time(m.get(c.METRIC_LAST_CHECKPOINT_TIME), now))
 
     def _progress_read(self, key: tuple[str, str], job: dict) -> dt.datetime | None:
         """When rank 0's step of the job's current attempt was last read, if that read succeeded and
@@ -629,6 +632,19 @@ def _patchable(old: dict, new: dict) -> dict:
         elif isinstance(v, dict) and isinstance(new[k], dict):
             patch[k] = _patchable(v, new[k])
     return patch
+
+
+def checkpoint_time(t: float | None, read: str) -> str:
+    """When the trainer says its last checkpoint was committed, or `read` (when the metrics were
+    read) for a time it cannot have meant: none, 0, NaN, infinite or out of range (a custom
+    trainer's). A NaN raised out of the whole pass, before its status write: progress was never
+    mirrored, and the progress deadline never fired."""
+    try:
+        if t is not None and math.isfinite(t) and t > 0:
+            return reconcile.iso(dt.datetime.fromtimestamp(t, dt.timezone.utc))
+    except (OverflowError, OSError, ValueError):
+        pass
+    return read
 
 
 def read_trainer_metrics(pod_ip: str, port: int = c.METRICS_PORT, timeout: float = 1.0) -> dict[str, float]:
