@@ -34,6 +34,7 @@ step_s = float(os.environ.get("STANDIN_STEP_SECONDS", "0.2"))
 fail = os.environ.get("STANDIN_FAIL", "")
 nan_from = int(os.environ.get("STANDIN_NAN_LOSS_FROM", "1000000000"))  # the served loss is NaN from this step on
 hang = os.environ.get("STANDIN_HANG", "")
+term_s = float(os.environ.get("STANDIN_TERM_SECONDS", "0"))  # seconds its SIGTERM save takes
 annotations = Path(os.environ[c.ENV_PODINFO]) / "annotations"
 
 # The real trainer's layout check (train.check_layout): the config's ranks are torchrun's world.
@@ -104,6 +105,7 @@ def report() -> None:
 
 
 def on_term(*_):
+    time.sleep(term_s)  # a slow last checkpoint
     save(state["step"])
     report()
     print(f"SIGTERM at step {state['step']}: checkpoint saved", flush=True)

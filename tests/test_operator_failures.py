@@ -218,6 +218,37 @@ def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_children_to_
     assert [o.uid for o in core.read_namespaced_service("again", namespace).metadata.owner_references] == [new_uid]
 
 
+def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_pods_to_end(jobs, core, namespace):
+    # Garbage collection removes the Service and ConfigMap at once, the pods after their grace
+    # period (a trainer writing its last checkpoint): the new gang (attempt 1's names, the old one
+    # at attempt 2) ran beside them, and a real trainer found the folder held by another job's
+    # live trainer: exit 85, the new job failed for good.
+    body = job_manifest("redo", steps=3000, step_s=0.1)
+    body["spec"]["template"]["terminationGracePeriodSeconds"] = 30
+    body["spec"]["template"]["env"].append({"name": "STANDIN_TERM_SECONDS", "value": "6"})
+    jobs.create(body)
+    old_uid = jobs.get("redo")["metadata"]["uid"]
+    jobs.wait_phase("redo", "Running", timeout=60)
+    core.delete_namespaced_pod("redo-a1-n1", namespace, grace_period_seconds=0)  # a preemption: attempt 2
+    jobs.wait_phase("redo", "Running", timeout=60, attempt=2)
+    jobs.delete("redo")
+    wait_for(lambda: jobs.get("redo") is None, timeout=60, what="the first job to go")
+    jobs.create(job_manifest("redo", steps=10), claim=False)
+    st = jobs.wait("redo", lambda s: "of a deleted PretrainJob of this name" in s.get("message", ""),
+                   timeout=30, what="the new job to say what it waits for")
+    assert "redo-a2-n0, redo-a2-n1" in st["message"] and old_uid in st["message"] and st["phase"] != "Failed", st
+    new_uid = jobs.get("redo")["metadata"]["uid"]
+    old_left = lambda: [p for p in jobs.pods("redo", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == old_uid]  # noqa: E731
+    assert old_left() and not [p for p in jobs.pods("redo", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == new_uid]
+    wait_for(lambda: not old_left() or [p for p in jobs.pods("redo", live=False)
+                                         if p.metadata.labels["pretrain.dev/job-uid"] == new_uid],
+             timeout=60, what="the old pods to end or a new one to come")
+    assert not [p for p in old_left() if p.status.phase not in ("Succeeded", "Failed")], \
+        "the new gang was made while the deleted job's pods still ran"
+    st = jobs.wait_phase("redo", "Succeeded", timeout=120)
+    assert st["attempt"] == 1 and st["failures"] == 0
+
+
 def test_a_refused_create_is_remembered_for_its_own_job_not_for_a_new_one_of_the_same_name():
     # A job whose pods were refused as invalid, deleted and re-applied fixed before a pass saw it
     # gone, inherited the refusal of its attempt 1 and failed as PodInvalid without a create.

@@ -287,6 +287,9 @@ class Controller:
             foreign, predecessor = _not_owned(job, ("Service", svc), ("ConfigMap", cm))
             svc_exists = svc is not None
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
+        if predecessor is None and not foreign and (job.get("status") or {}).get("attempt", 0) <= 1 \
+                and not (job.get("status") or {}).get("gangCreated"):
+            predecessor = self._predecessor_pods(ns, name, uid)
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
                                       last_seen={n: p for n, p in self._last_seen((ns, name)).items()
@@ -509,6 +512,21 @@ class Controller:
             if (st.get("lastCheckpoint") or {}).get("step") != step:
                 reconcile.set_last_checkpoint(st, job["spec"]["checkpoint"]["path"], step,
                                               checkpoint_time(m.get(c.METRIC_LAST_CHECKPOINT_TIME), now))
+
+    def _predecessor_pods(self, ns: str, name: str, uid: str) -> str | None:
+        """What a job's first gang waits for: pods of a deleted job of the same name still running
+        (their grace period: a trainer writing its last checkpoint, to the same folder when the job
+        was applied again as it was). Garbage collection removes the Service and ConfigMap at
+        once, the pods after their grace period: the new gang ran beside them, and the new trainer,
+        finding the folder held by another job's live trainer, failed for good (exit 85)."""
+        old = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB}={name},{c.LABEL_JOB_UID}!={uid}")["items"]
+        going = sorted((p for p in old if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                        and c.LABEL_PROBE not in p["metadata"]["labels"]), key=lambda p: p["metadata"]["name"])
+        if not going:
+            return None
+        whose = going[0]["metadata"]["labels"].get(c.LABEL_JOB_UID, "")
+        return (f"pod(s) {', '.join(p['metadata']['name'] for p in going)} of a deleted PretrainJob of this name (uid {whose}) still running "
+                "(their grace period: a last checkpoint may be going to the same folder); waiting for them to end")
 
     def _progress_read(self, key: tuple[str, str], job: dict) -> dt.datetime | None:
         """When rank 0's step of the job's current attempt was last read, if that read succeeded and
