@@ -249,6 +249,26 @@ def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_pods_to_end(
     assert st["attempt"] == 1 and st["failures"] == 0
 
 
+def test_a_job_re_applied_under_its_name_does_not_wait_for_a_deleted_ones_pod_stuck_on_a_dark_node(jobs, core, namespace, cluster, pool):
+    # Its kubelet gone, the deleted job's pod stays Terminating, phase Running, for ever: past its
+    # grace period (or on a node gone dark) nothing of it runs that a new gang must wait for.
+    from pretrain_localcluster import nodes as local_nodes
+    label, _ = pool
+    jobs.create(job_manifest("strand", nodes=1, steps=3000, step_s=0.1, pool=label))
+    jobs.wait_phase("strand", "Running", timeout=60)
+    core.delete_namespaced_pod("strand-a1-n0", namespace, grace_period_seconds=0)  # attempt 2: not the new job's pod name
+    jobs.wait_phase("strand", "Running", timeout=60, attempt=2)
+    (old,) = jobs.pods("strand")
+    local_nodes.kubelet_down(cluster.state_dir, old.spec.node_name)
+    jobs.delete("strand")
+    wait_for(lambda: jobs.get("strand") is None, timeout=60, what="the first job to go")
+    jobs.create(job_manifest("strand", nodes=1, steps=10, pool=label), claim=False)
+    st = jobs.wait_phase("strand", "Succeeded", timeout=90)
+    assert st["attempt"] == 1 and st["failures"] == 0
+    stuck = core.read_namespaced_pod(old.metadata.name, namespace)  # still there: it was not waited for
+    assert stuck.metadata.deletion_timestamp and stuck.metadata.labels["pretrain.dev/job-uid"] == old.metadata.labels["pretrain.dev/job-uid"]
+
+
 def test_a_refused_create_is_remembered_for_its_own_job_not_for_a_new_one_of_the_same_name():
     # A job whose pods were refused as invalid, deleted and re-applied fixed before a pass saw it
     # gone, inherited the refusal of its attempt 1 and failed as PodInvalid without a create.
@@ -693,3 +713,21 @@ def test_suspend_asks_for_its_own_checkpoint_even_after_a_notices():
     assert plan.annotate_pods == {"paused-a1-n0": {c.ANN_CHECKPOINT_REQUEST: "suspend-1"},
                                   "paused-a1-n1": {c.ANN_CHECKPOINT_REQUEST: "suspend-1"}}
     assert plan.status["phase"] == "Suspended" and sorted(plan.delete_pods) == ["paused-a1-n0", "paused-a1-n1"]
+
+
+@pytest.mark.parametrize("max_failures,phase", [(3, "Suspended"), (0, "Failed")])
+def test_a_failure_settling_when_the_job_is_suspended_still_counts(max_failures, phase):
+    # A rank failed; within failurePolicy.failureSettleSeconds the job was suspended (a user, a
+    # queue): removing the pods erased the failure, and the resume spent nothing for it.
+    job, _, (n0, n1), nodes, now = observed_gang("settling")
+    job["spec"]["failurePolicy"] = {"failureSettleSeconds": 30, "maxFailures": max_failures}
+    n0["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+    plan = _decide(job, [n0, n1], nodes, now)
+    assert plan.status["failureSeenAt"] and plan.status["failures"] == 0 and plan.status["phase"] == "Running"
+    job["status"] = plan.status
+    plan = _decide(job, [n0, n1], nodes, now + reconcile.dt.timedelta(seconds=2), suspend=True)
+    st = plan.status
+    assert st["phase"] == phase and st["failures"] == 1 and "failureSeenAt" not in st, st
+    if phase == "Failed":
+        cond = next(cd for cd in st["conditions"] if cd["type"] == "Failed")
+        assert cond["reason"] == "MaxFailuresExceeded" and "settling-a1-n0 exited with code 1" in cond["message"], cond

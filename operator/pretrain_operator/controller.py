@@ -520,8 +520,17 @@ class Controller:
         once, the pods after their grace period: the new gang ran beside them, and the new trainer,
         finding the folder held by another job's live trainer, failed for good (exit 85)."""
         old = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB}={name},{c.LABEL_JOB_UID}!={uid}")["items"]
-        going = sorted((p for p in old if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-                        and c.LABEL_PROBE not in p["metadata"]["labels"]), key=lambda p: p["metadata"]["name"])
+        now = dt.datetime.now(dt.timezone.utc)
+
+        def running(p: dict) -> bool:
+            # Not one whose grace period has ended (its kubelet has killed it, or is gone: a pod
+            # stuck Terminating on a lost node would hold the new job for ever) nor one on a node
+            # that is gone or dark.
+            due = reconcile.parse(p["metadata"].get("deletionTimestamp") or "")
+            nn = (p.get("spec") or {}).get("nodeName")
+            return ((p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and c.LABEL_PROBE not in p["metadata"]["labels"]
+                    and (due is None or due > now) and not (nn and classify.node_problem(self._node(nn), nn, [])))
+        going = sorted(filter(running, old), key=lambda p: p["metadata"]["name"])
         if not going:
             return None
         whose = going[0]["metadata"]["labels"].get(c.LABEL_JOB_UID, "")

@@ -305,6 +305,13 @@ def _decide(o: Observed) -> Plan:
     # 3. Suspend: ask for a checkpoint, remove the pods (SIGTERM gives the trainer its grace period).
     if spec.suspend:
         live = [p for p in o.pods if not p["metadata"].get("deletionTimestamp")]
+        if status.pop("failureSeenAt", None):
+            # A rank's failure was settling (failurePolicy.failureSettleSeconds) when the suspension
+            # came: it happened, and counts (removing the pods, the suspension erased it; its
+            # timestamp stayed in status all through the suspension).
+            ended = _outcome(o, [render.pod_name(name, attempt, r) for r in range(spec.nodes)], by_name)
+            if ended.outcome == classify.FAILURE and (failed := _spend(plan, o, "failures", ended.message)):
+                return failed
         if status["phase"] != "Suspended":
             if attempt == 0:  # created suspended (a queue admits it later): nothing ran, nothing to stop
                 said = told = "created suspended: no pods until spec.suspend is false"
@@ -384,12 +391,7 @@ def _decide(o: Observed) -> Plan:
         status["gangCreated"] = True
 
     # 7. Observe the ranks.
-    ends = []
-    for n in names:
-        p = by_name.get(n) or o.last_seen.get(n)
-        node_name = ((p or {}).get("spec") or {}).get("nodeName")
-        ends.append(classify.classify_pod(p, n, o.nodes.get(node_name) if node_name else None, spec))
-    outcome = classify.classify_attempt(ends)
+    outcome = _outcome(o, names, by_name)
     running = [p for p in current if _running(p)]
     status["readyNodes"] = f"{len(running)}/{spec.nodes}"
 
@@ -786,6 +788,30 @@ def _fail(plan: Plan, o: Observed, reason: str, message: str) -> Plan:
     return plan
 
 
+def _outcome(o: Observed, names: list[str], by_name: dict[str, dict]) -> classify.End:
+    """How the attempt whose rank pods are `names` stands, from each rank's pod (or its last
+    watched state, once gone)."""
+    ends = []
+    for n in names:
+        p = by_name.get(n) or o.last_seen.get(n)
+        node_name = ((p or {}).get("spec") or {}).get("nodeName")
+        ends.append(classify.classify_pod(p, n, o.nodes.get(node_name) if node_name else None, o.spec))
+    return classify.classify_attempt(ends)
+
+
+def _spend(plan: Plan, o: Observed, count: str, message: str) -> Plan | None:
+    """Count a failure or a preemption (`count`: the status field); the job failed when that is
+    past its budget, else None."""
+    st, fp = plan.status, o.spec.failurePolicy
+    st[count] += 1
+    if count == "failures" and st["failures"] > fp.maxFailures:
+        return _fail(plan, o, "MaxFailuresExceeded", f"{message}; failure {st['failures']} exceeds maxFailures {fp.maxFailures}")
+    if count == "preemptions" and fp.maxPreemptions is not None and st["preemptions"] > fp.maxPreemptions:
+        return _fail(plan, o, "MaxPreemptionsExceeded",
+                     f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {fp.maxPreemptions}")
+    return None
+
+
 def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, count: str | None,
              nodes: int | None = None) -> Plan:
     """Record the intent (attempt + 1, why, counters, the next gang's size: `nodes`, else every node
@@ -794,16 +820,8 @@ def _restart(plan: Plan, o: Observed, kind: str, reason: str, message: str, coun
     spec = o.spec
     now = iso(o.now)
     gen = o.job["metadata"].get("generation", 0)
-    if count == "failures":
-        st["failures"] += 1
-        if st["failures"] > spec.failurePolicy.maxFailures:
-            return _fail(plan, o, "MaxFailuresExceeded",
-                         f"{message}; failure {st['failures']} exceeds maxFailures {spec.failurePolicy.maxFailures}")
-    elif count == "preemptions":
-        st["preemptions"] += 1
-        mp = spec.failurePolicy.maxPreemptions
-        if mp is not None and st["preemptions"] > mp:
-            return _fail(plan, o, "MaxPreemptionsExceeded", f"{message}; preemption {st['preemptions']} exceeds maxPreemptions {mp}")
+    if count and (failed := _spend(plan, o, count, message)):
+        return failed
     # How far the ending attempt got; one whose gang was never created carries its predecessor's
     # figure, not yet counted (that is done at a gang's first create), and its predecessor's pods:
     # those still going are the ones replaced, whose final reports raise the figure.
