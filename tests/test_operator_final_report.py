@@ -103,3 +103,18 @@ def test_the_checkpoint_a_suspended_or_restarted_gang_saved_on_sigterm_is_the_jo
         st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=ready, service_exists=True,
                                                  config_data=None, now=now)).status
         assert st["lastCheckpoint"]["step"] == 57 and st["progress"]["step"] == 57, (suspend, st)
+
+
+def test_a_suspended_gangs_last_checkpoint_names_the_folder_it_saved_to_after_checkpoint_path_changed():
+    # checkpoint.path may change while the job is Suspended, as its pods still save on SIGTERM:
+    # their checkpoint was recorded under the new path, which does not hold it.
+    job, spec, pods, ready, now = observed_gang("moved")
+    job["spec"]["suspend"] = True
+    job["spec"]["checkpoint"] = {**job["spec"]["checkpoint"], "path": "/checkpoints/run2"}
+    job["status"].update(phase="Suspended")
+    _ended(pods[0], c.EXIT_PREEMPTED, json.dumps({"step": 130, "totalSteps": 400, "loss": 3.0, "checkpointStep": 130}))
+    spec = spec.model_copy(update={"suspend": True, "checkpoint": spec.checkpoint.model_copy(update={"path": "/checkpoints/run2"})})
+    st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=ready, service_exists=True,
+                                             config_data=None, now=now)).status
+    assert classify.env_of(pods[0], c.ENV_CHECKPOINT_DIR) == "/checkpoints"  # what the pod was given
+    assert st["lastCheckpoint"]["step"] == 130 and st["lastCheckpoint"]["path"] == "/checkpoints/step-00000130", st["lastCheckpoint"]

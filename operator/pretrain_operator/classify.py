@@ -75,6 +75,14 @@ def trainer_statuses(pod: dict) -> list[dict]:
     return [cs for cs in statuses if cs.get("name") == c.TRAINER_CONTAINER] or statuses
 
 
+def env_of(pod: dict | None, name: str) -> str | None:
+    """The value the trainer's container was given for environment variable `name`, if any."""
+    for ctr in ((pod or {}).get("spec") or {}).get("containers") or []:
+        if ctr.get("name") == c.TRAINER_CONTAINER:
+            return next((e.get("value") for e in ctr.get("env") or [] if e.get("name") == name), None)
+    return None
+
+
 def terminated(pod: dict) -> dict | None:
     """How the trainer's container ended, or None while it has not: not another container's (a log
     shipper that exited 0 while the trainer runs, a sidecar killed after it finished)."""

@@ -122,7 +122,11 @@ def set_last_checkpoint(status: dict, root: str, step: int, time: str) -> None:
     status["lastCheckpoint"] = {"step": step, "time": time, "path": f"{root}/step-{step:08d}"}
 
 
-def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str) -> None:
+def _record_report(status: dict, pod: dict | None, spec: api.PretrainJobSpec, now: str) -> None:
+    """Rank 0's final report (its pod's termination message) into status.progress and, with the
+    folder that pod saved to, status.lastCheckpoint: checkpoint.path may have changed since (it
+    may while the job is Suspended, as the pods still save on their way out)."""
+    rep = classify.report(pod)
     if "step" in rep:
         prog = {**progress_of(status), "step": rep["step"], "totalSteps": rep.get("totalSteps", spec.training.steps)}
         if "loss" in rep:
@@ -132,7 +136,7 @@ def _record_report(status: dict, rep: dict, spec: api.PretrainJobSpec, now: str)
         set_progress(status, prog, now)
     step = rep.get("checkpointStep", 0)
     if step > (status.get("lastCheckpoint") or {}).get("step", 0):
-        set_last_checkpoint(status, spec.checkpoint.path, step, now)
+        set_last_checkpoint(status, classify.env_of(pod, c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path, step, now)
 
 
 def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, now: str) -> None:
@@ -144,7 +148,7 @@ def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, n
     for p in pods:
         if (p["metadata"].get("labels") or {}).get(c.LABEL_NODE_RANK) == "0":
             rep = classify.report(p)
-            _record_report(status, rep, spec, now)
+            _record_report(status, p, spec, now)
             # (A restart recorded by an operator before reachedStep: its steps were counted then.)
             if ("reachedStep" in restart and attempt_of(p) == restart.get("fromAttempt")
                     and rep.get("step", 0) > restart["reachedStep"]):
@@ -397,7 +401,7 @@ def _decide(o: Observed) -> Plan:
 
     # 7b. Rank 0's final report, once it has ended (exit 0 or preempted): the exact last step, loss
     #     and checkpoint, which the metrics mirrored every few seconds may have missed.
-    _record_report(status, classify.report(by_name.get(names[0])), spec, now)
+    _record_report(status, by_name.get(names[0]), spec, now)
 
     # 8. A termination notice on a node of ours: checkpoint now (once per attempt; once more when a
     #    termination notice follows advisory ones, whose request may be hours old by then: an
