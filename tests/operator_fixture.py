@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pretrain_operator.contract import url_host
 from pretrain_operator.controller import parse_metrics
 
 STANDIN = str(Path(__file__).resolve().parent / "standin_trainer.py")
@@ -50,7 +51,7 @@ class OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
         self.runs += 1
         # Bound to IPv6 (PRETRAIN_OPERATOR_BIND_ADDRESS=::), its liveness port listens on IPv6 alone.
-        self.host = "[::1]" if ":" in env.get("PRETRAIN_OPERATOR_BIND_ADDRESS", "") else "127.0.0.1"
+        self.host = url_host("::1" if ":" in env.get("PRETRAIN_OPERATOR_BIND_ADDRESS", "") else "127.0.0.1")
         e = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
                  PRETRAIN_OPERATOR_METRICS_PORT=str(self.metrics_port), PRETRAIN_OPERATOR_HEALTH_PORT=str(self.health_port),
                  PRETRAIN_OPERATOR_LEASE_DURATION_S="4", PRETRAIN_OPERATOR_LEASE_RENEW_S="1",

@@ -224,8 +224,8 @@ def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_pods_to_end(
     # at attempt 2) ran beside them, and a real trainer found the folder held by another job's
     # live trainer: exit 85, the new job failed for good.
     body = job_manifest("redo", steps=3000, step_s=0.1)
-    body["spec"]["template"]["terminationGracePeriodSeconds"] = 30
-    body["spec"]["template"]["env"].append({"name": "STANDIN_TERM_SECONDS", "value": "6"})
+    body["spec"]["template"]["terminationGracePeriodSeconds"] = 40
+    body["spec"]["template"]["env"].append({"name": "STANDIN_TERM_SECONDS", "value": "15"})  # a slow last save
     jobs.create(body)
     old_uid = jobs.get("redo")["metadata"]["uid"]
     jobs.wait_phase("redo", "Running", timeout=60)
@@ -234,12 +234,15 @@ def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_pods_to_end(
     jobs.delete("redo")
     wait_for(lambda: jobs.get("redo") is None, timeout=60, what="the first job to go")
     jobs.create(job_manifest("redo", steps=10), claim=False)
-    st = jobs.wait("redo", lambda s: "of a deleted PretrainJob of this name" in s.get("message", ""),
-                   timeout=30, what="the new job to say what it waits for")
-    assert "redo-a2-n0, redo-a2-n1" in st["message"] and old_uid in st["message"] and st["phase"] != "Failed", st
     new_uid = jobs.get("redo")["metadata"]["uid"]
     old_left = lambda: [p for p in jobs.pods("redo", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == old_uid]  # noqa: E731
-    assert old_left() and not [p for p in jobs.pods("redo", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == new_uid]
+
+    def waiting():  # what it waits for, said while they still run (one poll: they end 15 s after their SIGTERM)
+        st, left = jobs.status("redo"), old_left()
+        return (st, left) if "of a deleted PretrainJob of this name" in st.get("message", "") else None
+    st, left = wait_for(waiting, timeout=30, what="the new job to say what it waits for")
+    assert "redo-a2-n0, redo-a2-n1" in st["message"] and old_uid in st["message"] and st["phase"] != "Failed", st
+    assert left and not [p for p in jobs.pods("redo", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == new_uid]
     wait_for(lambda: not old_left() or [p for p in jobs.pods("redo", live=False)
                                          if p.metadata.labels["pretrain.dev/job-uid"] == new_uid],
              timeout=60, what="the old pods to end or a new one to come")

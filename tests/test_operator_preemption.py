@@ -186,6 +186,14 @@ def test_a_noticed_node_that_goes_dark_is_a_preemption_at_once_even_when_a_peer_
     def decide(*pods) -> dict:
         return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=list(pods), nodes=nodes, service_exists=True,
                                                    config_data=render.trainer_config(spec), now=now)).status
+    # Shutting down gracefully first: its kubelet alive says not ready, its pods save on the notice.
+    shutting = {"spec": {"taints": [nodes["spot-1"]["spec"]["taints"][0], {"key": "node.kubernetes.io/not-ready", "effect": "NoExecute"}]},
+                "status": {"conditions": [{"type": "Ready", "status": "False", "reason": "KubeletNotReady"}]}}
+    dark = {k: nodes["spot-1"][k] for k in ("spec", "status")}
+    nodes["spot-1"].update(shutting)
+    st = decide(n0, n1)
+    assert st["phase"] == "Running" and not st.get("restart") and st.get("checkpointRequestedAt"), st
+    nodes["spot-1"].update(dark)
     st = decide(n0, n1)  # both Running
     assert st["restart"]["kind"] == "Preemption" and st["restart"]["reason"] == "NodeNotReady", st["restart"]
     assert "node spot-1 is unreachable" in st["restart"]["message"]

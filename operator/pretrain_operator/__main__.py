@@ -20,6 +20,7 @@ import kopf
 from pydantic import ValidationError
 
 from . import handlers
+from .contract import url_host
 from .settings import OperatorSettings
 
 
@@ -57,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("pretrain_operator").warning("%s names no setting (operator/pretrain_operator/settings.py lists them): ignored", name)
     handlers.STATE["settings"] = s
     limit_malloc_arenas(s.malloc_arenas)
-    host = f"[{s.bind_address}]" if ":" in s.bind_address else s.bind_address
-    liveness = f"http://{host}:{s.health_port}/healthz" if s.health_port else None
+    liveness = f"http://{url_host(s.bind_address)}:{s.health_port}/healthz" if s.health_port else None
     asyncio.run(kopf.operator(standalone=True, clusterwide=not s.namespaces, namespaces=s.namespaces or (),
                               liveness_endpoint=liveness))
     return 0

@@ -43,28 +43,47 @@ def disrupted(pod: dict) -> dict | None:
     return dt if dt and dt.get("status") == "True" else None
 
 
+def node_dark(node: dict | None, node_name: str) -> str | None:
+    """Why the node's kubelet is known to be gone (the Node deleted, tainted unreachable, its Ready
+    condition Unknown: no heartbeat), or None. Not a node that says it is not ready: its kubelet
+    is alive (a graceful shutdown, whose pods may be writing their last checkpoint)."""
+    if node is None:
+        return f"node {node_name} was deleted"
+    for t in (node.get("spec") or {}).get("taints") or []:
+        if t.get("key") == "node.kubernetes.io/unreachable" and t.get("effect") == "NoExecute":
+            return f"node {node_name} is unreachable"
+    ready = _cond(node, "Ready")
+    if ready is not None and ready.get("status") == "Unknown":
+        return f"node {node_name} is NotReady ({ready.get('reason', '')})"
+    return None
+
+
 def node_problem(node: dict | None, node_name: str | None, notice_taints: list[str]) -> tuple[str, str] | None:
     """(reason, message) when the node is gone, not ready, unreachable or under a reclaim notice."""
     if not node_name:
         return None
     if node is None:
         return "NodeDeleted", f"node {node_name} was deleted"
-    taints = (node.get("spec") or {}).get("taints") or []
     # A node gone dark first, whatever notice it had: its pods show Running still (their kubelet
     # is gone), and as a notice the node was only asked for a checkpoint, its pods left to end on
     # their own, a peer's crash (a failure) or the progress deadline first. The node controller
-    # adds its taint after the notice one, so the notice was always found first.
-    for t in taints:
-        if t.get("key") in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready") and t.get("effect") == "NoExecute":
-            return "NodeNotReady", f"node {node_name} is {t['key'].split('/')[1]}"
-    ready = _cond(node, "Ready")
-    if ready is not None and ready.get("status") != "True":
-        return "NodeNotReady", f"node {node_name} is NotReady ({ready.get('reason', '')})"
+    # adds its taint after the notice one, so the notice was always found first. A node not ready
+    # with its kubelet alive (shutting down) comes after a notice: its pods are saving.
+    dark = node_dark(node, node_name)
+    if dark:
+        return "NodeNotReady", dark
+    taints = (node.get("spec") or {}).get("taints") or []
     # A termination notice before an advisory one the node also has (a rebalance recommendation first).
     for t in sorted(taints, key=lambda t: t.get("key") in api.ADVISORY_NOTICE_TAINTS):
         if t.get("key") in notice_taints:
             return ("AdvisoryNotice" if t["key"] in api.ADVISORY_NOTICE_TAINTS else "TerminationNotice",
                     f"node {node_name} has termination-notice taint {t['key']}")
+    for t in taints:
+        if t.get("key") == "node.kubernetes.io/not-ready" and t.get("effect") == "NoExecute":
+            return "NodeNotReady", f"node {node_name} is not-ready"
+    ready = _cond(node, "Ready")
+    if ready is not None and ready.get("status") != "True":
+        return "NodeNotReady", f"node {node_name} is NotReady ({ready.get('reason', '')})"
     return None
 
 

@@ -44,11 +44,15 @@ RDZV_PORT = 29400
 METRICS_PORT = 9400
 
 
+def url_host(ip: str) -> str:
+    """An IP address as a URL's host: an IPv6 one in brackets (`http://fd00::5:9400` names no port)."""
+    return f"[{ip}]" if ":" in ip else ip
+
+
 def metrics_url(pod_ip: str, port: int = METRICS_PORT) -> str:
-    """Where a pod's trainer serves its metrics. An IPv6 pod IP (an IPv6-only or IPv6-first
-    dual-stack cluster) goes in brackets: `http://fd00::5:9400` names no port at all."""
-    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
-    return f"http://{host}:{port}/metrics"
+    """Where a pod's trainer serves its metrics (an IPv6 pod IP in an IPv6-only or IPv6-first
+    dual-stack cluster)."""
+    return f"http://{url_host(pod_ip)}:{port}/metrics"
 
 # ---- annotations and labels -------------------------------------------------------------------
 ANN_CHECKPOINT_REQUEST = "pretrain.dev/checkpoint-request"

@@ -260,7 +260,8 @@ class Controller:
         uid = job["metadata"]["uid"]
         # A job with no status was never acted on (the status is written before any child is made),
         # so it has no pods, Service or ConfigMap of ours yet: three reads saved per new job, which
-        # is what a burst of new jobs waits on. (Someone else's object of the same name still fails the create.)
+        # is what a burst of new jobs waits on. (Someone else's object of the same name still fails the create;
+        # a deleted job's pods still running are looked for, below, by one read.)
         fresh = not job.get("status")
         pods = [] if fresh else self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB_UID}={uid}")["items"]
         nodes = {}
@@ -287,8 +288,9 @@ class Controller:
             foreign, predecessor = _not_owned(job, ("Service", svc), ("ConfigMap", cm))
             svc_exists = svc is not None
             config_data = (cm.get("data") or {}).get(c.CONFIG_FILE) if cm is not None else None
-        if predecessor is None and not foreign and (job.get("status") or {}).get("attempt", 0) <= 1 \
-                and not (job.get("status") or {}).get("gangCreated"):
+        was = job.get("status") or {}
+        if predecessor is None and not foreign and was.get("attempt", 0) <= 1 and not was.get("gangCreated") \
+                and was.get("phase") not in reconcile.TERMINAL and not spec.suspend:  # about to make its first gang
             predecessor = self._predecessor_pods(ns, name, uid)
         observed = reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=svc_exists,
                                       config_data=config_data, now=dt.datetime.now(dt.timezone.utc),
@@ -300,7 +302,6 @@ class Controller:
                                       probes=probes, probe_image=self.settings.capacity_probe_image)
         # Decide.
         plan = reconcile.decide(observed)
-        was = job.get("status") or {}
         restarts = plan.status.get("attempt", 0) > was.get("attempt", 0) > 0
         fails = plan.status.get("phase") == "Failed" != was.get("phase")  # a restart past its budget too
         if (restarts or fails) and self._namespace_terminating(ns):
@@ -519,21 +520,23 @@ class Controller:
         was applied again as it was). Garbage collection removes the Service and ConfigMap at
         once, the pods after their grace period: the new gang ran beside them, and the new trainer,
         finding the folder held by another job's live trainer, failed for good (exit 85)."""
-        old = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB}={name},{c.LABEL_JOB_UID}!={uid}")["items"]
+        old = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB}={name},{c.LABEL_JOB_UID},{c.LABEL_JOB_UID}!={uid}")["items"]
         now = dt.datetime.now(dt.timezone.utc)
 
         def running(p: dict) -> bool:
-            # Not one whose grace period has ended (its kubelet has killed it, or is gone: a pod
-            # stuck Terminating on a lost node would hold the new job for ever) nor one on a node
-            # that is gone or dark.
+            # A rank of a deleted job of this name (its controller reference names it: not a pod a
+            # user labelled so, nor one orphaned on purpose), not finished, its grace period not
+            # over (its kubelet has killed it, or is gone: a pod stuck Terminating on a lost node
+            # would hold the new job for ever), its node not gone dark.
             due = reconcile.parse(p["metadata"].get("deletionTimestamp") or "")
             nn = (p.get("spec") or {}).get("nodeName")
-            return ((p.get("status") or {}).get("phase") not in ("Succeeded", "Failed") and c.LABEL_PROBE not in p["metadata"]["labels"]
-                    and (due is None or due > now) and not (nn and classify.node_problem(self._node(nn), nn, [])))
+            return (_predecessor(p, name) is not None and c.LABEL_PROBE not in p["metadata"]["labels"]
+                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                    and (due is None or due > now) and not (nn and classify.node_dark(self._node(nn), nn)))
         going = sorted(filter(running, old), key=lambda p: p["metadata"]["name"])
         if not going:
             return None
-        whose = going[0]["metadata"]["labels"].get(c.LABEL_JOB_UID, "")
+        whose = _predecessor(going[0], name)
         return (f"pod(s) {', '.join(p['metadata']['name'] for p in going)} of a deleted PretrainJob of this name (uid {whose}) still running "
                 "(their grace period: a last checkpoint may be going to the same folder); waiting for them to end")
 

@@ -17,7 +17,8 @@ class OperatorSettings(BaseModel):
     health_port: int = Field(8080, description="Liveness endpoint /healthz; 0 disables.")
     bind_address: str = Field("0.0.0.0", description=(
         "The address the metrics and liveness ports listen on: `::` in an IPv6-only cluster (its kubelet "
-        "probes and Prometheus reach the pod's IPv6 address, which 0.0.0.0 does not listen on)."))
+        "probes and Prometheus reach the pod's IPv6 address, which 0.0.0.0 does not listen on). With `::` "
+        "the liveness port (kopf's server) listens on IPv6 alone: not where pods' first address is IPv4."))
     lease_namespace: str = Field("default", description="Namespace of the leader-election Lease.")
     lease_name: str = "pretrain-operator"
     lease_duration_s: float = 15.0

@@ -70,8 +70,8 @@ log = logging.getLogger("pretrain_trainer.checkpoint")
 MARKER = "COMMITTED"
 UNUSABLE = ".unusable"
 CRC = ".crc32"  # beside each data file: its CRC32, from the process that wrote it
-# How often `load` lists the committed checkpoints again when they changed while none verified
-# (a stale attempt committing and pruning as this one starts: one round is all it can make).
+# How many times in all `load` checks the committed checkpoints when they changed while none
+# verified (a stale attempt committing and pruning as this one starts: one round is all it makes).
 LIST_ROUNDS = 3
 # What a checkpoint that does not load raises: DCP gathers every rank's failure into a
 # CheckpointException, a BaseException (it escapes `except Exception`).
@@ -898,10 +898,12 @@ class Checkpointer:
         the committed checkpoints are listed again, and checked again if they changed."""
         candidates = self._committed()
         shapes = self._shapes(model) if candidates else {}
-        for _ in range(LIST_ROUNDS):
+        for rounds in range(1, LIST_ROUNDS + 1):
             extra, skipped = self._load_newest(candidates, model, optim, shapes)
             if extra is not None or not candidates:
                 return extra
+            if rounds == LIST_ROUNDS:
+                break
             again = self._committed()
             if again == candidates or not again:  # none left: not a fresh start, what was there did not verify
                 break
