@@ -234,6 +234,7 @@ BAD_VALUES = [
     (("--set", "operator.leaseName=Leader_Lease"), "leaseName"),
     (("--set", "dashboard.namespace=Grafana NS"), "namespace"),
     (("--set", "operator.bindAddress=localhost"), "bindAddress"),
+    (("--set", "operator.bindAddress=999.1.1.1"), "bindAddress"),
 ]
 
 
