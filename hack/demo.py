@@ -215,7 +215,9 @@ def main() -> int:
                     f"quickstart: {st.get('attempt')} attempts, {st.get('preemptions')} preemption(s)", step_at_preemption,
                     held_out)
     print(f"   loss plot (from Prometheus range queries): {png}")
-    print(f"   metrics: {prom.query_command('pretrain_loss')}  (PromQL: pretrain_step, pretrain_loss, "
+    # last_over_time: the trainers are gone once the job has Succeeded, their series stale.
+    last_loss = prom.query_command('last_over_time(pretrain_loss{node_rank="0"}[1h])')
+    print(f"   metrics: {last_loss}  (PromQL: pretrain_step, pretrain_loss, "
           f"pretrain_operator_job_preemptions; alerts: curl -s {prom_url}/api/v1/alerts); "
           f"operator: curl -s http://127.0.0.1:18000/metrics")
     phases["demo total"] = time.monotonic() - t_start
