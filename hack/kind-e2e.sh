@@ -40,6 +40,20 @@ diagnose() {
     echo "--- $p"; kubectl --context "$ctx" -n "$jobs_ns" logs "$p" --tail 30 || true
   done
 }
+# `kubectl wait --for=jsonpath` waits out its whole timeout on a job that has already Failed;
+# this polls the phase and stops at once on Failed (cleanup then prints the job's story).
+wait_phase() {
+  want=$1 limit=$2 waited=0 phase=
+  echo "+ wait for ptj/quickstart to be $want (at most ${limit}s)" >&2
+  while [ "$waited" -lt "$limit" ]; do
+    phase=$(kubectl --context "$ctx" -n "$jobs_ns" get ptj quickstart -o jsonpath='{.status.phase}' 2>/dev/null || true)
+    [ "$phase" = "$want" ] && return 0
+    [ "$want" = Running ] && [ "$phase" = Succeeded ] && return 0
+    [ "$phase" = Failed ] && die "ptj/quickstart Failed while waiting for $want"
+    sleep 5; waited=$((waited + 5))
+  done
+  die "ptj/quickstart is ${phase:-without a phase} after ${limit}s, not $want"
+}
 cleanup() {
   rc=$?
   [ $rc -ne 0 ] && diagnose
@@ -99,8 +113,8 @@ if step 6 "apply the quickstart in $jobs_ns"; then
 fi
 
 if step 7 "wait for the quickstart to succeed"; then
-  run kubectl --context "$ctx" -n "$jobs_ns" wait ptj/quickstart --for=jsonpath='{.status.phase}'=Running --timeout 600s
-  run kubectl --context "$ctx" -n "$jobs_ns" wait ptj/quickstart --for=jsonpath='{.status.phase}'=Succeeded --timeout 1800s
+  wait_phase Running 600
+  wait_phase Succeeded 1800
   run kubectl --context "$ctx" -n "$jobs_ns" get ptj quickstart -o wide
 fi
 echo; echo "kind-e2e: the quickstart succeeded on kind with the chart's operator"
