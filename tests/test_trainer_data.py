@@ -161,7 +161,7 @@ def test_data_that_cannot_be_used_is_a_permanent_error_that_names_data_path(tmp_
     (other / "manifest.json").write_text(json.dumps(manifest))
     for name, path, vocab, says in (
             ("missing", tmp_path / "nowhere", 512, f"data.path {tmp_path / 'nowhere'} is not a prepared folder"),
-            ("too-big", prepared, 256, "the tokenizer's vocabulary (300) exceeds model.vocabSize (256)"),
+            ("too-big", prepared, 256, "the tokenizer's vocabulary (300) exceeds model.vocabSize (256); prepare it again with `--vocab-size 256`"),
             ("no-dtype", other, 512, f"data.path {other}: its manifest.json has no 'dtype'")):
         d = tmp_path / name
         d.mkdir()

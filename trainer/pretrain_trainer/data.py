@@ -191,7 +191,8 @@ class TokenSource:
                                 f"`python -m pretrain_trainer prepare --input TEXT_DIR --out {path}`") from e
             try:
                 if man["vocabSize"] > vocab_size:
-                    raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size})")
+                    raise DataError(f"{field}: the tokenizer's vocabulary ({man['vocabSize']}) exceeds model.vocabSize ({vocab_size}); "
+                                    f"prepare it again with `--vocab-size {vocab_size}`, or raise model.vocabSize")
                 try:
                     self.tokens = Tokens(MappedShards([d / s["file"] for s in man["shards"]], [s["tokens"] for s in man["shards"]],
                                                       man["dtype"]))
