@@ -150,6 +150,7 @@ def test_an_older_attempts_release_racing_the_next_claim_leaves_the_folder_to_th
     from pretrain_trainer import fence
     root = tmp_path / "ckpt"
     root.mkdir()
+    monkeypatch.setattr(fence, "BEAT_S", 0.5)  # the InUse below comes at attempt 2's next touch
     one, two = fence.Fence(root, (UID, 1)), fence.Fence(root, (UID, 2))
     assert one.claim() is None
     read = one._read
@@ -212,3 +213,40 @@ ck.verify = racing
     assert "changed while they were checked (['step-00000004'], now ['step-00000008']): checking them again" in r.stderr
     assert re.search(r"resumed from \S*step-00000008", r.stderr), r.stderr[-3000:]
     assert committed_steps(tmp_path / "ckpt") == [8]
+
+
+def test_a_folder_whose_other_job_trainer_was_killed_unreleased_is_taken_over_once_its_fence_goes_stale(tmp_path, monkeypatch, caplog):
+    # A deleted job's trainer SIGKILLed in its last save (the grace period too short for it) never
+    # releases the fence; the job created again under its name at once found the fence fresh and
+    # failed for good (85) on a folder nobody held any more. Now it watches the fence: untouched
+    # for LIVE_S it is taken over; one its trainer touches again (alive) is still refused.
+    import time
+
+    from pretrain_trainer import fence
+    monkeypatch.setattr(fence, "LIVE_S", 3.0)
+    monkeypatch.setattr(fence, "WATCH_S", 0.2)
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    killed = fence.Fence(root, ("deleted-job", 2))
+    assert killed.claim() is None
+    killed.stop.set()  # SIGKILL: its beat ends, `release_held` never runs
+    fence._HELD.remove(killed)
+    try:
+        t0 = time.monotonic()
+        with caplog.at_level("WARNING", logger="pretrain_trainer.fence"):
+            assert fence.Fence(root, ("job-again", 1)).claim() is None
+        assert 2.5 < time.monotonic() - t0 < 6, "taken over once untouched for LIVE_S, not before"
+        assert "whose trainer was alive 0 s ago and did not release it: waiting up to 3 s" in caplog.text
+        assert "was job deleted-job's (attempt 2, its trainer last alive 3 s ago): this job (job-again) takes it over" in caplog.text
+        assert json.loads((root / "ATTEMPT").read_text())["job"] == "job-again"
+
+        monkeypatch.setattr(fence, "BEAT_S", 0.5)  # job-again's trainer beats while a copy of it claims
+        fence.release_held()
+        live = fence.Fence(root, ("job-again", 2))
+        assert live.claim() is None
+        t0 = time.monotonic()
+        with pytest.raises(fence.InUse, match="is in use by job job-again \\(attempt 2, its trainer alive 0 s ago\\)"):
+            fence.Fence(root, ("copied-job", 1)).claim()
+        assert time.monotonic() - t0 < 2, "refused at its next touch, without waiting out LIVE_S"
+    finally:
+        fence.release_held()

@@ -18,7 +18,9 @@ Another job: two PretrainJobs on one folder would fence each other off, restart,
 So rank 0 of the holder touches the file every BEAT_S seconds (a thread, so a long load counts as
 alive too), and an attempt of another job that finds the folder held by a live trainer (touched
 within LIVE_S) fails for good (exit 85, naming the job that holds it); the running job loses
-nothing. The trainer marks the fence released as its process ends (`release_held`, from the
+nothing. A fence touched within LIVE_S but not released is watched first: touched again (within
+BEAT_S), its trainer runs; untouched until LIVE_S, that trainer was killed (a deleted job's, in its
+last save) and the folder is taken over, so a claim waits at most LIVE_S. The trainer marks the fence released as its process ends (`release_held`, from the
 command line, whatever the exit); a released fence, or one untouched for LIVE_S (a trainer killed
 outright), is taken over by another job, which resumes from the folder (continual pretraining from
 a finished run's folder, a job created again after a fix).
@@ -54,6 +56,7 @@ log = logging.getLogger("pretrain_trainer.fence")
 FENCE = "ATTEMPT"
 BEAT_S = 10.0  # how often the holder's rank 0 touches the fence
 LIVE_S = 60.0  # touched this recently: its trainer is alive
+WATCH_S = 1.0  # how often a claim re-reads another job's fresh, unreleased fence (`_watch`)
 _HELD: list[Fence] = []  # claimed by this process, released as it ends
 
 
@@ -143,6 +146,8 @@ class Fence:
             return None
         uid, attempt = self.owner
         held, alive = self._read_with_age()
+        if held.get("job") not in (None, uid) and not held.get("released") and alive < LIVE_S:
+            held, alive = self._watch(held, alive)
         if held.get("job") == uid and isinstance(held.get("attempt"), int) and held["attempt"] > attempt:
             return (f"attempt {held['attempt']} of this job has claimed {self.path.parent} since: attempt {attempt} "
                     "is stale (a pod the operator replaced)")
@@ -160,6 +165,24 @@ class Fence:
         self.beat.start()
         _HELD.append(self)
         return None
+
+    def _watch(self, held: dict, alive: float) -> tuple[dict, float]:
+        """Watch another job's unreleased fence, touched `alive` s ago, until its trainer touches it
+        again (alive: at most BEAT_S away), it changes (released, or claimed), or LIVE_S passes since
+        its last touch (a trainer killed outright: its release never ran). Returns the fence as last
+        read and how long ago it was touched. Why wait: a deleted job's trainer killed within its last
+        save (the grace period too short for it) leaves a fresh fence, and a job created again under
+        its name at once (its pods gone) failed for good (85) on a folder nobody held any more."""
+        log.warning("checkpoint folder %s is job %s's (attempt %s), whose trainer was alive %.0f s ago and did not release "
+                    "it: waiting up to %.0f s to see whether that trainer still runs", self.path.parent, held.get("job"),
+                    held.get("attempt"), alive, LIVE_S - alive)
+        touched = time.time() - alive
+        while alive < LIVE_S:
+            time.sleep(min(WATCH_S, LIVE_S - alive))
+            now, alive = self._read_with_age()
+            if now != held or time.time() - alive > touched + 0.5:  # changed, or touched again (mtime moved)
+                return now, alive
+        return held, alive
 
     def _beat(self) -> None:
         """Touch the fence while it is this attempt's (a newer attempt's is left alone)."""
