@@ -252,24 +252,44 @@ def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_pods_to_end(
     assert st["attempt"] == 1 and st["failures"] == 0
 
 
+def _strand_then_reapply(jobs, core, namespace, cluster, pool, name: str, attempt: int):
+    """A one-node job at `attempt` whose node's kubelet dies, deleted and applied again at once:
+    its pod stays Terminating, phase Running, for ever. Returns (that pod, the new job's end)."""
+    from pretrain_localcluster import nodes as local_nodes
+    label, _ = pool
+    jobs.create(job_manifest(name, nodes=1, steps=3000, step_s=0.1, pool=label))
+    jobs.wait_phase(name, "Running", timeout=60)
+    if attempt == 2:
+        core.delete_namespaced_pod(f"{name}-a1-n0", namespace, grace_period_seconds=0)  # a preemption
+        jobs.wait_phase(name, "Running", timeout=60, attempt=2)
+    (old,) = jobs.pods(name)
+    local_nodes.kubelet_down(cluster.state_dir, old.spec.node_name)
+    jobs.delete(name)
+    wait_for(lambda: jobs.get(name) is None, timeout=60, what="the first job to go")
+    jobs.create(job_manifest(name, nodes=1, steps=10, pool=label), claim=False)
+    st = jobs.wait_phase(name, "Succeeded", timeout=90)
+    assert st["attempt"] == 1 and st["failures"] == 0
+    return old, st
+
+
 def test_a_job_re_applied_under_its_name_does_not_wait_for_a_deleted_ones_pod_stuck_on_a_dark_node(jobs, core, namespace, cluster, pool):
     # Its kubelet gone, the deleted job's pod stays Terminating, phase Running, for ever: past its
     # grace period (or on a node gone dark) nothing of it runs that a new gang must wait for.
-    from pretrain_localcluster import nodes as local_nodes
-    label, _ = pool
-    jobs.create(job_manifest("strand", nodes=1, steps=3000, step_s=0.1, pool=label))
-    jobs.wait_phase("strand", "Running", timeout=60)
-    core.delete_namespaced_pod("strand-a1-n0", namespace, grace_period_seconds=0)  # attempt 2: not the new job's pod name
-    jobs.wait_phase("strand", "Running", timeout=60, attempt=2)
-    (old,) = jobs.pods("strand")
-    local_nodes.kubelet_down(cluster.state_dir, old.spec.node_name)
-    jobs.delete("strand")
-    wait_for(lambda: jobs.get("strand") is None, timeout=60, what="the first job to go")
-    jobs.create(job_manifest("strand", nodes=1, steps=10, pool=label), claim=False)
-    st = jobs.wait_phase("strand", "Succeeded", timeout=90)
-    assert st["attempt"] == 1 and st["failures"] == 0
-    stuck = core.read_namespaced_pod(old.metadata.name, namespace)  # still there: it was not waited for
+    old, _ = _strand_then_reapply(jobs, core, namespace, cluster, pool, "strand", attempt=2)  # not the new pod's name
+    stuck = core.read_namespaced_pod(old.metadata.name, namespace)  # still there: it was not waited for, nor removed
     assert stuck.metadata.deletion_timestamp and stuck.metadata.labels["pretrain.dev/job-uid"] == old.metadata.labels["pretrain.dev/job-uid"]
+
+
+def test_a_deleted_ones_pod_stuck_on_a_dark_node_under_the_new_gangs_pod_name_is_removed_not_waited_on(jobs, core, namespace, cluster, pool):
+    # The stuck pod is strand-a1-n0, the new job's first pod's name: its create met that pod
+    # (AlreadyExists, not this job's) at every pass until the start timeout; the other ranks held
+    # their nodes meanwhile, and an elastic job was shrunk as if capacity were short.
+    old, _ = _strand_then_reapply(jobs, core, namespace, cluster, pool, "stranded", attempt=1)
+    assert old.metadata.name == "stranded-a1-n0"
+    now = core.read_namespaced_pod("stranded-a1-n0", namespace)  # the new job's own, the old one removed
+    assert now.metadata.uid != old.metadata.uid and now.metadata.labels["pretrain.dev/job-uid"] != old.metadata.labels["pretrain.dev/job-uid"]
+    assert not [e for e in core.list_namespaced_event(namespace, field_selector="involvedObject.name=stranded").items
+                if e.reason == "GangCreateFailed"]
 
 
 def test_a_refused_create_is_remembered_for_its_own_job_not_for_a_new_one_of_the_same_name():
@@ -731,6 +751,9 @@ def test_a_failure_settling_when_the_job_is_suspended_still_counts(max_failures,
     plan = _decide(job, [n0, n1], nodes, now + reconcile.dt.timedelta(seconds=2), suspend=True)
     st = plan.status
     assert st["phase"] == phase and st["failures"] == 1 and "failureSeenAt" not in st, st
+    if phase == "Suspended":  # said, as a restart's failure is: not only a counter gone up
+        assert ("Warning", "Failure", "attempt 1 ended (ExitCode: pod settling-a1-n0 exited with code 1 (Error)) as the job was suspended: "
+                "failure 1 of maxFailures 3") in plan.events, plan.events
     if phase == "Failed":
         cond = next(cd for cd in st["conditions"] if cd["type"] == "Failed")
         assert cond["reason"] == "MaxFailuresExceeded" and "settling-a1-n0 exited with code 1" in cond["message"], cond

@@ -96,6 +96,13 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
         ctl.on_pod({"metadata": {**meta, "name": "j-a1-n0", "labels": {c.LABEL_JOB: "j", c.LABEL_ATTEMPT: "1", c.LABEL_JOB_UID: "new"}},
                     "spec": {}, "status": evicted["status"]})
         assert sorted(ctl.last_seen[("ml", "j")]) == ["j-a1-n0"] and ctl._last_seen(("ml", "j")) == ctl.last_seen[("ml", "j")]
+        # A deleted job's pod ending late (stuck Terminating), its deletion not seen by this
+        # operator (started since): the live job's memos stay, or its finished rank, removed
+        # since, would read as deleted (a preemption).
+        ctl.on_job(("ml", "j"), "new")
+        ctl.on_pod({"metadata": {**meta, "name": "j-a2-n0", "labels": {c.LABEL_JOB: "j", c.LABEL_ATTEMPT: "2", c.LABEL_JOB_UID: "old"}},
+                    "spec": {}, "status": evicted["status"]})
+        assert sorted(ctl.last_seen[("ml", "j")]) == ["j-a1-n0"]
         from pretrain_operator import reconcile
         ctl._observe_metrics("ml", "j", {"metadata": {}, "status": {}}, reconcile.Plan(status={"phase": "Succeeded"}))
         assert ("ml", "j") not in ctl.last_seen

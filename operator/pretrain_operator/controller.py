@@ -144,6 +144,12 @@ class Controller:
                 "spec": {k: v for k, v in (pod.get("spec") or {}).items() if k == "nodeName"}, "status": pod.get("status") or {}}
         if self.phases.get(key) not in reconcile.TERMINAL:
             uid = (md.get("labels") or {}).get(c.LABEL_JOB_UID)
+            live, kept = self.job_uids.get(key) or set(), self.last_seen.get(key, {})
+            if uid not in live and any(p["metadata"]["labels"].get(c.LABEL_JOB_UID) in live for p in kept.values()):
+                # A deleted job's pod (its deletion unseen: this operator started since, or it was
+                # seen GONE_KEEP_S ago; its pod stuck Terminating ends late) would replace the live
+                # job's memos: a finished rank removed since would read as deleted, a preemption.
+                return
             # Another job of that name (deleted and applied again): its pods are not this one's.
             memo = {n: p for n, p in self.last_seen.get(key, {}).items() if p["metadata"]["labels"].get(c.LABEL_JOB_UID) == uid}
             memo[md["name"]] = slim
@@ -404,7 +410,7 @@ class Controller:
             self._write(lambda: self.kube.delete(_job_path(ns, job["metadata"]["name"]), {
                 "propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}}))
 
-    def _create(self, ns: str, obj: dict) -> None:
+    def _create(self, ns: str, obj: dict, retried: bool = False) -> None:
         kind = obj["kind"]
         plural = {"Pod": "pods", "Service": "services", "ConfigMap": "configmaps"}[kind]
         try:
@@ -419,8 +425,25 @@ class Controller:
             # job of the same name that garbage collection has not removed yet.
             existing = self.kube.get(core_path(ns, plural, obj["metadata"]["name"]))
             owners = [o["uid"] for o in existing["metadata"].get("ownerReferences") or []]
-            if obj["metadata"]["ownerReferences"][0]["uid"] not in owners:
-                raise client.ApiException(status=409, reason=_whose(kind, existing, obj["metadata"]["ownerReferences"][0]["name"]))
+            job = obj["metadata"]["ownerReferences"][0]
+            if job["uid"] in owners:
+                return
+            if kind == "Pod" and _predecessor(existing, job["name"]) and not self._may_run(existing) and not retried:
+                # A deleted job's rank holding this name (attempt 1's) that no longer runs: stuck
+                # Terminating on a node gone dark or past its grace period, or finished and not yet
+                # collected. Garbage collection waits on its kubelet, maybe for ever, and the new
+                # gang's other ranks held their nodes until the start timeout. Removed (only that
+                # pod: the uid precondition), as the operator removes its own ranks on lost nodes.
+                log.warning("pod %s/%s of a deleted PretrainJob of this name no longer runs but holds the name: removing it",
+                            ns, existing["metadata"]["name"])
+                try:
+                    self._write(lambda: self.kube.delete(core_path(ns, plural, existing["metadata"]["name"]), {
+                        "gracePeriodSeconds": 0, "preconditions": {"uid": existing["metadata"]["uid"]}}))
+                except client.ApiException as gone:
+                    if gone.status not in (404, 409):  # gone meanwhile, or another pod of the name since
+                        raise
+                return self._create(ns, obj, retried=True)
+            raise client.ApiException(status=409, reason=_whose(kind, existing, job["name"]))
 
     def _create_error(self, ns: str, name: str, job: dict) -> tuple[int, str] | None:
         """The last refused pod create of the job's current attempt (reconcile.Observed.create_error)."""
@@ -521,24 +544,21 @@ class Controller:
         once, the pods after their grace period: the new gang ran beside them, and the new trainer,
         finding the folder held by another job's live trainer, failed for good (exit 85)."""
         old = self.kube.get(core_path(ns, "pods"), labelSelector=f"{c.LABEL_JOB}={name},{c.LABEL_JOB_UID},{c.LABEL_JOB_UID}!={uid}")["items"]
-        now = dt.datetime.now(dt.timezone.utc)
-
-        def running(p: dict) -> bool:
-            # A rank of a deleted job of this name (its controller reference names it: not a pod a
-            # user labelled so, nor one orphaned on purpose), not finished, its grace period not
-            # over (its kubelet has killed it, or is gone: a pod stuck Terminating on a lost node
-            # would hold the new job for ever), its node not gone dark.
-            due = reconcile.parse(p["metadata"].get("deletionTimestamp") or "")
-            nn = (p.get("spec") or {}).get("nodeName")
-            return (_predecessor(p, name) is not None and c.LABEL_PROBE not in p["metadata"]["labels"]
-                    and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-                    and (due is None or due > now) and not (nn and classify.node_dark(self._node(nn), nn)))
-        going = sorted(filter(running, old), key=lambda p: p["metadata"]["name"])
+        going = sorted((p for p in old if _predecessor(p, name) is not None and self._may_run(p)), key=lambda p: p["metadata"]["name"])
         if not going:
             return None
         whose = _predecessor(going[0], name)
         return (f"pod(s) {', '.join(p['metadata']['name'] for p in going)} of a deleted PretrainJob of this name (uid {whose}) still running "
                 "(their grace period: a last checkpoint may be going to the same folder); waiting for them to end")
+
+    def _may_run(self, pod: dict) -> bool:
+        """Whether a deleted job's rank may still run: not a probe, not finished, its grace period not
+        over (its kubelet has killed it, or is gone: a pod stuck Terminating on a lost node would hold
+        the new job for ever), its node not gone dark."""
+        due = reconcile.parse(pod["metadata"].get("deletionTimestamp") or "")
+        nn = (pod.get("spec") or {}).get("nodeName")
+        return (c.LABEL_PROBE not in pod["metadata"]["labels"] and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+                and (due is None or due > dt.datetime.now(dt.timezone.utc)) and not (nn and classify.node_dark(self._node(nn), nn)))
 
     def _progress_read(self, key: tuple[str, str], job: dict) -> dt.datetime | None:
         """When rank 0's step of the job's current attempt was last read, if that read succeeded and

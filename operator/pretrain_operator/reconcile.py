@@ -314,8 +314,12 @@ def _decide(o: Observed) -> Plan:
             # came: it happened, and counts (removing the pods, the suspension erased it; its
             # timestamp stayed in status all through the suspension).
             ended = _outcome(o, [render.pod_name(name, attempt, r) for r in range(spec.nodes)], by_name)
-            if ended.outcome == classify.FAILURE and (failed := _spend(plan, o, "failures", ended.message)):
-                return failed
+            if ended.outcome == classify.FAILURE:
+                if failed := _spend(plan, o, "failures", ended.message):
+                    return failed
+                # Said as a restart's failure is (its Event): else only `failures` would tell of it.
+                plan.events.append(("Warning", "Failure", f"attempt {attempt} ended ({ended.reason}: {ended.message}) as "
+                                    f"the job was suspended: failure {status['failures']} of maxFailures {spec.failurePolicy.maxFailures}"))
         if status["phase"] != "Suspended":
             if attempt == 0:  # created suspended (a queue admits it later): nothing ran, nothing to stop
                 said = told = "created suspended: no pods until spec.suspend is false"
