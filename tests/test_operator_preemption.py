@@ -120,6 +120,28 @@ def test_an_evicted_pod_gone_before_the_reconcile_lists_it_keeps_its_eviction_re
     assert r["kind"] == "Preemption" and r["reason"] == "EvictionByEvictionAPI"
 
 
+def test_a_rank_evicted_and_gone_before_a_pass_saw_the_whole_gang_is_a_preemption_not_made_again():
+    """gangCreated is written by the pass after the creates: an operator killed in between (or
+    creates refused for a while) and a rank evicted and removed meanwhile. Made again under the same
+    attempt, it hid the eviction; its peer, crashed as it vanished, was counted a failure."""
+    job, spec, (n0, n1), ready, now = observed_gang("halfway")
+    job["status"]["gangCreated"] = False
+    n0["status"]["conditions"].append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                                       "message": "preempted by a higher priority pod"})
+    n1["status"] = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}
+
+    def decide(last_seen):
+        return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n1], nodes=ready, service_exists=True,
+                                                   config_data=None, now=now, last_seen=last_seen))
+    plan = decide({n0["metadata"]["name"]: n0})
+    assert not [o for o in plan.create if o["kind"] == "Pod"] and plan.status["restart"]["kind"] == "Preemption", plan
+    assert plan.status["preemptions"] == 1 and plan.status["failures"] == 0 and plan.status["attempt"] == 2
+    # A deleted job's pod of that name (another uid) is not this gang's: the missing rank is made.
+    n0["metadata"]["labels"] = {**n0["metadata"]["labels"], c.LABEL_JOB_UID: "a-deleted-job"}
+    plan = decide({n0["metadata"]["name"]: n0})
+    assert [o["metadata"]["name"] for o in plan.create if o["kind"] == "Pod"] == ["halfway-a1-n0"] and plan.status["attempt"] == 1
+
+
 @pytest.mark.parametrize("reason,message,kind", [
     ("UnexpectedAdmissionError", "Allocate failed due to no healthy devices present; cannot allocate unhealthy devices nvidia.com/gpu", "Retryable"),
     ("OutOfnvidia.com/gpu", "Node didn't have enough resource: nvidia.com/gpu, requested: 8, used: 8, capacity: 8", "Retryable"),

@@ -394,7 +394,14 @@ def _decide(o: Observed) -> Plan:
     names = [render.pod_name(name, attempt, r) for r in range(spec.nodes)]
     if not status.get("gangCreated"):
         missing = [n for n in names if n not in by_name]
-        if missing:
+        # A rank this job created that has ended and gone (the watch kept how) before a pass saw
+        # the whole gang (`gangCreated` is written by the pass after the creates: an operator
+        # killed between, creates refused for minutes by a quota): the attempt is created, and how
+        # it ended is classified below; made again, its evicted rank hid its preemption and a peer
+        # that crashed as it vanished was counted a failure.
+        uid = o.job["metadata"].get("uid")
+        if missing and not any(o.last_seen.get(n, {}).get("metadata", {}).get("labels", {}).get(c.LABEL_JOB_UID) == uid
+                               for n in missing):
             return _create_gang(plan, o, names, missing)
         status["gangCreated"] = True
 
