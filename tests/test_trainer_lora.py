@@ -163,3 +163,23 @@ def test_the_pin_is_read_from_the_newest_checkpoint_that_has_one_and_follows_the
     assert lora_base_spec(api.PretrainJobSpec.model_validate({**base, "lora": {**lora, "baseCheckpoint": "/b"}})) == "/b"
     assert lora_base_spec(api.PretrainJobSpec.model_validate(base)) is None
     assert lora_base_spec(api.PretrainJobSpec.model_validate({"model": {"preset": "tiny", "initFrom": "/hf"}})) is None
+
+
+def test_a_pipeline_stage_lora_leaves_frozen_trains_and_resumes_and_patterns_matching_nothing_exit_85(tmp_path):
+    # A path pattern of stage 0's layer leaves stage 1 with nothing to train: its optimizer got
+    # an empty parameter list and the run crashed (exit 1, retried as a failure); a pattern of
+    # another model's names (Hugging Face's q_proj) froze every weight, with the same crash.
+    import subprocess
+
+    from tests.trainer_util import cmd
+    lora = {"rank": 4, "alpha": 8, "targetModules": ["layers.0.attention.wq"]}
+    cfg = write_config(tmp_path, nproc=2, pipeline=2, schedule="GPipe", steps=4, interval=2, extra={"lora": lora})
+    r = run(cfg, 2, tmp_path / "l.txt")
+    assert "(1 adapted layers here)" in r.stderr and sorted(losses(tmp_path / "l.txt")) == [1, 2, 3, 4]
+    r = run(write_config(tmp_path, nproc=2, pipeline=2, schedule="GPipe", steps=6, interval=2, extra={"lora": lora}), 2, tmp_path / "l.txt")
+    assert "resumed from" in r.stderr and "step-00000004" in r.stderr and sorted(losses(tmp_path / "l.txt")) == [1, 2, 3, 4, 5, 6]
+    (tmp_path / "bad").mkdir()
+    bad = write_config(tmp_path / "bad", extra={"lora": {**lora, "targetModules": ["q_proj", "v_proj"]}})
+    r = subprocess.run(cmd(bad, 1, tmp_path / "bad.txt"), env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 85, r.stderr[-3000:]
+    assert "lora.targetModules ['q_proj', 'v_proj'] match no linear layer of the model: its names are wq wk wv wo" in r.stderr

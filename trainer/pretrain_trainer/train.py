@@ -243,6 +243,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
     if initial and p.pipeline > 1:  # a stage's part: a checkpoint must hold the whole model (no memory taken)
         with torch.device("meta"):
             whole = shapes_of(Transformer(args).state_dict())
+    adapted = 0  # LoRA-wrapped layers on this rank (a pipeline stage may have none)
     for part in parts:
         names = {m: n for n, m in part.named_modules()}  # before any wrapper: the names that seed the init
         if not meta:
@@ -254,7 +255,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
                 raise ConfigError(f"cannot load the initial weights ({field}) from {initial}: {e}")
             log.info("initial weights from %s", src)
         if spec.lora:
-            lora.apply_lora(part, spec.lora, spec.training.seed)
+            adapted += lora.apply_lora(part, spec.lora, spec.training.seed)
             names.update({m: n for n, m in part.named_modules() if m not in names})  # the adapters
         if not meta:
             part.to(device)
@@ -270,11 +271,19 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
     model = parts[0] if p.pipeline == 1 else pipeline.Parts(parts)
     model.expert_mesh = emesh
     model.lora_base = {"spec": lora_base_spec(spec), "source": initial} if lora_base_spec(spec) else None
+    if spec.lora:
+        total = torch.tensor([adapted])
+        dist.all_reduce(total)
+        if not total.item():  # every weight frozen: nothing would train
+            raise ConfigError(f"lora.targetModules {spec.lora.targetModules} match no linear layer of the model: its names are "
+                              "wq wk wv wo (attention) and w1 w2 w3 (MLP), or paths such as layers.0.attention.wq")
     trainable = [q for q in model.parameters() if q.requires_grad]
     o = spec.optimizer
     # CPU: the per-parameter loop (bit-for-bit the reference runs of the tests); GPU: the fused kernel.
     impl = {"fused": True} if device == "cuda" else {"foreach": False}
-    optim = torch.optim.AdamW(trainable, lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95), **impl)
+    # One group, empty on a pipeline stage that LoRA leaves frozen (a path pattern of another
+    # stage's layer): a bare empty list is refused by the optimizer.
+    optim = torch.optim.AdamW([{"params": trainable}], lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95), **impl)
     schedule = None
     if p.pipeline > 1:
         per_rank = spec.data.globalBatchSize // p.data
