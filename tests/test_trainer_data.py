@@ -49,6 +49,35 @@ def test_prepare_is_deterministic_and_its_manifest_tracks_every_input_byte(tmp_p
     assert changed == [target.name]
 
 
+def test_prepare_leaves_out_an_out_folder_inside_its_input_and_separates_documents_with_a_real_end_of_text(tmp_path):
+    # --out inside --input: the second run read the first one's manifest and tokenizer as text
+    # (other tokens, another hash: its checkpoints refused as other data).
+    src = _corpus(tmp_path)
+    a, b = _prepare(src, src / "prepared"), _prepare(src, src / "prepared")
+    assert a == b and not [f for f in a["files"] if f["path"].startswith("prepared")]
+    # A given tokenizer's end-of-text under another name (Llama 2's </s>) separates the documents;
+    # without one, `prepare` refuses (the last id, an ordinary subword, stood in for it).
+    from tokenizers import Tokenizer
+    tok = json.loads((src / "prepared" / "tokenizer.json").read_text())
+    for t in tok["added_tokens"]:
+        t["content"] = "</s>"
+    tok["model"]["vocab"]["</s>"] = tok["model"]["vocab"].pop("<|endoftext|>")
+    (tmp_path / "renamed.json").write_text(json.dumps(tok))
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "prepare", "--input", str(src), "--out", str(tmp_path / "r"),
+                        "--tokenizer", str(tmp_path / "renamed.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "manifest.json").read_text())["eot"] == Tokenizer.from_file(str(tmp_path / "renamed.json")).token_to_id("</s>")
+    tok["added_tokens"] = []
+    del tok["model"]["vocab"]["</s>"]
+    (tmp_path / "none.json").write_text(json.dumps(tok))
+    for given, said in ((tmp_path / "none.json", "has no end-of-text token to separate documents with (one of <|endoftext|>"),
+                        (tmp_path / "missing.json", f"--tokenizer {tmp_path / 'missing.json'} cannot be read as a tokenizer.json")):
+        r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "prepare", "--input", str(src), "--out", str(tmp_path / "n"),
+                            "--tokenizer", str(given)], capture_output=True, text=True)
+        assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "n").exists()
+
+
 def test_the_loader_partitions_each_global_batch_over_data_parallel_ranks(tmp_path):
     import torch
     from pretrain_trainer.data import Blend, Loader, TokenSource

@@ -32,6 +32,8 @@ log = logging.getLogger("pretrain_trainer.data")
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".yaml", ".yml", ".html")
 SHARD_TOKENS = 1 << 22
+# End-of-text tokens, as tokenizers name them (GPT-2/this trainer's, Llama 3's, Llama 2's/T5's).
+EOT_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>")
 
 
 def sha256_file(p: Path) -> str:
@@ -45,14 +47,18 @@ def sha256_file(p: Path) -> str:
 def prepare(input_dir: str, out_dir: str, vocab_size: int = 4096, tokenizer_path: str | None = None) -> dict:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    src = Path(input_dir)
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    src, out = Path(input_dir), Path(out_dir)
+    # Not what an --out inside --input holds (a folder prepared there before): read as text, its
+    # manifest and tokenizer made a second run's tokens, and its hash, differ from the first's.
+    mine = out.resolve()
+    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES and not p.resolve().is_relative_to(mine))
     if not files:
         raise SystemExit(f"prepare: no text files ({', '.join(TEXT_SUFFIXES)}) under {src}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if tokenizer_path:
-        tok = Tokenizer.from_file(tokenizer_path)
+        try:
+            tok = Tokenizer.from_file(tokenizer_path)
+        except Exception as e:  # the tokenizers library's own error type names no file
+            raise SystemExit(f"prepare: --tokenizer {tokenizer_path} cannot be read as a tokenizer.json: {e}") from e
     else:
         tok = Tokenizer(models.BPE(unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -62,10 +68,15 @@ def prepare(input_dir: str, out_dir: str, vocab_size: int = 4096, tokenizer_path
         # One file at a time (a generator): the corpus whole in memory did not fit a large one.
         texts = (p.read_text(errors="replace") for p in files)
         tok.train_from_iterator(texts, trainer=trainer, length=len(files))
-    tok.save(str(out / "tokenizer.json"))
-    eot = tok.token_to_id("<|endoftext|>")
+    # The document separator: a given tokenizer's end-of-text token under one of its usual names
+    # (else the last id was taken, an ordinary subword of a BPE tokenizer, and every document
+    # boundary read as that word).
+    eot = next((i for t in EOT_TOKENS if (i := tok.token_to_id(t)) is not None), None)
     if eot is None:
-        eot = tok.get_vocab_size() - 1
+        raise SystemExit(f"prepare: --tokenizer {tokenizer_path} has no end-of-text token to separate documents with "
+                         f"(one of {', '.join(EOT_TOKENS)}); add one to it as a special token")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.uint32
     buf: list[int] = []
     shards = []

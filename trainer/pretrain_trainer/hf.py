@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .data import EOT_TOKENS
 from .model import ModelArgs
 
 LAYER_MAP = {  # ours (inside layers.N.) -> Hugging Face (inside model.layers.N.)
@@ -39,7 +40,6 @@ LAYER_MAP = {  # ours (inside layers.N.) -> Hugging Face (inside model.layers.N.
     "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.router": "block_sparse_moe.gate",
 }
-EOT = "<|endoftext|>"
 TOP_MAP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
 
 
@@ -246,10 +246,16 @@ def _tokenizer(data_path: str, out: Path, cfg: dict) -> bool:
         return False
     shutil.copy(src, out / "tokenizer.json")
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg["max_position_embeddings"]}
-    vocab = json.loads(src.read_text()).get("model", {}).get("vocab", {})
-    if EOT in vocab:
-        tok_cfg["eos_token"] = EOT
-        cfg["eos_token_id"] = vocab[EOT]
+    doc = json.loads(src.read_text())
+    ids = {**(doc.get("model", {}).get("vocab") or {}), **{t["content"]: t["id"] for t in doc.get("added_tokens") or []}}
+    try:  # the separator `prepare` wrote between documents (a given tokenizer's may be named otherwise)
+        eot_id = json.loads((src.parent / "manifest.json").read_text())["eot"]
+        eot = next((t for t, i in ids.items() if i == eot_id), None)
+    except (OSError, ValueError, KeyError, TypeError):
+        eot = next((t for t in EOT_TOKENS if t in ids), None)
+    if eot is not None:
+        tok_cfg["eos_token"] = eot
+        cfg["eos_token_id"] = ids[eot]
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=1))
     return True
 
