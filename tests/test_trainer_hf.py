@@ -215,3 +215,16 @@ def test_a_hugging_face_folder_of_the_same_shapes_but_another_model_is_refused_n
     refused(variant("scaled", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}), r"rope scaling 'llama3': this trainer has none")
     refused(variant("eps", {"rms_norm_eps": 1e-6}), r"rms_norm_eps: 1e-05 \(this trainer's\) vs 1e-06")
     refused(variant("bias", {}, "model.layers.0.self_attn.o_proj.bias"), r"tensor model.layers.0.self_attn.o_proj.bias has no place")
+    # A tensor of another shape under a config that matches (an edited or another model's file):
+    # a RuntimeError from deep in the copy, a traceback and exit 1 from `eval`, naming no tensor.
+    cut = variant("cut", {})
+    sd = load_file(str(cut / "model.safetensors"))
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"][:, :-2].contiguous()
+    sd["model.layers.1.self_attn.q_proj.weight"] = sd["model.layers.1.self_attn.q_proj.weight"][:-3].contiguous()
+    save_file(sd, str(cut / "model.safetensors"), metadata={"format": "pt"})
+    refused(cut, r"tensor model.layers.1.self_attn.q_proj.weight has shape \(\d+, \d+\), which this model's attention heads do not fit")
+    del sd["model.layers.1.self_attn.q_proj.weight"]
+    sd["model.layers.1.self_attn.q_proj.weight"] = load_file(str(dense_hf / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
+    save_file(sd, str(cut / "model.safetensors"), metadata={"format": "pt"})
+    refused(cut, r"holds weights of other shapes than the job's model: model.layers.0.mlp.down_proj.weight is \(\d+, \d+\), "
+                 r"the model's layers.0.feed_forward.w2.weight \(\d+, \d+\)")

@@ -182,7 +182,10 @@ def from_hf(hf_sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.
                 raise ValueError(f"tensor {k} has no place in this model")
             ours = f"{top_inverse[top]}.{tail}"
         heads = _rope_heads(ours, args)
-        out[ours] = _to_pairs(v, heads) if heads else v
+        try:
+            out[ours] = _to_pairs(v, heads) if heads else v
+        except RuntimeError as e:  # a shape the heads do not divide: another model's tensor
+            raise ValueError(f"tensor {k} has shape {tuple(v.shape)}, which this model's attention heads do not fit: {e}") from e
     return out
 
 
@@ -234,6 +237,9 @@ def load_hf(model, folder: Path) -> None:
     missing = [k for k in own if k not in sd]
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
+    wrong = [f"{_hf_name(k)} is {tuple(sd[k].shape)}, the model's {k} {tuple(t.shape)}" for k, t in own.items() if sd[k].shape != t.shape]
+    if wrong:
+        raise ValueError(f"{folder} holds weights of other shapes than the job's model: {'; '.join(wrong[:3])}")
     with torch.no_grad():
         for k, t in own.items():
             t.copy_(sd[k].to(t.dtype))
