@@ -250,3 +250,19 @@ def test_a_resume_with_another_seed_or_window_length_says_the_data_order_changes
     r = train(steps=8, seed=2, logEverySteps=1, seq_len=16)
     assert "data.seqLen is 16, the checkpoint's was 32: the data position (24 samples) is carried over" in r.stderr
     assert "training.seed" not in r.stderr
+
+
+def test_the_synthetic_corpus_serves_a_llama_presets_long_windows_and_stays_the_same_where_it_already_did():
+    # 65,536 tokens, 5% (at least 8 windows) held out: seqLen 4096 left 7 windows for a batch of
+    # 8, and 8192 none ("data.path: too few tokens", of a data.path left empty).
+    import numpy as np
+    from pretrain_operator import api
+    from pretrain_trainer.data import Loader, TokenSource
+    from pretrain_trainer.train import open_data
+    for seq, batch in ((4096, 8), (8192, 8), (8192, 64)):
+        spec = api.PretrainJobSpec.model_validate({"model": {"preset": "llama3-8b"}, "data": {"seqLen": seq, "globalBatchSize": batch}})
+        blend = open_data(spec, 128256)
+        x, y = Loader(blend, seq, batch, 1, 0, 1, 1).next_batch()[0]
+        assert x.shape == (1, seq) and blend.windows[0] >= 4 * batch and len(blend.heldout_rows(8)) == 8
+    tiny = api.PretrainJobSpec.model_validate({"model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": 4}})
+    assert np.array_equal(open_data(tiny, 512).sources[0].tokens[:], TokenSource("", 512, 1234).tokens[:])  # a resume sees the same

@@ -146,7 +146,7 @@ class Data(Model):
          "data.path and data.sources are exclusive: one prepared folder in path, or a blend of them in sources", ".sources"),
     ))
 
-    path: str = Field("", max_length=4096, description="A prepared folder of token shards (`python -m pretrain_trainer prepare`); empty (and no sources) means a small synthetic corpus.")
+    path: str = Field("", max_length=4096, description="A prepared folder of token shards (`python -m pretrain_trainer prepare`); empty (and no sources) means a small synthetic corpus (65,536 tokens, more when seqLen and globalBatchSize need them).")
     sources: list[DataSource] = Field(default_factory=list, max_length=64, description=(
         "A blend of prepared folders tokenized with the same tokenizer, instead of path: each training sample comes "
         "from the source furthest below its weight's share so far (Megatron's blending), so the shares are exact "

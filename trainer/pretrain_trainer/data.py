@@ -223,10 +223,26 @@ class TokenSource:
             self.manifest_hash, self.tokenizer_hash = "synthetic", "synthetic"
 
 
+def holdout_tokens(total: int, seq_len: int) -> int:
+    """How many of a stream's tokens are held out: the last 5%, at least 8 windows."""
+    return max(total // 20, 8 * (seq_len + 1))
+
+
 def split_holdout(tokens: Tokens, seq_len: int) -> tuple[Tokens, Tokens]:
     """The last 5% of the stream (at least 8 windows) is held out from training for `eval`."""
-    n = max(len(tokens) // 20, 8 * (seq_len + 1))
+    n = holdout_tokens(len(tokens), seq_len)
     return tokens.part(None, -n), tokens.part(-n, None)
+
+
+def synthetic_size(seq_len: int, global_batch: int) -> int:
+    """The synthetic corpus' length: 65,536 tokens while they make a global batch of windows
+    after the held-out part (so the corpus of every run that worked stays the same, token for
+    token), else room for 4 global batches and the held-out windows (seqLen 4096 of a Llama
+    preset left 7 windows for a batch of 8, and 8192 none)."""
+    n = 1 << 16
+    if (n - holdout_tokens(n, seq_len) - 1) // seq_len >= global_batch:
+        return n
+    return (seq_len + 1) * (4 * global_batch + 8) * 20 // 19 + 1
 
 
 def eval_batches(rows: torch.Tensor):

@@ -39,7 +39,7 @@ from . import moe as moe_mod
 from . import data_parallel, expert_parallel, parallel, pipeline, tensor_parallel
 from . import lora, profiling, report, validation
 from .checkpoint import Checkpointer, NoneVerifies, OtherModel, agreed_weights_source, load_weights, pinned_base, shapes_of
-from .data import Blend, DataError, Loader, TokenSource
+from .data import Blend, DataError, Loader, TokenSource, synthetic_size
 from .fence import Fence, InUse
 from .metrics import GRACE, Metrics, peak_memory_bytes
 from .model import ModelArgs, Transformer, flops_per_token, init_weights
@@ -87,9 +87,10 @@ def load_spec(path: str) -> api.PretrainJobSpec:
 def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> Blend:
     """The training data (data.path, data.sources, or the synthetic corpus); data that cannot be
     used is a permanent error (exit 85), not a crash to retry."""
-    folders = spec.data.folders() or [("data.path", "", 1.0)]
+    folders = spec.data.folders() or [("the synthetic corpus (data.path empty)", "", 1.0)]
+    size = synthetic_size(spec.data.seqLen, spec.data.globalBatchSize)
     try:
-        return Blend([TokenSource(path, vocab_size, spec.training.seed, field=name) for name, path, _ in folders],
+        return Blend([TokenSource(path, vocab_size, spec.training.seed, synthetic_tokens=size, field=name) for name, path, _ in folders],
                      [w for _, _, w in folders], spec.data.seqLen, [name for name, _, _ in folders])
     except DataError as e:
         raise ConfigError(str(e)) from e
