@@ -123,6 +123,18 @@ def test_a_lora_run_on_the_seeds_base_validates_to_the_eval_of_its_checkpoint(tm
     assert abs(float(re.search(r"held-out loss ([0-9.]+) over 8 windows", e.stdout).group(1)) - val[4]) <= TOL
 
 
+def test_an_moe_that_drops_tokens_validates_to_the_eval_of_its_checkpoint(tmp_path):
+    # Capacity is counted over one forward's tokens: eval ran one row per forward, validation a
+    # microbatch (2 rows), so they dropped other tokens and differed (5.775671 against 5.775619).
+    moe = {"model": {"preset": "tiny", "moe": {"experts": 4, "topK": 2, "capacityFactor": 1.0}}}
+    r = run(write_config(tmp_path, steps=4, micro=2, extra={**moe, **VALIDATION}), 1, tmp_path / "losses.txt")
+    val = validation_losses(r.stderr)
+    e = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(tmp_path / "job.yaml")], env=env(),
+                       capture_output=True, text=True, timeout=120)
+    assert e.returncode == 0, e.stderr[-2000:]
+    assert abs(float(re.search(r"held-out loss ([0-9.]+) over 8 windows", e.stdout).group(1)) - val[4]) <= TOL
+
+
 def test_validation_under_a_v_shaped_pipeline_schedule_is_refused_naming_the_fields(tmp_path):
     # torch's forward-only eval of ZBVZeroBubble and DualPipeV fails ("can't steal_bwd_input if this
     # stage doesn't have backward"): refused at the start (the CRD refuses it too), not at step N.

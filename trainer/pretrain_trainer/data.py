@@ -245,10 +245,10 @@ def synthetic_size(seq_len: int, global_batch: int) -> int:
     return (seq_len + 1) * (4 * global_batch + 8) * 20 // 19 + 1
 
 
-def eval_batches(rows: torch.Tensor):
-    """Held-out rows (`Blend.heldout_rows`) as (inputs, targets) pairs of one row each."""
-    for row in rows.split(1):
-        yield row[:, :-1], row[:, 1:]
+def eval_batches(rows: torch.Tensor, per_forward: int = 1):
+    """Held-out rows (`Blend.heldout_rows`) as (inputs, targets) pairs of `per_forward` rows."""
+    for part in rows.split(per_forward):
+        yield part[:, :-1], part[:, 1:]
 
 
 def _window(tokens: Tokens, w: int, seq_len: int) -> np.ndarray:

@@ -5,7 +5,10 @@ the windows a validation during training reads (the same loss as the one logged 
 One process; loads the model part of any checkpoint, whatever layout saved it, or a Hugging Face
 folder (hf.py). Without --checkpoint: the newest one under checkpoint.path whose model files
 verify (checkpoint.weights_source), saying which newer ones it skipped. A LoRA job's checkpoint
-is its adapters on `lora.baseCheckpoint`."""
+is its adapters on `lora.baseCheckpoint`.
+
+Limits: one process on the CPU in fp32, so a bf16 run's validation on a GPU differs from it by
+bf16's rounding, and a large model's eval takes the host's memory and time."""
 
 from __future__ import annotations
 
@@ -49,6 +52,15 @@ def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Pa
     return model, d
 
 
+def rows_per_forward(spec) -> int:
+    """How many rows one forward of training (and validation) holds on a rank: its microbatch
+    (under pipeline parallel with parallelism.microbatches, the per-rank batch over them)."""
+    p = spec.parallelism
+    if p.pipeline > 1 and p.microbatches:
+        return spec.data.globalBatchSize // p.data // p.microbatches
+    return spec.data.microBatchSize
+
+
 def evaluate(config: str, checkpoint: str | None = None) -> float:
     spec = load_spec(config)
     os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
@@ -58,9 +70,12 @@ def evaluate(config: str, checkpoint: str | None = None) -> float:
     rows = open_data(spec, args.vocabSize).heldout_rows(windows(spec) or 32, strict=False)
     total, n = 0.0, 0
     with torch.no_grad():
-        for x, y in eval_batches(rows):
-            total += float(F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
-            n += 1
+        # The rows of each forward are training's (a microbatch): an MoE with a capacity drops
+        # tokens by how many one forward routes, and one row at a time differed from validation.
+        for x, y in eval_batches(rows, rows_per_forward(spec)):
+            per_token = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="none")
+            total += float(per_token.view(len(x), -1).mean(1).double().sum())
+            n += len(x)
     loss = total / max(n, 1)
     print(f"eval {d.name}: held-out loss {loss:.6f} over {n} windows of {spec.data.seqLen}")
     return loss
