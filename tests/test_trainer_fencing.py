@@ -250,3 +250,32 @@ def test_a_folder_whose_other_job_trainer_was_killed_unreleased_is_taken_over_on
         assert time.monotonic() - t0 < 2, "refused at its next touch, without waiting out LIVE_S"
     finally:
         fence.release_held()
+
+
+def test_the_holders_beat_goes_on_past_a_read_that_fails_once(tmp_path, monkeypatch):
+    # One unreadable read (EIO, ESTALE on NFS) read as "not mine any more" ended the beat for
+    # good: LIVE_S later another job took the folder from the live trainer (83, then 85).
+    import time
+
+    from pretrain_trainer import fence
+    monkeypatch.setattr(fence, "BEAT_S", 0.2)
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    mine = fence.Fence(root, (UID, 1))
+    read, failed = mine._read, []
+
+    def fails_once() -> dict:
+        if not failed:
+            failed.append(True)
+            return {}  # what _read makes of an OSError
+        return read()
+    monkeypatch.setattr(mine, "_read", fails_once)
+    try:
+        assert mine.claim() is None
+        time.sleep(0.5)
+        assert failed and mine.beat.is_alive()
+        before = (root / "ATTEMPT").stat().st_mtime
+        time.sleep(0.5)
+        assert (root / "ATTEMPT").stat().st_mtime > before, "touched after the failed read"
+    finally:
+        fence.release_held()

@@ -187,7 +187,8 @@ class Fence:
     def _beat(self) -> None:
         """Touch the fence while it is this attempt's (a newer attempt's is left alone)."""
         while not self.stop.wait(BEAT_S):
-            if not self._still_mine(self._read()):
+            held = self._read()
+            if held and not self._still_mine(held):  # unread ({}: an NFS hiccup) is not taken: touched on
                 return
             try:
                 os.utime(self.path)
