@@ -171,6 +171,25 @@ def test_ranks_that_share_the_checksum_reading_fall_back_together_when_one_finds
     assert sorted(again) == [4, 5, 6] and all(again[s] == first[s] for s in again)
 
 
+def test_a_run_started_from_initial_weights_resumes_from_its_own_checkpoints_without_reading_them_again(tmp_path):
+    # model.initFrom was loaded at every start, before the resume: with its source gone since (a
+    # base run's folder pruned, deleted, a newest step failing verification) a fine-tune that
+    # had checkpoints of its own exited 85 for good; and each resume read the whole base again.
+    base = tmp_path / "base"
+    base.mkdir()
+    run(write_config(base, steps=2, interval=2), 1, base / "losses.txt")
+    init = {"model": {"preset": "tiny", "initFrom": str(base / "ckpt")}}
+    straight, ft = tmp_path / "straight", tmp_path / "ft"
+    for d in (straight, ft):
+        d.mkdir()
+    run(write_config(straight, steps=4, interval=2, extra=init), 1, straight / "losses.txt")
+    run(write_config(ft, steps=2, interval=2, extra=init), 1, ft / "losses.txt")
+    shutil.rmtree(base / "ckpt")
+    r = run(write_config(ft, steps=4, interval=2, extra=init), 1, ft / "losses.txt")
+    assert f"model.initFrom {base / 'ckpt'} not read: the run resumes from its own checkpoints" in r.stderr
+    assert "resumed from" in r.stderr and losses(ft / "losses.txt") == losses(straight / "losses.txt")
+
+
 def test_eval_of_a_checkpoint_with_a_changed_byte_is_a_clear_error_naming_the_file(tmp_path):
     cfg = write_config(tmp_path, steps=3, interval=3)
     run(cfg, 1, tmp_path / "losses.txt")

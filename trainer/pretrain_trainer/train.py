@@ -38,7 +38,8 @@ from pretrain_operator import api, cel, contract as c
 from . import moe as moe_mod
 from . import data_parallel, expert_parallel, parallel, pipeline, tensor_parallel
 from . import lora, profiling, report, validation
-from .checkpoint import Checkpointer, NoneVerifies, OtherModel, agreed_weights_source, load_weights, pinned_base, shapes_of
+from .checkpoint import (Checkpointer, NoneVerifies, OtherModel, agreed_weights_source, committed_steps, load_weights, pinned_base,
+                         shapes_of)
 from .data import Blend, DataError, Loader, TokenSource, synthetic_size
 from .fence import Fence, InUse
 from .metrics import GRACE, Metrics, peak_memory_bytes
@@ -207,7 +208,7 @@ def lora_base_spec(spec: api.PretrainJobSpec) -> str | None:
     return (spec.lora.baseCheckpoint or spec.model.initFrom or None) if spec.lora else None
 
 
-def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None = None):
+def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None = None, resuming: bool = False):
     """The model on this rank (the whole model, or its pipeline stages), sharded; the optimizer;
     the mesh; and the pipeline schedule (None without pipeline parallelism).
 
@@ -218,7 +219,9 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
     parts whole on the CPU, initialises and loads them (load_weights reads into an unsharded
     model), then shards them: that start needs the whole model (or stage) in host memory. `pinned`:
     the LoRA base the run's checkpoints were trained on (checkpoint.pinned_base), instead of
-    resolving lora.baseCheckpoint again; the model's `lora_base` says which was loaded, for them."""
+    resolving lora.baseCheckpoint again; the model's `lora_base` says which was loaded, for them.
+    `resuming`: the run has checkpoints of its own, which hold every weight: model.initFrom is not
+    read (a LoRA base is: the checkpoints hold only the adapters)."""
     p = spec.parallelism
     args = ModelArgs.from_spec(spec.model)
     torch.manual_seed(spec.training.seed)
@@ -226,6 +229,9 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
     emesh = parallel.build_expert_mesh(device, p.pipeline, p.data, p.tensor, p.expert) if p.expert > 1 else None
     field, initial = (("lora.baseCheckpoint", spec.lora.baseCheckpoint) if spec.lora and spec.lora.baseCheckpoint
                       else ("model.initFrom", spec.model.initFrom))
+    if initial and resuming and not spec.lora:
+        log.info("model.initFrom %s not read: the run resumes from its own checkpoints", initial)
+        initial = ""
     meta = not initial
     if pinned:
         log.info("LoRA base %s: the one the checkpoints' adapters were trained on (%s %s)", pinned, field, initial)
@@ -353,10 +359,14 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                         format=f"%(asctime)s [rank {rank}] %(message)s")
     check_layout(spec, world)
     ckpt_root = checkpoint_dir or os.environ.get(c.ENV_CHECKPOINT_DIR) or spec.checkpoint.path
-    pinned = [pinned_base(Path(ckpt_root), lora_base_spec(spec)) if lora_base_spec(spec) and rank == 0 else None]
+    # Rank 0's reading, for all: the LoRA base the checkpoints were trained on, and whether the run
+    # has checkpoints of its own (model.initFrom is then not read: the load replaces every weight,
+    # and a source gone since, or failing verification now, exited 85 on a run that could resume).
+    known = [pinned_base(Path(ckpt_root), lora_base_spec(spec)) if lora_base_spec(spec) else None,
+             bool(committed_steps(Path(ckpt_root)))] if rank == 0 else [None, None]
     if world > 1:
-        dist.broadcast_object_list(pinned, src=0)  # rank 0's reading, for all
-    args, model, optim, mesh, schedule = build(spec, device, world, pinned[0])
+        dist.broadcast_object_list(known, src=0)
+    args, model, optim, mesh, schedule = build(spec, device, world, known[0], resuming=known[1])
     dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
     source = open_data(spec, args.vocabSize)
     validator = None
