@@ -958,3 +958,24 @@ def test_initial_weights_from_a_checkpoint_of_another_model_are_a_permanent_erro
     assert r.returncode == c.EXIT_PERMANENT and "cannot load the initial weights (model.initFrom)" in r.stderr, r.stderr[-2000:]
     assert "holds another model than this config's model (it holds 18 tensor(s) this model lacks (layers.2." in r.stderr
     assert not (d / "losses.txt").exists()
+
+
+def test_a_save_missing_a_file_it_wrote_at_its_commit_is_not_committed_and_the_previous_one_resumes(tmp_path):
+    # The marker listed whatever the folder held: a shard gone before the commit (a stale
+    # attempt's clean-up, a network file system's cached listing) made a checkpoint that verified
+    # and never loaded (LoadFailed at every attempt), while step 2 before it was good.
+    code = (
+        "import pretrain_trainer.checkpoint as ck\n"
+        "mark = ck.Checkpointer._mark\n"
+        "def shard_gone_then_mark(self, step, *a, **k):\n"
+        "    if step == 4:\n"
+        "        (ck.step_dir(self.root, step) / '__0_0.distcp').unlink()\n"
+        "    return mark(self, step, *a, **k)\n"
+        "ck.Checkpointer._mark = shard_gone_then_mark\n")
+    cfg = write_config(tmp_path, steps=6, interval=2)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "l.txt"), capture_output=True, text=True, env=injected(tmp_path, code), timeout=180)
+    assert r.returncode not in (0, c.EXIT_PREEMPTED, c.EXIT_PERMANENT), r.stderr[-2000:]
+    assert "step-00000004: 1 file(s) the save wrote are missing at its commit (__0_0.distcp): not committed" in r.stderr
+    assert _committed(tmp_path) == ["step-00000002"]
+    r = run(cfg, 1, tmp_path / "again.txt")
+    assert "resumed from" in r.stderr and "step-00000002" in r.stderr and sorted(losses(tmp_path / "again.txt")) == [3, 4, 5, 6]

@@ -200,6 +200,10 @@ class NoneVerifies(Exception):
     over from step 0, which a person decides (the trainer exits 85 with this message)."""
 
 
+class CheckpointIncomplete(RuntimeError):
+    """A save's files are not all there at its commit: not committed (a crash, retried)."""
+
+
 class LoadFailed(RuntimeError):
     """A checkpoint that verifies could not be read or loaded (an I/O error, a collective's timeout,
     a torch refusing its format): not a bad checkpoint to skip, and the model and optimizer may hold
@@ -822,6 +826,12 @@ class Checkpointer:
         dist.broadcast(done, src=0)  # also what the barrier after the marker was: no rank goes on before it
         return bool(done)
 
+    def _written(self, d: Path) -> list[str]:
+        """The files a save of this world writes into `d`: DCP's metadata and the data files it names
+        (each with its CRC32 file), every rank's RNG state, extra.json."""
+        data = sorted({s.relative_path for s in dcp.FileSystemReader(str(d)).read_metadata().storage_data.values()})
+        return [".metadata", "extra.json", *data, *(n + CRC for n in data), *(f"rng/rank-{r}.pt" for r in range(self.world))]
+
     def _mark(self, step: int, extra: dict, t0: float) -> bool:
         """Rank 0 commits a written save; False when the fence is taken (nothing committed)."""
         d = step_dir(self.root, step)
@@ -830,6 +840,14 @@ class Checkpointer:
             log.warning("checkpoint step %d not committed: %s has claimed %s since this attempt started", step, taken, self.root)
             return False
         write_synced(d / "extra.json", json.dumps(extra))
+        # What the save wrote, by name: a listing alone made a marker of whatever was there, so a
+        # shard gone before the commit (removed by a stale attempt's clean-up, not yet in a network
+        # file system's cached listing of another node's writes) made a checkpoint that verified
+        # and never loaded, tried again by every attempt while the one before it was good.
+        missing = [n for n in self._written(d) if not (d / n).exists()]
+        if missing:
+            raise CheckpointIncomplete(f"checkpoint {d}: {len(missing)} file(s) the save wrote are missing at its commit "
+                                       f"({', '.join(missing[:3])}): not committed")
         paths = [p for p in sorted(d.rglob("*")) if p.is_file()]
         files = {str(p.relative_to(d)): p.stat().st_size for p in paths}
         # Data files' CRC32s come from their writers; the small files (DCP's metadata, each rank's
