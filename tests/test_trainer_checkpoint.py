@@ -979,3 +979,25 @@ def test_a_save_missing_a_file_it_wrote_at_its_commit_is_not_committed_and_the_p
     assert _committed(tmp_path) == ["step-00000002"]
     r = run(cfg, 1, tmp_path / "again.txt")
     assert "resumed from" in r.stderr and "step-00000002" in r.stderr and sorted(losses(tmp_path / "again.txt")) == [3, 4, 5, 6]
+
+
+def test_pruning_keeps_the_step_just_committed_when_a_newer_one_is_there(tmp_path):
+    # A stale attempt's step 8, committed after this attempt had listed the checkpoints (it starts
+    # from step 0): with keep 1 each of this attempt's commits pruned itself (step 8 the "last"),
+    # and `latest` named a folder gone.
+    run(write_config(tmp_path, steps=8, interval=8, keep=1), 1, tmp_path / "stale.txt")
+    (tmp_path / "ckpt").rename(tmp_path / "stale")
+    code = (
+        "import shutil\n"
+        "import pretrain_trainer.checkpoint as ck\n"
+        "save = ck.Checkpointer.save\n"
+        "def stale_commit_then_save(self, step, *a, **k):\n"
+        "    if step == 2:\n"
+        f"        shutil.copytree('{tmp_path / 'stale' / 'step-00000008'}', ck.step_dir(self.root, 8))\n"
+        "    return save(self, step, *a, **k)\n"
+        "ck.Checkpointer.save = stale_commit_then_save\n")
+    cfg = write_config(tmp_path, steps=4, interval=2, keep=1)
+    r = subprocess.run(cmd(cfg, 1, tmp_path / "l.txt"), capture_output=True, text=True, env=injected(tmp_path, code), timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _committed(tmp_path) == ["step-00000004", "step-00000008"]
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step-00000004"

@@ -890,7 +890,11 @@ class Checkpointer:
         sync_folder(self.root)
 
     def _prune(self, d: Path) -> None:
-        for old in [s for s in committed_steps(self.root) if s not in self.unusable][:-self.keep]:
+        # Of the steps up to the one just committed: a newer one there (a stale attempt's, committed
+        # as this attempt started) counted among the last K, and with `keep: 1` each commit
+        # removed itself, leaving `latest` naming a folder gone.
+        mine = int(d.name.split("-")[1])
+        for old in [s for s in committed_steps(self.root) if s not in self.unusable and s <= mine][:-self.keep]:
             shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
         # Folders without a marker older than this one were cut short: remove them.
         for p in self.root.glob("step-*"):
