@@ -895,6 +895,9 @@ class Checkpointer:
         # removed itself, leaving `latest` naming a folder gone.
         mine = int(d.name.split("-")[1])
         for old in [s for s in committed_steps(self.root) if s not in self.unusable and s <= mine][:-self.keep]:
+            # The marker first: a deletion cut short (the process killed) leaves a folder without
+            # one, removed by the next prune, not a committed one missing files.
+            (step_dir(self.root, old) / MARKER).unlink(missing_ok=True)
             shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
         # Folders without a marker older than this one were cut short: remove them.
         for p in self.root.glob("step-*"):
@@ -1013,7 +1016,7 @@ class Checkpointer:
             set_state_dict(model, optim, model_state_dict=state["model"],
                            optim_state_dict={**state["optim"], "param_groups": groups}, options=self._options(model))
         except LOAD_ERRORS as e:  # noqa: BLE001  (any failure: the run stops, below, on every rank)
-            failed = f"{type(e).__name__}: {e}"
+            failed = one_line(e)  # DCP's text is every failed rank's traceback: the cause was cut from status
             if self.rank != 0:
                 log.error("checkpoint %s did not load: %s", d, failed)
         (failed,) = self._agreed(failed)
