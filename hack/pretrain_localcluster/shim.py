@@ -334,8 +334,11 @@ def run(spec: dict) -> int:
     _write_json(state / "container.json", {"pid": pid, "startedAt": started})
 
     def forward(sig, _frame):
+        # To the container's main process only, as a container runtime signals its first process:
+        # to its whole group, the trainer's ranks got the kubelet's SIGTERM straight, beside the
+        # launcher's forwarding, and a launcher that forwarded nothing passed every local test.
         try:
-            os.killpg(pid, sig)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
