@@ -224,22 +224,25 @@ def test_a_job_re_applied_under_its_name_waits_for_the_deleted_ones_pods_to_end(
     # at attempt 2) ran beside them, and a real trainer found the folder held by another job's
     # live trainer: exit 85, the new job failed for good.
     body = job_manifest("redo", steps=3000, step_s=0.1)
-    body["spec"]["template"]["terminationGracePeriodSeconds"] = 60
-    # A slow last save, long enough for a pass of an operator slowed by a loaded machine (CI's
-    # 2 cores running the whole suite) to say what it waits for while they run.
-    body["spec"]["template"]["env"].append({"name": "STANDIN_TERM_SECONDS", "value": "25"})
+    body["spec"]["template"]["terminationGracePeriodSeconds"] = 40
+    body["spec"]["template"]["env"].append({"name": "STANDIN_TERM_SECONDS", "value": "15"})  # a slow last save
     jobs.create(body)
     old_uid = jobs.get("redo")["metadata"]["uid"]
     jobs.wait_phase("redo", "Running", timeout=60)
     core.delete_namespaced_pod("redo-a1-n1", namespace, grace_period_seconds=0)  # a preemption: attempt 2
     jobs.wait_phase("redo", "Running", timeout=60, attempt=2)
+    # Their trainers up, SIGTERM handled (it prints after): a pod is Running as its process starts,
+    # and on a loaded machine (CI's) the deletion's SIGTERM came during its imports, ended it at
+    # once, and there was nothing left to wait for.
+    wait_for(lambda: all("resuming at step" in core.read_namespaced_pod_log(f"redo-a2-n{r}", namespace) for r in (0, 1)),
+             timeout=60, what="attempt 2's trainers to start")
     jobs.delete("redo")
     wait_for(lambda: jobs.get("redo") is None, timeout=60, what="the first job to go")
     jobs.create(job_manifest("redo", steps=10), claim=False)
     new_uid = jobs.get("redo")["metadata"]["uid"]
     old_left = lambda: [p for p in jobs.pods("redo", live=False) if p.metadata.labels["pretrain.dev/job-uid"] == old_uid]  # noqa: E731
 
-    def waiting():  # what it waits for, said while they still run (one poll: they end 25 s after their SIGTERM)
+    def waiting():  # what it waits for, said while they still run (one poll: they end 15 s after their SIGTERM)
         st, left = jobs.status("redo"), old_left()
         return (st, left) if "of a deleted PretrainJob of this name" in st.get("message", "") else None
     st, left = wait_for(waiting, timeout=40, what="the new job to say what it waits for")
