@@ -33,6 +33,12 @@ def _committed(d):
     return sorted(p.name for p in (d / "ckpt").glob("step-*") if (p / "COMMITTED").exists())
 
 
+def _pointed(d):
+    """The committed steps once `latest` names the newest of them (a commit's last write), else None."""
+    steps, latest = _committed(d), d / "ckpt" / "latest"
+    return steps if steps and latest.exists() and latest.read_text() == steps[-1] else None
+
+
 def _writer_process(rank_pid: int) -> bool:
     """Whether a rank has started DCP's async writer, a spawned child (multiprocessing's spawn_main)."""
     for child in subprocess.run(["pgrep", "-P", str(rank_pid)], capture_output=True, text=True).stdout.split():
@@ -773,7 +779,9 @@ def test_an_async_save_is_committed_once_written_so_a_hard_kill_before_the_next_
                  what="every rank's async writer process, before any save")
         assert not list((tmp_path / "ckpt").glob("step-*")), "no save was due yet"
         (podinfo / "annotations").write_text(f'{c.ANN_CHECKPOINT_REQUEST}="notice-1"\n')
-        saved = wait_for(lambda: _committed(tmp_path) or None, timeout=90, what="the requested checkpoint committed")
+        # Committed: the marker, then `latest` after its fsyncs (on CI's loaded disk, seconds
+        # apart: two steps of training came in between, and the kill left no `latest`).
+        saved = wait_for(lambda: _pointed(tmp_path), timeout=90, what="the requested checkpoint committed and pointed at")
         step = int(saved[0].split("-")[1])
         wait_for_step(tmp_path / "losses.txt", step + 2, p)  # training went on past it
     finally:
