@@ -22,6 +22,7 @@ from .checkpoint import committed_steps, is_hf_folder, load_weights, pinned_base
 from .data import eval_batches
 from .lora import apply_lora
 from .model import ModelArgs, Transformer, init_weights
+from .pipeline import rows_per_forward
 from .train import ConfigError, load_spec, lora_base_spec, open_data, setup_distributed
 from .validation import windows
 
@@ -50,15 +51,6 @@ def model_from_checkpoint(spec, checkpoint: str | None) -> tuple[Transformer, Pa
         raise ConfigError(f"cannot load {target}: {e}")
     model.eval()
     return model, d
-
-
-def rows_per_forward(spec) -> int:
-    """How many rows one forward of training (and validation) holds on a rank: its microbatch
-    (under pipeline parallel with parallelism.microbatches, the per-rank batch over them)."""
-    p = spec.parallelism
-    if p.pipeline > 1 and p.microbatches:
-        return spec.data.globalBatchSize // p.data // p.microbatches
-    return spec.data.microBatchSize
 
 
 def evaluate(config: str, checkpoint: str | None = None) -> float:

@@ -31,6 +31,21 @@ def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
     return [pp_rank + v * pp for v in range(stages_per_rank(schedule))]
 
 
+def microbatch_count(spec) -> int:
+    """How many microbatches a pipelined step splits each rank's batch into: parallelism.microbatches,
+    else the per-rank batch over data.microBatchSize."""
+    p = spec.parallelism
+    return p.microbatches or spec.data.globalBatchSize // p.data // spec.data.microBatchSize
+
+
+def rows_per_forward(spec) -> int:
+    """How many rows one forward of training (and validation, and eval) holds on a rank: its
+    microbatch (under pipeline parallel, the per-rank batch over `microbatch_count`)."""
+    if spec.parallelism.pipeline > 1:
+        return spec.data.globalBatchSize // spec.parallelism.data // microbatch_count(spec)
+    return spec.data.microBatchSize
+
+
 def stage_layers(args: ModelArgs, stage: int, n_stages: int) -> list[int]:
     per = args.layers // n_stages
     return list(range(stage * per, (stage + 1) * per))

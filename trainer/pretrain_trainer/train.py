@@ -294,7 +294,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
     schedule = None
     if p.pipeline > 1:
         per_rank = spec.data.globalBatchSize // p.data
-        n_micro = p.microbatches or per_rank // spec.data.microBatchSize
+        n_micro = pipeline.microbatch_count(spec)
         if per_rank % n_micro:
             raise ConfigError(f"parallelism.microbatches ({n_micro}) must divide the per-rank batch ({per_rank})")
         try:
