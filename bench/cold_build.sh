@@ -6,9 +6,10 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 tmp=$(mktemp -d /tmp/cold-build.XXXX)
 export XDG_CACHE_HOME="$tmp/cache" GOCACHE="$tmp/gocache" GOMODCACHE="$tmp/gomod" GOFLAGS=-modcacherw
+# Go's module cache is read-only: made writable to be removed, on a failed build too.
+trap 'chmod -R u+w "$tmp" 2>/dev/null; rm -rf "$tmp"' EXIT
 start=$SECONDS
 for c in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl coredns; do
-  t=$SECONDS; "$root/hack/build-binaries" "$c" 2>/dev/null; echo "$c: $((SECONDS - t)) s"
+  t=$SECONDS; "$root/hack/build-binaries" "$c"; echo "$c: $((SECONDS - t)) s"
 done
 echo "total: $((SECONDS - start)) s"
-rm -rf "$tmp"
