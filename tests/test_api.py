@@ -134,7 +134,55 @@ INVALID = [
     ("init container named as the trainer", _with("template.initContainers", [{"name": "trainer", "image": "busybox"}]), "template.initContainers[].name must be unique and not 'trainer'"),
     ("two init containers of one name", _with("template.initContainers", [{"name": "a", "image": "x"}, {"name": "a", "image": "y"}]), "template.initContainers[].name must be unique"),
     ("init container without an image", _with("template.initContainers", [{"name": "stage"}]), "spec.template.initContainers[0].image"),
+    # Shapes the trainer cannot build (it crashed at its first forward, exit 1, retried as a failure).
+    ("kvHeads alone not dividing the preset's heads", _with("model.kvHeads", 3), "model.heads must be divisible by model.kvHeads"),
+    ("an odd head size", _with("model.dim", 68), "model.dim must be divisible by model.heads into an even head size"),
+    ("MoE in no layer", _with("model.moe", {"everyKLayers": 5}), "model.moe.everyKLayers must not exceed model.layers"),
+    ("lora adapting nothing", _with("lora", {"targetModules": []}), "spec.lora.targetModules"),
+    # Pipeline microbatch counts the trainer or torch's schedules refuse (exit 85 once the gang ran).
+    ("microbatches not dividing the per-rank batch", {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "microbatches": 3},
+                                                      "data": {"globalBatchSize": 8, "microBatchSize": 4}},
+     "parallelism.microbatches must divide the per-rank batch"),
+    ("1F1B with fewer microbatches than stages", {"nodes": 1, "nprocPerNode": 4, "parallelism": {"pipeline": 4},
+                                                  "data": {"globalBatchSize": 2, "microBatchSize": 1}},
+     "1F1B needs at least parallelism.pipeline microbatches"),
+    ("interleaved without whole rounds", {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "pipelineSchedule": "Interleaved1F1B",
+                                          "microbatches": 5}, "data": {"globalBatchSize": 5, "microBatchSize": 1}},
+     "the interleaved schedules need a whole number of rounds"),
+    # More processes than devices (cuda device ordinals past the pod's), and a fraction of one.
+    ("fewer GPUs than processes", _with("resources.limits", {"nvidia.com/gpu": "1"}), "nprocPerNode must not exceed the nvidia.com/gpu"),
+    ("half a GPU", _with("resources.requests", {"nvidia.com/gpu": "0.5"}), "nprocPerNode must not exceed the nvidia.com/gpu"),
+    # Paths: the kubelet makes a relative mount absolute, the trainer reads it from its working folder.
+    ("checkpoint path relative", _with("checkpoint.path", "ckpt"), "spec.checkpoint.path"),
+    ("checkpoint path the config's with a slash", _with("checkpoint.path", "/etc/pretrain/"), "spec.checkpoint.path"),
+    ("checkpoint path under the config", _with("checkpoint.path", "/etc/pretrain/ckpt"), "checkpoint.path must not be a mount point of the pod's own (/etc/pretrain, /etc/podinfo, /dev/shm), nor under one"),
+    ("mount over the config with a slash", _with("template.volumeMounts", [{"name": "x", "mountPath": "/etc/pretrain/"}]),
+     "template.volumeMounts[].mountPath must be an absolute path"),
+    ("mount under the downward API's folder", _with("template.volumeMounts", [{"name": "x", "mountPath": "/etc/podinfo/x"}]),
+     "template.volumeMounts must not mount over the pod's own /etc/pretrain or /etc/podinfo, nor under them"),
+    # Strings that go into pods as the pod API's names and labels (refused there: PodInvalid).
+    ("queue name not a label value", _with("scheduling.queueName", "team a"), "spec.scheduling.queueName"),
+    ("priority class not a name", _with("scheduling.priorityClassName", "Bad_PC"), "spec.scheduling.priorityClassName"),
+    ("scheduler not a name", _with("scheduling.schedulerName", "My Scheduler"), "spec.scheduling.schedulerName"),
+    ("node selector key not a label key", _with("scheduling.nodeSelector", {"a b": "c"}), "scheduling.nodeSelector: each key must be a label key"),
+    ("node selector value not a label value", _with("scheduling.nodeSelector", {"pool": "c d"}), "spec.scheduling.nodeSelector.pool"),
+    ("toleration key not a label key", _with("scheduling.tolerations", [{"key": "a b", "operator": "Exists"}]), "spec.scheduling.tolerations[0].key"),
+    ("claim not a name", _with("checkpoint.claimName", "My_PVC"), "spec.checkpoint.claimName"),
+    ("volume name not a DNS label", _with("template.volumes", [{"name": "My_Vol", "emptyDir": {}}]), "template.volumes[].name must be a DNS label"),
+    # The kubelet refuses such a reference (InvalidImageName): a gang restarted for ever, never failed.
+    ("image with an uppercase repository", _with("image", "ghcr.io/Org/Trainer:v1"), "spec.image"),
+    ("init container image with a space", _with("template.initContainers", [{"name": "stage", "image": "busybox 1.37"}]),
+     "spec.template.initContainers[0].image"),
 ]
+
+VALID_REFERENCES = ["busybox", "busybox:1.37", "ghcr.io/pretrain-operator/trainer:0.1.0", "localhost:5000/team/trainer",
+                    "Registry.Example.com:5000/a_b/c-d__e.f:V1.2-rc_3", "trainer@sha256:" + "a" * 64,
+                    "ghcr.io/x/trainer:1.2@sha256:" + "0" * 64]
+
+
+@pytest.mark.parametrize("image", VALID_REFERENCES)
+def test_an_image_reference_in_dockers_grammar_is_accepted(image):
+    assert ptapi.PretrainJobSpec.model_validate(_with("image", image)).image == image
 
 
 def _cel_case(spec: dict) -> ptapi.PretrainJobSpec | None:

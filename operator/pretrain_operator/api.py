@@ -61,6 +61,39 @@ def _rules(*rules: tuple[str, str, str | None]) -> dict:
     return {"x-kubernetes-validations": out}
 
 
+def _model(field: str, custom: int = 1) -> str:
+    """CEL for the model's `field` as the trainer builds it: as given, else the preset's (`custom`
+    where the preset is 'custom', which must give every field)."""
+    table = ", ".join(f"'{name}': {shape[field]}" for name, shape in PRESETS.items())
+    return (f"(has(self.model.{field}) ? self.model.{field} : "
+            f"(self.model.preset == 'custom' ? {custom} : {{{table}}}[self.model.preset]))")
+
+
+# The pipeline's microbatches a step: parallelism.microbatches, else the per-rank batch over
+# data.microBatchSize (pipeline.microbatch_count in the trainer).
+_MICRO = ("(self.parallelism.microbatches > 0 ? self.parallelism.microbatches : "
+          "self.data.globalBatchSize / (self.parallelism.data * self.data.microBatchSize))")
+# An absolute path with no empty, '.' or '..' part and no trailing '/': the kubelet makes a
+# relative mountPath absolute while the trainer reads it from its working folder, and
+# '/etc/pretrain/' mounted over the pod's own config where the rules compared strings.
+ABSOLUTE_PATH = r"^(/[^/]+)+$"
+# A container image reference (docker's grammar: lowercase repository path, an optional registry
+# host[:port], tag and digest); the kubelet refuses others (InvalidImageName), a gang that never starts.
+_DOMAIN = r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*(:[0-9]+)?"
+_PATH = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"
+IMAGE = (rf"^({_DOMAIN}/)?{_PATH}(/{_PATH})*(:[A-Za-z0-9_][A-Za-z0-9_.-]{{0,127}})?"
+         r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$")
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A label or annotation key (a qualified name: an optional DNS-subdomain prefix and '/', then a
+# name of at most 63 characters) and a label value, as the API server checks them on a pod.
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
+LABEL_KEY_OR_EMPTY = "^(" + LABEL_KEY[1:-1] + ")?$"
+# Device resources a rank each: nprocPerNode must not exceed a pod's count.
+GPU_RESOURCES = ("nvidia.com/gpu", "amd.com/gpu")
+
+
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -131,7 +164,7 @@ class LoRA(Model):
     alpha: float = Field(16.0, gt=0, le=4096, description="Scaling numerator: adapters are scaled by alpha / rank.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
     targetModules: list[str] = Field(default_factory=lambda: ["wq", "wk", "wv", "wo"], max_length=32,
-                                     description="Name patterns of the linear layers to adapt (attention: wq wk wv wo; MLP: w1 w2 w3).")
+                                     min_length=1, description="Name patterns of the linear layers to adapt (attention: wq wk wv wo; MLP: w1 w2 w3).")
     baseCheckpoint: str = Field("", max_length=4096, description="Base weights: a checkpoint folder of this trainer (one step-N folder, or a run's checkpoint.path: its newest step whose model files verify) or a Hugging Face model folder; empty means the random init of the seed.")
 
 
@@ -215,8 +248,9 @@ class Validation(Model):
 
 
 class Checkpoint(Model):
-    path: str = Field("/checkpoints", max_length=1024, description="Checkpoint folder inside the pod (also used as-is under plain torchrun).")
-    claimName: str = Field("", max_length=253, description="A PersistentVolumeClaim mounted at path; empty means an emptyDir (lost with the pods: use a claim on real clusters).")
+    path: str = Field("/checkpoints", max_length=1024, pattern=ABSOLUTE_PATH,
+                      description="Checkpoint folder inside the pod, an absolute path (also used as-is under plain torchrun).")
+    claimName: str = Field("", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY, description="A PersistentVolumeClaim mounted at path; empty means an emptyDir (lost with the pods: use a claim on real clusters).")
     intervalSteps: int = Field(50, ge=1, le=100_000_000, description="Checkpoint every N steps.")
     keep: int = Field(3, ge=1, le=1000, description="Checkpoints kept; older ones are deleted after a newer one is committed.")
     asyncSave: bool = Field(False, alias="async", description=(
@@ -264,29 +298,30 @@ class Toleration(Model):
         ("!has(self.tolerationSeconds) || self.effect == 'NoExecute'", "tolerationSeconds needs effect NoExecute", ".tolerationSeconds"),
     ))
 
-    key: str = Field("", max_length=316)
+    key: str = Field("", max_length=316, pattern=LABEL_KEY_OR_EMPTY)
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str = Field("", max_length=63)
+    value: str = Field("", max_length=63, pattern=LABEL_VALUE)
     effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
     tolerationSeconds: int | None = None
 
 
 class Scheduling(Model):
-    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node labels every pod must match.")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_rules(
+        (f"!has(self.nodeSelector) || self.nodeSelector.all(k, k.matches('{LABEL_KEY}'))",
+         "scheduling.nodeSelector: each key must be a label key (an optional DNS-subdomain prefix and '/', then at most "
+         "63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)", ".nodeSelector")))
+
+    nodeSelector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]] = Field(
+        default_factory=dict, max_length=64, description="Node labels every pod must match.")
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations, e.g. for tainted spot nodes.")
     affinity: dict | None = Field(None, description="A pod affinity (core/v1 Affinity), passed through as-is.",
                                   json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
-    priorityClassName: str = Field("", max_length=253)
-    schedulerName: str = Field("", max_length=253, description="Empty: the default scheduler.")
-    queueName: str = Field("", max_length=63, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label, and makes each attempt's pods one Kueue pod group (kueue.x-k8s.io/pod-group-name, pod-group-total-count: nodes), admitted all together. Kueue holds the pods (a scheduling gate) until it admits them: that wait is not counted by startTimeoutSeconds.")
+    priorityClassName: str = Field("", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY)
+    schedulerName: str = Field("", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY, description="Empty: the default scheduler.")
+    queueName: str = Field("", max_length=63, pattern=LABEL_VALUE, description="Kueue LocalQueue; sets the kueue.x-k8s.io/queue-name label, and makes each attempt's pods one Kueue pod group (kueue.x-k8s.io/pod-group-name, pod-group-total-count: nodes), admitted all together. Kueue holds the pods (a scheduling gate) until it admits them: that wait is not counted by startTimeoutSeconds.")
     startTimeoutSeconds: int = Field(600, ge=1, le=86400, description="All pods of an attempt must be running within this, counted from its first pod create (status.attemptStartTime), or from their admission when scheduling gates held them (Kueue's); otherwise the attempt is torn down and retried (no partial gang holds accelerators).")
 
 
-# A label or annotation key (a qualified name: an optional DNS-subdomain prefix and '/', then a
-# name of at most 63 characters) and a label value, as the API server checks them on a pod.
-LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
-LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
-DNS_SUBDOMAIN_OR_EMPTY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)?$"
 # Pod label and annotation keys the operator sets itself: the job's own (its children are found by
 # them) and Kueue's, which follow scheduling.queueName (a queue label set by hand would make Kueue
 # admit each pod on its own: no gang).
@@ -382,7 +417,7 @@ class InitContainer(Model):
     model_config = ConfigDict(extra="allow")
 
     name: str = Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    image: str = Field(min_length=1, max_length=1024)
+    image: str = Field(min_length=1, max_length=1024, pattern=IMAGE)
 
 
 class Template(Model):
@@ -401,8 +436,16 @@ class Template(Model):
          "template.initContainers[].name must be unique and not 'trainer' (the trainer's container)", ".initContainers"),
         (f"!has(self.volumes) || self.volumes.all(v, !(v.name in {list(RESERVED_VOLUMES)}))",
          f"template.volumes must not use the names of the pod's own volumes ({', '.join(RESERVED_VOLUMES)})", ".volumes"),
-        (f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in {list(RESERVED_MOUNT_PATHS)}))",
-         f"template.volumeMounts must not mount over the pod's own {' or '.join(RESERVED_MOUNT_PATHS)}", ".volumeMounts"),
+        (f"!has(self.volumeMounts) || self.volumeMounts.all(m, !{list(RESERVED_MOUNT_PATHS)}.exists(p, m.mountPath == p "
+         "|| m.mountPath.startsWith(p + '/')))",
+         f"template.volumeMounts must not mount over the pod's own {' or '.join(RESERVED_MOUNT_PATHS)}, nor under them", ".volumeMounts"),
+        # Rules, not patterns, for these items (free-form core/v1 objects to the models): the trainer's
+        # check of the spec refuses them too.
+        (f"!has(self.volumes) || self.volumes.all(v, v.name.matches('{DNS_LABEL}'))",
+         "template.volumes[].name must be a DNS label (lowercase letters, digits and '-', starting and ending "
+         "with a letter or digit)", ".volumes"),
+        (f"!has(self.volumeMounts) || self.volumeMounts.all(m, m.mountPath.matches('{ABSOLUTE_PATH}'))",
+         "template.volumeMounts[].mountPath must be an absolute path without a trailing '/' or an empty part", ".volumeMounts"),
     ))
 
     labels: dict[str, Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]] = Field(
@@ -484,18 +527,19 @@ class Resources(Model):
 _SPEC_RULES = _rules(
     ("self.parallelism.data * self.parallelism.tensor * self.parallelism.pipeline == self.nodes * self.nprocPerNode",
      "parallelism.data x parallelism.tensor x parallelism.pipeline must equal nodes x nprocPerNode", ".parallelism"),
-    ("(has(self.model.layers) ? self.model.layers : (self.model.preset == 'custom' ? 1 : "
-     "{'tiny': 4, 'small': 8, 'llama3-1b': 16, 'llama3-8b': 32, 'llama3-70b': 80}[self.model.preset])) "
-     "% (self.parallelism.pipelineSchedule in ['GPipe', '1F1B'] ? self.parallelism.pipeline : 2 * self.parallelism.pipeline) == 0",
+    (f"{_model('layers')} % (self.parallelism.pipelineSchedule in ['GPipe', '1F1B'] ? self.parallelism.pipeline : 2 * self.parallelism.pipeline) == 0",
      "model.layers must be divisible by parallelism.pipeline (times 2 for the schedules with two stages per rank)", ".model"),
-    ("(has(self.model.heads) ? self.model.heads : (self.model.preset == 'custom' ? 1 : "
-     "{'tiny': 4, 'small': 8, 'llama3-1b': 32, 'llama3-8b': 32, 'llama3-70b': 64}[self.model.preset])) % self.parallelism.tensor == 0",
+    (f"{_model('heads')} % self.parallelism.tensor == 0",
      "model.heads must be divisible by parallelism.tensor", ".model"),
-    ("(has(self.model.kvHeads) ? self.model.kvHeads : (self.model.preset == 'custom' ? 1 : "
-     "{'tiny': 2, 'small': 4, 'llama3-1b': 8, 'llama3-8b': 8, 'llama3-70b': 8}[self.model.preset])) % self.parallelism.tensor == 0",
+    (f"{_model('kvHeads')} % self.parallelism.tensor == 0",
      "model.kvHeads must be divisible by parallelism.tensor", ".model"),
-    ("!has(self.model.heads) || !has(self.model.kvHeads) || self.model.heads % self.model.kvHeads == 0",
-     "model.heads must be divisible by model.kvHeads", ".model"),
+    (f"{_model('heads')} % {_model('kvHeads')} == 0",
+     "model.heads must be divisible by model.kvHeads (each as given, else the preset's)", ".model"),
+    (f"{_model('dim', 2)} % {_model('heads')} == 0 && ({_model('dim', 2)} / {_model('heads')}) % 2 == 0",
+     "model.dim must be divisible by model.heads into an even head size (dim / heads: the rotary embedding turns "
+     "pairs), each as given, else the preset's", ".model"),
+    (f"!has(self.model.moe) || self.model.moe.everyKLayers <= {_model('layers')}",
+     "model.moe.everyKLayers must not exceed model.layers (no layer would be MoE)", ".model.moe.everyKLayers"),
     ("self.model.preset != 'custom' || (has(self.model.dim) && has(self.model.layers) && has(self.model.heads) && "
      "has(self.model.kvHeads) && has(self.model.vocabSize) && has(self.model.ffnDim) && has(self.model.maxSeqLen))",
      "model.preset 'custom' needs model.dim, layers, heads, kvHeads, vocabSize, ffnDim and maxSeqLen", ".model"),
@@ -514,11 +558,21 @@ _SPEC_RULES = _rules(
      "data.globalBatchSize must be divisible by parallelism.data x data.microBatchSize", ".data.globalBatchSize"),
     ("self.optimizer.minLr <= self.optimizer.lr", "optimizer.minLr must not exceed optimizer.lr", ".optimizer.minLr"),
     ("self.optimizer.warmupSteps <= self.training.steps", "optimizer.warmupSteps must not exceed training.steps", ".optimizer.warmupSteps"),
-    ("self.data.seqLen <= (has(self.model.maxSeqLen) ? self.model.maxSeqLen : (self.model.preset == 'custom' ? 1048576 : "
-     "{'tiny': 128, 'small': 512, 'llama3-1b': 8192, 'llama3-8b': 8192, 'llama3-70b': 8192}[self.model.preset]))",
+    (f"self.data.seqLen <= {_model('maxSeqLen', 1048576)}",
      "data.seqLen must not exceed model.maxSeqLen", ".data.seqLen"),
-    ("self.parallelism.pipeline == 1 || self.parallelism.pipelineSchedule != 'DualPipeV' || (self.parallelism.microbatches > 0 ? "
-     "self.parallelism.microbatches : self.data.globalBatchSize / (self.parallelism.data * self.data.microBatchSize)) "
+    ("self.parallelism.pipeline == 1 || self.parallelism.microbatches == 0 || "
+     "(self.data.globalBatchSize / self.parallelism.data) % self.parallelism.microbatches == 0",
+     "parallelism.microbatches must divide the per-rank batch (data.globalBatchSize / parallelism.data)",
+     ".parallelism.microbatches"),
+    (f"self.parallelism.pipeline == 1 || self.parallelism.pipelineSchedule != '1F1B' || {_MICRO} >= self.parallelism.pipeline",
+     "1F1B needs at least parallelism.pipeline microbatches (parallelism.microbatches, else "
+     "data.globalBatchSize / (parallelism.data x data.microBatchSize))", ".parallelism.microbatches"),
+    ("self.parallelism.pipeline == 1 || !(self.parallelism.pipelineSchedule in ['Interleaved1F1B', 'InterleavedZeroBubble']) || "
+     f"{_MICRO} % ({_MICRO} / self.parallelism.pipeline >= 1 ? {_MICRO} / self.parallelism.pipeline : 1) == 0",
+     "the interleaved schedules need a whole number of rounds: the microbatches (parallelism.microbatches, else "
+     "data.globalBatchSize / (parallelism.data x data.microBatchSize)) divisible by microbatches / parallelism.pipeline",
+     ".parallelism.microbatches"),
+    (f"self.parallelism.pipeline == 1 || self.parallelism.pipelineSchedule != 'DualPipeV' || {_MICRO} "
      ">= 2 * self.parallelism.pipeline",
      "DualPipeV needs at least 2 x parallelism.pipeline microbatches (parallelism.microbatches, else "
      "data.globalBatchSize / (parallelism.data x data.microBatchSize))", ".parallelism.microbatches"),
@@ -526,8 +580,9 @@ _SPEC_RULES = _rules(
      "validation does not run under parallelism.pipelineSchedule ZBVZeroBubble or DualPipeV (torch's forward-only "
      "pipeline eval needs their backward): use InterleavedZeroBubble", ".validation"),
     (f"!(self.checkpoint.path in {[*RESERVED_MOUNT_PATHS, c.SHM_DIR]}) && "
+     f"!{[*RESERVED_MOUNT_PATHS, c.SHM_DIR]}.exists(p, self.checkpoint.path.startsWith(p + '/')) && "
      "!(has(self.template.volumeMounts) && self.template.volumeMounts.exists(m, m.mountPath == self.checkpoint.path))",
-     f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, c.SHM_DIR])}) "
+     f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, c.SHM_DIR])}), nor under one, "
      "nor one of template.volumeMounts", ".checkpoint.path"),
     ("!has(self.elastic) || self.elastic.minNodes <= self.nodes", "elastic.minNodes must not exceed nodes", ".elastic.minNodes"),
     ("!has(self.elastic) || ((self.elastic.minNodes * self.nprocPerNode) % (self.parallelism.tensor * self.parallelism.pipeline) == 0 "
@@ -537,6 +592,13 @@ _SPEC_RULES = _rules(
      "elastic.minNodes must give a whole layout: minNodes x nprocPerNode divisible by parallelism.tensor x pipeline, and the "
      "data degree that leaves, d = minNodes x nprocPerNode / (tensor x pipeline), divisible by parallelism.expert, and "
      "data.globalBatchSize by d x data.microBatchSize", ".elastic.minNodes"),
+    *[(f"!({lim} || {req}) || ({n}.matches('^[0-9]+$') && int({n}) >= self.nprocPerNode)",
+       f"nprocPerNode must not exceed the {g} of each pod (resources.limits, else requests; a whole number): one "
+       "process a device", ".nprocPerNode")
+      for g in GPU_RESOURCES
+      for lim, req in [(f"(has(self.resources.limits) && '{g}' in self.resources.limits)",
+                        f"(has(self.resources.requests) && '{g}' in self.resources.requests)")]
+      for n in [f"({lim} ? self.resources.limits['{g}'] : self.resources.requests['{g}'])"]],
     ("!self.failurePolicy.retryableExitCodes.exists(c, c in self.failurePolicy.nonRetryableExitCodes)",
      "failurePolicy.retryableExitCodes and nonRetryableExitCodes must not share a code", ".failurePolicy"),
 )
@@ -567,7 +629,9 @@ class PretrainJobSpec(Model):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra=_SPEC_RULES)
 
     suspend: bool = Field(False, description="true: checkpoint, remove the pods, phase Suspended; the training fields (image, nodes, model, data, ...) may change once the phase is Suspended. false again: resume from the latest checkpoint as a new attempt. A job created suspended (a queue such as Kueue admits it by setting false) starts its first attempt then.")
-    image: str = Field("ghcr.io/pretrain-operator/trainer:0.1.0", min_length=1, max_length=1024, description="Trainer image.")
+    image: str = Field("ghcr.io/pretrain-operator/trainer:0.1.0", min_length=1, max_length=1024, pattern=IMAGE,
+                       description="Trainer image: a reference such as registry.example.com:5000/team/trainer:1.2 (its "
+                                   "repository path lowercase), with an optional @sha256 digest.")
     nodes: int = Field(1, ge=1, le=10000, description="Pods in the gang (torchrun nodes), one per machine.")
     nprocPerNode: int = Field(1, ge=1, le=64, description="Processes (ranks) per pod, usually its GPU count.")
     resources: Resources = Field(default_factory=Resources, description="Resources of each pod.")
