@@ -349,6 +349,55 @@ def test_a_new_gangs_start_timeout_counts_from_its_first_create_not_from_the_old
     assert 597 <= plan.requeue_after <= 599
 
 
+@pytest.mark.parametrize("elastic", [False, True], ids=["whole", "elastic"])
+def test_waiting_for_a_deleted_jobs_children_does_not_run_down_the_new_jobs_start_timeout(elastic):
+    # A fresh job's first pass records attempt 1 before it reads any child; its Service create then
+    # meets the deleted job's (garbage collection lags): passes wait for it. Their wait is not the
+    # gang's start: it was, and the first pass after a long wait restarted (or shrank) the job
+    # before a pod existed.
+    import datetime as dt
+    job, _, _, nodes, now = observed_gang("again")
+    job["spec"]["scheduling"] = {"startTimeoutSeconds": 60}
+    if elastic:
+        job["spec"]["elastic"] = {"minNodes": 1}
+    del job["status"]
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+
+    def decide(at, **seen):
+        seen = {"service_exists": False, "config_data": None, **seen}
+        plan = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[], nodes=nodes, now=now + dt.timedelta(seconds=at), **seen))
+        job["status"] = plan.status
+        return plan
+    decide(0)  # attempt 1 recorded (its creates then refused: the name is the deleted job's)
+    for at in (2, 30, 90):
+        plan = decide(at, predecessor="waiting for the Service of a deleted job of this name to go")
+        assert not plan.create and plan.status["attempt"] == 1
+    plan = decide(95, service_exists=True, config_data=render.trainer_config(spec))
+    assert [p["metadata"]["name"] for p in plan.create] == ["again-a1-n0", "again-a1-n1"], plan.status
+    assert plan.status["attempt"] == 1 and plan.status["phase"] == "Starting" and not plan.status.get("restart")
+    assert not [e for e in plan.events if e[1] in ("StartTimeout", "ElasticShrink")], plan.events
+
+
+def test_a_suspended_jobs_passes_write_nothing_once_it_is_suspended():
+    # Status as the API server returns it (the schema's defaults filled in): a pass that changes
+    # nothing writes nothing (docs/metrics.md: a converged job adds no writes).
+    import datetime as dt
+    job, spec, pods, nodes, now = observed_gang("resting")
+    job["spec"]["suspend"] = True
+    spec = api.PretrainJobSpec.model_validate(job["spec"])
+
+    def decide(at, pods):
+        job["status"] = {**api.PretrainJobStatus().model_dump(exclude_none=True), **job["status"]}
+        return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                                   config_data=render.trainer_config(spec), now=now + dt.timedelta(seconds=at)))
+    plan = decide(0, pods)
+    assert plan.status["phase"] == "Suspended" and sorted(plan.delete_pods) == ["resting-a1-n0", "resting-a1-n1"]
+    job["status"] = plan.status
+    for at in (30, 60):
+        plan = decide(at, [])
+        assert plan.status == job["status"], {k: (v, plan.status.get(k)) for k, v in job["status"].items() if plan.status.get(k) != v}
+
+
 def test_pods_held_by_a_queues_scheduling_gate_do_not_run_down_the_start_timeout():
     # Kueue gates a pod group until its quota admits it, for minutes or hours: that is queueing, not
     # a gang failing to start. It was torn down at startTimeoutSeconds and queued again at the back.

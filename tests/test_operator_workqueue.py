@@ -85,3 +85,17 @@ def test_events_during_a_failed_pass_wait_for_its_back_off():
     q.done("a")
     assert q.get(timeout=0.5) is None  # not at once
     assert q.get(timeout=3.0) == "a"
+
+
+def test_a_requeue_left_by_an_earlier_pass_waits_for_a_later_failures_back_off():
+    q = WorkQueue()
+    q.add("a")
+    assert q.get(timeout=1.0) == "a"
+    q.add("a", delay=0.3)  # a pass's requeue (progress, resync) ...
+    q.done("a")
+    q.add("a")  # ... an event runs the next pass before it ...
+    assert q.get(timeout=0.1) == "a"
+    q.backoff("a", 1.5)  # ... which fails
+    q.done("a")
+    assert q.get(timeout=0.8) is None  # the requeue, due at 0.3 s, waits for the back-off
+    assert q.get(timeout=3.0) == "a"

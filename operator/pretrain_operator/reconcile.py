@@ -294,6 +294,11 @@ def _decide(o: Observed) -> Plan:
     #     (a pod would start with the old job's config). It was failed as a NameConflict.
     if o.predecessor:
         status["message"] = o.predecessor
+        if status.get("attempt") == 1 and not status.get("gangCreated") and not o.pods:
+            # The first pass recorded attempt 1 before it knew (a fresh job's children are not read):
+            # its start clock starts at the first create (step 6), not here. Ran down by this wait,
+            # it restarted (or shrank) the job before a pod was made.
+            status["attemptStartTime"] = ""
         plan.requeue_after = 2.0
         return plan
 
@@ -309,7 +314,10 @@ def _decide(o: Observed) -> Plan:
     # 3. Suspend: ask for a checkpoint, remove the pods (SIGTERM gives the trainer its grace period).
     if spec.suspend:
         live = [p for p in o.pods if not p["metadata"].get("deletionTimestamp")]
-        if status.pop("failureSeenAt", None):
+        if status.get("failureSeenAt"):
+            # Cleared to the schema's default, not removed: a removed key comes back from the server
+            # as "", and each pass of a suspended job wrote its status again to remove it.
+            status["failureSeenAt"] = ""
             # A rank's failure was settling (failurePolicy.failureSettleSeconds) when the suspension
             # came: it happened, and counts (removing the pods, the suspension erased it; its
             # timestamp stayed in status all through the suspension).

@@ -70,6 +70,13 @@ class WorkQueue:
                     if self._due.get(key) != due:
                         continue  # superseded by an earlier entry for the key
                     del self._due[key]
+                    held = self._not_before.get(key, 0.0)
+                    if held > now:
+                        # Requeued before a later pass failed and backed off: held until then
+                        # (it ran the key again at once, as if no back-off had been asked for).
+                        self._due[key] = held
+                        heapq.heappush(self._delayed, (held, key))
+                        continue
                     if key in self._active:
                         self._dirty.add(key)
                     elif key not in self._queued:
