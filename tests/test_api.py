@@ -157,7 +157,12 @@ INVALID = [
     ("checkpoint path the config's with a slash", _with("checkpoint.path", "/etc/pretrain/"), "spec.checkpoint.path"),
     ("checkpoint path under the config", _with("checkpoint.path", "/etc/pretrain/ckpt"), "checkpoint.path must not be a mount point of the pod's own (/etc/pretrain, /etc/podinfo, /dev/shm), nor under one"),
     ("mount over the config with a slash", _with("template.volumeMounts", [{"name": "x", "mountPath": "/etc/pretrain/"}]),
-     "template.volumeMounts[].mountPath must be an absolute path"),
+     "template.volumeMounts must not mount over the pod's own /etc/pretrain or /etc/podinfo, nor under them"),
+    ("mount over the config through ..", _with("template.volumeMounts", [{"name": "x", "mountPath": "/data/../etc/pretrain"}]),
+     "template.volumeMounts[].mountPath must be an absolute path without an empty, '.' or '..' part"),
+    ("checkpoint path mounted again with a slash", _with("template.volumeMounts", [{"name": "x", "mountPath": "/checkpoints/"}]),
+     "checkpoint.path must not be a mount point"),
+    ("checkpoint path through ..", _with("checkpoint.path", "/data/../etc/pretrain"), "spec.checkpoint.path"),
     ("mount under the downward API's folder", _with("template.volumeMounts", [{"name": "x", "mountPath": "/etc/podinfo/x"}]),
      "template.volumeMounts must not mount over the pod's own /etc/pretrain or /etc/podinfo, nor under them"),
     # Strings that go into pods as the pod API's names and labels (refused there: PodInvalid).

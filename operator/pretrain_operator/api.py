@@ -75,8 +75,11 @@ _MICRO = ("(self.parallelism.microbatches > 0 ? self.parallelism.microbatches : 
           "self.data.globalBatchSize / (self.parallelism.data * self.data.microBatchSize))")
 # An absolute path with no empty, '.' or '..' part and no trailing '/': the kubelet makes a
 # relative mountPath absolute while the trainer reads it from its working folder, and
-# '/etc/pretrain/' mounted over the pod's own config where the rules compared strings.
-ABSOLUTE_PATH = r"^(/[^/]+)+$"
+# '/etc/pretrain/../x' is the pod's own config to the kubelet but not to rules comparing strings.
+_PATH_PART = r"/([^/.][^/]*|[.][^/.][^/]*|[.][.][^/]+)"  # [.], not \., inside CEL's string literals
+ABSOLUTE_PATH = rf"^({_PATH_PART})+$"
+# A mountPath as the pod API takes it: also with one trailing '/' (the rules below allow for it).
+MOUNT_PATH = rf"^({_PATH_PART})+/?$"
 # A container image reference (docker's grammar: lowercase repository path, an optional registry
 # host[:port], tag and digest); the kubelet refuses others (InvalidImageName), a gang that never starts.
 _DOMAIN = r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?)*(:[0-9]+)?"
@@ -444,8 +447,8 @@ class Template(Model):
         (f"!has(self.volumes) || self.volumes.all(v, v.name.matches('{DNS_LABEL}'))",
          "template.volumes[].name must be a DNS label (lowercase letters, digits and '-', starting and ending "
          "with a letter or digit)", ".volumes"),
-        (f"!has(self.volumeMounts) || self.volumeMounts.all(m, m.mountPath.matches('{ABSOLUTE_PATH}'))",
-         "template.volumeMounts[].mountPath must be an absolute path without a trailing '/' or an empty part", ".volumeMounts"),
+        (f"!has(self.volumeMounts) || self.volumeMounts.all(m, m.mountPath.matches('{MOUNT_PATH}'))",
+         "template.volumeMounts[].mountPath must be an absolute path without an empty, '.' or '..' part", ".volumeMounts"),
     ))
 
     labels: dict[str, Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]] = Field(
@@ -581,7 +584,7 @@ _SPEC_RULES = _rules(
      "pipeline eval needs their backward): use InterleavedZeroBubble", ".validation"),
     (f"!(self.checkpoint.path in {[*RESERVED_MOUNT_PATHS, c.SHM_DIR]}) && "
      f"!{[*RESERVED_MOUNT_PATHS, c.SHM_DIR]}.exists(p, self.checkpoint.path.startsWith(p + '/')) && "
-     "!(has(self.template.volumeMounts) && self.template.volumeMounts.exists(m, m.mountPath == self.checkpoint.path))",
+     "!(has(self.template.volumeMounts) && self.template.volumeMounts.exists(m, m.mountPath in [self.checkpoint.path, self.checkpoint.path + '/']))",
      f"checkpoint.path must not be a mount point of the pod's own ({', '.join([*RESERVED_MOUNT_PATHS, c.SHM_DIR])}), nor under one, "
      "nor one of template.volumeMounts", ".checkpoint.path"),
     ("!has(self.elastic) || self.elastic.minNodes <= self.nodes", "elastic.minNodes must not exceed nodes", ".elastic.minNodes"),
