@@ -78,6 +78,26 @@ def test_prepare_leaves_out_an_out_folder_inside_its_input_and_separates_documen
         assert not (tmp_path / "n").exists()
 
 
+def test_a_given_tokenizers_truncation_and_padding_do_not_cut_or_pad_the_documents(tmp_path):
+    # A tokenizer.json saved by a fine-tuning script keeps its truncation and padding: each file
+    # came out 16 tokens long, padded or cut, and the manifest said nothing of it.
+    from tokenizers import Tokenizer
+    src = _corpus(tmp_path)
+    plain = _prepare(src, tmp_path / "plain")
+    tok = Tokenizer.from_file(str(tmp_path / "plain" / "tokenizer.json"))
+    tok.enable_truncation(16)
+    tok.enable_padding(length=16, pad_id=0)
+    tok.save(str(tmp_path / "cut.json"))
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "prepare", "--input", str(src), "--out", str(tmp_path / "given"),
+                        "--tokenizer", str(tmp_path / "cut.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    given = json.loads((tmp_path / "given" / "manifest.json").read_text())
+    assert given["totalTokens"] == plain["totalTokens"] > 16 * len(plain["files"])
+    assert [f["tokens"] for f in given["files"]] == [f["tokens"] for f in plain["files"]]
+    for s in plain["shards"]:
+        assert (tmp_path / "given" / s["file"]).read_bytes() == (tmp_path / "plain" / s["file"]).read_bytes()
+
+
 def test_the_loader_partitions_each_global_batch_over_data_parallel_ranks(tmp_path):
     import torch
     from pretrain_trainer.data import Blend, Loader, TokenSource
@@ -266,3 +286,10 @@ def test_the_synthetic_corpus_serves_a_llama_presets_long_windows_and_stays_the_
         assert x.shape == (1, seq) and blend.windows[0] >= 4 * batch and len(blend.heldout_rows(8)) == 8
     tiny = api.PretrainJobSpec.model_validate({"model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": 4}})
     assert np.array_equal(open_data(tiny, 512).sources[0].tokens[:], TokenSource("", 512, 1234).tokens[:])  # a resume sees the same
+    # A validation of more windows than 5% of 65,536 tokens hold (25 of 128): exit 85 at the start.
+    from pretrain_trainer.validation import windows
+    checked = api.PretrainJobSpec.model_validate({"model": {"preset": "tiny"}, "data": {"seqLen": 128, "globalBatchSize": 32},
+                                                  "validation": {"everySteps": 1}})
+    assert len(open_data(checked, 512).heldout_rows(windows(checked))) == windows(checked) == 32
+    small = api.PretrainJobSpec.model_validate({**checked.model_dump(), "validation": {"everySteps": 1}, "data": {"seqLen": 32, "globalBatchSize": 4}})
+    assert np.array_equal(open_data(small, 512).sources[0].tokens[:], TokenSource("", 512, 1234).tokens[:])

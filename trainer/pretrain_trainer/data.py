@@ -59,6 +59,10 @@ def prepare(input_dir: str, out_dir: str, vocab_size: int = 4096, tokenizer_path
             tok = Tokenizer.from_file(tokenizer_path)
         except Exception as e:  # the tokenizers library's own error type names no file
             raise SystemExit(f"prepare: --tokenizer {tokenizer_path} cannot be read as a tokenizer.json: {e}") from e
+        # A fine-tuning tokenizer.json often keeps its truncation and padding: each document was cut
+        # to its max_length (or padded to it) without a word, and the corpus was a fraction of itself.
+        tok.no_truncation()
+        tok.no_padding()
     else:
         tok = Tokenizer(models.BPE(unk_token=None))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -234,15 +238,21 @@ def split_holdout(tokens: Tokens, seq_len: int) -> tuple[Tokens, Tokens]:
     return tokens.part(None, -n), tokens.part(-n, None)
 
 
-def synthetic_size(seq_len: int, global_batch: int) -> int:
+def synthetic_size(seq_len: int, global_batch: int, heldout_windows: int = 0) -> int:
     """The synthetic corpus' length: 65,536 tokens while they make a global batch of windows
-    after the held-out part (so the corpus of every run that worked stays the same, token for
-    token), else room for 4 global batches and the held-out windows (seqLen 4096 of a Llama
-    preset left 7 windows for a batch of 8, and 8192 none)."""
-    n = 1 << 16
-    if (n - holdout_tokens(n, seq_len) - 1) // seq_len >= global_batch:
+    after the held-out part and `heldout_windows` held-out ones (so the corpus of every run that
+    worked stays the same, token for token), else room for 4 global batches and the held-out
+    windows (seqLen 4096 of a Llama preset left 7 windows for a batch of 8, and 8192 none; a
+    validation of 32 windows of 128 tokens found 25 held out)."""
+    def fits(n: int) -> bool:
+        held = holdout_tokens(n, seq_len)
+        return (n - held - 1) // seq_len >= global_batch and (held - 1) // seq_len >= heldout_windows
+
+    if fits(n := 1 << 16):
         return n
-    return (seq_len + 1) * (4 * global_batch + 8) * 20 // 19 + 1
+    n = max((seq_len + 1) * (4 * global_batch + 8) * 20 // 19 + 1, 20 * (heldout_windows * seq_len + 1))
+    assert fits(n), (seq_len, global_batch, heldout_windows)
+    return n
 
 
 def eval_batches(rows: torch.Tensor, per_forward: int = 1):

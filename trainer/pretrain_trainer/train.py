@@ -89,7 +89,7 @@ def open_data(spec: api.PretrainJobSpec, vocab_size: int) -> Blend:
     """The training data (data.path, data.sources, or the synthetic corpus); data that cannot be
     used is a permanent error (exit 85), not a crash to retry."""
     folders = spec.data.folders() or [("the synthetic corpus (data.path empty)", "", 1.0)]
-    size = synthetic_size(spec.data.seqLen, spec.data.globalBatchSize)
+    size = synthetic_size(spec.data.seqLen, spec.data.globalBatchSize, validation.windows(spec))
     try:
         return Blend([TokenSource(path, vocab_size, spec.training.seed, synthetic_tokens=size, field=name) for name, path, _ in folders],
                      [w for _, _, w in folders], spec.data.seqLen, [name for name, _, _ in folders])
