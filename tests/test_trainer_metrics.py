@@ -108,3 +108,30 @@ def test_under_the_operator_a_save_longer_than_the_pods_grace_period_is_served_a
         err = proc.communicate()[1]
     warned = [ln for ln in err.splitlines() if "more than spec.template.terminationGracePeriodSeconds (0 s)" in ln]
     assert len(warned) == 1 and "checkpoint step 5 took" in warned[0], warned
+
+
+def test_a_scrape_while_moe_layers_first_stats_are_set_is_served_whole_one_family_at_a_time():
+    # The server thread rendered the dict as training added each MoE layer's first samples: that
+    # scrape failed (dictionary changed size during iteration). Many new layers make the race sure;
+    # each family stays together under one TYPE line whatever order its layers came in.
+    import threading
+    from pretrain_trainer.metrics import Metrics
+    m, errors, done = Metrics(), [], threading.Event()
+
+    def scrape_all():
+        while not done.is_set():
+            try:
+                m.render()
+            except RuntimeError as e:
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=scrape_all)
+    t.start()
+    for i in range(20000):
+        m.set_router_stats({str(i): {"load": [0.5, 0.5], "dropped": 0.0, "aux": 0.01}})
+    done.set()
+    t.join()
+    assert not errors
+    families = {f.name: len(f.samples) for f in text_string_to_metric_families(m.render().decode())}
+    assert families[c.METRIC_STEP] == 1 and [n for n, k in families.items() if k == 20000 * 2] == ["pretrain_moe_expert_load"]

@@ -34,6 +34,9 @@ def peak_memory_bytes(cuda: bool) -> int:
 
 class Metrics:
     def __init__(self):
+        # The server's thread renders while training sets: a render iterating the dict as MoE
+        # layers' first stats were added failed that scrape (dictionary changed size).
+        self.lock = threading.Lock()
         self.values: dict[str, float] = {
             c.METRIC_STEP: 0, c.METRIC_TOTAL_STEPS: 0, c.METRIC_LOSS: float("nan"), c.METRIC_TOKENS_PER_SECOND: 0,
             c.METRIC_LAST_CHECKPOINT_STEP: 0, c.METRIC_LAST_CHECKPOINT_TIME: 0, c.METRIC_CHECKPOINT_REQUESTS_SERVED: 0,
@@ -43,17 +46,16 @@ class Metrics:
         }
 
     def set(self, **kw: float) -> None:
-        self.values.update(kw)
+        with self.lock:
+            self.values.update(kw)
 
     def set_router_stats(self, stats: dict | None) -> None:
-        stats = stats or {}
-        for layer, s in stats.items():  # one family at a time: Prometheus wants each family's samples together
-            for e, v in enumerate(s["load"]):
-                self.values[f'{MOE_EXPERT_LOAD}{{layer="{layer}",expert="{e}"}}'] = v
-        for layer, s in stats.items():
-            self.values[f'{MOE_DROPPED}{{layer="{layer}"}}'] = s["dropped"]
-        for layer, s in stats.items():
-            self.values[f'{MOE_AUX_LOSS}{{layer="{layer}"}}'] = s["aux"]
+        with self.lock:
+            for layer, s in (stats or {}).items():
+                for e, v in enumerate(s["load"]):
+                    self.values[f'{MOE_EXPERT_LOAD}{{layer="{layer}",expert="{e}"}}'] = v
+                self.values[f'{MOE_DROPPED}{{layer="{layer}"}}'] = s["dropped"]
+                self.values[f'{MOE_AUX_LOSS}{{layer="{layer}"}}'] = s["aux"]
 
     @staticmethod
     def router_summary(stats: dict | None) -> str:
@@ -62,14 +64,14 @@ class Metrics:
                          for k, s in (stats or {}).items())
 
     def render(self) -> bytes:
-        out, typed = [], set()
-        for k, v in self.values.items():
-            name = k.split("{", 1)[0]
-            if name not in typed:
-                typed.add(name)
-                out.append(f"# TYPE {name} gauge\n")
-            out.append(f"{k} {v}\n")
-        return "".join(out).encode()
+        # Each family's samples together under one TYPE line, as the text format wants, whatever
+        # order their keys were added in (a layer first seen after others came after their families).
+        with self.lock:
+            values = list(self.values.items())
+        families: dict[str, list[str]] = {}
+        for k, v in values:
+            families.setdefault(k.split("{", 1)[0], []).append(f"{k} {v}\n")
+        return "".join(f"# TYPE {name} gauge\n" + "".join(lines) for name, lines in families.items()).encode()
 
     def serve(self, port: int) -> ThreadingHTTPServer:
         """On every address of both families (an IPv6-only cluster's pod has no IPv4 address to
