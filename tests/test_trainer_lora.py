@@ -183,3 +183,24 @@ def test_a_pipeline_stage_lora_leaves_frozen_trains_and_resumes_and_patterns_mat
     r = subprocess.run(cmd(bad, 1, tmp_path / "bad.txt"), env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 85, r.stderr[-3000:]
     assert "lora.targetModules ['q_proj', 'v_proj'] match no linear layer of the model: its names are wq wk wv wo" in r.stderr
+
+
+def test_a_lora_runs_mfu_counts_the_frozen_base_at_4n_and_the_adapters_at_6n():
+    # 6N over the whole model overstated a LoRA run's MFU by half: the frozen base computes no
+    # gradient of its weights. The adapters' count is that of a real model's trainable parameters.
+    import torch
+    from pretrain_operator import api
+    from pretrain_trainer import lora
+    from pretrain_trainer.model import ModelArgs, Transformer, flops_per_token, num_params
+    for model_spec in ({}, {"moe": {"experts": 8, "topK": 2, "sharedExpert": True}}):
+        spec = api.PretrainJobSpec.model_validate({"model": model_spec, "lora": {"rank": 4}})
+        args = ModelArgs.from_spec(spec.model)
+        model = Transformer(args)
+        lora.apply_lora(model, spec.lora, 0)
+        adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert lora.adapter_params(args, spec.lora) == adapters > 0
+        base = num_params(args, active=True) - args.vocabSize * args.dim
+        attention = 12 * args.layers * args.dim * 64
+        assert flops_per_token(args, 64) == 6 * base + attention
+        assert flops_per_token(args, 64, adapters) == 4 * base + 6 * adapters + attention
+    assert torch.get_default_device().type == "cpu"  # the meta count left the default device alone

@@ -97,6 +97,16 @@ def apply_lora(model: nn.Module, spec, seed: int) -> int:
     return len(names)
 
 
+def adapter_params(args, spec) -> int:
+    """The adapters' parameters in the whole model (of `ModelArgs` args; counted on the meta
+    device, whatever the layout): every one works for every token (experts take none)."""
+    from .model import Transformer
+    with torch.device("meta"):
+        model = Transformer(args)
+    apply_lora(model, spec, 0)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 

@@ -177,8 +177,12 @@ def num_params(args: ModelArgs, active: bool = False) -> int:
     return total + 2 * args.vocabSize * args.dim + args.dim
 
 
-def flops_per_token(args: ModelArgs, seq: int) -> float:
+def flops_per_token(args: ModelArgs, seq: int, adapters: int | None = None) -> float:
     """Training FLOPs per token, as torchtitan's MFU estimate: 6N over the parameters that do
     matrix work for a token (the active experts of an MoE; not the input embedding, a lookup) plus
-    12 x layers x dim x seq for attention."""
-    return 6 * (num_params(args, active=True) - args.vocabSize * args.dim) + 12 * args.layers * args.dim * seq
+    12 x layers x dim x seq for attention. With LoRA (`adapters`: the adapters' parameters) the
+    frozen base does 4N (forward, and the backward's gradient of its input, none of its weights)
+    and the adapters 6N: 6N over all of it overstated a LoRA run's MFU by half."""
+    base = num_params(args, active=True) - args.vocabSize * args.dim
+    matmul = 6 * base if adapters is None else 4 * base + 6 * adapters
+    return matmul + 12 * args.layers * args.dim * seq

@@ -443,7 +443,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     # came while the checkpoint loaded is served after the first step, not ignored all attempt.
     seen_requests: set[str | None] = {None}
     served = 0
-    fpt = flops_per_token(args, spec.data.seqLen)
+    fpt = flops_per_token(args, spec.data.seqLen, lora.adapter_params(args, spec.lora) if spec.lora else None)
     peak = float(os.environ.get("PRETRAIN_PEAK_FLOPS", "989e12" if device == "cuda" else "1e11"))
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=spec.training.precision == "bf16" and device == "cuda")
     losses = open(losses_out, "a") if losses_out and rank == 0 else None
