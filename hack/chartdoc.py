@@ -33,7 +33,10 @@ def _rows(schema: dict, values: dict, path: list[str]) -> list[str]:
     rows = []
     for key, sub in schema.get("properties", {}).items():
         p = path + [key]
-        if sub.get("type") == "object" and "properties" in sub:
+        if not isinstance(sub, dict):  # a `false` schema: a key refused (podLabels' selector labels)
+            continue
+        # An object of named settings, not a map whose keys are the user's (podLabels).
+        if sub.get("type") == "object" and "properties" in sub and "patternProperties" not in sub:
             rows += _rows(sub, values, p)
             continue
         d = _default(values, p)

@@ -238,6 +238,16 @@ BAD_VALUES = [
     (("--set", "operator.metricsPort=8080"), "operator.metricsPort and operator.healthPort are both 8080"),
     (("--set", "image.tag=v1@sha256:abc"), "tag"),
     (("--set", "operator.env[0].name=X", "--set", "operator.env[0].bogus=3"), "bogus"),
+    # Names and labels the pod API refuses at install (after the CRD went in): the schema says so first.
+    (("--set", "nameOverride=Pretrain_Op"), "nameOverride"),
+    (("--set", "fullnameOverride=9po"), "fullnameOverride"),
+    (("--set", "serviceAccount.name=Ops SA"), "serviceAccount"),
+    (("--set", "priorityClassName=High_Priority"), "priorityClassName"),
+    (("--set", "podLabels.team=a b"), "podLabels"),
+    (("--set-json", 'podLabels={"bad key!": "x"}'), "podLabels"),
+    # The Deployment's selector labels: a second one under the same key broke the selector's match.
+    (("--set-json", 'podLabels={"app.kubernetes.io/name": "mine"}'), "podLabels"),
+    (("--set", "image.repository=ghcr.io/pretrain-operator/operator:v1"), "repository"),
 ]
 
 
