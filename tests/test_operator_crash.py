@@ -189,7 +189,7 @@ def test_a_leader_cut_off_from_the_api_server_stops_acting_before_another_may_ta
         elector.stopped.set()
 
 
-def test_a_replica_whose_lease_renewal_hangs_says_it_does_not_lead_and_drops_its_jobs_series(api, namespace):
+def test_a_replica_whose_lease_renewal_hangs_says_it_does_not_lead_and_drops_its_jobs_series_and_children(api, crd, namespace):
     # A renewal on a connection the API server never answers (half-open after its failover): the
     # leader gauge stayed 1 (set after each try, which never returned), so PretrainOperatorNoLeader
     # kept quiet; and a replica that no longer leads exported its jobs' series unchanged for ever
@@ -223,6 +223,7 @@ def test_a_replica_whose_lease_renewal_hangs_says_it_does_not_lead_and_drops_its
                     raise
             return REGISTRY.get_sample_value("pretrain_operator_job_phase", series) == 1.0
         wait_for(reconciled, timeout=20, what="this replica to export the job's series")
+        assert (namespace, "seen") in ctl.children
         silent_cfg = client.Configuration()
         silent_cfg.host = f"http://127.0.0.1:{silent.getsockname()[1]}"
         elector.kube = KubeAPI(client.ApiClient(silent_cfg))
@@ -234,6 +235,8 @@ def test_a_replica_whose_lease_renewal_hangs_says_it_does_not_lead_and_drops_its
         wait_for(lambda: REGISTRY.get_sample_value("pretrain_operator_job_phase", series) is None, timeout=10,
                  what="the job's series to go from a replica that does not lead")
         assert REGISTRY.get_sample_value("pretrain_operator_jobs", {"phase": "Suspended"}) == 0.0
+        # Nor does it keep what it knew of the job's children: the leader may change them meanwhile.
+        assert (namespace, "seen") not in ctl.children
     finally:
         elector.stopped.set()
         ctl.stopped.set()

@@ -203,6 +203,10 @@ class Controller:
                     # that lost the Lease would export them unchanged for ever (a deleted job's
                     # Failed phase firing PretrainJobFailed, jobs counted by two replicas).
                     self._forget_metrics(key)
+                    # Nor is what it knew of the job's Service and ConfigMap: the leader meanwhile
+                    # may change them, and this replica, leading again, would not read them for a minute.
+                    with self.memo_lock:
+                        self.children.pop(key, None)
                     if key in self.job_uids:  # a deleted job's key came back every second for ever
                         self.queue.add(key, delay=1.0)
                     continue
