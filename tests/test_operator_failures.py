@@ -807,7 +807,7 @@ def test_a_failure_settling_when_the_job_is_suspended_still_counts(max_failures,
     job["status"] = plan.status
     plan = _decide(job, [n0, n1], nodes, now + reconcile.dt.timedelta(seconds=2), suspend=True)
     st = plan.status
-    assert st["phase"] == phase and st["failures"] == 1 and "failureSeenAt" not in st, st
+    assert st["phase"] == phase and st["failures"] == 1 and not st.get("failureSeenAt"), st
     if phase == "Suspended":  # said, as a restart's failure is: not only a counter gone up
         assert ("Warning", "Failure", "attempt 1 ended (ExitCode: pod settling-a1-n0 exited with code 1 (Error)) as the job was suspended: "
                 "failure 1 of maxFailures 3") in plan.events, plan.events
