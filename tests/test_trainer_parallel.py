@@ -173,3 +173,31 @@ def test_sequence_parallel_norms_see_sequence_slices_and_keep_the_losses(tmp_pat
     assert sorted(got) == sorted(reference)
     for step, want in reference.items():
         assert abs(got[step] - want) <= TOL, (step, got[step], want)
+
+
+def test_adamw_on_a_gpu_fuses_only_parameters_all_dtensors_of_one_mesh_or_all_plain():
+    # Tensor parallel at data 1 leaves the embedding and output plain: one fused AdamW call over
+    # the mix failed a GPU run's first step. The choice is by the parameters' kinds (checked here
+    # with the CPU's fused kernel, which refuses the mix as the GPU's does).
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from pretrain_trainer.train import adamw_impl
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = torch.nn.Parameter(torch.ones(4))
+        sharded = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Replicate()]))
+        mixed = [plain, sharded]
+        for q in mixed:
+            q.grad = torch.full_like(q, 0.5)
+        with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
+            torch.optim.AdamW([{"params": mixed}], lr=0.1, fused=True).step()
+        assert adamw_impl(mixed, "cuda") == {"foreach": False}
+        torch.optim.AdamW([{"params": mixed}], lr=0.1, **adamw_impl(mixed, "cuda")).step()
+        assert plain.detach().lt(1).all() and sharded.full_tensor().lt(1).all()
+        assert adamw_impl([plain], "cuda") == adamw_impl([sharded], "cuda") == {"fused": True}
+        assert adamw_impl([sharded], "cpu") == {"foreach": False}  # the tests' bit-for-bit references
+    finally:
+        dist.destroy_process_group()

@@ -202,6 +202,22 @@ def init_sharded(part: torch.nn.Module, names: dict, seed: int, layers: int) -> 
                 mod.init_buffers()
 
 
+def adamw_impl(params: list[torch.Tensor], device: str) -> dict:
+    """AdamW's implementation. CPU: the per-parameter loop (bit-for-bit the reference runs of the
+    tests); GPU: the fused kernel, where every parameter is a DTensor of one mesh or none is. One
+    fused call over a mix (tensor parallel leaves the embedding and output plain at data 1, FSDP
+    over data = expert leaves the experts plain, LoRA's adapters under tensor parallel) failed the
+    first step ("got mixed torch.Tensor and DTensor"): such a run takes the per-parameter loop."""
+    if device != "cuda":
+        return {"foreach": False}
+    from torch.distributed.tensor import DTensor
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None for p in params}
+    if len(meshes) <= 1:
+        return {"fused": True}
+    log.info("AdamW: its parameters mix plain tensors and DTensors (or meshes): the per-parameter loop, not the fused kernel")
+    return {"foreach": False}
+
+
 def lora_base_spec(spec: api.PretrainJobSpec) -> str | None:
     """Where a LoRA run's frozen base comes from, as the spec says (lora.baseCheckpoint, else
     model.initFrom), or None: not LoRA, or on the seed's random init."""
@@ -286,8 +302,7 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
                               "wq wk wv wo (attention) and w1 w2 w3 (MLP), or paths such as layers.0.attention.wq")
     trainable = [q for q in model.parameters() if q.requires_grad]
     o = spec.optimizer
-    # CPU: the per-parameter loop (bit-for-bit the reference runs of the tests); GPU: the fused kernel.
-    impl = {"fused": True} if device == "cuda" else {"foreach": False}
+    impl = adamw_impl(trainable, device)
     # One group, empty on a pipeline stage that LoRA leaves frozen (a path pattern of another
     # stage's layer): a bare empty list is refused by the optimizer.
     optim = torch.optim.AdamW([{"params": trainable}], lr=o.lr, weight_decay=o.weightDecay, betas=(0.9, 0.95), **impl)
