@@ -425,7 +425,7 @@ def test_a_probe_evicted_or_on_a_lost_node_is_replaced_and_not_counted():
     job, spec, pods, nodes, now, probes = _probing("lost", 2)
     job["status"]["capacityProbesSince"] = reconcile.iso(now)
     probes[0]["status"] = {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
-    nodes["spot-3"]["status"]["conditions"][0]["status"] = "False"  # probes[1]'s node
+    nodes["spot-3"]["status"]["conditions"][0]["status"] = "Unknown"  # probes[1]'s node, gone dark
     plan = _probe_pass(job, spec, pods, nodes, now, probes)
     assert plan.status["attempt"] == 2 and "(0/2 capacity probe pod(s) placed)" in plan.status["message"]
     # Deleted (the one on the lost node with grace period 0, and no Event about a gang there), and

@@ -174,6 +174,33 @@ def test_a_force_deleted_pod_kept_by_a_finalizer_is_announced_once():
     assert again.force_delete_pods == [n1["metadata"]["name"]] and not again.events
 
 
+def test_a_pod_on_a_node_that_says_it_is_not_ready_is_deleted_gracefully_and_forced_only_past_its_grace():
+    """No cluster (reconcile.decide): a node not ready with its kubelet alive (shutting down, a
+    blip) ends its pods itself, and the trainer saves on SIGTERM: forced at once, the save was lost.
+    Forced once the grace period is over (a kubelet that cannot end it would block the next gang);
+    a node gone dark (Ready Unknown) is forced at once."""
+    job, spec, (n0, n1), nodes, now = observed_gang("shutdown")
+    job["status"].update(attempt=2, gangCreated=False)  # a restart: attempt 1's pods are old
+    nodes["spot-1"]["status"]["conditions"][0].update(status="False", reason="KubeletNotReady", message="node is shutting down")
+
+    def remove(pods, at):
+        return reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=pods, nodes=nodes, service_exists=True,
+                                                   config_data=None, now=at))
+    first = remove([n0, n1], now)
+    assert sorted(first.delete_pods) == ["shutdown-a1-n0", "shutdown-a1-n1"] and not first.force_delete_pods
+    assert not [e for e in first.events if e[1] == "PodForceDeleted"]
+    n1["metadata"]["deletionTimestamp"] = reconcile.iso(now + dt.timedelta(seconds=30))  # the grace period's end
+    waiting = remove([n1], now + dt.timedelta(seconds=29))
+    assert not waiting.delete_pods and not waiting.force_delete_pods
+    late = remove([n1], now + dt.timedelta(seconds=31))
+    assert late.force_delete_pods == ["shutdown-a1-n1"]
+    [msg] = [e[2] for e in late.events if e[1] == "PodForceDeleted"]
+    assert "its kubelet did not end the pod within its grace period" in msg and "checkpoint fence" in msg
+    nodes["spot-1"]["status"]["conditions"][0]["status"] = "Unknown"  # gone dark: no kubelet to wait for
+    del n1["metadata"]["deletionTimestamp"]
+    assert remove([n1], now).force_delete_pods == ["shutdown-a1-n1"]
+
+
 @pytest.mark.parametrize("taint,outcome", [("cloud.google.com/impending-node-termination", ("Preemption", 1, 0)),
                                            ("aws-node-termination-handler/rebalance-recommendation", ("Failure", 0, 1))])
 def test_a_crash_on_a_noticed_node_is_a_preemption_unless_the_notice_is_only_advisory(taint, outcome):

@@ -725,14 +725,27 @@ def _say_once(plan: Plan, reason: str, message: str) -> None:
 
 
 def _remove(plan: Plan, o: Observed, pods: list[dict]) -> None:
-    """Delete pods gracefully (SIGTERM: the trainer checkpoints); force those on a lost node, which
-    would otherwise stay Terminating forever and block the next gang (Kueue's KEP-6757 does the same).
+    """Delete pods gracefully (SIGTERM: the trainer checkpoints); force those on a lost node (deleted,
+    unreachable, Ready Unknown), which would otherwise stay Terminating forever and block the next
+    gang (Kueue's KEP-6757 does the same), and those on a node not ready whose grace period is over.
     A force-deleted pod's containers may still run on a node that is only cut off (its kubelet dead):
     the Event says so, and the trainer's checkpoint fence (trainer/pretrain_trainer/fence.py) stops
     them from writing once the next attempt starts."""
     for p in pods:
         node_name = (p.get("spec") or {}).get("nodeName")
-        prob = classify.node_problem(o.nodes.get(node_name), node_name, []) if node_name else None
+        node = o.nodes.get(node_name)
+        prob = classify.node_problem(node, node_name, []) if node_name else None
+        if prob and prob[0] == "NodeNotReady" and not classify.node_dark(node, node_name):
+            # A node that says it is not ready has a kubelet to end the pod (a graceful shutdown, a
+            # blip): deleted gracefully, its trainer saves on SIGTERM. Forced at once, the save was
+            # lost (the next attempt's fence refused its commit). Forced once its grace period is
+            # over: a kubelet that cannot end it (its runtime down) would block the next gang.
+            due = parse(p["metadata"].get("deletionTimestamp") or "")
+            if due is None or o.now <= due:
+                if due is None:
+                    plan.delete_pods.append(p["metadata"]["name"])
+                continue
+            prob = (prob[0], f"{prob[1]}, and its kubelet did not end the pod within its grace period")
         if prob and prob[0] in ("NodeDeleted", "NodeNotReady"):
             plan.force_delete_pods.append(p["metadata"]["name"])
             if p["metadata"].get("deletionGracePeriodSeconds") == 0:
