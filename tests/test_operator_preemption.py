@@ -158,6 +158,20 @@ def test_a_pod_its_node_refused_or_evicted_before_it_ran_spends_no_failure(reaso
     assert st["failures"] == 0 and st["attempt"] == 2
 
 
+def test_a_running_trainer_evicted_without_a_disruption_target_is_a_preemption():
+    """No cluster: a kubelet that adds no DisruptionTarget condition (before 1.26, or its feature
+    gate off) evicts a running trainer for node pressure, which ends killed (137): it counted as
+    `exited with code 137 (Error)` and spent the failure budget."""
+    job, spec, (n0, n1), ready, now = observed_gang("pressed")
+    message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 80Mi."
+    n1["status"] = {"phase": "Failed", "reason": "Evicted", "message": message, "containerStatuses": [
+        {"name": c.TRAINER_CONTAINER, "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}]}
+    st = reconcile.decide(reconcile.Observed(job=job, spec=spec, pods=[n0, n1], nodes=ready, service_exists=True,
+                                             config_data=None, now=now)).status
+    assert st["restart"]["kind"] == "Preemption" and st["restart"]["reason"] == "Evicted" and message in st["restart"]["message"]
+    assert st["failures"] == 0 and st["preemptions"] == 1 and st["attempt"] == 2
+
+
 def test_a_force_deleted_pod_kept_by_a_finalizer_is_announced_once():
     """No cluster (reconcile.decide): a pod of a lost node that a finalizer keeps after its force
     deletion (deletionGracePeriodSeconds 0) is deleted again at each pass, without an Event each

@@ -187,6 +187,12 @@ def classify_pod(pod: dict | None, name: str, node: dict | None, spec: api.Pretr
         why = st.get("reason") or "Rejected"
         said = f"pod {name} {'was evicted' if why == 'Evicted' else 'was refused by its node'} ({why}: {st.get('message') or 'no message'})"
         return End(PREEMPTION if why == "Evicted" else RETRYABLE, why, said, name)
+    st = pod.get("status") or {}
+    if phase == "Failed" and st.get("reason") == "Evicted":
+        # Evicted for node pressure while the trainer ran (killed: 137), by a kubelet that adds no
+        # DisruptionTarget condition (before 1.26, or its feature gate off): a preemption as above,
+        # not the trainer's failure.
+        return End(PREEMPTION, "Evicted", f"pod {name} was evicted ({st.get('message') or 'no message'})", name)
     code = t.get("exitCode", 1) if t else 1
     if code == c.EXIT_PREEMPTED:
         return End(PREEMPTION, "CheckpointedOnNotice", f"pod {name} checkpointed and stopped (exit {code})", name)
