@@ -376,6 +376,7 @@ def test_waiting_for_a_deleted_jobs_children_does_not_run_down_the_new_jobs_star
     assert [p["metadata"]["name"] for p in plan.create] == ["again-a1-n0", "again-a1-n1"], plan.status
     assert plan.status["attempt"] == 1 and plan.status["phase"] == "Starting" and not plan.status.get("restart")
     assert not [e for e in plan.events if e[1] in ("StartTimeout", "ElasticShrink")], plan.events
+    assert plan.status["message"] == "creating the gang of attempt 1"  # not the wait's words until it ran
 
 
 def test_a_suspended_jobs_passes_write_nothing_once_it_is_suspended():

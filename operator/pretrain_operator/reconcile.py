@@ -686,6 +686,10 @@ def _create_gang(plan: Plan, o: Observed, names: list[str], missing: list[str]) 
             if not (status.get("message") or "").startswith(refused):
                 plan.events.append(("Warning", "GangCreateFailed", refused + msg))
             status["message"] = refused + msg
+    elif missing:
+        # What it waited for before (a deleted job's children, a refusal, the back-off) is over:
+        # the words said so until the gang ran.
+        status["message"] = f"creating the gang of attempt {attempt}"
     if (o.now - parse(status["attemptStartTime"])).total_seconds() >= spec.scheduling.startTimeoutSeconds:
         current = [p for p in o.pods if attempt_of(p) == attempt]
         return _start_timeout(plan, o, current, f"only {created} after {spec.scheduling.startTimeoutSeconds} s"
