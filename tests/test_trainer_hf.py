@@ -228,3 +228,21 @@ def test_a_hugging_face_folder_of_the_same_shapes_but_another_model_is_refused_n
     save_file(sd, str(cut / "model.safetensors"), metadata={"format": "pt"})
     refused(cut, r"holds weights of other shapes than the job's model: model.layers.0.mlp.down_proj.weight is \(\d+, \d+\), "
                  r"the model's layers.0.feed_forward.w2.weight \(\d+, \d+\)")
+
+
+def test_an_export_over_an_earlier_one_leaves_only_its_own_files_and_a_cut_file_is_exit_85_naming_it(tmp_path, dense):
+    # The earlier export's shards and index stayed beside the new model.safetensors: the trainer
+    # read the index (the old weights), transformers the single file. A file cut short (a copy
+    # interrupted) was safetensors' traceback, exit 1, retried until the failure budget ran out.
+    out = tmp_path / "hf"
+    _export(dense, out, max_shard_gb=0.0005)
+    assert (out / "model.safetensors.index.json").exists() and len(list(out.glob("model-*.safetensors"))) > 1
+    _export(dense, out)
+    assert sorted(f.name for f in out.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(_logits(_ours(dense, str(out))), _logits(_ours(dense)))
+    data = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[:len(data) // 2])
+    r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "eval", "--config", str(dense), "--checkpoint", str(out)],
+                       capture_output=True, text=True, env=env())
+    assert r.returncode == 85 and f"{out / 'model.safetensors'} cannot be read as safetensors" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr

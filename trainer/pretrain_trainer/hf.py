@@ -216,13 +216,30 @@ def write_safetensors(sd: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """The folder's weights: model.safetensors, else the shards its index names (transformers'
+    order). A file that cannot be read (cut short by a download) is a ValueError naming it: exit
+    85 under the trainer, not a traceback retried to the failure budget's end."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    single = folder / "model.safetensors"
+    files = ["model.safetensors"] if single.exists() or not index.exists() else \
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out = {}
     for f in files:
-        out.update(load_file(str(folder / f)))
+        try:
+            out.update(load_file(str(folder / f)))
+        except SafetensorError as e:
+            raise ValueError(f"{folder / f} cannot be read as safetensors ({e}): an incomplete copy?") from e
     return out
+
+
+def clear_weights(out: Path) -> None:
+    """Remove an earlier export's weight files from `out`: its shards and index beside a new
+    single file (or the other way round) made readers disagree on which weights the folder holds."""
+    for f in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        f.unlink(missing_ok=True)
+    shutil.rmtree(out / "adapter", ignore_errors=True)
 
 
 def load_hf(model, folder: Path) -> None:
@@ -288,6 +305,7 @@ def export(config: str, checkpoint: str | None, out: str, merge_lora: bool = Fal
         adapters[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
     dst = Path(out)
     dst.mkdir(parents=True, exist_ok=True)
+    clear_weights(dst)
     _tokenizer(next((path for _, path, _ in spec.data.folders()), ""), dst, cfg)  # a blend shares one tokenizer
     (dst / "config.json").write_text(json.dumps(cfg, indent=1))
     (dst / "generation_config.json").write_text(json.dumps({"do_sample": False, "eos_token_id": cfg["eos_token_id"]}, indent=1))
