@@ -74,6 +74,26 @@ def test_grouped_matmul_and_the_loop_over_experts_give_the_same_outputs_and_grad
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(pg, pl))
 
 
+def test_the_router_chooses_and_weighs_in_fp32_under_bf16_autocast():
+    # GPU runs train under bf16 autocast, which cast the router's matmul back to bf16 whatever
+    # its inputs' dtype: the scores, the choice, its weights and the aux loss came out bf16.
+    # (The CPU's bf16 autocast here casts as the GPU's does.)
+    import torch
+    from pretrain_operator import api
+    from pretrain_trainer.moe import MoE
+    torch.manual_seed(0)
+    for balancing in ("auxLoss", "bias"):
+        moe = MoE(64, 128, api.MoE(experts=8, topK=2, loadBalancing=balancing, routerScore="softmax" if balancing == "auxLoss" else "sigmoid"))
+        x = torch.randn(256, 64)
+        want = moe.route(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = moe.route(x.bfloat16())
+        assert got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+        ref = moe.route(x.bfloat16().float())  # the same rounded inputs, no autocast
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2])
+        assert want[1].dtype == torch.float32
+
+
 @pytest.fixture(scope="module")
 def top2_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("top2") / "ref"

@@ -177,7 +177,13 @@ class MoE(nn.Module):
         self.ep_group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
 
     def route(self, x: torch.Tensor):
-        """Per token: the chosen experts (T, k), their weights (T, k) and the aux loss."""
+        """Per token: the chosen experts (T, k), their weights (T, k) and the aux loss, in fp32:
+        bf16 autocast (the GPU's) cast the router's matmul back to bf16 whatever its inputs, and
+        the choice, its weights and the aux loss with it (nearer ties, a bias of 0.001 lost)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._route(x)
+
+    def _route(self, x: torch.Tensor):
         logits = F.linear(x.float(), self.router.weight.float())
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         chooser = scores + self.expert_bias if self.balancing == "bias" else scores
