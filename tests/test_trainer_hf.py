@@ -246,3 +246,24 @@ def test_an_export_over_an_earlier_one_leaves_only_its_own_files_and_a_cut_file_
                        capture_output=True, text=True, env=env())
     assert r.returncode == 85 and f"{out / 'model.safetensors'} cannot be read as safetensors" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_a_mixtral_folder_seeds_a_bias_balanced_model_with_its_selection_bias_at_zero(tmp_path, moe):
+    # Aux-loss-free balancing's selection bias is a buffer (zero at the start) that no Mixtral
+    # folder holds: the import refused the folder as lacking it.
+    from pretrain_trainer.hf import load_hf
+    from pretrain_trainer.model import ModelArgs, Transformer, init_weights
+    from pretrain_trainer.train import load_spec
+    hf = _export(moe, tmp_path / "hf")
+    (tmp_path / "run").mkdir()
+    cfg = write_config(tmp_path / "run", steps=1, interval=100, extra={"model": {
+        "preset": "tiny", "initFrom": str(hf), "moe": {"experts": 4, "topK": 2, "loadBalancing": "bias"}}})
+    model = Transformer(ModelArgs.from_spec(load_spec(str(cfg)).model))
+    init_weights(model, 12345)
+    load_hf(model, hf)
+    want, got = _ours(moe).state_dict(), model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    biases = [t for k, t in got.items() if k.endswith(".expert_bias")]
+    assert biases and all(not b.any() for b in biases)
+    r = run(cfg, 1, tmp_path / "run" / "losses.txt")
+    assert f"initial weights from {hf}" in r.stderr

@@ -250,7 +250,9 @@ def load_hf(model, folder: Path) -> None:
     if diff:
         raise ValueError(f"{folder}/config.json does not match the job's model ({'; '.join(diff)})")
     sd = from_hf(read_safetensors(folder), args)
-    own = model.state_dict()
+    # The selection bias of aux-loss-free balancing (a buffer, zero at the start) has no Mixtral
+    # tensor: a Mixtral folder seeds such a model with its bias at zero (it was refused as lacking it).
+    own = {k: t for k, t in model.state_dict().items() if not k.endswith(".expert_bias")}
     missing = [k for k in own if k not in sd]
     if missing:
         raise ValueError(f"{folder} lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
