@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.trainer_util import run, write_config
+from tests.trainer_util import losses, run, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
@@ -45,3 +45,14 @@ def test_a_resumed_run_profiles_by_training_step_and_not_before_its_start(tmp_pa
             tmp_path / "losses.txt")
     assert "training.profile: step 3 is behind this run's start (step 7): not profiled" in r.stderr
     assert not (tmp_path / "ckpt" / "profiles" / "steps-3-4").exists()
+
+
+def test_a_profile_folder_that_cannot_be_written_is_said_at_the_start_and_the_run_trains_on(tmp_path):
+    # Found only at the trace's write, it crashed the run after startStep (and every restart
+    # before a checkpoint past it crashed there again).
+    (tmp_path / "a-file").write_text("")
+    cfg = write_config(tmp_path, steps=4, interval=100, extra=_training(4, {"startStep": 2, "steps": 1, "folder": str(tmp_path / "a-file" / "traces")}))
+    r = run(cfg, 1, tmp_path / "losses.txt")
+    assert f"training.profile.folder {tmp_path / 'a-file' / 'traces'} cannot be written" in r.stderr
+    assert "this run is not profiled" in r.stderr and "profile written" not in r.stderr
+    assert sorted(losses(tmp_path / "losses.txt")) == [1, 2, 3, 4]

@@ -7,7 +7,7 @@ checkpoint folder, so that on a cluster the traces land on the job's volume besi
 
 Each step's events sit under "ProfilerStep#<step>". CPU activity always, CUDA kernels on a GPU; no
 shapes, no stacks, no memory (they make traces of a large model hundreds of MB per rank). Limits: one window per run; a run resumed past `startStep`
-does not profile (it says so).
+does not profile (it says so); nor does one whose folder cannot be written (it says so and trains on).
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ class Profiler:
                 log.info("training.profile: step %d is behind this run's start (step %d): not profiled", p.startStep, resumed_at + 1)
             return
         self.out = folder(spec, checkpoint_root) / f"rank-{rank}.json"
+        # A folder that cannot be written is said now and the run trains unprofiled: found only
+        # at the trace's write it crashed the run after startStep, and every restart before a
+        # checkpoint past it crashed there again.
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            probe = self.out.with_suffix(".probe")
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            log.warning("training.profile.folder %s cannot be written (%s): this run is not profiled", self.out.parent.parent, e)
+            return
         warmup = 1 if p.startStep - 1 > resumed_at else 0  # the step before, when this run trains it
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self.prof = profile(activities=activities, on_trace_ready=self._write,
@@ -51,8 +62,12 @@ class Profiler:
         self.prof.start()
 
     def _write(self, prof) -> None:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(self.out))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(self.out))
+        except OSError as e:  # the volume full or gone meanwhile: a diagnostic lost, not the run
+            log.warning("profile not written to %s: %s", self.out, e)
+            return
         log.info("profile written: %s", self.out)
 
     def step(self) -> None:
