@@ -546,6 +546,9 @@ def test_an_active_deadline_fails_the_job_after_a_checkpoint_and_a_resume_restar
     # Stopped with SIGTERM, the trainer checkpointed where it stood (intervalSteps 1000: no other save).
     saved = [int(p.name.split("-")[1]) for p in jobs.claim_folder("capped-ckpt").glob("step-*") if (p / "COMMITTED").exists()]
     assert max(saved) > resumed
+    # ... and status.lastCheckpoint says so (rank 0's final report, its pod gone before a pass listed it).
+    jobs.wait("capped", lambda s: (s.get("lastCheckpoint") or {}).get("step") == max(saved), timeout=10,
+              what="the deadline's checkpoint in status.lastCheckpoint")
 
 
 def test_a_running_job_has_a_pass_due_when_its_deadline_comes():

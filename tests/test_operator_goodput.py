@@ -208,3 +208,25 @@ def test_an_older_attempts_evicted_pod_seen_by_the_watch_does_not_move_progress_
                          lastCheckpoint={"step": 200, "time": reconcile.iso(now), "path": "/checkpoints/step-00000200"})
     st = _decide(job, spec, [], nodes, now, gone=[pods[0]])
     assert st["progress"]["step"] == 200 and st["lastCheckpoint"]["step"] == 200 and st.get("lostSteps", 0) == 0
+
+
+def test_the_checkpoint_a_suspended_or_failed_jobs_rank_0_saves_on_its_way_out_is_recorded_once_its_pod_is_gone():
+    # The operator's own deletions (a suspend, an active deadline) add no DisruptionTarget: rank 0's
+    # final report was read only while its pod was listed, and its kubelet deletes it at once.
+    # A Failed job did not read reports at all: its deadline's SIGTERM checkpoint never showed.
+    for case in ("suspend", "deadline"):
+        job, spec, pods, nodes, now = observed_gang(f"out-{case}")
+        _running_for(job, now, 25)
+        job["status"]["lastCheckpoint"] = {"step": 40, "time": reconcile.iso(now), "path": "/checkpoints/step-00000040"}
+        if case == "suspend":
+            job["spec"]["suspend"] = True
+        else:
+            job["spec"]["activeDeadlineSeconds"] = 20
+        spec = type(spec).model_validate(job["spec"])
+        st = _decide(job, spec, pods, nodes, now)
+        assert st["phase"] == ("Suspended" if case == "suspend" else "Failed"), st["phase"]
+        gone = dict(pods[0], metadata={**pods[0]["metadata"], "deletionTimestamp": reconcile.iso(now)})
+        _preempt(gone, {"step": 57, "totalSteps": 400, "checkpointStep": 57})
+        after = _decide({**job, "status": st}, spec, [pods[1]], nodes, now + dt.timedelta(seconds=2), gone=[gone])
+        assert after["lastCheckpoint"]["step"] == 57 and after["progress"]["step"] == 57, case
+        assert after["phase"] == st["phase"]

@@ -76,6 +76,16 @@ def test_the_pod_watch_remembers_how_a_pod_ended_disrupted_or_finished():
         for p in (running, done, evicted):
             ctl.on_pod(p)
         assert ctl.last_seen[("ml", "j")] == {"j-a1-n1": done, "j-a1-n2": evicted}
+        # Deleted by the operator (no DisruptionTarget), its trainer ended (exit 83 with its report):
+        # its kubelet deletes it at once, and the report was gone before the next pass.
+        saved = {"metadata": {**meta, "name": "j-a1-n4", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {},
+                 "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 83}}}]}}
+        going = {"metadata": {**meta, "name": "j-a1-n5", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "spec": {},
+                 "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}}
+        ctl.on_pod(saved)
+        ctl.on_pod(going)
+        assert sorted(ctl.last_seen[("ml", "j")]) == ["j-a1-n1", "j-a1-n2", "j-a1-n4"]
+        del ctl.last_seen[("ml", "j")]["j-a1-n4"]
         # A sidecar keeps it Running after its trainer exited 0: finished all the same. Only what
         # decide reads is kept (a finished job's pods stayed whole in memory until its deletion).
         meshed = {"metadata": {**meta, "name": "j-a1-n3", "annotations": {"big": "x" * 10000}}, "spec": {"nodeName": "n", "containers": []},

@@ -123,7 +123,11 @@ class Controller:
         if not job:
             return
         key = (pod["metadata"]["namespace"], job)
-        ended = classify.finished(pod) or classify.disrupted(pod) is not None
+        # Also a pod being deleted whose trainer has ended (the operator's own deletions add no
+        # DisruptionTarget): its kubelet deletes it at once, and rank 0's final report (its SIGTERM
+        # checkpoint) was gone before the next pass listed the pods.
+        ended = classify.finished(pod) or classify.disrupted(pod) is not None or \
+            (bool(pod["metadata"].get("deletionTimestamp")) and classify.terminated(pod) is not None)
         node = (pod.get("spec") or {}).get("nodeName")
         with self.memo_lock:  # one section with the deletion's check: on_job_deleted may run meanwhile
             if pod["metadata"]["labels"].get(c.LABEL_JOB_UID) in self.dead_uids:
@@ -142,7 +146,7 @@ class Controller:
         md = pod["metadata"]
         slim = {"metadata": {k: md[k] for k in ("name", "namespace", "labels", "deletionTimestamp") if k in md},
                 "spec": {k: v for k, v in (pod.get("spec") or {}).items() if k == "nodeName"}, "status": pod.get("status") or {}}
-        if self.phases.get(key) not in reconcile.TERMINAL:
+        if self.phases.get(key) != "Succeeded":  # a Failed job's pods still save on their way out
             uid = (md.get("labels") or {}).get(c.LABEL_JOB_UID)
             live, kept = self.job_uids.get(key) or set(), self.last_seen.get(key, {})
             if uid not in live and any(p["metadata"]["labels"].get(c.LABEL_JOB_UID) in live for p in kept.values()):
@@ -580,8 +584,10 @@ class Controller:
         st = plan.status
         with self.memo_lock:
             self.phases[(ns, name)] = st.get("phase", "Pending")
-            if st.get("phase") in reconcile.TERMINAL:
-                self.last_seen.pop((ns, name), None)  # read by no later pass: a finished job's phase is sticky
+            if st.get("phase") == "Succeeded" or (st.get("phase") == "Failed" and plan.requeue_after is None):
+                # Read by no later pass: a finished job's phase is sticky, and a Failed one has no pods
+                # left (while they go, it is looked at again and their final reports read from here).
+                self.last_seen.pop((ns, name), None)
         self._update_phase_gauge()
         metrics.observe_job(ns, name, st, reconcile.running_seconds(st, dt.datetime.now(dt.timezone.utc)))
         r = st.get("restart")

@@ -155,6 +155,12 @@ def _record_reports(status: dict, pods: list[dict], spec: api.PretrainJobSpec, n
                 restart["reachedStep"] = rep["step"]
 
 
+def _gone(o: Observed, by_name: dict, attempt: int | None) -> list[dict]:
+    """Attempt `attempt`'s pods the watch last saw that were gone before this pass listed them
+    (a pod whose trainer ended, deleted at once by its kubelet: its final report is read there)."""
+    return [p for n, p in o.last_seen.items() if n not in by_name and attempt_of(p) == attempt]
+
+
 def running_since(status: dict) -> dt.datetime | None:
     """When the job became Running, while it is (its Running condition's transition)."""
     if status.get("phase") != "Running":
@@ -269,6 +275,9 @@ def _decide(o: Observed) -> Plan:
     # 1. Terminal: sticky. Failed jobs hold no pods; TTL deletes the job.
     if status["phase"] in TERMINAL:
         if status["phase"] == "Failed":
+            # Its pods save on SIGTERM on their way out (an active deadline's): rank 0's report
+            # names that checkpoint, which status.lastCheckpoint never showed.
+            _record_reports(status, o.pods + _gone(o, by_name, attempt), spec, now)
             _remove(plan, o, o.pods)
         else:  # pods whose trainer finished but a sidecar runs on (a mesh's proxy) would hold their room
             _remove(plan, o, [p for p in o.pods if (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")])
@@ -339,7 +348,7 @@ def _decide(o: Observed) -> Plan:
         for p in live:  # a new request, also over a notice's (served already: the trainer serves each id once)
             if (p["metadata"].get("annotations") or {}).get(c.ANN_CHECKPOINT_REQUEST) != f"suspend-{attempt}":
                 plan.annotate_pods[p["metadata"]["name"]] = {c.ANN_CHECKPOINT_REQUEST: f"suspend-{attempt}"}
-        _record_reports(status, o.pods, spec, now)
+        _record_reports(status, o.pods + _gone(o, by_name, attempt), spec, now)
         _remove(plan, o, o.pods)
         status["readyNodes"] = f"0/{spec.nodes}"
         if status.get("admissionWaitSince"):
@@ -383,8 +392,7 @@ def _decide(o: Observed) -> Plan:
         # saw evicted and that were gone before this pass listed them (rank 0's on a reclaimed node:
         # its SIGTERM checkpoint, the step the next attempt resumes from).
         # Only the replaced attempt's: an older one's report would move status.progress back.
-        replaced = (status.get("restart") or {}).get("fromAttempt")
-        _record_reports(status, [p for n, p in o.last_seen.items() if n not in by_name and attempt_of(p) == replaced], spec, now)
+        _record_reports(status, _gone(o, by_name, (status.get("restart") or {}).get("fromAttempt")), spec, now)
     if old or (o.probes and not status.get("attemptStartTime")):
         _record_reports(status, old, spec, now)
         _remove(plan, o, old)
