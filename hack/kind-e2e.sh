@@ -10,7 +10,9 @@
 #   DOCKER_BUILD_FLAGS=--provenance=false hack/kind-e2e.sh   # Docker's containerd image store:
 #       `kind load` fails on the provenance attestation (ctr: content digest not found, kind#3795)
 #
-# Needs: docker, kind (>= 0.24), kubectl, helm (3 or 4). Time: the trainer image is about 5 GB
+# Needs: docker, kind (>= 0.24), kubectl, helm (3 or 4), and a Docker engine with about 3 CPUs and
+# 6 GiB (the quickstart's 2 pods ask for 1 CPU each beside kind's own control plane: with 2 CPUs
+# the second pod stays Pending until the start timeout). Time: the trainer image is about 5 GB
 # (torch with CUDA libraries), so the first build and `kind load` take several minutes; the
 # quickstart trains on CPU (gloo) in a few minutes. Each step prints what it runs; on a failure the
 # job's status, events and pod logs are printed.

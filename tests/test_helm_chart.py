@@ -112,7 +112,7 @@ def test_scheduling_command_and_bind_address_values_reach_the_operator_pod():
             "--set", "tolerations[0].key=dedicated", "--set", "tolerations[0].operator=Exists",
             "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].key=zone",
             "--set", "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchExpressions[0].operator=Exists",
-            "--set", "operator.command={pretrain-operator}", "--set-json", 'operator.args=["--workers", "4"]', "--set", "operator.verbose=true",
+            "--set", "operator.command={pretrain-operator}", "--set-json", 'operator.args=["-v"]', "--set", "operator.verbose=true",
             "--set", "operator.bindAddress=::")
     pod = _one(template(*vals), "Deployment")["spec"]["template"]["spec"]
     assert {"name": "PRETRAIN_OPERATOR_BIND_ADDRESS", "value": "::"} in pod["containers"][0]["env"]
@@ -120,7 +120,7 @@ def test_scheduling_command_and_bind_address_values_reach_the_operator_pod():
     assert pod["tolerations"] == [{"key": "dedicated", "operator": "Exists"}]
     assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
     assert pod["containers"][0]["command"] == ["pretrain-operator"]
-    assert pod["containers"][0]["args"] == ["--workers", "4", "--verbose"]
+    assert pod["containers"][0]["args"] == ["-v", "--verbose"]
 
 
 def _rules(docs: list[dict], kind: str) -> list[dict]:
@@ -248,6 +248,10 @@ BAD_VALUES = [
     # The Deployment's selector labels: a second one under the same key broke the selector's match.
     (("--set-json", 'podLabels={"app.kubernetes.io/name": "mine"}'), "podLabels"),
     (("--set", "image.repository=ghcr.io/pretrain-operator/operator:v1"), "repository"),
+    # A flag the chart sets from its values: it won over the env, and the ports, probes or Lease no longer matched.
+    (("--set-json", 'operator.args=["--metrics-port","9000"]'), "args"),
+    (("--set-json", 'operator.args=["-v","--lease-namespace=other"]'), "args"),
+    (("--set-json", 'operator.args=["-nteam-a"]'), "args"),
 ]
 
 
