@@ -17,6 +17,8 @@ import re
 import signal
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -99,7 +101,14 @@ def test_validation_leaves_the_moe_bias_balancing_as_it_was(tmp_path):
 
 
 def test_too_little_held_out_data_for_validation_batches_is_a_permanent_error_naming_the_field(tmp_path):
-    cfg = write_config(tmp_path, steps=2, extra={"validation": {"everySteps": 1, "batches": 1000}})
+    # A prepared corpus (the synthetic one grows to hold any validation): the json package's sources.
+    src, data = tmp_path / "text", tmp_path / "data"
+    src.mkdir()
+    for f in sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py")):
+        (src / f.name).write_text(f.read_text())
+    subprocess.run([sys.executable, "-m", "pretrain_trainer", "prepare", "--input", str(src), "--out", str(data),
+                    "--vocab-size", "300"], env=env(), check=True, capture_output=True, timeout=120)
+    cfg = write_config(tmp_path, steps=2, extra={"data": {"path": str(data)}, "validation": {"everySteps": 1, "batches": 1000}})
     r = subprocess.run([sys.executable, "-m", "pretrain_trainer", "train", "--config", str(cfg)], env=env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 85
