@@ -704,6 +704,26 @@ def test_an_async_copy_that_fails_goes_on_saving_synchronously_or_stops_every_ra
     assert loss_steps(tmp_path / "losses.txt") == list(range(1, 10))
 
 
+def test_async_saves_go_on_with_a_torch_whose_stager_closes_itself_after_each_staging(tmp_path):
+    # torch 2.11's DefaultStager closed its inner copier after every staging (pytorch#183413): the
+    # trainer's one stager, reused, failed at the second save (KeyError <class 'type'>) and the run
+    # saved synchronously from then on. That torch's behaviour is injected by a sitecustomize.
+    code = (
+        "from torch.distributed.checkpoint.staging import DefaultStager\n"
+        "_stage = DefaultStager._stage\n"
+        "def stage_then_close(self, *a, **k):\n"
+        "    try:\n"
+        "        return _stage(self, *a, **k)\n"
+        "    finally:\n"
+        "        self._state_dict_stager.close()\n"
+        "DefaultStager._stage = stage_then_close\n")
+    r = _two_ranks_saving_async(tmp_path, code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "failed" not in r.stderr and "synchronously" not in r.stderr, r.stderr[-3000:]
+    assert _committed(tmp_path) == ["step-00000003", "step-00000006", "step-00000009"]
+    assert loss_steps(tmp_path / "losses.txt") == list(range(1, 10))
+
+
 def test_a_preemption_after_a_failed_async_write_still_saves_its_step_and_exits_83(tmp_path):
     # The preemption's save first waited for the previous async save, whose failure it raised: the
     # emergency checkpoint was never tried, and the exit was a crash (1), not 83. Injected, by a

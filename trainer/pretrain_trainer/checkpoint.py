@@ -461,6 +461,13 @@ def staging_problem(state: dict, shm: str = SHM) -> str | None:
             f"but {shm} has {free / 2**20:.0f} MiB free: raise spec.template.shmSize or the pod's memory limit")
 
 
+def _stager_usable(stager) -> bool:
+    """Whether a DefaultStager can stage again: torch 2.11's closed its inner copier after each
+    staging, emptying its type table (pytorch#183413)."""
+    inner = getattr(stager, "_state_dict_stager", None)
+    return inner is None or bool(getattr(inner, "_deepcopy_dispatch", True))
+
+
 class Checkpointer:
     def __init__(self, root: str, keep: int, rank: int, world: int, async_save: bool = False, fence: Fence | None = None):
         self.root = Path(root)
@@ -707,6 +714,12 @@ class Checkpointer:
         changes the weights) may block. Staging in the call instead blocked a 1.27 GiB CPU save for
         0.37 s of every save; in the background, 0.00 s (bench/trainer.py)."""
         cuda = torch.cuda.is_available()
+        if self.stager is not None and not _stager_usable(self.stager):
+            # torch 2.11 closes a caller's DefaultStager's copier after each staging (pytorch#183413,
+            # fixed in #183424): reused, the next save failed with KeyError <class 'type'> and the
+            # run saved synchronously from then on. A fresh stager re-pins its buffers, once a save.
+            self.stager.close()
+            self.stager = None
         if self.stager is None:
             self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
                                                        use_async_staging=True, use_non_blocking_copy=cuda))
