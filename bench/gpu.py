@@ -10,17 +10,17 @@ stops, naming the missing module, before any GPU time is spent.
 
 1. fp32 on the GPU against fp32 on the CPU (model tiny): the largest relative loss difference.
 2. bf16 (autocast, fp32 master weights) against fp32, both on the GPU (model small): both fall,
-   and the largest relative loss difference.
+   and the largest relative loss difference; the same for a tiny MoE (4 experts, top-2), whose
+   router runs in fp32 under autocast.
 3. A bf16 run stopped by SIGTERM and resumed, against an uninterrupted one on the GPU: equal?
 4. NCCL between two ranks on this one GPU (NCCL refuses two ranks per device: reported, not asserted).
-5. bench/trainer.py at scale: step overhead against a plain loop, tokens/s and MFU (llama3-1b,
-   seq 2048, bf16; and Llama-3 8B's shapes with 8 of its 32 layers, seq 8192, next to torchtitan's
-   33-39 % on H100), checkpoint save against dd and async against sync saves (a 320 M model).
-6. `--compile`: the 8B-shaped model again, eager against training.compile (not measured yet: a
-   few minutes more, the compile included).
-7. Activation checkpointing none, full and selective (bench/activation_checkpointing.py, model
-   small with its rotary table raised to seq 2048): peak memory and step time (not measured on a
-   GPU yet).
+5. bench/trainer.py at scale, in this order (the first figures are the ones a short lease must
+   get): Llama-3 8B's shapes with 8 of its 32 layers, seq 8192, tokens/s and MFU next to
+   torchtitan's 33-39 % on H100, and its step against a plain loop; checkpoint save against dd
+   and the training time blocked by async against sync saves (a 320 M model); with `--compile`,
+   the 8B-shaped model eager against training.compile; llama3-1b, seq 2048.
+6. Activation checkpointing none, full and selective (bench/activation_checkpointing.py, model
+   small with its rotary table raised to seq 2048): peak memory and step time.
 
 MFU is given against PRETRAIN_PEAK_FLOPS when set (as the trainer's logged MFU), else 989 T (the
 H100/H200 datasheet's dense bf16). The step runs are stopped once their last step is logged: the
@@ -188,6 +188,19 @@ def main(argv: list[str]) -> int:
                     "max relative difference", f"{r:.2e}", falls and r < 0.03)
             except Exception as e:  # noqa: BLE001
                 row("bf16 vs fp32", failed(e), False)
+            try:  # the router scores, chooses and weighs in fp32 under bf16 autocast (moe.py's route)
+                moe = {"model": {"preset": "tiny", "moe": {"experts": 4, "topK": 2}},
+                       "data": {"seqLen": 128, "globalBatchSize": 16, "microBatchSize": 8}}
+                kw = dict(steps=30, interval=100, extra=moe)
+                f32 = run_losses(d / "moe32", **kw)
+                b16 = run_losses(d / "moe16", steps=30, interval=100,
+                                 extra={**moe, "training": {"precision": "bf16", "logEverySteps": 1}})
+                r = rel(b16, f32)
+                falls = b16[30] < b16[1] - 1.0 and f32[30] < f32[1] - 1.0
+                row(f"MoE (4 experts, top-2) bf16 vs fp32 GPU, tiny, 30 steps: loss {b16[1]:.3f} -> {b16[30]:.3f} "
+                    f"(fp32 {f32[30]:.3f}); max relative difference", f"{r:.2e}", falls and r < 0.03)
+            except Exception as e:  # noqa: BLE001
+                row("MoE bf16 vs fp32", failed(e), False)
             try:
                 kw = dict(steps=300, interval=1000, extra={"training": {"precision": "bf16", "logEverySteps": 1}})
                 want = run_losses(d / "full", **kw)
@@ -242,25 +255,21 @@ def main(argv: list[str]) -> int:
             except BaseException as e:  # noqa: BLE001  (SystemExit carries the trainer's stderr)
                 row(what, failed(e), False)
 
-        m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
-        figures("checkpoint", ["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16", "--micro", "8",
-                               "--precision", "bf16", "--steps", "60", "--save-every", "20", "--parts", "checkpoint"],
-                "checkpoint 320 M model: save vs dd; blocked by the 2 saves during 60 steps (sync, async)",
-                lambda f: (f"{f['checkpoint_bytes'] / 2**20 / f['save_s']:.0f} MiB/s = {100 * f['dd_s'] / f['save_s']:.0f} % of dd; "
-                           f"loop blocked {f['sync_blocked_s']:.2f} s sync, {f['async_blocked_s']:.2f} s async",
-                           f["dd_s"] / f["save_s"] >= 0.8 and f["async_blocked_s"] <= 0.05 * f["sync_blocked_s"]))
-        figures("step", ["--preset", "llama3-1b", "--seq", "2048", "--batch", "16", "--micro", "4", "--precision", "bf16",
-                         "--steps", "15", "--parts", "step"],
-                f"llama3-1b bf16 seq 2048: tokens/s, MFU (of {pk})",
-                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / peak:.1f} %, "
-                           f"step {f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
-                           f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["trainer_step_s"] / f["plain_step_s"] <= 1.05))
         figures("step_8b_shaped", [*EIGHT_B_SHAPED, "--parts", "step"],
                 f"Llama-3 8B-shaped (8 of 32 layers, 2.8 B parameters) bf16 seq 8192: tokens/s, MFU of {pk} "
                 "(torchtitan 8B on H100: 33-39 %)",
                 lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / peak:.1f} %, step "
                            f"{f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
                            f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["model_flops"] / peak >= 0.33))
+        m = {"dim": 1024, "layers": 16, "heads": 16, "kvHeads": 8, "vocabSize": 32768, "ffnDim": 4096, "maxSeqLen": 2048}
+        figures("checkpoint", ["--preset", "small", "--model", json.dumps(m), "--seq", "1024", "--batch", "16", "--micro", "8",
+                               "--precision", "bf16", "--steps", "60", "--save-every", "20", "--parts", "checkpoint"],
+                "checkpoint 320 M model: save vs dd; blocked by the 2 saves during 60 steps (sync, async)",
+                lambda f: (f"{f['checkpoint_bytes'] / 2**20 / f['save_s']:.0f} MiB/s = {100 * f['dd_s'] / f['save_s']:.0f} % of dd; "
+                           f"loop blocked {f['sync_blocked_s']:.2f} s sync, {f['async_blocked_s']:.2f} s async"
+                           + (f" (async fell back to sync: {f['async_fell_back']})" if f["async_fell_back"] else ""),
+                           f["dd_s"] / f["save_s"] >= 0.8 and f["async_blocked_s"] <= 0.05 * f["sync_blocked_s"]
+                           and not f["async_fell_back"]))
         if a.compile:  # the same, compiled (torchtitan's published figures compile the blocks)
             figures("compile_8b_shaped", [*EIGHT_B_SHAPED, "--parts", "compile"],
                     f"Llama-3 8B-shaped, training.compile: MFU of {pk}, step against eager (torchtitan 8B on H100: 33-39 %)",
@@ -268,6 +277,12 @@ def main(argv: list[str]) -> int:
                                f"{100 * f['eager_model_flops'] / peak:.1f} %), step {f['compiled_step_s'] * 1000:.0f} ms vs "
                                f"{f['eager_step_s'] * 1000:.0f} ms; run {f['compiled_run_s']:.0f} s vs {f['eager_run_s']:.0f} s",
                                f["compiled_model_flops"] / peak >= 0.33))
+        figures("step", ["--preset", "llama3-1b", "--seq", "2048", "--batch", "16", "--micro", "4", "--precision", "bf16",
+                         "--steps", "15", "--parts", "step"],
+                f"llama3-1b bf16 seq 2048: tokens/s, MFU (of {pk})",
+                lambda f: (f"{f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['model_flops'] / peak:.1f} %, "
+                           f"step {f['trainer_step_s'] * 1000:.0f} ms vs plain {f['plain_step_s'] * 1000:.0f} ms "
+                           f"({f['trainer_step_s'] / f['plain_step_s']:.2f}x)", f["trainer_step_s"] / f["plain_step_s"] <= 1.05))
         try:  # selective activation checkpointing on the GPU, where recomputing elementwise ops is cheap
             import activation_checkpointing as bench_ac
             res["activation_checkpointing"] = f = bench_ac.main(["--batch", "8", "--seq", "2048",

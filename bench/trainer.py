@@ -283,6 +283,11 @@ def checkpoint_part(d: Path, a) -> dict:
     each = {mode: [float(x) for x in re.findall(r"checkpoint step \d+ blocked training for ([0-9.]+) s", t)]
             for mode, t in text.items()}
     steady = {mode: statistics.median(v[1:] or v) for mode, v in each.items()}
+    # An async save that failed falls back to sync ones (the trainer says so): its figure is not async's.
+    fell_back = re.search(r"the async checkpoint of step \d+ failed[^\n]*|async checkpointing failed[^\n]*", text["async"])
+    out["async_fell_back"] = fell_back.group(0)[:300] if fell_back else ""
+    if fell_back:
+        print(f"  the async run fell back to synchronous saves: {out['async_fell_back']}")
     out.update(sync_blocked_s=blocked["sync"], async_blocked_s=blocked["async"],
                sync_blocked_per_save_s=steady["sync"], async_blocked_per_save_s=steady["async"])
     print(f"{(n - 1) // k} saves during {n} steps: the loop blocked {blocked['sync']:.2f} s by sync saves, "
