@@ -1,6 +1,7 @@
 """The launcher (`python -m pretrain_trainer launch`, the pods' command): torchrun's agent with the
 ranks forked from one import of torch and the trainer, training bit for bit like torchrun's own
-freshly started ranks; `--start-method spawn` brings fresh interpreters back; a SIGTERM to it after
+freshly started ranks; `--start-method spawn` brings fresh interpreters back, as does a node with
+GPUs; a SIGTERM to it after
 its ranks finished exits 0 at once. (Its other exit codes: test_trainer_checkpoint.py's SIGTERM tests.)"""
 
 from __future__ import annotations
@@ -16,20 +17,23 @@ import pytest
 from pretrain_operator import contract
 from pretrain_trainer.launch import signalled_code
 from tests.helpers import wait_for
-from tests.trainer_util import cmd, env, free_port, losses, run, wait_for_step, write_config
+from tests.trainer_util import cmd, env, free_port, injected, losses, run, wait_for_step, write_config
 
 pytest.importorskip("torch", reason="the trainer extra (torch) is installed by `make test`")
 
 LAYOUT = dict(nproc=4, data=2, tensor=2, steps=4, global_batch=8)
 
 
-def launch(d: Path, *options: str) -> tuple[dict[int, float], list[str], str]:
-    """Train LAYOUT through the launcher; the per-step losses, the ranks' command lines, its log."""
+def launch(d: Path, *options: str, inject: str | None = None) -> tuple[dict[int, float], list[str], str]:
+    """Train LAYOUT through the launcher (`inject`: code its processes run at start-up); the per-step
+    losses, the ranks' command lines, its log."""
     d.mkdir()
     c = cmd(write_config(d, **LAYOUT), 4, d / "losses.txt", launch=True, launch_options=options)
     # A port free now: a run of another test still listening must not become this one's rendezvous.
     e = {**env(), "PET_NPROC_PER_NODE": "4", "PET_MASTER_PORT": free_port()}
     e.pop("OMP_NUM_THREADS")  # as in a pod: torchrun's agent sets it for the ranks
+    if inject:
+        e = injected(d, inject, e)
     p = subprocess.Popen(c, stderr=subprocess.PIPE, text=True, env=e, start_new_session=True)
     try:
         wait_for_step(d / "losses.txt", 1, p)
@@ -70,6 +74,17 @@ def test_spawn_start_method_runs_fresh_interpreters_with_the_same_losses(tmp_pat
     assert got == torchrun_losses, (got, time.monotonic() - t0)
     assert any("multiprocessing" in r for r in ranks) and not any("pretrain_trainer launch train" in r for r in ranks), ranks
     assert "1 CPU thread(s) per rank" in log
+
+
+def test_a_node_with_gpus_spawns_its_ranks_since_a_forked_one_cannot_start_cuda(tmp_path, torchrun_losses):
+    # torchrun's launch config asks the accelerator for its device count, which starts CUDA in the
+    # launcher: every forked rank on an H200 failed at torch.cuda.set_device ("Cannot re-initialize
+    # CUDA in forked subprocess"). No GPU here: the launcher process alone is told it has one.
+    gpu = "import sys\nif 'launch' in sys.argv:\n    import torch\n    torch.cuda.device_count = lambda: 1\n"
+    got, ranks, log = launch(tmp_path / "gpu", inject=gpu)
+    assert got == torchrun_losses
+    assert "launcher: GPUs here: the ranks are spawned, not forked" in log, log[-3000:]
+    assert any("multiprocessing" in r for r in ranks) and not any("pretrain_trainer launch train" in r for r in ranks), ranks
 
 
 def _sigterm_caught(pid: int) -> bool:

@@ -461,11 +461,22 @@ def staging_problem(state: dict, shm: str = SHM) -> str | None:
             f"but {shm} has {free / 2**20:.0f} MiB free: raise spec.template.shmSize or the pod's memory limit")
 
 
-def _stager_usable(stager) -> bool:
-    """Whether a DefaultStager can stage again: torch 2.11's closed its inner copier after each
-    staging, emptying its type table (pytorch#183413)."""
+def _kept_open(stager):
+    """A DefaultStager whose copier stays open between saves: torch 2.11's closed it after each
+    staging (pytorch#183413, fixed in #183424), emptying its type table and its pinned buffers, so
+    the second async save failed (KeyError <class 'type'>) and the run saved synchronously from then
+    on. `_close_stager` closes it for good."""
     inner = getattr(stager, "_state_dict_stager", None)
-    return inner is None or bool(getattr(inner, "_deepcopy_dispatch", True))
+    if inner is not None:
+        inner.close = lambda: None
+    return stager
+
+
+def _close_stager(stager) -> None:
+    inner = getattr(stager, "_state_dict_stager", None)
+    if inner is not None:
+        inner.__dict__.pop("close", None)
+    stager.close()
 
 
 class Checkpointer:
@@ -714,15 +725,9 @@ class Checkpointer:
         changes the weights) may block. Staging in the call instead blocked a 1.27 GiB CPU save for
         0.37 s of every save; in the background, 0.00 s (bench/trainer.py)."""
         cuda = torch.cuda.is_available()
-        if self.stager is not None and not _stager_usable(self.stager):
-            # torch 2.11 closes a caller's DefaultStager's copier after each staging (pytorch#183413,
-            # fixed in #183424): reused, the next save failed with KeyError <class 'type'> and the
-            # run saved synchronously from then on. A fresh stager re-pins its buffers, once a save.
-            self.stager.close()
-            self.stager = None
         if self.stager is None:
-            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
-                                                       use_async_staging=True, use_non_blocking_copy=cuda))
+            self.stager = _kept_open(DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=True,
+                                                                  use_async_staging=True, use_non_blocking_copy=cuda)))
         return {"async_checkpointer_type": AsyncCheckpointerType.PROCESS, "async_stager": self.stager}
 
     def _async_failed(self, step: int, failed: str | None) -> bool:
@@ -781,7 +786,7 @@ class Checkpointer:
         self._wait_logging("nothing more is saved")
         self._join_pruner()
         if self.stager is not None:
-            self.stager.close()
+            _close_stager(self.stager)
             self.stager = None
 
     def _wait_logging(self, then: str) -> None:

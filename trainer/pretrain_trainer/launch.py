@@ -6,8 +6,9 @@ rank, with three differences:
   each starting a fresh interpreter that imports them again: 2.7 CPU-seconds per rank saved, which is
   most of a gang's start on few cores (bench/trainer.py measures it). `--start-method spawn` gives
   fresh interpreters back (torchrun's elastic agent, rendezvous and restarts are the same either way).
-  The launcher touches no GPU before forking, and freezes what it made out of the ranks' garbage
-  collectors, so the ranks keep sharing its pages: 8 ranks took 938 MiB (PSS) instead of 1481.
+  The launcher freezes what it made out of the ranks' garbage collectors, so the ranks keep
+  sharing its pages: 8 ranks took 938 MiB (PSS) instead of 1481. A node with GPUs spawns its
+  ranks: torchrun's launch config starts CUDA in the launcher, and a forked rank cannot use it.
 - It exits with the workers' own exit code when they agree on one of the contract's (83 preempted,
   85 permanent; ranks the agent killed after them do not count): plain torchrun turns any worker
   failure into exit 1. A rank that crashed (any other code) makes it 1. Also when the launcher itself is signalled (the kubelet's SIGTERM goes to the
@@ -180,6 +181,15 @@ def launch(args: list[str]) -> int:
     if parsed.start_method == "fork":
         import torch
 
+        if torch.cuda.device_count():
+            # torchrun's own launch config asks torch.accelerator for the device count, which starts
+            # CUDA's driver in this process: a forked rank then cannot use CUDA ("Cannot re-initialize
+            # CUDA in forked subprocess", every GPU pod's first step, seen on an H200). GPU nodes
+            # spawn their ranks; the seconds a fork saves matter on few CPU cores, not beside GPUs.
+            parsed.start_method = "spawn"
+            print("launcher: GPUs here: the ranks are spawned, not forked (CUDA cannot start in a forked rank)",
+                  file=sys.stderr, flush=True)
+    if parsed.start_method == "fork":
         importlib.import_module(f"{__package__}.train")  # imported once here, inherited by every forked rank
         from pretrain_operator import cel
         cel.compile_rules()  # and the config's rules, compiled once
@@ -187,8 +197,6 @@ def launch(args: list[str]) -> int:
         # exec): a collection in a rank would write to every inherited object's header, copying
         # the launcher's pages into each rank.
         gc.freeze()
-        if torch.cuda.is_initialized():  # a forked child cannot use a CUDA context its parent made
-            parsed.start_method = "spawn"
     # The ranks' exit codes when the agent closes them after a signal (its SignalException carries none).
     closed: dict[int, int | None] = {}
     close = mp_api.MultiprocessContext._close
