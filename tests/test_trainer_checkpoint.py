@@ -421,6 +421,20 @@ def test_a_resume_at_or_past_training_steps_says_there_is_nothing_to_train(tmp_p
     assert got == {"step": 6, "totalSteps": steps, "tokensSeen": 6 * 4 * 32, "checkpointStep": 6}
 
 
+def test_a_resume_with_changed_model_settings_says_which_and_trains_on(tmp_path):
+    # A rotary base or a router's scoring loads into the same tensors: names and shapes match, and
+    # the resume changed the model without a word. Deliberate or not, the log now says so.
+    moe = {"experts": 4, "topK": 2}
+    run(write_config(tmp_path, steps=3, interval=3, extra={"model": {"preset": "tiny", "moe": moe}}), 1, tmp_path / "first.txt")
+    changed = {"model": {"preset": "tiny", "ropeTheta": 20000.0, "moe": {**moe, "routerScore": "sigmoid"}}}
+    r = run(write_config(tmp_path, steps=4, interval=3, extra=changed), 1, tmp_path / "again.txt")
+    assert ("the model's settings changed since the checkpoint of step 3: model.moe.routerScore softmax -> sigmoid; "
+            "model.ropeTheta 10000.0 -> 20000.0; training goes on with the new ones") in r.stderr, r.stderr[-3000:]
+    assert loss_steps(tmp_path / "again.txt") == [4]
+    r = run(write_config(tmp_path, steps=5, interval=3, extra=changed), 1, tmp_path / "third.txt")
+    assert "settings changed" not in r.stderr  # step 4's checkpoint recorded the new ones
+
+
 def test_a_pipeline_parallel_run_resumes_in_its_own_layout_bit_for_bit(tmp_path):
     # Each stage's optimizer hyperparameters must come back to the rank holding that stage (the
     # trainer failed here with KeyError 'betas' once: only rank 0's param_groups were saved).

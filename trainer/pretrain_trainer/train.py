@@ -321,6 +321,22 @@ def build(spec: api.PretrainJobSpec, device: str, world: int, pinned: str | None
     return args, model, optim, mesh, schedule
 
 
+def model_settings(spec: api.PretrainJobSpec) -> dict:
+    """The model's settings as a checkpoint records them: its sizes (the preset's, overridden) and
+    its MoE's. A resume compares them (`changed_settings`): names and shapes are checked by the load,
+    but a rotary base, a router's scoring or its balancing loads into the same tensors unsaid."""
+    moe = spec.model.moe.model_dump(mode="json") if spec.model.moe else {}
+    return {**spec.model.resolved(), **{f"moe.{k}": v for k, v in moe.items()}}
+
+
+def changed_settings(saved: dict | None, now: dict) -> list[str]:
+    """`model.KEY old -> new` for each setting that differs (none for a checkpoint from before they
+    were recorded)."""
+    if saved is None:
+        return []
+    return [f"model.{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(saved.keys() | now.keys()) if saved.get(k) != now.get(k)]
+
+
 def check_frozen_base(model, digest: str) -> None:
     """LoRA: every rank's pieces of the frozen base are byte-for-byte what they were at the start."""
     changed = torch.tensor([0 if lora.frozen_digest(model) == digest else 1])
@@ -424,6 +440,10 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         # The skipped steps (non-finite gradients) so far and in a row: maxSkippedSteps counts across
         # a resume as in one run (a preemption in the middle of a run of them reset it).
         skipped, skipped_in_row = extra.get("skipped", 0), extra.get("skippedInRow", 0)
+        changed = changed_settings(extra.get("model"), model_settings(spec))
+        if changed and rank == 0:  # deliberate (a longer context's rotary base) or not: said, and trained on
+            log.warning("the model's settings changed since the checkpoint of step %d: %s; training goes on with the new ones",
+                        step, "; ".join(changed))
         try:
             loader.load_state_dict(extra["data"])
         except DataError as e:  # a checkpoint of other data: resuming it would train on a mix
@@ -602,7 +622,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                                                        "seed": spec.training.seed, "lr": lr, "loss": loss_v,
                                                        "validated": list(validated) if validated else None,
                                                        "skipped": skipped, "skippedInRow": skipped_in_row,
-                                                       "base": model.lora_base},
+                                                       "base": model.lora_base, "model": model_settings(spec)},
                                   final=preempt or step == spec.training.steps)
             if not committed:  # the fence taken since its last read (at most a second ago): exit 0 would claim this step saved
                 log.warning("%s has claimed %s since this attempt started: checkpoint of step %d not committed; exiting %d",
