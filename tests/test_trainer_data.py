@@ -134,6 +134,9 @@ def test_shards_are_read_where_a_window_falls_never_copied_into_memory_whole(tmp
         x, y = (torch.cat([t for t, _ in ld.next_batch()]) for ld in loaders)
         assert torch.equal(x, y)
     assert torch.equal(blends[0].heldout_rows(8), blends[1].heldout_rows(8))
+    # A data-parallel rank reads only its slices of the held-out batches (rank 1 of 2, batches of 4).
+    whole_rows = blends[0].heldout_rows(8)
+    assert torch.equal(blends[0].heldout_rows(8, keep=lambda i: i % 4 // 2 == 1), whole_rows[[2, 3, 6, 7]])
     # An 8 MB folder by hand (the same format): opening it and reading windows allocates a small
     # fraction of that (numpy reports its allocations to tracemalloc; memory-mapped pages are not allocations).
     big = tmp_path / "big"
@@ -286,7 +289,7 @@ def test_the_synthetic_corpus_serves_a_llama_presets_long_windows_and_stays_the_
         assert x.shape == (1, seq) and blend.windows[0] >= 4 * batch and len(blend.heldout_rows(8)) == 8
     tiny = api.PretrainJobSpec.model_validate({"model": {"preset": "tiny"}, "data": {"seqLen": 32, "globalBatchSize": 4}})
     assert np.array_equal(open_data(tiny, 512).sources[0].tokens[:], TokenSource("", 512, 1234).tokens[:])  # a resume sees the same
-    # A validation of more windows than 5% of 65,536 tokens hold (25 of 128): exit 85 at the start.
+    # A validation of more windows than 5% of 65,536 tokens hold (25 of 128): the synthetic corpus grows to hold them.
     from pretrain_trainer.validation import windows
     checked = api.PretrainJobSpec.model_validate({"model": {"preset": "tiny"}, "data": {"seqLen": 128, "globalBatchSize": 32},
                                                   "validation": {"everySteps": 1}})

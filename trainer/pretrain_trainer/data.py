@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -297,13 +298,15 @@ class Blend:
         errors = [w * n - t for w, t in zip(self.weights, taken)]
         return errors.index(max(errors))
 
-    def heldout_rows(self, count: int, strict: bool = True) -> torch.Tensor:
+    def heldout_rows(self, count: int, strict: bool = True, keep: Callable[[int], bool] | None = None) -> torch.Tensor:
         """The first `count` held-out windows of the blend, in order, as rows of seqLen + 1 tokens
         (the inputs and their next tokens); when a source has too few, a DataError (`strict`) or
-        the rows before it."""
+        the rows before it. `keep(i)`: only the i-th windows it accepts are read and returned (a
+        data-parallel rank's slices: every rank held every window, for a long validation of a large
+        model hundreds of MiB each); the check that there are `count` is the same."""
         taken = [0] * len(self.sources)
         rows = []
-        for _ in range(count):
+        for i in range(count):
             k = self.pick(taken)
             have = (len(self.held[k]) - 1) // self.seq
             if taken[k] >= have:
@@ -312,7 +315,8 @@ class Blend:
                 raise DataError(f"{count} held-out windows of data.seqLen ({self.seq}) asked for, but the held-out data "
                                 f"(the last 5% of the token stream{' of source ' + str(k) if len(self.sources) > 1 else ''}) "
                                 f"has {have}")
-            rows.append(torch.from_numpy(_window(self.held[k], taken[k], self.seq)))
+            if keep is None or keep(i):
+                rows.append(torch.from_numpy(_window(self.held[k], taken[k], self.seq)))
             taken[k] += 1
         return torch.stack(rows) if rows else torch.zeros((0, self.seq + 1), dtype=torch.int64)
 

@@ -43,15 +43,14 @@ class Validator:
         """Raises data.DataError when the held-out data is too short."""
         self.every, self.n = spec.validation.everySteps, windows(spec)
         self.micro, self.device = spec.data.microBatchSize, device
-        try:
-            rows = blend.heldout_rows(self.n)
+        gbs = spec.data.globalBatchSize
+        per_rank = gbs // dp_size
+        try:  # this rank's slice of each global batch only: the batches of training's layout, one per call
+            rows = blend.heldout_rows(self.n, keep=lambda i: i % gbs // per_rank == dp_rank)
         except DataError as e:
             raise DataError(f"validation.batches ({spec.validation.batches}) x data.globalBatchSize "
-                            f"({spec.data.globalBatchSize}): {e}; lower validation.batches or give more data") from e
-        per_rank = spec.data.globalBatchSize // dp_size
-        # This rank's slice of each global batch: the batches of training's layout, one per call.
-        self.batches = [rows[b + dp_rank * per_rank:b + (dp_rank + 1) * per_rank]
-                        for b in range(0, self.n, spec.data.globalBatchSize)]
+                            f"({gbs}): {e}; lower validation.batches or give more data") from e
+        self.batches = list(rows.split(per_rank))
 
     def due(self, step: int, last: bool) -> bool:
         return last or step % self.every == 0
