@@ -563,6 +563,9 @@ _SPEC_RULES = _rules(
     ("self.optimizer.warmupSteps <= self.training.steps", "optimizer.warmupSteps must not exceed training.steps", ".optimizer.warmupSteps"),
     (f"self.data.seqLen <= {_model('maxSeqLen', 1048576)}",
      "data.seqLen must not exceed model.maxSeqLen", ".data.seqLen"),
+    ("self.parallelism.pipeline > 1 || self.parallelism.microbatches == 0",
+     "parallelism.microbatches is the pipeline's: set it with parallelism.pipeline > 1 (without a pipeline, "
+     "data.microBatchSize sets the gradient accumulation)", ".parallelism.microbatches"),
     ("self.parallelism.pipeline == 1 || self.parallelism.microbatches == 0 || "
      "(self.data.globalBatchSize / self.parallelism.data) % self.parallelism.microbatches == 0",
      "parallelism.microbatches must divide the per-rank batch (data.globalBatchSize / parallelism.data)",
