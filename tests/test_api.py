@@ -141,7 +141,7 @@ INVALID = [
     ("lora adapting nothing", _with("lora", {"targetModules": []}), "spec.lora.targetModules"),
     # Pipeline microbatch counts the trainer or torch's schedules refuse (exit 85 once the gang ran).
     ("microbatches without a pipeline", {"nodes": 1, "nprocPerNode": 2, "parallelism": {"data": 2, "microbatches": 2}},
-     "parallelism.microbatches is the pipeline's: set it with parallelism.pipeline > 1"),
+     "parallelism.microbatches is the pipeline's: set it only with a pipeline"),
     ("microbatches not dividing the per-rank batch", {"nodes": 1, "nprocPerNode": 2, "parallelism": {"pipeline": 2, "microbatches": 3},
                                                       "data": {"globalBatchSize": 8, "microBatchSize": 4}},
      "parallelism.microbatches must divide the per-rank batch"),

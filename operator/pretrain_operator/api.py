@@ -564,7 +564,7 @@ _SPEC_RULES = _rules(
     (f"self.data.seqLen <= {_model('maxSeqLen', 1048576)}",
      "data.seqLen must not exceed model.maxSeqLen", ".data.seqLen"),
     ("self.parallelism.pipeline > 1 || self.parallelism.microbatches == 0",
-     "parallelism.microbatches is the pipeline's: set it with parallelism.pipeline > 1 (without a pipeline, "
+     "parallelism.microbatches is the pipeline's: set it only with a pipeline (parallelism.pipeline of 2 or more; without one, "
      "data.microBatchSize sets the gradient accumulation)", ".parallelism.microbatches"),
     ("self.parallelism.pipeline == 1 || self.parallelism.microbatches == 0 || "
      "(self.data.globalBatchSize / self.parallelism.data) % self.parallelism.microbatches == 0",
