@@ -426,6 +426,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
     except (OtherModel, NoneVerifies) as e:  # resuming would train another model, or start over beside its checkpoints
         raise ConfigError(str(e)) from e
     base_digest = lora.frozen_digest(model) if spec.lora else None
+    settings = model_settings(spec)  # recorded with each save, compared on a resume
     step = 0
     tokens_seen = 0
     loss_v = None
@@ -440,7 +441,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
         # The skipped steps (non-finite gradients) so far and in a row: maxSkippedSteps counts across
         # a resume as in one run (a preemption in the middle of a run of them reset it).
         skipped, skipped_in_row = extra.get("skipped", 0), extra.get("skippedInRow", 0)
-        changed = changed_settings(extra.get("model"), model_settings(spec))
+        changed = changed_settings(extra.get("model"), settings)
         if changed and rank == 0:  # deliberate (a longer context's rotary base) or not: said, and trained on
             log.warning("the model's settings changed since the checkpoint of step %d: %s; training goes on with the new ones",
                         step, "; ".join(changed))
@@ -622,7 +623,7 @@ def train(config: str, checkpoint_dir: str | None = None, podinfo: str | None = 
                                                        "seed": spec.training.seed, "lr": lr, "loss": loss_v,
                                                        "validated": list(validated) if validated else None,
                                                        "skipped": skipped, "skippedInRow": skipped_in_row,
-                                                       "base": model.lora_base, "model": model_settings(spec)},
+                                                       "base": model.lora_base, "model": settings},
                                   final=preempt or step == spec.training.steps)
             if not committed:  # the fence taken since its last read (at most a second ago): exit 0 would claim this step saved
                 log.warning("%s has claimed %s since this attempt started: checkpoint of step %d not committed; exiting %d",
